@@ -1,0 +1,82 @@
+"""Command line: the Hydra app (`svdbatch key=value ...`, `svdbatch -m ...`) and small helpers.
+
+    svdbatch manifest=manifests/sample.csv [group=option ...] [key=value ...]
+    svdbatch -m conditioning.motion_bucket_id=60,180 manifest=...      (Hydra multirun)
+    svdbatch validate manifest=... [overrides]                          (check, generate nothing)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from .config import register_configs
+from .driver import ConfigError, run
+from .manifest import ManifestError
+from .models import ModelLoadError
+from .store import RunDirError
+
+log = logging.getLogger("svdbatch")
+
+EXIT_ITEMS_FAILED = 1
+EXIT_BAD_INPUT = 2
+USER_ERRORS = (ManifestError, ConfigError, ModelLoadError, RunDirError)
+
+
+def config_dir() -> str:
+    """conf/ of a source checkout (editable install), else the copy packaged in the wheel."""
+    source_tree = Path(__file__).resolve().parent.parent / "conf"
+    if (source_tree / "config.yaml").is_file():
+        return str(source_tree)
+    return str(resources.files("svdbatch.conf"))
+
+
+register_configs()
+_exit_codes: list[int] = []  # one per Hydra job (several in a multirun)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def hydra_app(cfg: DictConfig) -> None:
+    try:
+        summary = run(cfg)
+    except USER_ERRORS as exc:
+        log.error("%s", exc)
+        _exit_codes.append(EXIT_BAD_INPUT)
+        return
+    print(summary.line(), flush=True)
+    _exit_codes.append(0 if summary.ok else EXIT_ITEMS_FAILED)
+
+
+def validate(overrides: list[str]) -> int:
+    """`svdbatch validate manifest=...`: check config and manifest, generate nothing."""
+    from hydra import compose, initialize_config_dir
+
+    from .driver import load_manifest
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    try:
+        manifest = load_manifest(cfg)
+    except (ManifestError, ConfigError) as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for line, _, problems in manifest.bad_rows:
+        for problem in problems:
+            print(f"skipped (run.strict=false): {problem}", file=sys.stderr)
+    print(f"{cfg.manifest}: {len(manifest.items)} valid rows, {len(manifest.bad_rows)} invalid")
+    return EXIT_BAD_INPUT if manifest.bad_rows else 0
+
+
+SUBCOMMANDS = {"validate": validate}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        sys.exit(SUBCOMMANDS[sys.argv[1]](sys.argv[2:]))
+    hydra_app()
+    sys.exit(max(_exit_codes, default=0))

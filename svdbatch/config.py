@@ -1,0 +1,146 @@
+"""Structured (typed) configuration, registered in Hydra's ConfigStore.
+
+Every YAML file under ``conf/`` is merged into these dataclasses, so a misspelt key or a
+value of the wrong type fails at start-up with Hydra's own message instead of being
+silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class DType(str, Enum):
+    auto = "auto"  # float16 on CUDA, float32 on CPU
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class Offload(str, Enum):
+    none = "none"
+    model = "model"  # pipe.enable_model_cpu_offload()
+    sequential = "sequential"  # pipe.enable_sequential_cpu_offload(): slowest, least VRAM
+
+
+class OutputFormat(str, Enum):
+    mp4 = "mp4"
+    gif = "gif"
+    webp = "webp"
+    frames = "frames"  # a folder of PNG frames: lossless, for exact comparisons
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # "tiny" (the embedded random-weight model), a Hugging Face repo id, or a local directory.
+    source: str = "tiny"
+    revision: Optional[str] = None
+    # Weight variant to load ("fp16" for the Stability checkpoints); only used with float16.
+    variant: Optional[str] = None
+    dtype: DType = DType.auto
+    # The checkpoint's trained frame count, used when conditioning.num_frames is null.
+    num_frames: int = 14
+    # Where downloaded weights (hub) or the built tiny model are cached; null = library default.
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class MemoryConfig:
+    name: str = "full"
+    offload: Offload = Offload.none
+    # unet.enable_forward_chunking(): feed-forward layers run in a loop over frames.
+    forward_chunking: bool = False
+    # Upper bound applied to every item's decode_chunk_size (low-VRAM preset sets 2).
+    max_decode_chunk_size: Optional[int] = None
+    # torch.compile the UNet (only meaningful without offload).
+    compile: bool = False
+    compile_mode: str = "reduce-overhead"
+    compile_fullgraph: bool = True
+
+
+@dataclass
+class ConditioningConfig:
+    """Generation parameters; every field can also be overridden per manifest row."""
+
+    width: int = 1024
+    height: int = 576
+    # null = the model's trained frame count (model.num_frames).
+    num_frames: Optional[int] = None
+    num_inference_steps: int = 25
+    # diffusers' convention: the pipeline passes fps - 1 to the UNet.
+    fps: int = 7
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
+    min_guidance_scale: float = 1.0
+    max_guidance_scale: float = 3.0
+    # null = decode all frames at once (diffusers' default).
+    decode_chunk_size: Optional[int] = None
+
+
+@dataclass
+class OutputConfig:
+    format: OutputFormat = OutputFormat.mp4
+    # Frame rate of the written file; null = the item's conditioning fps.
+    fps: Optional[int] = None
+    # imageio-ffmpeg variable-bitrate quality, 0 (worst) .. 10 (best).
+    quality: float = 5.0
+    # GIF/WebP loop count (0 = forever).
+    loop: int = 0
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING
+    dir: str = MISSING
+    # Base seed for rows without a seed: seed = hash(run.seed, item id).
+    seed: int = 0
+    # strict: any bad manifest row aborts before the model loads.
+    # not strict: bad rows are recorded in failures.jsonl and the rest run.
+    strict: bool = True
+    # Decode every image during validation (catches truncated files before the model loads).
+    check_images: bool = True
+    device: str = "auto"
+    # Intra-op threads for torch; the float results depend on it, so it is recorded per item.
+    num_threads: Optional[int] = None
+    # Process at most this many rows (after sharding), handy for a smoke run.
+    limit: Optional[int] = None
+    progress: bool = True
+    step_progress: bool = False
+
+
+@dataclass
+class Config:
+    manifest: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SCHEMA_NAME = "svdbatch_schema"
+
+
+def sweep_subdir(override_dirname: str, job_num: int) -> str:
+    """A sweep point's folder: its overrides ('conditioning.fps=6,...'), made path-safe."""
+    return override_dirname.replace("/", "_") or str(job_num)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    OmegaConf.register_new_resolver("svdbatch_stem", lambda path: Path(str(path)).stem, replace=True)
+    OmegaConf.register_new_resolver("svdbatch_subdir", sweep_subdir, replace=True)
+
+
+def plain(node: Any) -> Any:
+    """A config node (DictConfig or dataclass) as plain JSON-friendly data, enums as strings."""
+    if not isinstance(node, DictConfig):
+        node = OmegaConf.structured(node)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)

@@ -1,0 +1,315 @@
+"""Pipeline factory: model presets, the embedded tiny model, and memory presets.
+
+The tiny model is a randomly initialised StableVideoDiffusionPipeline made of the real
+diffusers/transformers classes. It is built once from a fixed seed, saved with
+``save_pretrained`` into a cache directory and then loaded with the very same
+``from_pretrained`` call the real checkpoints use, so tests exercise the real code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import DType, MemoryConfig, ModelConfig, Offload, plain
+
+log = logging.getLogger(__name__)
+
+TINY_SOURCE = "tiny"
+TINY_BUILD_SEED = 0
+
+# Small but shaped like the real model: a four-block VAE gives latents at 1/8 of the image
+# (a two-block VAE makes the UNet's attention quadratic in a 4x larger latent and CPU runs
+# 20-70x slower), and CLIP sees 224x224 like the real image encoder.
+TINY_COMPONENTS: dict[str, dict[str, Any]] = {
+    "unet": dict(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=8,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=32,
+        num_attention_heads=8,
+        projection_class_embeddings_input_dim=96,
+        addition_time_embed_dim=32,
+        num_frames=14,
+    ),
+    "vae": dict(
+        block_out_channels=[32, 32, 32, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        latent_channels=4,
+        layers_per_block=1,
+    ),
+    "image_encoder": dict(
+        hidden_size=32,
+        projection_dim=32,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        image_size=224,
+        intermediate_size=37,
+        patch_size=14,
+    ),
+    "feature_extractor": dict(crop_size=224, size=224),
+    # The real SVD scheduler config (EDM-style Euler with Karras sigmas, v-prediction).
+    "scheduler": dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        interpolation_type="linear",
+        num_train_timesteps=1000,
+        prediction_type="v_prediction",
+        sigma_max=700.0,
+        sigma_min=0.002,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    ),
+}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers progress bars and advisory warnings would drown the item bar."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SVDBATCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "svdbatch"
+    )
+    return Path(root)
+
+
+def tiny_recipe_hash() -> str:
+    recipe = json.dumps({"components": TINY_COMPONENTS, "seed": TINY_BUILD_SEED}, sort_keys=True, default=list)
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+def build_tiny_pipeline():
+    """Deterministically build the random-weight tiny pipeline (no download, no GPU)."""
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    c = TINY_COMPONENTS
+    # A private generator state: building the model must not disturb anyone's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_BUILD_SEED)
+        unet = UNetSpatioTemporalConditionModel(**c["unet"])
+        vae = AutoencoderKLTemporalDecoder(**c["vae"])
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**c["image_encoder"]))
+    return StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**c["scheduler"]),
+        feature_extractor=CLIPImageProcessor(**c["feature_extractor"]),
+    )
+
+
+def ensure_tiny_model(cache_dir: Optional[str | Path] = None) -> Path:
+    """Path of the saved tiny model, building it on first use.
+
+    Saved into a temporary sibling and renamed into place, so concurrent workers and a
+    killed build never leave a half-written model behind.
+    """
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / f"tiny-{tiny_recipe_hash()}"
+    if (target / "model_index.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    quiet_libraries()
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
+    try:
+        build_tiny_pipeline().save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "model_index.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """Hash of a saved pipeline's weights and configs (cheap for the tiny model)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(directory).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"run.device={requested!r} but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
+    requested = DType(model.dtype)
+    if requested is DType.auto:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu" and requested is not DType.float32:
+        warnings.warn(
+            f"model.dtype={requested.value} on CPU is slow and partly unsupported; using float32 instead",
+            stacklevel=2,
+        )
+        return torch.float32
+    return getattr(torch, requested.value)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What determines the weights: part of every item's key."""
+
+    name: str
+    source: str
+    revision: Optional[str]
+    variant: Optional[str]
+    dtype: str
+    fingerprint: Optional[str]  # weight hash for the tiny model
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def model_identity(model: ModelConfig, device: torch.device) -> ModelIdentity:
+    dtype = resolve_dtype(model, device)
+    fingerprint = None
+    if model.source == TINY_SOURCE:
+        fingerprint = weights_fingerprint(ensure_tiny_model(model.cache_dir))
+    return ModelIdentity(
+        name=model.name,
+        source=model.source,
+        revision=model.revision,
+        variant=model.variant if dtype == torch.float16 else None,
+        dtype=str(dtype).removeprefix("torch."),
+        fingerprint=fingerprint,
+    )
+
+
+def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
+    from diffusers import StableVideoDiffusionPipeline
+
+    # diffusers >= 0.36 renamed torch_dtype to dtype; the old name works everywhere.
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
+    if model.source == TINY_SOURCE:
+        return StableVideoDiffusionPipeline.from_pretrained(ensure_tiny_model(model.cache_dir), torch_dtype=dtype)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if model.revision:
+        kwargs["revision"] = model.revision
+    if model.variant and dtype == torch.float16:
+        kwargs["variant"] = model.variant
+    if model.cache_dir:
+        kwargs["cache_dir"] = model.cache_dir
+    try:
+        return StableVideoDiffusionPipeline.from_pretrained(model.source, **kwargs)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        where = "a local directory" if Path(model.source).exists() else "the Hugging Face hub"
+        raise ModelLoadError(
+            f"could not load model {model.name!r} from {model.source!r} ({where}"
+            + (", HF_HUB_OFFLINE is set" if offline else "")
+            + f"): {exc}\nDownload the weights first (`huggingface-cli download {model.source}`) on a machine "
+            "with network access, or point model.source at a local copy."
+        ) from exc
+
+
+def apply_memory_preset(pipe, memory: MemoryConfig, device: torch.device) -> tuple[Any, bool]:
+    """Place the pipeline per the memory preset; returns (pipe, whether the UNet was compiled)."""
+    offload = Offload(memory.offload)
+    if offload is not Offload.none and device.type != "cuda":
+        warnings.warn(
+            f"memory={memory.name}: CPU offload needs a GPU; running everything on {device} instead",
+            stacklevel=2,
+        )
+        offload = Offload.none
+    if offload is Offload.model:
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload is Offload.sequential:
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if memory.forward_chunking:
+        pipe.unet.enable_forward_chunking()
+    if memory.compile and offload is not Offload.none:
+        warnings.warn("memory.compile is ignored with CPU offload", stacklevel=2)
+        return pipe, False
+    if memory.compile:
+        pipe.unet = torch.compile(pipe.unet, mode=memory.compile_mode, fullgraph=memory.compile_fullgraph)
+    return pipe, bool(memory.compile)
+
+
+@dataclass
+class LoadedPipeline:
+    pipe: Any
+    device: torch.device
+    dtype: torch.dtype
+    identity: ModelIdentity
+    load_seconds: float
+    compiled: bool
+
+
+_loaded: dict[str, LoadedPipeline] = {}
+
+
+def load_pipeline(model: ModelConfig, memory: MemoryConfig, device: torch.device) -> LoadedPipeline:
+    """Load (or reuse) the pipeline for this model + memory preset + device.
+
+    One pipeline is kept per process, so the sweep points of a sequential Hydra multirun
+    that share model and memory settings do not reload the weights.
+    """
+    cache_key = json.dumps([plain(model), plain(memory), str(device)], sort_keys=True, default=str)
+    if cache_key in _loaded:
+        return _loaded[cache_key]
+    _loaded.clear()  # hold one model at a time
+    quiet_libraries()
+    start = time.perf_counter()
+    dtype = resolve_dtype(model, device)
+    pipe = _from_pretrained(model, dtype)
+    pipe, compiled = apply_memory_preset(pipe, memory, device)
+    loaded = LoadedPipeline(
+        pipe=pipe,
+        device=device,
+        dtype=dtype,
+        identity=model_identity(model, device),
+        load_seconds=time.perf_counter() - start,
+        compiled=compiled,
+    )
+    _loaded[cache_key] = loaded
+    log.info("loaded %s (%s, %s) in %.2f s", model.name, loaded.identity.dtype, device, loaded.load_seconds)
+    return loaded

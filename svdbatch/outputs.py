@@ -1,0 +1,123 @@
+"""Frames -> files: mp4 (H.264 via diffusers' export_to_video / imageio-ffmpeg), gif, webp, PNG frames.
+
+Every writer writes into a temporary name next to the target, fsyncs, then renames, so a
+killed run leaves either the old file, the new file, or a stray temporary, never a torn
+file under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from .config import OutputConfig, OutputFormat
+
+TEMP_MARKER = ".partial-"
+
+
+def output_name(item_id: str, fmt: OutputFormat) -> str:
+    fmt = OutputFormat(fmt)
+    return item_id if fmt is OutputFormat.frames else f"{item_id}.{fmt.value}"
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (to persist a rename inside it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path (same directory, same suffix) that replaces `target` on success."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}{TEMP_MARKER}", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, target)
+        fsync_path(target.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def _write_frames_dir(frames: np.ndarray, target: Path) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMP_MARKER}", dir=target.parent))
+    try:
+        for index, frame in enumerate(frames):
+            frame_path = staging / f"{index:05d}.png"
+            Image.fromarray(frame).save(frame_path)
+            fsync_path(frame_path)
+        if target.exists():
+            shutil.rmtree(target)  # the sidecar, written last, is what marks an item done
+        os.rename(staging, target)
+        fsync_path(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_video(frames: np.ndarray, target: Path, output: OutputConfig, fps: int) -> None:
+    """Write uint8 frames (F, H, W, 3) to `target` in the configured format."""
+    fmt = OutputFormat(output.format)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fmt is OutputFormat.frames:
+        _write_frames_dir(frames, target)
+        return
+    pil_frames = [Image.fromarray(frame) for frame in frames]
+    with atomic_path(target) as tmp:
+        if fmt is OutputFormat.mp4:
+            from diffusers.utils import export_to_video
+
+            export_to_video(pil_frames, str(tmp), fps=fps, quality=output.quality)
+        else:
+            # PIL's GIF/WebP writers take a per-frame duration in milliseconds.
+            extra = {"optimize": False} if fmt is OutputFormat.gif else {"quality": int(output.quality * 10), "lossless": False}
+            pil_frames[0].save(
+                tmp,
+                format=fmt.value.upper(),
+                save_all=True,
+                append_images=pil_frames[1:],
+                duration=round(1000 / fps),
+                loop=output.loop,
+                **extra,
+            )
+
+
+def output_bytes(path: Path) -> int:
+    """Size of a written output (file, or folder of frames); -1 if it is missing."""
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
+    return -1
+
+
+def read_video(path: Path) -> np.ndarray:
+    """Decode a written output back to uint8 frames (F, H, W, 3)."""
+    if path.is_dir():
+        return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(path.glob("*.png"))])
+    import imageio.v3 as iio
+
+    if path.suffix == ".mp4":
+        return np.asarray(iio.imread(path, plugin="FFMPEG"))
+    with Image.open(path) as image:
+        frames = []
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            frames.append(np.asarray(image.convert("RGB")))
+    return np.stack(frames)

@@ -1,0 +1,141 @@
+"""Generation parameters: the rules for each knob, and how config and a row combine.
+
+The same rules check the composed config at start-up and every manifest row, so a value
+that is rejected in a row is rejected in the config too, with the same message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
+
+from .config import ConditioningConfig, MemoryConfig, ModelConfig
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: type  # int or float
+    low: Optional[float] = None
+    high: Optional[float] = None
+    multiple_of: Optional[int] = None
+    nullable: bool = False
+
+    def describe(self) -> str:
+        parts = ["an integer" if self.kind is int else "a number"]
+        if self.low is not None and self.high is not None:
+            parts.append(f"in [{self.low:g}, {self.high:g}]")
+        elif self.low is not None:
+            parts.append(f">= {self.low:g}")
+        if self.multiple_of:
+            parts.append(f"and a multiple of {self.multiple_of}")
+        return " ".join(parts)
+
+
+# Ranges follow the model card / diffusers pipeline: the UNet was trained with
+# motion_bucket_id in 0..255, the VAE needs sizes that are multiples of 8.
+RULES: dict[str, Rule] = {
+    "width": Rule(int, 8, 16384, multiple_of=8),
+    "height": Rule(int, 8, 16384, multiple_of=8),
+    "num_frames": Rule(int, 1, 1024, nullable=True),
+    "num_inference_steps": Rule(int, 1, 1000),
+    "fps": Rule(int, 1, 1000),
+    "motion_bucket_id": Rule(int, 0, 255),
+    "noise_aug_strength": Rule(float, 0, 10),
+    "min_guidance_scale": Rule(float, 0, 100),
+    "max_guidance_scale": Rule(float, 0, 100),
+    "decode_chunk_size": Rule(int, 1, 1024, nullable=True),
+}
+PARAM_NAMES = tuple(RULES)
+
+
+class ValueProblem(ValueError):
+    """A single value broke its rule; the message says what was expected."""
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Turn a config/CSV/JSON value into the parameter's type, or raise ValueProblem."""
+    rule = RULES[name]
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        if rule.nullable:
+            return None
+        raise ValueProblem(f"must be {rule.describe()}, got an empty value")
+    if isinstance(value, bool):
+        raise ValueProblem(f"must be {rule.describe()}, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number: Any = int(text) if rule.kind is int else float(text)
+        except ValueError:
+            raise ValueProblem(f"must be {rule.describe()}, got {value!r}") from None
+    elif isinstance(value, (int, float)):
+        number = value
+    else:
+        raise ValueProblem(f"must be {rule.describe()}, got {type(value).__name__} {value!r}")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ValueProblem(f"must be a finite number, got {value!r}")
+    if rule.kind is int:
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise ValueProblem(f"must be {rule.describe()}, got {value!r}")
+            number = int(number)
+    else:
+        number = float(number)
+    if (rule.low is not None and number < rule.low) or (rule.high is not None and number > rule.high):
+        raise ValueProblem(f"must be {rule.describe()}, got {value!r}")
+    if rule.multiple_of and number % rule.multiple_of:
+        raise ValueProblem(f"must be {rule.describe()}, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Everything the pipeline call needs besides the image and the generator."""
+
+    width: int
+    height: int
+    num_frames: int
+    num_inference_steps: int
+    fps: int
+    motion_bucket_id: int
+    noise_aug_strength: float
+    min_guidance_scale: float
+    max_guidance_scale: float
+    decode_chunk_size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def batch_signature(self) -> tuple:
+        """Items with equal signatures may share one pipeline call (all fields are per call)."""
+        return tuple(self.as_dict().values())
+
+
+def check_conditioning(cond: ConditioningConfig) -> list[str]:
+    """Problems in the composed conditioning config, as 'conditioning.<field>: why'."""
+    problems = []
+    for name in PARAM_NAMES:
+        try:
+            coerce(name, getattr(cond, name))
+        except ValueProblem as exc:
+            problems.append(f"conditioning.{name}: {exc}")
+    return problems
+
+
+def resolve_params(
+    cond: ConditioningConfig,
+    model: ModelConfig,
+    memory: MemoryConfig,
+    overrides: Mapping[str, Any],
+) -> GenParams:
+    """Composed config, then the row's overrides, then the memory preset's caps."""
+    values = {name: getattr(cond, name) for name in PARAM_NAMES}
+    values.update(overrides)
+    if values["num_frames"] is None:
+        values["num_frames"] = model.num_frames
+    if values["decode_chunk_size"] is None:
+        values["decode_chunk_size"] = values["num_frames"]  # diffusers' default: all at once
+    if memory.max_decode_chunk_size is not None:
+        values["decode_chunk_size"] = min(values["decode_chunk_size"], memory.max_decode_chunk_size)
+    values["decode_chunk_size"] = min(values["decode_chunk_size"], values["num_frames"])
+    return GenParams(**values)

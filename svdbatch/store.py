@@ -1,0 +1,195 @@
+"""The run directory: item keys, what is done, atomic writes, results/failures logs, sidecars.
+
+Layout of a run dir::
+
+    config.yaml          resolved config of the run (without hydra's own settings)
+    videos/<id>.mp4      one output per item (or videos/<id>/ with PNG frames)
+    items/<id>.json      sidecar: row, params, seed, input hash, model, versions, timings
+    results.jsonl        one line per finished item
+    failures.jsonl       one line per failed attempt (error + traceback)
+
+An item is done when its video and then its sidecar have been renamed into place and the
+key in the sidecar matches the key the current config gives that item.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from .config import OutputFormat
+from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes, output_name
+
+log = logging.getLogger(__name__)
+
+KEY_VERSION = 1  # bump when what goes into a key changes meaning
+STALE_TEMP_SECONDS = 600.0
+
+
+def item_key(image_sha256: str, params: dict[str, Any], seed: int, model: dict[str, Any]) -> str:
+    """Everything that determines an item's frames, hashed. A changed key means redo."""
+    payload = {"v": KEY_VERSION, "image": image_sha256, "params": params, "seed": seed, "model": model}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one whole line; the lock keeps lines from several worker processes intact."""
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def repair_jsonl(path: Path) -> int:
+    """Cut a torn last line left by a killed writer; returns the bytes removed."""
+    if not path.exists():
+        return 0
+    with path.open("rb+") as handle:
+        data = handle.read()
+        if not data or data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
+        handle.truncate(keep)
+        return len(data) - keep
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    if not path.exists():
+        return
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield json.loads(raw)
+            except json.JSONDecodeError:
+                log.warning("%s:%d: skipping unreadable line", path, number)
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+class RunStore:
+    def __init__(self, root: Path, fmt: OutputFormat):
+        self.root = Path(root)
+        self.format = OutputFormat(fmt)
+        self.videos = self.root / "videos"
+        self.sidecars = self.root / "items"
+        self.results = self.root / "results.jsonl"
+        self.failures = self.root / "failures.jsonl"
+
+    # -- set-up -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the layout, prove it is writable, and clean up after a killed run."""
+        try:
+            for folder in (self.root, self.videos, self.sidecars):
+                folder.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise RunDirError(f"run dir {self.root} is not writable: {exc}") from exc
+        for log_file in (self.results, self.failures):
+            removed = repair_jsonl(log_file)
+            if removed:
+                log.warning("%s: removed a torn last line (%d bytes) left by a killed run", log_file, removed)
+        self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self, older_than_s: float = STALE_TEMP_SECONDS) -> int:
+        """Delete temporaries a killed run left behind. Only old ones: another live process
+        (a second worker or shard sharing this dir) may be writing a fresh one right now."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for folder in (self.videos, self.sidecars, self.root):
+            for entry in os.scandir(folder):
+                if TEMP_MARKER not in entry.name or entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def write_config(self, text: str) -> None:
+        atomic_write_bytes(self.root / "config.yaml", text.encode())
+
+    # -- paths ------------------------------------------------------------------------
+    def video_path(self, item_id: str) -> Path:
+        return self.videos / output_name(item_id, self.format)
+
+    def sidecar_path(self, item_id: str) -> Path:
+        return self.sidecars / f"{item_id}.json"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    # -- what is done -----------------------------------------------------------------
+    def finished_index(self) -> dict[str, dict[str, Any]]:
+        """Latest results.jsonl record per item id."""
+        return {record["id"]: record for record in read_jsonl(self.results) if "id" in record}
+
+    def is_done(self, item_id: str, key: str, index: dict[str, dict[str, Any]]) -> bool:
+        record = index.get(item_id)
+        if record is None:
+            record = self._recover_from_sidecar(item_id, key)
+            if record is None:
+                return False
+        if record.get("key") != key:
+            return False
+        video = self.root / record["output"]
+        return output_bytes(video) == record.get("output_bytes") and self.sidecar_path(item_id).is_file()
+
+    def _recover_from_sidecar(self, item_id: str, key: str) -> Optional[dict[str, Any]]:
+        """A run killed between the sidecar rename and the results line: trust the sidecar."""
+        path = self.sidecar_path(item_id)
+        if not path.is_file():
+            return None
+        try:
+            sidecar = json.loads(path.read_bytes())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if sidecar.get("key") != key or sidecar.get("status") != "done":
+            return None
+        record = self.result_record(sidecar)
+        if output_bytes(self.root / record["output"]) == record["output_bytes"]:
+            append_jsonl(self.results, record)
+            return record
+        return None
+
+    # -- writing ----------------------------------------------------------------------
+    @staticmethod
+    def result_record(sidecar: dict[str, Any]) -> dict[str, Any]:
+        output = sidecar["output"]
+        return {
+            "id": sidecar["id"],
+            "key": sidecar["key"],
+            "output": output["path"],
+            "output_bytes": output["bytes"],
+            "seed": sidecar["seed"],
+            "frames_sha256": sidecar["frames_sha256"],
+            "seconds": sidecar["timings"]["total_s"],
+            "finished_at": sidecar["finished_at"],
+        }
+
+    def commit(self, sidecar: dict[str, Any]) -> None:
+        """Called after the video is in place: the sidecar rename is what makes an item done."""
+        body = json.dumps(sidecar, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        atomic_write_bytes(self.sidecar_path(sidecar["id"]), body)
+        append_jsonl(self.results, self.result_record(sidecar))
+
+    def record_failure(self, item_id: Optional[str], key: Optional[str], error: str, details: dict[str, Any]) -> None:
+        append_jsonl(
+            self.failures,
+            {"id": item_id, "key": key, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details},
+        )
