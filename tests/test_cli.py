@@ -1,0 +1,143 @@
+"""The command line as users run it: the Hydra app, multirun sweeps, exit codes, a real kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from svdbatch.outputs import read_video
+from svdbatch.store import read_jsonl
+from tests.conftest import FAST, REPO, SAMPLE_CSV, make_image, run_cli, write_csv
+
+
+def test_readme_command_runs_the_sample_manifest(tmp_path):
+    """`svdbatch manifest=manifests/sample.csv` with the default (tiny) config, via the console script."""
+    script = Path(sys.executable).with_name("svdbatch")
+    assert script.exists(), "console script not installed"
+    proc = subprocess.run(
+        [str(script), "manifest=manifests/sample.csv", f"hydra.run.dir={tmp_path / 'sample'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "3 done, 0 skipped, 0 failed" in proc.stdout
+    run_dir = tmp_path / "sample"
+    for item_id in ("sunset", "rocket", "waves"):
+        frames = read_video(run_dir / "videos" / f"{item_id}.mp4")
+        assert frames.shape == (8, 64, 96, 3)  # conditioning=tiny: 8 frames of 96x64
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "config.yaml").is_file()
+
+
+def test_default_run_dir_is_stable_and_named_after_the_manifest(tmp_path):
+    shutil.copytree(REPO / "manifests", tmp_path / "manifests")
+    proc = run_cli("manifest=manifests/sample.jsonl", "run.limit=1", *FAST, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "outputs" / "sample" / "results.jsonl").is_file()
+    again = run_cli("manifest=manifests/sample.jsonl", "run.limit=1", *FAST, cwd=tmp_path)
+    assert "0 done, 1 skipped" in again.stdout
+
+
+def test_multirun_gives_each_sweep_point_its_own_resumable_dir(tmp_path):
+    args = ["-m", "conditioning.motion_bucket_id=60,180", f"manifest={SAMPLE_CSV}", f"hydra.sweep.dir={tmp_path}", *FAST]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    dirs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert dirs == sorted(",".join(sorted([f"conditioning.motion_bucket_id={m}", *FAST])) for m in (60, 180))
+    hashes = []
+    for name in dirs:
+        records = list(read_jsonl(tmp_path / name / "results.jsonl"))
+        assert len(records) == 3
+        hashes.append({r["id"]: r["frames_sha256"] for r in records})
+    assert hashes[0]["sunset"] != hashes[1]["sunset"]  # motion_bucket_id reached the model
+    assert proc.stdout.count("3 done") == 2
+    again = run_cli(*args)
+    assert again.stdout.count("0 done, 3 skipped") == 2
+
+
+def test_config_typo_fails_at_start_up():
+    proc = run_cli(f"manifest={SAMPLE_CSV}", "conditioning.motion_bucket=60")
+    assert proc.returncode != 0
+    assert "Could not override 'conditioning.motion_bucket'" in proc.stderr
+    assert "Key 'motion_bucket' not in 'ConditioningConfig'" in proc.stderr
+
+
+def test_config_wrong_type_fails_at_start_up():
+    proc = run_cli(f"manifest={SAMPLE_CSV}", "conditioning.width=wide")
+    assert proc.returncode != 0 and "width" in proc.stderr
+
+
+def test_unknown_group_option_fails():
+    proc = run_cli(f"manifest={SAMPLE_CSV}", "memory=huge")
+    assert proc.returncode != 0 and "memory" in proc.stderr
+
+
+def test_out_of_range_config_value_is_a_clear_error(tmp_path):
+    proc = run_cli(f"manifest={SAMPLE_CSV}", "conditioning.motion_bucket_id=300", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "conditioning.motion_bucket_id: must be an integer in [0, 255], got 300" in proc.stderr
+
+
+def test_bad_manifest_exits_2_before_loading_anything(tmp_path):
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [["a", "nope.png", "x"]])
+    proc = run_cli(f"manifest={manifest}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert f"{manifest}:2: field 'seed'" in proc.stderr and f"{manifest}:2: field 'image'" in proc.stderr
+    assert not (tmp_path / "run" / "videos").exists()
+
+
+def test_failed_items_give_exit_code_1(tmp_path):
+    make_image(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    manifest = write_csv(tmp_path / "m.csv", ["image"], [["ok.png"], ["bad.png"]])
+    proc = run_cli(f"manifest={manifest}", f"hydra.run.dir={tmp_path / 'run'}", "run.check_images=false", *FAST)
+    assert proc.returncode == 1
+    assert "1 done, 0 skipped, 1 failed" in proc.stdout
+
+
+def test_validate_subcommand(tmp_path):
+    proc = run_cli("validate", f"manifest={SAMPLE_CSV}")
+    assert proc.returncode == 0 and "3 valid rows" in proc.stdout
+    bad = write_csv(tmp_path / "m.csv", ["image", "width"], [["x.png", "7"]])
+    proc = run_cli("validate", f"manifest={bad}")
+    assert proc.returncode == 2 and "field 'width'" in proc.stderr and "field 'image'" in proc.stderr
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
+    rows = [[f"i{n}", f"img/{n}.png", n] for n in range(8)]
+    for n in range(8):
+        make_image(tmp_path / "img" / f"{n}.png", seed=n)
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], rows)
+    args = [f"manifest={manifest}", *FAST, "conditioning.num_inference_steps=4"]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "svdbatch", *args, f"hydra.run.dir={killed_dir}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    results = killed_dir / "results.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not results.exists() or results.read_bytes().count(b"\n") < 3):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = results.read_bytes().count(b"\n")
+    assert 3 <= finished_before < 8, "the kill should land mid-run"
+
+    resumed = run_cli(*args, f"hydra.run.dir={killed_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{finished_before} skipped" in resumed.stdout
+    clean = run_cli(*args, f"hydra.run.dir={tmp_path / 'clean'}")
+    assert clean.returncode == 0
+
+    killed_records = list(read_jsonl(results))
+    assert len(killed_records) == len({r["id"] for r in killed_records}) == 8  # each item once
+    clean_hashes = {r["id"]: r["frames_sha256"] for r in read_jsonl(tmp_path / "clean" / "results.jsonl")}
+    assert {r["id"]: r["frames_sha256"] for r in killed_records} == clean_hashes
+    for n in range(8):
+        assert (killed_dir / "videos" / f"i{n}.mp4").read_bytes() == (tmp_path / "clean" / "videos" / f"i{n}.mp4").read_bytes()
+        assert json.loads((killed_dir / "items" / f"i{n}.json").read_text())["status"] == "done"

@@ -1,0 +1,160 @@
+"""The whole path on the tiny model: manifest -> plan -> worker -> store, and back again."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from svdbatch.driver import run
+from svdbatch.models import ensure_tiny_model
+from svdbatch.outputs import read_video
+from svdbatch.store import read_jsonl
+from tests.conftest import make_cfg, write_csv
+
+
+def results(run_dir: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in read_jsonl(run_dir / "results.jsonl")}
+
+
+def sidecar(run_dir: Path, item_id: str) -> dict:
+    return json.loads((run_dir / "items" / f"{item_id}.json").read_text())
+
+
+def test_frames_equal_a_plain_diffusers_call(tmp_path, manifest4):
+    """The reference behaviour: pipe(image, generator=Generator('cpu').manual_seed(seed), **params)."""
+    from diffusers import StableVideoDiffusionPipeline
+
+    run_dir = tmp_path / "run"
+    summary = run(make_cfg(f"manifest={manifest4}", f"run.dir={run_dir}", "output=frames"))
+    assert (summary.done, summary.failed) == (4, 0)
+
+    pipe = StableVideoDiffusionPipeline.from_pretrained(ensure_tiny_model())
+    pipe.set_progress_bar_config(disable=True)
+    for item_id in "abcd":
+        record = sidecar(run_dir, item_id)
+        p = record["params"]
+        image = Image.open(tmp_path / "img" / f"{item_id}.png").convert("RGB").resize((p["width"], p["height"]))
+        expected = pipe(image, generator=torch.Generator("cpu").manual_seed(record["seed"]), **p).frames[0]
+        got = read_video(run_dir / record["output"]["path"])
+        assert got.shape == (p["num_frames"], p["height"], p["width"], 3)
+        np.testing.assert_array_equal(got, np.stack([np.asarray(f) for f in expected]))
+    # Row overrides reached the pipeline, and the derived seed was used for row c.
+    assert sidecar(run_dir, "b")["params"]["motion_bucket_id"] == 30
+    assert sidecar(run_dir, "c")["row"]["seed_derived"] is True
+
+
+def test_order_of_rows_does_not_change_any_item(tmp_path, images, manifest4):
+    lines = manifest4.read_text().splitlines()
+    reversed_manifest = tmp_path / "reversed.csv"
+    reversed_manifest.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    run(make_cfg(f"manifest={manifest4}", f"run.dir={tmp_path / 'one'}"))
+    run(make_cfg(f"manifest={reversed_manifest}", f"run.dir={tmp_path / 'two'}"))
+    one, two = results(tmp_path / "one"), results(tmp_path / "two")
+    assert {k: v["frames_sha256"] for k, v in one.items()} == {k: v["frames_sha256"] for k, v in two.items()}
+    assert len(set(v["frames_sha256"] for v in one.values())) == 4
+
+
+def test_sidecar_records_what_is_needed_to_reproduce(tmp_path, manifest4):
+    run_dir = tmp_path / "run"
+    run(make_cfg(f"manifest={manifest4}", f"run.dir={run_dir}"))
+    record = sidecar(run_dir, "b")
+    assert record["status"] == "done" and record["seed"] == 2
+    assert len(record["image"]["sha256"]) == 64
+    assert record["model"]["source"] == "tiny" and record["model"]["fingerprint"]
+    assert {"torch", "diffusers", "transformers", "svdbatch"} <= set(record["versions"])
+    assert record["device"] == "cpu" and record["num_threads"] >= 1
+    assert record["config"]["conditioning"]["width"] == 64
+    assert set(record["timings"]) >= {"generate_s", "write_s", "total_s"}
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_resume_skips_done_items_and_redoes_changed_or_deleted_ones(tmp_path, images):
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [["a", "img/a.png", 1], ["b", "img/b.png", 2], ["c", "img/c.png", 3]])
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(f"manifest={manifest}", f"run.dir={run_dir}")
+    assert run(cfg).done == 3
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (run_dir / "videos").iterdir()}
+
+    again = run(cfg)
+    assert (again.done, again.skipped) == (0, 3)
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (run_dir / "videos").iterdir()}
+
+    write_csv(manifest, ["id", "image", "seed"], [["a", "img/a.png", 1], ["b", "img/b.png", 99], ["c", "img/c.png", 3]])
+    (run_dir / "videos" / "c.mp4").unlink()
+    changed = run(cfg)
+    assert (changed.done, changed.skipped) == (2, 1)
+    assert sidecar(run_dir, "b")["seed"] == 99
+
+    # A changed conditioning value changes every key.
+    assert run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "conditioning.fps=6")).done == 3
+    # ...and so does a changed source image.
+    images["a"].write_bytes(images["d"].read_bytes())
+    assert run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "conditioning.fps=6")).done == 1
+
+
+def test_leftovers_of_a_killed_run_are_never_taken_as_done(tmp_path, manifest4):
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(f"manifest={manifest4}", f"run.dir={run_dir}")
+    run(cfg)
+    # Killed while encoding a: a stale temporary next to a video that was never renamed in.
+    old = time.time() - 3600
+    stale = run_dir / "videos" / ".a.partial-x1y2.mp4"
+    stale.write_bytes(b"\x00" * 10)
+    os.utime(stale, (old, old))
+    (run_dir / "items" / "a.json").unlink()  # the sidecar (commit marker) never landed
+    (run_dir / "videos" / "a.mp4").write_bytes(b"half a video")
+    # Killed while appending to results.jsonl: a torn last line.
+    with (run_dir / "results.jsonl").open("ab") as handle:
+        handle.write(b'{"id": "b", "key": "tor')
+    # Killed after the sidecar of d, before its results line.
+    kept = [line for line in (run_dir / "results.jsonl").read_text().splitlines(keepends=True) if '"id": "d"' not in line]
+    (run_dir / "results.jsonl").write_text("".join(kept))
+    # A truncated video of c behind a complete sidecar.
+    video_c = run_dir / "videos" / "c.mp4"
+    video_c.write_bytes(video_c.read_bytes()[:100])
+
+    summary = run(cfg)
+    assert (summary.done, summary.skipped) == (2, 2)  # a and c redone; b and d kept
+    assert not stale.exists()
+    lines = (run_dir / "results.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines)  # no torn line left
+    assert sorted(results(run_dir)) == ["a", "b", "c", "d"]
+    for item_id in "abcd":
+        frames = read_video(run_dir / "videos" / f"{item_id}.mp4")
+        assert frames.shape == (4, 64, 64, 3)
+
+
+def test_a_failing_item_is_recorded_and_the_batch_goes_on(tmp_path, images):
+    (tmp_path / "img" / "broken.png").write_bytes(images["a"].read_bytes()[:60])
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image"], [["a", "img/a.png"], ["broken", "img/broken.png"], ["b", "img/b.png"]])
+    run_dir = tmp_path / "run"
+    summary = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.check_images=false"))
+    assert (summary.done, summary.failed) == (2, 1) and not summary.ok
+    (failure,) = read_jsonl(run_dir / "failures.jsonl")
+    assert failure["id"] == "broken" and failure["line"] == 3
+    assert "Traceback" in failure["traceback"] and failure["error"]
+    assert not (run_dir / "items" / "broken.json").exists()
+
+
+def test_not_strict_runs_good_rows_and_records_bad_ones(tmp_path, images):
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "motion_bucket_id"], [["a", "img/a.png", 1], ["b", "img/b.png", 999]])
+    run_dir = tmp_path / "run"
+    summary = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.strict=false"))
+    assert (summary.done, summary.invalid) == (1, 1) and not summary.ok
+    (failure,) = read_jsonl(run_dir / "failures.jsonl")
+    assert failure["id"] == "b" and "motion_bucket_id" in failure["problems"][0]
+
+
+@pytest.mark.parametrize("fmt,suffix", [("gif", ".gif"), ("webp", ".webp")])
+def test_other_output_formats_decode(tmp_path, images, fmt, suffix):
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image"], [["a", "img/a.png"]])
+    run_dir = tmp_path / "run"
+    run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", f"output={fmt}"))
+    assert read_video(run_dir / "videos" / f"a{suffix}").shape == (4, 64, 64, 3)
