@@ -1,0 +1,90 @@
+"""Pipeline factory: the tiny model, real presets without network, memory presets on CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from svdbatch.config import MemoryConfig, ModelConfig
+from svdbatch.models import (
+    ModelLoadError,
+    ensure_tiny_model,
+    load_pipeline,
+    model_identity,
+    resolve_dtype,
+    weights_fingerprint,
+)
+from tests.conftest import make_cfg
+
+
+def test_tiny_model_is_built_deterministically_and_cached(tmp_path):
+    first = ensure_tiny_model(tmp_path / "one")
+    second = ensure_tiny_model(tmp_path / "two")
+    assert weights_fingerprint(first) == weights_fingerprint(second)
+    mtime = (first / "model_index.json").stat().st_mtime_ns
+    assert ensure_tiny_model(tmp_path / "one") == first
+    assert (first / "model_index.json").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert not [p for p in (tmp_path / "one").iterdir() if p.name.startswith(".tiny-build-")]
+
+
+def test_tiny_model_has_the_real_classes_and_shapes():
+    loaded = load_pipeline(ModelConfig(), MemoryConfig(), torch.device("cpu"))
+    pipe = loaded.pipe
+    assert type(pipe).__name__ == "StableVideoDiffusionPipeline"
+    assert type(pipe.unet).__name__ == "UNetSpatioTemporalConditionModel"
+    assert type(pipe.vae).__name__ == "AutoencoderKLTemporalDecoder"
+    assert type(pipe.image_encoder).__name__ == "CLIPVisionModelWithProjection"
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert pipe.vae_scale_factor == 8  # latents at 1/8 of the image, like the real model
+    assert pipe.image_encoder.config.image_size == 224
+    assert loaded.dtype == torch.float32 and loaded.identity.fingerprint
+
+
+def test_pipeline_is_reused_for_the_same_settings():
+    a = load_pipeline(ModelConfig(), MemoryConfig(), torch.device("cpu"))
+    b = load_pipeline(ModelConfig(), MemoryConfig(), torch.device("cpu"))
+    assert a is b
+
+
+@pytest.mark.parametrize("preset", ["svd", "svd_xt", "svd_xt_1_1"])
+def test_real_presets_fail_clearly_without_weights_offline(tmp_path, monkeypatch, preset):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = make_cfg(f"model={preset}", f"model.cache_dir={tmp_path}")
+    with pytest.raises(ModelLoadError) as info:
+        load_pipeline(cfg.model, cfg.memory, torch.device("cpu"))
+    message = str(info.value)
+    assert cfg.model.source in message and "HF_HUB_OFFLINE" in message and "huggingface-cli download" in message
+
+
+def test_real_preset_from_a_local_directory_uses_the_same_loader(tmp_path):
+    """model.source may be a local path: the saved tiny model stands in for a downloaded checkpoint."""
+    import shutil
+
+    local = tmp_path / "my-svd"
+    shutil.copytree(ensure_tiny_model(), local)
+    cfg = make_cfg("model=svd", f"model.source={local}")
+    loaded = load_pipeline(cfg.model, cfg.memory, torch.device("cpu"))
+    assert loaded.identity.source == str(local) and loaded.identity.variant is None  # no fp16 on CPU
+
+
+def test_gpu_only_settings_degrade_with_a_warning_on_cpu():
+    cfg = make_cfg("memory=low", "model.dtype=float16")
+    with pytest.warns(UserWarning, match="float32"):
+        assert resolve_dtype(cfg.model, torch.device("cpu")) == torch.float32
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_pipeline(cfg.model, cfg.memory, torch.device("cpu"))
+    assert any("offload needs a GPU" in str(w.message) for w in caught)
+    assert loaded.pipe.device.type == "cpu"
+    # memory=low still chunks the feed-forward layers.
+    chunked = [m for m in loaded.pipe.unet.modules() if getattr(m, "_chunk_size", None)]
+    assert chunked
+
+
+def test_identity_changes_with_dtype_and_source():
+    cpu = torch.device("cpu")
+    base = model_identity(ModelConfig(), cpu)
+    assert model_identity(ModelConfig(), cpu) == base
+    assert model_identity(ModelConfig(name="svd", source="stabilityai/x"), cpu) != base
