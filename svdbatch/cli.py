@@ -15,8 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .config import register_configs
-from .driver import ConfigError, run
+from .config import ConfigError, register_configs
+from .driver import run
 from .manifest import ManifestError
 from .models import ModelLoadError
 from .store import RunDirError

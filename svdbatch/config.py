@@ -16,6 +16,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
+class ConfigError(ValueError):
+    """A config value that is well-typed but not usable (out of range, inconsistent)."""
+
+
 class DType(str, Enum):
     auto = "auto"  # float16 on CUDA, float32 on CPU
     float32 = "float32"
@@ -96,6 +100,15 @@ class OutputConfig:
 
 
 @dataclass
+class ShardConfig:
+    """This process's slice of the manifest. null/null = from the launcher's environment
+    (RANK/WORLD_SIZE of torchrun or accelerate, or a plain Slurm job array), else 0 of 1."""
+
+    index: Optional[int] = None
+    count: Optional[int] = None
+
+
+@dataclass
 class RunConfig:
     name: str = MISSING
     dir: str = MISSING
@@ -106,8 +119,18 @@ class RunConfig:
     strict: bool = True
     # Decode every image during validation (catches truncated files before the model loads).
     check_images: bool = True
-    device: str = "auto"
-    # Intra-op threads for torch; the float results depend on it, so it is recorded per item.
+    # Worker devices: "auto" (every visible GPU, else CPU), a GPU count, or a list such as
+    # [0, 1] or ["cuda:2", "cpu"]. One worker process per device.
+    devices: Any = "auto"
+    # CPU worker processes when devices resolve to the CPU (same code path as GPUs).
+    workers: int = 1
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    # Rows sharing size, frames, steps and micro-conditioning may share one pipeline call.
+    # Off by default: batched frames differ from single calls by ~1e-6 (DESIGN.md §7).
+    batch_size: int = 1
+    # Intra-op threads for torch (null = torch's default, the same in every worker).
+    # Float results depend on it, so it is recorded per item: keep it fixed across runs
+    # you want to compare bit for bit.
     num_threads: Optional[int] = None
     # Process at most this many rows (after sharding), handy for a smoke run.
     limit: Optional[int] = None

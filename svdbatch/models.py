@@ -170,13 +170,40 @@ def weights_fingerprint(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"run.device={requested!r} but CUDA is not available on this machine")
-    return device
+def resolve_devices(devices: Any, workers: int = 1, environ: Optional[dict[str, str]] = None) -> list[torch.device]:
+    """One entry per worker process.
+
+    "auto": every visible GPU (or, under torchrun/accelerate, the GPU of this LOCAL_RANK);
+    without CUDA, `workers` CPU workers. An int n: GPUs 0..n-1. A list: those devices.
+    """
+    environ = os.environ if environ is None else environ
+    cuda = torch.cuda.is_available()
+    if devices == "auto" or devices is None:
+        if not cuda:
+            return [torch.device("cpu")] * max(1, workers)
+        if "LOCAL_RANK" in environ:  # one process per GPU is already the launcher's job
+            return [torch.device("cuda", int(environ["LOCAL_RANK"]))]
+        return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        names: list[Any] = list(range(devices))
+    elif isinstance(devices, str):
+        names = [devices]
+    else:
+        names = list(devices)
+    if not names:
+        raise ModelLoadError("run.devices is empty")
+    resolved = []
+    for name in names:
+        try:
+            device = torch.device("cuda", name) if isinstance(name, int) else torch.device(str(name))
+        except (RuntimeError, TypeError) as exc:
+            raise ModelLoadError(f"run.devices: {name!r} is not a device ({exc})") from None
+        if device.type == "cuda" and not cuda:
+            raise ModelLoadError(f"run.devices={devices!r} asks for a GPU but CUDA is not available on this machine")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ModelLoadError(f"run.devices: {device} does not exist ({torch.cuda.device_count()} GPUs visible)")
+        resolved.append(device)
+    return resolved
 
 
 def resolve_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:

@@ -1,40 +1,53 @@
-"""A worker owns one loaded pipeline and turns planned items into frames.
+"""A worker owns one loaded pipeline and turns batches of planned items into finished items.
 
-The generator is created per item from the item's own seed, exactly as a user would call
-diffusers by hand, so an item's frames do not depend on which worker runs it or when.
+Each item gets its own generator from its own seed, exactly as a user would call diffusers
+by hand, so its frames do not depend on which worker runs it, or when. The worker keeps the
+device busy: the next batch's images load on one thread and the previous batch's videos
+encode and commit on another, while the main thread generates.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
+import threading
 import time
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
+from .config import OutputConfig, plain
 from .images import load_rgb, prepare
 from .models import LoadedPipeline
+from .outputs import output_bytes, write_video
 from .params import GenParams
 from .schedule import PlannedItem
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+
+# Batches whose videos may still be encoding while the next one generates.
+MAX_PENDING_WRITES = 2
 
 
 class GenerationError(RuntimeError):
     pass
 
 
-@dataclass
-class Generated:
-    frames: np.ndarray  # uint8 (F, H, W, 3)
-    source_size: tuple[int, int]
-    timings: dict[str, float]
-
-    @property
-    def frames_sha256(self) -> str:
-        return frames_sha256(self.frames)
+@dataclass(frozen=True)
+class Outcome:
+    item_id: str
+    ok: bool
+    generate_s: Optional[float] = None
+    error: Optional[str] = None
 
 
 def frames_sha256(frames: np.ndarray) -> str:
@@ -49,10 +62,6 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (frames * 255).round().astype(np.uint8)
 
 
-def pipeline_kwargs(params: GenParams) -> dict[str, Any]:
-    return params.as_dict()
-
-
 def software_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in ("svdbatch", "torch", "diffusers", "transformers", "accelerate", "numpy", "pillow", "imageio-ffmpeg"):
@@ -63,43 +72,204 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
+@dataclass
+class Loaded:
+    """A batch entry whose source image is ready (or failed to load)."""
+
+    entry: PlannedItem
+    image: Any = None
+    source_size: Optional[tuple[int, int]] = None
+    load_s: float = 0.0
+    error: Optional[BaseException] = None
+    error_trace: str = ""
+
+
+def load_entry(entry: PlannedItem) -> Loaded:
+    start = time.perf_counter()
+    try:
+        source = load_rgb(entry.item.image)
+        image = prepare(source, entry.params.width, entry.params.height)
+        return Loaded(entry, image, source.size, time.perf_counter() - start)
+    except Exception as exc:  # recorded per item by the worker
+        return Loaded(entry, error=exc, error_trace=traceback.format_exc())
+
+
 class Worker:
-    def __init__(self, loaded: LoadedPipeline, num_threads: Optional[int] = None, step_progress: bool = False):
+    def __init__(
+        self,
+        loaded: LoadedPipeline,
+        store: RunStore,
+        output: OutputConfig,
+        context: dict[str, Any],
+        num_threads: Optional[int] = None,
+        step_progress: bool = False,
+    ):
         if num_threads:
-            # The intra-op thread count changes float results, so it is fixed per worker
-            # and recorded in every sidecar.
+            # The intra-op thread count changes float results, so every worker pins it
+            # and every sidecar records it.
             torch.set_num_threads(num_threads)
         self.loaded = loaded
+        self.store = store
+        self.output = output
+        self.output_format = plain(output)["format"]
         self.loaded.pipe.set_progress_bar_config(disable=not step_progress, leave=False)
+        self.context = {**context, "model": loaded.identity.as_dict(), **self.environment()}
+        self.warmup_s: Optional[float] = None
 
     def environment(self) -> dict[str, Any]:
         device = self.loaded.device
         return {
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
             "num_threads": torch.get_num_threads(),
             "compiled": self.loaded.compiled,
             "versions": software_versions(),
         }
 
-    def generate(self, image, params: GenParams, seed: int) -> np.ndarray:
-        """Frames for one prepared PIL image, as uint8 (F, H, W, 3)."""
-        generator = torch.Generator("cpu").manual_seed(seed)
-        output = self.loaded.pipe(image, generator=generator, output_type="np", **pipeline_kwargs(params))
-        frames = np.asarray(output.frames[0])
-        if not np.isfinite(frames).all():
-            raise GenerationError("the pipeline produced NaN/inf frames (try float32 or a lower guidance scale)")
-        return to_uint8(frames)
-
-    def run(self, planned: PlannedItem) -> Generated:
-        start = time.perf_counter()
-        source = load_rgb(planned.item.image)
-        image = prepare(source, planned.params.width, planned.params.height)
-        loaded_at = time.perf_counter()
-        frames = self.generate(image, planned.params, planned.item.seed)
-        done_at = time.perf_counter()
-        return Generated(
-            frames=frames,
-            source_size=source.size,
-            timings={"load_image_s": loaded_at - start, "generate_s": done_at - loaded_at},
+    # -- generation -------------------------------------------------------------------
+    def generate(self, images: list, params: GenParams, seeds: list[int]) -> list[np.ndarray]:
+        """uint8 frames (F, H, W, 3) per image; one generator per image, from its own seed."""
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        single = len(images) == 1  # exactly the call a user makes by hand
+        output = self.loaded.pipe(
+            images[0] if single else images,
+            generator=generators[0] if single else generators,
+            output_type="np",
+            **params.as_dict(),
         )
+        videos = []
+        for frames in output.frames:
+            frames = np.asarray(frames)
+            if not np.isfinite(frames).all():
+                raise GenerationError("the pipeline produced NaN/inf frames (try float32 or a lower guidance scale)")
+            videos.append(to_uint8(frames))
+        return videos
+
+    def warm_up(self, params: GenParams) -> None:
+        """A compiled UNet compiles on its first call; do that once, outside item timings."""
+        if not self.loaded.compiled or self.warmup_s is not None:
+            return
+        start = time.perf_counter()
+        blank = prepare(load_blank(params.width, params.height), params.width, params.height)
+        self.generate([blank], params, [0])
+        self.warmup_s = time.perf_counter() - start
+        self.context["warmup_s"] = self.warmup_s
+        log.info("compiled UNet warmed up in %.1f s", self.warmup_s)
+
+    # -- the item unit ----------------------------------------------------------------
+    def write_and_commit(self, ready: Loaded, frames: np.ndarray, generate_s: float) -> Outcome:
+        entry, item = ready.entry, ready.entry.item
+        try:
+            start = time.perf_counter()
+            fps = self.output.fps or entry.params.fps
+            video = self.store.video_path(item.id)
+            write_video(frames, video, self.output, fps)
+            timings = {"load_image_s": ready.load_s, "generate_s": generate_s, "write_s": time.perf_counter() - start}
+            timings["total_s"] = sum(timings.values())
+            self.store.commit(
+                {
+                    "schema": 1,
+                    "status": "done",
+                    "id": item.id,
+                    "key": entry.key,
+                    "seed": item.seed,
+                    "row": item.row_record(),
+                    "image": {"path": str(item.image), "sha256": entry.image_sha256, "size": list(ready.source_size)},
+                    "params": entry.params.as_dict(),
+                    "output": {
+                        "path": self.store.relative(video),
+                        "format": self.output_format,
+                        "fps": fps,
+                        "bytes": output_bytes(video),
+                        "frames": int(frames.shape[0]),
+                        "height": int(frames.shape[1]),
+                        "width": int(frames.shape[2]),
+                    },
+                    "frames_sha256": frames_sha256(frames),
+                    "timings": timings,
+                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    **self.context,
+                }
+            )
+            return Outcome(item.id, True, generate_s)
+        except Exception as exc:
+            return self.fail(entry, exc, traceback.format_exc())
+
+    def fail(self, entry: PlannedItem, exc: BaseException, trace: str) -> Outcome:
+        """Record one item's failure; the batch goes on."""
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("item %s failed: %s", entry.item.id, error)
+        self.store.record_failure(entry.item.id, entry.key, error, {"line": entry.item.line, "traceback": trace})
+        return Outcome(entry.item.id, False, error=error)
+
+    def generate_batch(self, batch: list[Loaded]) -> tuple[list[Outcome], list[tuple[Loaded, np.ndarray, float]]]:
+        """Generate a batch; returns failures and (item, frames, seconds) to write."""
+        failed = [self.fail(r.entry, r.error, r.error_trace) for r in batch if r.error is not None]
+        ready = [r for r in batch if r.error is None]
+        if not ready:
+            return failed, []
+        params = ready[0].entry.params
+        try:
+            self.warm_up(params)
+            start = time.perf_counter()
+            videos = self.generate([r.image for r in ready], params, [r.entry.item.seed for r in ready])
+            per_item = (time.perf_counter() - start) / len(ready)
+        except Exception as exc:
+            trace = traceback.format_exc()
+            return failed + [self.fail(r.entry, exc, trace) for r in ready], []
+        return failed, [(r, frames, per_item) for r, frames in zip(ready, videos)]
+
+    def run(self, batches: Iterable[tuple[int, list[PlannedItem]]], report: Report) -> None:
+        """Process (batch id, items) pairs; `report(batch id, outcomes)` is called (from the
+        writer thread) as soon as a batch is committed, even while the worker waits for more."""
+        batches = iter(batches)
+
+        def fetch_and_load() -> Optional[tuple[int, list[Loaded]]]:
+            # Runs on the loader thread: waiting for the next batch never stalls generation.
+            nxt = next(batches, None)
+            if nxt is None:
+                return None
+            batch_id, entries = nxt
+            return batch_id, [load_entry(entry) for entry in entries]
+
+        with ThreadPoolExecutor(1, thread_name_prefix="svdbatch-load") as loader, ThreadPoolExecutor(
+            1, thread_name_prefix="svdbatch-write"
+        ) as writer:
+            in_flight: deque[list[Future]] = deque()
+            upcoming = loader.submit(fetch_and_load)
+            while (current := upcoming.result()) is not None:
+                upcoming = loader.submit(fetch_and_load)
+                batch_id, loaded = current
+                failed, to_write = self.generate_batch(loaded)
+                writes = [writer.submit(self.write_and_commit, *job) for job in to_write]
+                report_when_written(batch_id, failed, writes, report)
+                in_flight.append(writes)
+                while len(in_flight) > MAX_PENDING_WRITES:  # bound memory held by unwritten frames
+                    wait(in_flight.popleft())
+
+
+Report = Callable[[int, list[Outcome]], None]
+
+
+def report_when_written(batch_id: int, failed: list[Outcome], writes: list[Future], report: Report) -> None:
+    if not writes:
+        report(batch_id, failed)
+        return
+    remaining = [len(writes)]
+    lock = threading.Lock()
+
+    def one_done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:  # write_and_commit never raises: failures come back as Outcomes
+            report(batch_id, failed + [future.result() for future in writes])
+
+    for future in writes:
+        future.add_done_callback(one_done)
+
+
+def load_blank(width: int, height: int):
+    from PIL import Image
+
+    return Image.new("RGB", (width, height), (127, 127, 127))

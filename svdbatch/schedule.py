@@ -1,18 +1,69 @@
-"""Plan a run: resolve every item's parameters and key, then split done from to-do.
+"""Plan a run: take this shard's rows, resolve each item's parameters and key, split done
+from to-do, and group the rest into batches for the workers.
 
 Pure bookkeeping, no model: it runs before anything heavy loads.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-from .config import ConditioningConfig, MemoryConfig, ModelConfig
+from .config import ConditioningConfig, ConfigError, MemoryConfig, ModelConfig
 from .images import file_sha256
 from .manifest import Item
 from .params import GenParams, resolve_params
 from .store import RunStore, item_key
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ConfigError(f"run.shard: index must be in [0, count), got index={self.index} count={self.count}")
+
+
+def shard_from_env(environ: Mapping[str, str], in_hydra_sweep: bool = False) -> Shard:
+    """The shard a launcher assigned to this process, if any.
+
+    torchrun and `accelerate launch` set RANK/WORLD_SIZE. A plain Slurm job array sets
+    SLURM_ARRAY_TASK_*; under submitit, or in a Hydra multirun, array tasks are sweep points
+    rather than shards, so they are not read (shard there with run.shard.index=0,1,...).
+    """
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return Shard(int(environ["RANK"]), int(environ["WORLD_SIZE"]))
+    if "SLURM_ARRAY_TASK_ID" in environ and "SUBMITIT_EXECUTOR" not in environ and not in_hydra_sweep:
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        last = int(environ.get("SLURM_ARRAY_TASK_MAX", environ["SLURM_ARRAY_TASK_ID"]))
+        count = int(environ.get("SLURM_ARRAY_TASK_COUNT", last - first + 1))
+        return Shard(int(environ["SLURM_ARRAY_TASK_ID"]) - first, count)
+    return Shard()
+
+
+def resolve_shard(index: Optional[int], count: Optional[int], in_hydra_sweep: bool = False) -> Shard:
+    if index is None and count is None:
+        return shard_from_env(os.environ, in_hydra_sweep)
+    if index is None or count is None:
+        raise ConfigError("run.shard: set both index and count, or neither")
+    return Shard(index, count)
+
+
+def shard_of(item_id: str, count: int) -> int:
+    """Shard by a hash of the id, not by row position: an item stays in its shard when rows
+    are reordered, inserted or removed, so shards resume cleanly after a manifest edit."""
+    digest = hashlib.sha256(item_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+def select_shard(items: list[Item], shard: Shard) -> list[Item]:
+    if shard.count == 1:
+        return items
+    return [item for item in items if shard_of(item.id, shard.count) == shard.index]
 
 
 @dataclass(frozen=True)
@@ -53,3 +104,22 @@ def split_done(planned: list[PlannedItem], store: RunStore) -> Plan:
     for entry in planned:
         (plan.done if store.is_done(entry.item.id, entry.key, index) else plan.todo).append(entry)
     return plan
+
+
+def make_batches(todo: list[PlannedItem], batch_size: int) -> list[list[PlannedItem]]:
+    """Group items that can share one pipeline call (equal size, frames, steps and
+    micro-conditioning), keeping manifest order within and across groups."""
+    if batch_size <= 1:
+        return [[entry] for entry in todo]
+    open_batches: dict[tuple, list[PlannedItem]] = {}
+    batches: list[list[PlannedItem]] = []
+    for entry in todo:
+        signature = entry.params.batch_signature()
+        batch = open_batches.get(signature)
+        if batch is None:
+            batch = open_batches[signature] = []
+            batches.append(batch)
+        batch.append(entry)
+        if len(batch) == batch_size:
+            del open_batches[signature]
+    return batches
