@@ -65,14 +65,14 @@ def run(cfg: DictConfig) -> RunSummary:
     started = time.perf_counter()
     manifest = load_manifest(cfg)
     store = RunStore(Path(cfg.run.dir), cfg.output.format)
+    shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
     store.prepare()
-    store.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
     summary = RunSummary(run_dir=store.root)
     for line, item_id, problems in manifest.bad_rows:
         store.record_failure(item_id, None, "invalid manifest row", {"problems": [str(p) for p in problems], "line": line})
         summary.invalid += 1
 
-    shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
     devices = resolve_devices(cfg.run.devices, cfg.run.workers)
     identity = model_identity(cfg.model, devices[0])
     items = select_shard(manifest.items, shard)

@@ -56,6 +56,7 @@ def repair_jsonl(path: Path) -> int:
     if not path.exists():
         return 0
     with path.open("rb+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # another shard may be appending right now
         data = handle.read()
         if not data or data.endswith(b"\n"):
             return 0
@@ -121,8 +122,9 @@ class RunStore:
                 removed += 1
         return removed
 
-    def write_config(self, text: str) -> None:
-        atomic_write_bytes(self.root / "config.yaml", text.encode())
+    def write_config(self, text: str, shard_index: int = 0, shard_count: int = 1) -> None:
+        name = "config.yaml" if shard_count == 1 else f"config.shard-{shard_index}-of-{shard_count}.yaml"
+        atomic_write_bytes(self.root / name, text.encode())
 
     # -- paths ------------------------------------------------------------------------
     def video_path(self, item_id: str) -> Path:

@@ -55,6 +55,7 @@ def test_multirun_gives_each_sweep_point_its_own_resumable_dir(tmp_path):
         hashes.append({r["id"]: r["frames_sha256"] for r in records})
     assert hashes[0]["sunset"] != hashes[1]["sunset"]  # motion_bucket_id reached the model
     assert proc.stdout.count("3 done") == 2
+    assert proc.stderr.count("loaded tiny") == 1  # the second sweep point reused the pipeline
     again = run_cli(*args)
     assert again.stdout.count("0 done, 3 skipped") == 2
 

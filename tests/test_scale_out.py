@@ -1,0 +1,146 @@
+"""Several workers, shards and launchers: same frames whatever the layout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from svdbatch.config import ConfigError
+from svdbatch.driver import run
+from svdbatch.manifest import read_manifest
+from svdbatch.models import ModelLoadError, resolve_devices
+from svdbatch.schedule import Shard, resolve_shard, select_shard, shard_from_env
+from svdbatch.store import read_jsonl
+from tests.conftest import FAST, REPO, make_cfg, make_image, write_csv
+
+
+@pytest.fixture
+def manifest8(tmp_path) -> Path:
+    for n in range(8):
+        make_image(tmp_path / "img" / f"{n}.png", seed=n)
+    return write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [[f"i{n}", f"img/{n}.png", 100 + n] for n in range(8)])
+
+
+def frame_hashes(run_dir: Path) -> dict[str, str]:
+    return {r["id"]: r["frames_sha256"] for r in read_jsonl(run_dir / "results.jsonl")}
+
+
+def test_shards_partition_the_manifest_and_are_stable_under_reordering(manifest8):
+    items = read_manifest(manifest8).items
+    shards = [select_shard(items, Shard(i, 3)) for i in range(3)]
+    ids = [item.id for shard in shards for item in shard]
+    assert sorted(ids) == sorted(item.id for item in items)  # union is the manifest, no overlap
+    assert all(shards)  # 8 items over 3 shards: none empty here
+    reordered = list(reversed(items))
+    assert {i.id for i in select_shard(reordered, Shard(1, 3))} == {i.id for i in shards[1]}
+
+
+@pytest.mark.parametrize(
+    "environ,expected",
+    [
+        ({}, Shard(0, 1)),
+        ({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}, Shard(2, 4)),  # torchrun / accelerate launch
+        ({"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "5"}, Shard(2, 5)),
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "3"}, Shard(3, 4)),
+        # Under submitit, array tasks are sweep points, not shards.
+        ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SUBMITIT_EXECUTOR": "slurm"}, Shard(0, 1)),
+    ],
+)
+def test_shard_from_launcher_environment(environ, expected):
+    assert shard_from_env(environ) == expected
+
+
+def test_explicit_shard_wins_and_bad_shards_are_config_errors():
+    assert resolve_shard(1, 2) == Shard(1, 2)
+    with pytest.raises(ConfigError):
+        resolve_shard(2, 2)
+    with pytest.raises(ConfigError):
+        resolve_shard(0, None)
+
+
+def test_devices_on_a_cpu_machine():
+    assert resolve_devices("auto", workers=3) == [torch.device("cpu")] * 3
+    assert resolve_devices(["cpu", "cpu"]) == [torch.device("cpu")] * 2
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+            resolve_devices(2)
+
+
+def test_two_workers_two_shards_and_one_worker_give_identical_frames(tmp_path, manifest8):
+    base = [f"manifest={manifest8}", "run.num_threads=1"]
+    one = run(make_cfg(*base, f"run.dir={tmp_path / 'one'}"))
+    two = run(make_cfg(*base, f"run.dir={tmp_path / 'two'}", "run.workers=2"))
+    assert (one.done, two.done) == (8, 8)
+    for index in range(2):
+        shard = run(make_cfg(*base, f"run.dir={tmp_path / 'shards'}", f"run.shard.index={index}", "run.shard.count=2"))
+        assert shard.done + shard.skipped < 8
+    reference = frame_hashes(tmp_path / "one")
+    assert len(set(reference.values())) == 8
+    assert frame_hashes(tmp_path / "two") == reference
+    assert frame_hashes(tmp_path / "shards") == reference
+    records = list(read_jsonl(tmp_path / "two" / "results.jsonl"))
+    assert len(records) == 8  # no duplicates, no torn lines with two writers
+
+
+def test_batched_rows_match_single_calls_closely(tmp_path, manifest8):
+    """Batching is opt-in: diffusers' batched path is not bit-identical (DESIGN.md §7)."""
+    import numpy as np
+
+    from svdbatch.outputs import read_video
+
+    base = [f"manifest={manifest8}", "output=frames", "run.limit=4"]
+    run(make_cfg(*base, f"run.dir={tmp_path / 'single'}"))
+    batched = run(make_cfg(*base, f"run.dir={tmp_path / 'batched'}", "run.batch_size=4"))
+    assert batched.done == 4
+    for n in range(4):
+        a = read_video(tmp_path / "single" / "videos" / f"i{n}").astype(int)
+        b = read_video(tmp_path / "batched" / "videos" / f"i{n}").astype(int)
+        assert np.abs(a - b).max() <= 1  # at most one quantisation step apart
+
+
+def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, manifest8):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "svdbatch", f"manifest={manifest8}", *FAST, "conditioning.num_inference_steps=6",
+         "run.workers=2", "run.num_threads=1", f"hydra.run.dir={run_dir}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    results = run_dir / "results.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not results.exists() or results.read_bytes().count(b"\n") < 2):
+        time.sleep(0.05)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "spawn" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "8 done" in out
+    assert "died" in err
+    records = list(read_jsonl(results))
+    assert sorted(r["id"] for r in records) == [f"i{n}" for n in range(8)]  # each exactly once
+    clean = run(make_cfg(f"manifest={manifest8}", "conditioning.num_inference_steps=6", "run.num_threads=1", f"run.dir={tmp_path / 'clean'}"))
+    assert clean.done == 8
+    assert frame_hashes(run_dir) == frame_hashes(tmp_path / "clean")
+
+
+def test_submitit_local_launcher_runs_shards_of_one_run_dir(tmp_path, manifest8):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
+    proc = subprocess.run(
+        [sys.executable, "-m", "svdbatch", "-m", "hydra/launcher=submitit_local", f"manifest={manifest8}", *FAST,
+         "run.num_threads=1", "run.shard.count=2", "run.shard.index=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+         "hydra.launcher.timeout_min=10"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dirs = {p.parent for p in (tmp_path / "sweep").rglob("results.jsonl")}
+    assert len(run_dirs) == 1, "both shards must write into one run dir"
+    (run_dir,) = run_dirs
+    assert sorted(frame_hashes(run_dir)) == [f"i{n}" for n in range(8)]
