@@ -67,6 +67,8 @@ class MemoryConfig:
     compile: bool = False
     compile_mode: str = "reduce-overhead"
     compile_fullgraph: bool = True
+    # "inductor" generates kernels; "eager" only traces (a cheap check that the UNet compiles).
+    compile_backend: str = "inductor"
 
 
 @dataclass

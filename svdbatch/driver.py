@@ -24,7 +24,7 @@ from .manifest import Manifest, read_manifest
 from .models import model_identity, resolve_devices
 from .params import check_conditioning
 from .runner import Outcome
-from .schedule import make_batches, plan_items, resolve_shard, select_shard, split_done
+from .schedule import make_batches, plan_run, resolve_shard, select_shard
 from .store import RunStore
 from .workers import WorkerSpec, execute
 
@@ -76,13 +76,12 @@ def run(cfg: DictConfig) -> RunSummary:
     devices = resolve_devices(cfg.run.devices, cfg.run.workers)
     identity = model_identity(cfg.model, devices[0])
     items = select_shard(manifest.items, shard)
-    planned = plan_items(items, cfg.conditioning, cfg.model, cfg.memory, identity.as_dict(), cfg.run.limit)
-    plan = split_done(planned, store)
+    plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity.as_dict(), store, cfg.run.limit)
     summary.skipped = len(plan.done)
     if shard.count > 1:
         log.info("shard %d of %d: %d of %d items", shard.index, shard.count, len(items), len(manifest.items))
     if plan.done:
-        log.info("resuming: %d of %d items already done", len(plan.done), len(planned))
+        log.info("resuming: %d of %d items already done", len(plan.done), len(plan.done) + len(plan.todo))
 
     if plan.todo:
         bar = tqdm(total=len(plan.todo), desc=store.root.name, unit="item", disable=not cfg.run.progress, dynamic_ncols=True)

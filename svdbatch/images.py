@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+import os
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -12,9 +12,9 @@ class ImageProblem(ValueError):
     pass
 
 
-def check_image(path: Path, *, decode: bool = True) -> None:
+def check_image(path: str | os.PathLike, *, decode: bool = True) -> None:
     """Raise ImageProblem if `path` is missing or (with decode) is not a readable image."""
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise ImageProblem("image file not found")
     if not decode:
         return
@@ -25,15 +25,15 @@ def check_image(path: Path, *, decode: bool = True) -> None:
         raise ImageProblem(f"not a readable image: {exc}") from None
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Open as 8-bit RGB, honouring EXIF orientation; alpha is composited onto white."""
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)

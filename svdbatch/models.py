@@ -297,7 +297,10 @@ def apply_memory_preset(pipe, memory: MemoryConfig, device: torch.device) -> tup
         warnings.warn("memory.compile is ignored with CPU offload", stacklevel=2)
         return pipe, False
     if memory.compile:
-        pipe.unet = torch.compile(pipe.unet, mode=memory.compile_mode, fullgraph=memory.compile_fullgraph)
+        options: dict[str, Any] = {"fullgraph": memory.compile_fullgraph, "backend": memory.compile_backend}
+        if memory.compile_backend == "inductor":  # modes are inductor settings
+            options["mode"] = memory.compile_mode
+        pipe.unet = torch.compile(pipe.unet, **options)
     return pipe, bool(memory.compile)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,13 +99,15 @@ def write_video(frames: np.ndarray, target: Path, output: OutputConfig, fps: int
             )
 
 
-def output_bytes(path: Path) -> int:
+def output_bytes(path: str | os.PathLike) -> int:
     """Size of a written output (file, or folder of frames); -1 if it is missing."""
-    if path.is_file():
-        return path.stat().st_size
-    if path.is_dir():
+    try:
+        info = os.stat(path)
+    except OSError:
+        return -1
+    if stat.S_ISDIR(info.st_mode):
         return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
-    return -1
+    return info.st_size
 
 
 def read_video(path: Path) -> np.ndarray:

@@ -174,7 +174,7 @@ class Worker:
                     "key": entry.key,
                     "seed": item.seed,
                     "row": item.row_record(),
-                    "image": {"path": str(item.image), "sha256": entry.image_sha256, "size": list(ready.source_size)},
+                    "image": {**entry.image_record(), "size": list(ready.source_size)},
                     "params": entry.params.as_dict(),
                     "output": {
                         "path": self.store.relative(video),

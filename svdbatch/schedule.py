@@ -14,8 +14,8 @@ from typing import Any, Mapping, Optional
 from .config import ConditioningConfig, ConfigError, MemoryConfig, ModelConfig
 from .images import file_sha256
 from .manifest import Item
-from .params import GenParams, resolve_params
-from .store import RunStore, item_key
+from .params import GenParams, param_defaults
+from .store import KeyMaker, RunStore
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,17 @@ class PlannedItem:
     item: Item
     params: GenParams
     image_sha256: str
+    image_bytes: int
+    image_mtime_ns: int
     key: str
+
+    def image_record(self) -> dict[str, Any]:
+        return {
+            "path": str(self.item.image),
+            "sha256": self.image_sha256,
+            "bytes": self.image_bytes,
+            "mtime_ns": self.image_mtime_ns,
+        }
 
 
 @dataclass
@@ -80,29 +90,40 @@ class Plan:
     done: list[PlannedItem] = field(default_factory=list)
 
 
-def plan_items(
+def plan_run(
     items: list[Item],
     cond: ConditioningConfig,
     model: ModelConfig,
     memory: MemoryConfig,
     model_identity: dict[str, Any],
+    store: RunStore,
     limit: Optional[int] = None,
-) -> list[PlannedItem]:
-    """Resolve each item's parameters and key (hashing each source image once)."""
-    planned = []
-    for item in items[:limit] if limit is not None else items:
-        params = resolve_params(cond, model, memory, item.overrides)
-        image_sha256 = file_sha256(item.image)
-        key = item_key(image_sha256, params.as_dict(), item.seed, model_identity)
-        planned.append(PlannedItem(item=item, params=params, image_sha256=image_sha256, key=key))
-    return planned
+) -> Plan:
+    """Resolve each item's parameters and key, and split done from to-do.
 
-
-def split_done(planned: list[PlannedItem], store: RunStore) -> Plan:
+    Hashing every source image on every resume would dominate planning a big run, so a
+    finished item's recorded hash is reused while the image's path, size and mtime are
+    unchanged (the rule make and rsync use); anything else is hashed afresh.
+    """
     index = store.finished_index()
+    defaults = param_defaults(cond, model, memory)
+    make_key = KeyMaker(model_identity)
     plan = Plan()
-    for entry in planned:
-        (plan.done if store.is_done(entry.item.id, entry.key, index) else plan.todo).append(entry)
+    for item in items[:limit] if limit is not None else items:
+        params = defaults.resolve(item.overrides)
+        stat = os.stat(item.image)
+        known = index.get(item.id, {})
+        if (known.get("image_path"), known.get("image_bytes"), known.get("image_mtime_ns")) == (
+            str(item.image),
+            stat.st_size,
+            stat.st_mtime_ns,
+        ):
+            image_sha256 = known["image_sha256"]
+        else:
+            image_sha256 = file_sha256(item.image)
+        key = make_key(image_sha256, params.as_dict(), item.seed)
+        entry = PlannedItem(item, params, image_sha256, stat.st_size, stat.st_mtime_ns, key)
+        (plan.done if store.is_done(item.id, key, index) else plan.todo).append(entry)
     return plan
 
 

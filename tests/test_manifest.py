@@ -27,7 +27,7 @@ def test_paths_are_relative_to_the_manifest_and_ids_and_seeds_are_derived(tmp_pa
     (tmp_path / "sub").mkdir()
     manifest = write_csv(tmp_path / "sub" / "m.csv", ["image"], [["../img/a.png"], ["../img/b.png"]])
     items = read_manifest(manifest, run_seed=5).items
-    assert [i.image for i in items] == [images["a"], images["b"]]
+    assert [Path(i.image) for i in items] == [images["a"], images["b"]]
     assert [i.id for i in items] == ["img__a", "img__b"]
     assert items[0].seed == derive_seed(5, "img__a") and items[0].seed_derived
     assert read_manifest(manifest, run_seed=6).items[0].seed != items[0].seed  # run seed feeds derived seeds

@@ -144,3 +144,12 @@ def test_submitit_local_launcher_runs_shards_of_one_run_dir(tmp_path, manifest8)
     assert len(run_dirs) == 1, "both shards must write into one run dir"
     (run_dir,) = run_dirs
     assert sorted(frame_hashes(run_dir)) == [f"i{n}" for n in range(8)]
+
+
+def test_workers_that_cannot_load_the_model_fail_the_run_clearly(tmp_path, manifest8):
+    cfg = make_cfg(f"manifest={manifest8}", f"run.dir={tmp_path / 'run'}", "model=svd",
+                   f"model.source={tmp_path / 'no-such-model'}", "run.workers=2")
+    with pytest.raises(ModelLoadError, match="no worker could load the model"):
+        run(cfg)
+    failures = list(read_jsonl(tmp_path / "run" / "failures.jsonl"))
+    assert len(failures) == 8 and all("left for the next run" in f["error"] for f in failures)
