@@ -85,6 +85,10 @@ def make_manifest(root: Path, count: int) -> Path:
     return root / "m.csv"
 
 
+def cell(value, width: int, decimals: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.{decimals}f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny model at a tiny size (CPU check)")
@@ -106,7 +110,7 @@ def main() -> None:
             start = time.perf_counter()
             build_real_sized(root / "model", device)
             print(f"built and saved the real-sized random pipeline in {time.perf_counter() - start:.0f} s")
-            source, size = str(root / "model"), ["conditioning=svd_xt", "model.num_frames=25"]
+            source, size = str(root / "model"), ["conditioning=svd_xt"]
         manifest = make_manifest(root, args.items)
         presets = [p for p in args.presets.split(",") if not (args.no_compile and "compile" in p)]
         rows = []
@@ -152,8 +156,10 @@ def main() -> None:
         print(f"\n{header}")
         print(f"{'preset':<14} {'s/item':>8} {'peak VRAM GiB':>14} {'warm-up s':>10}")
         for row in rows:
-            fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-            print(f"{row['preset']:<14} {fmt(row['s_per_item'], '8.2f')} {fmt(row['peak_vram_gib'], '14.2f')} {fmt(row['warmup_s'], '10.1f')}")
+            print(
+                f"{row['preset']:<14} {cell(row['s_per_item'], 8, 2)} {cell(row['peak_vram_gib'], 14, 2)}"
+                f" {cell(row['warmup_s'], 10, 1)}"
+            )
         if speedup:
             print(f"compile speed-up (full / full+compile): {speedup:.2f}x")
         args.out.write_text(json.dumps({**header, "rows": rows, "compile_speedup": speedup}, indent=2) + "\n")
