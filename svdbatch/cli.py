@@ -65,7 +65,7 @@ def validate(overrides: list[str]) -> int:
     except (ManifestError, ConfigError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
-    for line, _, problems in manifest.bad_rows:
+    for _, _, problems in manifest.bad_rows:
         for problem in problems:
             print(f"skipped (run.strict=false): {problem}", file=sys.stderr)
     print(f"{cfg.manifest}: {len(manifest.items)} valid rows, {len(manifest.bad_rows)} invalid")

@@ -92,6 +92,9 @@ def quiet_libraries() -> None:
     import diffusers
     import transformers
 
+    # Newer diffusers renamed from_pretrained's torch_dtype to dtype; the old name works in
+    # every version we support, so its deprecation notice is noise.
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -252,8 +255,6 @@ def model_identity(model: ModelConfig, device: torch.device) -> ModelIdentity:
 def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
     from diffusers import StableVideoDiffusionPipeline
 
-    # diffusers >= 0.36 renamed torch_dtype to dtype; the old name works everywhere.
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
     if model.source == TINY_SOURCE:
         return StableVideoDiffusionPipeline.from_pretrained(ensure_tiny_model(model.cache_dir), torch_dtype=dtype)
     kwargs: dict[str, Any] = {"torch_dtype": dtype}

@@ -56,8 +56,6 @@ class WorkerSpec:
         model = OmegaConf.merge(OmegaConf.structured(ModelConfig), self.model)
         memory = OmegaConf.merge(OmegaConf.structured(MemoryConfig), self.memory)
         output = OmegaConf.merge(OmegaConf.structured(OutputConfig), self.output)
-        # Pin the thread count before the model loads, so every layout computes alike.
-        torch.set_num_threads(self.num_threads)
         store = RunStore(self.run_dir, output.format)
         return Worker(load_pipeline(model, memory, device), store, output, self.context, self.num_threads, self.step_progress)
 
