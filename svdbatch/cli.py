@@ -3,6 +3,8 @@
     svdbatch manifest=manifests/sample.csv [group=option ...] [key=value ...]
     svdbatch -m conditioning.motion_bucket_id=60,180 manifest=...      (Hydra multirun)
     svdbatch validate manifest=... [overrides]                          (check, generate nothing)
+    svdbatch manifest=some/folder run.emit_manifest=true                (write the derived manifest, stop)
+    svdbatch reproduce outputs/<run>/items/<id>.json                    (regenerate one item, compare hashes)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .config import ConfigError, register_configs
 from .driver import run
 from .manifest import ManifestError
 from .models import ModelLoadError
+from .reproduce import reproduce_command
 from .store import RunDirError
 
 log = logging.getLogger("svdbatch")
@@ -43,6 +46,9 @@ _exit_codes: list[int] = []  # one per Hydra job (several in a multirun)
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def hydra_app(cfg: DictConfig) -> None:
     try:
+        if cfg.run.emit_manifest:
+            _exit_codes.append(emit_manifest(cfg))
+            return
         summary = run(cfg)
     except USER_ERRORS as exc:
         log.error("%s", exc)
@@ -72,7 +78,21 @@ def validate(overrides: list[str]) -> int:
     return EXIT_BAD_INPUT if manifest.bad_rows else 0
 
 
-SUBCOMMANDS = {"validate": validate}
+def emit_manifest(cfg: DictConfig) -> int:
+    """`run.emit_manifest=true`: write the manifest the run would use (e.g. derived from a
+    folder) as <run.dir>/<run.name>.csv, with explicit ids and seeds, and generate nothing.
+    Running that CSV into the same run dir reproduces (and resumes) the same items."""
+    from .driver import load_manifest
+    from .manifest import write_manifest
+
+    manifest = load_manifest(cfg)
+    target = Path(cfg.run.dir) / f"{cfg.run.name}.csv"
+    write_manifest(manifest.items, target)
+    print(f"wrote {target} ({len(manifest.items)} rows); edit it, then: svdbatch manifest={target}")
+    return 0
+
+
+SUBCOMMANDS = {"validate": validate, "reproduce": reproduce_command}
 
 
 def main() -> None:

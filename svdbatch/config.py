@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -40,6 +40,13 @@ class OutputFormat(str, Enum):
     frames = "frames"  # a folder of PNG frames: lossless, for exact comparisons
 
 
+class ResizeMode(str, Enum):
+    crop = "crop"  # scale to cover the target, then centre-crop (keeps aspect, loses edges)
+    pad = "pad"  # scale to fit inside, then letterbox with pad_color (keeps everything)
+    stretch = "stretch"  # plain resize to the target (distorts other aspect ratios)
+    none = "none"  # the image must already have the target size
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
@@ -51,6 +58,10 @@ class ModelConfig:
     dtype: DType = DType.auto
     # The checkpoint's trained frame count, used when conditioning.num_frames is null.
     num_frames: int = 14
+    # Micro-conditioning the checkpoint was trained with at one fixed value (model card),
+    # e.g. {fps: 6, motion_bucket_id: 127} for svd_xt_1_1: other values are off its training
+    # distribution, so the plan warns about every item that uses them.
+    fixed_conditioning: Dict[str, float] = field(default_factory=dict)
     # Where downloaded weights (hub) or the built tiny model are cached; null = library default.
     cache_dir: Optional[str] = None
 
@@ -73,7 +84,8 @@ class MemoryConfig:
 
 @dataclass
 class ConditioningConfig:
-    """Generation parameters; every field can also be overridden per manifest row."""
+    """Generation parameters. The pipeline's knobs (width .. decode_chunk_size) can also be
+    overridden per manifest row; resize, pad_color and background apply to the whole run."""
 
     width: int = 1024
     height: int = 576
@@ -88,6 +100,13 @@ class ConditioningConfig:
     max_guidance_scale: float = 3.0
     # null = decode all frames at once (diffusers' default).
     decode_chunk_size: Optional[int] = None
+    # How a source image is fitted to width x height (not a pipeline argument, but part of
+    # every item's key): crop | pad | stretch | none.
+    resize: ResizeMode = ResizeMode.crop
+    # Letterbox colour for resize=pad, and the colour transparent pixels are composited onto
+    # (PIL colour syntax: a name, '#rrggbb' or 'rgb(r,g,b)').
+    pad_color: str = "black"
+    background: str = "white"
 
 
 @dataclass
@@ -99,6 +118,27 @@ class OutputConfig:
     quality: float = 5.0
     # GIF/WebP loop count (0 = forever).
     loop: int = 0
+    # Also pack finished items into WebDataset tar shards (<run dir>/webdataset/), shard_size
+    # samples each (the last one may be smaller); a shard is written once all its items are done.
+    webdataset: bool = False
+    shard_size: int = 1000
+
+
+@dataclass
+class FetchConfig:
+    """Downloading manifest images given as http(s) URLs (cached in <run dir>/downloads/)."""
+
+    # Seconds allowed for connecting and for each read; a stalled server fails the attempt.
+    timeout_s: float = 20.0
+    # Extra attempts after a connection error, a timeout, HTTP 408/429 or 5xx (never on other 4xx).
+    retries: int = 2
+    # Wait before retry n: backoff_s * 2**(n-1).
+    backoff_s: float = 1.0
+    # Larger responses are refused (protects the disk from a wrong URL).
+    max_bytes: int = 64 * 1024 * 1024
+    # Parallel downloads while planning.
+    workers: int = 8
+    user_agent: str = "svdbatch (+https://github.com/svdbatch)"
 
 
 @dataclass
@@ -138,6 +178,9 @@ class RunConfig:
     limit: Optional[int] = None
     progress: bool = True
     step_progress: bool = False
+    # Write the manifest this run would use (ids, images, seeds: e.g. derived from a folder)
+    # to <run.dir>/<run.name>.csv for editing, and stop without generating.
+    emit_manifest: bool = False
 
 
 @dataclass
@@ -148,6 +191,7 @@ class Config:
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
 
 
 SCHEMA_NAME = "svdbatch_schema"

@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .config import ConfigError, plain
+from .dataset import check_output_config, write_dataset
+from .fetch import UrlCache, check_fetch_config
 from .manifest import Manifest, read_manifest
 from .models import model_identity, resolve_devices
 from .params import check_conditioning
@@ -55,7 +57,7 @@ class RunSummary:
 
 
 def load_manifest(cfg: DictConfig) -> Manifest:
-    problems = check_conditioning(cfg.conditioning)
+    problems = check_conditioning(cfg.conditioning) + check_fetch_config(cfg.fetch) + check_output_config(cfg.output)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return read_manifest(cfg.manifest, run_seed=cfg.run.seed, strict=cfg.run.strict, check_images=cfg.run.check_images)
@@ -76,7 +78,8 @@ def run(cfg: DictConfig) -> RunSummary:
     devices = resolve_devices(cfg.run.devices, cfg.run.workers)
     identity = model_identity(cfg.model, devices[0])
     items = select_shard(manifest.items, shard)
-    plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity.as_dict(), store, cfg.run.limit)
+    fetcher = UrlCache(store.root / "downloads", cfg.fetch)  # image URLs are cached per run dir
+    plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity.as_dict(), store, cfg.run.limit, fetcher)
     summary.skipped = len(plan.done)
     if shard.count > 1:
         log.info("shard %d of %d: %d of %d items", shard.index, shard.count, len(items), len(manifest.items))
@@ -100,6 +103,7 @@ def run(cfg: DictConfig) -> RunSummary:
         execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done)
         bar.close()
 
+    write_dataset(store, plan.all, cfg.output)  # metadata.jsonl (+ shards): only what is done now
     summary.seconds = time.perf_counter() - started
     return summary
 

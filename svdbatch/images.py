@@ -1,15 +1,63 @@
-"""Source images: checking, hashing and preparing them for the pipeline."""
+"""Source images: checking, hashing, and preparing them for the pipeline.
+
+Real-world inputs come in every shape: rotated phone photos (EXIF orientation), PNGs with
+alpha, greyscale, palette, 16-bit and CMYK files, and any aspect ratio. `load_rgb` turns
+each into 8-bit RGB the same way every time, and `prepare` fits it to the target size with
+the configured resize policy. Everything that changes the pixels here is part of
+`Preprocess`, which goes into each item's key.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
+from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
+
+from .config import ResizeMode
+
+# Bump when load_rgb/prepare change how they turn the same bytes into pixels.
+PREPROCESS_VERSION = 1
+RESAMPLE = Image.Resampling.BICUBIC
 
 
 class ImageProblem(ValueError):
     pass
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    """'black', '#202020', 'rgb(0,128,255)' -> an RGB tuple (PIL's colour names and syntax)."""
+    try:
+        return ImageColor.getrgb(str(text).strip())[:3]
+    except ValueError:
+        raise ValueError(f"not a colour: {text!r} (use a name like 'black', '#rrggbb' or 'rgb(r,g,b)')") from None
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a source image becomes the pipeline's input; part of every item's key."""
+
+    resize: ResizeMode = ResizeMode.crop
+    pad_color: tuple[int, int, int] = (0, 0, 0)
+    background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited onto this
+
+    @classmethod
+    def from_config(cls, cond: Any) -> "Preprocess":
+        return cls(
+            resize=ResizeMode(cond.resize),
+            pad_color=parse_color(cond.pad_color),
+            background=parse_color(cond.background),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": PREPROCESS_VERSION,
+            "resize": self.resize.value,
+            "pad_color": list(self.pad_color),
+            "background": list(self.background),
+        }
 
 
 def check_image(path: str | os.PathLike, *, decode: bool = True) -> None:
@@ -33,24 +81,42 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open as 8-bit RGB, honouring EXIF orientation; alpha is composited onto white."""
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode in ("P", "L", "RGB") and "transparency" in image.info)
+
+
+def load_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Open as 8-bit RGB, honouring EXIF orientation; alpha is composited onto `background`."""
     with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
+        image = ImageOps.exif_transpose(opened)  # a rotated copy, or a plain copy
         image.load()
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if has_alpha(image):
         rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
+        composed = Image.new("RGB", rgba.size, background)
+        composed.paste(rgba, mask=rgba.getchannel("A"))
+        return composed
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale to 8 bits instead of clipping.
+        # 16-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
         image = image.point(lambda v: v / 256).convert("L")
+    elif image.mode == "F":
+        image = image.point(lambda v: v * 255).convert("L")  # float images are taken as 0..1
     return image.convert("RGB")
 
 
-def prepare(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize to the target size as the diffusers guide does (`image.resize((1024, 576))`)."""
-    if image.size == (width, height):
+def prepare(image: Image.Image, width: int, height: int, resize: ResizeMode = ResizeMode.stretch,
+            pad_color: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Fit the RGB image to width x height with the given resize policy."""
+    size = (width, height)
+    resize = ResizeMode(resize)
+    if image.size == size:
         return image
-    return image.resize((width, height), Image.Resampling.BICUBIC)
+    if resize is ResizeMode.none:
+        raise ImageProblem(
+            f"image is {image.width}x{image.height} but conditioning.resize=none needs exactly {width}x{height}"
+        )
+    if resize is ResizeMode.crop:
+        return ImageOps.fit(image, size, method=RESAMPLE, centering=(0.5, 0.5))
+    if resize is ResizeMode.pad:
+        return ImageOps.pad(image, size, method=RESAMPLE, color=pad_color, centering=(0.5, 0.5))
+    # stretch: what the diffusers guide does (`image.resize((1024, 576))`)
+    return image.resize(size, RESAMPLE)

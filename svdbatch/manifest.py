@@ -1,4 +1,4 @@
-"""Manifest files (CSV or JSONL) -> validated items.
+"""Manifest files (CSV or JSONL) or a folder of images -> validated items.
 
 Everything is checked before any model loads, and every problem is reported at once as
 ``file:line: field 'x': what is wrong``. File-level problems (unreadable file, unknown
@@ -10,23 +10,30 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Optional
+from urllib.parse import unquote, urlsplit
 
+from .config import ResizeMode
+from .fetch import is_url, url_problem
 from .images import ImageProblem, check_image
 from .params import PARAM_NAMES, ValueProblem, coerce
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed accepts 0 .. 2**64 - 1
 META_PREFIX = "meta_"  # free-form columns carried into the sidecar untouched
-CORE_COLUMNS = ("id", "image", "seed")
+CORE_COLUMNS = ("id", "image", "seed", "resize")  # resize: per-row conditioning.resize
 KNOWN_COLUMNS = frozenset(CORE_COLUMNS + PARAM_NAMES)
+RESIZE_MODES = tuple(mode.value for mode in ResizeMode)
 MAX_ID_LENGTH = 200
 # Path separators, characters Windows/SMB shares reject, and control characters.
 UNSAFE_ID_CHARS = re.compile(r'[/\\:*?"<>|\x00-\x1f]')
+# Files a folder manifest picks up (hidden files and folders are skipped).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 @dataclass(frozen=True)
@@ -34,14 +41,20 @@ class Item:
     """One validated manifest row."""
 
     id: str
-    image: str  # absolute, normalised path to the source image (a str: cheap for 100k rows)
-    image_ref: str  # the image as written in the manifest
+    image: Optional[str]  # absolute, normalised path (a str: cheap for 100k rows); None for a URL
+    image_ref: str  # the image as written in the manifest (a path or an http(s) URL)
     seed: int
     seed_derived: bool
     overrides: dict[str, Any]  # per-row conditioning overrides, already typed
     meta: dict[str, Any]
     manifest: str
     line: int
+    # Per-row conditioning.resize (how the image is fitted, not a pipeline argument); None = the config's.
+    resize: Optional[str] = None
+
+    @property
+    def url(self) -> Optional[str]:
+        return self.image_ref if is_url(self.image_ref) else None
 
     def row_record(self) -> dict[str, Any]:
         """The row as the sidecar records it."""
@@ -53,6 +66,7 @@ class Item:
             "seed": self.seed,
             "seed_derived": self.seed_derived,
             "overrides": dict(self.overrides),
+            "resize": self.resize,
             "meta": dict(self.meta),
         }
 
@@ -93,7 +107,10 @@ def derive_seed(run_seed: int, item_id: str) -> int:
 
 
 def derive_id(image_ref: str) -> str:
-    """An id from the image path: 'a/b/cat.png' -> 'a__b__cat'."""
+    """An id from the image path: 'a/b/cat.png' -> 'a__b__cat', 'https://host/x/cat.jpg' -> 'host__x__cat'."""
+    if is_url(image_ref):
+        parts = urlsplit(image_ref)
+        image_ref = f"{(parts.hostname or '')}/{unquote(parts.path)}"
     parts = [p for p in PurePosixPath(image_ref.replace("\\", "/")).with_suffix("").parts if p not in ("", ".", "..", "/")]
     return "__".join(parts)
 
@@ -174,6 +191,18 @@ def _read_jsonl(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row
             yield line, {k: v for k, v in row.items() if k not in unknown and v is not None}, found
 
 
+def _read_folder(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row]:
+    """One row per image under the folder, in sorted relative-path order, so ids (from the
+    relative paths) and the seeds derived from them are stable across runs and machines."""
+    found = []
+    for file in path.rglob("*"):
+        relative = file.relative_to(path)
+        if file.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in relative.parts) and file.is_file():
+            found.append(relative.as_posix())
+    for number, relative in enumerate(sorted(found), start=1):
+        yield number, {"image": relative}, []
+
+
 def _check_columns(
     names: list[str], shown: str, line: int, problems: list[Problem], hint: bool = False, is_header: bool = False
 ) -> set[str]:
@@ -197,24 +226,30 @@ def read_manifest(path: str | os.PathLike, *, run_seed: int = 0, strict: bool = 
     """Parse and validate a manifest. Raises ManifestError listing every problem found."""
     path = Path(path)
     shown = str(path)
-    if not path.is_file():
+    is_folder = path.is_dir()
+    if not is_folder and not path.is_file():
         raise ManifestError([Problem(shown, None, None, "manifest file not found")])
     suffix = path.suffix.lower()
     readers = {".csv": _read_csv, ".jsonl": _read_jsonl, ".ndjson": _read_jsonl}
-    if suffix not in readers:
-        raise ManifestError([Problem(shown, None, None, "unsupported manifest type; use .csv or .jsonl")])
+    if is_folder:
+        read_rows = _read_folder
+    elif suffix in readers:
+        read_rows = readers[suffix]
+    else:
+        raise ManifestError([Problem(shown, None, None, "unsupported manifest type; use .csv, .jsonl or a folder of images")])
 
     file_problems: list[Problem] = []
     row_problems: list[Problem] = []
     manifest = Manifest(path=path)
-    base_dir = str(path.resolve().parent)
+    base_dir = str(path.resolve() if is_folder else path.resolve().parent)
     first_line_of: dict[str, int] = {}
     try:
-        rows = list(readers[suffix](path, shown, file_problems))
+        rows = list(read_rows(path, shown, file_problems))
     except UnicodeDecodeError as exc:
         raise ManifestError([Problem(shown, None, None, f"not UTF-8 text ({exc.reason})")]) from None
     if not rows and not file_problems:
-        file_problems.append(Problem(shown, None, None, "manifest has no rows"))
+        empty = f"folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})" if is_folder else "manifest has no rows"
+        file_problems.append(Problem(shown, None, None, empty))
     if file_problems:
         raise ManifestError(file_problems)
 
@@ -270,11 +305,18 @@ def read_manifest(path: str | os.PathLike, *, run_seed: int = 0, strict: bool = 
                     overrides[name] = coerce(name, row[name])
                 except ValueProblem as exc:
                     bad(name, str(exc))
+        resize = row.get("resize")
+        if resize is not None:
+            resize = str(resize).strip()
+            if resize not in RESIZE_MODES:
+                bad("resize", f"must be one of {', '.join(RESIZE_MODES)}, got {row['resize']!r}")
 
         image_path = None
         if image_ref:
-            if "://" in image_ref:
-                bad("image", f"URLs are not supported, give a local path (got {image_ref!r})")
+            if is_url(image_ref):
+                why = url_problem(image_ref)  # fetched at plan time; a failed fetch fails only this item
+                if why:
+                    bad("image", f"{why} ({image_ref})")
             else:
                 # normpath, not resolve(): no symlink walk per row (a 100k-row manifest).
                 image_path = os.path.normpath(os.path.join(base_dir, image_ref))
@@ -300,9 +342,29 @@ def read_manifest(path: str | os.PathLike, *, run_seed: int = 0, strict: bool = 
                 meta={k: v for k, v in row.items() if k.startswith(META_PREFIX)},
                 manifest=shown,
                 line=line,
+                resize=resize,
             )
         )
 
     if row_problems and (strict or not manifest.items):
         raise ManifestError(row_problems)
     return manifest
+
+
+def write_manifest(items: list[Item], target: Path) -> None:
+    """A CSV that gives exactly these items again (explicit ids and seeds, the rows'
+    overrides and meta columns), image paths relative to the CSV, for editing."""
+    from .outputs import atomic_write_bytes  # outputs is a leaf module; imported here to keep manifest light
+
+    overrides = [name for name in PARAM_NAMES if any(name in item.overrides for item in items)]
+    resize = ["resize"] if any(item.resize for item in items) else []
+    meta = sorted({key for item in items for key in item.meta})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "image", "seed", *resize, *overrides, *meta])
+    for item in items:
+        image = item.url or os.path.relpath(item.image, target.parent.resolve()).replace(os.sep, "/")
+        extra = [item.overrides.get(name, "") for name in overrides] + [item.meta.get(key, "") for key in meta]
+        writer.writerow([item.id, image, item.seed, *([item.resize or ""] if resize else []), *extra])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, buffer.getvalue().encode())

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from .config import ConditioningConfig, MemoryConfig, ModelConfig
+from .images import parse_color
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,11 @@ def check_conditioning(cond: ConditioningConfig) -> list[str]:
         try:
             coerce(name, getattr(cond, name))
         except ValueProblem as exc:
+            problems.append(f"conditioning.{name}: {exc}")
+    for name in ("pad_color", "background"):
+        try:
+            parse_color(getattr(cond, name))
+        except ValueError as exc:
             problems.append(f"conditioning.{name}: {exc}")
     return problems
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .config import OutputConfig, plain
+from .fetch import FetchError
 from .images import load_rgb, prepare
 from .models import LoadedPipeline
 from .outputs import output_bytes, write_video
@@ -87,8 +88,11 @@ class Loaded:
 def load_entry(entry: PlannedItem) -> Loaded:
     start = time.perf_counter()
     try:
-        source = load_rgb(entry.item.image)
-        image = prepare(source, entry.params.width, entry.params.height)
+        if entry.fetch_error:
+            raise FetchError(entry.fetch_error)
+        prep = entry.preprocess
+        source = load_rgb(entry.source, prep.background)
+        image = prepare(source, entry.params.width, entry.params.height, prep.resize, prep.pad_color)
         return Loaded(entry, image, source.size, time.perf_counter() - start)
     except Exception as exc:  # recorded per item by the worker
         return Loaded(entry, error=exc, error_trace=traceback.format_exc())
@@ -150,8 +154,7 @@ class Worker:
         if not self.loaded.compiled or self.warmup_s is not None:
             return
         start = time.perf_counter()
-        blank = prepare(load_blank(params.width, params.height), params.width, params.height)
-        self.generate([blank], params, [0])
+        self.generate([load_blank(params.width, params.height)], params, [0])
         self.warmup_s = time.perf_counter() - start
         self.context["warmup_s"] = self.warmup_s
         log.info("compiled UNet warmed up in %.1f s", self.warmup_s)
@@ -175,6 +178,7 @@ class Worker:
                     "seed": item.seed,
                     "row": item.row_record(),
                     "image": {**entry.image_record(), "size": list(ready.source_size)},
+                    "preprocess": entry.preprocess.as_dict(),
                     "params": entry.params.as_dict(),
                     "output": {
                         "path": self.store.relative(video),

@@ -7,15 +7,19 @@ Pure bookkeeping, no model: it runs before anything heavy loads.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
-from .config import ConditioningConfig, ConfigError, MemoryConfig, ModelConfig
-from .images import file_sha256
+from .config import ConditioningConfig, ConfigError, MemoryConfig, ModelConfig, ResizeMode
+from .fetch import UrlCache
+from .images import Preprocess, file_sha256
 from .manifest import Item
 from .params import GenParams, param_defaults
 from .store import KeyMaker, RunStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,11 +77,17 @@ class PlannedItem:
     image_sha256: str
     image_bytes: int
     image_mtime_ns: int
-    key: str
+    key: Optional[str]  # None when the image could not be fetched
+    preprocess: Preprocess
+    # The local file to read: the manifest's path, or the downloaded copy of a URL.
+    source: Optional[str] = None
+    # Why a URL could not be fetched; the worker raises it so it is recorded as this item's failure.
+    fetch_error: Optional[str] = None
 
     def image_record(self) -> dict[str, Any]:
         return {
-            "path": str(self.item.image),
+            "path": self.source,
+            "url": self.item.url,
             "sha256": self.image_sha256,
             "bytes": self.image_bytes,
             "mtime_ns": self.image_mtime_ns,
@@ -88,6 +98,7 @@ class PlannedItem:
 class Plan:
     todo: list[PlannedItem] = field(default_factory=list)
     done: list[PlannedItem] = field(default_factory=list)
+    all: list[PlannedItem] = field(default_factory=list)  # manifest order
 
 
 def plan_run(
@@ -98,33 +109,73 @@ def plan_run(
     model_identity: dict[str, Any],
     store: RunStore,
     limit: Optional[int] = None,
+    fetcher: Optional[UrlCache] = None,
 ) -> Plan:
     """Resolve each item's parameters and key, and split done from to-do.
 
+    URL images are downloaded first (in parallel, into the run dir's cache) so their bytes
+    can be hashed like local files; an item whose URL fails is planned with fetch_error.
     Hashing every source image on every resume would dominate planning a big run, so a
     finished item's recorded hash is reused while the image's path, size and mtime are
     unchanged (the rule make and rsync use); anything else is hashed afresh.
     """
+    selected = items[:limit] if limit is not None else items
+    urls = [item.url for item in selected if item.url]
+    if urls and fetcher is None:
+        raise ValueError("the manifest has image URLs but no fetcher (download cache) was given")
+    fetched = fetcher.fetch_many(urls) if urls else {}
     index = store.finished_index()
     defaults = param_defaults(cond, model, memory)
+    run_preprocess = Preprocess.from_config(cond)
     make_key = KeyMaker(model_identity)
     plan = Plan()
-    for item in items[:limit] if limit is not None else items:
+    for item in selected:
         params = defaults.resolve(item.overrides)
-        stat = os.stat(item.image)
+        preprocess = replace(run_preprocess, resize=ResizeMode(item.resize)) if item.resize else run_preprocess
+        source = fetched[item.url] if item.url else item.image
+        if isinstance(source, Exception):
+            entry = PlannedItem(item, params, "", 0, 0, None, preprocess, fetch_error=str(source))
+            plan.todo.append(entry)
+            plan.all.append(entry)
+            continue
+        source = str(source)
+        stat = os.stat(source)
         known = index.get(item.id, {})
         if (known.get("image_path"), known.get("image_bytes"), known.get("image_mtime_ns")) == (
-            str(item.image),
+            source,
             stat.st_size,
             stat.st_mtime_ns,
         ):
             image_sha256 = known["image_sha256"]
         else:
-            image_sha256 = file_sha256(item.image)
-        key = make_key(image_sha256, params.as_dict(), item.seed)
-        entry = PlannedItem(item, params, image_sha256, stat.st_size, stat.st_mtime_ns, key)
+            image_sha256 = file_sha256(source)
+        key = make_key(image_sha256, params.as_dict(), item.seed, preprocess)
+        entry = PlannedItem(item, params, image_sha256, stat.st_size, stat.st_mtime_ns, key, preprocess, source)
         (plan.done if store.is_done(item.id, key, index) else plan.todo).append(entry)
+        plan.all.append(entry)
+    warning = fixed_conditioning_warning(plan.all, model)
+    if warning:
+        log.warning("%s", warning)
     return plan
+
+
+def fixed_conditioning_warning(planned: list[PlannedItem], model: ModelConfig) -> Optional[str]:
+    """A warning naming the items that vary what the checkpoint was trained with fixed."""
+    fixed = dict(model.fixed_conditioning or {})
+    off: dict[str, list[str]] = {}
+    for entry in planned:
+        values = entry.params.as_dict()
+        for knob, trained in fixed.items():
+            if knob in values and values[knob] != trained:
+                off.setdefault(knob, []).append(f"{entry.item.id}={values[knob]:g}")
+    if not off:
+        return None
+    trained_with = ", ".join(f"{knob}={value:g}" for knob, value in fixed.items())
+    details = "; ".join(f"{knob}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''} ({len(ids)} items)" for knob, ids in off.items())
+    return (
+        f"model {model.name} was trained with fixed {trained_with} (model card) and was not trained to vary "
+        f"them; these items use other values, expect off-distribution motion: {details}"
+    )
 
 
 def make_batches(todo: list[PlannedItem], batch_size: int) -> list[list[PlannedItem]]:

@@ -29,25 +29,35 @@ from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes, output_name
 
 log = logging.getLogger(__name__)
 
-KEY_VERSION = 1  # bump when what goes into a key changes meaning
+KEY_VERSION = 2  # bump when what goes into a key changes meaning (2: preprocessing)
 STALE_TEMP_SECONDS = 600.0
 
 
 class KeyMaker:
     """Item keys for one model: everything that determines an item's frames, hashed.
-    A changed key means redo. The model part is serialised once, not once per row."""
+    A changed key means redo. The model part is serialised once, not once per row.
+
+    `preprocess` is how the source image is fitted to the target size (resize policy,
+    pad and background colours): it changes the pipeline's input, so it changes frames."""
 
     def __init__(self, model: dict[str, Any]):
         self.prefix = f"svdbatch-key-v{KEY_VERSION}|{json.dumps(model, sort_keys=True)}|"
+        self._preprocess_json: dict[Any, str] = {}
 
-    def __call__(self, image_sha256: str, params: dict[str, Any], seed: int) -> str:
+    def __call__(self, image_sha256: str, params: dict[str, Any], seed: int, preprocess: Any) -> str:
+        prep = self._preprocess_json.get(preprocess)
+        if prep is None:  # a run has one or a few policies: serialise each once
+            prep = self._preprocess_json[preprocess] = json.dumps(preprocess.as_dict(), sort_keys=True)
+        return self.key(image_sha256, params, seed, prep)
+
+    def key(self, image_sha256: str, params: dict[str, Any], seed: int, preprocess_json: str) -> str:
         # repr() of ints and floats is exact and stable, and the params' order is fixed.
         canonical = ",".join(f"{name}={value!r}" for name, value in params.items())
-        return hashlib.sha256(f"{self.prefix}{image_sha256}|{seed}|{canonical}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.prefix}{image_sha256}|{seed}|{canonical}|{preprocess_json}".encode()).hexdigest()
 
 
-def item_key(image_sha256: str, params: dict[str, Any], seed: int, model: dict[str, Any]) -> str:
-    return KeyMaker(model)(image_sha256, params, seed)
+def item_key(image_sha256: str, params: dict[str, Any], seed: int, model: dict[str, Any], preprocess: dict[str, Any]) -> str:
+    return KeyMaker(model).key(image_sha256, params, seed, json.dumps(preprocess, sort_keys=True))
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -122,7 +132,9 @@ class RunStore:
         (a second worker or shard sharing this dir) may be writing a fresh one right now."""
         removed = 0
         cutoff = time.time() - older_than_s
-        for folder in (self.videos, self.sidecars, self.root):
+        # downloads/ (URL cache) and webdataset/ (shards) are written with the same atomic writer.
+        extra = [folder for folder in (self.root / "downloads", self.root / "webdataset") if folder.is_dir()]
+        for folder in (self.videos, self.sidecars, self.root, *extra):
             for entry in os.scandir(folder):
                 if TEMP_MARKER not in entry.name or entry.stat(follow_symlinks=False).st_mtime > cutoff:
                     continue

@@ -32,7 +32,8 @@ def test_frames_equal_a_plain_diffusers_call(tmp_path, manifest4):
     from diffusers import StableVideoDiffusionPipeline
 
     run_dir = tmp_path / "run"
-    summary = run(make_cfg(f"manifest={manifest4}", f"run.dir={run_dir}", "output=frames"))
+    # stretch is what the diffusers guide does: image.resize((w, h)).
+    summary = run(make_cfg(f"manifest={manifest4}", f"run.dir={run_dir}", "output=frames", "conditioning.resize=stretch"))
     assert (summary.done, summary.failed) == (4, 0)
 
     pipe = StableVideoDiffusionPipeline.from_pretrained(ensure_tiny_model())

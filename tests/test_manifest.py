@@ -59,7 +59,9 @@ def test_bom_and_blank_lines_are_fine(tmp_path, images):
         (["id", "image"], ["x", ""], "image", "required"),
         (["id", "image"], ["a/../x", "img/a.png"], "id", "path separators"),
         (["id", "image"], [".hidden", "img/a.png"], "id", "must not start with '.'"),
-        (["id", "image"], ["x", "http://example.com/a.png"], "image", "URLs are not supported"),
+        (["id", "image"], ["x", "ftp://example.com/a.png"], "image", "only http:// and https:// URLs"),
+        (["id", "image", "resize"], ["x", "img/a.png", "fit"], "resize", "must be one of crop, pad, stretch, none"),
+        (["id", "image"], ["x", "https:///a.png"], "image", "URL has no host"),
     ],
 )
 def test_bad_values_name_file_line_and_field(tmp_path, images, header, row, field, fragment):

@@ -106,6 +106,18 @@ def test_batched_rows_match_single_calls_closely(tmp_path, manifest8):
         assert np.abs(a - b).max() <= 1  # at most one quantisation step apart
 
 
+def spawned_workers(pid: int) -> list:
+    """Live worker processes of a run (children that exit, e.g. ffmpeg, are ignored)."""
+    workers = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "spawn" in " ".join(child.cmdline()):
+                workers.append(child)
+        except psutil.Error:  # exited (or a zombie) since it was listed
+            pass
+    return workers
+
+
 def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, manifest8):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
@@ -117,7 +129,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, manifest8):
     deadline = time.time() + 240
     while time.time() < deadline and (not results.exists() or results.read_bytes().count(b"\n") < 2):
         time.sleep(0.05)
-    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "spawn" in " ".join(c.cmdline())]
+    workers = spawned_workers(proc.pid)
     assert len(workers) == 2
     os.kill(workers[0].pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=300)

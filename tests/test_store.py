@@ -48,10 +48,11 @@ def test_concurrent_appends_stay_valid_jsonl(tmp_path):
 
 
 def test_key_depends_on_everything_that_changes_frames():
-    base = dict(image_sha256="a" * 64, params={"fps": 7}, seed=1, model={"source": "tiny"})
+    base = dict(image_sha256="a" * 64, params={"fps": 7}, seed=1, model={"source": "tiny"}, preprocess={"resize": "crop"})
     key = item_key(**base)
     assert item_key(**base) == key
-    for change in ({"image_sha256": "b" * 64}, {"params": {"fps": 6}}, {"seed": 2}, {"model": {"source": "svd"}}):
+    for change in ({"image_sha256": "b" * 64}, {"params": {"fps": 6}}, {"seed": 2}, {"model": {"source": "svd"}},
+                   {"preprocess": {"resize": "pad"}}):
         assert item_key(**{**base, **change}) != key
 
 

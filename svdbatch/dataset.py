@@ -1,0 +1,172 @@
+"""The run dir as a training/analysis dataset.
+
+``metadata.jsonl`` makes the run dir loadable as a Hugging Face dataset as it stands::
+
+    datasets.load_dataset("videofolder", data_dir="outputs/<run>")
+
+one row per finished item: ``file_name`` (the video, relative to the run dir) plus the
+item's id, seed, source image and conditioning. It is regenerated at the end of every run
+from results.jsonl and the sidecars (every item in the run dir whose video and sidecar are
+complete, described by its own sidecar) and replaced atomically, so it never lists a
+half-written or failed item, also after a resume or from several processes.
+
+With ``output.webdataset=true`` the items of this run's plan are also packed into WebDataset-style tar
+shards (``webdataset/shard-000000.tar``: ``<key>.mp4`` + ``<key>.json`` per sample). Shard n
+holds the items at positions [n*size, (n+1)*size) of the manifest and is written once all
+of them are done; it is rewritten only when one of its items is redone with a new key, and
+removed when it would hold anything that is not done with its current key.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import logging
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import OutputConfig, OutputFormat
+from .outputs import atomic_path, atomic_write_bytes, output_bytes
+from .schedule import PlannedItem
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.jsonl"
+SHARDS_DIR = "webdataset"
+SHARD_INDEX = "index.json"
+
+
+def check_output_config(output: OutputConfig) -> list[str]:
+    return [f"output.shard_size: must be >= 1, got {output.shard_size}"] if output.shard_size < 1 else []
+
+
+def metadata_row(sidecar: dict[str, Any]) -> dict[str, Any]:
+    """One dataset row from an item's sidecar: the video, what made it, and the row's meta_* data."""
+    row = {
+        "file_name": sidecar["output"]["path"],
+        "id": sidecar["id"],
+        "seed": sidecar["seed"],
+        "image": sidecar["row"]["image"],
+        "image_sha256": sidecar["image"]["sha256"],
+        "image_width": sidecar["image"]["size"][0],
+        "image_height": sidecar["image"]["size"][1],
+        "resize": sidecar["preprocess"]["resize"],
+        **sidecar["params"],
+        "model": sidecar["model"]["name"],
+        "frames_sha256": sidecar["frames_sha256"],
+    }
+    row.update(sidecar["row"].get("meta") or {})
+    return row
+
+
+def finished_sidecars(store: RunStore, planned: Iterable[PlannedItem]) -> list[tuple[int, PlannedItem, dict[str, Any]]]:
+    """(manifest position, item, sidecar) of the planned items that are done with their current key."""
+    index = store.finished_index()
+    finished = []
+    for position, entry in enumerate(planned):
+        if entry.key is None or not store.is_done(entry.item.id, entry.key, index):
+            continue
+        try:
+            sidecar = json.loads(store.sidecar_path(entry.item.id).read_bytes())
+        except (OSError, json.JSONDecodeError):
+            continue
+        finished.append((position, entry, sidecar))
+    return finished
+
+
+def finished_in_run_dir(store: RunStore) -> list[dict[str, Any]]:
+    """Sidecars of every finished item in the run dir, by id: the latest results.jsonl line
+    agrees with a done sidecar and a complete video. Not limited to this process's plan, so
+    runs that share a run dir (shards, run.limit smoke runs) all see the whole set."""
+    sidecars = []
+    for item_id, record in sorted(store.finished_index().items()):
+        try:
+            sidecar = json.loads(store.sidecar_path(item_id).read_bytes())
+        except (OSError, json.JSONDecodeError):
+            continue
+        complete = output_bytes(store.root / record["output"]) == record.get("output_bytes")
+        if sidecar.get("status") == "done" and sidecar.get("key") == record.get("key") and complete:
+            sidecars.append(sidecar)
+    return sidecars
+
+
+def write_metadata(store: RunStore) -> Path:
+    """Regenerate metadata.jsonl from results.jsonl and the sidecars, atomically. The lock
+    keeps two processes finishing together from replacing a newer list with an older one."""
+    target = store.root / METADATA_FILE
+    fd = os.open(store.root / ".metadata.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        rows = [metadata_row(sidecar) for sidecar in finished_in_run_dir(store)]
+        # Every row gets every column (null where a row lacks a meta_* key): one schema per file.
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        body = "".join(json.dumps({key: row.get(key) for key in columns}, default=str) + "\n" for row in rows)
+        atomic_write_bytes(target, body.encode())
+    finally:
+        os.close(fd)
+    return target
+
+
+def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0  # fixed metadata: the same samples give byte-identical shards
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _drop_shard(shards: Path, index: dict[str, list], name: str) -> None:
+    """A shard must never hold samples that metadata.jsonl no longer lists."""
+    if index.pop(name, None) is not None or (shards / name).exists():
+        (shards / name).unlink(missing_ok=True)
+        log.info("removed outdated shard %s", name)
+
+
+def write_shards(store: RunStore, planned: list[PlannedItem], finished: list, shard_size: int) -> list[Path]:
+    """Write every complete shard whose content is new; returns the shards written now."""
+    shards = store.root / SHARDS_DIR
+    shards.mkdir(exist_ok=True)
+    index_path = shards / SHARD_INDEX
+    index: dict[str, list] = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    by_position = {position: (entry, sidecar) for position, entry, sidecar in finished}
+    written = []
+    current = set()
+    for start in range(0, len(planned), shard_size):
+        positions = range(start, min(start + shard_size, len(planned)))
+        name = f"shard-{start // shard_size:06d}.tar"
+        current.add(name)
+        if not all(position in by_position for position in positions):
+            _drop_shard(shards, index, name)  # not complete (yet, or any more after a redo that failed)
+            continue
+        members = [[by_position[p][0].item.id, by_position[p][0].key] for p in positions]
+        if index.get(name) == members and (shards / name).is_file():
+            continue  # already written with exactly these items
+        with atomic_path(shards / name) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as archive:
+            for position in positions:
+                _, sidecar = by_position[position]
+                key = f"{position:09d}"  # WebDataset keys must not contain dots; ids may
+                video = store.root / sidecar["output"]["path"]
+                _add_member(archive, f"{key}{video.suffix}", video.read_bytes())
+                _add_member(archive, f"{key}.json", json.dumps(metadata_row(sidecar), sort_keys=True).encode())
+        index[name] = members
+        written.append(shards / name)
+    for name in sorted(set(index) - current):
+        _drop_shard(shards, index, name)  # the manifest got shorter
+    atomic_write_bytes(index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+    return written
+
+
+def write_dataset(store: RunStore, planned: list[PlannedItem], output: OutputConfig) -> None:
+    """Called once at the end of a run: metadata.jsonl, and WebDataset shards if asked for."""
+    write_metadata(store)
+    if output.webdataset:
+        if OutputFormat(output.format) is OutputFormat.frames:
+            log.warning("output.webdataset needs a video file format (mp4, gif, webp), not frames: no shards written")
+            return
+        written = write_shards(store, planned, finished_sidecars(store, planned), output.shard_size)
+        if written:
+            log.info("wrote %d WebDataset shard(s) into %s", len(written), store.root / SHARDS_DIR)

@@ -1,0 +1,138 @@
+"""Manifest images given as http(s) URLs: download once per run dir, then treat as local files.
+
+A URL is fetched with a timeout per socket operation and a bounded number of retries (only
+for errors that may pass: connection problems, timeouts, HTTP 408/429/5xx), checked to be a
+decodable image, and cached under ``<run dir>/downloads/`` by a hash of the URL. From then on
+its bytes are hashed and keyed exactly like a local file's, and a resumed run reads the cache
+instead of the network. A URL that cannot be fetched fails only its own item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Union
+from urllib.parse import urlsplit
+
+from PIL import Image
+
+from .config import FetchConfig
+from .outputs import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+URL_SCHEMES = ("http", "https")
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+CACHED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def is_url(ref: str) -> bool:
+    return "://" in ref
+
+
+def url_problem(ref: str) -> Union[str, None]:
+    """Syntax only: validation must not need the network."""
+    try:
+        parts = urlsplit(ref)
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if parts.scheme.lower() not in URL_SCHEMES:
+        return f"only http:// and https:// URLs are supported (got {parts.scheme}://)"
+    if not parts.hostname:
+        return "URL has no host"
+    if any(ch.isspace() for ch in ref):
+        return "URL must not contain spaces (percent-encode them as %20)"
+    return None
+
+
+def check_fetch_config(config: FetchConfig) -> list[str]:
+    problems = []
+    if not config.timeout_s > 0:
+        problems.append(f"fetch.timeout_s: must be > 0, got {config.timeout_s}")
+    for name in ("retries", "backoff_s"):
+        if getattr(config, name) < 0:
+            problems.append(f"fetch.{name}: must be >= 0, got {getattr(config, name)}")
+    for name in ("max_bytes", "workers"):
+        if getattr(config, name) < 1:
+            problems.append(f"fetch.{name}: must be >= 1, got {getattr(config, name)}")
+    return problems
+
+
+class UrlCache:
+    """Downloads into `root`, one file per URL, written atomically."""
+
+    def __init__(self, root: Path, config: FetchConfig):
+        self.root = Path(root)
+        self.config = config
+
+    def path_for(self, url: str) -> Path:
+        suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
+        name = hashlib.sha256(url.encode()).hexdigest()[:40]
+        return self.root / (name + (suffix if suffix in CACHED_SUFFIXES else ".img"))
+
+    def fetch(self, url: str) -> Path:
+        """The cached file for `url`, downloading it first if needed. Raises FetchError."""
+        target = self.path_for(url)
+        if target.is_file():
+            return target
+        data = self._download(url)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+        except Exception as exc:  # any decoder error means "not an image we can use"
+            raise FetchError(f"{url}: not a readable image ({len(data)} bytes): {exc}") from None
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, data)
+        return target
+
+    def fetch_many(self, urls: Iterable[str]) -> dict[str, Union[Path, FetchError]]:
+        """Fetch distinct URLs in parallel; each maps to its cached path or its error."""
+        unique = list(dict.fromkeys(urls))
+
+        def one(url: str) -> Union[Path, FetchError]:
+            try:
+                return self.fetch(url)
+            except FetchError as exc:
+                return exc
+
+        if not unique:
+            return {}
+        with ThreadPoolExecutor(max_workers=max(1, min(self.config.workers, len(unique)))) as pool:
+            return dict(zip(unique, pool.map(one, unique)))
+
+    def _download(self, url: str) -> bytes:
+        attempts = 1 + max(0, self.config.retries)
+        last = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._get(url)
+            except urllib.error.HTTPError as exc:
+                last = f"HTTP {exc.code} {exc.reason}"
+                if exc.code not in RETRY_STATUS:
+                    break  # a 404 or 403 will not get better
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                last = f"{type(reason).__name__}: {reason}"
+            if attempt < attempts:
+                time.sleep(self.config.backoff_s * 2 ** (attempt - 1))
+        tries = f"after {attempt} attempt{'s' if attempt > 1 else ''}"
+        raise FetchError(f"{url}: download failed {tries}: {last}")
+
+    def _get(self, url: str) -> bytes:
+        request = urllib.request.Request(url, headers={"User-Agent": self.config.user_agent})
+        with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
+            data = response.read(self.config.max_bytes + 1)
+        if len(data) > self.config.max_bytes:
+            raise FetchError(f"{url}: larger than fetch.max_bytes={self.config.max_bytes}")
+        return data

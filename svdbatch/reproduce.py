@@ -1,0 +1,136 @@
+"""`svdbatch reproduce <sidecar.json>`: regenerate one item from its sidecar alone.
+
+The sidecar holds everything that determines the frames: the model settings, the resolved
+parameters, the seed, the preprocessing, the input image (path and sha256) and the
+intra-op thread count. Reproducing loads that model, checks the input is unchanged, runs the
+item once and compares the sha256 of the frames with the recorded one.
+
+Exit status: 0 the frames match, 1 they differ, 2 the item cannot be re-run as recorded
+(unreadable sidecar, missing or changed input image, model not loadable).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from .config import FetchConfig, MemoryConfig, ModelConfig, OutputConfig, OutputFormat, ResizeMode
+from .fetch import FetchError, UrlCache
+from .images import PREPROCESS_VERSION, Preprocess, file_sha256
+from .manifest import Item
+from .models import ModelLoadError, load_pipeline, model_identity, resolve_devices
+from .params import GenParams
+from .runner import Worker, frames_sha256, load_entry, software_versions
+from .schedule import PlannedItem
+from .store import RunStore
+
+EXIT_MATCH, EXIT_MISMATCH, EXIT_CANNOT = 0, 1, 2
+USAGE = "usage: svdbatch reproduce <run dir>/items/<id>.json"
+
+
+class CannotReproduce(RuntimeError):
+    pass
+
+
+@dataclass
+class Reproduction:
+    item_id: str
+    recorded: str
+    got: str
+    notes: list[str] = field(default_factory=list)  # environment differences worth knowing
+
+    @property
+    def matches(self) -> bool:
+        return self.recorded == self.got
+
+
+def _structured(schema: type, recorded: dict[str, Any]):
+    return OmegaConf.merge(OmegaConf.structured(schema), recorded)
+
+
+def source_image(sidecar: dict[str, Any], scratch: Path) -> Path:
+    """The recorded input file, or a fresh download of its URL; must hash as recorded."""
+    image = sidecar["image"]
+    path = Path(image["path"])
+    if not path.is_file() and image.get("url"):
+        fetch = _structured(FetchConfig, sidecar.get("config", {}).get("fetch", {}))
+        try:
+            path = UrlCache(scratch, fetch).fetch(image["url"])
+        except FetchError as exc:
+            raise CannotReproduce(f"the input image is gone and could not be downloaded again: {exc}") from None
+    if not path.is_file():
+        raise CannotReproduce(f"input image not found: {path}")
+    if file_sha256(path) != image["sha256"]:
+        raise CannotReproduce(f"input image changed since the run: {path} no longer has sha256 {image['sha256']}")
+    return path
+
+
+def reproduce(sidecar_path: Path) -> Reproduction:
+    try:
+        sidecar = json.loads(Path(sidecar_path).read_text())
+        config = sidecar["config"]
+        recorded = sidecar["frames_sha256"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CannotReproduce(f"{sidecar_path}: not a readable svdbatch sidecar ({exc})") from None
+    if sidecar.get("status") != "done":
+        raise CannotReproduce(f"{sidecar_path}: the item is not done (status {sidecar.get('status')!r})")
+
+    notes: list[str] = []
+    model = _structured(ModelConfig, config["model"])
+    memory = _structured(MemoryConfig, config["memory"])
+    device = resolve_devices(sidecar["device"])[0]
+    identity = model_identity(model, device).as_dict()
+    if identity != sidecar["model"]:
+        notes.append(f"model differs from the recorded one: {sidecar['model']} -> {identity}")
+    versions = software_versions()
+    changed = {k: (v, versions.get(k)) for k, v in sidecar.get("versions", {}).items() if versions.get(k) != v}
+    notes.extend(f"{name} {was} -> {now}" for name, (was, now) in sorted(changed.items()))
+
+    prep = sidecar["preprocess"]
+    if prep.get("version") != PREPROCESS_VERSION:
+        notes.append(f"image preprocessing version {prep.get('version')} -> {PREPROCESS_VERSION}")
+    preprocess = Preprocess(resize=ResizeMode(prep["resize"]), pad_color=tuple(prep["pad_color"]), background=tuple(prep["background"]))
+    row = sidecar["row"]
+
+    with tempfile.TemporaryDirectory(prefix="svdbatch-reproduce-") as scratch:
+        path = source_image(sidecar, Path(scratch))
+        item = Item(
+            id=sidecar["id"], image=path, image_ref=row["image"], seed=int(sidecar["seed"]),
+            seed_derived=row.get("seed_derived", False), overrides=row.get("overrides", {}),
+            meta=row.get("meta", {}), manifest=row.get("manifest", ""), line=row.get("line", 0),
+        )
+        planned = PlannedItem(item=item, params=GenParams(**sidecar["params"]), image_sha256=sidecar["image"]["sha256"],
+                              image_bytes=0, image_mtime_ns=0, key=sidecar["key"], preprocess=preprocess, source=str(path))
+        ready = load_entry(planned)
+        if ready.error is not None:
+            raise CannotReproduce(f"cannot load the source image: {ready.error}")
+        # The recorded thread count: float results depend on it. Nothing is written: the
+        # worker's store is a scratch folder.
+        worker = Worker(load_pipeline(model, memory, device), RunStore(Path(scratch), OutputFormat.frames),
+                        OutputConfig(), {}, num_threads=sidecar["num_threads"])
+        (frames,) = worker.generate([ready.image], planned.params, [planned.item.seed])
+    return Reproduction(item_id=sidecar["id"], recorded=recorded, got=frames_sha256(frames), notes=notes)
+
+
+def reproduce_command(args: list[str]) -> int:
+    if len(args) != 1 or args[0].startswith("-"):
+        print(USAGE, file=sys.stderr)
+        return EXIT_CANNOT
+    try:
+        result = reproduce(Path(args[0]))
+    except (CannotReproduce, ModelLoadError) as exc:
+        print(f"svdbatch reproduce: cannot reproduce: {exc}", file=sys.stderr)
+        return EXIT_CANNOT
+    for note in result.notes:
+        print(f"  note: {note}", file=sys.stderr)
+    if result.matches:
+        print(f"{result.item_id}: frames match the sidecar (sha256 {result.got})")
+        return EXIT_MATCH
+    print(f"{result.item_id}: frames DIFFER: recorded sha256 {result.recorded}, got {result.got}")
+    return EXIT_MISMATCH

@@ -1,0 +1,54 @@
+"""A folder of images as the manifest, and the manifest it derives (run.emit_manifest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from svdbatch.driver import run
+from svdbatch.manifest import ManifestError, derive_seed, read_manifest
+from svdbatch.store import read_jsonl
+from tests.conftest import FAST, make_cfg, make_image, run_cli
+
+
+def photo_folder(root, with_b=True):
+    if with_b:
+        make_image(root / "b.png", seed=1)
+    make_image(root / "a.jpg", seed=2)
+    make_image(root / "trips" / "2024" / "c.webp", seed=3)
+    make_image(root / ".thumbs" / "x.png", seed=4)  # hidden: skipped
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_rows_are_sorted_with_ids_from_paths_and_derived_seeds(tmp_path):
+    folder = photo_folder(tmp_path / "photos")
+    manifest = read_manifest(folder, run_seed=3)
+    assert [item.id for item in manifest.items] == ["a", "b", "trips__2024__c"]
+    assert [item.image_ref for item in manifest.items] == ["a.jpg", "b.png", "trips/2024/c.webp"]
+    assert all(item.seed == derive_seed(3, item.id) and item.seed_derived for item in manifest.items)
+    assert Path(manifest.items[2].image) == (folder / "trips" / "2024" / "c.webp").resolve()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ManifestError, match="folder has no images"):
+        read_manifest(empty)
+
+
+def test_folder_runs_and_its_emitted_manifest_resumes_the_same_items(tmp_path):
+    folder = photo_folder(tmp_path / "photos", with_b=False)
+    run_dir = tmp_path / "out" / "photos"
+    # The emitted CSV lands in the run dir and is named after the folder, so it resumes there.
+    proc = run_cli(f"manifest={folder}", "run.emit_manifest=true", f"hydra.run.dir={run_dir}", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    emitted = run_dir / "photos.csv"
+    assert f"wrote {emitted} (2 rows)" in proc.stdout
+    assert not (run_dir / "results.jsonl").exists()  # emitting generates nothing
+    lines = emitted.read_text().splitlines()
+    assert lines[0] == "id,image,seed" and lines[2].startswith("trips__2024__c,../../photos/trips/2024/c.webp,")
+
+    first = run(make_cfg(f"manifest={folder}", f"run.dir={run_dir}"))
+    assert first.done == 2
+    again = run(make_cfg(f"manifest={emitted}", f"run.dir={run_dir}"))
+    assert (again.done, again.skipped) == (0, 2)
+    assert sorted(r["id"] for r in read_jsonl(run_dir / "results.jsonl")) == ["a", "trips__2024__c"]
