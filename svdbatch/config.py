@@ -178,6 +178,21 @@ class RunConfig:
     limit: Optional[int] = None
     progress: bool = True
     step_progress: bool = False
+    # Only images under this folder may be used (relative paths that climb out with '..',
+    # absolute paths elsewhere and symlinks pointing outside are rejected); null = any path.
+    image_root: Optional[str] = None
+    # Images with more pixels than this are refused before decoding (decompression bombs).
+    max_image_pixels: int = 100_000_000
+    # Stop cleanly, before loading the model, when the run dir's file system has less free space.
+    min_free_mb: int = 200
+    # After a CUDA out-of-memory error, retry the item with the next lower memory preset
+    # (full -> balanced -> low, then halving decode_chunk_size); recorded in the sidecar.
+    retry_on_oom: bool = False
+    # <run dir>/index.html contact sheet, rewritten at most every gallery_every_s seconds
+    # while items finish, and once at the end. gallery_max_items: newest first; 0 = all.
+    gallery: bool = True
+    gallery_every_s: float = 10.0
+    gallery_max_items: int = 500
     # Write the manifest this run would use (ids, images, seeds: e.g. derived from a folder)
     # to <run.dir>/<run.name>.csv for editing, and stop without generating.
     emit_manifest: bool = False
