@@ -5,6 +5,8 @@
     svdbatch validate manifest=... [overrides]                          (check, generate nothing)
     svdbatch manifest=some/folder run.emit_manifest=true                (write the derived manifest, stop)
     svdbatch reproduce outputs/<run>/items/<id>.json                    (regenerate one item, compare hashes)
+    svdbatch status outputs/<run> [--json]                              (done / pending / failed, throughput, ETA)
+    svdbatch gallery outputs/<run>                                      (rewrite <run>/index.html)
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from omegaconf import DictConfig
 
 from .config import ConfigError, register_configs
 from .driver import run
+from .gallery import gallery_command
 from .manifest import ManifestError
 from .models import ModelLoadError
 from .reproduce import reproduce_command
+from .status import status_command
 from .store import RunDirError
 
 log = logging.getLogger("svdbatch")
 
 EXIT_ITEMS_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3  # disk full / read-only mid-run: finished items are intact, run again to resume
 USER_ERRORS = (ManifestError, ConfigError, ModelLoadError, RunDirError)
 
 
@@ -55,7 +60,13 @@ def hydra_app(cfg: DictConfig) -> None:
         _exit_codes.append(EXIT_BAD_INPUT)
         return
     print(summary.line(), flush=True)
-    _exit_codes.append(0 if summary.ok else EXIT_ITEMS_FAILED)
+    _exit_codes.append(exit_code(summary))
+
+
+def exit_code(summary) -> int:
+    if summary.stop_reason:
+        return EXIT_STOPPED
+    return 0 if summary.ok else EXIT_ITEMS_FAILED
 
 
 def validate(overrides: list[str]) -> int:
@@ -92,7 +103,7 @@ def emit_manifest(cfg: DictConfig) -> int:
     return 0
 
 
-SUBCOMMANDS = {"validate": validate, "reproduce": reproduce_command}
+SUBCOMMANDS = {"validate": validate, "reproduce": reproduce_command, "status": status_command, "gallery": gallery_command}
 
 
 def main() -> None:

@@ -313,6 +313,44 @@ class LoadedPipeline:
     identity: ModelIdentity
     load_seconds: float
     compiled: bool
+    # The memory preset in effect: starts as configured, lowered in place after an OOM.
+    memory: str = "full"
+    offloaded: bool = False
+    forward_chunking: bool = False
+    # Upper bound on decode_chunk_size set by an OOM fallback (None: as planned).
+    decode_cap: Optional[int] = None
+    cache_key: Optional[str] = None
+
+    def memory_record(self) -> dict[str, Any]:
+        return {"preset": self.memory, "offload": self.offloaded, "forward_chunking": self.forward_chunking,
+                "decode_cap": self.decode_cap}
+
+
+def lower_memory(loaded: LoadedPipeline, decode_chunk_size: int) -> Optional[str]:
+    """One step down the memory ladder after an out-of-memory error, applied in place:
+    full -> balanced (model CPU offload) -> low (+ feed-forward chunking, decode 2 frames
+    at a time) -> halve decode_chunk_size down to 1. Returns what changed, or None when
+    nothing is left to lower. Offload and chunking do not change the maths; a smaller
+    decode chunk changes the frames slightly, which is why every step is recorded."""
+    _loaded.pop(loaded.cache_key, None)  # no longer the configured preset: never reuse it
+    if loaded.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if loaded.memory != "balanced" and not loaded.offloaded and not loaded.forward_chunking:
+        if loaded.device.type == "cuda" and not loaded.compiled:
+            loaded.pipe.enable_model_cpu_offload(device=loaded.device)
+            loaded.offloaded = True
+        loaded.memory = "balanced"
+        return "memory -> balanced (model CPU offload)" + ("" if loaded.offloaded else "; offload needs a GPU, skipped")
+    if not loaded.forward_chunking:
+        loaded.pipe.unet.enable_forward_chunking()
+        loaded.forward_chunking = True
+        loaded.memory = "low"
+        loaded.decode_cap = min(2, decode_chunk_size)
+        return f"memory -> low (forward chunking, decode_chunk_size {decode_chunk_size} -> {loaded.decode_cap})"
+    if decode_chunk_size > 1:
+        loaded.decode_cap = max(1, decode_chunk_size // 2)
+        return f"decode_chunk_size {decode_chunk_size} -> {loaded.decode_cap}"
+    return None
 
 
 _loaded: dict[str, LoadedPipeline] = {}
@@ -340,6 +378,10 @@ def load_pipeline(model: ModelConfig, memory: MemoryConfig, device: torch.device
         identity=model_identity(model, device),
         load_seconds=time.perf_counter() - start,
         compiled=compiled,
+        memory=memory.name,
+        offloaded=Offload(memory.offload) is not Offload.none and device.type == "cuda",
+        forward_chunking=memory.forward_chunking,
+        cache_key=cache_key,
     )
     _loaded[cache_key] = loaded
     log.info("loaded %s (%s, %s) in %.2f s", model.name, loaded.identity.dtype, device, loaded.load_seconds)

@@ -9,18 +9,50 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
 
 from .config import OutputConfig, OutputFormat
+from .faults import fault_point
 
 TEMP_MARKER = ".partial-"
+_HOST = socket.gethostname().replace("@", "_")
+
+
+def temp_prefix(stem: str) -> str:
+    """'.<stem>.partial-<pid>@<host>@': who wrote a temporary, so a later run can delete
+    the leftovers of a dead process at once (and leave a live one's alone)."""
+    return f".{stem}{TEMP_MARKER}{os.getpid()}@{_HOST}@"
+
+
+def temp_owner(name: str) -> Optional[tuple[int, str]]:
+    """(pid, host) of a temporary's writer, or None if `name` is not one of ours."""
+    at = name.rfind(TEMP_MARKER)
+    if at < 0:
+        return None
+    pid, _, rest = name[at + len(TEMP_MARKER):].partition("@")
+    host, found, _ = rest.partition("@")
+    return (int(pid), host) if pid.isdigit() and found else None
+
+
+def written_by_dead_process(name: str) -> bool:
+    owner = temp_owner(name)
+    if owner is None or owner[1] != _HOST:
+        return False  # another machine's process (shared file system): cannot tell
+    try:
+        os.kill(owner[0], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def output_name(item_id: str, fmt: OutputFormat) -> str:
@@ -38,13 +70,15 @@ def fsync_path(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
+def atomic_path(target: Path, fault: Optional[str] = None) -> Iterator[Path]:
     """Yield a temporary path (same directory, same suffix) that replaces `target` on success."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}{TEMP_MARKER}", suffix=target.suffix, dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target.stem), suffix=target.suffix, dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if fault:
+            fault_point(fault)
         fsync_path(tmp)
         os.replace(tmp, target)
         fsync_path(target.parent)
@@ -52,18 +86,19 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> None:
-    with atomic_path(target) as tmp:
+def atomic_write_bytes(target: Path, data: bytes, fault: Optional[str] = None) -> None:
+    with atomic_path(target, fault) as tmp:
         tmp.write_bytes(data)
 
 
 def _write_frames_dir(frames: np.ndarray, target: Path) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMP_MARKER}", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
     try:
         for index, frame in enumerate(frames):
             frame_path = staging / f"{index:05d}.png"
             Image.fromarray(frame).save(frame_path)
             fsync_path(frame_path)
+        fault_point("video")
         if target.exists():
             shutil.rmtree(target)  # the sidecar, written last, is what marks an item done
         os.rename(staging, target)
@@ -80,7 +115,7 @@ def write_video(frames: np.ndarray, target: Path, output: OutputConfig, fps: int
         _write_frames_dir(frames, target)
         return
     pil_frames = [Image.fromarray(frame) for frame in frames]
-    with atomic_path(target) as tmp:
+    with atomic_path(target, fault="video") as tmp:
         if fmt is OutputFormat.mp4:
             from diffusers.utils import export_to_video
 

@@ -8,6 +8,7 @@ encode and commit on another, while the main thread generates.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import platform
@@ -16,7 +17,7 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Callable, Iterable, Optional
@@ -27,7 +28,8 @@ import torch
 from .config import OutputConfig, plain
 from .fetch import FetchError
 from .images import load_rgb, prepare
-from .models import LoadedPipeline
+from .faults import fault_point
+from .models import LoadedPipeline, lower_memory
 from .outputs import output_bytes, write_video
 from .params import GenParams
 from .schedule import PlannedItem
@@ -37,18 +39,32 @@ log = logging.getLogger(__name__)
 
 # Batches whose videos may still be encoding while the next one generates.
 MAX_PENDING_WRITES = 2
+# Write errors that no other item can escape either: the run stops cleanly instead of
+# failing every remaining item one by one.
+STOP_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class GenerationError(RuntimeError):
     pass
 
 
+DONE = "done"
+FAILED = "failed"
+BUSY = "busy"  # claimed by another process sharing the run dir
+DONE_ELSEWHERE = "done_elsewhere"  # another process finished it after this run's plan
+STOPPED = "stopped"  # not attempted: the run stopped (disk full)
+
+
 @dataclass(frozen=True)
 class Outcome:
     item_id: str
-    ok: bool
+    status: str
     generate_s: Optional[float] = None
     error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == DONE
 
 
 def frames_sha256(frames: np.ndarray) -> str:
@@ -83,6 +99,17 @@ class Loaded:
     load_s: float = 0.0
     error: Optional[BaseException] = None
     error_trace: str = ""
+    claim: Optional[int] = None  # this process's claim on the item (store.claim)
+    settled: Optional[Outcome] = None  # nothing to generate: busy, done elsewhere or stopped
+
+
+@dataclass
+class Generated:
+    ready: Loaded
+    frames: np.ndarray
+    generate_s: float
+    params: GenParams  # as actually generated (an OOM fallback may lower decode_chunk_size)
+    oom_fallback: list[str] = field(default_factory=list)
 
 
 def load_entry(entry: PlannedItem) -> Loaded:
@@ -107,6 +134,7 @@ class Worker:
         context: dict[str, Any],
         num_threads: Optional[int] = None,
         step_progress: bool = False,
+        retry_on_oom: bool = False,
     ):
         if num_threads:
             # The intra-op thread count changes float results, so every worker pins it
@@ -119,6 +147,9 @@ class Worker:
         self.loaded.pipe.set_progress_bar_config(disable=not step_progress, leave=False)
         self.context = {**context, "model": loaded.identity.as_dict(), **self.environment()}
         self.warmup_s: Optional[float] = None
+        self.retry_on_oom = retry_on_oom
+        # Set (by the writer thread) when the disk is full or read-only: no more work.
+        self.stop_reason: Optional[str] = None
 
     def environment(self) -> dict[str, Any]:
         device = self.loaded.device
@@ -134,6 +165,7 @@ class Worker:
     def generate(self, images: list, params: GenParams, seeds: list[int]) -> list[np.ndarray]:
         """uint8 frames (F, H, W, 3) per image; one generator per image, from its own seed."""
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        fault_point("generate")
         single = len(images) == 1  # exactly the call a user makes by hand
         output = self.loaded.pipe(
             images[0] if single else images,
@@ -160,72 +192,139 @@ class Worker:
         log.info("compiled UNet warmed up in %.1f s", self.warmup_s)
 
     # -- the item unit ----------------------------------------------------------------
-    def write_and_commit(self, ready: Loaded, frames: np.ndarray, generate_s: float) -> Outcome:
-        entry, item = ready.entry, ready.entry.item
+    def write_and_commit(self, generated: Generated) -> Outcome:
         try:
-            start = time.perf_counter()
-            fps = self.output.fps or entry.params.fps
-            video = self.store.video_path(item.id)
-            write_video(frames, video, self.output, fps)
-            timings = {"load_image_s": ready.load_s, "generate_s": generate_s, "write_s": time.perf_counter() - start}
-            timings["total_s"] = sum(timings.values())
-            self.store.commit(
-                {
-                    "schema": 1,
-                    "status": "done",
-                    "id": item.id,
-                    "key": entry.key,
-                    "seed": item.seed,
-                    "row": item.row_record(),
-                    "image": {**entry.image_record(), "size": list(ready.source_size)},
-                    "preprocess": entry.preprocess.as_dict(),
-                    "params": entry.params.as_dict(),
-                    "output": {
-                        "path": self.store.relative(video),
-                        "format": self.output_format,
-                        "fps": fps,
-                        "bytes": output_bytes(video),
-                        "frames": int(frames.shape[0]),
-                        "height": int(frames.shape[1]),
-                        "width": int(frames.shape[2]),
-                    },
-                    "frames_sha256": frames_sha256(frames),
-                    "timings": timings,
-                    "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    **self.context,
-                }
-            )
-            return Outcome(item.id, True, generate_s)
+            return self._write_and_commit(generated)
+        except OSError as exc:
+            if exc.errno not in STOP_ERRNOS:
+                return self.fail(generated.ready.entry, exc, traceback.format_exc())
+            # Nothing can be written: stop cleanly (done items are intact) instead of
+            # failing every item that follows. Not recorded per item: failures.jsonl lives
+            # on the same full disk, and the item is not at fault.
+            self.stop_reason = f"{type(exc).__name__}: {exc}"
+            log.error("stopping: %s (finished items are intact; free space and run again to resume)", self.stop_reason)
+            return Outcome(generated.ready.entry.item.id, STOPPED, error=self.stop_reason)
         except Exception as exc:
-            return self.fail(entry, exc, traceback.format_exc())
+            return self.fail(generated.ready.entry, exc, traceback.format_exc())
+        finally:
+            self.store.release(generated.ready.claim)
+
+    def _write_and_commit(self, generated: Generated) -> Outcome:
+        ready, frames, generate_s = generated.ready, generated.frames, generated.generate_s
+        entry, item = ready.entry, ready.entry.item
+        start = time.perf_counter()
+        fps = self.output.fps or entry.params.fps
+        video = self.store.video_path(item.id)
+        write_video(frames, video, self.output, fps)
+        timings = {"load_image_s": ready.load_s, "generate_s": generate_s, "write_s": time.perf_counter() - start}
+        timings["total_s"] = sum(timings.values())
+        self.store.commit(
+            {
+                "schema": 1,
+                "status": "done",
+                "id": item.id,
+                "key": entry.key,
+                "seed": item.seed,
+                "row": item.row_record(),
+                "image": {**entry.image_record(), "size": list(ready.source_size)},
+                "preprocess": entry.preprocess.as_dict(),
+                "params": generated.params.as_dict(),
+                "memory": self.loaded.memory_record(),
+                "oom_fallback": generated.oom_fallback,
+                "output": {
+                    "path": self.store.relative(video),
+                    "format": self.output_format,
+                    "fps": fps,
+                    "bytes": output_bytes(video),
+                    "frames": int(frames.shape[0]),
+                    "height": int(frames.shape[1]),
+                    "width": int(frames.shape[2]),
+                },
+                "frames_sha256": frames_sha256(frames),
+                "timings": timings,
+                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **self.context,
+            }
+        )
+        return Outcome(item.id, DONE, generate_s)
 
     def fail(self, entry: PlannedItem, exc: BaseException, trace: str) -> Outcome:
         """Record one item's failure; the batch goes on."""
         error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, torch.OutOfMemoryError) and not self.retry_on_oom:
+            error += " (run.retry_on_oom=true retries with a lower memory preset)"
         log.error("item %s failed: %s", entry.item.id, error)
         self.store.record_failure(entry.item.id, entry.key, error, {"line": entry.item.line, "traceback": trace})
-        return Outcome(entry.item.id, False, error=error)
+        return Outcome(entry.item.id, FAILED, error=error)
 
-    def generate_batch(self, batch: list[Loaded]) -> tuple[list[Outcome], list[tuple[Loaded, np.ndarray, float]]]:
-        """Generate a batch; returns failures and (item, frames, seconds) to write."""
-        failed = [self.fail(r.entry, r.error, r.error_trace) for r in batch if r.error is not None]
-        ready = [r for r in batch if r.error is None]
+    def generate_batch(self, batch: list[Loaded]) -> tuple[list[Outcome], list[Generated]]:
+        """Generate a batch; returns outcomes settled without generating, and what to write."""
+        settled = [r.settled for r in batch if r.settled is not None]
+        failed = [self.fail_loaded(r, r.error, r.error_trace) for r in batch if r.settled is None and r.error is not None]
+        ready = [r for r in batch if r.settled is None and r.error is None]
         if not ready:
-            return failed, []
+            return settled + failed, []
         params = ready[0].entry.params
         try:
             self.warm_up(params)
             start = time.perf_counter()
-            videos = self.generate([r.image for r in ready], params, [r.entry.item.seed for r in ready])
+            videos, used, fallback = self.generate_with_fallback([r.image for r in ready], params, [r.entry.item.seed for r in ready])
             per_item = (time.perf_counter() - start) / len(ready)
         except Exception as exc:
             trace = traceback.format_exc()
-            return failed + [self.fail(r.entry, exc, trace) for r in ready], []
-        return failed, [(r, frames, per_item) for r, frames in zip(ready, videos)]
+            return settled + failed + [self.fail_loaded(r, exc, trace) for r in ready], []
+        return settled + failed, [Generated(r, frames, per_item, used, fallback) for r, frames in zip(ready, videos)]
+
+    def generate_with_fallback(
+        self, images: list, params: GenParams, seeds: list[int]
+    ) -> tuple[list[np.ndarray], GenParams, list[str]]:
+        """generate(), and with run.retry_on_oom, after an out-of-memory error step the
+        pipeline down the memory ladder (models.lower_memory) and try again. The worker
+        stays lowered: the next item would most likely run out of memory too."""
+        steps: list[str] = []
+        while True:
+            used = self.effective_params(params)
+            try:
+                return self.generate(images, used, seeds), used, steps
+            except torch.OutOfMemoryError as exc:
+                step = lower_memory(self.loaded, used.decode_chunk_size) if self.retry_on_oom else None
+                if step is None:
+                    raise
+                log.warning("out of memory (%s); retrying with %s", str(exc).splitlines()[0], step)
+                steps.append(step)
+
+    def effective_params(self, params: GenParams) -> GenParams:
+        cap = self.loaded.decode_cap
+        if cap is None or params.decode_chunk_size <= cap:
+            return params
+        return replace(params, decode_chunk_size=cap)
+
+    def fail_loaded(self, ready: Loaded, exc: BaseException, trace: str) -> Outcome:
+        try:
+            return self.fail(ready.entry, exc, trace)
+        finally:
+            self.store.release(ready.claim)
+
+    def claim_and_load(self, entry: PlannedItem) -> Loaded:
+        """Claim the item for this process, then load its image (on the loader thread).
+        Several processes may share a run dir (two runs started by hand, shards, workers):
+        the claim makes sure exactly one of them generates each item."""
+        if self.stop_reason:
+            return Loaded(entry, settled=Outcome(entry.item.id, STOPPED, error=self.stop_reason))
+        claim = self.store.claim(entry.item.id)
+        if claim is None:
+            return Loaded(entry, settled=Outcome(entry.item.id, BUSY))
+        if self.store.done_record(entry.item.id, entry.key) is not None:
+            self.store.release(claim)  # finished by another process since this run's plan
+            return Loaded(entry, settled=Outcome(entry.item.id, DONE_ELSEWHERE))
+        loaded = load_entry(entry)
+        loaded.claim = claim
+        return loaded
 
     def run(self, batches: Iterable[tuple[int, list[PlannedItem]]], report: Report) -> None:
         """Process (batch id, items) pairs; `report(batch id, outcomes)` is called (from the
-        writer thread) as soon as a batch is committed, even while the worker waits for more."""
+        writer thread) as soon as a batch is committed, even while the worker waits for more.
+        After a stop (disk full) every remaining batch is reported as stopped, untouched."""
         batches = iter(batches)
 
         def fetch_and_load() -> Optional[tuple[int, list[Loaded]]]:
@@ -234,7 +333,7 @@ class Worker:
             if nxt is None:
                 return None
             batch_id, entries = nxt
-            return batch_id, [load_entry(entry) for entry in entries]
+            return batch_id, [self.claim_and_load(entry) for entry in entries]
 
         with ThreadPoolExecutor(1, thread_name_prefix="svdbatch-load") as loader, ThreadPoolExecutor(
             1, thread_name_prefix="svdbatch-write"
@@ -244,12 +343,20 @@ class Worker:
             while (current := upcoming.result()) is not None:
                 upcoming = loader.submit(fetch_and_load)
                 batch_id, loaded = current
-                failed, to_write = self.generate_batch(loaded)
-                writes = [writer.submit(self.write_and_commit, *job) for job in to_write]
-                report_when_written(batch_id, failed, writes, report)
+                if self.stop_reason:
+                    self.settle_stopped(batch_id, loaded, report)
+                    continue
+                settled, to_write = self.generate_batch(loaded)
+                writes = [writer.submit(self.write_and_commit, job) for job in to_write]
+                report_when_written(batch_id, settled, writes, report)
                 in_flight.append(writes)
                 while len(in_flight) > MAX_PENDING_WRITES:  # bound memory held by unwritten frames
                     wait(in_flight.popleft())
+
+    def settle_stopped(self, batch_id: int, loaded: list[Loaded], report: Report) -> None:
+        for ready in loaded:
+            self.store.release(ready.claim)
+        report(batch_id, [r.settled or Outcome(r.entry.item.id, STOPPED, error=self.stop_reason) for r in loaded])
 
 
 Report = Callable[[int, list[Outcome]], None]

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .config import OutputFormat
-from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes, output_name
+from .faults import fault_point
+from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes, output_name, written_by_dead_process
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +110,25 @@ class RunStore:
         self.sidecars = self.root / "items"
         self.results = self.root / "results.jsonl"
         self.failures = self.root / "failures.jsonl"
+        self.claims = self.root / "claims"
 
     # -- set-up -----------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Create the layout, prove it is writable, and clean up after a killed run."""
+    def prepare(self, min_free_mb: int = 0) -> None:
+        """Create the layout, prove it is writable and has room, and clean up after a
+        killed run. Runs before the model loads, so a bad run dir costs seconds, not minutes."""
         try:
-            for folder in (self.root, self.videos, self.sidecars):
+            for folder in (self.root, self.videos, self.sidecars, self.claims):
                 folder.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-probe-{os.getpid()}"
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
             raise RunDirError(f"run dir {self.root} is not writable: {exc}") from exc
+        free_mb = shutil.disk_usage(self.root).free / 2**20
+        if free_mb < min_free_mb:
+            raise RunDirError(
+                f"run dir {self.root}: only {free_mb:.0f} MB free, run.min_free_mb={min_free_mb}; free some space or lower the setting"
+            )
         for log_file in (self.results, self.failures):
             removed = repair_jsonl(log_file)
             if removed:
@@ -128,15 +136,18 @@ class RunStore:
         self.remove_stale_temporaries()
 
     def remove_stale_temporaries(self, older_than_s: float = STALE_TEMP_SECONDS) -> int:
-        """Delete temporaries a killed run left behind. Only old ones: another live process
-        (a second worker or shard sharing this dir) may be writing a fresh one right now."""
+        """Delete temporaries a killed run left behind: those whose writer (on this host) is
+        dead, and old ones from elsewhere. A fresh one may belong to a live process (a
+        second worker, or a shard on another node sharing this dir)."""
         removed = 0
         cutoff = time.time() - older_than_s
         # downloads/ (URL cache) and webdataset/ (shards) are written with the same atomic writer.
         extra = [folder for folder in (self.root / "downloads", self.root / "webdataset") if folder.is_dir()]
         for folder in (self.videos, self.sidecars, self.root, *extra):
             for entry in os.scandir(folder):
-                if TEMP_MARKER not in entry.name or entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                if TEMP_MARKER not in entry.name or not entry.name.startswith("."):
+                    continue
+                if not written_by_dead_process(entry.name) and entry.stat(follow_symlinks=False).st_mtime > cutoff:
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)
@@ -178,21 +189,50 @@ class RunStore:
         return output_bytes(os.path.join(self.root, record["output"])) == record.get("output_bytes")
 
     def _recover_from_sidecar(self, item_id: str, key: str) -> Optional[dict[str, Any]]:
-        """A run killed between the sidecar rename and the results line: trust the sidecar."""
-        path = self.sidecar_path(item_id)
-        if not path.is_file():
+        """A run killed between the sidecar rename and the results line: trust the sidecar.
+        Only under the item's claim: a live process may be about to append that line itself."""
+        if not self.sidecar_path(item_id).is_file():
+            return None
+        claim = self.claim(item_id)
+        if claim is None:
             return None
         try:
-            sidecar = json.loads(path.read_bytes())
+            record = self.done_record(item_id, key)
+            if record is not None:
+                append_jsonl(self.results, record)
+            return record
+        finally:
+            self.release(claim)
+
+    def done_record(self, item_id: str, key: str) -> Optional[dict[str, Any]]:
+        """The results record an item's sidecar vouches for, if the sidecar is there, has
+        this key, and its output is complete; else None."""
+        try:
+            sidecar = json.loads(self.sidecar_path(item_id).read_bytes())
         except (OSError, json.JSONDecodeError):
             return None
         if sidecar.get("key") != key or sidecar.get("status") != "done":
             return None
         record = self.result_record(sidecar)
-        if output_bytes(self.root / record["output"]) == record["output_bytes"]:
-            append_jsonl(self.results, record)
-            return record
-        return None
+        return record if output_bytes(self.root / record["output"]) == record["output_bytes"] else None
+
+    # -- claims: several processes sharing one run dir ------------------------------------
+    def claim(self, item_id: str) -> Optional[int]:
+        """Take the item's claim (an exclusive flock on claims/<id>.claim), or None if another
+        process holds it. The kernel drops the lock when its holder dies, so a killed run
+        never leaves a stale claim; the files stay (deleting a lock file races with openers)."""
+        fd = os.open(self.claims / f"{item_id}.claim", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def release(claim: Optional[int]) -> None:
+        if claim is not None:
+            os.close(claim)  # closing drops the flock
 
     # -- writing ----------------------------------------------------------------------
     @staticmethod
@@ -217,7 +257,8 @@ class RunStore:
     def commit(self, sidecar: dict[str, Any]) -> None:
         """Called after the video is in place: the sidecar rename is what makes an item done."""
         body = json.dumps(sidecar, indent=2, sort_keys=True, default=str).encode() + b"\n"
-        atomic_write_bytes(self.sidecar_path(sidecar["id"]), body)
+        atomic_write_bytes(self.sidecar_path(sidecar["id"]), body, fault="sidecar")
+        fault_point("results")
         append_jsonl(self.results, self.result_record(sidecar))
 
     def record_failure(self, item_id: Optional[str], key: Optional[str], error: str, details: dict[str, Any]) -> None:

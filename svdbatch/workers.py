@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from .config import MemoryConfig, ModelConfig, OutputConfig
 from .models import ModelLoadError, load_pipeline
-from .runner import Outcome, Worker
+from .runner import DONE, FAILED, STOPPED, Outcome, Worker
 from .schedule import PlannedItem
 from .store import RunStore
 
@@ -51,13 +51,15 @@ class WorkerSpec:
     num_threads: int
     step_progress: bool
     context: dict[str, Any]
+    retry_on_oom: bool = False
 
     def build(self, device: torch.device) -> Worker:
         model = OmegaConf.merge(OmegaConf.structured(ModelConfig), self.model)
         memory = OmegaConf.merge(OmegaConf.structured(MemoryConfig), self.memory)
         output = OmegaConf.merge(OmegaConf.structured(OutputConfig), self.output)
         store = RunStore(self.run_dir, output.format)
-        return Worker(load_pipeline(model, memory, device), store, output, self.context, self.num_threads, self.step_progress)
+        loaded = load_pipeline(model, memory, device)
+        return Worker(loaded, store, output, self.context, self.num_threads, self.step_progress, self.retry_on_oom)
 
 
 OnDone = Callable[[list[Outcome]], None]
@@ -104,6 +106,8 @@ class Pool:
         self.attempts = [0] * len(batches)
         self.finished = 0
         self.load_errors: list[str] = []
+        # Set when a worker stopped the run (disk full): nothing new is handed out.
+        self.stop_reason: Optional[str] = None
 
     def run(self) -> None:
         context = mp.get_context("spawn")  # CUDA cannot be forked; spawn is also the CPU path
@@ -126,6 +130,8 @@ class Pool:
             self.assign(number, inboxes[number], held, ASSIGNED_PER_WORKER)
         try:
             while self.finished < len(self.batches) and alive:
+                if self.stop_reason and not any(held.values()):
+                    break
                 try:
                     event = events.get(timeout=1.0)
                 except queue.Empty:
@@ -138,7 +144,9 @@ class Pool:
                 for number in dead:
                     if number in alive:
                         self.worker_died(number, procs[number].exitcode, held, alive, inboxes)
-            if self.finished < len(self.batches):
+            if self.stop_reason:
+                self.settle_waiting_as_stopped()
+            elif self.finished < len(self.batches):
                 self.abandon_waiting()
         finally:
             for number in alive:
@@ -151,7 +159,7 @@ class Pool:
             raise NoWorkersLeft("no worker could load the model:\n" + "\n".join(self.load_errors))
 
     def assign(self, number: int, inbox: mp.Queue, held: dict[int, list[int]], up_to: int) -> None:
-        while self.waiting and len(held[number]) < up_to:
+        while self.waiting and len(held[number]) < up_to and not self.stop_reason:
             batch_id = self.waiting.popleft()
             self.attempts[batch_id] += 1
             held[number].append(batch_id)
@@ -163,6 +171,10 @@ class Pool:
             batch_id, outcomes = event[2], event[3]
             held[number].remove(batch_id)
             self.finished += 1
+            stopped = [o for o in outcomes if o.status == STOPPED]
+            if stopped and not self.stop_reason:
+                self.stop_reason = stopped[0].error
+                log.error("worker %d stopped the run: %s", number, self.stop_reason)
             self.on_done(outcomes)
             self.assign(number, inboxes[number], held, ASSIGNED_PER_WORKER)
         elif kind == "load_failed":
@@ -198,7 +210,7 @@ class Pool:
             if not done:
                 continue
             self.batches[batch_id] = [e for e in self.batches[batch_id] if e not in done]
-            self.on_done([Outcome(e.item.id, True) for e in done])
+            self.on_done([Outcome(e.item.id, DONE) for e in done])
             if not self.batches[batch_id]:
                 batch_ids.remove(batch_id)
                 self.finished += 1
@@ -222,9 +234,15 @@ class Pool:
         outcomes = []
         for entry in self.batches[batch_id]:
             self.store.record_failure(entry.item.id, entry.key, error, {"line": entry.item.line})
-            outcomes.append(Outcome(entry.item.id, False, error=error))
+            outcomes.append(Outcome(entry.item.id, FAILED, error=error))
         self.finished += 1
         self.on_done(outcomes)
+
+    def settle_waiting_as_stopped(self) -> None:
+        while self.waiting:
+            batch_id = self.waiting.popleft()
+            self.finished += 1
+            self.on_done([Outcome(e.item.id, STOPPED, error=self.stop_reason) for e in self.batches[batch_id]])
 
     def abandon_waiting(self) -> None:
         while self.waiting:

@@ -1,0 +1,61 @@
+"""Fault injection for tests: make a run die or fail at a named point, on purpose.
+
+    SVDBATCH_FAULT=<stage>:<n>[:<action>]     e.g. SVDBATCH_FAULT=video:2:kill
+
+The n-th time this process reaches `stage`, `action` happens: kill (SIGKILL itself, the
+default: no cleanup, no flush, like a node losing power), enospc (a disk-full OSError),
+oom (a CUDA out-of-memory error) or error (a RuntimeError). Unset, a fault point costs one
+dict lookup. Stages, in the order an item passes them:
+
+    generate      just before the pipeline call
+    video         the video is fully written to its temporary name, not yet renamed
+    sidecar       the video is in place; the sidecar is written to its temporary name
+    results       the sidecar is in place; the results.jsonl line is not yet appended
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections import Counter
+from typing import Optional
+
+import torch
+
+FAULT_ENV = "SVDBATCH_FAULT"
+STAGES = ("generate", "video", "sidecar", "results")
+ACTIONS = ("kill", "enospc", "oom", "error")
+
+_reached: Counter[str] = Counter()
+
+
+def parse_fault(spec: Optional[str]) -> Optional[tuple[str, int, str]]:
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if len(parts) == 2:
+        parts.append("kill")
+    if len(parts) != 3:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <stage>:<n>[:<action>]")
+    stage, nth, action = parts
+    if stage not in STAGES or not nth.isdigit() or action not in ACTIONS:
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <stage>:<n>[:<action>], stage in {STAGES}, action in {ACTIONS}")
+    return stage, int(nth), action
+
+
+def fault_point(stage: str) -> None:
+    fault = parse_fault(os.environ.get(FAULT_ENV))
+    if fault is None or fault[0] != stage:
+        return
+    _reached[stage] += 1
+    if _reached[stage] != fault[1]:
+        return
+    action = fault[2]
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {stage})")
+    if action == "oom":
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {stage})")
+    raise RuntimeError(f"injected failure at {stage}")
