@@ -104,7 +104,10 @@ def run(cfg: DictConfig) -> RunSummary:
     identity = model_identity(cfg.model, devices[0])
     items = select_shard(manifest.items, shard)
     fetcher = UrlCache(store.root / "downloads", cfg.fetch)  # image URLs are cached per run dir
-    plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity.as_dict(), store, cfg.run.limit, fetcher)
+    plan = plan_run(
+        items, cfg.conditioning, cfg.model, cfg.memory, identity.as_dict(), store, cfg.run.limit, fetcher,
+        max_image_pixels=cfg.run.max_image_pixels,
+    )
     summary.skipped = len(plan.done)
     if shard.count > 1:
         log.info("shard %d of %d: %d of %d items", shard.index, shard.count, len(items), len(manifest.items))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
@@ -21,6 +21,12 @@ from .config import ResizeMode
 # Bump when load_rgb/prepare change how they turn the same bytes into pixels.
 PREPROCESS_VERSION = 1
 RESAMPLE = Image.Resampling.BICUBIC
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # run.max_image_pixels
+
+# Every open below checks run.max_image_pixels from the header, before decoding. PIL's own
+# process-wide check would otherwise warn, or fail with its own limit and message, before
+# ours (and would refuse images a user allowed by raising run.max_image_pixels).
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageProblem(ValueError):
@@ -42,13 +48,17 @@ class Preprocess:
     resize: ResizeMode = ResizeMode.crop
     pad_color: tuple[int, int, int] = (0, 0, 0)
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited onto this
+    # run.max_image_pixels: refuses an image, never changes its pixels, so it is neither in
+    # as_dict (the key) nor compared.
+    max_image_pixels: Optional[int] = field(default=DEFAULT_MAX_IMAGE_PIXELS, compare=False)
 
     @classmethod
-    def from_config(cls, cond: Any) -> "Preprocess":
+    def from_config(cls, cond: Any, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> "Preprocess":
         return cls(
             resize=ResizeMode(cond.resize),
             pad_color=parse_color(cond.pad_color),
             background=parse_color(cond.background),
+            max_image_pixels=max_image_pixels,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -60,16 +70,42 @@ class Preprocess:
         }
 
 
-def check_image(path: str | os.PathLike, *, decode: bool = True) -> None:
-    """Raise ImageProblem if `path` is missing or (with decode) is not a readable image."""
-    if not os.path.isfile(path):
-        raise ImageProblem("image file not found")
+def pixels_problem(size: tuple[int, int], max_pixels: Optional[int]) -> Optional[str]:
+    width, height = size
+    if max_pixels is None or width * height <= max_pixels:
+        return None
+    return (
+        f"image is {width}x{height} = {width * height:,} pixels, more than run.max_image_pixels "
+        f"({max_pixels:,}); shrink it, or raise run.max_image_pixels if it is genuine"
+    )
+
+
+def open_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Image.open, refusing more than max_pixels from the header alone (a decompression
+    bomb would otherwise fill memory while decoding)."""
+    image = Image.open(path)
+    why = pixels_problem(image.size, max_pixels)
+    if why:
+        image.close()
+        raise ImageProblem(why)
+    return image
+
+
+def check_image(path: str | os.PathLike, *, decode: bool = True, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Raise ImageProblem if `path` is missing or (with decode) is too big or not a readable image."""
+    if not os.path.isfile(path):  # the only check on the fast path: one stat
+        raise ImageProblem("is a folder, not an image file" if os.path.isdir(path) else "image file not found")
     if not decode:
         return
     try:
-        with Image.open(path) as image:
+        with open_image(path, max_pixels) as image:
             image.load()  # a full decode catches truncated files, verify() alone does not
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except ImageProblem:
+        raise
+    except UnidentifiedImageError:  # PIL's own message repeats the absolute path
+        what = "the file is empty" if os.path.getsize(path) == 0 else "not an image format Pillow can read"
+        raise ImageProblem(f"not a readable image: {what}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageProblem(f"not a readable image: {exc}") from None
 
 
@@ -85,9 +121,14 @@ def has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode in ("P", "L", "RGB") and "transparency" in image.info)
 
 
-def load_rgb(path: str | os.PathLike, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Open as 8-bit RGB, honouring EXIF orientation; alpha is composited onto `background`."""
-    with Image.open(path) as opened:
+def load_rgb(
+    path: str | os.PathLike,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    """Open as 8-bit RGB, honouring EXIF orientation; alpha is composited onto `background`.
+    More than max_pixels raises ImageProblem before decoding."""
+    with open_image(path, max_pixels) as opened:
         image = ImageOps.exif_transpose(opened)  # a rotated copy, or a plain copy
         image.load()
     if has_alpha(image):

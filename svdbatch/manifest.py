@@ -8,7 +8,9 @@ otherwise skip just that row (the driver records it in failures.jsonl).
 
 from __future__ import annotations
 
+import codecs
 import csv
+import difflib
 import hashlib
 import io
 import json
@@ -19,19 +21,22 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Optional
 from urllib.parse import unquote, urlsplit
 
-from .config import ResizeMode
+from .config import ConfigError, ResizeMode
 from .fetch import is_url, url_problem
-from .images import ImageProblem, check_image
-from .params import PARAM_NAMES, ValueProblem, coerce
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageProblem, check_image
+from .params import PARAM_NAMES, ValueProblem, coerce, show_value
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed accepts 0 .. 2**64 - 1
 META_PREFIX = "meta_"  # free-form columns carried into the sidecar untouched
 CORE_COLUMNS = ("id", "image", "seed", "resize")  # resize: per-row conditioning.resize
 KNOWN_COLUMNS = frozenset(CORE_COLUMNS + PARAM_NAMES)
 RESIZE_MODES = tuple(mode.value for mode in ResizeMode)
-MAX_ID_LENGTH = 200
-# Path separators, characters Windows/SMB shares reject, and control characters.
-UNSAFE_ID_CHARS = re.compile(r'[/\\:*?"<>|\x00-\x1f]')
+# In UTF-8 bytes, not characters: ids become file names, and file systems limit names to
+# 255 bytes (the temporary names add a few dozen more).
+MAX_ID_BYTES = 200
+# Path separators, characters Windows/SMB shares reject, and control characters (C0, DEL, C1).
+UNSAFE_ID_CHARS = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f-\x9f]')
+SEED_TEXT = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take '1_0' or '٣'
 # Files a folder manifest picks up (hidden files and folders are skipped).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -119,8 +124,9 @@ def id_problem(item_id: str) -> Optional[str]:
     """Ids become file names inside the run dir, so they must not be able to escape it."""
     if not item_id:
         return "must not be empty"
-    if len(item_id) > MAX_ID_LENGTH:
-        return f"must be at most {MAX_ID_LENGTH} characters"
+    size = len(item_id.encode())
+    if size > MAX_ID_BYTES:
+        return f"must be at most {MAX_ID_BYTES} bytes in UTF-8 (it names files), got {size}"
     if item_id.startswith("."):
         return f"must not start with '.' (got {item_id!r})"
     if UNSAFE_ID_CHARS.search(item_id):
@@ -129,15 +135,16 @@ def id_problem(item_id: str) -> Optional[str]:
 
 
 def _coerce_seed(value: Any) -> int:
+    # No floats, not even 42.0: a float seed above 2**53 has already lost digits.
     if isinstance(value, bool):
-        raise ValueProblem(f"must be an integer in [0, 2**64), got {value!r}")
+        raise ValueProblem(f"must be an integer in [0, 2**64), got {show_value(value)}")
     if isinstance(value, str):
         text = value.strip()
-        if not text.lstrip("-").isdigit():
-            raise ValueProblem(f"must be an integer in [0, 2**64), got {value!r}")
+        if not SEED_TEXT.fullmatch(text):
+            raise ValueProblem(f"must be an integer in [0, 2**64), got {show_value(value)}")
         value = int(text)
     if not isinstance(value, int):
-        raise ValueProblem(f"must be an integer in [0, 2**64), got {value!r}")
+        raise ValueProblem(f"must be an integer in [0, 2**64), got {show_value(value)}")
     if not 0 <= value < SEED_LIMIT:
         raise ValueProblem(f"must be an integer in [0, 2**64), got {value}")
     return value
@@ -146,25 +153,45 @@ def _coerce_seed(value: Any) -> int:
 Row = tuple[int, dict[str, Any], list[Problem]]  # line, values, problems found while reading
 
 
+def _csv_rows(reader: Any, shown: str, problems: list[Problem]) -> Iterator[tuple[int, list[str]]]:
+    """(line, cells) of each non-blank record. Broken quoting ends the file with a fatal
+    problem naming the line the record started on (strict mode: otherwise an unclosed
+    quote silently swallows the rest of the file into one cell)."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            problems.append(Problem(shown, start, None, f"not valid CSV from this line on ({exc}); check the quotes"))
+            return
+        if any(v.strip() for v in values):
+            yield reader.line_num, values
+
+
+def _check_header(header: list[str], shown_path: str, line: int, problems: list[Problem]) -> None:
+    _check_columns(header, shown_path, line, problems, hint=len(header) == 1, is_header=True)
+    seen: set[str] = set()
+    for number, name in enumerate(header, start=1):
+        if not name:
+            problems.append(Problem(shown_path, line, None, f"column {number} has no name in the header (a stray ',' at the end?)"))
+        elif name in seen:
+            problems.append(Problem(shown_path, line, name, "column appears twice in the header"))
+        seen.add(name)
+
+
 def _read_csv(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row]:
     """Header problems go to `problems` (fatal); each row comes with its own."""
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
+        records = _csv_rows(csv.reader(handle, strict=True), shown, problems)
+        first = next(records, None)
+        if first is None:
             return
+        header_line, header = first
         header = [name.strip() for name in header]
-        _check_columns(header, shown, 1, problems, hint=len(header) == 1, is_header=True)
-        seen: set[str] = set()
-        for name in header:
-            if name in seen:
-                problems.append(Problem(shown, 1, name, "column appears twice in the header"))
-            seen.add(name)
-        for values in reader:
-            line = reader.line_num
-            if not any(v.strip() for v in values):
-                continue  # blank line
+        _check_header(header, shown, header_line, problems)
+        for line, values in records:
             if len(values) != len(header):
                 yield line, {}, [Problem(shown, line, None, f"row has {len(values)} fields but the header has {len(header)}")]
                 continue
@@ -181,7 +208,8 @@ def _read_jsonl(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield line, {}, [Problem(shown, line, None, f"not valid JSON ({exc.msg})")]
+                why = f"not valid JSON ({exc.msg}); JSONL needs one whole object per line"
+                yield line, {}, [Problem(shown, line, None, why)]
                 continue
             if not isinstance(row, dict):
                 yield line, {}, [Problem(shown, line, None, f"must be a JSON object, got {type(row).__name__}")]
@@ -206,9 +234,9 @@ def _read_folder(path: Path, shown: str, problems: list[Problem]) -> Iterator[Ro
 def _check_columns(
     names: list[str], shown: str, line: int, problems: list[Problem], hint: bool = False, is_header: bool = False
 ) -> set[str]:
-    unknown = {n for n in names if n not in KNOWN_COLUMNS and not n.startswith(META_PREFIX)}
+    unknown = {n for n in names if n and n not in KNOWN_COLUMNS and not n.startswith(META_PREFIX)}
     for name in sorted(unknown):
-        extra = " (is the file comma-separated?)" if hint and any(c in name for c in ";\t|") else ""
+        extra = " (is the file comma-separated?)" if hint and any(c in name for c in ";\t|") else _did_you_mean(name)
         problems.append(
             Problem(
                 shown,
@@ -222,8 +250,57 @@ def _check_columns(
     return unknown
 
 
-def read_manifest(path: str | os.PathLike, *, run_seed: int = 0, strict: bool = True, check_images: bool = True) -> Manifest:
-    """Parse and validate a manifest. Raises ManifestError listing every problem found."""
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), KNOWN_COLUMNS, n=1, cutoff=0.75)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _encoding_problem(path: Path, shown_path: str, exc: UnicodeDecodeError) -> Problem:
+    """Where the file stops being UTF-8 (the reader's error only knows its buffer)."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return Problem(shown_path, None, None, "is UTF-16 text; save it as UTF-8 (in Excel: 'CSV UTF-8')")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return Problem(shown_path, line, None, f"not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8")
+    return Problem(shown_path, None, None, f"not UTF-8 text ({exc.reason})")
+
+
+def _real_root(image_root: Optional[str]) -> Optional[str]:
+    """run.image_root as a real path (relative to the working directory), with a trailing separator."""
+    if image_root is None:
+        return None
+    root = os.path.realpath(image_root)
+    if not os.path.isdir(root):
+        raise ConfigError(f"invalid config:\n  run.image_root: not a folder: {image_root} ({root})")
+    return os.path.join(root, "")
+
+
+def _outside_root(image_path: str, root: str) -> Optional[str]:
+    """Why image_path may not be used under run.image_root, or None. realpath, so a symlink
+    inside the root that points outside it is caught too."""
+    real = os.path.realpath(image_path)
+    if real.startswith(root):
+        return None
+    target = "" if real == image_path else f" (a link to {real})"
+    return f"resolves outside run.image_root ({root.rstrip(os.sep) or os.sep}){target}"
+
+
+def read_manifest(
+    path: str | os.PathLike,
+    *,
+    run_seed: int = 0,
+    strict: bool = True,
+    check_images: bool = True,
+    image_root: Optional[str] = None,
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Manifest:
+    """Parse and validate a manifest. Raises ManifestError listing every problem found.
+
+    image_root (run.image_root): local images must resolve inside it; None = any path.
+    max_image_pixels (run.max_image_pixels): checked from the header when check_images."""
     path = Path(path)
     shown = str(path)
     is_folder = path.is_dir()
@@ -238,6 +315,7 @@ def read_manifest(path: str | os.PathLike, *, run_seed: int = 0, strict: bool = 
     else:
         raise ManifestError([Problem(shown, None, None, "unsupported manifest type; use .csv, .jsonl or a folder of images")])
 
+    root = _real_root(image_root)
     file_problems: list[Problem] = []
     row_problems: list[Problem] = []
     manifest = Manifest(path=path)
@@ -246,7 +324,7 @@ def read_manifest(path: str | os.PathLike, *, run_seed: int = 0, strict: bool = 
     try:
         rows = list(read_rows(path, shown, file_problems))
     except UnicodeDecodeError as exc:
-        raise ManifestError([Problem(shown, None, None, f"not UTF-8 text ({exc.reason})")]) from None
+        raise ManifestError([_encoding_problem(path, shown, exc)]) from None
     if not rows and not file_problems:
         empty = f"folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})" if is_folder else "manifest has no rows"
         file_problems.append(Problem(shown, None, None, empty))
@@ -264,7 +342,10 @@ def read_manifest(path: str | os.PathLike, *, run_seed: int = 0, strict: bool = 
 
         image_ref = row.get("image")
         if not isinstance(image_ref, str) or not image_ref.strip():
-            bad("image", "required" if image_ref is None else f"must be a path string, got {image_ref!r}")
+            bad("image", "required" if image_ref is None else f"must be a path string, got {show_value(image_ref)}")
+            image_ref = None
+        elif "\x00" in image_ref:  # os.path would raise on it
+            bad("image", f"contains a NUL character ({image_ref!r})")
             image_ref = None
         else:
             image_ref = image_ref.strip()
@@ -277,7 +358,7 @@ def read_manifest(path: str | os.PathLike, *, run_seed: int = 0, strict: bool = 
             item_id = str(raw_id).strip() if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else ""
             id_field_given = True
             if not item_id:
-                bad("id", f"must be a non-empty string, got {raw_id!r}")
+                bad("id", f"must be a non-empty string, got {show_value(raw_id)}")
         if item_id:
             why = id_problem(item_id)
             if why:
@@ -318,12 +399,17 @@ def read_manifest(path: str | os.PathLike, *, run_seed: int = 0, strict: bool = 
                 if why:
                     bad("image", f"{why} ({image_ref})")
             else:
-                # normpath, not resolve(): no symlink walk per row (a 100k-row manifest).
+                # normpath, not resolve(): no symlink walk per row (a 100k-row manifest)
+                # unless run.image_root asks for one.
                 image_path = os.path.normpath(os.path.join(base_dir, image_ref))
-                try:
-                    check_image(image_path, decode=check_images)
-                except ImageProblem as exc:
-                    bad("image", f"{exc} ({image_ref})")
+                why = _outside_root(image_path, root) if root else None
+                if why is None:  # a file outside the root is not even opened
+                    try:
+                        check_image(image_path, decode=check_images, max_pixels=max_image_pixels)
+                    except ImageProblem as exc:
+                        why = str(exc)
+                if why:
+                    bad("image", f"{why} ({image_ref})")
 
         if problems:
             row_problems.extend(problems)

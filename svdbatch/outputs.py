@@ -119,7 +119,9 @@ def write_video(frames: np.ndarray, target: Path, output: OutputConfig, fps: int
         if fmt is OutputFormat.mp4:
             from diffusers.utils import export_to_video
 
-            export_to_video(pil_frames, str(tmp), fps=fps, quality=output.quality)
+            # libx264 + yuv420p (imageio's defaults: plays in browsers). Sizes are multiples
+            # of 8 (validated); the default macro block of 16 would make ffmpeg rescale e.g. 72 px to 80.
+            export_to_video(pil_frames, str(tmp), fps=fps, quality=output.quality, macro_block_size=8)
         else:
             # PIL's GIF/WebP writers take a per-frame duration in milliseconds.
             extra = {"optimize": False} if fmt is OutputFormat.gif else {"quality": int(output.quality * 10), "lossless": False}

@@ -54,6 +54,31 @@ class ValueProblem(ValueError):
     """A single value broke its rule; the message says what was expected."""
 
 
+def show_value(value: Any, limit: int = 60) -> str:
+    """A value for a message: JSON's spelling and type for non-strings (a JSONL column
+    may mix them), long text cut short."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'list' if isinstance(value, list) else 'object'}"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
+
+
+def _parse_number(text: str, kind: type) -> Any:
+    """ASCII decimal text only: Python's int()/float() also take '1_000' and other scripts'
+    digits, which no spreadsheet means. '7.0' is accepted for integers, as JSON's 7.0 is
+    (pandas writes integer columns with gaps that way)."""
+    if not text.isascii() or "_" in text:
+        raise ValueError(text)
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    return float(text)
+
+
 def coerce(name: str, value: Any) -> Any:
     """Turn a config/CSV/JSON value into the parameter's type, or raise ValueProblem."""
     rule = RULES[name]
@@ -62,19 +87,18 @@ def coerce(name: str, value: Any) -> Any:
             return None
         raise ValueProblem(f"must be {rule.describe()}, got an empty value")
     if isinstance(value, bool):
-        raise ValueProblem(f"must be {rule.describe()}, got {value!r}")
+        raise ValueProblem(f"must be {rule.describe()}, got {show_value(value)}")
     if isinstance(value, str):
-        text = value.strip()
         try:
-            number: Any = int(text) if rule.kind is int else float(text)
+            number: Any = _parse_number(value.strip(), rule.kind)
         except ValueError:
-            raise ValueProblem(f"must be {rule.describe()}, got {value!r}") from None
+            raise ValueProblem(f"must be {rule.describe()}, got {show_value(value)}") from None
     elif isinstance(value, (int, float)):
         number = value
     else:
-        raise ValueProblem(f"must be {rule.describe()}, got {type(value).__name__} {value!r}")
+        raise ValueProblem(f"must be {rule.describe()}, got {show_value(value)}")
     if isinstance(number, float) and not math.isfinite(number):
-        raise ValueProblem(f"must be a finite number, got {value!r}")
+        raise ValueProblem(f"must be {rule.describe()}, got {value!r} (not a finite number)")
     if rule.kind is int:
         if isinstance(number, float):
             if not number.is_integer():

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from .config import FetchConfig, MemoryConfig, ModelConfig, OutputConfig, OutputFormat, ResizeMode
 from .fetch import FetchError, UrlCache
-from .images import PREPROCESS_VERSION, Preprocess, file_sha256
+from .images import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION, Preprocess, file_sha256
 from .manifest import Item
 from .models import ModelLoadError, load_pipeline, model_identity, resolve_devices
 from .params import GenParams
@@ -95,7 +95,11 @@ def reproduce(sidecar_path: Path) -> Reproduction:
     prep = sidecar["preprocess"]
     if prep.get("version") != PREPROCESS_VERSION:
         notes.append(f"image preprocessing version {prep.get('version')} -> {PREPROCESS_VERSION}")
-    preprocess = Preprocess(resize=ResizeMode(prep["resize"]), pad_color=tuple(prep["pad_color"]), background=tuple(prep["background"]))
+    limit = sidecar.get("config", {}).get("run", {}).get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    preprocess = Preprocess(
+        resize=ResizeMode(prep["resize"]), pad_color=tuple(prep["pad_color"]), background=tuple(prep["background"]),
+        max_image_pixels=limit,
+    )
     row = sidecar["row"]
 
     with tempfile.TemporaryDirectory(prefix="svdbatch-reproduce-") as scratch:

@@ -118,7 +118,7 @@ def load_entry(entry: PlannedItem) -> Loaded:
         if entry.fetch_error:
             raise FetchError(entry.fetch_error)
         prep = entry.preprocess
-        source = load_rgb(entry.source, prep.background)
+        source = load_rgb(entry.source, prep.background, prep.max_image_pixels)
         image = prepare(source, entry.params.width, entry.params.height, prep.resize, prep.pad_color)
         return Loaded(entry, image, source.size, time.perf_counter() - start)
     except Exception as exc:  # recorded per item by the worker

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 from .config import ConditioningConfig, ConfigError, MemoryConfig, ModelConfig, ResizeMode
 from .fetch import UrlCache
-from .images import Preprocess, file_sha256
+from .images import DEFAULT_MAX_IMAGE_PIXELS, Preprocess, file_sha256
 from .manifest import Item
 from .params import GenParams, param_defaults
 from .store import KeyMaker, RunStore
@@ -110,6 +110,7 @@ def plan_run(
     store: RunStore,
     limit: Optional[int] = None,
     fetcher: Optional[UrlCache] = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Plan:
     """Resolve each item's parameters and key, and split done from to-do.
 
@@ -126,7 +127,7 @@ def plan_run(
     fetched = fetcher.fetch_many(urls) if urls else {}
     index = store.finished_index()
     defaults = param_defaults(cond, model, memory)
-    run_preprocess = Preprocess.from_config(cond)
+    run_preprocess = Preprocess.from_config(cond, max_image_pixels)  # a refusal limit: not in the key
     make_key = KeyMaker(model_identity)
     plan = Plan()
     for item in selected:

@@ -1,0 +1,343 @@
+"""The bad-input catalogue: every kind of bad input gets a message naming the file, the
+line and the field, odd-but-valid images are converted rather than refused, and a bad
+manifest never costs finished work."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from svdbatch.cli import validate
+from svdbatch.config import ConfigError
+from svdbatch.driver import run
+from svdbatch.images import ImageProblem, Preprocess, check_image, load_rgb
+from svdbatch.manifest import ManifestError, read_manifest
+from svdbatch.store import read_jsonl
+from tests.conftest import FAST, make_cfg, make_image, run_cli, write_csv
+
+TOO_LONG = "東" * 70  # 70 characters, 210 bytes in UTF-8
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims width x height but has no pixel data: a decompression bomb's header,
+    in a few bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """tmp/data/{img/a.png, img/b.png, broken images} and tmp/outside.png next to it."""
+    root = tmp_path / "data"
+    img = root / "img"
+    make_image(img / "a.png", seed=1)
+    make_image(img / "b.png", seed=2)
+    (img / "fake.png").write_text("this is not a png")
+    (img / "empty.png").write_bytes(b"")
+    (img / "cut.png").write_bytes((img / "a.png").read_bytes()[:-200])
+    (img / "folder.png").mkdir()
+    make_image(img / "big.png", size=(120, 100))
+    make_image(root / ".hidden.png")
+    make_image(tmp_path / "outside.png")
+    return root
+
+
+def problems_of(path: Path, **kwargs) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        read_manifest(path, **kwargs)
+    return [str(p) for p in info.value.problems]
+
+
+GOOD = "ok,img/b.png"  # line 2 of most cases: the bad row is on line 3
+
+# name, file name, content, line (None: the whole file), field (None: none applies), fragment, read_manifest kwargs
+CATALOGUE = [
+    ("empty file", "m.csv", "", None, None, "manifest has no rows", {}),
+    ("header only", "m.csv", "id,image\n", None, None, "manifest has no rows", {}),
+    ("semicolon delimiter", "m.csv", "id;image\na;img/a.png\n", 1, "id;image", "is the file comma-separated?", {}),
+    ("tab delimiter", "m.csv", "id\timage\na\timg/a.png\n", 1, "id\timage", "is the file comma-separated?", {}),
+    ("missing image column", "m.csv", "id,seed\na,1\n", 1, "image", "required column is missing", {}),
+    ("misspelt column", "m.csv", "id,image,Seed\na,img/a.png,1\n", 1, "Seed", "did you mean 'seed'?", {}),
+    ("unnamed column", "m.csv", "id,image,\na,img/a.png,\n", 1, None, "column 3 has no name", {}),
+    ("duplicate column", "m.csv", "id,image,id\na,img/a.png,b\n", 1, "id", "column appears twice", {}),
+    ("ragged row", "m.csv", f"id,image\n{GOOD}\na,img/a.png,extra\n", 3, None, "row has 3 fields but the header has 2", {}),
+    ("unclosed quote", "m.csv", f'id,image\n{GOOD}\n"a,img/a.png\nb,img/b.png\n', 3, None, "not valid CSV from this line on", {}),
+    ("not UTF-8", "m.csv", "id,image\nok,img/b.png\ncaf\xe9,img/a.png\n".encode("latin-1"), 3, None, "not UTF-8 text", {}),
+    ("UTF-16", "m.csv", "id,image\na,img/a.png\n".encode("utf-16"), None, None, "is UTF-16 text; save it as UTF-8", {}),
+    ("duplicate id", "m.csv", f"id,image\n{GOOD}\nok,img/a.png\n", 3, "id", "duplicate id 'ok' (first used on line 2)", {}),
+    ("seed not an integer", "m.csv", f"id,image,seed\n{GOOD},1\na,img/a.png,1.5\n", 3, "seed", "got '1.5'", {}),
+    ("seed negative", "m.csv", f"id,image,seed\n{GOOD},1\na,img/a.png,-1\n", 3, "seed", "[0, 2**64), got -1", {}),
+    ("seed 2**64", "m.csv", f"id,image,seed\n{GOOD},1\na,img/a.png,{2**64}\n", 3, "seed", f"got {2**64}", {}),
+    ("seed in other digits", "m.csv", f"id,image,seed\n{GOOD},1\na,img/a.png,٣\n", 3, "seed", "got '٣'", {}),
+    ("nan", "m.csv", f"id,image,noise_aug_strength\n{GOOD},\na,img/a.png,nan\n", 3, "noise_aug_strength", "not a finite number", {}),
+    ("inf", "m.csv", f"id,image,max_guidance_scale\n{GOOD},\na,img/a.png,inf\n", 3, "max_guidance_scale", "not a finite number", {}),
+    ("motion bucket 256", "m.csv", f"id,image,motion_bucket_id\n{GOOD},\na,img/a.png,256\n", 3, "motion_bucket_id", "in [0, 255], got '256'", {}),
+    ("width not /8", "m.csv", f"id,image,width\n{GOOD},\na,img/a.png,100\n", 3, "width", "multiple of 8, got '100'", {}),
+    ("height not /8", "m.csv", f"id,image,height\n{GOOD},\na,img/a.png,60\n", 3, "height", "multiple of 8, got '60'", {}),
+    ("num_frames 0", "m.csv", f"id,image,num_frames\n{GOOD},\na,img/a.png,0\n", 3, "num_frames", "in [1, 1024], got '0'", {}),
+    ("underscore number", "m.csv", f"id,image,fps\n{GOOD},\na,img/a.png,1_0\n", 3, "fps", "got '1_0'", {}),
+    ("image missing", "m.csv", f"id,image\n{GOOD}\na,img/none.png\n", 3, "image", "image file not found (img/none.png)", {}),
+    ("image truncated", "m.csv", f"id,image\n{GOOD}\na,img/cut.png\n", 3, "image", "not a readable image", {}),
+    ("image not an image", "m.csv", f"id,image\n{GOOD}\na,img/fake.png\n", 3, "image", "not a readable image: not an image format", {}),
+    ("image empty file", "m.csv", f"id,image\n{GOOD}\na,img/empty.png\n", 3, "image", "not a readable image: the file is empty", {}),
+    ("image is a folder", "m.csv", f"id,image\n{GOOD}\na,img/folder.png\n", 3, "image", "is a folder, not an image file", {}),
+    ("image too big", "m.csv", f"id,image\n{GOOD}\na,img/big.png\n", 3, "image",
+     "image is 120x100 = 12,000 pixels, more than run.max_image_pixels (6,000)", {"max_image_pixels": 6000}),
+    ("path traversal", "m.csv", f"id,image\n{GOOD}\na,../../x.png\n", 3, "image", "resolves outside run.image_root", {"image_root": "$ROOT"}),
+    ("absolute path outside", "m.csv", f"id,image\n{GOOD}\na,$OUTSIDE\n", 3, "image", "resolves outside run.image_root", {"image_root": "$ROOT"}),
+    ("id with /", "m.csv", f"id,image\n{GOOD}\nx/../../y,img/a.png\n", 3, "id", "must not contain path separators", {}),
+    ("id with backslash", "m.csv", f"id,image\n{GOOD}\n..\\y,img/a.png\n", 3, "id", "must not start with '.'", {}),
+    ("id with backslash inside", "m.csv", f"id,image\n{GOOD}\nx\\y,img/a.png\n", 3, "id", "must not contain path separators", {}),
+    ("id ..", "m.csv", f"id,image\n{GOOD}\n..,img/a.png\n", 3, "id", "must not start with '.'", {}),
+    ("id hidden", "m.csv", f"id,image\n{GOOD}\n.x,img/a.png\n", 3, "id", "must not start with '.'", {}),
+    ("id control character", "m.csv", f"id,image\n{GOOD}\na\x7fb,img/a.png\n", 3, "id", "control or reserved characters", {}),
+    ("id too long in bytes", "m.csv", f"id,image\n{GOOD}\n{TOO_LONG},img/a.png\n", 3, "id", "at most 200 bytes in UTF-8", {}),
+    ("derived id hidden", "m.csv", "image\nimg/b.png\n.hidden.png\n", 3, "image", "the id derived from it must not start with '.'", {}),
+    ("jsonl not an object", "m.jsonl", '{"image": "img/b.png"}\n["img/a.png"]\n', 2, None, "must be a JSON object, got list", {}),
+    ("jsonl not json", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png",}\n', 2, None, "not valid JSON", {}),
+    ("jsonl pretty-printed", "m.jsonl", '{"image": "img/b.png"}\n{\n  "image": "img/a.png"\n}\n', 2, None, "JSONL needs one whole object per line", {}),
+    ("jsonl unknown key", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png", "motion_bucket": 3}\n', 2, "motion_bucket",
+     "unknown column (did you mean 'motion_bucket_id'?)", {}),
+    ("jsonl boolean in a number column", "m.jsonl", '{"image": "img/b.png", "fps": 7}\n{"image": "img/a.png", "fps": true}\n', 2, "fps",
+     "got true (a boolean)", {}),
+    ("jsonl float in an integer column", "m.jsonl", '{"image": "img/b.png", "fps": "7"}\n{"image": "img/a.png", "fps": 7.5}\n', 2, "fps",
+     "must be an integer in [1, 1000], got 7.5", {}),
+    ("jsonl list in a number column", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png", "fps": [7]}\n', 2, "fps",
+     "got a JSON list", {}),
+    ("jsonl number as image", "m.jsonl", '{"image": "img/b.png"}\n{"image": 5}\n', 2, "image", "must be a path string, got 5", {}),
+    ("jsonl boolean id", "m.jsonl", '{"image": "img/b.png"}\n{"id": false, "image": "img/a.png"}\n', 2, "id", "got false (a boolean)", {}),
+    ("jsonl float seed", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png", "seed": 42.0}\n', 2, "seed", "got 42.0", {}),
+    ("jsonl NaN seed", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png", "seed": NaN}\n', 2, "seed", "got nan", {}),
+]
+
+
+FILE_LEVEL = {
+    "empty file", "header only", "semicolon delimiter", "tab delimiter", "missing image column", "misspelt column",
+    "unnamed column", "duplicate column", "unclosed quote", "not UTF-8", "UTF-16",
+}
+
+
+@pytest.mark.parametrize("name,file_name,content,line,field,fragment,kwargs", CATALOGUE, ids=[case[0] for case in CATALOGUE])
+def test_catalogue(data, tmp_path, name, file_name, content, line, field, fragment, kwargs):
+    manifest = data / file_name
+    outside = str(tmp_path / "outside.png")
+    if isinstance(content, bytes):
+        manifest.write_bytes(content)
+    else:
+        manifest.write_text(content.replace("$OUTSIDE", outside), encoding="utf-8")
+    kwargs = {key: str(data) if value == "$ROOT" else value for key, value in kwargs.items()}
+    problems = problems_of(manifest, **kwargs)
+    where = f"{manifest}:{line}: " if line is not None else f"{manifest}: "
+    what = f"field '{field}': " if field else ""
+    matching = [p for p in problems if p.startswith(where + what) and fragment in p]
+    assert matching, f"no problem starts with {where + what!r} and contains {fragment!r}: {problems}"
+    if name in FILE_LEVEL:  # fatal even when not strict: nothing in the file can be trusted
+        problems_of(manifest, strict=False, **kwargs)
+    else:  # not strict: the good first row survives, the bad one is reported with its line
+        result = read_manifest(manifest, strict=False, **kwargs)
+        assert len(result.items) == 1 and line in [bad[0] for bad in result.bad_rows]
+
+
+def test_catalogue_is_broad():
+    assert len(CATALOGUE) >= 20
+    assert len({case[0] for case in CATALOGUE}) == len(CATALOGUE)
+
+
+def test_bom_csv_and_jsonl_work_normally(data):
+    csv_path = data / "bom.csv"
+    csv_path.write_bytes("\ufeffid,image,seed\nx,img/a.png,3\n".encode())
+    jsonl_path = data / "bom.jsonl"
+    jsonl_path.write_bytes('\ufeff{"id": "x", "image": "img/a.png", "seed": 3}\n'.encode())
+    for path in (csv_path, jsonl_path):
+        (item,) = read_manifest(path).items
+        assert (item.id, item.seed, Path(item.image)) == ("x", 3, data / "img" / "a.png")
+
+
+def test_consistent_number_types_across_csv_and_jsonl(data):
+    """'7', 7 and 7.0 mean the same integer in either format (pandas writes 7.0)."""
+    csv_items = read_manifest(write_csv(data / "m.csv", ["id", "image", "fps"], [["a", "img/a.png", "7.0"], ["b", "img/b.png", " 7 "]])).items
+    jsonl = data / "m.jsonl"
+    jsonl.write_text('{"id": "a", "image": "img/a.png", "fps": "7"}\n{"id": "b", "image": "img/b.png", "fps": 7.0}\n')
+    jsonl_items = read_manifest(jsonl).items
+    assert [i.overrides for i in csv_items] == [i.overrides for i in jsonl_items] == [{"fps": 7}, {"fps": 7}]
+
+
+# -- images that are odd but fine: converted, not refused ------------------------------
+
+
+def odd_images(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    grey = (np.arange(64 * 80).reshape(64, 80) % 256).astype(np.uint8)
+    made = {
+        "grey.png": Image.fromarray(grey, "L"),
+        "grey-alpha.png": Image.fromarray(np.stack([grey, 255 - grey], -1), "LA"),
+        "rgba.png": Image.fromarray(grey).convert("RGBA"),
+        "bilevel.png": Image.fromarray(grey).convert("1"),
+        "deep.png": Image.fromarray(grey.astype(np.uint16) * 257),
+        "cmyk.jpg": Image.fromarray(grey).convert("CMYK"),
+    }
+    paths = {}
+    for name, image in made.items():
+        image.save(folder / name)
+        paths[name] = folder / name
+    palette = Image.fromarray(grey % 4, "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    palette.save(folder / "palette-transparent.png", transparency=0)
+    paths["palette-transparent.png"] = folder / "palette-transparent.png"
+    return paths
+
+
+def test_odd_modes_pass_validation_and_load_as_rgb(tmp_path):
+    paths = odd_images(tmp_path / "img")
+    modes = {name: Image.open(path).mode for name, path in paths.items()}
+    assert modes == {"grey.png": "L", "grey-alpha.png": "LA", "rgba.png": "RGBA", "bilevel.png": "1",
+                     "deep.png": "I;16", "cmyk.jpg": "CMYK", "palette-transparent.png": "P"}
+    manifest = write_csv(tmp_path / "m.csv", ["image"], [[f"img/{name}"] for name in paths])
+    assert len(read_manifest(manifest).items) == len(paths)  # decoded during validation, none refused
+    for name, path in paths.items():
+        image = load_rgb(path)
+        assert (image.mode, image.size) == ("RGB", (80, 64)), name
+
+
+# -- ids ---------------------------------------------------------------------------------
+
+
+def test_unicode_ids_are_accepted(data):
+    manifest = write_csv(data / "m.csv", ["id", "image"], [["café-東京", "img/a.png"], ["naïve ünïcode", "img/b.png"]])
+    assert [i.id for i in read_manifest(manifest).items] == ["café-東京", "naïve ünïcode"]
+
+
+@pytest.mark.parametrize("bad_id", ["a/b", "../x", "..", ".x", "a\\b", "/abs", "C:x"])
+def test_ids_that_could_leave_the_run_dir_are_refused(data, bad_id):
+    manifest = data / "m.jsonl"
+    manifest.write_text(json.dumps({"id": bad_id, "image": "img/a.png"}) + "\n")
+    (problem,) = problems_of(manifest)
+    assert problem.startswith(f"{manifest}:1: field 'id': must not ")
+
+
+# -- run.image_root ----------------------------------------------------------------------
+
+
+def test_image_root_accepts_inside_and_refuses_escapes(data, tmp_path):
+    outside = tmp_path / "outside.png"
+    os.symlink(outside, data / "img" / "escape.png")
+    os.symlink(data / "img" / "a.png", data / "img" / "alias.png")  # a link that stays inside is fine
+    manifest = write_csv(
+        data / "m.csv",
+        ["id", "image"],
+        [["in", "img/a.png"], ["abs-in", data / "img" / "b.png"], ["alias", "img/alias.png"],
+         ["climb", "../../x.png"], ["abs-out", outside], ["link-out", "img/escape.png"], ["dots", "img/../../outside.png"]],
+    )
+    result = read_manifest(manifest, image_root=str(data), strict=False)
+    assert [i.id for i in result.items] == ["in", "abs-in", "alias"]
+    problems = {item_id: str(p[0]) for _, item_id, p in result.bad_rows}
+    assert set(problems) == {"climb", "abs-out", "link-out", "dots"}
+    for item_id, line in [("climb", 5), ("abs-out", 6), ("link-out", 7), ("dots", 8)]:
+        assert problems[item_id].startswith(f"{manifest}:{line}: field 'image': resolves outside run.image_root ({data})")
+    assert f"(a link to {outside})" in problems["link-out"]
+    # Without a root, the same manifest is fine wherever the images are (except the missing one).
+    assert len(read_manifest(manifest, strict=False).items) == 6
+
+
+def test_relative_image_root_is_relative_to_the_working_directory(data, tmp_path, monkeypatch):
+    manifest = write_csv(data / "m.csv", ["image"], [["img/a.png"]])
+    monkeypatch.chdir(tmp_path)
+    assert len(read_manifest(manifest, image_root="data").items) == 1
+    assert "resolves outside run.image_root" in problems_of(manifest, image_root="data/img/folder.png")[0]
+    with pytest.raises(ConfigError, match="run.image_root: not a folder: nowhere"):
+        read_manifest(manifest, image_root="nowhere")
+
+
+def test_validate_command_uses_the_run_settings(data, capsys):
+    manifest = write_csv(data / "m.csv", ["image"], [["img/a.png"], ["../outside.png"]])
+    assert validate([f"manifest={manifest}", f"run.image_root={data}"]) == 2
+    assert f"{manifest}:3: field 'image': resolves outside run.image_root ({data})" in capsys.readouterr().err
+    assert validate([f"manifest={manifest}", "run.max_image_pixels=5000"]) == 2
+    assert "more than run.max_image_pixels (5,000)" in capsys.readouterr().err
+    assert validate([f"manifest={manifest}"]) == 0
+
+
+# -- run.max_image_pixels ---------------------------------------------------------------
+
+
+def test_a_bomb_header_is_refused_with_our_message_not_pils(tmp_path):
+    """400 megapixels claimed in a 57-byte file: refused from the header, before PIL's own
+    decompression-bomb check (or any decoding) could run."""
+    bomb = png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    expected = "image is 20000x20000 = 400,000,000 pixels, more than run.max_image_pixels (100,000,000)"
+    with pytest.raises(ImageProblem, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        check_image(bomb)
+    with pytest.raises(ImageProblem, match="more than run.max_image_pixels"):
+        load_rgb(bomb)
+    manifest = write_csv(tmp_path / "m.csv", ["image"], [["bomb.png"]])
+    assert problems_of(manifest) == [f"{manifest}:2: field 'image': {expected}; shrink it, or raise run.max_image_pixels if it is genuine (bomb.png)"]
+
+
+def test_pixel_limit_applies_at_load_time_and_stays_out_of_the_key(tmp_path):
+    image = make_image(tmp_path / "a.png")  # 80x64 = 5120 pixels
+    with pytest.raises(ImageProblem, match="80x64 = 5,120 pixels, more than run.max_image_pixels \\(5,000\\)"):
+        load_rgb(image, max_pixels=5000)
+    assert load_rgb(image, max_pixels=5120).size == (80, 64)
+    cond = make_cfg().conditioning
+    limited, default = Preprocess.from_config(cond, max_image_pixels=5000), Preprocess.from_config(cond)
+    assert limited.max_image_pixels == 5000 and default.max_image_pixels == 100_000_000
+    assert limited.as_dict() == default.as_dict() and limited == default  # same frames, same key
+
+
+def test_pixel_limit_fails_the_item_at_load_time_when_validation_skips_decoding(tmp_path):
+    make_image(tmp_path / "img" / "a.png")  # 80x64
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image"], [["a", "img/a.png"]])
+    summary = run(make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "run.check_images=false",
+                           "run.max_image_pixels=1000", "run.num_threads=1"))
+    assert (summary.done, summary.failed) == (0, 1)
+    (failure,) = read_jsonl(tmp_path / "run" / "failures.jsonl")
+    assert failure["id"] == "a" and "more than run.max_image_pixels (1,000)" in failure["error"]
+
+
+# -- no lost data --------------------------------------------------------------------------
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every finished output: videos, sidecars and the results log."""
+    files = [*run_dir.glob("videos/**/*"), *run_dir.glob("items/*"), run_dir / "results.jsonl"]
+    return {str(f.relative_to(run_dir)): f.read_bytes() for f in files if f.is_file()}
+
+
+def test_a_bad_rerun_keeps_finished_work_and_unicode_ids_name_files(data, tmp_path):
+    run_dir = tmp_path / "run"
+    good = write_csv(data / "good.csv", ["id", "image", "seed"], [["café-東京", "img/a.png", 1], ["b", "img/b.png", 2]])
+    settings = [f"run.dir={run_dir}", "run.num_threads=1", "run.progress=false", "run.gallery=false"]
+    first = run(make_cfg(f"manifest={good}", *settings))
+    assert (first.done, first.failed) == (2, 0)
+    assert (run_dir / "videos" / "café-東京.mp4").is_file() and (run_dir / "items" / "café-東京.json").is_file()
+    before = snapshot(run_dir)
+
+    # Strict: the bad row stops the run before anything in the run dir is touched.
+    rows = [["café-東京", "img/a.png", 1], ["b", "img/b.png", 2], ["bad", "img/a.png", "-5"], ["c", "img/a.png", 3]]
+    bad = write_csv(data / "bad.csv", ["id", "image", "seed"], rows)
+    proc = run_cli(f"manifest={bad}", f"hydra.run.dir={run_dir}", *FAST, "run.num_threads=1", "run.progress=false")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{bad}:4: field 'seed': must be an integer in [0, 2**64), got -5" in proc.stderr
+    assert snapshot(run_dir) == before
+    assert not (run_dir / "failures.jsonl").exists()
+
+    # Not strict: the bad row is recorded, finished items are kept, the new good row runs.
+    second = run(make_cfg(f"manifest={bad}", *settings, "run.strict=false"))
+    assert (second.done, second.skipped, second.invalid) == (1, 2, 1)
+    after = snapshot(run_dir)
+    assert {name: after[name] for name in before if name != "results.jsonl"} == {n: b for n, b in before.items() if n != "results.jsonl"}
+    assert after["results.jsonl"].startswith(before["results.jsonl"])  # only appended to
+    (failure,) = read_jsonl(run_dir / "failures.jsonl")
+    assert (failure["id"], failure["line"]) == ("bad", 4) and "field 'seed'" in failure["problems"][0]
