@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .config import ConfigError, plain
 from .dataset import check_output_config, write_dataset
 from .fetch import UrlCache, check_fetch_config
+from .gallery import GalleryUpdater
 from .manifest import Manifest, read_manifest
 from .models import model_identity, resolve_devices
 from .params import check_conditioning
@@ -114,11 +115,7 @@ def run(cfg: DictConfig) -> RunSummary:
     if plan.done:
         log.info("resuming: %d of %d items already done", len(plan.done), len(plan.done) + len(plan.todo))
 
-    try:  # TEMP until gallery.py lands
-        from .gallery import GalleryUpdater
-        gallery = GalleryUpdater(store.root, cfg.run.gallery_every_s, cfg.run.gallery_max_items) if cfg.run.gallery else None
-    except ImportError:
-        gallery = None
+    gallery = GalleryUpdater(store.root, cfg.run.gallery_every_s, cfg.run.gallery_max_items) if cfg.run.gallery else None
     if plan.todo:
         bar = tqdm(total=len(plan.todo), desc=store.root.name, unit="item", disable=not cfg.run.progress, dynamic_ncols=True)
 

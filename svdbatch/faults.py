@@ -21,8 +21,6 @@ import signal
 from collections import Counter
 from typing import Optional
 
-import torch
-
 FAULT_ENV = "SVDBATCH_FAULT"
 STAGES = ("generate", "video", "sidecar", "results")
 ACTIONS = ("kill", "enospc", "oom", "error")
@@ -57,5 +55,7 @@ def fault_point(stage: str) -> None:
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {stage})")
     if action == "oom":
+        import torch  # only here: status and other light commands must not pay for importing torch
+
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {stage})")
     raise RuntimeError(f"injected failure at {stage}")

@@ -141,8 +141,8 @@ class RunStore:
         second worker, or a shard on another node sharing this dir)."""
         removed = 0
         cutoff = time.time() - older_than_s
-        # downloads/ (URL cache) and webdataset/ (shards) are written with the same atomic writer.
-        extra = [folder for folder in (self.root / "downloads", self.root / "webdataset") if folder.is_dir()]
+        # downloads/ (URL cache), webdataset/ (shards), gallery/ (thumbnails): the same atomic writer.
+        extra = [folder for folder in (self.root / name for name in ("downloads", "webdataset", "gallery")) if folder.is_dir()]
         for folder in (self.videos, self.sidecars, self.root, *extra):
             for entry in os.scandir(folder):
                 if TEMP_MARKER not in entry.name or not entry.name.startswith("."):
@@ -222,12 +222,15 @@ class RunStore:
         process holds it. The kernel drops the lock when its holder dies, so a killed run
         never leaves a stale claim; the files stay (deleting a lock file races with openers)."""
         fd = os.open(self.claims / f"{item_id}.claim", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return fd
+        for attempt in range(2):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if attempt == 0:
+                    time.sleep(0.02)  # `svdbatch status` probes claims for an instant: not a holder
+        os.close(fd)
+        return None
 
     @staticmethod
     def release(claim: Optional[int]) -> None:

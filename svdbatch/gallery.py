@@ -1,0 +1,373 @@
+"""<run dir>/index.html: a contact sheet of the run, one card per item, newest first.
+
+Done items show a thumbnail of the source image, an animated preview (the mp4 in a
+<video> tag, the gif/webp itself, or an animated webp made from PNG frames) and the
+parameters that shaped it; failed items show a red card with the error. The page is
+self-contained (inline CSS, no scripts, no network) and uses relative URLs only, so a
+copied or served run dir still works. Thumbnails and previews go to <run dir>/gallery/,
+made once per item: the source may live elsewhere, or be a URL download.
+
+Everything is read from the run dir (results.jsonl, failures.jsonl, the sidecars), so any
+process sharing the run dir may rewrite the page; it is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import quote
+
+from PIL import Image
+
+from .config import FetchConfig
+from .fetch import UrlCache
+from .images import load_rgb
+from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes
+from .status import is_invalid_record, is_run_dir, latest_by_id, not_a_run_dir_message, parse_time, run_cwd
+from .store import STALE_TEMP_SECONDS, read_jsonl
+
+log = logging.getLogger(__name__)
+
+INDEX = "index.html"
+ASSETS = "gallery"  # thumbnails and previews, inside the run dir
+THUMB_PX = 256
+MAX_TRACEBACK_CHARS = 4000
+EXIT_OK, EXIT_NOT_A_RUN_DIR = 0, 2
+
+
+@dataclass
+class Card:
+    item_id: str
+    kind: str  # done | missing (done, video since deleted) | failed | invalid
+    when: Optional[datetime]
+    record: dict[str, Any] = field(default_factory=dict)  # results or failures line
+    sidecar: dict[str, Any] = field(default_factory=dict)
+
+
+# -- what goes on the page ------------------------------------------------------------
+def collect_cards(run_dir: Path) -> list[Card]:
+    """One card per item id (its latest state), plus one per invalid row without an id;
+    newest first."""
+    failures_log = list(read_jsonl(run_dir / "failures.jsonl"))
+    cards: dict[str, Card] = {}
+    for item_id, record in latest_by_id(read_jsonl(run_dir / "results.jsonl")).items():
+        present = "output" in record and output_bytes(run_dir / record["output"]) == record.get("output_bytes")
+        cards[item_id] = Card(item_id, "done" if present else "missing", parse_time(record.get("finished_at")), record)
+    for item_id, record in latest_by_id(failures_log).items():
+        card = Card(item_id, "invalid" if is_invalid_record(record) else "failed", parse_time(record.get("time")), record)
+        previous = cards.get(item_id)
+        # A done item stays done; a deleted video gives way to a newer failure (a redo that failed).
+        if previous is None or (previous.kind == "missing" and not (previous.when and card.when and previous.when > card.when)):
+            cards[item_id] = card
+    idless = {r.get("line"): r for r in failures_log if r.get("id") is None}  # latest per manifest line
+    listed = list(cards.values()) + [Card(f"line {line}", "invalid", parse_time(r.get("time")), r) for line, r in idless.items()]
+    oldest = datetime.min.replace(tzinfo=timezone.utc)
+    return sorted(listed, key=lambda c: c.when or oldest, reverse=True)
+
+
+def read_sidecar(run_dir: Path, item_id: str) -> tuple[dict[str, Any], float]:
+    """(sidecar, its mtime); ({}, 0) if missing or unreadable."""
+    path = run_dir / "items" / f"{item_id}.json"
+    try:
+        return json.loads(path.read_bytes()), path.stat().st_mtime
+    except (OSError, ValueError):
+        return {}, 0.0
+
+
+# -- thumbnails and previews ----------------------------------------------------------
+def source_candidates(run_dir: Path, image: dict[str, Any]) -> list[Path]:
+    """Where the source image may be: its recorded path (relative paths are relative to
+    the cwd of the run), or for an image URL the run's download cache, also if moved."""
+    found: list[Path] = []
+    path = image.get("path")
+    if path:
+        path = Path(path)
+        cwd = run_cwd(run_dir)
+        found += [path] if path.is_absolute() else ([cwd / path] if cwd else []) + [path]
+        if image.get("url"):
+            found.append(run_dir / "downloads" / path.name)
+    if image.get("url"):
+        found.append(UrlCache(run_dir / "downloads", FetchConfig()).path_for(image["url"]))
+    return found
+
+
+def fresh(target: Path, than_mtime: float) -> bool:
+    try:
+        return target.stat().st_mtime >= than_mtime
+    except OSError:
+        return False
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=82)
+    return buffer.getvalue()
+
+
+def source_thumbnail(run_dir: Path, item_id: str, image: dict[str, Any], sidecar_mtime: float) -> Optional[str]:
+    """gallery/<id>.jpg (made now if missing or older than the sidecar); None if the
+    source cannot be found or read."""
+    target = run_dir / ASSETS / f"{item_id}.jpg"
+    if fresh(target, sidecar_mtime):
+        return f"{ASSETS}/{item_id}.jpg"
+    for source in source_candidates(run_dir, image):
+        if not source.is_file():
+            continue
+        try:
+            thumb = load_rgb(source)  # EXIF orientation and alpha handled as for generation
+            thumb.thumbnail((THUMB_PX, THUMB_PX))
+            target.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(target, jpeg_bytes(thumb))
+            return f"{ASSETS}/{item_id}.jpg"
+        except Exception as exc:  # a bad source must not cost the page
+            log.debug("gallery: no thumbnail for %s from %s: %s", item_id, source, exc)
+    return f"{ASSETS}/{item_id}.jpg" if target.is_file() else None
+
+
+def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, sidecar_mtime: float) -> Optional[str]:
+    """gallery/<id>.webp: a small animated preview of a folder of PNG frames."""
+    target = run_dir / ASSETS / f"{item_id}.webp"
+    if fresh(target, sidecar_mtime):
+        return f"{ASSETS}/{item_id}.webp"
+    paths = sorted(frames_dir.glob("*.png"))
+    if not paths:
+        return None
+    try:
+        frames = []
+        for path in paths:
+            with Image.open(path) as frame:
+                small = frame.convert("RGB")
+                small.thumbnail((THUMB_PX, THUMB_PX))
+                frames.append(small)
+        buffer = io.BytesIO()
+        frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / (fps or 7)), loop=0, quality=80)
+        target.parent.mkdir(exist_ok=True)
+        atomic_write_bytes(target, buffer.getvalue())
+        return f"{ASSETS}/{item_id}.webp"
+    except Exception as exc:
+        log.debug("gallery: no preview for %s: %s", item_id, exc)
+        middle = paths[len(paths) // 2]
+        return middle.relative_to(run_dir).as_posix()
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporaries a killed writer left in gallery/ (the run's own cleanup does not look there)."""
+    folder = run_dir / ASSETS
+    if not folder.is_dir():
+        return
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for entry in os.scandir(folder):
+        try:
+            if TEMP_MARKER in entry.name and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+
+
+# -- HTML -----------------------------------------------------------------------------
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def url(relative: str) -> str:
+    """A relative URL for a run-dir path: ids may hold spaces, '#', '%', '&', unicode."""
+    return esc(quote(relative, safe="/"))
+
+
+def number(value: Any, digits: int = 2) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if value else "0"
+    return "-" if value is None else str(value)
+
+
+def media_box(inner: str, label: str, width: Any, height: Any) -> str:
+    ratio = f"aspect-ratio:{int(width)}/{int(height)}" if width and height else ""
+    return f'<figure style="{ratio}">{inner}<figcaption>{esc(label)}</figcaption></figure>'
+
+
+def preview_html(run_dir: Path, card: Card, sidecar_mtime: float) -> str:
+    output = card.sidecar.get("output") or {"path": card.record.get("output")}
+    path, fmt = output.get("path"), output.get("format") or Path(str(card.record.get("output", ""))).suffix.lstrip(".")
+    if card.kind == "missing" or not path:
+        return '<div class="na">video missing</div>'
+    if fmt == "mp4":
+        return f'<video src="{url(path)}" autoplay muted loop playsinline></video>'
+    if fmt in ("gif", "webp"):
+        return f'<img src="{url(path)}" alt="preview" loading="lazy">'
+    preview = frames_preview(run_dir, card.item_id, run_dir / path, output.get("fps") or 7, sidecar_mtime)
+    return f'<img src="{url(preview)}" alt="preview" loading="lazy">' if preview else '<div class="na">no frames</div>'
+
+
+def params_html(card: Card) -> str:
+    params, sidecar, record = card.sidecar.get("params") or {}, card.sidecar, card.record
+    size = f"{params['width']}×{params['height']}" if "width" in params and "height" in params else None
+    seconds = (sidecar.get("timings") or {}).get("total_s", record.get("seconds"))
+    fields = [
+        ("seed", sidecar.get("seed", record.get("seed"))),
+        ("motion", params.get("motion_bucket_id")),
+        ("noise aug", number(params.get("noise_aug_strength"), 4) if "noise_aug_strength" in params else None),
+        ("fps", params.get("fps")),
+        ("frames", params.get("num_frames")),
+        ("size", size),
+        ("steps", params.get("num_inference_steps")),
+        ("seconds", number(seconds) if seconds is not None else None),
+    ]
+    cells = "".join(f"<div><dt>{esc(name)}</dt><dd>{esc(value)}</dd></div>" for name, value in fields if value is not None)
+    return f'<dl class="params">{cells}</dl>'
+
+
+def done_card(run_dir: Path, card: Card) -> str:
+    card.sidecar, mtime = read_sidecar(run_dir, card.item_id)
+    image = card.sidecar.get("image") or {"path": card.record.get("image_path")}
+    thumb = source_thumbnail(run_dir, card.item_id, image, mtime)
+    source = f'<img src="{url(thumb)}" alt="source" loading="lazy">' if thumb else '<div class="na">source not available</div>'
+    output, params = card.sidecar.get("output") or {}, card.sidecar.get("params") or {}
+    # Both boxes take the video's shape, so a row of cards lines up; the source is fitted inside.
+    shape = (output.get("width") or params.get("width"), output.get("height") or params.get("height"))
+    boxes = media_box(source, "source", *shape) + media_box(preview_html(run_dir, card, mtime), "video", *shape)
+    note = '<p class="note">video missing (deleted?): the next run redoes it</p>' if card.kind == "missing" else ""
+    return (
+        f'<article class="card {card.kind}"><div class="media">{boxes}</div>'
+        f'<h2 title="{esc(card.item_id)}">{esc(card.item_id)}</h2>{params_html(card)}{note}</article>'
+    )
+
+
+def failed_card(card: Card) -> str:
+    record = card.record
+    label = "invalid manifest row" if card.kind == "invalid" else "failed"
+    problems = record.get("problems") or []
+    details = "".join(f"<li>{esc(p)}</li>" for p in problems)
+    error = f'<ul class="error">{details}</ul>' if details else f'<p class="error">{esc(record.get("error", "(no message)"))}</p>'
+    trace = record.get("traceback")
+    trace_html = f"<details><summary>traceback</summary><pre>{esc(trace[-MAX_TRACEBACK_CHARS:])}</pre></details>" if trace else ""
+    where = [f"line {record['line']}" if record.get("line") is not None else "", card.when.strftime("%Y-%m-%d %H:%M:%S") if card.when else ""]
+    return (
+        f'<article class="card {card.kind}"><p class="badge">{esc(label)}</p>'
+        f'<h2 title="{esc(card.item_id)}">{esc(card.item_id)}</h2>{error}{trace_html}'
+        f'<p class="meta">{esc(" · ".join(w for w in where if w))}</p></article>'
+    )
+
+
+CSS = """
+:root { color-scheme: light; font: 14px/1.35 system-ui, -apple-system, 'Segoe UI', sans-serif; }
+body { margin: 0; background: #eef0f3; color: #1d2330; }
+header { padding: 14px 20px; background: #1d2330; color: #fff; }
+header h1 { margin: 0 0 4px; font-size: 18px; word-break: break-all; }
+header p { margin: 0; color: #c8cedb; }
+header .bad { color: #ff8a80; font-weight: 600; }
+main { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 14px; padding: 16px 20px; }
+.card { background: #fff; border: 1px solid #d5d9e0; border-radius: 8px; padding: 10px; min-width: 0; }
+.card h2 { margin: 8px 0 6px; font-size: 15px; overflow-wrap: anywhere; }
+.media { display: grid; grid-template-columns: 1fr 1fr; gap: 6px; align-items: start; }
+figure { margin: 0; position: relative; background: #20242c; border-radius: 4px; overflow: hidden; aspect-ratio: 1; }
+figure img, figure video { display: block; width: 100%; height: 100%; object-fit: contain; }
+figcaption { position: absolute; left: 4px; top: 4px; padding: 0 5px; border-radius: 3px; font-size: 11px;
+  background: rgba(0, 0, 0, .55); color: #fff; }
+.na { display: flex; align-items: center; justify-content: center; height: 100%; min-height: 80px;
+  color: #aab1bf; font-size: 12px; text-align: center; }
+.params { display: grid; grid-template-columns: repeat(4, auto); gap: 2px 10px; margin: 0; font-size: 12px; }
+.params div { display: flex; gap: 4px; white-space: nowrap; }
+.params dt { color: #6b7385; }
+.params dd { margin: 0; font-variant-numeric: tabular-nums; }
+.card.failed, .card.invalid { border: 2px solid #d32f2f; background: #fff5f5; }
+.card.missing { border: 2px dashed #9aa1ae; }
+.badge { display: inline-block; margin: 0; padding: 1px 8px; border-radius: 10px; background: #d32f2f; color: #fff;
+  font-size: 12px; font-weight: 600; }
+.card.invalid .badge { background: #ef6c00; }
+.error { margin: 4px 0; color: #b71c1c; font-family: ui-monospace, monospace; font-size: 12px; overflow-wrap: anywhere; }
+ul.error { padding-left: 16px; }
+details pre { max-height: 220px; overflow: auto; font-size: 11px; background: #fff; padding: 6px; border: 1px solid #f0c4c4; }
+.meta, .note { margin: 4px 0 0; color: #6b7385; font-size: 12px; }
+"""
+
+
+def page_html(run_dir: Path, cards: list[Card], shown: list[str]) -> str:
+    counts = {kind: sum(c.kind == kind for c in cards) for kind in ("done", "missing", "failed", "invalid")}
+    parts = [f"{counts['done']} done"]
+    parts += [f'<span class="bad">{counts[k]} {k}</span>' for k in ("failed", "invalid") if counts[k]]
+    parts += [f"{counts['missing']} video missing"] if counts["missing"] else []
+    if len(shown) < len(cards):
+        parts.append(f"showing the newest {len(shown)} of {len(cards)}")
+    parts.append(f"updated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S')} UTC")
+    title = esc(run_dir.resolve().name)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{title} · svdbatch</title><style>{CSS}</style></head><body>"
+        f"<header><h1>{title}</h1><p>{' · '.join(parts)}</p></header>"
+        f"<main>{''.join(shown)}</main></body></html>\n"
+    )
+
+
+def write_gallery(run_dir: Path, max_items: int = 500) -> Path:
+    """Rewrite <run dir>/index.html from the run dir; newest `max_items` cards (0 = all)."""
+    run_dir = Path(run_dir)
+    cards = collect_cards(run_dir)
+    chosen = cards if max_items <= 0 else cards[:max_items]
+    shown = [done_card(run_dir, c) if c.kind in ("done", "missing") else failed_card(c) for c in chosen]
+    target = run_dir / INDEX
+    atomic_write_bytes(target, page_html(run_dir, cards, shown).encode("utf-8"))
+    return target
+
+
+class GalleryUpdater:
+    """Keeps index.html current while a run goes on. maybe_update() after each finished
+    item rewrites it at most every `every_s` seconds; update() at the end, always.
+    A gallery problem is logged, never raised: it must not fail the batch."""
+
+    def __init__(self, run_dir: Path, every_s: float = 10.0, max_items: int = 500):
+        self.run_dir = Path(run_dir)
+        self.every_s = every_s
+        self.max_items = max_items
+        self._last: Optional[float] = None
+        self._lock = threading.Lock()  # the driver may call from its writer threads
+        try:
+            remove_stale_temporaries(self.run_dir)
+        except OSError as exc:
+            log.warning("gallery: %s", exc)
+
+    def maybe_update(self) -> Optional[Path]:
+        if self._last is not None and time.monotonic() - self._last < self.every_s:
+            return None
+        if not self._lock.acquire(blocking=False):
+            return None  # another thread is writing it right now
+        try:
+            return self._write()
+        finally:
+            self._lock.release()
+
+    def update(self) -> Optional[Path]:
+        with self._lock:
+            return self._write()
+
+    def _write(self) -> Optional[Path]:
+        self._last = time.monotonic()  # also after a failure: do not retry on every item
+        try:
+            return write_gallery(self.run_dir, self.max_items)
+        except Exception as exc:
+            log.warning("gallery: could not write %s: %s", self.run_dir / INDEX, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return None
+
+
+def gallery_command(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="svdbatch gallery", description="rewrite <run dir>/index.html")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--max-items", type=int, default=500, help="newest cards shown (0 = all)")
+    options = parser.parse_args(args)
+    if not is_run_dir(options.run_dir):
+        print(f"svdbatch gallery: {not_a_run_dir_message(options.run_dir)}", file=sys.stderr)
+        return EXIT_NOT_A_RUN_DIR
+    remove_stale_temporaries(options.run_dir)
+    print(write_gallery(options.run_dir, options.max_items))
+    return EXIT_OK

@@ -1,0 +1,491 @@
+"""`svdbatch status <run dir> [--json]`: how far a run is, read from its run dir alone.
+
+    done         the latest results.jsonl record's output is still there (size matches)
+    in progress  another process holds the item's claim (claims/<id>.claim, flock)
+    failed       the latest failures.jsonl record is a generation error, and not done
+    invalid      the manifest row does not validate (now, or when the run read it)
+    pending      every other manifest row
+
+Nothing is re-hashed and no model is loaded: one stat per finished item, so a status of a
+100k-row run takes about as long as reading its manifest. Keys are not recomputed either,
+so an item whose parameters changed since it finished still counts as done here (the next
+run redoes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from statistics import fmean
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from .manifest import ManifestError, read_manifest
+from .outputs import output_bytes
+from .store import read_jsonl
+
+EXIT_OK, EXIT_NOT_A_RUN_DIR = 0, 2
+INVALID_ROW = "invalid manifest row"  # the error driver.run records for rows that fail validation
+THROUGHPUT_WINDOW = 50
+# Finishes further apart than this (or 10 mean items) split a run into sessions: a resumed
+# run must not count yesterday's items, or the rate looks tiny and the ETA huge.
+SESSION_GAP_S = 600.0
+
+
+# -- the run dir ----------------------------------------------------------------------
+def config_files(run_dir: Path) -> list[Path]:
+    """config.yaml, or one config.shard-I-of-N.yaml per shard of a sharded run."""
+    return sorted(run_dir.glob("config.yaml")) + sorted(run_dir.glob("config.shard-*-of-*.yaml"))
+
+
+def is_run_dir(run_dir: Path) -> bool:
+    return run_dir.is_dir() and (
+        (run_dir / "results.jsonl").is_file() or (run_dir / "failures.jsonl").is_file() or bool(config_files(run_dir))
+    )
+
+
+def not_a_run_dir_message(run_dir: Path) -> str:
+    """The error for a path that is not a run dir, naming run dirs inside it (a sweep's folder)."""
+    why = "does not exist" if not run_dir.exists() else "is not a run dir (no results.jsonl, failures.jsonl or config.yaml)"
+    try:
+        inside = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and is_run_dir(p)) if run_dir.is_dir() else []
+    except OSError:  # unreadable: the message without the hint
+        inside = []
+    hint = f"; run dirs inside it: {', '.join(inside[:10])}{' ...' if len(inside) > 10 else ''}" if inside else ""
+    return f"{run_dir} {why}{hint}"
+
+
+def run_cwd(run_dir: Path) -> Optional[Path]:
+    """The directory the run was started from (Hydra records it): relative paths in the
+    config (the manifest, a relative run.dir) are relative to it."""
+    try:
+        hydra_cfg = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))
+        return Path(hydra_cfg["hydra"]["runtime"]["cwd"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+def locate(ref: str, run_dir: Path) -> Optional[Path]:
+    """A path from the run's config: as given if absolute, else relative to the run's own
+    cwd, then to ours. None if it is in none of those places."""
+    path = Path(ref)
+    if path.is_absolute():
+        return path if path.exists() else None
+    cwd = run_cwd(run_dir)
+    for candidate in ([cwd / path] if cwd else []) + [path]:
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def manifest_refs(run_dir: Path) -> list[str]:
+    """The manifest(s) named by the run's config files (shards normally share one)."""
+    refs = []
+    for path in config_files(run_dir):
+        try:
+            ref = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("manifest")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if ref and str(ref) not in refs:
+            refs.append(str(ref))
+    return refs
+
+
+@dataclass
+class ManifestView:
+    """What status needs from the manifest: valid ids in order, and the rows that fail."""
+
+    paths: list[str]
+    ids: list[str] = field(default_factory=list)
+    bad_rows: list[tuple[int, Optional[str], list[str]]] = field(default_factory=list)  # line, id, problems
+    error: Optional[str] = None  # why the row set is unknown
+
+    @property
+    def known(self) -> bool:
+        return self.error is None
+
+
+def read_manifest_view(run_dir: Path) -> ManifestView:
+    refs = manifest_refs(run_dir)
+    if not refs:
+        return ManifestView([], error="no config.yaml names a manifest")
+    view = ManifestView(refs)
+    seen: set[str] = set()
+    for ref in refs:
+        path = locate(ref, run_dir)
+        if path is None:
+            return ManifestView(refs, error=f"manifest {ref} not found")
+        try:
+            # No image decoding: status must be instant; the run itself decoded them.
+            manifest = read_manifest(path, strict=False, check_images=False)
+        except ManifestError as exc:
+            return ManifestView(refs, error=f"manifest {ref} unreadable: {exc.problems[0] if exc.problems else exc}")
+        view.ids += [item.id for item in manifest.items if item.id not in seen]
+        seen.update(item.id for item in manifest.items)
+        view.bad_rows += [(line, item_id, [str(p) for p in problems]) for line, item_id, problems in manifest.bad_rows]
+    return view
+
+
+# -- logs -------------------------------------------------------------------------------
+def latest_by_id(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The last record per id (logs are append-only, so the last line is the newest)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record.get("id") is not None:
+            latest[str(record["id"])] = record
+    return latest
+
+
+def done_ids(run_dir: Path, results: dict[str, dict[str, Any]]) -> set[str]:
+    """Ids whose latest record's output is still there, complete (one stat each)."""
+    return {
+        item_id
+        for item_id, record in results.items()
+        if "output" in record and output_bytes(os.path.join(run_dir, record["output"])) == record.get("output_bytes")
+    }
+
+
+def is_invalid_record(record: dict[str, Any]) -> bool:
+    return record.get("id") is None or record.get("error") == INVALID_ROW
+
+
+def claim_is_held(path: str | os.PathLike) -> bool:
+    """True while another process holds the claim's flock (it is generating that item).
+
+    Probes with a shared lock, dropped at once: probes from two status commands do not
+    see each other, while a worker's exclusive claim still blocks them. Opened read-only
+    and never created: status writes nothing into the run dir."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False  # no claim file: nobody ever claimed it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)  # closing drops our probe lock
+    return False
+
+
+def claimed_ids(run_dir: Path, skip: set[str]) -> set[str]:
+    """Ids with a live claim; ids in `skip` (done) are not probed: claim files stay after
+    their item finishes, so most of a big run's files need no lock probe."""
+    claims = run_dir / "claims"
+    if not claims.is_dir():
+        return set()
+    held = set()
+    for entry in os.scandir(claims):
+        if entry.name.endswith(".claim"):
+            item_id = entry.name[: -len(".claim")]
+            if item_id not in skip and claim_is_held(entry.path):
+                held.add(item_id)
+    return held
+
+
+# -- counting ---------------------------------------------------------------------------
+@dataclass
+class Counts:
+    done: set[str] = field(default_factory=set)
+    in_progress: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    invalid: list[str] = field(default_factory=list)  # ids, or 'line N' for rows without one
+    pending: Optional[set[str]] = None  # None: the manifest is not known
+    extra_done: set[str] = field(default_factory=set)  # done, but not a valid row of the manifest now
+
+    def as_dict(self) -> dict[str, Optional[int]]:
+        total = None if self.pending is None else len(self.done) + len(self.in_progress) + len(self.failed) + len(self.invalid) + len(self.pending)
+        return {
+            "done": len(self.done),
+            "in_progress": len(self.in_progress),
+            "failed": len(self.failed),
+            "invalid": len(self.invalid),
+            "pending": None if self.pending is None else len(self.pending),
+            "total": total,
+            "done_not_in_manifest": len(self.extra_done),
+        }
+
+
+def classify(
+    manifest_ids: Optional[list[str]],
+    bad_rows: list[tuple[int, Optional[str], list[str]]],
+    done: set[str],
+    failures: dict[str, dict[str, Any]],
+    claimed: set[str],
+    idless_failures: Iterable[dict[str, Any]] = (),
+) -> Counts:
+    """Put every manifest row in exactly one class: done, in progress, failed, invalid or
+    pending. Without a manifest (`manifest_ids` None) only the logs can be counted."""
+    counts = Counts()
+    if manifest_ids is None:
+        ids = set(done) | set(failures) | set(claimed)
+        # Rows rejected before they had an id are only in the log: one per manifest line.
+        counts.invalid += sorted({f"line {r.get('line')}" for r in idless_failures})
+    else:
+        ids = set(manifest_ids)
+        counts.extra_done = set(done) - ids
+        counts.invalid += [item_id if item_id else f"line {line}" for line, item_id, _ in bad_rows]
+        counts.pending = set()
+    for item_id in ids:
+        if item_id in done:
+            counts.done.add(item_id)
+        elif item_id in claimed:
+            counts.in_progress.add(item_id)
+        elif item_id in failures:
+            if is_invalid_record(failures[item_id]):
+                counts.invalid.append(item_id)  # e.g. an image that only a decode rejects
+            else:
+                counts.failed.add(item_id)
+        elif counts.pending is not None:
+            counts.pending.add(item_id)
+    return counts
+
+
+# -- failure reasons --------------------------------------------------------------------
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"()<>]*[^\s'\"()<>:,.;]", re.IGNORECASE)  # not a trailing ':' or '.'
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_PATH = re.compile(r"[\w.~-]*(?:/[\w.~@+%-]+)+/?")
+_HEX = re.compile(r"\b[0-9a-f]{8,}\b", re.IGNORECASE)
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_LOCATION = re.compile(r"^.*?:\d+: ")  # 'manifest.csv:12: ' in front of a manifest problem
+_FIELD = re.compile(r"^field '([^']*)': ")
+
+
+def first_line(text: Any) -> str:
+    lines = str(text or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def normalise_error(text: str) -> str:
+    """An error message with its particulars (paths, URLs, quoted values, numbers) replaced,
+    so the same failure on different items groups together."""
+    line = first_line(text) or "(no message)"
+    line = _URL.sub("<url>", line)
+    line = _QUOTED.sub("'…'", line)
+    line = _PATH.sub("<path>", line)
+    line = _HEX.sub("<hex>", line)
+    line = _NUMBER.sub("#", line)
+    return re.sub(r"\s+", " ", line)[:200]
+
+
+def normalise_problem(text: str) -> str:
+    """A manifest problem ('m.csv:3: field 'seed': must be ...') grouped by field and message."""
+    text = _LOCATION.sub("", str(text or "").strip(), count=1)
+    match = _FIELD.match(text)
+    if match:
+        return f"field '{match.group(1)}': {normalise_error(text[match.end():])}"
+    return normalise_error(text)
+
+
+@dataclass
+class Reason:
+    reason: str
+    count: int
+    example_id: str
+    example: str  # the first example's own message, particulars included
+
+
+def group_reasons(examples: Iterable[tuple[str, str]], normalise=normalise_error) -> list[Reason]:
+    """(id, message) pairs -> one Reason per normalised message, most frequent first
+    (ties: first seen first)."""
+    counter: Counter[str] = Counter()
+    first: dict[str, tuple[str, str]] = {}  # insertion order = first seen
+    for item_id, message in examples:
+        reason = normalise(message)
+        counter[reason] += 1
+        first.setdefault(reason, (item_id, message))
+    rank = {reason: n for n, reason in enumerate(first)}
+    ranked = sorted(first, key=lambda reason: (-counter[reason], rank[reason]))
+    return [Reason(r, counter[r], first[r][0], first_line(first[r][1])) for r in ranked]
+
+
+def failure_reasons(counts: Counts, failures: dict[str, dict[str, Any]]) -> list[Reason]:
+    return group_reasons((item_id, failures[item_id].get("error", "")) for item_id in sorted(counts.failed))
+
+
+def invalid_reasons(counts: Counts, failures: dict[str, dict[str, Any]], view: ManifestView, idless: list[dict[str, Any]]) -> list[Reason]:
+    """One entry per problem of each invalid row: from the manifest as it reads now, else
+    (rows only the run's image decode rejected, or no manifest) from the run's log."""
+    examples: list[tuple[str, str]] = []
+    if view.known:
+        examples += [(item_id or f"line {line}", p) for line, item_id, problems in view.bad_rows for p in problems]
+    else:
+        examples += [(f"line {r.get('line')}", p) for r in idless for p in r.get("problems") or [r.get("error")]]
+    from_manifest = {item_id for _, item_id, _ in view.bad_rows if item_id}
+    for item_id in counts.invalid:
+        record = failures.get(item_id)
+        if record is not None and item_id not in from_manifest:
+            examples += [(item_id, p) for p in record.get("problems") or [record.get("error")]]
+    return group_reasons(examples, normalise_problem)
+
+
+# -- throughput -------------------------------------------------------------------------
+def parse_time(text: Any) -> Optional[datetime]:
+    """An ISO timestamp as written by the run ('+00:00' or '+0000' offsets); naive = UTC."""
+    if not isinstance(text, str):
+        return None
+    text = re.sub(r"([+-]\d\d)(\d\d)$", r"\1:\2", text.strip()).replace("Z", "+00:00")
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
+@dataclass
+class Throughput:
+    items: int  # finished items the rate is measured over
+    span_s: float
+    items_per_hour: Optional[float]
+    mean_item_s: Optional[float]  # one item's own time (load + generate + write), not wall clock
+    last_finished_at: Optional[str]
+
+
+def throughput(records: Iterable[dict[str, Any]], window: int = THROUGHPUT_WINDOW) -> Throughput:
+    """Items per hour by wall clock over the last `window` finishes of the latest session.
+
+    Wall clock, not the items' own seconds: with several workers (or shards) items overlap.
+    The span runs from the first item's start (its finish minus its seconds) to the last
+    finish, so it is not zero for one item or for finishes within the same second."""
+    finished = sorted(
+        (stamp, float(r.get("seconds") or 0.0)) for r in records if (stamp := parse_time(r.get("finished_at"))) is not None
+    )
+    if not finished:
+        return Throughput(0, 0.0, None, None, None)
+    tail = finished[-window:]
+    gap = session_gap(fmean(s for _, s in tail))
+    start = len(tail) - 1
+    while start > 0 and (tail[start][0] - tail[start - 1][0]).total_seconds() <= gap:
+        start -= 1
+    tail = tail[start:]
+    span = (tail[-1][0] - tail[0][0]).total_seconds() + tail[0][1]
+    rate = len(tail) * 3600.0 / span if span > 0 else None
+    return Throughput(len(tail), span, rate, fmean(s for _, s in tail), tail[-1][0].isoformat())
+
+
+def session_gap(mean_item_s: float) -> float:
+    return max(SESSION_GAP_S, 10 * mean_item_s)
+
+
+def is_live(rate: Throughput, in_progress: int, now: datetime) -> bool:
+    """A process holds a claim, or an item finished recently (older runs have no claims)."""
+    last = parse_time(rate.last_finished_at)
+    recent = last is not None and (now - last).total_seconds() <= session_gap(rate.mean_item_s or 0.0)
+    return in_progress > 0 or recent
+
+
+def eta_seconds(remaining: Optional[int], rate: Optional[float], live: bool = True) -> Optional[float]:
+    """Seconds until the rest is done at the current rate; None when unknown, or when
+    nothing is running (a stopped run has no ETA, only a rate from when it ran)."""
+    if remaining is None:
+        return None
+    if remaining == 0:
+        return 0.0
+    return remaining * 3600.0 / rate if rate and live else None
+
+
+# -- the report -------------------------------------------------------------------------
+def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: Optional[datetime] = None) -> dict[str, Any]:
+    """Everything `svdbatch status` prints, as one JSON-friendly dict."""
+    now = now or datetime.now(timezone.utc)
+    results_log = list(read_jsonl(run_dir / "results.jsonl"))
+    failures_log = list(read_jsonl(run_dir / "failures.jsonl"))
+    results, failures = latest_by_id(results_log), latest_by_id(failures_log)
+    # Rows rejected before they had an id: one per manifest line, the latest record.
+    idless = list({r.get("line"): r for r in failures_log if r.get("id") is None}.values())
+    view = read_manifest_view(run_dir)
+    done = done_ids(run_dir, results)
+    counts = classify(view.ids if view.known else None, view.bad_rows, done, failures, claimed_ids(run_dir, done), idless)
+    rate = throughput(results_log, window)
+    summary = counts.as_dict()
+    remaining = None if counts.pending is None else len(counts.pending) + len(counts.in_progress)
+    live = is_live(rate, len(counts.in_progress), now)
+    return {
+        "run_dir": str(run_dir),
+        "manifest": {"paths": view.paths, "known": view.known, "error": view.error},
+        "counts": summary,
+        "in_progress_ids": sorted(counts.in_progress)[:100],
+        "reasons": [asdict(r) for r in failure_reasons(counts, failures)],
+        "invalid_reasons": [asdict(r) for r in invalid_reasons(counts, failures, view, idless)],
+        "throughput": asdict(rate),
+        "live": live,
+        "eta_s": eta_seconds(remaining, rate.items_per_hour, live),
+    }
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600:02d} h"
+
+
+def format_report(report: dict[str, Any], now: Optional[datetime] = None) -> str:
+    counts, rate, manifest = report["counts"], report["throughput"], report["manifest"]
+    total = counts["total"]
+    lines = [f"run dir      {report['run_dir']}"]
+    names = ", ".join(manifest["paths"]) or "-"
+    lines.append(f"manifest     {names}" + (f" ({total} rows)" if manifest["known"] else ""))
+
+    def row(label: str, value: Optional[int], note: str = "") -> str:
+        share = f"{100 * value / total:5.1f}%" if total and value is not None else ""
+        return f"  {label:<12}{'?' if value is None else value:>8}  {share}{note}".rstrip()
+
+    lines.append(row("done", counts["done"], f"  (+{counts['done_not_in_manifest']} not in the manifest now)" if counts["done_not_in_manifest"] else ""))
+    lines.append(row("in progress", counts["in_progress"]))
+    lines.append(row("failed", counts["failed"]))
+    lines.append(row("invalid", counts["invalid"]))
+    lines.append(row("pending", counts["pending"], "" if manifest["known"] else f"  unknown ({manifest['error']})"))
+
+    if rate["items_per_hour"]:
+        last = parse_time(rate["last_finished_at"])
+        ago = format_duration(((now or datetime.now(timezone.utc)) - last).total_seconds()) if last else "-"
+        per_hour = rate["items_per_hour"]
+        lines.append(
+            f"throughput   {per_hour:.{0 if per_hour >= 100 else 1}f} items/h over the last {rate['items']} finished"
+            f" (mean {rate['mean_item_s']:.2f} s/item); last finished {ago} ago"
+        )
+    else:
+        lines.append("throughput   -")
+    remaining = None if counts["pending"] is None else counts["pending"] + counts["in_progress"]
+    if remaining and not report["live"]:
+        lines.append(f"ETA          - ({remaining} to go, but no run is active: run the same command again to go on)")
+    else:
+        lines.append(f"ETA          {format_duration(report['eta_s'])}" + (f" ({remaining} to go)" if remaining else ""))
+    for title, reasons in (("failure reasons", report["reasons"]), ("invalid rows", report["invalid_reasons"])):
+        if reasons:
+            lines.append(f"{title}:")
+            lines += [f"  {r['count']:>6}  {r['reason']}  (e.g. {r['example_id']})" for r in reasons[:20]]
+            if len(reasons) > 20:
+                lines.append(f"  ... {len(reasons) - 20} more (see --json)")
+    return "\n".join(lines)
+
+
+def status_command(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="svdbatch status", description="done / pending / failed counts of a run dir")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    parser.add_argument("--window", type=int, default=THROUGHPUT_WINDOW, help="finished items the throughput is measured over")
+    options = parser.parse_args(args)
+    if not is_run_dir(options.run_dir):
+        print(f"svdbatch status: {not_a_run_dir_message(options.run_dir)}", file=sys.stderr)
+        return EXIT_NOT_A_RUN_DIR
+    report = collect(options.run_dir, max(1, options.window))
+    print(json.dumps(report, ensure_ascii=False) if options.json else format_report(report))
+    return EXIT_OK
