@@ -231,6 +231,11 @@ def _read_folder(path: Path, shown: str, problems: list[Problem]) -> Iterator[Ro
         yield number, {"image": relative}, []
 
 
+def _read_single_image(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row]:
+    """`manifest=photo.png`: one row, id from the file name, seed derived from the id."""
+    yield 1, {"image": path.name}, []
+
+
 def _check_columns(
     names: list[str], shown: str, line: int, problems: list[Problem], hint: bool = False, is_header: bool = False
 ) -> set[str]:
@@ -312,8 +317,12 @@ def read_manifest(
         read_rows = _read_folder
     elif suffix in readers:
         read_rows = readers[suffix]
+    elif suffix in IMAGE_SUFFIXES:
+        read_rows = _read_single_image
     else:
-        raise ManifestError([Problem(shown, None, None, "unsupported manifest type; use .csv, .jsonl or a folder of images")])
+        raise ManifestError(
+            [Problem(shown, None, None, "unsupported manifest type; use .csv, .jsonl, a folder of images or one image file")]
+        )
 
     root = _real_root(image_root)
     file_problems: list[Problem] = []

@@ -1,4 +1,4 @@
-"""A folder of images as the manifest, and the manifest it derives (run.emit_manifest)."""
+"""A folder of images, or one image file, as the manifest, and the manifest it derives (run.emit_manifest)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,12 @@ def test_folder_runs_and_its_emitted_manifest_resumes_the_same_items(tmp_path):
     again = run(make_cfg(f"manifest={emitted}", f"run.dir={run_dir}"))
     assert (again.done, again.skipped) == (0, 2)
     assert sorted(r["id"] for r in read_jsonl(run_dir / "results.jsonl")) == ["a", "trips__2024__c"]
+
+
+def test_an_image_file_is_a_one_row_manifest(tmp_path):
+    image = make_image(tmp_path / "photos" / "cat.png")
+    manifest = read_manifest(image)
+    (item,) = manifest.items
+    assert (item.id, item.image, item.seed) == ("cat", str(image), derive_seed(0, "cat"))
+    summary = run(make_cfg(f"manifest={image}", f"run.dir={tmp_path / 'run'}", "run.num_threads=1"))
+    assert summary.done == 1 and (tmp_path / "run" / "videos" / "cat.mp4").is_file()
