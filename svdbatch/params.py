@@ -7,7 +7,7 @@ that is rejected in a row is rejected in the config too, with the same message.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from .config import ConditioningConfig, MemoryConfig, ModelConfig
@@ -160,9 +160,18 @@ class ParamDefaults:
     values: dict[str, Any]
     model_num_frames: int
     max_decode_chunk_size: Optional[int]
+    # Rows share a few distinct override sets: resolve each once.
+    _resolved: dict[tuple, GenParams] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def resolve(self, overrides: Mapping[str, Any]) -> GenParams:
         """Composed config, then the row's overrides, then the memory preset's caps."""
+        signature = tuple(overrides.items())
+        params = self._resolved.get(signature)
+        if params is None:
+            params = self._resolved[signature] = self._resolve(overrides)
+        return params
+
+    def _resolve(self, overrides: Mapping[str, Any]) -> GenParams:
         values = {**self.values, **overrides}
         if values["num_frames"] is None:
             values["num_frames"] = self.model_num_frames

@@ -133,7 +133,8 @@ def plan_run(
     for item in selected:
         params = defaults.resolve(item.overrides)
         preprocess = replace(run_preprocess, resize=ResizeMode(item.resize)) if item.resize else run_preprocess
-        source = fetched[item.url] if item.url else item.image
+        url = item.url
+        source = fetched[url] if url else item.image
         if isinstance(source, Exception):
             entry = PlannedItem(item, params, "", 0, 0, None, preprocess, fetch_error=str(source))
             plan.todo.append(entry)
@@ -150,7 +151,7 @@ def plan_run(
             image_sha256 = known["image_sha256"]
         else:
             image_sha256 = file_sha256(source)
-        key = make_key(image_sha256, params.as_dict(), item.seed, preprocess)
+        key = make_key(image_sha256, params, item.seed, preprocess)
         entry = PlannedItem(item, params, image_sha256, stat.st_size, stat.st_mtime_ns, key, preprocess, source)
         (plan.done if store.is_done(item.id, key, index) else plan.todo).append(entry)
         plan.all.append(entry)
@@ -163,6 +164,8 @@ def plan_run(
 def fixed_conditioning_warning(planned: list[PlannedItem], model: ModelConfig) -> Optional[str]:
     """A warning naming the items that vary what the checkpoint was trained with fixed."""
     fixed = dict(model.fixed_conditioning or {})
+    if not fixed:
+        return None
     off: dict[str, list[str]] = {}
     for entry in planned:
         values = entry.params.as_dict()

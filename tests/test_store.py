@@ -61,3 +61,10 @@ def test_unwritable_run_dir_fails_early(tmp_path):
     blocker.write_text("not a dir")
     with pytest.raises(RunDirError, match="not writable"):
         RunStore(blocker / "run", "mp4").prepare()
+
+
+def test_finished_index_skips_an_unreadable_line_and_keeps_the_rest(tmp_path):
+    store = RunStore(tmp_path, "mp4")
+    store.prepare()
+    store.results.write_text('{"id": "a", "key": "1"}\n{"id": "b", "ke\n{"id": "c", "key": "3"}\n[1, 2]\n')
+    assert sorted(store.finished_index()) == ["a", "c"]
