@@ -94,7 +94,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name, variant in variants.items():
                 models._loaded.clear()  # every variant pays its own pipeline load
-                out = root / f"{name}-{repeat}"
+                out = root / f"{name.replace('=', '')}-{repeat}"  # no "=" in a Hydra override value
                 times[name].append(timed(lambda: variant(out)))
                 shutil.rmtree(out, ignore_errors=True)
         base = statistics.median(times["baseline"])
