@@ -23,13 +23,15 @@ from .config import OutputConfig, OutputFormat
 from .faults import fault_point
 
 TEMP_MARKER = ".partial-"
-_HOST = socket.gethostname().replace("@", "_")
+_HOST = socket.gethostname().replace("@", "_")[:64]
 
 
 def temp_prefix(stem: str) -> str:
     """'.<stem>.partial-<pid>@<host>@': who wrote a temporary, so a later run can delete
-    the leftovers of a dead process at once (and leave a live one's alone)."""
-    return f".{stem}{TEMP_MARKER}{os.getpid()}@{_HOST}@"
+    the leftovers of a dead process at once (and leave a live one's alone). The stem is
+    only a hint for humans: cut to 60 bytes so a 200-byte id stays under NAME_MAX (255)."""
+    short = stem.encode()[:60].decode(errors="ignore")
+    return f".{short}{TEMP_MARKER}{os.getpid()}@{_HOST}@"
 
 
 def temp_owner(name: str) -> Optional[tuple[int, str]]:

@@ -7,6 +7,9 @@ Layout of a run dir::
     items/<id>.json      sidecar: row, params, seed, input hash, model, versions, timings
     results.jsonl        one line per finished item
     failures.jsonl       one line per failed attempt (error + traceback)
+    claims/<id>.claim    flock'ed while a process generates the item (shared run dirs)
+    index.html, gallery/ contact sheet and its thumbnails (gallery.py)
+    metadata.jsonl       dataset index of finished items (dataset.py)
 
 An item is done when its video and then its sidecar have been renamed into place and the
 key in the sidecar matches the key the current config gives that item.

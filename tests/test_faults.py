@@ -178,3 +178,13 @@ def test_nan_frames_fail_only_that_item(tmp_path, manifest3, monkeypatch):
     failure = json.loads((tmp_path / "run" / "failures.jsonl").read_text())
     assert failure["id"] == "i1" and "NaN" in failure["error"]
     assert not (tmp_path / "run" / "videos" / "i1.mp4").exists()
+
+
+def test_temporaries_of_the_longest_ids_fit_a_file_name(tmp_path):
+    from svdbatch.outputs import atomic_write_bytes, temp_owner, temp_prefix
+
+    long_id = "é" * 100  # 200 bytes: the longest id the manifest accepts
+    assert len(temp_prefix(long_id).encode()) <= 1 + 60 + len(TEMP_MARKER) + 7 + 1 + 64 + 1  # whatever the host name
+    assert temp_owner(temp_prefix(long_id) + "abc123.json") == (os.getpid(), temp_owner(temp_prefix("x") + "q")[1])
+    atomic_write_bytes(tmp_path / f"{long_id}.json", b"{}")
+    assert (tmp_path / f"{long_id}.json").read_bytes() == b"{}"
