@@ -18,7 +18,6 @@ import html
 import io
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -33,9 +32,9 @@ from PIL import Image
 from .config import FetchConfig
 from .fetch import UrlCache
 from .images import load_rgb
-from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes
+from .outputs import atomic_write_bytes, output_bytes
 from .status import is_invalid_record, is_run_dir, latest_by_id, not_a_run_dir_message, parse_time, run_cwd
-from .store import STALE_TEMP_SECONDS, read_jsonl
+from .store import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -159,20 +158,6 @@ def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, si
         log.debug("gallery: no preview for %s: %s", item_id, exc)
         middle = paths[len(paths) // 2]
         return middle.relative_to(run_dir).as_posix()
-
-
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """Temporaries a killed writer left in gallery/ (the run's own cleanup does not look there)."""
-    folder = run_dir / ASSETS
-    if not folder.is_dir():
-        return
-    cutoff = time.time() - STALE_TEMP_SECONDS
-    for entry in os.scandir(folder):
-        try:
-            if TEMP_MARKER in entry.name and entry.stat().st_mtime < cutoff:
-                os.unlink(entry.path)
-        except OSError:
-            pass
 
 
 # -- HTML -----------------------------------------------------------------------------
@@ -332,10 +317,7 @@ class GalleryUpdater:
         self.max_items = max_items
         self._last: Optional[float] = None
         self._lock = threading.Lock()  # the driver may call from its writer threads
-        try:
-            remove_stale_temporaries(self.run_dir)
-        except OSError as exc:
-            log.warning("gallery: %s", exc)
+        # Leftover temporaries in gallery/ are removed with the run dir's (RunStore.prepare).
 
     def maybe_update(self) -> Optional[Path]:
         if self._last is not None and time.monotonic() - self._last < self.every_s:
@@ -368,6 +350,5 @@ def gallery_command(args: list[str]) -> int:
     if not is_run_dir(options.run_dir):
         print(f"svdbatch gallery: {not_a_run_dir_message(options.run_dir)}", file=sys.stderr)
         return EXIT_NOT_A_RUN_DIR
-    remove_stale_temporaries(options.run_dir)
     print(write_gallery(options.run_dir, options.max_items))
     return EXIT_OK
