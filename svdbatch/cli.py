@@ -20,11 +20,8 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import ConfigError, register_configs
-from .driver import run
 from .gallery import gallery_command
 from .manifest import ManifestError
-from .models import ModelLoadError
-from .reproduce import reproduce_command
 from .status import status_command
 from .store import RunDirError
 
@@ -33,7 +30,13 @@ log = logging.getLogger("svdbatch")
 EXIT_ITEMS_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3  # disk full / read-only mid-run: finished items are intact, run again to resume
-USER_ERRORS = (ManifestError, ConfigError, ModelLoadError, RunDirError)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the input's fault: a clear message and exit 2, no traceback."""
+    from .models import ModelLoadError
+
+    return (ManifestError, ConfigError, ModelLoadError, RunDirError)
 
 
 def config_dir() -> str:
@@ -50,12 +53,15 @@ _exit_codes: list[int] = []  # one per Hydra job (several in a multirun)
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def hydra_app(cfg: DictConfig) -> None:
+    # torch is imported here, not at module level, so `svdbatch status` and `gallery` start fast.
+    from .driver import run
+
     try:
         if cfg.run.emit_manifest:
             _exit_codes.append(emit_manifest(cfg))
             return
         summary = run(cfg)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         log.error("%s", exc)
         _exit_codes.append(EXIT_BAD_INPUT)
         return
@@ -103,7 +109,13 @@ def emit_manifest(cfg: DictConfig) -> int:
     return 0
 
 
-SUBCOMMANDS = {"validate": validate, "reproduce": reproduce_command, "status": status_command, "gallery": gallery_command}
+def reproduce(args: list[str]) -> int:
+    from .reproduce import reproduce_command
+
+    return reproduce_command(args)
+
+
+SUBCOMMANDS = {"validate": validate, "reproduce": reproduce, "status": status_command, "gallery": gallery_command}
 
 
 def main() -> None:
