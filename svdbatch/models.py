@@ -330,8 +330,9 @@ def lower_memory(loaded: LoadedPipeline, decode_chunk_size: int) -> Optional[str
     """One step down the memory ladder after an out-of-memory error, applied in place:
     full -> balanced (model CPU offload) -> low (+ feed-forward chunking, decode 2 frames
     at a time) -> halve decode_chunk_size down to 1. Returns what changed, or None when
-    nothing is left to lower. Offload and chunking do not change the maths; a smaller
-    decode chunk changes the frames slightly, which is why every step is recorded."""
+    nothing is left to lower. Offload does not change the maths; feed-forward chunking
+    (other matrix shapes) and a smaller decode chunk may change the frames slightly,
+    which is why every step is recorded in the sidecar."""
     _loaded.pop(loaded.cache_key, None)  # no longer the configured preset: never reuse it
     if loaded.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -340,7 +341,10 @@ def lower_memory(loaded: LoadedPipeline, decode_chunk_size: int) -> Optional[str
             loaded.pipe.enable_model_cpu_offload(device=loaded.device)
             loaded.offloaded = True
         loaded.memory = "balanced"
-        return "memory -> balanced (model CPU offload)" + ("" if loaded.offloaded else "; offload needs a GPU, skipped")
+        if loaded.offloaded:
+            return "memory -> balanced (model CPU offload)"
+        why = "the UNet is compiled" if loaded.compiled else "offload needs a GPU"
+        return f"memory -> balanced (model CPU offload skipped: {why})"
     if not loaded.forward_chunking:
         loaded.pipe.unet.enable_forward_chunking()
         loaded.forward_chunking = True
