@@ -34,7 +34,7 @@ from .fetch import UrlCache
 from .images import load_rgb
 from .outputs import atomic_write_bytes, output_bytes
 from .status import is_invalid_record, is_run_dir, latest_by_id, not_a_run_dir_message, parse_time, run_cwd
-from .store import read_jsonl
+from .store import read_jsonl_fast
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ class Card:
 def collect_cards(run_dir: Path) -> list[Card]:
     """One card per item id (its latest state), plus one per invalid row without an id;
     newest first."""
-    failures_log = list(read_jsonl(run_dir / "failures.jsonl"))
+    failures_log = read_jsonl_fast(run_dir / "failures.jsonl")
     cards: dict[str, Card] = {}
-    for item_id, record in latest_by_id(read_jsonl(run_dir / "results.jsonl")).items():
+    for item_id, record in latest_by_id(read_jsonl_fast(run_dir / "results.jsonl")).items():
         present = "output" in record and output_bytes(run_dir / record["output"]) == record.get("output_bytes")
         cards[item_id] = Card(item_id, "done" if present else "missing", parse_time(record.get("finished_at")), record)
     for item_id, record in latest_by_id(failures_log).items():

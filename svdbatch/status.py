@@ -32,7 +32,7 @@ import yaml
 
 from .manifest import ManifestError, read_manifest
 from .outputs import output_bytes
-from .store import read_jsonl
+from .store import read_jsonl_fast
 
 EXIT_OK, EXIT_NOT_A_RUN_DIR = 0, 2
 INVALID_ROW = "invalid manifest row"  # the error driver.run records for rows that fail validation
@@ -398,8 +398,8 @@ def eta_seconds(remaining: Optional[int], rate: Optional[float], live: bool = Tr
 def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: Optional[datetime] = None) -> dict[str, Any]:
     """Everything `svdbatch status` prints, as one JSON-friendly dict."""
     now = now or datetime.now(timezone.utc)
-    results_log = list(read_jsonl(run_dir / "results.jsonl"))
-    failures_log = list(read_jsonl(run_dir / "failures.jsonl"))
+    results_log = read_jsonl_fast(run_dir / "results.jsonl")
+    failures_log = read_jsonl_fast(run_dir / "failures.jsonl")
     results, failures = latest_by_id(results_log), latest_by_id(failures_log)
     # Rows rejected before they had an id: one per manifest line, the latest record.
     idless = list({r.get("line"): r for r in failures_log if r.get("id") is None}.values())
