@@ -32,9 +32,9 @@ from PIL import Image
 from .config import FetchConfig
 from .fetch import UrlCache
 from .images import load_rgb
-from .outputs import atomic_write_bytes, output_bytes
-from .status import is_invalid_record, is_run_dir, latest_by_id, not_a_run_dir_message, parse_time, run_cwd
-from .store import read_jsonl_fast
+from .outputs import atomic_write_bytes
+from .status import is_invalid_record, is_run_dir, not_a_run_dir_message, parse_time, run_cwd
+from .store import latest_by_id, output_intact, read_jsonl_fast
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def collect_cards(run_dir: Path) -> list[Card]:
     failures_log = read_jsonl_fast(run_dir / "failures.jsonl")
     cards: dict[str, Card] = {}
     for item_id, record in latest_by_id(read_jsonl_fast(run_dir / "results.jsonl")).items():
-        present = "output" in record and output_bytes(run_dir / record["output"]) == record.get("output_bytes")
+        present = output_intact(run_dir, record)
         cards[item_id] = Card(item_id, "done" if present else "missing", parse_time(record.get("finished_at")), record)
     for item_id, record in latest_by_id(failures_log).items():
         card = Card(item_id, "invalid" if is_invalid_record(record) else "failed", parse_time(record.get("time")), record)

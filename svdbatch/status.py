@@ -31,8 +31,7 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from .manifest import ManifestError, read_manifest
-from .outputs import output_bytes
-from .store import read_jsonl_fast
+from .store import CLAIM_SUFFIX, latest_by_id, output_intact, read_jsonl_fast
 
 EXIT_OK, EXIT_NOT_A_RUN_DIR = 0, 2
 INVALID_ROW = "invalid manifest row"  # the error driver.run records for rows that fail validation
@@ -137,22 +136,9 @@ def read_manifest_view(run_dir: Path) -> ManifestView:
 
 
 # -- logs -------------------------------------------------------------------------------
-def latest_by_id(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The last record per id (logs are append-only, so the last line is the newest)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for record in records:
-        if record.get("id") is not None:
-            latest[str(record["id"])] = record
-    return latest
-
-
 def done_ids(run_dir: Path, results: dict[str, dict[str, Any]]) -> set[str]:
-    """Ids whose latest record's output is still there, complete (one stat each)."""
-    return {
-        item_id
-        for item_id, record in results.items()
-        if "output" in record and output_bytes(os.path.join(run_dir, record["output"])) == record.get("output_bytes")
-    }
+    """Ids whose latest record's output is still there, complete (keys are not recomputed)."""
+    return {item_id for item_id, record in results.items() if output_intact(run_dir, record)}
 
 
 def is_invalid_record(record: dict[str, Any]) -> bool:
@@ -186,8 +172,8 @@ def claimed_ids(run_dir: Path, skip: set[str]) -> set[str]:
         return set()
     held = set()
     for entry in os.scandir(claims):
-        if entry.name.endswith(".claim"):
-            item_id = entry.name[: -len(".claim")]
+        if entry.name.endswith(CLAIM_SUFFIX):
+            item_id = entry.name[: -len(CLAIM_SUFFIX)]
             if item_id not in skip and claim_is_held(entry.path):
                 held.add(item_id)
     return held

@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from .config import OutputFormat
 from .faults import fault_point
@@ -33,6 +33,7 @@ from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes, output_name,
 
 log = logging.getLogger(__name__)
 
+CLAIM_SUFFIX = ".claim"  # claims/<id>.claim
 KEY_VERSION = 2  # bump when what goes into a key changes meaning (2: preprocessing)
 STALE_TEMP_SECONDS = 600.0
 
@@ -121,10 +122,23 @@ def read_jsonl_fast(path: Path) -> list[dict[str, Any]]:
     try:
         records = json.loads(f"[{body}]")
     except json.JSONDecodeError:
-        return list(read_jsonl(path))
-    if all(isinstance(record, dict) for record in records):
-        return records
+        records = list(read_jsonl(path))
     return [record for record in records if isinstance(record, dict)]
+
+
+def latest_by_id(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The last record per id (the logs are append-only, so the last line is the newest)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record.get("id") is not None:
+            latest[str(record["id"])] = record
+    return latest
+
+
+def output_intact(run_dir: str | os.PathLike, record: dict[str, Any]) -> bool:
+    """A results record's output is still there, with the size it was committed with (one
+    stat: users delete videos to force a redo, and this runs for every row of a resume)."""
+    return "output" in record and output_bytes(f"{os.fspath(run_dir)}/{record['output']}") == record.get("output_bytes")
 
 
 class RunDirError(RuntimeError):
@@ -140,7 +154,6 @@ class RunStore:
         self.results = self.root / "results.jsonl"
         self.failures = self.root / "failures.jsonl"
         self.claims = self.root / "claims"
-        self._root_text = str(self.root)  # string paths: is_done runs once per row of a 100k-row plan
 
     # -- set-up -----------------------------------------------------------------------
     def prepare(self, min_free_mb: int = 0) -> None:
@@ -203,7 +216,7 @@ class RunStore:
     # -- what is done -----------------------------------------------------------------
     def finished_index(self) -> dict[str, dict[str, Any]]:
         """Latest results.jsonl record per item id."""
-        return {record["id"]: record for record in read_jsonl_fast(self.results) if "id" in record}
+        return latest_by_id(read_jsonl_fast(self.results))
 
     def is_done(self, item_id: str, key: str, index: dict[str, dict[str, Any]]) -> bool:
         record = index.get(item_id)
@@ -214,9 +227,8 @@ class RunStore:
         if record.get("key") != key:
             return False
         # A results line is appended only after the sidecar was renamed into place, so the
-        # line vouches for the sidecar; the video is checked because users delete videos to
-        # force a redo. One stat per row: this runs for every row of a resumed 100k-row run.
-        return output_bytes(f"{self._root_text}/{record['output']}") == record.get("output_bytes")
+        # line vouches for the sidecar; the video is checked because users delete videos.
+        return output_intact(self.root, record)
 
     def _recover_from_sidecar(self, item_id: str, key: str) -> Optional[dict[str, Any]]:
         """A run killed between the sidecar rename and the results line: trust the sidecar.
@@ -244,14 +256,14 @@ class RunStore:
         if sidecar.get("key") != key or sidecar.get("status") != "done":
             return None
         record = self.result_record(sidecar)
-        return record if output_bytes(self.root / record["output"]) == record["output_bytes"] else None
+        return record if output_intact(self.root, record) else None
 
     # -- claims: several processes sharing one run dir ------------------------------------
     def claim(self, item_id: str) -> Optional[int]:
         """Take the item's claim (an exclusive flock on claims/<id>.claim), or None if another
         process holds it. The kernel drops the lock when its holder dies, so a killed run
         never leaves a stale claim; the files stay (deleting a lock file races with openers)."""
-        fd = os.open(self.claims / f"{item_id}.claim", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.claims / f"{item_id}{CLAIM_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
         for attempt in range(2):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
