@@ -83,7 +83,10 @@ def reproduce(sidecar_path: Path) -> Reproduction:
 
     notes: list[str] = []
     model = _structured(ModelConfig, config["model"])
-    memory = _structured(MemoryConfig, config["memory"])
+    # After an OOM fallback the worker ran with forward chunking the config did not ask for;
+    # it can change the floats, so reproduce what the sidecar says was in effect.
+    in_effect = sidecar.get("memory", {})
+    memory = _structured(MemoryConfig, {**config["memory"], "forward_chunking": in_effect.get("forward_chunking", config["memory"]["forward_chunking"])})
     device = resolve_devices(sidecar["device"])[0]
     identity = model_identity(model, device).as_dict()
     if identity != sidecar["model"]:
@@ -95,7 +98,7 @@ def reproduce(sidecar_path: Path) -> Reproduction:
     prep = sidecar["preprocess"]
     if prep.get("version") != PREPROCESS_VERSION:
         notes.append(f"image preprocessing version {prep.get('version')} -> {PREPROCESS_VERSION}")
-    limit = sidecar.get("config", {}).get("run", {}).get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    limit = config.get("run", {}).get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     preprocess = Preprocess(
         resize=ResizeMode(prep["resize"]), pad_color=tuple(prep["pad_color"]), background=tuple(prep["background"]),
         max_image_pixels=limit,

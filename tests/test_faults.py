@@ -17,6 +17,7 @@ import torch
 
 from svdbatch.driver import run
 from svdbatch.outputs import TEMP_MARKER
+from svdbatch.reproduce import reproduce
 
 from .conftest import FAST, REPO, make_cfg, make_image, write_csv
 
@@ -159,6 +160,8 @@ def test_retry_on_oom_steps_down_the_memory_ladder_and_records_it(tmp_path, mani
     assert first["params"]["decode_chunk_size"] == 1  # what was really used, so reproduce uses it too
     later = json.loads((tmp_path / "run" / "items" / "i2.json").read_text())
     assert later["oom_fallback"] == [] and later["memory"]["decode_cap"] == 1  # the worker stays lowered
+    # The sidecar alone (lowered params, forward chunking in effect) regenerates the same frames.
+    assert reproduce(tmp_path / "run" / "items" / "i0.json").matches
 
 
 def test_nan_frames_fail_only_that_item(tmp_path, manifest3, monkeypatch):
