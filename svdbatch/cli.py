@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -120,6 +121,10 @@ SUBCOMMANDS = {"validate": validate, "reproduce": reproduce, "status": status_co
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
-        sys.exit(SUBCOMMANDS[sys.argv[1]](sys.argv[2:]))
+        try:
+            sys.exit(SUBCOMMANDS[sys.argv[1]](sys.argv[2:]))
+        except BrokenPipeError:  # `svdbatch status ... | head`: the reader left, not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            sys.exit(0)
     hydra_app()
     sys.exit(max(_exit_codes, default=0))
