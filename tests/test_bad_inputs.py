@@ -86,7 +86,7 @@ CATALOGUE = [
     ("motion bucket 256", "m.csv", f"id,image,motion_bucket_id\n{GOOD},\na,img/a.png,256\n", 3, "motion_bucket_id", "in [0, 255], got '256'", {}),
     ("width not /8", "m.csv", f"id,image,width\n{GOOD},\na,img/a.png,100\n", 3, "width", "multiple of 8, got '100'", {}),
     ("height not /8", "m.csv", f"id,image,height\n{GOOD},\na,img/a.png,60\n", 3, "height", "multiple of 8, got '60'", {}),
-    ("num_frames 0", "m.csv", f"id,image,num_frames\n{GOOD},\na,img/a.png,0\n", 3, "num_frames", "in [1, 1024], got '0'", {}),
+    ("num_frames 1", "m.csv", f"id,image,num_frames\n{GOOD},\na,img/a.png,1\n", 3, "num_frames", "in [2, 1024], got '1'", {}),
     ("underscore number", "m.csv", f"id,image,fps\n{GOOD},\na,img/a.png,1_0\n", 3, "fps", "got '1_0'", {}),
     ("image missing", "m.csv", f"id,image\n{GOOD}\na,img/none.png\n", 3, "image", "image file not found (img/none.png)", {}),
     ("image truncated", "m.csv", f"id,image\n{GOOD}\na,img/cut.png\n", 3, "image", "not a readable image", {}),
