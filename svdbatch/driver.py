@@ -114,6 +114,7 @@ def run(cfg: DictConfig) -> RunSummary:
     manifest = load_manifest(cfg)
     store = RunStore(Path(cfg.run.dir), cfg.output.format)
     shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
+    devices = resolve_devices(cfg.run.devices, cfg.run.workers)  # a bad run.devices: before writing anything
     store.prepare(cfg.run.min_free_mb)
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
     summary = RunSummary(run_dir=store.root)
@@ -121,7 +122,6 @@ def run(cfg: DictConfig) -> RunSummary:
         store.record_failure(item_id, None, "invalid manifest row", {"problems": [str(p) for p in problems], "line": line})
         summary.invalid += 1
 
-    devices = resolve_devices(cfg.run.devices, cfg.run.workers)
     identity = model_identity(cfg.model, devices[0])
     items = select_shard(manifest.items, shard)
     # Image URLs are cached per run dir, and refused from their header beyond run.max_image_pixels.
