@@ -66,11 +66,11 @@ def url_problem(ref: str) -> Union[str, None]:
 def check_fetch_config(config: FetchConfig) -> list[str]:
     problems = []
     if not (config.timeout_s > 0 and math.isfinite(config.timeout_s)):
-        problems.append(f"fetch.timeout_s: must be a finite number > 0, got {config.timeout_s}")
+        problems.append(f"fetch.timeout_s: must be > 0 and finite, got {config.timeout_s}")
     for name in ("retries", "backoff_s"):
         value = getattr(config, name)
         if not (value >= 0 and math.isfinite(value)):  # NaN compares false both ways
-            problems.append(f"fetch.{name}: must be a finite number >= 0, got {value}")
+            problems.append(f"fetch.{name}: must be >= 0 and finite, got {value}")
     for name in ("max_bytes", "workers"):
         if getattr(config, name) < 1:
             problems.append(f"fetch.{name}: must be >= 1, got {getattr(config, name)}")

@@ -419,8 +419,8 @@ CONFIG_CATALOGUE = [
     (["output.loop=-1"], "output.loop: must be in [0, 65535], got -1"),
     (["output.loop=70000"], "output.loop: must be in [0, 65535], got 70000"),
     (["output.shard_size=0"], "output.shard_size: must be >= 1, got 0"),
-    (["fetch.backoff_s=nan"], "fetch.backoff_s: must be a finite number >= 0, got nan"),
-    (["fetch.timeout_s=inf"], "fetch.timeout_s: must be a finite number > 0, got inf"),
+    (["fetch.backoff_s=nan"], "fetch.backoff_s: must be >= 0 and finite, got nan"),
+    (["fetch.timeout_s=inf"], "fetch.timeout_s: must be > 0 and finite, got inf"),
     (["fetch.workers=0"], "fetch.workers: must be >= 1, got 0"),
     (["model=svd", "model.source=/no/such/dir"], "model.source: no such directory: /no/such/dir"),
 ]
