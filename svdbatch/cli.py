@@ -82,8 +82,15 @@ def validate(overrides: list[str]) -> int:
 
     from .driver import load_manifest
 
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:  # a misspelt key or a wrong type: Hydra's message, not a traceback
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         manifest = load_manifest(cfg)
     except (ManifestError, ConfigError) as exc:

@@ -7,6 +7,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -112,11 +113,11 @@ class ConditioningConfig:
 @dataclass
 class OutputConfig:
     format: OutputFormat = OutputFormat.mp4
-    # Frame rate of the written file; null = the item's conditioning fps.
+    # Frame rate of the written file (1..1000); null = the item's conditioning fps.
     fps: Optional[int] = None
     # imageio-ffmpeg variable-bitrate quality, 0 (worst) .. 10 (best).
     quality: float = 5.0
-    # GIF/WebP loop count (0 = forever).
+    # GIF/WebP loop count (0 = forever; GIF stores at most 65535).
     loop: int = 0
     # Also pack finished items into WebDataset tar shards (<run dir>/webdataset/), shard_size
     # samples each (the last one may be smaller); a shard is written once all its items are done.
@@ -174,7 +175,8 @@ class RunConfig:
     # Float results depend on it, so it is recorded per item: keep it fixed across runs
     # you want to compare bit for bit.
     num_threads: Optional[int] = None
-    # Process at most this many rows (after sharding), handy for a smoke run.
+    # Process at most this many rows (after sharding), handy for a smoke run; 0 = none
+    # (validate and prepare the run dir only); null = all.
     limit: Optional[int] = None
     progress: bool = True
     step_progress: bool = False
@@ -210,6 +212,51 @@ class Config:
 
 
 SCHEMA_NAME = "svdbatch_schema"
+GIF_MAX_LOOP = 65535  # the GIF loop count is a 16-bit field
+
+
+def range_problem(name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None,
+                  nullable: bool = False) -> Optional[str]:
+    """'<name>: must be ...' for a numeric setting outside [low, high] (or NaN/inf), else None.
+    Typed fields already hold numbers; this is about values that would only fail later."""
+    if value is None:
+        return None if nullable else f"{name}: must be set"
+    bounds = f"in [{low:g}, {high:g}]" if low is not None and high is not None else f">= {low:g}" if low is not None else f"<= {high:g}"
+    null = " or null" if nullable else ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name}: must be a finite number {bounds}{null}, got {value}"
+    if (low is not None and value < low) or (high is not None and value > high):
+        return f"{name}: must be {bounds}{null}, got {value}"
+    return None
+
+
+def check_run_and_output(run: Any, output: Any) -> list[str]:
+    """Settings that Hydra's typing lets through but that could only fail later (a traceback
+    mid-run, every item failing at write time) or silently mean something else."""
+    checks = [
+        range_problem("run.workers", run.workers, 1),
+        range_problem("run.batch_size", run.batch_size, 1),
+        range_problem("run.num_threads", run.num_threads, 1, nullable=True),
+        range_problem("run.limit", run.limit, 0, nullable=True),
+        range_problem("run.max_image_pixels", run.max_image_pixels, 1),
+        range_problem("run.min_free_mb", run.min_free_mb, 0),
+        range_problem("run.gallery_every_s", run.gallery_every_s, 0),
+        range_problem("run.gallery_max_items", run.gallery_max_items, 0),
+        range_problem("output.fps", output.fps, 1, 1000, nullable=True),
+        range_problem("output.quality", output.quality, 0, 10),
+        range_problem("output.loop", output.loop, 0, GIF_MAX_LOOP),
+    ]
+    return [problem for problem in checks if problem]
+
+
+def default_run_name(manifest: Any) -> str:
+    """run.name when not given: the manifest's stem, or for '.', '..' or a trailing '/' the
+    folder's real name (a bare stem would be '' or '..' and put the run dir at outputs/ or
+    the working directory)."""
+    path = Path(str(manifest))
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    return path.stem or "run"
 
 
 def sweep_subdir(override_dirname: str, job_num: int) -> str:
@@ -219,7 +266,7 @@ def sweep_subdir(override_dirname: str, job_num: int) -> str:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
-    OmegaConf.register_new_resolver("svdbatch_stem", lambda path: Path(str(path)).stem, replace=True)
+    OmegaConf.register_new_resolver("svdbatch_stem", default_run_name, replace=True)
     OmegaConf.register_new_resolver("svdbatch_subdir", sweep_subdir, replace=True)
 
 

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 from .config import OutputConfig, OutputFormat
 from .outputs import atomic_path, atomic_write_bytes, output_bytes
 from .schedule import PlannedItem
-from .store import RunStore
+from .store import RunStore, to_json
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def write_metadata(store: RunStore) -> Path:
         rows = [metadata_row(sidecar) for sidecar in finished_in_run_dir(store)]
         # Every row gets every column (null where a row lacks a meta_* key): one schema per file.
         columns = list(dict.fromkeys(key for row in rows for key in row))
-        body = "".join(json.dumps({key: row.get(key) for key in columns}, default=str) + "\n" for row in rows)
+        body = "".join(to_json({key: row.get(key) for key in columns}, default=str) + "\n" for row in rows)
         atomic_write_bytes(target, body.encode())
     finally:
         os.close(fd)
@@ -151,12 +151,12 @@ def write_shards(store: RunStore, planned: list[PlannedItem], finished: list, sh
                 key = f"{position:09d}"  # WebDataset keys must not contain dots; ids may
                 video = store.root / sidecar["output"]["path"]
                 _add_member(archive, f"{key}{video.suffix}", video.read_bytes())
-                _add_member(archive, f"{key}.json", json.dumps(metadata_row(sidecar), sort_keys=True).encode())
+                _add_member(archive, f"{key}.json", to_json(metadata_row(sidecar), sort_keys=True).encode())
         index[name] = members
         written.append(shards / name)
     for name in sorted(set(index) - current):
         _drop_shard(shards, index, name)  # the manifest got shorter
-    atomic_write_bytes(index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(index_path, to_json(index, indent=1, sort_keys=True).encode())
     return written
 
 

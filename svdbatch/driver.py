@@ -21,16 +21,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .config import ConfigError, plain
+from .config import ConfigError, check_run_and_output, plain
 from .dataset import check_output_config, write_dataset
 from .fetch import UrlCache, check_fetch_config
 from .gallery import GalleryUpdater
 from .manifest import Manifest, read_manifest
-from .models import model_identity, resolve_devices
-from .params import check_conditioning
+from .models import compile_problems, model_identity, resolve_devices, source_problem
+from .params import PARAM_NAMES, check_conditioning, check_model_and_memory
 from .runner import BUSY, DONE, DONE_ELSEWHERE, FAILED, STOPPED, Outcome
 from .schedule import make_batches, plan_run, resolve_shard, select_shard
-from .store import RunStore
+from .store import RunDirError, RunStore, run_dir_problem
 from .workers import WorkerSpec, execute
 
 log = logging.getLogger(__name__)
@@ -81,19 +81,40 @@ class RunSummary:
         )
 
 
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every config value that could only fail later, as '<field>: why'."""
+    problems = check_conditioning(cfg.conditioning) + check_model_and_memory(cfg.model, cfg.memory)
+    problems += check_run_and_output(cfg.run, cfg.output) + check_output_config(cfg.output) + check_fetch_config(cfg.fetch)
+    missing = source_problem(cfg.model)
+    return problems + ([missing] if missing else []) + compile_problems(cfg.memory)
+
+
 def load_manifest(cfg: DictConfig) -> Manifest:
-    problems = check_conditioning(cfg.conditioning) + check_fetch_config(cfg.fetch) + check_output_config(cfg.output)
+    problems = config_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return read_manifest(cfg.manifest, run_seed=cfg.run.seed, strict=cfg.run.strict, check_images=cfg.run.check_images,
-                         image_root=cfg.run.image_root, max_image_pixels=cfg.run.max_image_pixels)
+                         image_root=cfg.run.image_root, max_image_pixels=cfg.run.max_image_pixels,
+                         config_params={name: cfg.conditioning[name] for name in PARAM_NAMES})
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """Before anything is written into it: the run dir is a folder of its own, and not the
+    folder manifest it reads (its outputs would come back as inputs)."""
+    why = run_dir_problem(cfg.run.dir)
+    if why is None and Path(cfg.manifest).is_dir() and Path(cfg.manifest).resolve() == Path(cfg.run.dir).resolve():
+        why = f"run dir {cfg.run.dir} is the folder manifest itself; its outputs would be read as inputs next time (set run.name=...)"
+    if why:
+        raise RunDirError(why)
 
 
 def run(cfg: DictConfig) -> RunSummary:
     started = time.perf_counter()
+    check_run_dir(cfg)
     manifest = load_manifest(cfg)
     store = RunStore(Path(cfg.run.dir), cfg.output.format)
     shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
+    devices = resolve_devices(cfg.run.devices, cfg.run.workers)  # a bad run.devices: before writing anything
     store.prepare(cfg.run.min_free_mb)
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
     summary = RunSummary(run_dir=store.root)
@@ -101,10 +122,10 @@ def run(cfg: DictConfig) -> RunSummary:
         store.record_failure(item_id, None, "invalid manifest row", {"problems": [str(p) for p in problems], "line": line})
         summary.invalid += 1
 
-    devices = resolve_devices(cfg.run.devices, cfg.run.workers)
     identity = model_identity(cfg.model, devices[0])
     items = select_shard(manifest.items, shard)
-    fetcher = UrlCache(store.root / "downloads", cfg.fetch)  # image URLs are cached per run dir
+    # Image URLs are cached per run dir, and refused from their header beyond run.max_image_pixels.
+    fetcher = UrlCache(store.root / "downloads", cfg.fetch, max_pixels=cfg.run.max_image_pixels)
     plan = plan_run(
         items, cfg.conditioning, cfg.model, cfg.memory, identity.as_dict(), store, cfg.run.limit, fetcher,
         max_image_pixels=cfg.run.max_image_pixels,

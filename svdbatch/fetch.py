@@ -12,17 +12,19 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 from urllib.parse import urlsplit
 
 from PIL import Image
 
 from .config import FetchConfig
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageProblem, open_image, pixels_problem
 from .outputs import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,11 @@ log = logging.getLogger(__name__)
 URL_SCHEMES = ("http", "https")
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 CACHED_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+READ_CHUNK = 64 * 1024
+# While downloading, the image header is parsed from the bytes so far until it gives a size
+# (a PNG's is in its first 33 bytes; a JPEG's follows its EXIF/ICC segments). Past this,
+# stop trying: the size is checked again from the whole file before decoding.
+HEADER_SCAN_BYTES = 4 * 1024 * 1024
 
 
 class FetchError(RuntimeError):
@@ -58,23 +65,27 @@ def url_problem(ref: str) -> Union[str, None]:
 
 def check_fetch_config(config: FetchConfig) -> list[str]:
     problems = []
-    if not config.timeout_s > 0:
-        problems.append(f"fetch.timeout_s: must be > 0, got {config.timeout_s}")
+    if not (config.timeout_s > 0 and math.isfinite(config.timeout_s)):
+        problems.append(f"fetch.timeout_s: must be > 0 and finite, got {config.timeout_s}")
     for name in ("retries", "backoff_s"):
-        if getattr(config, name) < 0:
-            problems.append(f"fetch.{name}: must be >= 0, got {getattr(config, name)}")
+        value = getattr(config, name)
+        if not (value >= 0 and math.isfinite(value)):  # NaN compares false both ways
+            problems.append(f"fetch.{name}: must be >= 0 and finite, got {value}")
     for name in ("max_bytes", "workers"):
         if getattr(config, name) < 1:
             problems.append(f"fetch.{name}: must be >= 1, got {getattr(config, name)}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in config.user_agent):  # http.client raises on them mid-download
+        problems.append(f"fetch.user_agent: must not contain control characters such as newlines, got {config.user_agent!r}")
     return problems
 
 
 class UrlCache:
     """Downloads into `root`, one file per URL, written atomically."""
 
-    def __init__(self, root: Path, config: FetchConfig):
+    def __init__(self, root: Path, config: FetchConfig, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         self.root = Path(root)
         self.config = config
+        self.max_pixels = max_pixels  # run.max_image_pixels, checked from the header as bytes arrive
 
     def path_for(self, url: str) -> Path:
         suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
@@ -88,8 +99,10 @@ class UrlCache:
             return target
         data = self._download(url)
         try:
-            with Image.open(io.BytesIO(data)) as image:
+            with open_image(io.BytesIO(data), self.max_pixels) as image:  # the size again, before decoding
                 image.load()
+        except ImageProblem as exc:
+            raise FetchError(f"{url}: {exc}") from None
         except Exception as exc:  # any decoder error means "not an image we can use"
             raise FetchError(f"{url}: not a readable image ({len(data)} bytes): {exc}") from None
         self.root.mkdir(parents=True, exist_ok=True)
@@ -117,6 +130,8 @@ class UrlCache:
         for attempt in range(1, attempts + 1):
             try:
                 return self._get(url)
+            except ImageProblem as exc:  # too many pixels: the same answer on every attempt
+                raise FetchError(f"{url}: {exc}") from None
             except urllib.error.HTTPError as exc:
                 last = f"HTTP {exc.code} {exc.reason}"
                 if exc.code not in RETRY_STATUS:
@@ -131,8 +146,31 @@ class UrlCache:
 
     def _get(self, url: str) -> bytes:
         request = urllib.request.Request(url, headers={"User-Agent": self.config.user_agent})
+        buffer = bytearray()
+        size_known = self.max_pixels is None
         with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
-            data = response.read(self.config.max_bytes + 1)
-        if len(data) > self.config.max_bytes:
+            while len(buffer) <= self.config.max_bytes:
+                chunk = response.read(min(READ_CHUNK, self.config.max_bytes + 1 - len(buffer)))
+                if not chunk:
+                    break
+                buffer += chunk
+                if not size_known and len(buffer) <= HEADER_SCAN_BYTES:
+                    size = header_size(bytes(buffer))
+                    if size is not None:
+                        size_known = True
+                        why = pixels_problem(size, self.max_pixels)
+                        if why:  # stop now: neither the rest of the file nor its decoding is wanted
+                            raise ImageProblem(why)
+        if len(buffer) > self.config.max_bytes:
             raise FetchError(f"{url}: larger than fetch.max_bytes={self.config.max_bytes}")
-        return data
+        return bytes(buffer)
+
+
+def header_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) from the start of an image file, or None while the header is incomplete
+    (or not an image). Image.open reads headers only; nothing is decoded here."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception:  # incomplete header, not an image yet: keep reading
+        return None

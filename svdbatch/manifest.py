@@ -14,17 +14,24 @@ import difflib
 import hashlib
 import io
 import json
+import logging
+import math
 import os
 import re
+import sys
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
 from .config import ConfigError, ResizeMode
 from .fetch import is_url, url_problem
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageProblem, check_image
-from .params import PARAM_NAMES, ValueProblem, coerce, show_value
+from .params import PARAM_NAMES, ValueProblem, coerce, combination_problems, show_value
+from .store import OUTPUTS_ROOT, is_run_dir
+
+log = logging.getLogger(__name__)
 
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed accepts 0 .. 2**64 - 1
 META_PREFIX = "meta_"  # free-form columns carried into the sidecar untouched
@@ -36,6 +43,18 @@ RESIZE_MODES = tuple(mode.value for mode in ResizeMode)
 MAX_ID_BYTES = 200
 # Path separators, characters Windows/SMB shares reject, and control characters (C0, DEL, C1).
 UNSAFE_ID_CHARS = re.compile(r'[/\\:*?"<>|\x00-\x1f\x7f-\x9f]')
+# Windows reserves these names with any extension, in any case ('nul.txt', 'Com1'): such a
+# file cannot be created or copied there. Microsoft's list includes COM0/LPT0 and the
+# superscript digits.
+WINDOWS_DEVICE_NAMES = frozenset(
+    ["con", "prn", "aux", "nul"] + [f"{port}{digit}" for port in ("com", "lpt") for digit in "0123456789¹²³"]
+)
+# Lone UTF-16 surrogates: JSON's "\ud800" parses to one, and no file system, UTF-8 encoder or
+# JSON writer of another language accepts it.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Python's csv module refuses fields over 128 KiB by default; a long caption in a meta_*
+# column is legitimate, so the limit is raised to this (characters).
+CSV_FIELD_LIMIT = 16 * 2**20
 SEED_TEXT = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take '1_0' or '٣'
 # Files a folder manifest picks up (hidden files and folders are skipped).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -86,8 +105,13 @@ class Problem:
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
-        what = f"field '{self.field}': " if self.field else ""
+        what = f"field '{printable(self.field)}': " if self.field else ""
         return f"{where}: {what}{self.message}"
+
+
+def printable(text: str) -> str:
+    """Text safe to print or log: a lone surrogate (from a JSONL key) as a \\ud800 escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ManifestError(Exception):
@@ -121,9 +145,12 @@ def derive_id(image_ref: str) -> str:
 
 
 def id_problem(item_id: str) -> Optional[str]:
-    """Ids become file names inside the run dir, so they must not be able to escape it."""
+    """Ids become file names inside the run dir, so they must not be able to escape it, and
+    the run dir must survive being copied to Windows or macOS."""
     if not item_id:
         return "must not be empty"
+    if LONE_SURROGATE.search(item_id):
+        return f"is not valid Unicode text (a lone surrogate, as JSON's \\ud800 gives): {item_id!r}"
     size = len(item_id.encode())
     if size > MAX_ID_BYTES:
         return f"must be at most {MAX_ID_BYTES} bytes in UTF-8 (it names files), got {size}"
@@ -131,6 +158,43 @@ def id_problem(item_id: str) -> Optional[str]:
         return f"must not start with '.' (got {item_id!r})"
     if UNSAFE_ID_CHARS.search(item_id):
         return f"must not contain path separators, control or reserved characters (got {item_id!r})"
+    if item_id.endswith((".", " ")):
+        return f"must not end with '.' or a space: Windows drops them from file names (got {item_id!r})"
+    if item_id.split(".")[0].rstrip(" ").lower() in WINDOWS_DEVICE_NAMES:
+        return f"is a reserved device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9, with any extension): {item_id!r}"
+    return None
+
+
+def id_fold(item_id: str) -> str:
+    """What an id names on a case-insensitive, normalisation-insensitive file system (macOS,
+    Windows): 'Case'/'case' and NFC/NFD 'café' are one file there."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", item_id).casefold())
+
+
+def row_value_problems(row: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, why) for values no output could hold: lone surrogates in any column name or
+    text value (id and image are checked where they are parsed), and NaN or infinite numbers
+    in meta_* data (the sidecar and metadata.jsonl must stay valid JSON)."""
+    found = []
+    for key, value in row.items():
+        if LONE_SURROGATE.search(key):
+            found.append((key, "column name is not valid Unicode text (a lone surrogate, as JSON's \\ud800 gives)"))
+        elif key not in ("id", "image"):
+            why = _bad_value(value, key.startswith(META_PREFIX))
+            if why:
+                found.append((key, why))
+    return found
+
+
+def _bad_value(value: Any, is_meta: bool) -> Optional[str]:
+    if isinstance(value, str):
+        return "is not valid Unicode text (a lone surrogate, as JSON's \\ud800 gives)" if LONE_SURROGATE.search(value) else None
+    if isinstance(value, float) and not math.isfinite(value) and is_meta:
+        return f"must be a finite number or text, got {value} (JSON has no NaN or Infinity)"
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        return next((why for why in (_bad_value(v, is_meta) for v in value) if why), None)
     return None
 
 
@@ -153,7 +217,7 @@ def _coerce_seed(value: Any) -> int:
 Row = tuple[int, dict[str, Any], list[Problem]]  # line, values, problems found while reading
 
 
-def _csv_rows(reader: Any, shown: str, problems: list[Problem]) -> Iterator[tuple[int, list[str]]]:
+def _csv_rows(reader: Any, shown: str, problems: list[Problem], path: Optional[Path] = None) -> Iterator[tuple[int, list[str]]]:
     """(line, cells) of each non-blank record. Broken quoting ends the file with a fatal
     problem naming the line the record started on (strict mode: otherwise an unclosed
     quote silently swallows the rest of the file into one cell)."""
@@ -164,10 +228,39 @@ def _csv_rows(reader: Any, shown: str, problems: list[Problem]) -> Iterator[tupl
         except StopIteration:
             return
         except csv.Error as exc:
-            problems.append(Problem(shown, start, None, f"not valid CSV from this line on ({exc}); check the quotes"))
+            if "field larger than field limit" in str(exc):
+                why = (f"a field is larger than {CSV_FIELD_LIMIT:,} characters, the most svdbatch reads from one CSV cell "
+                       "(a quote that is never closed swallows the rest of the file the same way)")
+                problems.append(Problem(shown, start, _oversized_column(path, start) if path else None, why))
+            else:
+                problems.append(Problem(shown, start, None, f"not valid CSV from this line on ({exc}); check the quotes"))
             return
         if any(v.strip() for v in values):
             yield reader.line_num, values
+
+
+def _oversized_column(path: Path, start: int) -> Optional[str]:
+    """The header name of the column whose cell overflowed, read again without the limit;
+    None when it cannot be told (the header itself, or other broken quoting)."""
+    csv.field_size_limit(sys.maxsize)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            again = csv.reader(handle, strict=True)
+            header = None
+            while True:
+                line = again.line_num + 1
+                values = next(again)
+                if line == start:
+                    index = next((i for i, v in enumerate(values) if len(v) > CSV_FIELD_LIMIT), None)
+                    if header is None or index is None:
+                        return None
+                    return header[index] if index < len(header) else f"column {index + 1}"
+                if header is None and any(v.strip() for v in values):
+                    header = [v.strip() for v in values]
+    except (csv.Error, StopIteration, UnicodeDecodeError, OSError):
+        return None
+    finally:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
 
 
 def _check_header(header: list[str], shown_path: str, line: int, problems: list[Problem]) -> None:
@@ -183,8 +276,9 @@ def _check_header(header: list[str], shown_path: str, line: int, problems: list[
 
 def _read_csv(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row]:
     """Header problems go to `problems` (fatal); each row comes with its own."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)  # process-wide; nothing else here reads CSV
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        records = _csv_rows(csv.reader(handle, strict=True), shown, problems)
+        records = _csv_rows(csv.reader(handle, strict=True), shown, problems, path)
         first = next(records, None)
         if first is None:
             return
@@ -211,6 +305,9 @@ def _read_jsonl(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row
                 why = f"not valid JSON ({exc.msg}); JSONL needs one whole object per line"
                 yield line, {}, [Problem(shown, line, None, why)]
                 continue
+            except (ValueError, RecursionError) as exc:  # an integer of 5000 digits, [[[[... 100k deep
+                yield line, {}, [Problem(shown, line, None, f"JSON that cannot be read ({type(exc).__name__}: {str(exc)[:100]})")]
+                continue
             if not isinstance(row, dict):
                 yield line, {}, [Problem(shown, line, None, f"must be a JSON object, got {type(row).__name__}")]
                 continue
@@ -221,12 +318,31 @@ def _read_jsonl(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row
 
 def _read_folder(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row]:
     """One row per image under the folder, in sorted relative-path order, so ids (from the
-    relative paths) and the seeds derived from them are stable across runs and machines."""
+    relative paths) and the seeds derived from them are stable across runs and machines.
+    Hidden entries, run dirs and the outputs/ folder are skipped: they hold svdbatch's own
+    output (gallery thumbnails, PNG frames), which must never come back as input."""
+    outputs = os.path.realpath(OUTPUTS_ROOT)
+    if is_run_dir(path) or os.path.realpath(path) == outputs:
+        what = "a run dir" if is_run_dir(path) else f"the {OUTPUTS_ROOT}/ folder"
+        problems.append(Problem(shown, None, None, f"is {what} (svdbatch's output), not a folder of input images"))
+        return
     found = []
-    for file in path.rglob("*"):
-        relative = file.relative_to(path)
-        if file.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in relative.parts) and file.is_file():
-            found.append(relative.as_posix())
+    for folder, subfolders, files in os.walk(path):  # like rglob: symlinked folders are not entered
+        kept = []
+        for name in subfolders:
+            sub = os.path.join(folder, name)
+            if name.startswith("."):
+                continue
+            if is_run_dir(sub) or os.path.realpath(sub) == outputs:
+                log.warning("%s: skipping %s: it holds svdbatch output, not input images", shown, sub)
+                continue
+            kept.append(name)
+        subfolders[:] = kept
+        relative_folder = Path(folder).relative_to(path)
+        for name in files:
+            file = Path(folder, name)
+            if file.suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".") and file.is_file():
+                found.append((relative_folder / name).as_posix())
     for number, relative in enumerate(sorted(found), start=1):
         yield number, {"image": relative}, []
 
@@ -301,11 +417,14 @@ def read_manifest(
     check_images: bool = True,
     image_root: Optional[str] = None,
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+    config_params: Optional[Mapping[str, Any]] = None,
 ) -> Manifest:
     """Parse and validate a manifest. Raises ManifestError listing every problem found.
 
     image_root (run.image_root): local images must resolve inside it; None = any path.
-    max_image_pixels (run.max_image_pixels): checked from the header when check_images."""
+    max_image_pixels (run.max_image_pixels): checked from the header when check_images.
+    config_params: the config's conditioning values, to check knobs that must agree
+    (min <= max guidance) when a row overrides one of them."""
     path = Path(path)
     shown = str(path)
     is_folder = path.is_dir()
@@ -329,7 +448,7 @@ def read_manifest(
     row_problems: list[Problem] = []
     manifest = Manifest(path=path)
     base_dir = str(path.resolve() if is_folder else path.resolve().parent)
-    first_line_of: dict[str, int] = {}
+    first_of: dict[str, tuple[str, int]] = {}  # id_fold(id) -> (id, line)
     try:
         rows = list(read_rows(path, shown, file_problems))
     except UnicodeDecodeError as exc:
@@ -349,12 +468,18 @@ def read_manifest(
         def bad(field_name: Optional[str], message: str) -> None:
             problems.append(Problem(shown, line, field_name, message))
 
+        for field_name, why in row_value_problems(row):
+            bad(field_name, why)
+
         image_ref = row.get("image")
         if not isinstance(image_ref, str) or not image_ref.strip():
             bad("image", "required" if image_ref is None else f"must be a path string, got {show_value(image_ref)}")
             image_ref = None
         elif "\x00" in image_ref:  # os.path would raise on it
             bad("image", f"contains a NUL character ({image_ref!r})")
+            image_ref = None
+        elif LONE_SURROGATE.search(image_ref):  # no file name can hold it
+            bad("image", f"is not valid Unicode text (a lone surrogate, as JSON's \\ud800 gives): {image_ref!r}")
             image_ref = None
         else:
             image_ref = image_ref.strip()
@@ -375,10 +500,18 @@ def read_manifest(
                     bad("id", why)
                 else:
                     bad("image", f"the id derived from it {why}; give an id column")
-            elif item_id in first_line_of:
-                bad("id", f"duplicate id {item_id!r} (first used on line {first_line_of[item_id]})")
+                if LONE_SURROGATE.search(item_id):
+                    item_id = ""  # not even failures.jsonl could record it
             else:
-                first_line_of[item_id] = line
+                folded = id_fold(item_id)
+                first = first_of.get(folded)
+                if first is None:
+                    first_of[folded] = (item_id, line)
+                elif first[0] == item_id:
+                    bad("id", f"duplicate id {item_id!r} (first used on line {first[1]})")
+                else:
+                    bad("id", f"id {item_id!r} and {first[0]!r} on line {first[1]} differ only by case or Unicode "
+                              "normalisation: they would name the same file on macOS and Windows")
 
         seed_derived = "seed" not in row
         seed = 0
@@ -395,6 +528,11 @@ def read_manifest(
                     overrides[name] = coerce(name, row[name])
                 except ValueProblem as exc:
                     bad(name, str(exc))
+        guidance = [name for name in ("min_guidance_scale", "max_guidance_scale") if name in overrides]
+        if config_params is not None and guidance:
+            for _, why in combination_problems({**config_params, **overrides}):
+                other = {"min_guidance_scale", "max_guidance_scale"}.difference(guidance)
+                bad(guidance[0], why + "".join(f" ({name} from the config)" for name in other))
         resize = row.get("resize")
         if resize is not None:
             resize = str(resize).strip()

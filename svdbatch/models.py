@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 TINY_SOURCE = "tiny"
 TINY_BUILD_SEED = 0
+# A Hugging Face repo id: 'name' or 'owner/name' (letters, digits, '-', '_', '.').
+HUB_REPO_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")
 
 # Small but shaped like the real model: a four-block VAE gives latents at 1/8 of the image
 # (a two-block VAE makes the UNet's attention quadratic in a 4x larger latent and CPU runs
@@ -252,6 +255,58 @@ def model_identity(model: ModelConfig, device: torch.device) -> ModelIdentity:
     )
 
 
+def is_local_path(source: str) -> bool:
+    """model.source names a directory, not a hub repo: absolute, ./ ../ ~, Windows
+    separators, or more than one '/'. A missing one must say so, not try the hub."""
+    return (
+        os.path.isabs(source)
+        or source.startswith(("./", "../", "~", ".\\", "..\\"))
+        or source in (".", "..")
+        or "\\" in source
+        or not HUB_REPO_ID.fullmatch(source)
+    )
+
+
+def source_problem(model: ModelConfig) -> Optional[str]:
+    """'model.source: ...' for a local directory that is not there (checked up front: the
+    hub would answer with a confusing 'repo not found' or an offline error)."""
+    source = model.source
+    if source == TINY_SOURCE or not is_local_path(source):
+        return None
+    folder = os.path.expanduser(source)
+    if os.path.isdir(folder):
+        return None
+    what = "is a file, not a directory" if os.path.exists(folder) else "no such directory"
+    return (f"model.source: {what}: {source}" + (f" ({os.path.abspath(folder)})" if folder != os.path.abspath(folder) else "")
+            + "; point it at a local copy of the weights (a folder with model_index.json) or use a hub repo id"
+            " such as stabilityai/stable-video-diffusion-img2vid-xt")
+
+
+def download_hint(model: ModelConfig) -> str:
+    """The command that fetches the weights (huggingface_hub's `hf` CLI; `huggingface-cli`
+    is gone from current releases)."""
+    revision = f" --revision {model.revision}" if model.revision else ""
+    return f"hf download {model.source}{revision}"
+
+
+def compile_problems(memory: MemoryConfig) -> list[str]:
+    """memory.compile_mode / compile_backend as torch knows them, checked before the model
+    loads (torch.compile would fail in every worker). Imports torch._dynamo: only when compiling."""
+    if not memory.compile:
+        return []
+    import torch._dynamo
+    import torch._inductor
+
+    problems = []
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if memory.compile_backend not in backends:
+        problems.append(f"memory.compile_backend: must be one of {', '.join(backends)}, got {memory.compile_backend!r}")
+    modes = list(torch._inductor.list_mode_options())
+    if memory.compile_backend == "inductor" and memory.compile_mode not in modes:
+        problems.append(f"memory.compile_mode: must be one of {', '.join(modes)}, got {memory.compile_mode!r}")
+    return problems
+
+
 def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
     from diffusers import StableVideoDiffusionPipeline
 
@@ -264,15 +319,19 @@ def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
         kwargs["variant"] = model.variant
     if model.cache_dir:
         kwargs["cache_dir"] = model.cache_dir
+    missing = source_problem(model)
+    if missing:
+        raise ModelLoadError(missing)
+    source = os.path.expanduser(model.source) if is_local_path(model.source) else model.source
     try:
-        return StableVideoDiffusionPipeline.from_pretrained(model.source, **kwargs)
+        return StableVideoDiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         where = "a local directory" if Path(model.source).exists() else "the Hugging Face hub"
         raise ModelLoadError(
             f"could not load model {model.name!r} from {model.source!r} ({where}"
             + (", HF_HUB_OFFLINE is set" if offline else "")
-            + f"): {exc}\nDownload the weights first (`huggingface-cli download {model.source}`) on a machine "
+            + f"): {exc}\nDownload the weights first (`{download_hint(model)}`) on a machine "
             "with network access, or point model.source at a local copy."
         ) from exc
 

@@ -34,11 +34,14 @@ class Rule:
 
 
 # Ranges follow the model card / diffusers pipeline: the UNet was trained with
-# motion_bucket_id in 0..255, the VAE needs sizes that are multiples of 8.
+# motion_bucket_id in 0..255, the VAE needs sizes that are multiples of 8. num_frames >= 2:
+# StableVideoDiffusionPipeline decides on classifier-free guidance from max_guidance_scale,
+# then again from the per-frame scales linspace(min, max, num_frames); with one frame that
+# is just min, the two disagree and every item fails with a tensor-size error.
 RULES: dict[str, Rule] = {
     "width": Rule(int, 8, 16384, multiple_of=8),
     "height": Rule(int, 8, 16384, multiple_of=8),
-    "num_frames": Rule(int, 1, 1024, nullable=True),
+    "num_frames": Rule(int, 2, 1024, nullable=True),
     "num_inference_steps": Rule(int, 1, 1000),
     "fps": Rule(int, 1, 1000),
     "motion_bucket_id": Rule(int, 0, 255),
@@ -48,6 +51,10 @@ RULES: dict[str, Rule] = {
     "decode_chunk_size": Rule(int, 1, 1024, nullable=True),
 }
 PARAM_NAMES = tuple(RULES)
+# The same disagreement in another form: the pipeline compares max_guidance_scale > 1 in
+# Python floats, then the per-frame scales in the model's dtype, where a value just above 1
+# rounds to 1 (float16 steps by ~0.001 there, bfloat16 by ~0.008). 1.01 clears both.
+GUIDANCE_ROUNDING_GAP = (1.0, 1.01)
 
 
 class ValueProblem(ValueError):
@@ -110,7 +117,24 @@ def coerce(name: str, value: Any) -> Any:
         raise ValueProblem(f"must be {rule.describe()}, got {value!r}")
     if rule.multiple_of and number % rule.multiple_of:
         raise ValueProblem(f"must be {rule.describe()}, got {value!r}")
+    low, high = GUIDANCE_ROUNDING_GAP
+    if name == "max_guidance_scale" and low < number < high:
+        raise ValueProblem(
+            f"must be <= {low:g} (no guidance) or >= {high:g}, got {value!r}: the pipeline rounds values in between "
+            f"to {low:g} in the model's precision after deciding to guide, and every item fails"
+        )
     return number
+
+
+def combination_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, why) for knobs that are fine alone but not together. `values` holds
+    min_guidance_scale and max_guidance_scale (config defaults merged with a row's overrides)."""
+    low, high = values["min_guidance_scale"], values["max_guidance_scale"]
+    if low > high:
+        # The per-frame scales would fall from min to max; the pipeline decides on guidance
+        # from max alone and fails every item when min > 1 >= max.
+        return [("min_guidance_scale", f"min_guidance_scale ({low:g}) must be <= max_guidance_scale ({high:g})")]
+    return []
 
 
 @dataclass(frozen=True)
@@ -144,11 +168,34 @@ def check_conditioning(cond: ConditioningConfig) -> list[str]:
             coerce(name, getattr(cond, name))
         except ValueProblem as exc:
             problems.append(f"conditioning.{name}: {exc}")
+    if not problems:
+        problems += [f"conditioning.{name}: {why}" for name, why in combination_problems(cond)]
     for name in ("pad_color", "background"):
         try:
             parse_color(getattr(cond, name))
         except ValueError as exc:
             problems.append(f"conditioning.{name}: {exc}")
+    return problems
+
+
+def check_model_and_memory(model: ModelConfig, memory: MemoryConfig) -> list[str]:
+    """The model's trained frame count stands in for a null conditioning.num_frames, and the
+    memory preset caps decode_chunk_size, so they obey the same rules."""
+    problems = []
+    checks = [("model.num_frames", "num_frames", model.num_frames), ("memory.max_decode_chunk_size", "decode_chunk_size", memory.max_decode_chunk_size)]
+    for shown, name, value in checks:
+        try:
+            coerce(name, value)
+        except ValueProblem as exc:
+            problems.append(f"{shown}: {exc}")
+    for name, value in dict(model.fixed_conditioning or {}).items():
+        if name not in RULES:
+            problems.append(f"model.fixed_conditioning: unknown parameter {name!r}; known: {', '.join(PARAM_NAMES)}")
+            continue
+        try:
+            coerce(name, value)
+        except ValueProblem as exc:
+            problems.append(f"model.fixed_conditioning.{name}: {exc}")
     return problems
 
 

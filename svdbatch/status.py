@@ -31,7 +31,7 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from .manifest import ManifestError, read_manifest
-from .store import CLAIM_SUFFIX, latest_by_id, output_intact, read_jsonl_fast
+from .store import CLAIM_SUFFIX, is_run_dir, latest_by_id, output_intact, read_jsonl_fast
 
 EXIT_OK, EXIT_NOT_A_RUN_DIR = 0, 2
 INVALID_ROW = "invalid manifest row"  # the error driver.run records for rows that fail validation
@@ -45,12 +45,6 @@ SESSION_GAP_S = 600.0
 def config_files(run_dir: Path) -> list[Path]:
     """config.yaml, or one config.shard-I-of-N.yaml per shard of a sharded run."""
     return sorted(run_dir.glob("config.yaml")) + sorted(run_dir.glob("config.shard-*-of-*.yaml"))
-
-
-def is_run_dir(run_dir: Path) -> bool:
-    return run_dir.is_dir() and (
-        (run_dir / "results.jsonl").is_file() or (run_dir / "failures.jsonl").is_file() or bool(config_files(run_dir))
-    )
 
 
 def not_a_run_dir_message(run_dir: Path) -> str:

@@ -34,6 +34,12 @@ from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes, output_name,
 log = logging.getLogger(__name__)
 
 CLAIM_SUFFIX = ".claim"  # claims/<id>.claim
+# What marks a folder as a run dir (status refuses other folders; folder manifests skip
+# these, so a re-run never reads its own gallery thumbnails as new inputs).
+RUN_DIR_MARKERS = ("results.jsonl", "failures.jsonl", "config.yaml")
+SHARD_CONFIG_GLOB = "config.shard-*-of-*.yaml"  # a sharded run's config files (write_config)
+# Where run dirs go by default: hydra.run.dir in conf/config.yaml is outputs/<run.name>.
+OUTPUTS_ROOT = "outputs"
 KEY_VERSION = 2  # bump when what goes into a key changes meaning (2: preprocessing)
 STALE_TEMP_SECONDS = 600.0
 
@@ -74,9 +80,23 @@ def item_key(image_sha256: str, params: dict[str, Any], seed: int, model: dict[s
     return KeyMaker(model).key(image_sha256, params_text(params), seed, json.dumps(preprocess, sort_keys=True))
 
 
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """A folder some svdbatch run has written to (one stat per marker)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return False
+    return any((folder / name).is_file() for name in RUN_DIR_MARKERS) or any(folder.glob(SHARD_CONFIG_GLOB))
+
+
+def to_json(record: Any, **kwargs: Any) -> str:
+    """json.dumps that never writes NaN/Infinity (not JSON: other readers refuse the file);
+    manifest validation refuses non-finite meta values, so this raising is a bug, not input."""
+    return json.dumps(record, allow_nan=False, **kwargs)
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one whole line; the lock keeps lines from several worker processes intact."""
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+    line = (to_json(record, sort_keys=True, default=str) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -143,6 +163,25 @@ def output_intact(run_dir: str | os.PathLike, record: dict[str, Any]) -> bool:
 
 class RunDirError(RuntimeError):
     pass
+
+
+def run_dir_problem(root: str | os.PathLike, cwd: Optional[str | os.PathLike] = None) -> Optional[str]:
+    """Why `root` cannot be a run dir, or None. A run writes videos/, items/, logs and a
+    gallery into its run dir and re-runs read it back, so it must be a folder of its own:
+    not the working directory (manifest=.. once made it that), not outputs/ itself (which
+    holds every run dir) and not a folder that contains the working directory."""
+    here = Path(os.path.realpath(cwd if cwd is not None else os.getcwd()))
+    real = Path(os.path.realpath(root))
+    if real == here:
+        what = "the working directory"
+    elif real == here / OUTPUTS_ROOT:
+        what = f"{OUTPUTS_ROOT}/ itself (the folder that holds every run dir)"
+    elif real in here.parents:
+        what = "a parent of the working directory"
+    else:
+        return None
+    return (f"run dir {root} ({real}) is {what}; give the run a folder of its own, "
+            f"e.g. run.name=myrun (-> {OUTPUTS_ROOT}/myrun) or run.dir=/path/to/new/folder")
 
 
 class RunStore:
@@ -301,7 +340,7 @@ class RunStore:
 
     def commit(self, sidecar: dict[str, Any]) -> None:
         """Called after the video is in place: the sidecar rename is what makes an item done."""
-        body = json.dumps(sidecar, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        body = to_json(sidecar, indent=2, sort_keys=True, default=str).encode() + b"\n"
         atomic_write_bytes(self.sidecar_path(sidecar["id"]), body, fault="sidecar")
         fault_point("results")
         append_jsonl(self.results, self.result_record(sidecar))

@@ -61,6 +61,11 @@ def problems_of(path: Path, **kwargs) -> list[str]:
 
 
 GOOD = "ok,img/b.png"  # line 2 of most cases: the bad row is on line 3
+GOOD_JSON = '{"id": "ok", "image": "img/b.png"}'
+# The config side of min/max guidance, as the driver passes it (a row may override one).
+CONFIG_GUIDANCE = {"config_params": {"min_guidance_scale": 1.0, "max_guidance_scale": 3.0}}
+SURROGATE = "not valid Unicode text (a lone surrogate"
+HUGE_CELL = 16 * 2**20 + 1  # one character over the CSV cell limit
 
 # name, file name, content, line (None: the whole file), field (None: none applies), fragment, read_manifest kwargs
 CATALOGUE = [
@@ -86,7 +91,7 @@ CATALOGUE = [
     ("motion bucket 256", "m.csv", f"id,image,motion_bucket_id\n{GOOD},\na,img/a.png,256\n", 3, "motion_bucket_id", "in [0, 255], got '256'", {}),
     ("width not /8", "m.csv", f"id,image,width\n{GOOD},\na,img/a.png,100\n", 3, "width", "multiple of 8, got '100'", {}),
     ("height not /8", "m.csv", f"id,image,height\n{GOOD},\na,img/a.png,60\n", 3, "height", "multiple of 8, got '60'", {}),
-    ("num_frames 0", "m.csv", f"id,image,num_frames\n{GOOD},\na,img/a.png,0\n", 3, "num_frames", "in [1, 1024], got '0'", {}),
+    ("num_frames 1", "m.csv", f"id,image,num_frames\n{GOOD},\na,img/a.png,1\n", 3, "num_frames", "in [2, 1024], got '1'", {}),
     ("underscore number", "m.csv", f"id,image,fps\n{GOOD},\na,img/a.png,1_0\n", 3, "fps", "got '1_0'", {}),
     ("image missing", "m.csv", f"id,image\n{GOOD}\na,img/none.png\n", 3, "image", "image file not found (img/none.png)", {}),
     ("image truncated", "m.csv", f"id,image\n{GOOD}\na,img/cut.png\n", 3, "image", "not a readable image", {}),
@@ -120,19 +125,62 @@ CATALOGUE = [
     ("jsonl boolean id", "m.jsonl", '{"image": "img/b.png"}\n{"id": false, "image": "img/a.png"}\n', 2, "id", "got false (a boolean)", {}),
     ("jsonl float seed", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png", "seed": 42.0}\n', 2, "seed", "got 42.0", {}),
     ("jsonl NaN seed", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png", "seed": NaN}\n', 2, "seed", "got nan", {}),
+    # Knobs that are fine alone but fail every item together (the pipeline decides on guidance
+    # from max_guidance_scale, then from linspace(min, max, num_frames)).
+    ("min guidance above max", "m.csv", f"id,image,min_guidance_scale,max_guidance_scale\n{GOOD},,\na,img/a.png,3,1.5\n", 3,
+     "min_guidance_scale", "min_guidance_scale (3) must be <= max_guidance_scale (1.5)", CONFIG_GUIDANCE),
+    ("max guidance below the config's min", "m.csv", f"id,image,max_guidance_scale\n{GOOD},\na,img/a.png,0.5\n", 3,
+     "max_guidance_scale", "min_guidance_scale (1) must be <= max_guidance_scale (0.5) (min_guidance_scale from the config)", CONFIG_GUIDANCE),
+    ("max guidance rounds to 1", "m.csv", f"id,image,max_guidance_scale\n{GOOD},\na,img/a.png,1.001\n", 3,
+     "max_guidance_scale", "must be <= 1 (no guidance) or >= 1.01, got '1.001'", {}),
+    # Text no file name or JSON writer can hold.
+    ("jsonl lone surrogate id", "m.jsonl", GOOD_JSON + '\n{"id": "\\ud800", "image": "img/a.png"}\n', 2, "id", SURROGATE, {}),
+    ("jsonl lone surrogate image", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/\\udc00.png"}\n', 2, "image", SURROGATE, {}),
+    ("jsonl lone surrogate in meta", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_t": ["x", "\\ud83d"]}\n', 2,
+     "meta_t", SURROGATE, {}),
+    ("jsonl lone surrogate column", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_\\ud800": 1}\n', 2,
+     "meta_\\ud800", "column name is not valid Unicode text", {}),
+    ("jsonl NaN meta", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_score": NaN}\n', 2, "meta_score",
+     "must be a finite number or text, got nan (JSON has no NaN or Infinity)", {}),
+    ("jsonl 1e999 meta", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_score": 1e999}\n', 2, "meta_score",
+     "got inf", {}),
+    ("jsonl nested -Infinity meta", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_x": {"y": [-Infinity]}}\n', 2,
+     "meta_x", "got -inf", {}),
+    ("jsonl 5000-digit integer", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_n": 1' + "0" * 5000 + "}\n", 2,
+     None, "JSON that cannot be read (ValueError: Exceeds the limit", {}),
+    ("jsonl nested 100k deep", "m.jsonl", GOOD_JSON + '\n{"image": "img/a.png", "meta_x": ' + "[" * 100_000 + "]" * 100_000 + "}\n", 2,
+     None, "JSON that cannot be read (RecursionError", {}),
+    # Ids that are distinct here but one file on macOS or Windows, or no file on Windows.
+    ("ids differing by case", "m.csv", "id,image\nCase,img/b.png\ncase,img/a.png\n", 3, "id",
+     "id 'case' and 'Case' on line 2 differ only by case or Unicode normalisation", {}),
+    ("ids differing by normalisation", "m.csv", "id,image\ncaf\u00e9,img/b.png\ncafe\u0301,img/a.png\n", 3, "id",
+     "and 'caf\u00e9' on line 2 differ only by case or Unicode normalisation", {}),
+    ("ids differing by case folding", "m.jsonl", '{"id": "STRASSE", "image": "img/b.png"}\n{"id": "stra\u00dfe", "image": "img/a.png"}\n', 2,
+     "id", "differ only by case", {}),
+    ("id CON", "m.csv", f"id,image\n{GOOD}\nCON,img/a.png\n", 3, "id", "reserved device name on Windows", {}),
+    ("id nul.txt", "m.csv", f"id,image\n{GOOD}\nnul.txt,img/a.png\n", 3, "id", "reserved device name on Windows", {}),
+    ("id com1", "m.csv", f"id,image\n{GOOD}\ncom1,img/a.png\n", 3, "id", "reserved device name on Windows", {}),
+    ("id Lpt9.tar.gz", "m.csv", f"id,image\n{GOOD}\nLpt9.tar.gz,img/a.png\n", 3, "id", "reserved device name on Windows", {}),
+    ("id aux with a space", "m.jsonl", GOOD_JSON + '\n{"id": "aux .x", "image": "img/a.png"}\n', 2, "id", "reserved device name", {}),
+    ("id ending in a dot", "m.csv", f"id,image\n{GOOD}\nv1.,img/a.png\n", 3, "id", "must not end with '.' or a space", {}),
+    # The csv module's own limit is 128 KiB; svdbatch reads cells up to 16 MiB and names the column beyond.
+    ("CSV cell over the limit", "m.csv", lambda: f"id,image,meta_caption\n{GOOD},\na,img/a.png,{'x' * HUGE_CELL}\n", 3,
+     "meta_caption", "a field is larger than 16,777,216 characters", {}),
 ]
 
 
 FILE_LEVEL = {
     "empty file", "header only", "semicolon delimiter", "tab delimiter", "missing image column", "misspelt column",
-    "unnamed column", "duplicate column", "unclosed quote", "not UTF-8", "UTF-16",
+    "unnamed column", "duplicate column", "unclosed quote", "not UTF-8", "UTF-16", "CSV cell over the limit",
 }
 
 
-@pytest.mark.parametrize("name,file_name,content,line,field,fragment,kwargs", CATALOGUE, ids=[case[0] for case in CATALOGUE])
+@pytest.mark.parametrize("name,file_name,content,line,field,fragment,kwargs", CATALOGUE, ids=[case[0].encode("ascii", "backslashreplace").decode() for case in CATALOGUE])
 def test_catalogue(data, tmp_path, name, file_name, content, line, field, fragment, kwargs):
     manifest = data / file_name
     outside = str(tmp_path / "outside.png")
+    if callable(content):  # too big to keep in the parameter list
+        content = content()
     if isinstance(content, bytes):
         manifest.write_bytes(content)
     else:
@@ -341,3 +389,118 @@ def test_a_bad_rerun_keeps_finished_work_and_unicode_ids_name_files(data, tmp_pa
     assert after["results.jsonl"].startswith(before["results.jsonl"])  # only appended to
     (failure,) = read_jsonl(run_dir / "failures.jsonl")
     assert (failure["id"], failure["line"]) == ("bad", 4) and "field 'seed'" in failure["problems"][0]
+
+
+# -- config values that could only fail later: refused up front, naming the field -------------
+
+CONFIG_CATALOGUE = [
+    (["conditioning.num_frames=1"], "conditioning.num_frames: must be an integer in [2, 1024], got 1"),
+    (["conditioning.min_guidance_scale=3", "conditioning.max_guidance_scale=2"],
+     "conditioning.min_guidance_scale: min_guidance_scale (3) must be <= max_guidance_scale (2)"),
+    (["conditioning.max_guidance_scale=1.0001"], "conditioning.max_guidance_scale: must be <= 1 (no guidance) or >= 1.01"),
+    (["model.num_frames=1"], "model.num_frames: must be an integer in [2, 1024], got 1"),
+    (["memory.max_decode_chunk_size=0"], "memory.max_decode_chunk_size: must be an integer in [1, 1024], got 0"),
+    (["+model.fixed_conditioning.motion_bucket=1"], "model.fixed_conditioning: unknown parameter 'motion_bucket'"),
+    (["+model.fixed_conditioning.fps=0"], "model.fixed_conditioning.fps: must be an integer in [1, 1000], got 0"),
+    (["run.num_threads=-1"], "run.num_threads: must be >= 1 or null, got -1"),
+    (["run.num_threads=0"], "run.num_threads: must be >= 1 or null, got 0"),
+    (["run.limit=-1"], "run.limit: must be >= 0 or null, got -1"),
+    (["run.workers=0"], "run.workers: must be >= 1, got 0"),
+    (["run.batch_size=0"], "run.batch_size: must be >= 1, got 0"),
+    (["run.max_image_pixels=0"], "run.max_image_pixels: must be >= 1, got 0"),
+    (["run.min_free_mb=-1"], "run.min_free_mb: must be >= 0, got -1"),
+    (["run.gallery_every_s=-1"], "run.gallery_every_s: must be >= 0, got -1.0"),
+    (["run.gallery_every_s=nan"], "run.gallery_every_s: must be a finite number >= 0, got nan"),
+    (["run.gallery_max_items=-1"], "run.gallery_max_items: must be >= 0, got -1"),
+    (["output.fps=0"], "output.fps: must be in [1, 1000] or null, got 0"),
+    (["output.quality=11"], "output.quality: must be in [0, 10], got 11.0"),
+    (["output.quality=-0.5"], "output.quality: must be in [0, 10], got -0.5"),
+    (["output.quality=nan"], "output.quality: must be a finite number in [0, 10], got nan"),
+    (["output.loop=-1"], "output.loop: must be in [0, 65535], got -1"),
+    (["output.loop=70000"], "output.loop: must be in [0, 65535], got 70000"),
+    (["output.shard_size=0"], "output.shard_size: must be >= 1, got 0"),
+    (["fetch.backoff_s=nan"], "fetch.backoff_s: must be >= 0 and finite, got nan"),
+    (["fetch.timeout_s=inf"], "fetch.timeout_s: must be > 0 and finite, got inf"),
+    (["fetch.workers=0"], "fetch.workers: must be >= 1, got 0"),
+    (["model=svd", "model.source=/no/such/dir"], "model.source: no such directory: /no/such/dir"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", CONFIG_CATALOGUE, ids=[" ".join(case[0]) for case in CONFIG_CATALOGUE])
+def test_config_catalogue(data, capsys, overrides, expected):
+    manifest = write_csv(data / "m.csv", ["image"], [["img/a.png"]])
+    assert validate([f"manifest={manifest}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "invalid config:" in err and expected in err, err
+
+
+def test_config_catalogue_covers_the_reported_holes():
+    keys = {override.split("=")[0].lstrip("+") for overrides, _ in CONFIG_CATALOGUE for override in overrides}
+    assert {"conditioning.num_frames", "run.num_threads", "run.limit", "output.fps", "output.quality", "model.source"} <= keys
+
+
+def test_a_misspelt_override_is_a_message_not_a_traceback(data, capsys):
+    manifest = write_csv(data / "m.csv", ["image"], [["img/a.png"]])
+    assert validate([f"manifest={manifest}", "conditioning.motion_bucket=3"]) == 2
+    assert "invalid config:" in capsys.readouterr().err
+
+
+def test_user_agent_with_a_newline_is_refused():
+    from svdbatch.config import FetchConfig
+    from svdbatch.fetch import check_fetch_config
+
+    assert check_fetch_config(FetchConfig(user_agent="svdbatch\r\nX-Injected: 1")) == [
+        "fetch.user_agent: must not contain control characters such as newlines, got 'svdbatch\\r\\nX-Injected: 1'"
+    ]
+
+
+def test_limit_zero_runs_nothing_and_edge_values_pass(data, capsys):
+    manifest = write_csv(data / "m.csv", ["image"], [["img/a.png"]])
+    edges = ["run.limit=0", "run.num_threads=1", "output.fps=1", "output.quality=0", "output.quality=10",
+             "conditioning.num_frames=2", "conditioning.min_guidance_scale=3", "conditioning.max_guidance_scale=3",
+             "conditioning.max_guidance_scale=1.01", "run.gallery_every_s=0"]
+    for edge in edges:
+        assert validate([f"manifest={manifest}", edge]) == 0, (edge, capsys.readouterr().err)
+
+
+def test_bad_config_exits_2_before_the_model_loads(tmp_path, images):
+    """The commands from the issue, as users type them: exit 2 with the field named, no
+    traceback, no item attempted."""
+    manifest = write_csv(tmp_path / "m.csv", ["image"], [["img/a.png"]])
+    run_dir = tmp_path / "run"
+    proc = run_cli(f"manifest={manifest}", f"hydra.run.dir={run_dir}", *FAST, "run.num_threads=-1", "conditioning.num_frames=1")
+    assert proc.returncode == 2, proc.stderr
+    assert "run.num_threads: must be >= 1 or null, got -1" in proc.stderr
+    assert "conditioning.num_frames: must be an integer in [2, 1024], got 1" in proc.stderr
+    assert "Traceback" not in proc.stderr and "loaded tiny" not in proc.stderr
+    assert not (run_dir / "failures.jsonl").exists() and not (run_dir / "items").exists()
+
+
+def test_a_row_overriding_guidance_is_checked_against_the_config(data):
+    """The driver passes the config's guidance to the manifest check: a row that sets only max
+    below the config's min is refused with both values."""
+    manifest = write_csv(data / "m.csv", ["image", "max_guidance_scale"], [["img/a.png", "2"]])
+    cfg = make_cfg(f"manifest={manifest}", "conditioning.min_guidance_scale=2.5")
+    from svdbatch.driver import load_manifest
+
+    with pytest.raises(ManifestError) as info:
+        load_manifest(cfg)
+    assert str(info.value.problems[0]) == (
+        f"{manifest}:2: field 'max_guidance_scale': min_guidance_scale (2.5) must be <= max_guidance_scale (2) (min_guidance_scale from the config)"
+    )
+    assert len(load_manifest(make_cfg(f"manifest={manifest}")).items) == 1  # config min 1: fine
+
+
+def test_a_200_kb_cell_is_read(data):
+    """Over the csv module's default 128 KiB limit, well under svdbatch's."""
+    caption = "a long caption " * 14_000  # 210,000 characters
+    manifest = write_csv(data / "m.csv", ["image", "meta_caption"], [["img/a.png", caption]])
+    (item,) = read_manifest(manifest).items
+    assert item.meta == {"meta_caption": caption}
+
+
+def test_written_json_is_never_nan():
+    from svdbatch.store import to_json
+
+    with pytest.raises(ValueError):
+        to_json({"meta_x": float("nan")})

@@ -53,7 +53,7 @@ def test_bom_and_blank_lines_are_fine(tmp_path, images):
         (["id", "image", "motion_bucket_id"], ["x", "img/a.png", "256"], "motion_bucket_id", "[0, 255]"),
         (["id", "image", "noise_aug_strength"], ["x", "img/a.png", "nan"], "noise_aug_strength", "finite"),
         (["id", "image", "width"], ["x", "img/a.png", "100"], "width", "multiple of 8"),
-        (["id", "image", "num_frames"], ["x", "img/a.png", "0"], "num_frames", "[1, 1024]"),
+        (["id", "image", "num_frames"], ["x", "img/a.png", "0"], "num_frames", "[2, 1024]"),
         (["id", "image", "fps"], ["x", "img/a.png", "fast"], "fps", "integer"),
         (["id", "image"], ["x", "img/missing.png"], "image", "not found"),
         (["id", "image"], ["x", ""], "image", "required"),

@@ -55,7 +55,7 @@ def test_real_presets_fail_clearly_without_weights_offline(tmp_path, monkeypatch
     with pytest.raises(ModelLoadError) as info:
         load_pipeline(cfg.model, cfg.memory, torch.device("cpu"))
     message = str(info.value)
-    assert cfg.model.source in message and "HF_HUB_OFFLINE" in message and "huggingface-cli download" in message
+    assert cfg.model.source in message and "HF_HUB_OFFLINE" in message and f"`hf download {cfg.model.source}`" in message
 
 
 def test_real_preset_from_a_local_directory_uses_the_same_loader(tmp_path):
@@ -88,3 +88,40 @@ def test_identity_changes_with_dtype_and_source():
     base = model_identity(ModelConfig(), cpu)
     assert model_identity(ModelConfig(), cpu) == base
     assert model_identity(ModelConfig(name="svd", source="stabilityai/x"), cpu) != base
+
+
+@pytest.mark.parametrize("source", ["/no/such/dir", "./missing-weights", "../missing-weights", "~/no-such-svd", "a/b/c"])
+def test_a_missing_local_source_says_no_such_directory(tmp_path, monkeypatch, source):
+    """A path is never sent to the hub: the message names the folder, not a repo."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = make_cfg("model=svd", f"model.source='{source}'")  # quoted: Hydra's grammar has no bare '~'
+    with pytest.raises(ModelLoadError, match=f"model.source: no such directory: {source}") as info:
+        load_pipeline(cfg.model, cfg.memory, torch.device("cpu"))
+    assert "hf download" not in str(info.value) and "hub" in str(info.value)  # suggests a repo id instead
+
+
+def test_a_repo_id_is_still_a_repo_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = make_cfg("model=svd", "model.source=someone/my-svd", "model.revision=v2", f"model.cache_dir={tmp_path}")
+    with pytest.raises(ModelLoadError) as info:
+        load_pipeline(cfg.model, cfg.memory, torch.device("cpu"))
+    assert "(the Hugging Face hub" in str(info.value) and "`hf download someone/my-svd --revision v2`" in str(info.value)
+
+
+def test_source_with_a_tilde_is_expanded(tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(ensure_tiny_model(), tmp_path / "svd-copy")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = make_cfg("model=svd", "model.source='~/svd-copy'")
+    assert load_pipeline(cfg.model, cfg.memory, torch.device("cpu")).pipe is not None
+
+
+def test_compile_settings_are_checked_before_loading():
+    from svdbatch.models import compile_problems
+
+    assert compile_problems(MemoryConfig(compile=False, compile_mode="fast")) == []  # not compiling: not looked at
+    problems = compile_problems(MemoryConfig(compile=True, compile_mode="fast", compile_backend="inductor"))
+    assert len(problems) == 1 and problems[0].startswith("memory.compile_mode: must be one of default, ") and "got 'fast'" in problems[0]
+    assert compile_problems(MemoryConfig(compile=True, compile_backend="nope"))[0].startswith("memory.compile_backend: must be one of")
