@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import OutputConfig, OutputFormat
-from .outputs import atomic_path, atomic_write_bytes, output_bytes
+from .outputs import atomic_path, atomic_write_bytes
+from .outputs import check_output_config as check_file_settings
 from .schedule import PlannedItem
-from .store import RunStore
+from .store import RunStore, output_intact
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ SHARD_INDEX = "index.json"
 
 
 def check_output_config(output: OutputConfig) -> list[str]:
-    return [f"output.shard_size: must be >= 1, got {output.shard_size}"] if output.shard_size < 1 else []
+    problems = check_file_settings(output)
+    return problems + ([f"output.shard_size: must be >= 1, got {output.shard_size}"] if output.shard_size < 1 else [])
 
 
 def metadata_row(sidecar: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +70,7 @@ def finished_sidecars(store: RunStore, planned: Iterable[PlannedItem]) -> list[t
     index = store.finished_index()
     finished = []
     for position, entry in enumerate(planned):
-        if entry.key is None or not store.is_done(entry.item.id, entry.key, index):
+        if entry.key is None or not store.is_done(entry.item.id, entry.key, entry.output_key, index):
             continue
         try:
             sidecar = json.loads(store.sidecar_path(entry.item.id).read_bytes())
@@ -88,8 +90,8 @@ def finished_in_run_dir(store: RunStore) -> list[dict[str, Any]]:
             sidecar = json.loads(store.sidecar_path(item_id).read_bytes())
         except (OSError, json.JSONDecodeError):
             continue
-        complete = output_bytes(store.root / record["output"]) == record.get("output_bytes")
-        if sidecar.get("status") == "done" and sidecar.get("key") == record.get("key") and complete:
+        agrees = sidecar.get("key") == record.get("key") and sidecar.get("output_key") == record.get("output_key")
+        if sidecar.get("status") == "done" and agrees and output_intact(store.root, record):
             sidecars.append(sidecar)
     return sidecars
 

@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> RunSummary:
     fetcher = UrlCache(store.root / "downloads", cfg.fetch)  # image URLs are cached per run dir
     plan = plan_run(
         items, cfg.conditioning, cfg.model, cfg.memory, identity.as_dict(), store, cfg.run.limit, fetcher,
-        max_image_pixels=cfg.run.max_image_pixels,
+        max_image_pixels=cfg.run.max_image_pixels, output=cfg.output,
     )
     summary.skipped = len(plan.done)
     if shard.count > 1:

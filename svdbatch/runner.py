@@ -8,8 +8,6 @@ encode and commit on another, while the main thread generates.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import logging
 import platform
 import threading
@@ -30,7 +28,7 @@ from .fetch import FetchError
 from .images import load_rgb, prepare
 from .faults import fault_point
 from .models import LoadedPipeline, lower_memory
-from .outputs import output_bytes, write_video
+from .outputs import DISK_FULL_ERRNOS, frames_sha256, output_key, output_settings, write_video
 from .params import GenParams
 from .schedule import PlannedItem
 from .store import RunStore
@@ -41,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING_WRITES = 2
 # Write errors that no other item can escape either: the run stops cleanly instead of
 # failing every remaining item one by one.
-STOP_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+STOP_ERRNOS = DISK_FULL_ERRNOS
 
 
 class GenerationError(RuntimeError):
@@ -65,12 +63,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.status == DONE
-
-
-def frames_sha256(frames: np.ndarray) -> str:
-    digest = hashlib.sha256(str(frames.shape).encode())
-    digest.update(np.ascontiguousarray(frames).tobytes())
-    return digest.hexdigest()
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -214,8 +206,10 @@ class Worker:
         entry, item = ready.entry, ready.entry.item
         start = time.perf_counter()
         fps = self.output.fps or entry.params.fps
+        settings = output_settings(self.output, fps)
         video = self.store.video_path(item.id)
-        write_video(frames, video, self.output, fps)
+        # Raises unless the encoder succeeded and the file decodes to these frames.
+        written = write_video(frames, video, self.output, fps)
         timings = {"load_image_s": ready.load_s, "generate_s": generate_s, "write_s": time.perf_counter() - start}
         timings["total_s"] = sum(timings.values())
         self.store.commit(
@@ -224,6 +218,7 @@ class Worker:
                 "status": "done",
                 "id": item.id,
                 "key": entry.key,
+                "output_key": output_key(settings),
                 "seed": item.seed,
                 "row": item.row_record(),
                 "image": {**entry.image_record(), "size": list(ready.source_size)},
@@ -235,7 +230,10 @@ class Worker:
                     "path": self.store.relative(video),
                     "format": self.output_format,
                     "fps": fps,
-                    "bytes": output_bytes(video),
+                    "settings": settings,
+                    "bytes": written.bytes,
+                    "sha256": written.sha256,
+                    "encoder": written.encoder,
                     "frames": int(frames.shape[0]),
                     "height": int(frames.shape[1]),
                     "width": int(frames.shape[2]),
@@ -314,7 +312,7 @@ class Worker:
         claim = self.store.claim(entry.item.id)
         if claim is None:
             return Loaded(entry, settled=Outcome(entry.item.id, BUSY))
-        if self.store.done_record(entry.item.id, entry.key) is not None:
+        if self.store.done_record(entry.item.id, entry.key, entry.output_key) is not None:
             self.store.release(claim)  # finished by another process since this run's plan
             return Loaded(entry, settled=Outcome(entry.item.id, DONE_ELSEWHERE))
         loaded = load_entry(entry)
