@@ -107,7 +107,7 @@ def write_metadata(store: RunStore) -> Path:
         # Every row gets every column (null where a row lacks a meta_* key): one schema per file.
         columns = list(dict.fromkeys(key for row in rows for key in row))
         body = "".join(json.dumps({key: row.get(key) for key in columns}, default=str) + "\n" for row in rows)
-        atomic_write_bytes(target, body.encode())
+        atomic_write_bytes(target, body.encode(), fault="metadata")
     finally:
         os.close(fd)
     return target

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import socket
@@ -233,7 +234,8 @@ def encoder_error(returncode: int, stderr: bytes, target: Path) -> Exception:
     """The exception for a failed ffmpeg: a disk-full OSError when ffmpeg says so (the run
     must stop, not fail every item after it), else EncoderError with ffmpeg's own words."""
     text = stderr.decode(errors="replace").strip()
-    tail = " | ".join(text.splitlines()[-3:]) or "no message"
+    # ffmpeg's last line, without its "[out#0/mp4 @ 0x55d2...] " prefix.
+    tail = re.sub(r"^\[[^]]*\] ", "", text.splitlines()[-1]) if text else "no message"
     for number in sorted(DISK_FULL_ERRNOS):
         if os.strerror(number) in text:
             return OSError(number, f"{os.strerror(number)} (ffmpeg writing {target.name}: {tail})")
