@@ -143,6 +143,21 @@ def sidecar_ids(run_dir: Path) -> list[str]:
     return [p.relative_to(items).as_posix()[: -len(".json")] for p in items.rglob("*.json") if not p.name.startswith(".")]
 
 
+def unrecorded_outputs(run_dir: Path) -> list[str]:
+    """Files in videos/ that no sidecar names: left by other output settings (a redo in
+    another format writes a new file and leaves the old one), never listed as done."""
+    videos = run_dir / "videos"
+    if not videos.is_dir():
+        return []
+    named = set()
+    for item_id in sidecar_ids(run_dir):
+        try:
+            named.add(json.loads((run_dir / sidecar_relpath(item_id)).read_bytes())["output"]["path"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(f"videos/{p.name}" for p in videos.iterdir() if not p.name.startswith(".") and f"videos/{p.name}" not in named)
+
+
 def verify_run_dir(run_dir: Path) -> list[ItemReport]:
     """One report per item that has a results line or a sidecar, by id."""
     records = latest_by_id(read_jsonl_fast(run_dir / "results.jsonl"))
@@ -229,12 +244,13 @@ def verify_command(args: list[str]) -> int:
     reports = verify_run_dir(run_dir)
     damaged = [r for r in reports if r.damaged]
     dest, busy = set_aside(run_dir, damaged) if options.repair and damaged else (None, [])
+    unrecorded = unrecorded_outputs(run_dir)
     if options.json:
         print(json.dumps({
             "run_dir": str(run_dir), "checked": len(reports), "ok": len(reports) - len(damaged),
             "damaged": [{"id": r.item_id, "problems": r.problems} for r in damaged],
             "notes": [{"id": r.item_id, "notes": r.notes} for r in reports if r.notes],
-            "set_aside_in": str(dest) if dest else None, "busy": busy,
+            "set_aside_in": str(dest) if dest else None, "busy": busy, "unrecorded_outputs": unrecorded,
         }, ensure_ascii=False))
     else:
         for report in reports:
@@ -242,6 +258,9 @@ def verify_command(args: list[str]) -> int:
                 print(f"DAMAGED {report.item_id}: " + "; ".join(report.problems))
             for note in report.notes:
                 print(f"  note {report.item_id}: {note}")
+        if unrecorded:
+            shown = ", ".join(unrecorded[:5]) + (" ..." if len(unrecorded) > 5 else "")
+            print(f"  note: {len(unrecorded)} file(s) in videos/ that no sidecar describes (other output settings?): {shown}")
         names = f" ({', '.join(r.item_id for r in damaged[:10])}{' ...' if len(damaged) > 10 else ''})" if damaged else ""
         print(f"svdbatch verify: {len(reports)} items checked, {len(reports) - len(damaged)} intact, {len(damaged)} damaged{names}")
         if dest:
