@@ -144,7 +144,9 @@ def write_shards(store: RunStore, planned: list[PlannedItem], finished: list, sh
         if not all(position in by_position for position in positions):
             _drop_shard(shards, index, name)  # not complete (yet, or any more after a redo that failed)
             continue
-        members = [[by_position[p][0].item.id, by_position[p][0].key] for p in positions]
+        # The file's sha256 too: a redo with new output settings (or after `verify --repair`)
+        # keeps the key but changes the bytes the shard must hold.
+        members = [[by_position[p][0].item.id, by_position[p][0].key, by_position[p][1]["output"].get("sha256")] for p in positions]
         if index.get(name) == members and (shards / name).is_file():
             continue  # already written with exactly these items
         with atomic_path(shards / name) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as archive:

@@ -269,18 +269,35 @@ def encoder_record(settings: dict[str, Any]) -> dict[str, Any]:
     return {"name": f"pillow-{'png' if fmt is OutputFormat.frames else fmt.value}", "pillow": PIL.__version__}
 
 
-def check_decodes(path: Path, frames: int, height: int, width: int, frames_sha: Optional[str] = None) -> None:
+def check_decodes(path: Path, frames: int, height: int, width: int, frames_sha: Optional[str] = None,
+                  fps: Optional[int] = None) -> None:
     """Decode a written output once: it must give `frames` frames of width x height (and,
     when given, for lossless PNG frames, exactly the frames with that hash)."""
     try:
         decoded = read_video(path)
+        count = len(decoded)
+        if fps and path.suffix in (".gif", ".webp"):
+            count = shown_frames(path, fps)
     except Exception as exc:  # any decoder error: the file is not what it should be
         raise OutputCheckError(f"{path.name} does not decode: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
-    if decoded.ndim != 4 or tuple(decoded.shape[:3]) != (frames, height, width):
-        got = "x".join(str(n) for n in decoded.shape)
-        raise OutputCheckError(f"{path.name} decodes to frames of shape {got}, expected {frames}x{height}x{width}x3")
+    if decoded.ndim != 4 or count != frames or tuple(decoded.shape[1:3]) != (height, width):
+        size = f"{decoded.shape[2]}x{decoded.shape[1]}" if decoded.ndim == 4 else "x".join(map(str, decoded.shape))
+        raise OutputCheckError(f"{path.name} decodes to {count} frames of {size}, expected {frames} frames of {width}x{height}")
     if frames_sha is not None and frames_sha256(decoded) != frames_sha:
         raise OutputCheckError(f"{path.name}: the decoded frames differ from the generated ones")
+
+
+def shown_frames(path: Path, fps: int) -> int:
+    """Frames an animated GIF/WebP shows: Pillow merges identical consecutive frames into
+    one that lasts longer, so count by duration (at least one per stored frame)."""
+    nominal = 1000 / fps
+    total = 0
+    with Image.open(path) as image:
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            image.load()  # WebP reports a frame's duration once it is decoded
+            total += max(1, round(image.info.get("duration", nominal) / nominal))
+    return total
 
 
 def write_video(frames: np.ndarray, target: Path, output: OutputConfig, fps: int) -> Written:
@@ -310,7 +327,7 @@ def write_video(frames: np.ndarray, target: Path, output: OutputConfig, fps: int
                 **extra,
             )
         fault_point("encode")
-        check_decodes(tmp, count, height, width)
+        check_decodes(tmp, count, height, width, fps=fps)
         written = Written(output_bytes(tmp), output_sha256(tmp), encoder_record(settings))
     return written
 

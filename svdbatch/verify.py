@@ -119,7 +119,7 @@ def check_output(run_dir: Path, sidecar: dict[str, Any], report: ItemReport) -> 
     lossless = output.get("format") == "frames"
     try:
         check_decodes(path, output.get("frames"), output.get("height"), output.get("width"),
-                      sidecar.get("frames_sha256") if lossless else None)
+                      sidecar.get("frames_sha256") if lossless else None, fps=output.get("fps"))
     except OutputCheckError as exc:
         report.problems.append(str(exc))
 

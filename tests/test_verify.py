@@ -65,7 +65,7 @@ def test_a_truncated_sidecar_and_a_wrong_decode_are_damage(tmp_path, images):
     result = run_cli("verify", str(run_dir))
     assert result.returncode == 1
     assert "DAMAGED a: sidecar does not parse" in result.stdout
-    assert "DAMAGED b:" in result.stdout and "decodes to frames of shape 3x64x64x3, expected 4x64x64x3" in result.stdout
+    assert "DAMAGED b:" in result.stdout and "decodes to 3 frames of 64x64, expected 4 frames of 64x64" in result.stdout
     # status and resume agree that neither is done (sizes no longer match what was committed).
     assert collect(run_dir)["counts"]["done"] == 0
 
