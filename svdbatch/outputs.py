@@ -170,6 +170,11 @@ def mp4_crf(quality: float) -> int:
     return int((1 - quality / 10.0) * 51)
 
 
+def written_fps(output: OutputConfig, item_fps: int) -> int:
+    """The frame rate a file is written at: output.fps, else the item's conditioning fps."""
+    return output.fps or item_fps
+
+
 def output_settings(output: OutputConfig, fps: int) -> dict[str, Any]:
     """Everything that shapes the bytes of an item's output file, and nothing else (the
     loop count does not touch an mp4, no setting but the format touches PNG frames)."""

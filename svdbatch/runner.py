@@ -28,7 +28,7 @@ from .fetch import FetchError
 from .images import load_rgb, prepare
 from .faults import fault_point
 from .models import LoadedPipeline, lower_memory
-from .outputs import DISK_FULL_ERRNOS, frames_sha256, output_key, output_settings, write_video
+from .outputs import DISK_FULL_ERRNOS, frames_sha256, output_key, output_settings, write_video, written_fps
 from .params import GenParams
 from .schedule import PlannedItem
 from .store import RunStore
@@ -205,7 +205,7 @@ class Worker:
         ready, frames, generate_s = generated.ready, generated.frames, generated.generate_s
         entry, item = ready.entry, ready.entry.item
         start = time.perf_counter()
-        fps = self.output.fps or entry.params.fps
+        fps = written_fps(self.output, entry.params.fps)
         settings = output_settings(self.output, fps)
         video = self.store.video_path(item.id)
         # Raises unless the encoder succeeded and the file decodes to these frames.

@@ -16,7 +16,7 @@ from .config import ConditioningConfig, ConfigError, MemoryConfig, ModelConfig, 
 from .fetch import UrlCache
 from .images import DEFAULT_MAX_IMAGE_PIXELS, Preprocess, file_sha256
 from .manifest import Item
-from .outputs import output_key, output_settings
+from .outputs import output_key, output_settings, written_fps
 from .params import GenParams, param_defaults
 from .store import KeyMaker, RunStore
 
@@ -140,7 +140,7 @@ def plan_run(
     plan = Plan()
     for item in selected:
         params = defaults.resolve(item.overrides)
-        fps = output.fps or params.fps
+        fps = written_fps(output, params.fps)
         out_key = out_keys.get(fps) or out_keys.setdefault(fps, output_key(output_settings(output, fps)))
         preprocess = replace(run_preprocess, resize=ResizeMode(item.resize)) if item.resize else run_preprocess
         url = item.url

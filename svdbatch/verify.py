@@ -126,6 +126,10 @@ def check_output(run_dir: Path, sidecar: dict[str, Any], report: ItemReport) -> 
 
 def check_item(run_dir: Path, item_id: str, record: Optional[dict[str, Any]]) -> ItemReport:
     report = ItemReport(item_id)
+    if record is not None and not os.path.lexists(run_dir / sidecar_relpath(item_id)) and output_bytes(run_dir / str(record.get("output"))) < 0:
+        # Both files removed on purpose (a user forcing a redo, or `--repair`): not done, not damage.
+        report.notes.append("not done any more: its sidecar and output were removed; the next run redoes it")
+        return report
     sidecar, size = read_sidecar(run_dir, item_id, report)
     if sidecar is None:
         if record is not None and output_bytes(run_dir / str(record.get("output"))) >= 0:

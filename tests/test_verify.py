@@ -46,6 +46,8 @@ def test_verify_names_damaged_items_and_repair_makes_the_next_run_redo_exactly_t
     assert not (run_dir / "videos" / "a.mp4").exists()
     assert [json.loads(line)["id"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["c"]
     assert sorted(json.loads((aside / "report.json").read_text())["set_aside"][i]["item_id"] for i in range(2)) == ["a", "b"]
+    after = run_cli("verify", str(run_dir))  # set aside = not done, no longer damage
+    assert after.returncode == 0 and "note a: not done any more" in after.stdout, after.stdout
 
     again = run(cfg)  # the same command
     assert (again.done, again.skipped, again.failed) == (2, 1, 0)
