@@ -29,7 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_sha256
+from .config import OutputConfig
+from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_settings, output_sha256, written_fps
 from .status import is_run_dir, not_a_run_dir_message
 from .store import RunStore, latest_by_id, read_jsonl_fast, sidecar_relpath
 
@@ -124,7 +125,30 @@ def check_output(run_dir: Path, sidecar: dict[str, Any], report: ItemReport) -> 
         report.problems.append(str(exc))
 
 
-def check_item(run_dir: Path, item_id: str, record: Optional[dict[str, Any]]) -> ItemReport:
+def config_output(run_dir: Path) -> Optional[OutputConfig]:
+    """The output settings config.yaml states (the latest run's), if readable."""
+    try:
+        import yaml
+        from omegaconf import OmegaConf
+
+        section = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("output") or {}
+        return OmegaConf.merge(OmegaConf.structured(OutputConfig), section)
+    except Exception:  # no config.yaml (a sharded run), or one from another version: nothing to compare
+        return None
+
+
+def check_against_config(sidecar: dict[str, Any], stated: Optional[OutputConfig], report: ItemReport) -> None:
+    """config.yaml must not claim settings a video was not written with: say so while a
+    re-run with new output settings has not redone every item yet."""
+    fps = (sidecar.get("params") or {}).get("fps")
+    if stated is None or fps is None:
+        return
+    if output_key(output_settings(stated, written_fps(stated, fps))) != sidecar.get("output_key"):
+        report.notes.append(f"written with other output settings than config.yaml states ({sidecar['output'].get('settings')}); "
+                            "the next run of that config redoes it")
+
+
+def check_item(run_dir: Path, item_id: str, record: Optional[dict[str, Any]], stated: Optional[OutputConfig] = None) -> ItemReport:
     report = ItemReport(item_id)
     if record is not None and not os.path.lexists(run_dir / sidecar_relpath(item_id)) and output_bytes(run_dir / str(record.get("output"))) < 0:
         # Both files removed on purpose (a user forcing a redo, or `--repair`): not done, not damage.
@@ -137,6 +161,7 @@ def check_item(run_dir: Path, item_id: str, record: Optional[dict[str, Any]]) ->
         return report
     check_records(item_id, sidecar, size, record, report)
     check_output(run_dir, sidecar, report)
+    check_against_config(sidecar, stated, report)
     return report
 
 
@@ -166,7 +191,8 @@ def verify_run_dir(run_dir: Path) -> list[ItemReport]:
     """One report per item that has a results line or a sidecar, by id."""
     records = latest_by_id(read_jsonl_fast(run_dir / "results.jsonl"))
     ids = sorted(set(records) | set(sidecar_ids(run_dir)))
-    return [check_item(run_dir, item_id, records.get(item_id)) for item_id in ids]
+    stated = config_output(run_dir)
+    return [check_item(run_dir, item_id, records.get(item_id), stated) for item_id in ids]
 
 
 # -- repair -----------------------------------------------------------------------------

@@ -148,3 +148,12 @@ def test_changing_output_settings_redoes_the_items_and_only_those_that_shape_the
     assert sidecar["output"]["path"] == "videos/a.gif" and sidecar["frames_sha256"] == first["frames_sha256"]
     assert [json.loads(line)["file_name"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["videos/a.gif"]
     assert run(make_cfg(*base, "output=gif")).skipped == 1
+    # verify: intact, and it would say if config.yaml claimed settings the file was not written with.
+    from svdbatch.verify import verify_run_dir
+
+    (report,) = verify_run_dir(run_dir)
+    assert not report.problems and not report.notes
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("format: gif", "format: mp4"))
+    (report,) = verify_run_dir(run_dir)
+    assert not report.problems and "other output settings than config.yaml states" in report.notes[0]
