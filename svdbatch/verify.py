@@ -115,8 +115,9 @@ def check_output(run_dir: Path, sidecar: dict[str, Any], report: ItemReport) -> 
         return
     if size != output.get("bytes"):
         report.problems.append(f"output {output.get('path')} is {size} bytes, recorded {output.get('bytes')}")
-    if output.get("sha256") and output_sha256(path) != output["sha256"]:
-        report.problems.append(f"output {output.get('path')} has sha256 {output_sha256(path)}, recorded {output['sha256']}")
+    digest = output_sha256(path) if output.get("sha256") else None
+    if digest is not None and digest != output["sha256"]:
+        report.problems.append(f"output {output.get('path')} has sha256 {digest}, recorded {output['sha256']}")
     lossless = output.get("format") == "frames"
     try:
         check_decodes(path, output.get("frames"), output.get("height"), output.get("width"),
