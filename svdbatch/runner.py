@@ -190,12 +190,7 @@ class Worker:
         except OSError as exc:
             if exc.errno not in STOP_ERRNOS:
                 return self.fail(generated.ready.entry, exc, traceback.format_exc())
-            # Nothing can be written: stop cleanly (done items are intact) instead of
-            # failing every item that follows. Not recorded per item: failures.jsonl lives
-            # on the same full disk, and the item is not at fault.
-            self.stop_reason = f"{type(exc).__name__}: {exc}"
-            log.error("stopping: %s (finished items are intact; free space and run again to resume)", self.stop_reason)
-            return Outcome(generated.ready.entry.item.id, STOPPED, error=self.stop_reason)
+            return self.stop(generated.ready.entry, exc)
         except Exception as exc:
             return self.fail(generated.ready.entry, exc, traceback.format_exc())
         finally:
@@ -252,8 +247,21 @@ class Worker:
         if isinstance(exc, torch.OutOfMemoryError) and not self.retry_on_oom:
             error += " (run.retry_on_oom=true retries with a lower memory preset)"
         log.error("item %s failed: %s", entry.item.id, error)
-        self.store.record_failure(entry.item.id, entry.key, error, {"line": entry.item.line, "traceback": trace})
+        try:
+            self.store.record_failure(entry.item.id, entry.key, error, {"line": entry.item.line, "traceback": trace})
+        except OSError as record_error:  # the disk filled up: that stops the run, not just this item
+            if record_error.errno not in STOP_ERRNOS:
+                raise
+            return self.stop(entry, record_error)
         return Outcome(entry.item.id, FAILED, error=error)
+
+    def stop(self, entry: PlannedItem, exc: OSError) -> Outcome:
+        """Nothing can be written: stop cleanly (done items are intact) instead of failing
+        every item that follows. Not recorded per item: failures.jsonl lives on the same
+        full disk, and the item is not at fault."""
+        self.stop_reason = self.stop_reason or f"{type(exc).__name__}: {exc}"
+        log.error("stopping: %s (finished items are intact; free space and run again to resume)", self.stop_reason)
+        return Outcome(entry.item.id, STOPPED, error=self.stop_reason)
 
     def generate_batch(self, batch: list[Loaded]) -> tuple[list[Outcome], list[Generated]]:
         """Generate a batch; returns outcomes settled without generating, and what to write."""
