@@ -63,20 +63,21 @@ def bench(root: Path, rows: int, done_fraction: float) -> None:
     store.prepare()
     identity = model_identity(cfg.model, resolve_devices("auto")[0]).as_dict()
     # Fake a run that finished all but the last (1 - done_fraction) of the items.
-    plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store)
+    plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store, output=cfg.output)
     done_count = int(rows * done_fraction)
     with store.results.open("w") as results:
         for entry in plan.todo[:done_count]:
             video = store.video_path(entry.item.id)
             video.write_bytes(b"v" * 10)
-            sidecar = {"id": entry.item.id, "key": entry.key, "status": "done", "seed": entry.item.seed,
+            sidecar = {"id": entry.item.id, "key": entry.key, "output_key": entry.output_key, "status": "done", "seed": entry.item.seed,
                        "image": entry.image_record(), "frames_sha256": "", "finished_at": "",
                        "output": {"path": store.relative(video), "bytes": 10}, "timings": {"total_s": 0}}
-            store.sidecar_path(entry.item.id).write_text(json.dumps(sidecar))
-            results.write(json.dumps(store.result_record(sidecar)) + "\n")
+            body = json.dumps(sidecar).encode()
+            store.sidecar_path(entry.item.id).write_bytes(body)
+            results.write(json.dumps(store.result_record(sidecar, len(body))) + "\n")
 
     start = time.perf_counter()
-    plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store)
+    plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store, output=cfg.output)
     plan_s = time.perf_counter() - start
     assert len(plan.done) == done_count and len(plan.todo) == rows - done_count, (len(plan.done), len(plan.todo))
 

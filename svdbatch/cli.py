@@ -7,6 +7,7 @@
     svdbatch reproduce outputs/<run>/items/<id>.json                    (regenerate one item, compare hashes)
     svdbatch status outputs/<run> [--json]                              (done / pending / failed, throughput, ETA)
     svdbatch gallery outputs/<run>                                      (rewrite <run>/index.html)
+    svdbatch verify outputs/<run> [--json] [--repair]                   (check every finished file; set damaged ones aside)
 """
 
 from __future__ import annotations
@@ -123,7 +124,14 @@ def reproduce(args: list[str]) -> int:
     return reproduce_command(args)
 
 
-SUBCOMMANDS = {"validate": validate, "reproduce": reproduce, "status": status_command, "gallery": gallery_command}
+def verify(args: list[str]) -> int:
+    from .verify import verify_command
+
+    return verify_command(args)
+
+
+SUBCOMMANDS = {"validate": validate, "reproduce": reproduce, "status": status_command, "gallery": gallery_command,
+               "verify": verify}
 
 
 def main() -> None:

@@ -113,9 +113,11 @@ class ConditioningConfig:
 @dataclass
 class OutputConfig:
     format: OutputFormat = OutputFormat.mp4
-    # Frame rate of the written file (1..1000); null = the item's conditioning fps.
+    # Frame rate of the written file, 1..1000; null = the item's conditioning fps.
+    # fps, quality and loop (where the format uses them) are part of each item's output key:
+    # changing them redoes the items, so the files always match the settings (docs/verify.md).
     fps: Optional[int] = None
-    # imageio-ffmpeg variable-bitrate quality, 0 (worst) .. 10 (best).
+    # 0 (worst) .. 10 (best): mp4 crf = (1 - quality/10) * 51 as imageio-ffmpeg maps it; WebP quality x10.
     quality: float = 5.0
     # GIF/WebP loop count (0 = forever; GIF stores at most 65535).
     loop: int = 0

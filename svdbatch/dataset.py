@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import OutputConfig, OutputFormat
-from .outputs import atomic_path, atomic_write_bytes, output_bytes
+from .outputs import atomic_path, atomic_write_bytes
+from .outputs import check_output_config as check_file_settings
 from .schedule import PlannedItem
-from .store import RunStore, to_json
+from .store import RunStore, output_intact, to_json
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ SHARD_INDEX = "index.json"
 
 
 def check_output_config(output: OutputConfig) -> list[str]:
-    return [f"output.shard_size: must be >= 1, got {output.shard_size}"] if output.shard_size < 1 else []
+    problems = check_file_settings(output)
+    return problems + ([f"output.shard_size: must be >= 1, got {output.shard_size}"] if output.shard_size < 1 else [])
 
 
 def metadata_row(sidecar: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +70,7 @@ def finished_sidecars(store: RunStore, planned: Iterable[PlannedItem]) -> list[t
     index = store.finished_index()
     finished = []
     for position, entry in enumerate(planned):
-        if entry.key is None or not store.is_done(entry.item.id, entry.key, index):
+        if entry.key is None or not store.is_done(entry.item.id, entry.key, entry.output_key, index):
             continue
         try:
             sidecar = json.loads(store.sidecar_path(entry.item.id).read_bytes())
@@ -88,8 +90,8 @@ def finished_in_run_dir(store: RunStore) -> list[dict[str, Any]]:
             sidecar = json.loads(store.sidecar_path(item_id).read_bytes())
         except (OSError, json.JSONDecodeError):
             continue
-        complete = output_bytes(store.root / record["output"]) == record.get("output_bytes")
-        if sidecar.get("status") == "done" and sidecar.get("key") == record.get("key") and complete:
+        agrees = sidecar.get("key") == record.get("key") and sidecar.get("output_key") == record.get("output_key")
+        if sidecar.get("status") == "done" and agrees and output_intact(store.root, record):
             sidecars.append(sidecar)
     return sidecars
 
@@ -105,7 +107,7 @@ def write_metadata(store: RunStore) -> Path:
         # Every row gets every column (null where a row lacks a meta_* key): one schema per file.
         columns = list(dict.fromkeys(key for row in rows for key in row))
         body = "".join(to_json({key: row.get(key) for key in columns}, default=str) + "\n" for row in rows)
-        atomic_write_bytes(target, body.encode())
+        atomic_write_bytes(target, body.encode(), fault="metadata")
     finally:
         os.close(fd)
     return target
@@ -142,7 +144,9 @@ def write_shards(store: RunStore, planned: list[PlannedItem], finished: list, sh
         if not all(position in by_position for position in positions):
             _drop_shard(shards, index, name)  # not complete (yet, or any more after a redo that failed)
             continue
-        members = [[by_position[p][0].item.id, by_position[p][0].key] for p in positions]
+        # The file's sha256 too: a redo with new output settings (or after `verify --repair`)
+        # keeps the key but changes the bytes the shard must hold.
+        members = [[by_position[p][0].item.id, by_position[p][0].key, by_position[p][1]["output"].get("sha256")] for p in positions]
         if index.get(name) == members and (shards / name).is_file():
             continue  # already written with exactly these items
         with atomic_path(shards / name) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as archive:

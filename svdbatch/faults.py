@@ -8,9 +8,11 @@ oom (a CUDA out-of-memory error) or error (a RuntimeError). Unset, a fault point
 dict lookup. Stages, in the order an item passes them:
 
     generate      just before the pipeline call
-    video         the video is fully written to its temporary name, not yet renamed
+    encode        the encoder has finished writing the temporary, before it is decoded back
+    video         the video is fully written to its temporary name and checked, not yet renamed
     sidecar       the video is in place; the sidecar is written to its temporary name
     results       the sidecar is in place; the results.jsonl line is not yet appended
+    metadata      at the end of a run, metadata.jsonl is written to its temporary name
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections import Counter
 from typing import Optional
 
 FAULT_ENV = "SVDBATCH_FAULT"
-STAGES = ("generate", "video", "sidecar", "results")
+STAGES = ("generate", "encode", "video", "sidecar", "results", "metadata")
 ACTIONS = ("kill", "enospc", "oom", "error")
 
 _reached: Counter[str] = Counter()

@@ -32,7 +32,7 @@ from PIL import Image
 from .config import FetchConfig
 from .fetch import UrlCache
 from .images import load_rgb
-from .outputs import atomic_write_bytes
+from .outputs import DISK_FULL_ERRNOS, atomic_write_bytes
 from .status import is_invalid_record, is_run_dir, not_a_run_dir_message, parse_time, run_cwd
 from .store import latest_by_id, output_intact, read_jsonl_fast
 
@@ -329,14 +329,20 @@ class GalleryUpdater:
         finally:
             self._lock.release()
 
-    def update(self) -> Optional[Path]:
+    def update(self, raise_disk_full: bool = False) -> Optional[Path]:
+        """`raise_disk_full`: a full disk raises (the driver stops the run with exit 3)."""
         with self._lock:
-            return self._write()
+            return self._write(raise_disk_full)
 
-    def _write(self) -> Optional[Path]:
+    def _write(self, raise_disk_full: bool = False) -> Optional[Path]:
         self._last = time.monotonic()  # also after a failure: do not retry on every item
         try:
             return write_gallery(self.run_dir, self.max_items)
+        except OSError as exc:
+            if raise_disk_full and exc.errno in DISK_FULL_ERRNOS:
+                raise
+            log.warning("gallery: could not write %s: %s", self.run_dir / INDEX, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return None
         except Exception as exc:
             log.warning("gallery: could not write %s: %s", self.run_dir / INDEX, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return None

@@ -1,20 +1,33 @@
-"""Frames -> files: mp4 (H.264 via diffusers' export_to_video / imageio-ffmpeg), gif, webp, PNG frames.
+"""Frames -> files: mp4 (H.264, libx264 + yuv420p, by imageio-ffmpeg's ffmpeg), gif, webp, PNG frames.
 
 Every writer writes into a temporary name next to the target, fsyncs, then renames, so a
 killed run leaves either the old file, the new file, or a stray temporary, never a torn
-file under the real name.
+file under the real name. Before the rename the temporary is decoded once and must give
+the expected frame count and size (PNG frames: the very frames), and the encoder's exit
+status is checked: a file that does not decode never gets its real name.
+
+What shaped a file (format, written fps, quality, loop, encoder) is summed up by
+`output_settings`; its hash, the output key, is part of what "done" means (store.py), so
+changing an output setting redoes the items instead of leaving videos the config does not describe.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import hashlib
+import json
 import os
+import re
 import shutil
+import subprocess
 import socket
 import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -23,6 +36,15 @@ from .config import OutputConfig, OutputFormat
 from .faults import fault_point
 
 TEMP_MARKER = ".partial-"
+# Bump when the bytes written for the same settings change on purpose (encoder flags, ...):
+# it is part of the output key, so it redoes the items.
+OUTPUT_VERSION = 1
+# Pinned, never auto-detected: imageio-ffmpeg's probe for "the best H.264 encoder" can fail
+# (e.g. when Ctrl-C reaches it) and silently fall back to another encoder with other pixels.
+MP4_CODEC, MP4_PIX_FMT = "libx264", "yuv420p"
+MAX_FPS = 1000  # the same ceiling as the conditioning fps rule
+# errno of a write error that no later write escapes either (the run stops, see runner.py).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 _HOST = socket.gethostname().replace("@", "_")[:64]
 
 
@@ -93,49 +115,226 @@ def atomic_write_bytes(target: Path, data: bytes, fault: Optional[str] = None) -
         tmp.write_bytes(data)
 
 
-def _write_frames_dir(frames: np.ndarray, target: Path) -> None:
+def _write_frames_dir(frames: np.ndarray, target: Path, settings: dict[str, Any]) -> Written:
     staging = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
     try:
         for index, frame in enumerate(frames):
             frame_path = staging / f"{index:05d}.png"
             Image.fromarray(frame).save(frame_path)
             fsync_path(frame_path)
+        fault_point("encode")
+        count, height, width = (int(n) for n in frames.shape[:3])
+        check_decodes(staging, count, height, width, frames_sha256(frames))
+        written = Written(output_bytes(staging), output_sha256(staging), encoder_record(settings))
         fault_point("video")
         if target.exists():
             shutil.rmtree(target)  # the sidecar, written last, is what marks an item done
         os.rename(staging, target)
         fsync_path(target.parent)
+        return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_video(frames: np.ndarray, target: Path, output: OutputConfig, fps: int) -> None:
-    """Write uint8 frames (F, H, W, 3) to `target` in the configured format."""
+class EncoderError(RuntimeError):
+    """The encoder reported an error (non-zero exit status): the item fails."""
+
+
+class OutputCheckError(RuntimeError):
+    """A written file does not decode to the frames it was given: the item fails."""
+
+
+@dataclass(frozen=True)
+class Written:
+    """What the sidecar records about a written output."""
+
+    bytes: int
+    sha256: str
+    encoder: dict[str, Any]
+
+
+def check_output_config(output: OutputConfig) -> list[str]:
+    """Problems with the output settings, found before any model loads (each names its field)."""
+    problems = []
+    if output.fps is not None and not 1 <= output.fps <= MAX_FPS:
+        problems.append(f"output.fps: must be null (the item's fps) or an integer in [1, {MAX_FPS}], got {output.fps}")
+    if not 0 <= output.quality <= 10:
+        problems.append(f"output.quality: must be a number in [0, 10], got {output.quality}")
+    if not 0 <= output.loop <= 65535:  # GIF stores the loop count in 16 bits
+        problems.append(f"output.loop: must be an integer in [0, 65535] (0 = forever), got {output.loop}")
+    return problems
+
+
+def mp4_crf(quality: float) -> int:
+    """imageio-ffmpeg's mapping of quality 0..10 to libx264's crf 51..0 (kept, so files stay as before)."""
+    return int((1 - quality / 10.0) * 51)
+
+
+def written_fps(output: OutputConfig, item_fps: int) -> int:
+    """The frame rate a file is written at: output.fps, else the item's conditioning fps."""
+    return output.fps or item_fps
+
+
+def output_settings(output: OutputConfig, fps: int) -> dict[str, Any]:
+    """Everything that shapes the bytes of an item's output file, and nothing else (the
+    loop count does not touch an mp4, no setting but the format touches PNG frames)."""
     fmt = OutputFormat(output.format)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, Any] = {"version": OUTPUT_VERSION, "format": fmt.value}
     if fmt is OutputFormat.frames:
-        _write_frames_dir(frames, target)
-        return
-    pil_frames = [Image.fromarray(frame) for frame in frames]
+        return settings
+    settings["fps"] = int(fps)
+    if fmt is OutputFormat.mp4:
+        settings.update(codec=MP4_CODEC, pix_fmt=MP4_PIX_FMT, crf=mp4_crf(output.quality))
+    elif fmt is OutputFormat.webp:
+        settings.update(quality=int(output.quality * 10), loop=int(output.loop))
+    else:
+        settings["loop"] = int(output.loop)
+    return settings
+
+
+def frames_sha256(frames: np.ndarray) -> str:
+    """The hash of generated uint8 frames recorded in every sidecar (shape included)."""
+    digest = hashlib.sha256(str(frames.shape).encode())
+    digest.update(np.ascontiguousarray(frames).tobytes())
+    return digest.hexdigest()
+
+
+def output_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def output_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes; for a folder of frames, of its files' names and hashes."""
+    path = Path(path)
+    if not path.is_dir():
+        return _file_sha256(path)
+    digest = hashlib.sha256()
+    for entry in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(f"{entry.name}\0{_file_sha256(entry)}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+@functools.lru_cache(maxsize=1)
+def ffmpeg_version() -> str:
+    import imageio_ffmpeg  # runs `ffmpeg -version`: once per process
+
+    return imageio_ffmpeg.get_ffmpeg_version()
+
+
+def encoder_error(returncode: int, stderr: bytes, target: Path) -> Exception:
+    """The exception for a failed ffmpeg: a disk-full OSError when ffmpeg says so (the run
+    must stop, not fail every item after it), else EncoderError with ffmpeg's own words."""
+    text = stderr.decode(errors="replace").strip()
+    # ffmpeg's last line, without its "[out#0/mp4 @ 0x55d2...] " prefix.
+    tail = re.sub(r"^\[[^]]*\] ", "", text.splitlines()[-1]) if text else "no message"
+    for number in sorted(DISK_FULL_ERRNOS):
+        if os.strerror(number) in text:
+            return OSError(number, f"{os.strerror(number)} (ffmpeg writing {target.name}: {tail})")
+    return EncoderError(f"ffmpeg exited with status {returncode} writing {target.name}: {tail}")
+
+
+def encode_mp4(frames: np.ndarray, target: Path, fps: int, settings: dict[str, Any]) -> None:
+    """H.264 with exactly imageio-ffmpeg's command line for libx264 (what diffusers'
+    export_to_video ran), but with the codec named, stderr kept and the exit status checked:
+    imageio-ffmpeg's writer ignores ffmpeg's exit status, so a full disk gave a "done" file."""
+    _, height, width, _ = frames.shape
+    cmd = [
+        ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24",
+        "-r", str(fps), "-i", "-", "-an", "-vcodec", settings["codec"], "-pix_fmt", settings["pix_fmt"],
+        "-crf", str(settings["crf"]), "-v", "warning", "-f", "mp4", str(target),
+    ]
+    # Sizes are multiples of 8 (validated) and yuv420p needs even ones: no scaling, unlike
+    # imageio's default macro block of 16, which rescaled e.g. 72 px to 80.
+    done = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True)
+    if done.returncode != 0:
+        raise encoder_error(done.returncode, done.stderr, target)
+
+
+def encoder_record(settings: dict[str, Any]) -> dict[str, Any]:
+    """What wrote the file, for the sidecar."""
+    fmt = OutputFormat(settings["format"])
+    if fmt is OutputFormat.mp4:
+        return {"name": settings["codec"], "pix_fmt": settings["pix_fmt"], "crf": settings["crf"], "ffmpeg": ffmpeg_version()}
+    import PIL
+
+    return {"name": f"pillow-{'png' if fmt is OutputFormat.frames else fmt.value}", "pillow": PIL.__version__}
+
+
+def check_decodes(path: Path, frames: int, height: int, width: int, frames_sha: Optional[str] = None,
+                  fps: Optional[int] = None) -> None:
+    """Decode a written output once: it must give `frames` frames of width x height (and,
+    when given, for lossless PNG frames, exactly the frames with that hash)."""
+    try:
+        decoded = read_video(path)
+        count = len(decoded)
+        if fps and path.suffix in (".gif", ".webp"):
+            count = shown_frames(path, fps)
+    except Exception as exc:  # any decoder error: the file is not what it should be
+        raise OutputCheckError(f"{path.name} does not decode: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
+    if decoded.ndim != 4 or count != frames or tuple(decoded.shape[1:3]) != (height, width):
+        size = f"{decoded.shape[2]}x{decoded.shape[1]}" if decoded.ndim == 4 else "x".join(map(str, decoded.shape))
+        raise OutputCheckError(f"{path.name} decodes to {count} frames of {size}, expected {frames} frames of {width}x{height}")
+    if frames_sha is not None and frames_sha256(decoded) != frames_sha:
+        raise OutputCheckError(f"{path.name}: the decoded frames differ from the generated ones")
+
+
+def shown_frames(path: Path, fps: int) -> int:
+    """Frames an animated GIF/WebP shows: Pillow merges identical consecutive frames into
+    one that lasts longer, so count by duration (at least one per stored frame)."""
+    nominal = 1000 / fps
+    total = 0
+    with Image.open(path) as image:
+        for index in range(getattr(image, "n_frames", 1)):
+            image.seek(index)
+            image.load()  # WebP reports a frame's duration once it is decoded
+            total += max(1, round(image.info.get("duration", nominal) / nominal))
+    return total
+
+
+def write_video(frames: np.ndarray, target: Path, output: OutputConfig, fps: int) -> Written:
+    """Write uint8 frames (F, H, W, 3) to `target` in the configured format, check that it
+    decodes to those frames, then rename it into place. Raises EncoderError or
+    OutputCheckError (the item fails) or OSError (a full disk stops the run)."""
+    settings = output_settings(output, fps)
+    fmt = OutputFormat(settings["format"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    count, height, width = (int(n) for n in frames.shape[:3])
+    if fmt is OutputFormat.frames:
+        return _write_frames_dir(frames, target, settings)
     with atomic_path(target, fault="video") as tmp:
         if fmt is OutputFormat.mp4:
-            from diffusers.utils import export_to_video
-
-            # libx264 + yuv420p (imageio's defaults: plays in browsers). Sizes are multiples
-            # of 8 (validated); the default macro block of 16 would make ffmpeg rescale e.g. 72 px to 80.
-            export_to_video(pil_frames, str(tmp), fps=fps, quality=output.quality, macro_block_size=8)
+            encode_mp4(frames, tmp, fps, settings)
         else:
+            pil_frames = [Image.fromarray(frame) for frame in frames]
             # PIL's GIF/WebP writers take a per-frame duration in milliseconds.
-            extra = {"optimize": False} if fmt is OutputFormat.gif else {"quality": int(output.quality * 10), "lossless": False}
+            extra = {"optimize": False} if fmt is OutputFormat.gif else {"quality": settings["quality"], "lossless": False}
             pil_frames[0].save(
                 tmp,
                 format=fmt.value.upper(),
                 save_all=True,
                 append_images=pil_frames[1:],
                 duration=round(1000 / fps),
-                loop=output.loop,
+                loop=settings["loop"],
                 **extra,
             )
+        fault_point("encode")
+        check_decodes(tmp, count, height, width, fps=fps)
+        written = Written(output_bytes(tmp), output_sha256(tmp), encoder_record(settings))
+    return written
 
 
 def output_bytes(path: str | os.PathLike) -> int:

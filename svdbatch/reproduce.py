@@ -3,9 +3,12 @@
 The sidecar holds everything that determines the frames: the model settings, the resolved
 parameters, the seed, the preprocessing, the input image (path and sha256) and the
 intra-op thread count. Reproducing loads that model, checks the input is unchanged, runs the
-item once and compares the sha256 of the frames with the recorded one.
+item once and compares the sha256 of the frames with the recorded one. It also checks that the file on
+disk next to the sidecar is the one recorded (sha256 of the written file): the frames
+hash vouches for the generation, this for the video a user actually has.
 
-Exit status: 0 the frames match, 1 they differ, 2 the item cannot be re-run as recorded
+Exit status: 0 the frames match (and the file on disk is the recorded one), 1 the frames
+differ or the file on disk is missing or changed, 2 the item cannot be re-run as recorded
 (unreadable sidecar, missing or changed input image, model not loadable).
 """
 
@@ -15,8 +18,8 @@ import json
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
@@ -25,10 +28,11 @@ from .fetch import FetchError, UrlCache
 from .images import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION, Preprocess, file_sha256
 from .manifest import Item
 from .models import ModelLoadError, load_pipeline, model_identity, resolve_devices
+from .outputs import output_bytes, output_sha256
 from .params import GenParams
 from .runner import Worker, frames_sha256, load_entry, software_versions
 from .schedule import PlannedItem
-from .store import RunStore
+from .store import RunStore, sidecar_relpath
 
 EXIT_MATCH, EXIT_MISMATCH, EXIT_CANNOT = 0, 1, 2
 USAGE = "usage: svdbatch reproduce <run dir>/items/<id>.json"
@@ -44,10 +48,31 @@ class Reproduction:
     recorded: str
     got: str
     notes: list[str] = field(default_factory=list)  # environment differences worth knowing
+    file_ok: Optional[bool] = None  # the file on disk is the recorded one; None: not checked
+    file_report: str = ""
 
     @property
     def matches(self) -> bool:
         return self.recorded == self.got
+
+
+def check_file_on_disk(sidecar_path: Path, sidecar: dict[str, Any]) -> tuple[Optional[bool], str]:
+    """(ok, what to say) about the written output next to the sidecar; ok None: not checkable."""
+    output = sidecar.get("output") or {}
+    recorded = output.get("sha256")
+    if not recorded:
+        return None, "file on disk not checked: the sidecar records no file sha256 (written by an older svdbatch)"
+    sidecar_path = Path(sidecar_path).resolve()
+    run_dir = sidecar_path.parents[len(PurePosixPath(sidecar["id"]).parts)]
+    if run_dir / sidecar_relpath(sidecar["id"]) != sidecar_path:
+        return None, "file on disk not checked: the sidecar is not inside a run dir (<run dir>/items/<id>.json)"
+    path = run_dir / output["path"]
+    if output_bytes(path) < 0:
+        return False, f"file on disk is MISSING: {path}"
+    got = output_sha256(path)
+    if got != recorded:
+        return False, f"file on disk DIFFERS from the sidecar: {path} has sha256 {got}, recorded {recorded}"
+    return True, f"file on disk matches the sidecar (sha256 {got})"
 
 
 def _structured(schema: type, recorded: dict[str, Any]):
@@ -122,7 +147,9 @@ def reproduce(sidecar_path: Path) -> Reproduction:
         worker = Worker(load_pipeline(model, memory, device), RunStore(Path(scratch), OutputFormat.frames),
                         OutputConfig(), {}, num_threads=sidecar["num_threads"])
         (frames,) = worker.generate([ready.image], planned.params, [planned.item.seed])
-    return Reproduction(item_id=sidecar["id"], recorded=recorded, got=frames_sha256(frames), notes=notes)
+    file_ok, file_report = check_file_on_disk(sidecar_path, sidecar)
+    return Reproduction(item_id=sidecar["id"], recorded=recorded, got=frames_sha256(frames), notes=notes,
+                        file_ok=file_ok, file_report=file_report)
 
 
 def reproduce_command(args: list[str]) -> int:
@@ -138,6 +165,7 @@ def reproduce_command(args: list[str]) -> int:
         print(f"  note: {note}", file=sys.stderr)
     if result.matches:
         print(f"{result.item_id}: frames match the sidecar (sha256 {result.got})")
-        return EXIT_MATCH
-    print(f"{result.item_id}: frames DIFFER: recorded sha256 {result.recorded}, got {result.got}")
-    return EXIT_MISMATCH
+    else:
+        print(f"{result.item_id}: frames DIFFER: recorded sha256 {result.recorded}, got {result.got}")
+    print(f"{result.item_id}: {result.file_report}")
+    return EXIT_MATCH if result.matches and result.file_ok is not False else EXIT_MISMATCH

@@ -8,8 +8,6 @@ encode and commit on another, while the main thread generates.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import logging
 import platform
 import threading
@@ -30,7 +28,7 @@ from .fetch import FetchError
 from .images import load_rgb, prepare
 from .faults import fault_point
 from .models import LoadedPipeline, lower_memory
-from .outputs import output_bytes, write_video
+from .outputs import DISK_FULL_ERRNOS, frames_sha256, output_key, output_settings, write_video, written_fps
 from .params import GenParams
 from .schedule import PlannedItem
 from .store import RunStore
@@ -41,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING_WRITES = 2
 # Write errors that no other item can escape either: the run stops cleanly instead of
 # failing every remaining item one by one.
-STOP_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+STOP_ERRNOS = DISK_FULL_ERRNOS
 
 
 class GenerationError(RuntimeError):
@@ -65,12 +63,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.status == DONE
-
-
-def frames_sha256(frames: np.ndarray) -> str:
-    digest = hashlib.sha256(str(frames.shape).encode())
-    digest.update(np.ascontiguousarray(frames).tobytes())
-    return digest.hexdigest()
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -198,12 +190,7 @@ class Worker:
         except OSError as exc:
             if exc.errno not in STOP_ERRNOS:
                 return self.fail(generated.ready.entry, exc, traceback.format_exc())
-            # Nothing can be written: stop cleanly (done items are intact) instead of
-            # failing every item that follows. Not recorded per item: failures.jsonl lives
-            # on the same full disk, and the item is not at fault.
-            self.stop_reason = f"{type(exc).__name__}: {exc}"
-            log.error("stopping: %s (finished items are intact; free space and run again to resume)", self.stop_reason)
-            return Outcome(generated.ready.entry.item.id, STOPPED, error=self.stop_reason)
+            return self.stop(generated.ready.entry, exc)
         except Exception as exc:
             return self.fail(generated.ready.entry, exc, traceback.format_exc())
         finally:
@@ -213,9 +200,11 @@ class Worker:
         ready, frames, generate_s = generated.ready, generated.frames, generated.generate_s
         entry, item = ready.entry, ready.entry.item
         start = time.perf_counter()
-        fps = self.output.fps or entry.params.fps
+        fps = written_fps(self.output, entry.params.fps)
+        settings = output_settings(self.output, fps)
         video = self.store.video_path(item.id)
-        write_video(frames, video, self.output, fps)
+        # Raises unless the encoder succeeded and the file decodes to these frames.
+        written = write_video(frames, video, self.output, fps)
         timings = {"load_image_s": ready.load_s, "generate_s": generate_s, "write_s": time.perf_counter() - start}
         timings["total_s"] = sum(timings.values())
         self.store.commit(
@@ -224,6 +213,7 @@ class Worker:
                 "status": "done",
                 "id": item.id,
                 "key": entry.key,
+                "output_key": output_key(settings),
                 "seed": item.seed,
                 "row": item.row_record(),
                 "image": {**entry.image_record(), "size": list(ready.source_size)},
@@ -235,7 +225,10 @@ class Worker:
                     "path": self.store.relative(video),
                     "format": self.output_format,
                     "fps": fps,
-                    "bytes": output_bytes(video),
+                    "settings": settings,
+                    "bytes": written.bytes,
+                    "sha256": written.sha256,
+                    "encoder": written.encoder,
                     "frames": int(frames.shape[0]),
                     "height": int(frames.shape[1]),
                     "width": int(frames.shape[2]),
@@ -254,8 +247,21 @@ class Worker:
         if isinstance(exc, torch.OutOfMemoryError) and not self.retry_on_oom:
             error += " (run.retry_on_oom=true retries with a lower memory preset)"
         log.error("item %s failed: %s", entry.item.id, error)
-        self.store.record_failure(entry.item.id, entry.key, error, {"line": entry.item.line, "traceback": trace})
+        try:
+            self.store.record_failure(entry.item.id, entry.key, error, {"line": entry.item.line, "traceback": trace})
+        except OSError as record_error:  # the disk filled up: that stops the run, not just this item
+            if record_error.errno not in STOP_ERRNOS:
+                raise
+            return self.stop(entry, record_error)
         return Outcome(entry.item.id, FAILED, error=error)
+
+    def stop(self, entry: PlannedItem, exc: OSError) -> Outcome:
+        """Nothing can be written: stop cleanly (done items are intact) instead of failing
+        every item that follows. Not recorded per item: failures.jsonl lives on the same
+        full disk, and the item is not at fault."""
+        self.stop_reason = self.stop_reason or f"{type(exc).__name__}: {exc}"
+        log.error("stopping: %s (finished items are intact; free space and run again to resume)", self.stop_reason)
+        return Outcome(entry.item.id, STOPPED, error=self.stop_reason)
 
     def generate_batch(self, batch: list[Loaded]) -> tuple[list[Outcome], list[Generated]]:
         """Generate a batch; returns outcomes settled without generating, and what to write."""
@@ -314,7 +320,7 @@ class Worker:
         claim = self.store.claim(entry.item.id)
         if claim is None:
             return Loaded(entry, settled=Outcome(entry.item.id, BUSY))
-        if self.store.done_record(entry.item.id, entry.key) is not None:
+        if self.store.done_record(entry.item.id, entry.key, entry.output_key) is not None:
             self.store.release(claim)  # finished by another process since this run's plan
             return Loaded(entry, settled=Outcome(entry.item.id, DONE_ELSEWHERE))
         loaded = load_entry(entry)

@@ -12,10 +12,11 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
-from .config import ConditioningConfig, ConfigError, MemoryConfig, ModelConfig, ResizeMode
+from .config import ConditioningConfig, ConfigError, MemoryConfig, ModelConfig, OutputConfig, ResizeMode
 from .fetch import UrlCache
 from .images import DEFAULT_MAX_IMAGE_PIXELS, Preprocess, file_sha256
 from .manifest import Item
+from .outputs import output_key, output_settings, written_fps
 from .params import GenParams, param_defaults
 from .store import KeyMaker, RunStore
 
@@ -83,6 +84,9 @@ class PlannedItem:
     source: Optional[str] = None
     # Why a URL could not be fetched; the worker raises it so it is recorded as this item's failure.
     fetch_error: Optional[str] = None
+    # Hash of the output settings the file is written with (outputs.output_settings): with
+    # `key`, what must match for the item to count as done.
+    output_key: Optional[str] = None
 
     def image_record(self) -> dict[str, Any]:
         return {
@@ -111,6 +115,7 @@ def plan_run(
     limit: Optional[int] = None,
     fetcher: Optional[UrlCache] = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    output: Optional[OutputConfig] = None,
 ) -> Plan:
     """Resolve each item's parameters and key, and split done from to-do.
 
@@ -119,7 +124,10 @@ def plan_run(
     Hashing every source image on every resume would dominate planning a big run, so a
     finished item's recorded hash is reused while the image's path, size and mtime are
     unchanged (the rule make and rsync use); anything else is hashed afresh.
+    `output` (default: the run dir's format with default settings) gives the output keys.
     """
+    output = output if output is not None else OutputConfig(format=store.format)
+    out_keys: dict[int, str] = {}  # per written fps: a run has few
     selected = items[:limit] if limit is not None else items
     urls = [item.url for item in selected if item.url]
     if urls and fetcher is None:
@@ -132,11 +140,13 @@ def plan_run(
     plan = Plan()
     for item in selected:
         params = defaults.resolve(item.overrides)
+        fps = written_fps(output, params.fps)
+        out_key = out_keys.get(fps) or out_keys.setdefault(fps, output_key(output_settings(output, fps)))
         preprocess = replace(run_preprocess, resize=ResizeMode(item.resize)) if item.resize else run_preprocess
         url = item.url
         source = fetched[url] if url else item.image
         if isinstance(source, Exception):
-            entry = PlannedItem(item, params, "", 0, 0, None, preprocess, fetch_error=str(source))
+            entry = PlannedItem(item, params, "", 0, 0, None, preprocess, fetch_error=str(source), output_key=out_key)
             plan.todo.append(entry)
             plan.all.append(entry)
             continue
@@ -152,8 +162,8 @@ def plan_run(
         else:
             image_sha256 = file_sha256(source)
         key = make_key(image_sha256, params, item.seed, preprocess)
-        entry = PlannedItem(item, params, image_sha256, stat.st_size, stat.st_mtime_ns, key, preprocess, source)
-        (plan.done if store.is_done(item.id, key, index) else plan.todo).append(entry)
+        entry = PlannedItem(item, params, image_sha256, stat.st_size, stat.st_mtime_ns, key, preprocess, source, output_key=out_key)
+        (plan.done if store.is_done(item.id, key, out_key, index) else plan.todo).append(entry)
         plan.all.append(entry)
     warning = fixed_conditioning_warning(plan.all, model)
     if warning:

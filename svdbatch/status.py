@@ -1,12 +1,12 @@
 """`svdbatch status <run dir> [--json]`: how far a run is, read from its run dir alone.
 
-    done         the latest results.jsonl record's output is still there (size matches)
+    done         the latest results.jsonl record's output and sidecar are still there (sizes match)
     in progress  another process holds the item's claim (claims/<id>.claim, flock)
     failed       the latest failures.jsonl record is a generation error, and not done
     invalid      the manifest row does not validate (now, or when the run read it)
     pending      every other manifest row
 
-Nothing is re-hashed and no model is loaded: one stat per finished item, so a status of a
+Nothing is re-hashed and no model is loaded: two stats per finished item, so a status of a
 100k-row run takes about as long as reading its manifest. Keys are not recomputed either,
 so an item whose parameters changed since it finished still counts as done here (the next
 run redoes it).

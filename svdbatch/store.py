@@ -11,8 +11,12 @@ Layout of a run dir::
     index.html, gallery/ contact sheet and its thumbnails (gallery.py)
     metadata.jsonl       dataset index of finished items (dataset.py)
 
-An item is done when its video and then its sidecar have been renamed into place and the
-key in the sidecar matches the key the current config gives that item.
+An item is done when its video and then its sidecar have been renamed into place, its
+results line vouches for both (their byte sizes), and the line's two keys match what the
+current config gives that item: the key (everything that determines the frames) and the
+output key (everything that shapes the written file: format, fps, quality, loop, encoder;
+outputs.output_settings). Resume checks this with two stats per item; `svdbatch verify`
+(verify.py) checks every byte.
 """
 
 from __future__ import annotations
@@ -155,10 +159,24 @@ def latest_by_id(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]
     return latest
 
 
+def sidecar_relpath(item_id: str) -> str:
+    return f"items/{item_id}.json"
+
+
 def output_intact(run_dir: str | os.PathLike, record: dict[str, Any]) -> bool:
-    """A results record's output is still there, with the size it was committed with (one
-    stat: users delete videos to force a redo, and this runs for every row of a resume)."""
-    return "output" in record and output_bytes(f"{os.fspath(run_dir)}/{record['output']}") == record.get("output_bytes")
+    """A results record's output and sidecar are still there, with the sizes they were
+    committed with (two stats: users delete videos or sidecars, and this runs for every row
+    of a resume; verify.py reads every byte). Lines written before sidecar sizes were
+    recorded only need the sidecar to exist."""
+    root = os.fspath(run_dir)
+    if "output" not in record or output_bytes(f"{root}/{record['output']}") != record.get("output_bytes"):
+        return False
+    sidecar_size = output_bytes(f"{root}/{sidecar_relpath(str(record.get('id')))}")
+    return sidecar_size == record["sidecar_bytes"] if "sidecar_bytes" in record else sidecar_size >= 0
+
+
+def sidecar_body(sidecar: dict[str, Any]) -> bytes:
+    return to_json(sidecar, indent=2, sort_keys=True, default=str).encode() + b"\n"
 
 
 class RunDirError(RuntimeError):
@@ -247,7 +265,7 @@ class RunStore:
         return self.videos / output_name(item_id, self.format)
 
     def sidecar_path(self, item_id: str) -> Path:
-        return self.sidecars / f"{item_id}.json"
+        return self.root / sidecar_relpath(item_id)
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -257,19 +275,20 @@ class RunStore:
         """Latest results.jsonl record per item id."""
         return latest_by_id(read_jsonl_fast(self.results))
 
-    def is_done(self, item_id: str, key: str, index: dict[str, dict[str, Any]]) -> bool:
+    def is_done(self, item_id: str, key: str, out_key: str, index: dict[str, dict[str, Any]]) -> bool:
+        """Done with this key (frames) and output key (file settings); see the module doc."""
         record = index.get(item_id)
         if record is None:
-            record = self._recover_from_sidecar(item_id, key)
+            record = self._recover_from_sidecar(item_id, key, out_key)
             if record is None:
                 return False
-        if record.get("key") != key:
-            return False
+        if record.get("key") != key or record.get("output_key") != out_key:
+            return False  # lines from before output keys were recorded: redone (encoder unknown)
         # A results line is appended only after the sidecar was renamed into place, so the
-        # line vouches for the sidecar; the video is checked because users delete videos.
+        # line vouches for the sidecar; both files are checked because users delete them.
         return output_intact(self.root, record)
 
-    def _recover_from_sidecar(self, item_id: str, key: str) -> Optional[dict[str, Any]]:
+    def _recover_from_sidecar(self, item_id: str, key: str, out_key: str) -> Optional[dict[str, Any]]:
         """A run killed between the sidecar rename and the results line: trust the sidecar.
         Only under the item's claim: a live process may be about to append that line itself."""
         if not self.sidecar_path(item_id).is_file():
@@ -278,23 +297,24 @@ class RunStore:
         if claim is None:
             return None
         try:
-            record = self.done_record(item_id, key)
+            record = self.done_record(item_id, key, out_key)
             if record is not None:
                 append_jsonl(self.results, record)
             return record
         finally:
             self.release(claim)
 
-    def done_record(self, item_id: str, key: str) -> Optional[dict[str, Any]]:
+    def done_record(self, item_id: str, key: str, out_key: str) -> Optional[dict[str, Any]]:
         """The results record an item's sidecar vouches for, if the sidecar is there, has
-        this key, and its output is complete; else None."""
+        these keys, and its output is complete; else None."""
         try:
-            sidecar = json.loads(self.sidecar_path(item_id).read_bytes())
-        except (OSError, json.JSONDecodeError):
+            body = self.sidecar_path(item_id).read_bytes()
+            sidecar = json.loads(body)
+            if sidecar.get("key") != key or sidecar.get("output_key") != out_key or sidecar.get("status") != "done":
+                return None
+            record = self.result_record(sidecar, len(body))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
-        if sidecar.get("key") != key or sidecar.get("status") != "done":
-            return None
-        record = self.result_record(sidecar)
         return record if output_intact(self.root, record) else None
 
     # -- claims: several processes sharing one run dir ------------------------------------
@@ -320,13 +340,16 @@ class RunStore:
 
     # -- writing ----------------------------------------------------------------------
     @staticmethod
-    def result_record(sidecar: dict[str, Any]) -> dict[str, Any]:
+    def result_record(sidecar: dict[str, Any], sidecar_bytes: int) -> dict[str, Any]:
         output, image = sidecar["output"], sidecar["image"]
         return {
             "id": sidecar["id"],
             "key": sidecar["key"],
+            "output_key": sidecar.get("output_key"),
             "output": output["path"],
             "output_bytes": output["bytes"],
+            "output_sha256": output.get("sha256"),
+            "sidecar_bytes": sidecar_bytes,
             # Lets the next plan reuse the hash while the image file is unchanged.
             "image_path": image["path"],
             "image_sha256": image["sha256"],
@@ -340,10 +363,10 @@ class RunStore:
 
     def commit(self, sidecar: dict[str, Any]) -> None:
         """Called after the video is in place: the sidecar rename is what makes an item done."""
-        body = to_json(sidecar, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        body = sidecar_body(sidecar)
         atomic_write_bytes(self.sidecar_path(sidecar["id"]), body, fault="sidecar")
         fault_point("results")
-        append_jsonl(self.results, self.result_record(sidecar))
+        append_jsonl(self.results, self.result_record(sidecar, len(body)))
 
     def record_failure(self, item_id: Optional[str], key: Optional[str], error: str, details: dict[str, Any]) -> None:
         append_jsonl(

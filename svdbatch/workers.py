@@ -206,7 +206,7 @@ class Pool:
         items are done on disk, so they are counted, not redone."""
         index = self.store.finished_index()
         for batch_id in list(batch_ids):
-            done = [e for e in self.batches[batch_id] if self.store.is_done(e.item.id, e.key, index)]
+            done = [e for e in self.batches[batch_id] if self.store.is_done(e.item.id, e.key, e.output_key, index)]
             if not done:
                 continue
             self.batches[batch_id] = [e for e in self.batches[batch_id] if e not in done]

@@ -191,3 +191,82 @@ def test_temporaries_of_the_longest_ids_fit_a_file_name(tmp_path):
     assert temp_owner(temp_prefix(long_id) + "abc123.json") == (os.getpid(), temp_owner(temp_prefix("x") + "q")[1])
     atomic_write_bytes(tmp_path / f"{long_id}.json", b"{}")
     assert (tmp_path / f"{long_id}.json").read_bytes() == b"{}"
+
+
+# -- a full disk inside the encoder, and at the very end ---------------------------------
+@pytest.fixture
+def manifest1(tmp_path) -> Path:
+    make_image(tmp_path / "img" / "i0.png", seed=0)
+    return write_csv(tmp_path / "m1.csv", ["id", "image", "seed"], [["i0", "img/i0.png", 0]])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB tmpfs (needs root / CAP_SYS_ADMIN; skipped where mounting is impossible)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root); the injected-ENOSPC tests cover the logic")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_leaving(mount: Path, free_bytes: int) -> Path:
+    stat = os.statvfs(mount)
+    filler = mount / "filler"
+    filler.write_bytes(b"x" * (stat.f_bavail * stat.f_frsize - free_bytes))
+    return filler
+
+
+def test_ffmpeg_running_out_of_space_stops_the_run_and_commits_nothing(tmp_path, manifest1, small_disk):
+    # The user's case: a few KB left, ffmpeg fails writing the mp4 trailer. It used to be
+    # committed as done (4096-byte file that does not decode) with exit 0.
+    run_dir = small_disk / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("x")  # its page is reused by the run's config.yaml
+    filler = fill_leaving(small_disk, 4096)  # < one 128x128 mp4
+    big = ["conditioning.width=128", "conditioning.height=128", "run.min_free_mb=0", "run.gallery=false", f"run.dir={run_dir}"]
+    stopped = run_with_fault(manifest1, tmp_path / "hydra", None, *big)
+    assert stopped.returncode == 3, stopped.stdout + stopped.stderr[-2000:]
+    assert "0 done" in stopped.stdout and "STOPPED" in stopped.stdout and "No space left on device" in stopped.stdout
+    assert "ffmpeg writing" in stopped.stdout  # the encoder's own failure, not a later write
+    assert list((run_dir / "videos").iterdir()) == [] and list((run_dir / "items").iterdir()) == []
+    assert not (run_dir / "results.jsonl").exists() and not (run_dir / "failures.jsonl").exists()
+
+    filler.unlink()  # space freed: the same command finishes the item
+    resumed = run_with_fault(manifest1, tmp_path / "hydra", None, *big)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "1 done, 0 skipped" in resumed.stdout
+    from svdbatch.outputs import read_video
+
+    assert read_video(run_dir / "videos" / "i0.mp4").shape == (4, 128, 128, 3)
+
+
+def test_injected_enospc_in_the_encoder_stops_with_exit_3(tmp_path, manifest1, monkeypatch):
+    from svdbatch.cli import exit_code
+
+    monkeypatch.setenv("SVDBATCH_FAULT", "encode:1:enospc")
+    monkeypatch.setattr("svdbatch.faults._reached", Counter())
+    run_dir = tmp_path / "run"
+    summary = run(make_cfg(f"manifest={manifest1}", THREADS, f"run.dir={run_dir}"))
+    assert exit_code(summary) == 3 and (summary.done, summary.not_run) == (0, 1)
+    assert "STOPPED (OSError: [Errno 28] No space left on device (injected at encode))" in summary.line()
+    assert not leftovers(run_dir) and not (run_dir / "results.jsonl").exists()
+    assert list((run_dir / "videos").iterdir()) == []
+
+
+def test_disk_full_writing_metadata_at_the_end_stops_with_exit_3_and_the_summary(tmp_path, manifest1, monkeypatch):
+    from svdbatch.cli import exit_code
+
+    monkeypatch.setenv("SVDBATCH_FAULT", "metadata:1:enospc")
+    monkeypatch.setattr("svdbatch.faults._reached", Counter())
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(f"manifest={manifest1}", THREADS, f"run.dir={run_dir}")
+    summary = run(cfg)  # used to be a traceback and exit 1
+    assert exit_code(summary) == 3
+    assert summary.line().startswith("svdbatch: 1 done, 0 skipped, 0 failed, 0 not run: STOPPED (OSError: [Errno 28]")
+    assert not (run_dir / "metadata.jsonl").exists() and not leftovers(run_dir)
+    monkeypatch.delenv("SVDBATCH_FAULT")
+    again = run(cfg)
+    assert exit_code(again) == 0 and again.skipped == 1
+    assert json.loads((run_dir / "metadata.jsonl").read_text())["id"] == "i0"

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from svdbatch.config import OutputConfig, OutputFormat
 from svdbatch.driver import run
-from svdbatch.outputs import read_video
-from svdbatch.runner import frames_sha256
+from svdbatch.outputs import (
+    EncoderError, OutputCheckError, frames_sha256, output_bytes, output_name, output_sha256, read_video, shown_frames, write_video,
+)
 
-from .conftest import make_cfg, write_csv
+from .conftest import make_cfg, run_cli, write_csv
 
 
 def probe(path) -> str:
@@ -69,3 +71,89 @@ def test_quality_setting_changes_the_mp4(tmp_path, one_row):
         run(make_cfg(f"manifest={one_row}", f"run.dir={run_dir}", f"output.quality={quality}"))
         sizes[quality] = (run_dir / "videos" / "a.mp4").stat().st_size
     assert sizes[9] > sizes[2]
+
+
+# -- every written file is checked, and the encoder is pinned ----------------------------
+def noise(frames=4, height=64, width=64) -> np.ndarray:
+    frames = np.random.default_rng(0).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+    frames[2] = frames[1]  # a still moment: GIF/WebP writers merge equal frames, the check must not mind
+    return frames
+
+
+@pytest.mark.parametrize("fmt", ["mp4", "gif", "webp", "frames"])
+def test_write_video_returns_what_the_sidecar_records(tmp_path, fmt):
+    target = tmp_path / output_name("x", fmt)
+    written = write_video(noise(), target, OutputConfig(format=OutputFormat(fmt)), fps=7)
+    assert written.bytes == output_bytes(target) and written.sha256 == output_sha256(target)
+    decoded = read_video(target)
+    if fmt in ("gif", "webp"):  # the two equal frames are stored once, shown twice as long
+        assert decoded.shape == (3, 64, 64, 3) and shown_frames(target, 7) == 4
+    else:
+        assert decoded.shape == (4, 64, 64, 3)
+    assert written.encoder["name"] == {"mp4": "libx264", "gif": "pillow-gif", "webp": "pillow-webp", "frames": "pillow-png"}[fmt]
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary left
+
+
+def test_mp4_encoder_is_named_not_probed(tmp_path, monkeypatch):
+    # imageio-ffmpeg picks "the best H.264 encoder" with a probe that a Ctrl-C can break,
+    # falling back to another encoder; svdbatch must never ask it.
+    def probe_fails():
+        raise RuntimeError("probe interrupted")
+
+    monkeypatch.setattr("imageio_ffmpeg._io.get_first_available_h264_encoder", probe_fails)
+    write_video(noise(), tmp_path / "x.mp4", OutputConfig(), fps=7)
+    stream = probe(tmp_path / "x.mp4")
+    assert "h264" in stream and "yuv420p" in stream, stream
+
+
+def test_an_encoder_error_fails_the_write_and_leaves_nothing(tmp_path):
+    # ffmpeg refuses a negative frame rate (exit status 1, nothing usable written): the run
+    # validates output.fps up front, this is the encoder path behind it.
+    with pytest.raises(EncoderError, match="ffmpeg exited with status"):
+        write_video(noise(), tmp_path / "x.mp4", OutputConfig(), fps=-1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_does_not_decode_never_gets_its_name(tmp_path, monkeypatch):
+    # An encoder that "succeeds" but writes a torn file, like ffmpeg on a full disk used to.
+    good = tmp_path / "good.mp4"
+    write_video(noise(), good, OutputConfig(), fps=7)
+
+    def torn(frames, target, fps, settings):
+        target.write_bytes(good.read_bytes()[:4096])
+
+    monkeypatch.setattr("svdbatch.outputs.encode_mp4", torn)
+    with pytest.raises(OutputCheckError, match="does not decode|decodes to"):
+        write_video(noise(), tmp_path / "x.mp4", OutputConfig(), fps=7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.mp4"]
+
+
+def test_invalid_output_settings_are_refused_before_anything_runs(tmp_path, one_row):
+    result = run_cli("validate", f"manifest={one_row}", "output.fps=-1", "output.quality=11")
+    assert result.returncode == 2
+    assert "output.fps: must be null (the item's fps) or an integer in [1, 1000], got -1" in result.stderr
+    assert "output.quality: must be a number in [0, 10], got 11" in result.stderr
+
+
+def test_changing_output_settings_redoes_the_items_and_only_those_that_shape_the_file(tmp_path, one_row):
+    run_dir = tmp_path / "run"
+    base = [f"manifest={one_row}", f"run.dir={run_dir}"]
+    assert run(make_cfg(*base)).done == 1
+    assert run(make_cfg(*base, "output.loop=3")).skipped == 1  # a loop count does not touch an mp4
+    assert run(make_cfg(*base, "output.quality=9")).done == 1
+    first = json.loads((run_dir / "items" / "a.json").read_text())
+    assert first["output"]["settings"]["crf"] == 5 and first["output"]["encoder"]["name"] == "libx264"
+    assert run(make_cfg(*base, "output=gif")).done == 1
+    sidecar = json.loads((run_dir / "items" / "a.json").read_text())
+    assert sidecar["output"]["path"] == "videos/a.gif" and sidecar["frames_sha256"] == first["frames_sha256"]
+    assert [json.loads(line)["file_name"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["videos/a.gif"]
+    assert run(make_cfg(*base, "output=gif")).skipped == 1
+    # verify: intact, and it would say if config.yaml claimed settings the file was not written with.
+    from svdbatch.verify import verify_run_dir
+
+    (report,) = verify_run_dir(run_dir)
+    assert not report.problems and not report.notes
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("format: gif", "format: mp4"))
+    (report,) = verify_run_dir(run_dir)
+    assert not report.problems and "other output settings than config.yaml states" in report.notes[0]

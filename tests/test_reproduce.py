@@ -20,6 +20,17 @@ def test_reproduce_matches_and_reports_differences(tmp_path, images, capsys):
     assert proc.returncode == 0, proc.stderr
     recorded = json.loads(sidecar_path.read_text())["frames_sha256"]
     assert f"a: frames match the sidecar (sha256 {recorded})" in proc.stdout
+    written = json.loads(sidecar_path.read_text())["output"]["sha256"]
+    assert f"a: file on disk matches the sidecar (sha256 {written})" in proc.stdout
+
+    # The same frames, but the video on disk was damaged after the run: said, and exit 1.
+    video = run_dir / "videos" / "a.mp4"
+    intact = video.read_bytes()
+    video.write_bytes(intact[:-1] + bytes([intact[-1] ^ 0xFF]))
+    assert reproduce_command([str(sidecar_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"a: frames match the sidecar (sha256 {recorded})" in out and "a: file on disk DIFFERS from the sidecar" in out
+    video.write_bytes(intact)
 
     # A sidecar whose recorded frames came from another seed: regenerating gives other frames.
     sidecar = json.loads(sidecar_path.read_text())

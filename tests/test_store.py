@@ -68,3 +68,35 @@ def test_finished_index_skips_an_unreadable_line_and_keeps_the_rest(tmp_path):
     store.prepare()
     store.results.write_text('{"id": "a", "key": "1"}\n{"id": "b", "ke\n{"id": "c", "key": "3"}\n[1, 2]\n')
     assert sorted(store.finished_index()) == ["a", "c"]
+
+
+def test_deleting_only_a_sidecar_redoes_the_item_and_status_does_not_count_it(tmp_path, images):
+    from svdbatch.driver import run
+    from svdbatch.status import collect
+
+    from .conftest import make_cfg, write_csv
+
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [["a", "img/a.png", 1], ["b", "img/b.png", 2]])
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(f"manifest={manifest}", f"run.dir={run_dir}")
+    assert run(cfg).done == 2
+    (run_dir / "items" / "a.json").unlink()  # the video and its results line are still there
+    assert collect(run_dir)["counts"]["done"] == 1
+
+    again = run(cfg)
+    assert (again.done, again.skipped) == (1, 1)
+    assert json.loads((run_dir / "items" / "a.json").read_text())["status"] == "done"
+    assert sorted(json.loads(line)["id"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()) == ["a", "b"]
+    assert collect(run_dir)["counts"]["done"] == 2
+
+
+def test_a_sidecar_of_another_size_than_committed_is_not_trusted(tmp_path):
+    store = RunStore(tmp_path, "mp4")
+    store.prepare()
+    (store.videos / "a.mp4").write_bytes(b"v" * 10)
+    store.sidecar_path("a").write_bytes(b"{}")
+    record = {"id": "a", "key": "k", "output_key": "o", "output": "videos/a.mp4", "output_bytes": 10, "sidecar_bytes": 2}
+    assert store.is_done("a", "k", "o", {"a": record})
+    assert not store.is_done("a", "k", "other output settings", {"a": record})
+    store.sidecar_path("a").write_bytes(b"{ }")
+    assert not store.is_done("a", "k", "o", {"a": record})

@@ -1,0 +1,301 @@
+"""`svdbatch verify <run dir> [--json] [--repair]`: check every finished item byte for byte.
+
+Resume trusts an item after two stats (its output and sidecar still have the sizes its
+results line recorded). This is the deep check, for a run dir that was copied, synced,
+restored or left on a failing disk. For each item with a results line or a sidecar:
+
+    the sidecar is there, parses, says done, and agrees with the latest results line
+    (keys, output path, bytes, frames hash, seed, sidecar size)
+    the output is there, has the recorded size and sha256,
+    and decodes to the recorded frame count and size (PNG frames: to the very frames)
+
+Every damaged item is named with its problems. `--repair` sets each one aside under
+<run dir>/damaged/<UTC time>/ (its sidecar and output, moved, never deleted, with a
+report.json), drops the WebDataset shards that hold it, and rewrites metadata.jsonl, so the
+next run of the same command redoes exactly those items.
+
+Exit status: 0 every item is intact, 1 some are damaged (also after --repair), 2 not a run dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import OutputConfig
+from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_settings, output_sha256, written_fps
+from .status import is_run_dir, not_a_run_dir_message
+from .store import RunStore, latest_by_id, read_jsonl_fast, sidecar_relpath
+
+EXIT_OK, EXIT_DAMAGED, EXIT_NOT_A_RUN_DIR = 0, 1, 2
+DAMAGED_DIR = "damaged"
+# results.jsonl field -> where the sidecar has the same fact.
+AGREE = {
+    "key": ("key",),
+    "output_key": ("output_key",),
+    "output": ("output", "path"),
+    "output_bytes": ("output", "bytes"),
+    "output_sha256": ("output", "sha256"),
+    "frames_sha256": ("frames_sha256",),
+    "seed": ("seed",),
+}
+
+
+@dataclass
+class ItemReport:
+    item_id: str
+    problems: list[str] = field(default_factory=list)  # damage: the item must be redone
+    notes: list[str] = field(default_factory=list)  # worth knowing, not damage
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.problems)
+
+
+def _get(record: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for name in path:
+        record = record.get(name) if isinstance(record, dict) else None
+    return record
+
+
+def read_sidecar(run_dir: Path, item_id: str, report: ItemReport) -> tuple[Optional[dict[str, Any]], int]:
+    """(sidecar, its size); (None, -1) with a problem noted if it is missing or unreadable."""
+    try:
+        body = (run_dir / sidecar_relpath(item_id)).read_bytes()
+    except FileNotFoundError:
+        report.problems.append(f"sidecar {sidecar_relpath(item_id)} is missing")
+        return None, -1
+    except OSError as exc:
+        report.problems.append(f"sidecar unreadable: {exc}")
+        return None, -1
+    try:
+        sidecar = json.loads(body)
+    except ValueError as exc:
+        report.problems.append(f"sidecar does not parse: {exc}")
+        return None, len(body)
+    if not isinstance(sidecar, dict) or not isinstance(sidecar.get("output"), dict):
+        report.problems.append("sidecar is not an svdbatch item record")
+        return None, len(body)
+    return sidecar, len(body)
+
+
+def check_records(item_id: str, sidecar: dict[str, Any], size: int, record: Optional[dict[str, Any]], report: ItemReport) -> None:
+    """The sidecar is complete in itself and agrees with the item's latest results line."""
+    if sidecar.get("status") != "done" or sidecar.get("id") != item_id:
+        report.problems.append(f"sidecar is not a done record of {item_id!r} (status {sidecar.get('status')!r}, id {sidecar.get('id')!r})")
+    output = sidecar["output"]
+    if not output.get("sha256") or not sidecar.get("output_key"):
+        report.problems.append("the sidecar records no file sha256 / output key (written by an older svdbatch): cannot be verified")
+    elif output_key(output.get("settings") or {}) != sidecar["output_key"]:
+        report.problems.append("the sidecar's output key does not match its own output settings")
+    if record is None:
+        report.notes.append("no results.jsonl line yet (a run stopped before appending it; the next run adds it)")
+        return
+    for field_name, where in AGREE.items():
+        if field_name in record and record[field_name] != _get(sidecar, where):
+            report.problems.append(f"results.jsonl and sidecar disagree on {field_name}: {record[field_name]!r} vs {_get(sidecar, where)!r}")
+    if "sidecar_bytes" in record and record["sidecar_bytes"] != size:
+        report.problems.append(f"sidecar is {size} bytes, results.jsonl recorded {record['sidecar_bytes']}")
+
+
+def check_output(run_dir: Path, sidecar: dict[str, Any], report: ItemReport) -> None:
+    """The file on disk is the one recorded: size, sha256, and it decodes as recorded."""
+    output = sidecar["output"]
+    path = run_dir / str(output.get("path"))
+    size = output_bytes(path)
+    if size < 0:
+        report.problems.append(f"output {output.get('path')} is missing")
+        return
+    if size != output.get("bytes"):
+        report.problems.append(f"output {output.get('path')} is {size} bytes, recorded {output.get('bytes')}")
+    digest = output_sha256(path) if output.get("sha256") else None
+    if digest is not None and digest != output["sha256"]:
+        report.problems.append(f"output {output.get('path')} has sha256 {digest}, recorded {output['sha256']}")
+    lossless = output.get("format") == "frames"
+    try:
+        check_decodes(path, output.get("frames"), output.get("height"), output.get("width"),
+                      sidecar.get("frames_sha256") if lossless else None, fps=output.get("fps"))
+    except OutputCheckError as exc:
+        report.problems.append(str(exc))
+
+
+def config_output(run_dir: Path) -> Optional[OutputConfig]:
+    """The output settings config.yaml states (the latest run's), if readable."""
+    try:
+        import yaml
+        from omegaconf import OmegaConf
+
+        section = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("output") or {}
+        return OmegaConf.merge(OmegaConf.structured(OutputConfig), section)
+    except Exception:  # no config.yaml (a sharded run), or one from another version: nothing to compare
+        return None
+
+
+def check_against_config(sidecar: dict[str, Any], stated: Optional[OutputConfig], report: ItemReport) -> None:
+    """config.yaml must not claim settings a video was not written with: say so while a
+    re-run with new output settings has not redone every item yet."""
+    fps = (sidecar.get("params") or {}).get("fps")
+    if stated is None or fps is None:
+        return
+    if output_key(output_settings(stated, written_fps(stated, fps))) != sidecar.get("output_key"):
+        report.notes.append(f"written with other output settings than config.yaml states ({sidecar['output'].get('settings')}); "
+                            "the next run of that config redoes it")
+
+
+def check_item(run_dir: Path, item_id: str, record: Optional[dict[str, Any]], stated: Optional[OutputConfig] = None) -> ItemReport:
+    report = ItemReport(item_id)
+    if record is not None and not os.path.lexists(run_dir / sidecar_relpath(item_id)) and output_bytes(run_dir / str(record.get("output"))) < 0:
+        # Both files removed on purpose (a user forcing a redo, or `--repair`): not done, not damage.
+        report.notes.append("not done any more: its sidecar and output were removed; the next run redoes it")
+        return report
+    sidecar, size = read_sidecar(run_dir, item_id, report)
+    if sidecar is None:
+        if record is not None and output_bytes(run_dir / str(record.get("output"))) >= 0:
+            report.notes.append(f"its output {record.get('output')} is still there")
+        return report
+    check_records(item_id, sidecar, size, record, report)
+    check_output(run_dir, sidecar, report)
+    check_against_config(sidecar, stated, report)
+    return report
+
+
+def sidecar_ids(run_dir: Path) -> list[str]:
+    items = run_dir / "items"
+    if not items.is_dir():
+        return []
+    return [p.relative_to(items).as_posix()[: -len(".json")] for p in items.rglob("*.json") if not p.name.startswith(".")]
+
+
+def unrecorded_outputs(run_dir: Path) -> list[str]:
+    """Files in videos/ that no sidecar names: left by other output settings (a redo in
+    another format writes a new file and leaves the old one), never listed as done."""
+    videos = run_dir / "videos"
+    if not videos.is_dir():
+        return []
+    named = set()
+    for item_id in sidecar_ids(run_dir):
+        try:
+            named.add(json.loads((run_dir / sidecar_relpath(item_id)).read_bytes())["output"]["path"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(f"videos/{p.name}" for p in videos.iterdir() if not p.name.startswith(".") and f"videos/{p.name}" not in named)
+
+
+def verify_run_dir(run_dir: Path) -> list[ItemReport]:
+    """One report per item that has a results line or a sidecar, by id."""
+    records = latest_by_id(read_jsonl_fast(run_dir / "results.jsonl"))
+    ids = sorted(set(records) | set(sidecar_ids(run_dir)))
+    stated = config_output(run_dir)
+    return [check_item(run_dir, item_id, records.get(item_id), stated) for item_id in ids]
+
+
+# -- repair -----------------------------------------------------------------------------
+def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]]:
+    """Move each damaged item's sidecar and output under damaged/<time>/ (same relative
+    paths), so the next run redoes it. Returns the folder and the ids left alone because
+    another process holds their claim (it is redoing them right now)."""
+    from .dataset import write_metadata  # the dataset files must not list what was moved
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    dest = run_dir / DAMAGED_DIR / stamp
+    store = RunStore(run_dir, "mp4")  # the format is not used: paths come from the records
+    records = latest_by_id(read_jsonl_fast(store.results))
+    busy = []
+    for report in damaged:
+        claim = store.claim(report.item_id)
+        if claim is None:
+            busy.append(report.item_id)
+            continue
+        try:
+            for relative in item_files(run_dir, report.item_id, records.get(report.item_id)):
+                target = dest / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(run_dir / relative), str(target))
+        finally:
+            store.release(claim)
+    dest.mkdir(parents=True, exist_ok=True)
+    moved = [asdict(r) for r in damaged if r.item_id not in busy]
+    (dest / "report.json").write_text(json.dumps({"set_aside": moved, "busy": busy}, indent=1) + "\n")
+    drop_shards(run_dir, {r.item_id for r in damaged if r.item_id not in busy}, dest)
+    write_metadata(store)
+    return dest, busy
+
+
+def item_files(run_dir: Path, item_id: str, record: Optional[dict[str, Any]]) -> list[str]:
+    """The item's sidecar and every output path its sidecar or results line names, that exist."""
+    names = [sidecar_relpath(item_id)]
+    try:
+        names.append(json.loads((run_dir / names[0]).read_bytes())["output"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if record and record.get("output"):
+        names.append(record["output"])
+    safe = [n for n in dict.fromkeys(names) if isinstance(n, str) and not os.path.isabs(n) and ".." not in Path(n).parts]
+    return [n for n in safe if os.path.lexists(run_dir / n)]
+
+
+def drop_shards(run_dir: Path, ids: set[str], dest: Path) -> None:
+    """WebDataset shards holding a damaged item move aside too: write_shards keeps a shard
+    whose members' keys are unchanged, and a redo keeps the key."""
+    from .dataset import SHARD_INDEX, SHARDS_DIR
+    from .outputs import atomic_write_bytes
+
+    index_path = run_dir / SHARDS_DIR / SHARD_INDEX
+    if not ids or not index_path.is_file():
+        return
+    index = json.loads(index_path.read_text())
+    hit = [name for name, members in index.items() if any(member[0] in ids for member in members)]
+    for name in hit:
+        index.pop(name)
+        if (run_dir / SHARDS_DIR / name).exists():
+            (dest / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+            shutil.move(str(run_dir / SHARDS_DIR / name), str(dest / SHARDS_DIR / name))
+    if hit:
+        atomic_write_bytes(index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+
+
+# -- command ----------------------------------------------------------------------------
+def verify_command(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="svdbatch verify", description="check every finished item of a run dir byte for byte")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    parser.add_argument("--repair", action="store_true", help="set damaged items aside so the next run redoes them")
+    options = parser.parse_args(args)
+    run_dir = options.run_dir
+    if not is_run_dir(run_dir):
+        print(f"svdbatch verify: {not_a_run_dir_message(run_dir)}", file=sys.stderr)
+        return EXIT_NOT_A_RUN_DIR
+    reports = verify_run_dir(run_dir)
+    damaged = [r for r in reports if r.damaged]
+    dest, busy = set_aside(run_dir, damaged) if options.repair and damaged else (None, [])
+    unrecorded = unrecorded_outputs(run_dir)
+    if options.json:
+        print(json.dumps({
+            "run_dir": str(run_dir), "checked": len(reports), "ok": len(reports) - len(damaged),
+            "damaged": [{"id": r.item_id, "problems": r.problems} for r in damaged],
+            "notes": [{"id": r.item_id, "notes": r.notes} for r in reports if r.notes],
+            "set_aside_in": str(dest) if dest else None, "busy": busy, "unrecorded_outputs": unrecorded,
+        }, ensure_ascii=False))
+    else:
+        for report in reports:
+            if report.damaged:
+                print(f"DAMAGED {report.item_id}: " + "; ".join(report.problems))
+            for note in report.notes:
+                print(f"  note {report.item_id}: {note}")
+        if unrecorded:
+            shown = ", ".join(unrecorded[:5]) + (" ..." if len(unrecorded) > 5 else "")
+            print(f"  note: {len(unrecorded)} file(s) in videos/ that no sidecar describes (other output settings?): {shown}")
+        names = f" ({', '.join(r.item_id for r in damaged[:10])}{' ...' if len(damaged) > 10 else ''})" if damaged else ""
+        print(f"svdbatch verify: {len(reports)} items checked, {len(reports) - len(damaged)} intact, {len(damaged)} damaged{names}")
+        if dest:
+            print(f"set aside {len(damaged) - len(busy)} item(s) in {dest}; run the same command again to redo them")
+        if busy:
+            print(f"left alone (another process is generating them now): {', '.join(busy)}")
+    return EXIT_DAMAGED if damaged else EXIT_OK
