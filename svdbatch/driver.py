@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .config import ConfigError, plain
+from .config import ConfigError, Engine, check_engine, plain
 from .dataset import check_output_config, write_dataset
 from .fetch import UrlCache, check_fetch_config
 from .gallery import GalleryUpdater
@@ -83,6 +83,7 @@ class RunSummary:
 
 def load_manifest(cfg: DictConfig) -> Manifest:
     problems = check_conditioning(cfg.conditioning) + check_fetch_config(cfg.fetch) + check_output_config(cfg.output)
+    problems += check_engine(cfg.run)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return read_manifest(cfg.manifest, run_seed=cfg.run.seed, strict=cfg.run.strict, check_images=cfg.run.check_images,
@@ -90,9 +91,24 @@ def load_manifest(cfg: DictConfig) -> Manifest:
 
 
 def run(cfg: DictConfig) -> RunSummary:
+    cluster = None
+    if Engine(cfg.run.engine) is Engine.ray:
+        from .ray_engine import RayCluster  # Ray is optional: imported only when asked for
+
+        cluster = RayCluster(cfg.run)  # joined on first use, after the input is known good
+    try:
+        return run_on(cfg, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def run_on(cfg: DictConfig, cluster=None) -> RunSummary:
+    """The run; `cluster` (run.engine=ray) has the actors do the work instead of local processes."""
     started = time.perf_counter()
     manifest = load_manifest(cfg)
-    store = RunStore(Path(cfg.run.dir), cfg.output.format)
+    # Absolute for a cluster: actors on other nodes do not share this working directory.
+    store = RunStore(Path(cfg.run.dir).absolute() if cluster else Path(cfg.run.dir), cfg.output.format)
     shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
     store.prepare(cfg.run.min_free_mb)
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
@@ -101,7 +117,7 @@ def run(cfg: DictConfig) -> RunSummary:
         store.record_failure(item_id, None, "invalid manifest row", {"problems": [str(p) for p in problems], "line": line})
         summary.invalid += 1
 
-    devices = resolve_devices(cfg.run.devices, cfg.run.workers)
+    devices = cluster.devices() if cluster else resolve_devices(cfg.run.devices, cfg.run.workers)
     identity = model_identity(cfg.model, devices[0])
     items = select_shard(manifest.items, shard)
     fetcher = UrlCache(store.root / "downloads", cfg.fetch)  # image URLs are cached per run dir
@@ -127,7 +143,7 @@ def run(cfg: DictConfig) -> RunSummary:
             if gallery:
                 gallery.maybe_update()
 
-        execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done)
+        execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done, cluster)
         bar.close()
 
     if summary.stop_reason is None:
