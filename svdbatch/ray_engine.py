@@ -174,6 +174,7 @@ class RayCluster:
         self.workers = run_cfg.workers
         self.connected_here = False
         self._devices: Optional[list[torch.device]] = None
+        self._restore_sigterm: Callable[[], None] = lambda: None
 
     # -- connection -------------------------------------------------------------------
     def connect(self) -> None:
@@ -193,6 +194,7 @@ class RayCluster:
             where = self.cfg.address or os.environ.get("RAY_ADDRESS") or "a local cluster"
             raise ConfigError(f"run.engine=ray: could not join {where} (run.ray.address): {exc}") from exc
         self.connected_here = True
+        self._restore_sigterm = install_sigterm()  # after ray.init, which sets its own
         log.info("ray: joined %s (%s)", context.address_info.get("gcs_address") or context.address_info, resources_line())
 
     def close(self) -> None:
@@ -202,6 +204,7 @@ class RayCluster:
 
             ray.shutdown()
             self.connected_here = False
+            self._restore_sigterm()
 
     def devices(self) -> list[torch.device]:
         """What each actor will run on (the driver plans item keys with the first one's dtype)."""
@@ -221,7 +224,6 @@ class RayCluster:
         store = RunStore(spec.run_dir, spec.output["format"])
         ledger = Ledger(batches, store, on_done, ASSIGNED_PER_WORKER)
         devices = self.devices()
-        restore = install_sigterm()
         actors: list[Any] = []
         try:
             remote = ray.remote(SvdbatchWorker)
@@ -244,7 +246,6 @@ class RayCluster:
             self.serve(actors, ledger)
         finally:
             stop_actors(actors)
-            restore()
         if ledger.load_errors and len(ledger.load_errors) == len(actors):
             raise NoWorkersLeft("no Ray actor could load the model:\n" + "\n".join(ledger.load_errors))
 
