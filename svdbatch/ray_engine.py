@@ -175,6 +175,7 @@ class RayCluster:
         self.connected_here = False
         self._devices: Optional[list[torch.device]] = None
         self._restore_sigterm: Callable[[], None] = lambda: None
+        self.terminated: list[int] = []  # SIGTERM received (close() turns it into exit status 143)
 
     # -- connection -------------------------------------------------------------------
     def connect(self) -> None:
@@ -194,7 +195,7 @@ class RayCluster:
             where = self.cfg.address or os.environ.get("RAY_ADDRESS") or "a local cluster"
             raise ConfigError(f"run.engine=ray: could not join {where} (run.ray.address): {exc}") from exc
         self.connected_here = True
-        self._restore_sigterm = install_sigterm()  # after ray.init, which sets its own
+        self._restore_sigterm = install_sigterm(self.terminated)  # after ray.init, which sets its own
         log.info("ray: joined %s (%s)", context.address_info.get("gcs_address") or context.address_info, resources_line())
 
     def close(self) -> None:
@@ -205,6 +206,9 @@ class RayCluster:
             ray.shutdown()
             self.connected_here = False
             self._restore_sigterm()
+        if self.terminated:
+            log.error("stopped by SIGTERM: the actors are stopped; finished items are kept, run again to resume")
+            raise Terminated(128 + self.terminated[0])
 
     def devices(self) -> list[torch.device]:
         """What each actor will run on (the driver plans item keys with the first one's dtype)."""
@@ -377,9 +381,11 @@ def first_image(batches: list[list[PlannedItem]]) -> Optional[str]:
 def cause(exc: BaseException) -> str:
     """The error behind a Ray wrapper, in one line (the actor's traceback went to its log)."""
     inner = getattr(exc, "cause", None)
-    if isinstance(inner, BaseException):
+    if isinstance(inner, BaseException):  # an exception raised in the actor's code
         return f"{type(inner).__name__}: {inner}"
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    node = next((line[3:].strip() for line in lines if line.startswith("ip:")), None)
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}" + (f" (node {node})" if node else "")
 
 
 def stop_actors(actors: list[Any], wait_s: float = 30.0) -> None:
@@ -407,13 +413,16 @@ class Terminated(SystemExit):
     pass
 
 
-def install_sigterm() -> Callable[[], None]:
-    """SIGTERM (a scheduler or `kill`) unwinds like Ctrl+C, so the actors are stopped and a
-    cluster this driver started is shut down; exit status 143 as for a plain SIGTERM.
-    Returns what puts the previous handler back."""
+def install_sigterm(received: list[int]) -> Callable[[], None]:
+    """SIGTERM (a scheduler, `ray job stop`, `kill`) unwinds like Ctrl+C, so the actors are
+    stopped and a cluster this driver started is shut down; RayCluster.close() then exits
+    with status 143, as a process killed by SIGTERM reports. The handler raises
+    KeyboardInterrupt because that is the one exception Ray's blocking calls (ray.wait)
+    pass on; any other becomes exit status 1. Returns what puts the previous handler back."""
 
     def handler(signum: int, frame: Any) -> None:
-        raise Terminated(128 + signum)
+        received.append(signum)
+        raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None  # only the main thread may set handlers
