@@ -93,7 +93,13 @@ class SvdbatchWorker:
     exactly as in a local worker process."""
 
     def __init__(self, spec: WorkerSpec, number: int, device: str):
-        logging.basicConfig(level=logging.INFO, format=f"%(levelname)s {ACTOR_NAME.format(number)} %(name)s: %(message)s")
+        # svdbatch's own messages (model loaded, item failed) go to the actor's stderr, which
+        # Ray forwards to the driver; other libraries keep their own logging settings.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"%(levelname)s {ACTOR_NAME.format(number)} %(name)s: %(message)s"))
+        root = logging.getLogger("svdbatch")
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
         self.spec = spec
         self.number = number
         self.device = device
@@ -316,8 +322,11 @@ class RayCluster:
         import ray
 
         starting = {actor.start.remote(): number for number, actor in enumerate(actors)}
+        numbers = {ACTOR_NAME.format(number): number for number in range(len(actors))}  # the ledger knows names
         running: dict[Any, tuple[int, int]] = {}  # ref -> (actor, batch id)
         while starting or ledger.keep_going():
+            if not starting and not running:
+                break  # nothing out and nothing to hand out: settle() accounts for what is left
             ready, _ = ray.wait([*starting, *running], num_returns=1, timeout=POLL_S)
             for ref in ready:
                 if ref in starting:
@@ -341,7 +350,7 @@ class RayCluster:
                     continue
                 ledger.done(name, batch_id, outcomes)
             for name in ledger.workers:
-                number = int(name.rsplit("-", 1)[1])
+                number = numbers[name]
                 for batch_id in ledger.hand_out(name):
                     batch = ledger.batches[batch_id]
                     ref = actors[number].run_batch.options(name=batch_task_name(batch)).remote(batch_id, batch)

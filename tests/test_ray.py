@@ -133,6 +133,16 @@ def test_ray_settings_are_checked_up_front(tmp_path, manifest):
     assert "run.ray.object_store_mb" in str(error.value) and "run.ray.start_timeout_s" in str(error.value)
 
 
+def test_without_ray_installed_the_ray_engine_says_what_to_install(tmp_path, manifest, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match=r'pip install "svdbatch\[ray\]"'):
+        load_manifest(make_cfg(f"manifest={manifest}", f"run.dir={tmp_path}", *RAY_RUN))
+    load_manifest(make_cfg(f"manifest={manifest}", f"run.dir={tmp_path}"))  # the local engine does not need it
+
+
 # -- on the cluster -------------------------------------------------------------------------
 def test_a_sigkilled_actor_loses_and_duplicates_nothing(tmp_path, ray_address, manifest, reference):
     """The README's command with run.engine=ray, joining the cluster by address."""
