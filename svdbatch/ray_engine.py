@@ -190,7 +190,10 @@ class RayCluster:
         if ray.is_initialized():  # e.g. a notebook or test that called ray.init itself: use it, keep it
             return
         kwargs: dict[str, Any] = {"address": self.cfg.address, "log_to_driver": True}
-        if not joins_existing(self.cfg.address):
+        joining = cluster_to_join(self.cfg.address)
+        if joining is not None:
+            check_reachable(joining, self.cfg.address or os.environ.get("RAY_ADDRESS"))
+        else:
             kwargs["include_dashboard"] = self.cfg.include_dashboard
             kwargs["num_cpus"] = self.cfg.num_cpus
             if self.cfg.object_store_mb is not None:
@@ -358,21 +361,35 @@ class RayCluster:
         ledger.settle()
 
 
-def joins_existing(address: Optional[str]) -> bool:
-    """Whether ray.init(address) joins a running cluster (rather than starting a local one):
-    only then must the local cluster's settings (num_cpus, object store) be left out."""
+def cluster_to_join(address: Optional[str]) -> Optional[str]:
+    """What ray.init(address) will join: "host:port", a "ray://" URL (Ray Client), or None
+    when it starts a local cluster (only then do num_cpus and the object store apply)."""
     if address == "local":
-        return False
+        return None
     if address is not None and "://" in address:
-        return True  # Ray Client
+        return address
     try:
         from ray._private.services import canonicalize_bootstrap_address
     except ImportError:  # moved in some Ray version: fall back on what the address says
-        return address is not None or bool(os.environ.get("RAY_ADDRESS"))
+        return address or os.environ.get("RAY_ADDRESS") or None
     try:
-        return canonicalize_bootstrap_address(address) is not None
+        return canonicalize_bootstrap_address(address)
     except ConnectionError:
-        return True  # "auto" without a cluster: let ray.init say so
+        return "auto"  # "auto" without a cluster: ray.init says so
+
+
+def check_reachable(address: str, given: Optional[str], timeout_s: float = 10.0) -> None:
+    """Ray retries an address nobody listens on for minutes; a plain TCP connect says at once."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"run.engine=ray: no Ray cluster answers at {given or address} ({exc}); check run.ray.address or RAY_ADDRESS "
+            "(the head node's `ray start --head` prints it), or leave both unset to start a local cluster"
+        ) from None
 
 
 def resources_line() -> str:

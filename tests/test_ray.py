@@ -133,6 +133,13 @@ def test_ray_settings_are_checked_up_front(tmp_path, manifest):
     assert "run.ray.object_store_mb" in str(error.value) and "run.ray.start_timeout_s" in str(error.value)
 
 
+def test_an_address_nobody_listens_on_is_a_clear_error_at_once(tmp_path, manifest):
+    proc = cli([f"manifest={manifest}", *SETTINGS, *RAY_RUN, "run.ray.address=127.0.0.1:1", f"hydra.run.dir={tmp_path}"])
+    out, err = proc.communicate(timeout=300)  # Ray itself would retry for minutes
+    assert proc.returncode == EXIT_BAD_INPUT, err[-3000:]
+    assert "no Ray cluster answers at 127.0.0.1:1" in err and "run.ray.address" in err
+
+
 def test_without_ray_installed_the_ray_engine_says_what_to_install(tmp_path, manifest, monkeypatch):
     import importlib.util
 
