@@ -205,7 +205,8 @@ class RayCluster:
             raise ConfigError(f"run.engine=ray: could not join {where} (run.ray.address): {exc}") from exc
         self.connected_here = True
         self._restore_sigterm = install_sigterm(self.terminated)  # after ray.init, which sets its own
-        log.info("ray: joined %s (%s)", context.address_info.get("gcs_address") or context.address_info, resources_line())
+        log.info("ray: %s %s (%s)", "joined" if joining else "started a local cluster at",
+                 context.address_info.get("gcs_address"), resources_line())
 
     def close(self) -> None:
         """Leave the cluster; a local cluster this driver started is shut down with it."""
