@@ -48,6 +48,11 @@ class ResizeMode(str, Enum):
     none = "none"  # the image must already have the target size
 
 
+class Engine(str, Enum):
+    local = "local"  # one spawned process per device of this machine (workers.py)
+    ray = "ray"  # one Ray actor per GPU of a Ray cluster (ray_engine.py, docs/ray.md)
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
@@ -154,6 +159,25 @@ class ShardConfig:
 
 
 @dataclass
+class RayConfig:
+    """run.engine=ray: where the actors run (docs/ray.md)."""
+
+    # Cluster to join: "host:port" of a head node, "ray://host:10001" (Ray Client), "auto".
+    # null = Ray's own default: RAY_ADDRESS (set by `ray job submit`), else a cluster started
+    # on this machine with `ray start`, else a new local cluster ("local" always starts one).
+    address: Optional[str] = None
+    # Only for a local cluster the driver starts itself: CPUs it offers (null = every core)
+    # and its object store (null = Ray's default, 30% of RAM; batches are small, so little is needed).
+    num_cpus: Optional[int] = None
+    object_store_mb: Optional[int] = None
+    # ... and whether it runs Ray's dashboard (null = when installed, as `ray start` does).
+    include_dashboard: Optional[bool] = None
+    # How long to wait for every actor to be placed and pass the shared-storage check (an
+    # autoscaling cluster may take minutes to add nodes) before the run is refused.
+    start_timeout_s: float = 600.0
+
+
+@dataclass
 class RunConfig:
     name: str = MISSING
     dir: str = MISSING
@@ -165,10 +189,16 @@ class RunConfig:
     # Decode every image during validation (catches truncated files before the model loads).
     check_images: bool = True
     # Worker devices: "auto" (every visible GPU, else CPU), a GPU count, or a list such as
-    # [0, 1] or ["cuda:2", "cpu"]. One worker process per device.
+    # [0, 1] or ["cuda:2", "cpu"]. One worker process per device. With run.engine=ray, one
+    # actor per entry across the cluster: "auto" = one per GPU of the cluster (else
+    # run.workers CPU actors), n = n GPU actors (an autoscaling cluster adds nodes for them).
     devices: Any = "auto"
-    # CPU worker processes when devices resolve to the CPU (same code path as GPUs).
+    # CPU worker processes (or Ray actors) when devices resolve to the CPU (same code path as GPUs).
     workers: int = 1
+    # local: worker processes on this machine (run.devices). ray: actors on a Ray cluster,
+    # for several machines without Slurm (run.ray.*; pip install "svdbatch[ray]").
+    engine: Engine = Engine.local
+    ray: RayConfig = field(default_factory=RayConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     # Rows sharing size, frames, steps and micro-conditioning may share one pipeline call.
     # Off by default: batched frames differ from single calls by ~1e-6 (DESIGN.md §7).
@@ -259,6 +289,30 @@ def default_run_name(manifest: Any) -> str:
     if path.name in ("", ".", ".."):
         path = path.resolve()
     return path.stem or "run"
+
+# Ray refuses a smaller object store.
+MIN_OBJECT_STORE_MB = 75
+
+
+def check_engine(run: Any) -> list[str]:
+    """Problems with run.engine / run.ray.* (checked before anything loads)."""
+    if Engine(run.engine) is not Engine.ray:
+        return []
+    import importlib.util
+
+    problems = []
+    if importlib.util.find_spec("ray") is None:
+        problems.append('run.engine=ray: Ray is not installed; pip install "svdbatch[ray]" (or "ray[default]")')
+    ray = run.ray
+    if ray.num_cpus is not None and ray.num_cpus < 1:
+        problems.append(f"run.ray.num_cpus: must be at least 1 (or null), got {ray.num_cpus}")
+    if ray.object_store_mb is not None and ray.object_store_mb < MIN_OBJECT_STORE_MB:
+        problems.append(f"run.ray.object_store_mb: Ray needs at least {MIN_OBJECT_STORE_MB}, got {ray.object_store_mb}")
+    if not ray.start_timeout_s > 0:
+        problems.append(f"run.ray.start_timeout_s: must be positive, got {ray.start_timeout_s}")
+    if run.workers < 1:
+        problems.append(f"run.workers: must be at least 1, got {run.workers}")
+    return problems
 
 
 def sweep_subdir(override_dirname: str, job_num: int) -> str:

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .config import ConfigError, check_run_and_output, plain
+from .config import ConfigError, Engine, check_engine, check_run_and_output, plain
 from .dataset import check_output_config, write_dataset
 from .fetch import UrlCache, check_fetch_config
 from .gallery import GalleryUpdater
@@ -86,6 +86,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     """Every config value that could only fail later, as '<field>: why'."""
     problems = check_conditioning(cfg.conditioning) + check_model_and_memory(cfg.model, cfg.memory)
     problems += check_run_and_output(cfg.run, cfg.output) + check_output_config(cfg.output) + check_fetch_config(cfg.fetch)
+    problems += check_engine(cfg.run)
     missing = source_problem(cfg.model)
     return problems + ([missing] if missing else []) + compile_problems(cfg.memory)
 
@@ -110,16 +111,32 @@ def check_run_dir(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> RunSummary:
+    cluster = None
+    if Engine(cfg.run.engine) is Engine.ray:
+        from .ray_engine import RayCluster  # Ray is optional: imported only when asked for
+
+        cluster = RayCluster(cfg.run)  # joined on first use, after the input is known good
+    try:
+        return run_on(cfg, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def run_on(cfg: DictConfig, cluster=None) -> RunSummary:
+    """The run; `cluster` (run.engine=ray) has the actors do the work instead of local processes."""
     started = time.perf_counter()
     check_run_dir(cfg)
     manifest = load_manifest(cfg)
-    store = RunStore(Path(cfg.run.dir), cfg.output.format)
+    # Absolute for a cluster: actors on other nodes do not share this working directory.
+    store = RunStore(Path(cfg.run.dir).absolute() if cluster else Path(cfg.run.dir), cfg.output.format)
     shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
-    devices = resolve_devices(cfg.run.devices, cfg.run.workers)  # a bad run.devices: before writing anything
+    # A bad run.devices fails before anything is written.
+    devices = cluster.devices() if cluster else resolve_devices(cfg.run.devices, cfg.run.workers)
     store.prepare(cfg.run.min_free_mb)
     summary = RunSummary(run_dir=store.root)
     try:
-        run_prepared(cfg, manifest, store, shard, devices, summary)
+        run_prepared(cfg, manifest, store, shard, devices, summary, cluster)
     except OSError as exc:
         # A full disk at any stage the workers do not handle themselves (config, planning,
         # metadata.jsonl, shards, gallery): stop with the summary, like a stop mid-run.
@@ -132,7 +149,13 @@ def run(cfg: DictConfig) -> RunSummary:
 
 
 def run_prepared(
-    cfg: DictConfig, manifest: Manifest, store: RunStore, shard: Shard, devices: list[torch.device], summary: RunSummary
+    cfg: DictConfig,
+    manifest: Manifest,
+    store: RunStore,
+    shard: Shard,
+    devices: list[torch.device],
+    summary: RunSummary,
+    cluster=None,
 ) -> None:
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
     for line, item_id, problems in manifest.bad_rows:
@@ -165,7 +188,7 @@ def run_prepared(
             if gallery:
                 gallery.maybe_update()
 
-        execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done)
+        execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done, cluster)
         bar.close()
 
     if summary.stop_reason is None:

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from .config import OutputFormat
 from .faults import fault_point
-from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes, output_name, written_by_dead_process
+from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes, output_name, temp_prefix, written_by_dead_process
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +266,12 @@ class RunStore:
 
     def sidecar_path(self, item_id: str) -> Path:
         return self.root / sidecar_relpath(item_id)
+
+    def probe_path(self, tag: str) -> Path:
+        """A small file a process writes to prove it sees this run dir (the Ray engine checks
+        that every node does). Named like a temporary (writer's pid and host), so one left
+        by a killed run is cleaned up by the next."""
+        return self.root / f"{temp_prefix('node-probe')}{tag}"
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()

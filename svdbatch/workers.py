@@ -15,25 +15,20 @@ import multiprocessing as mp
 import queue
 import threading
 import traceback
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
 from .config import MemoryConfig, ModelConfig, OutputConfig
+from .dispatch import Ledger, OnDone
 from .models import ModelLoadError, load_pipeline
-from .runner import DONE, FAILED, STOPPED, Outcome, Worker
+from .runner import Outcome, Worker
 from .schedule import PlannedItem
 from .store import RunStore
 
 log = logging.getLogger(__name__)
-
-# Batches held by each worker: the one generating and the one whose images are loading.
-ASSIGNED_PER_WORKER = 2
-# A batch whose worker died is tried once more on another worker.
-MAX_ATTEMPTS = 2
 
 
 class NoWorkersLeft(ModelLoadError):
@@ -62,12 +57,13 @@ class WorkerSpec:
         return Worker(loaded, store, output, self.context, self.num_threads, self.step_progress, self.retry_on_oom)
 
 
-OnDone = Callable[[list[Outcome]], None]
-
-
-def execute(batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone) -> None:
-    """Run every batch; `on_done(outcomes)` is called once per finished batch."""
-    if len(devices) == 1:
+def execute(batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone,
+            cluster: Any = None) -> None:
+    """Run every batch; `on_done(outcomes)` is called once per finished batch. With a Ray
+    cluster (ray_engine.RayCluster, run.engine=ray) its actors run them instead."""
+    if cluster is not None:
+        cluster.execute(batches, spec, on_done)
+    elif len(devices) == 1:
         lock = threading.Lock()
 
         def report(_: int, outcomes: list[Outcome]) -> None:
@@ -97,19 +93,12 @@ def worker_main(spec: WorkerSpec, device: str, number: int, inbox: mp.Queue, eve
 
 class Pool:
     def __init__(self, batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone):
-        self.batches = batches
         self.spec = spec
         self.devices = devices
-        self.on_done = on_done
-        self.store = RunStore(spec.run_dir, spec.output["format"])
-        self.waiting: deque[int] = deque(range(len(batches)))
-        self.attempts = [0] * len(batches)
-        self.finished = 0
-        self.load_errors: list[str] = []
-        # Set when a worker stopped the run (disk full): nothing new is handed out.
-        self.stop_reason: Optional[str] = None
+        self.ledger = Ledger(batches, RunStore(spec.run_dir, spec.output["format"]), on_done)
 
     def run(self) -> None:
+        ledger = self.ledger
         context = mp.get_context("spawn")  # CUDA cannot be forked; spawn is also the CPU path
         events = context.Queue()
         inboxes = [context.Queue() for _ in self.devices]
@@ -122,128 +111,50 @@ class Pool:
             )
             for number, device in enumerate(self.devices)
         ]
-        held: dict[int, list[int]] = {number: [] for number in range(len(procs))}
-        alive: set[int] = set()
         for number, proc in enumerate(procs):
             proc.start()
-            alive.add(number)
-            self.assign(number, inboxes[number], held, ASSIGNED_PER_WORKER)
+            ledger.join(number)
+        self.hand_out(inboxes)
         try:
-            while self.finished < len(self.batches) and alive:
-                if self.stop_reason and not any(held.values()):
-                    break
+            while ledger.keep_going():
                 try:
                     event = events.get(timeout=1.0)
                 except queue.Empty:
                     event = None
                 if event is not None:
-                    self.handle(event, inboxes, held, alive)
-                dead = [number for number in alive if not procs[number].is_alive()]
+                    self.handle(event)
+                dead = [number for number in ledger.workers if not procs[number].is_alive()]
                 if dead:
-                    self.drain(events, inboxes, held, alive)  # what they reported before dying counts
+                    self.drain(events)  # what they reported before dying counts
                 for number in dead:
-                    if number in alive:
-                        self.worker_died(number, procs[number].exitcode, held, alive, inboxes)
-            if self.stop_reason:
-                self.settle_waiting_as_stopped()
-            elif self.finished < len(self.batches):
-                self.abandon_waiting()
+                    ledger.died(number, f"exit code {procs[number].exitcode}")
+                self.hand_out(inboxes)
+            ledger.settle()
         finally:
-            for number in alive:
+            for number in ledger.workers:
                 inboxes[number].put(None)
             for proc in procs:
                 proc.join(timeout=60)
                 if proc.is_alive():
                     proc.kill()
-        if self.load_errors and len(self.load_errors) == len(procs):
-            raise NoWorkersLeft("no worker could load the model:\n" + "\n".join(self.load_errors))
+        if ledger.load_errors and len(ledger.load_errors) == len(procs):
+            raise NoWorkersLeft("no worker could load the model:\n" + "\n".join(ledger.load_errors))
 
-    def assign(self, number: int, inbox: mp.Queue, held: dict[int, list[int]], up_to: int) -> None:
-        while self.waiting and len(held[number]) < up_to and not self.stop_reason:
-            batch_id = self.waiting.popleft()
-            self.attempts[batch_id] += 1
-            held[number].append(batch_id)
-            inbox.put((batch_id, self.batches[batch_id]))
+    def hand_out(self, inboxes: list) -> None:
+        for number in self.ledger.workers:
+            for batch_id in self.ledger.hand_out(number):
+                inboxes[number].put((batch_id, self.ledger.batches[batch_id]))
 
-    def handle(self, event: tuple, inboxes, held, alive) -> None:
+    def handle(self, event: tuple) -> None:
         kind, number = event[0], event[1]
         if kind == "done":
-            batch_id, outcomes = event[2], event[3]
-            held[number].remove(batch_id)
-            self.finished += 1
-            stopped = [o for o in outcomes if o.status == STOPPED]
-            if stopped and not self.stop_reason:
-                self.stop_reason = stopped[0].error
-                log.error("worker %d stopped the run: %s", number, self.stop_reason)
-            self.on_done(outcomes)
-            self.assign(number, inboxes[number], held, ASSIGNED_PER_WORKER)
+            self.ledger.done(number, event[2], event[3])
         elif kind == "load_failed":
-            log.error("worker %d could not start: %s", number, event[2])
-            self.load_errors.append(event[2])
-            self.attempts_back(held[number])
-            self.requeue(held[number])
-            held[number].clear()
-            alive.discard(number)
-            self.redistribute(inboxes, held, alive)
+            self.ledger.load_failed(number, event[2])
 
-    def drain(self, events: mp.Queue, inboxes, held, alive) -> None:
+    def drain(self, events: mp.Queue) -> None:
         while True:
             try:
-                self.handle(events.get(timeout=0.2), inboxes, held, alive)
+                self.handle(events.get(timeout=0.2))
             except queue.Empty:
                 return
-
-    def worker_died(self, number: int, exitcode: Optional[int], held, alive, inboxes) -> None:
-        log.error("worker %d died (exit code %s) holding batches %s", number, exitcode, held[number])
-        alive.discard(number)
-        self.skip_committed(held[number])
-        self.requeue(held[number], reason=f"worker {number} died (exit code {exitcode})")
-        held[number].clear()
-        self.redistribute(inboxes, held, alive)
-
-    def skip_committed(self, batch_ids: list[int]) -> None:
-        """A worker can die after committing an item but before its report arrived: those
-        items are done on disk, so they are counted, not redone."""
-        index = self.store.finished_index()
-        for batch_id in list(batch_ids):
-            done = [e for e in self.batches[batch_id] if self.store.is_done(e.item.id, e.key, e.output_key, index)]
-            if not done:
-                continue
-            self.batches[batch_id] = [e for e in self.batches[batch_id] if e not in done]
-            self.on_done([Outcome(e.item.id, DONE) for e in done])
-            if not self.batches[batch_id]:
-                batch_ids.remove(batch_id)
-                self.finished += 1
-
-    def requeue(self, batch_ids: list[int], reason: Optional[str] = None) -> None:
-        for batch_id in batch_ids:
-            if reason is not None and self.attempts[batch_id] >= MAX_ATTEMPTS:
-                self.give_up(batch_id, f"{reason}, {self.attempts[batch_id]} attempts")
-            else:
-                self.waiting.appendleft(batch_id)
-
-    def attempts_back(self, batch_ids: list[int]) -> None:
-        for batch_id in batch_ids:  # never started, so it was not an attempt
-            self.attempts[batch_id] -= 1
-
-    def redistribute(self, inboxes, held, alive) -> None:
-        for number in alive:
-            self.assign(number, inboxes[number], held, ASSIGNED_PER_WORKER)
-
-    def give_up(self, batch_id: int, error: str) -> None:
-        outcomes = []
-        for entry in self.batches[batch_id]:
-            self.store.record_failure(entry.item.id, entry.key, error, {"line": entry.item.line})
-            outcomes.append(Outcome(entry.item.id, FAILED, error=error))
-        self.finished += 1
-        self.on_done(outcomes)
-
-    def settle_waiting_as_stopped(self) -> None:
-        while self.waiting:
-            batch_id = self.waiting.popleft()
-            self.finished += 1
-            self.on_done([Outcome(e.item.id, STOPPED, error=self.stop_reason) for e in self.batches[batch_id]])
-
-    def abandon_waiting(self) -> None:
-        while self.waiting:
-            self.give_up(self.waiting.popleft(), "no live worker left; left for the next run to resume")
