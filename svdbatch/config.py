@@ -168,7 +168,8 @@ class RunConfig:
     workers: int = 1
     shard: ShardConfig = field(default_factory=ShardConfig)
     # Rows sharing size, frames, steps and micro-conditioning may share one pipeline call.
-    # Off by default: batched frames differ from single calls by ~1e-6 (DESIGN.md §7).
+    # Off by default: diffusers' batched path is not bit-identical to single calls (float
+    # differences of ~1e-6, at most one 8-bit level in the written frames).
     batch_size: int = 1
     # Intra-op threads for torch (null = torch's default, the same in every worker).
     # Float results depend on it, so it is recorded per item: keep it fixed across runs

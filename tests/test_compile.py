@@ -1,7 +1,7 @@
 """memory.compile: the UNet is compiled once per worker and warmed up outside item timings.
 
 Uses the cheap "eager" compile backend (dynamo traces the full graph, no kernel codegen):
-inductor on a CPU costs minutes for the first call (DESIGN.md §7) and gains nothing here.
+inductor on a CPU spends minutes generating kernels on the first call and gains nothing here.
 """
 
 import json

@@ -91,7 +91,7 @@ def test_two_workers_two_shards_and_one_worker_give_identical_frames(tmp_path, m
 
 
 def test_batched_rows_match_single_calls_closely(tmp_path, manifest8):
-    """Batching is opt-in: diffusers' batched path is not bit-identical (DESIGN.md §7)."""
+    """Batching is opt-in: diffusers' batched path is not bit-identical to single calls."""
     import numpy as np
 
     from svdbatch.outputs import read_video
