@@ -53,7 +53,8 @@ class ModelConfig:
     # "tiny" (the embedded random-weight model), a Hugging Face repo id, or a local directory.
     source: str = "tiny"
     revision: Optional[str] = None
-    # Weight variant to load ("fp16" for the Stability checkpoints); only used with float16.
+    # Weight variant to load ("fp16" for the Stability checkpoints): used with float16, and
+    # in float32 too when a local source holds only that variant's files (upcast on load).
     variant: Optional[str] = None
     dtype: DType = DType.auto
     # The checkpoint's trained frame count, used when conditioning.num_frames is null.
