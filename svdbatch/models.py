@@ -299,7 +299,7 @@ def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
         raise ModelLoadError(
             f"could not load model {model.name!r} from {model.source!r} ({where}"
             + (", HF_HUB_OFFLINE is set" if offline else "")
-            + f"): {exc}\nDownload the weights first (`huggingface-cli download {model.source}`) on a machine "
+            + f"): {exc}\nDownload the weights first (`hf download {model.source}`, see docs/gpu.md) on a machine "
             "with network access, or point model.source at a local copy."
         ) from exc
 

@@ -55,7 +55,7 @@ def test_real_presets_fail_clearly_without_weights_offline(tmp_path, monkeypatch
     with pytest.raises(ModelLoadError) as info:
         load_pipeline(cfg.model, cfg.memory, torch.device("cpu"))
     message = str(info.value)
-    assert cfg.model.source in message and "HF_HUB_OFFLINE" in message and "huggingface-cli download" in message
+    assert cfg.model.source in message and "HF_HUB_OFFLINE" in message and "hf download" in message
 
 
 def test_real_preset_from_a_local_directory_uses_the_same_loader(tmp_path):
