@@ -188,11 +188,3 @@ def test_not_strict_runs_good_rows_and_records_bad_ones(tmp_path, images):
     assert (summary.done, summary.invalid) == (1, 1) and not summary.ok
     (failure,) = read_jsonl(run_dir / "failures.jsonl")
     assert failure["id"] == "b" and "motion_bucket_id" in failure["problems"][0]
-
-
-@pytest.mark.parametrize("fmt,suffix", [("gif", ".gif"), ("webp", ".webp")])
-def test_other_output_formats_decode(tmp_path, images, fmt, suffix):
-    manifest = write_csv(tmp_path / "m.csv", ["id", "image"], [["a", "img/a.png"]])
-    run_dir = tmp_path / "run"
-    run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", f"output={fmt}"))
-    assert read_video(run_dir / "videos" / f"a{suffix}").shape == (4, 64, 64, 3)
