@@ -59,7 +59,8 @@ class ModelConfig:
     # "tiny" (the embedded random-weight model), a Hugging Face repo id, or a local directory.
     source: str = "tiny"
     revision: Optional[str] = None
-    # Weight variant to load ("fp16" for the Stability checkpoints); only used with float16.
+    # Weight variant to load ("fp16" for the Stability checkpoints): used with float16, and
+    # in float32 too when a local source holds only that variant's files (upcast on load).
     variant: Optional[str] = None
     dtype: DType = DType.auto
     # The checkpoint's trained frame count, used when conditioning.num_frames is null.
@@ -201,7 +202,8 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     # Rows sharing size, frames, steps and micro-conditioning may share one pipeline call.
-    # Off by default: batched frames differ from single calls by ~1e-6 (DESIGN.md §7).
+    # Off by default: diffusers' batched path is not bit-identical to single calls (float
+    # differences of ~1e-6, at most one 8-bit level in the written frames).
     batch_size: int = 1
     # Intra-op threads for torch (null = torch's default, the same in every worker).
     # Float results depend on it, so it is recorded per item: keep it fixed across runs

@@ -240,6 +240,31 @@ class ModelIdentity:
         return dict(self.__dict__)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def only_variant_weights(source: str, variant: str) -> bool:
+    """A local pipeline folder whose weight files are all `<name>.<variant>.<ext>` (e.g. a
+    copy downloaded with `--include "*.fp16.safetensors"`): loading it without the variant
+    finds no weights at all, so it must load with the variant, whatever the dtype."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return False
+    weights = [p.name for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    marker = f".{variant}."
+    return bool(weights) and all(marker in name for name in weights)
+
+
+def load_variant(model: ModelConfig, dtype: torch.dtype) -> Optional[str]:
+    """The weight variant to load: the configured one in float16; in float32 (CPU) the full
+    weights, unless the source holds only the variant's files: then those, upcast."""
+    if not model.variant or model.source == TINY_SOURCE:
+        return None
+    if dtype == torch.float16 or only_variant_weights(model.source, model.variant):
+        return model.variant
+    return None
+
+
 def model_identity(model: ModelConfig, device: torch.device) -> ModelIdentity:
     dtype = resolve_dtype(model, device)
     fingerprint = None
@@ -249,7 +274,7 @@ def model_identity(model: ModelConfig, device: torch.device) -> ModelIdentity:
         name=model.name,
         source=model.source,
         revision=model.revision,
-        variant=model.variant if dtype == torch.float16 else None,
+        variant=load_variant(model, dtype),
         dtype=str(dtype).removeprefix("torch."),
         fingerprint=fingerprint,
     )
@@ -315,8 +340,10 @@ def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if model.revision:
         kwargs["revision"] = model.revision
-    if model.variant and dtype == torch.float16:
-        kwargs["variant"] = model.variant
+    variant = load_variant(model, dtype)
+    if variant:
+        # diffusers upcasts variant (fp16) weights to a float32 torch_dtype as it loads them.
+        kwargs["variant"] = variant
     if model.cache_dir:
         kwargs["cache_dir"] = model.cache_dir
     missing = source_problem(model)
@@ -331,7 +358,7 @@ def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
         raise ModelLoadError(
             f"could not load model {model.name!r} from {model.source!r} ({where}"
             + (", HF_HUB_OFFLINE is set" if offline else "")
-            + f"): {exc}\nDownload the weights first (`{download_hint(model)}`) on a machine "
+            + f"): {exc}\nDownload the weights first (`{download_hint(model)}`, see docs/gpu.md) on a machine "
             "with network access, or point model.source at a local copy."
         ) from exc
 

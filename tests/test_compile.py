@@ -1,24 +1,53 @@
 """memory.compile: the UNet is compiled once per worker and warmed up outside item timings.
 
 Uses the cheap "eager" compile backend (dynamo traces the full graph, no kernel codegen):
-inductor on a CPU costs minutes for the first call (DESIGN.md §7) and gains nothing here.
+inductor on a CPU spends minutes generating kernels on the first call and gains nothing here.
 """
 
 import json
 
+import numpy as np
+import torch
+
+from svdbatch import models
 from svdbatch.driver import run
+from svdbatch.outputs import read_video
+from svdbatch.runner import Worker
 from tests.conftest import make_cfg, write_csv
 
+SMALL = ["conditioning.num_frames=2", "conditioning.num_inference_steps=1", "output=frames"]
 
-def test_compiled_unet_warms_up_once_and_reports_it_separately(tmp_path, images):
+
+def test_compiled_unet_warms_up_once_and_gives_the_eager_frames(tmp_path, images, monkeypatch):
     manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [["a", "img/a.png", 1], ["b", "img/b.png", 2]])
-    run_dir = tmp_path / "run"
-    summary = run(
-        make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "memory.compile=true", "memory.compile_backend=eager",
-                 "conditioning.num_frames=2", "conditioning.num_inference_steps=1")
-    )
+    calls = []
+    generate = Worker.generate
+
+    def counting(self, images, params, seeds):
+        calls.append((self.loaded.compiled, [np.asarray(image).std() for image in images], list(seeds)))
+        return generate(self, images, params, seeds)
+
+    monkeypatch.setattr(Worker, "generate", counting)
+    compiled_dir, eager_dir = tmp_path / "compiled", tmp_path / "eager"
+    summary = run(make_cfg(f"manifest={manifest}", f"run.dir={compiled_dir}", "memory.compile=true",
+                           "memory.compile_backend=eager", *SMALL))
     assert (summary.done, summary.failed) == (2, 0)
-    a, b = (json.loads((run_dir / "items" / f"{i}.json").read_text()) for i in "ab")
-    assert a["compiled"] is True and a["warmup_s"] > 0
-    assert a["warmup_s"] == b["warmup_s"]  # one warm-up for the worker, not one per item
-    assert a["timings"]["generate_s"] < a["warmup_s"]  # the compile cost is not in the item's time
+    (loaded,) = models._loaded.values()
+    assert loaded.compiled and isinstance(loaded.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
+
+    # One warm-up call on a blank image (std 0, seed 0) before the items, then one call per item.
+    assert [call[0] for call in calls] == [True, True, True]
+    assert calls[0][1:] == ([0.0], [0])
+    assert sorted(seed for call in calls[1:] for seed in call[2]) == [1, 2]
+    a, b = (json.loads((compiled_dir / "items" / f"{i}.json").read_text()) for i in "ab")
+    assert a["compiled"] is True and b["compiled"] is True
+    assert a["warmup_s"] > 0 and a["warmup_s"] == b["warmup_s"]  # the worker's one warm-up, recorded
+
+    calls.clear()
+    assert run(make_cfg(f"manifest={manifest}", f"run.dir={eager_dir}", *SMALL)).done == 2
+    assert [call[0] for call in calls] == [False, False]  # no warm-up without compile
+    assert "warmup_s" not in json.loads((eager_dir / "items" / "a.json").read_text())
+    for item_id in "ab":
+        compiled = read_video(compiled_dir / "videos" / item_id).astype(int)
+        eager = read_video(eager_dir / "videos" / item_id).astype(int)
+        assert np.abs(compiled - eager).max() <= 1  # same model, same maths

@@ -4,6 +4,7 @@ updater's throttling, and a real render in headless Chromium."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -66,7 +67,62 @@ def run(root: Path, *args: str) -> subprocess.CompletedProcess:
 def mp4_run(images_dir, tiny_cache) -> Path:
     proc = run(images_dir, f"hydra.run.dir={images_dir / 'run'}")
     assert proc.returncode == 1, proc.stderr  # the truncated image fails
+    # The page exactly as the run left it (later tests rewrite index.html with write_gallery).
+    shutil.copy(images_dir / "run" / "index.html", images_dir / "index-as-written-by-the-run.html")
     return images_dir / "run"
+
+
+class Cards(HTMLParser):
+    """Per card: its class, title, media sources and text (entities decoded)."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.cards: list[dict] = []
+        self._title = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "article":
+            self.cards.append({"class": attrs["class"], "title": None, "sources": [], "text": ""})
+        elif self.cards:
+            self._title = tag == "h2"
+            if tag in ("img", "video", "source") and "src" in attrs:
+                self.cards[-1]["sources"].append((tag, attrs["src"]))
+
+    def handle_data(self, data):
+        if not self.cards:
+            return
+        if self._title and self.cards[-1]["title"] is None:
+            self.cards[-1]["title"] = data
+        self.cards[-1]["text"] += data
+
+
+def test_the_run_itself_writes_a_gallery_of_what_it_did(mp4_run):
+    """index.html as a real run wrote it: every done item has a card whose relative link opens
+    its video, and the failed item is shown with its error."""
+    import json
+
+    from svdbatch.store import read_jsonl
+
+    cards = Cards((mp4_run.parent / "index-as-written-by-the-run.html").read_text(encoding="utf-8")).cards
+    by_title = {card["title"]: card for card in cards}
+    assert len(by_title) == len(cards) == 3
+    done = {record["id"]: record for record in read_jsonl(mp4_run / "results.jsonl")}
+    assert sorted(done) == sorted(GOOD)
+    for item_id, record in done.items():
+        card = by_title[item_id]
+        assert card["class"] == "card done"
+        videos = [unquote(src) for tag, src in card["sources"] if tag == "video"]
+        assert videos == [record["output"]], card  # this item's own video...
+        assert (mp4_run / videos[0]).resolve() == (mp4_run / "videos" / f"{item_id}.mp4").resolve()
+        assert (mp4_run / videos[0]).stat().st_size == record["output_bytes"]  # ...which is there, complete
+        sidecar = json.loads((mp4_run / "items" / f"{item_id}.json").read_text())
+        assert f"seed{sidecar['seed']}" in card["text"].replace(" ", "")
+    (failure,) = read_jsonl(mp4_run / "failures.jsonl")
+    failed = by_title[BAD]
+    assert failed["class"] == "card failed" and not [tag for tag, _ in failed["sources"] if tag == "video"]
+    assert failure["error"] in failed["text"]
 
 
 def test_gallery_lists_every_item_with_previews_and_the_failure(mp4_run):
@@ -155,6 +211,9 @@ def find_chromium() -> str | None:
 def test_gallery_renders_in_headless_chromium(mp4_run, tmp_path):
     browser = find_chromium()
     if browser is None:
+        # CI installs chromium (.ci/run): there a missing browser is a failure, not a skip.
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true but chromium is not installed (apt-get install -y chromium)")
         pytest.skip("chromium not installed; apt install chromium")
     index = write_gallery(mp4_run)
     shot = tmp_path / "gallery.png"

@@ -125,3 +125,30 @@ def test_compile_settings_are_checked_before_loading():
     problems = compile_problems(MemoryConfig(compile=True, compile_mode="fast", compile_backend="inductor"))
     assert len(problems) == 1 and problems[0].startswith("memory.compile_mode: must be one of default, ") and "got 'fast'" in problems[0]
     assert compile_problems(MemoryConfig(compile=True, compile_backend="nope"))[0].startswith("memory.compile_backend: must be one of")
+
+
+def test_a_folder_with_only_the_fp16_variant_runs_on_a_cpu_upcast(tmp_path, images):
+    """`hf download ... --include "*.fp16.safetensors"` gives a folder without full-precision
+    weights: on a CPU (float32) it must load those files, upcast, not fail for want of others."""
+    import json
+
+    from svdbatch.driver import run
+    from svdbatch.models import build_tiny_pipeline, only_variant_weights
+    from tests.conftest import write_csv
+
+    local = tmp_path / "svd-fp16-only"
+    build_tiny_pipeline().to(torch.float16).save_pretrained(local, variant="fp16")
+    weights = sorted(p.name for p in local.rglob("*.safetensors"))
+    assert weights and all(".fp16." in name for name in weights)  # really only the variant
+    assert only_variant_weights(str(local), "fp16") and not only_variant_weights(str(ensure_tiny_model()), "fp16")
+
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [["a", "img/a.png", 1]])
+    cfg = make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "model=svd", f"model.source={local}",
+                   "run.devices=cpu")
+    loaded = load_pipeline(cfg.model, cfg.memory, torch.device("cpu"))
+    assert loaded.dtype == torch.float32 and loaded.identity.variant == "fp16"
+    assert {p.dtype for p in loaded.pipe.unet.parameters()} == {torch.float32}
+    summary = run(cfg)
+    assert (summary.done, summary.failed) == (1, 0)
+    sidecar = json.loads((tmp_path / "run" / "items" / "a.json").read_text())
+    assert sidecar["model"]["variant"] == "fp16" and sidecar["model"]["dtype"] == "float32"

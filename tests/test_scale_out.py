@@ -58,8 +58,28 @@ def test_shard_from_launcher_environment(environ, expected):
     assert shard_from_env(environ) == expected
 
 
-def test_explicit_shard_wins_and_bad_shards_are_config_errors():
+@pytest.mark.parametrize(
+    "environ",
+    [{"RANK": "3", "WORLD_SIZE": "4"}, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "7"}],
+)
+def test_explicit_shard_wins_over_the_launcher_environment(tmp_path, monkeypatch, images, environ):
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    from_env = shard_from_env(environ)
+    assert from_env.count > 1 and resolve_shard(None, None) == from_env  # the environment is read...
+    assert resolve_shard(0, 1) == Shard(0, 1)  # ...unless run.shard is set
     assert resolve_shard(1, 2) == Shard(1, 2)
+    if "RANK" not in environ:
+        return  # one real run is enough
+    # A real run under that environment with run.shard 0 of 1 does every row, not its env shard
+    # (which holds none of these four ids).
+    assert not select_shard(read_manifest(write_csv(tmp_path / "m.csv", ["id", "image"], [[n, f"img/{n}.png"] for n in "abcd"])).items, from_env)
+    manifest = tmp_path / "m.csv"
+    summary = run(make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "run.shard.index=0", "run.shard.count=1"))
+    assert summary.done == 4
+
+
+def test_bad_shards_are_config_errors():
     with pytest.raises(ConfigError):
         resolve_shard(2, 2)
     with pytest.raises(ConfigError):
@@ -90,16 +110,29 @@ def test_two_workers_two_shards_and_one_worker_give_identical_frames(tmp_path, m
     assert len(records) == 8  # no duplicates, no torn lines with two writers
 
 
-def test_batched_rows_match_single_calls_closely(tmp_path, manifest8):
-    """Batching is opt-in: diffusers' batched path is not bit-identical (DESIGN.md §7)."""
+def test_batched_rows_match_single_calls_closely(tmp_path, manifest8, monkeypatch):
+    """Batching is opt-in: diffusers' batched path is not bit-identical to single calls."""
     import numpy as np
 
     from svdbatch.outputs import read_video
 
+    from svdbatch.runner import Worker
+
+    calls = []
+    generate = Worker.generate
+
+    def counting(self, images, params, seeds):
+        calls.append(sorted(seeds))
+        return generate(self, images, params, seeds)
+
+    monkeypatch.setattr(Worker, "generate", counting)
     base = [f"manifest={manifest8}", "output=frames", "run.limit=4"]
     run(make_cfg(*base, f"run.dir={tmp_path / 'single'}"))
+    assert calls == [[100], [101], [102], [103]]  # one pipeline call per row
+    calls.clear()
     batched = run(make_cfg(*base, f"run.dir={tmp_path / 'batched'}", "run.batch_size=4"))
     assert batched.done == 4
+    assert calls == [[100, 101, 102, 103]]  # the four rows in one pipeline call
     for n in range(4):
         a = read_video(tmp_path / "single" / "videos" / f"i{n}").astype(int)
         b = read_video(tmp_path / "batched" / "videos" / f"i{n}").astype(int)
