@@ -98,8 +98,13 @@ def test_sidecar_records_what_is_needed_to_reproduce(tmp_path, manifest4):
         assert record["row"]["overrides"] == ROW_OVERRIDES[item_id]
         assert record["preprocess"]["resize"] == "crop"
         video = run_dir / record["output"]["path"]
-        assert record["output"] == {"path": f"videos/{item_id}.mp4", "format": "mp4", "fps": record["params"]["fps"],
-                                    "bytes": video.stat().st_size, "frames": 4, "height": 64, "width": 64}
+        output = dict(record["output"])
+        encoder, settings = output.pop("encoder"), output.pop("settings")
+        assert output == {"path": f"videos/{item_id}.mp4", "format": "mp4", "fps": record["params"]["fps"],
+                          "bytes": video.stat().st_size, "sha256": hashlib.sha256(video.read_bytes()).hexdigest(),
+                          "frames": 4, "height": 64, "width": 64}
+        assert (encoder["name"], encoder["pix_fmt"]) == ("libx264", "yuv420p")
+        assert settings["format"] == "mp4" and settings["fps"] == record["params"]["fps"]
         timings = record["timings"]
         assert timings["total_s"] == pytest.approx(timings["load_image_s"] + timings["generate_s"] + timings["write_s"])
     record = sidecar(run_dir, "b")
