@@ -196,6 +196,11 @@ class RunConfig:
     # Write the manifest this run would use (ids, images, seeds: e.g. derived from a folder)
     # to <run.dir>/<run.name>.csv for editing, and stop without generating.
     emit_manifest: bool = False
+    # After SIGINT/SIGTERM/SIGUSR2, seconds the items in flight get to finish and commit
+    # before they are abandoned (left for the next run) and the run exits. Keep it below the
+    # scheduler's kill delay: Kubernetes' terminationGracePeriodSeconds (30 s by default),
+    # Slurm's KillWait (30 s) or submitit's signal_delay_s.
+    stop_grace_s: float = 20.0
 
 
 @dataclass

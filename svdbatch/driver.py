@@ -7,6 +7,9 @@
       per item: claim -> generate -> write video -> write sidecar -> append results line
                 (a failure is recorded and the batch goes on; a full disk stops the run)
     finish                         (dataset metadata, gallery, summary)
+
+SIGINT / SIGTERM / SIGUSR2 stop the run cleanly at any point (stops.py): the summary then
+says how many items are done and left.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -28,8 +31,9 @@ from .gallery import GalleryUpdater
 from .manifest import Manifest, read_manifest
 from .models import model_identity, resolve_devices
 from .params import check_conditioning
-from .runner import BUSY, DONE, DONE_ELSEWHERE, FAILED, STOPPED, Outcome
-from .schedule import make_batches, plan_run, resolve_shard, select_shard
+from .runner import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
+from .schedule import Plan, make_batches, plan_run, resolve_shard, select_shard
+from .stops import Interrupted, StopRequest, stop_on_signals
 from .store import RunStore
 from .workers import WorkerSpec, execute
 
@@ -48,6 +52,13 @@ class RunSummary:
     stop_reason: Optional[str] = None  # disk full / read-only: the run stopped early
     seconds: float = 0.0
     generate_seconds: list[float] = field(default_factory=list)
+    # A signal stopped the run (stops.py): its number, and this shard's items done / left
+    # on disk (None: stopped before the plan was made).
+    interrupted_by: Optional[int] = None
+    done_total: Optional[int] = None
+    left: Optional[int] = None
+    # Calls the handler that was installed before ours (submitit: checkpoint and requeue).
+    pass_on: Optional[Callable[[], None]] = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -67,8 +78,14 @@ class RunSummary:
         elif outcome.status == STOPPED:
             self.not_run += 1
             self.stop_reason = self.stop_reason or outcome.error
+        elif outcome.status == INTERRUPTED:
+            self.not_run += 1
 
     def line(self) -> str:
+        if self.interrupted_by is not None:
+            if self.left is None:
+                return "interrupted before any item started; run the same command to resume"
+            return f"interrupted: {self.done_total} done, {self.left} left; run the same command to resume"
         per_item = f"{sum(self.generate_seconds) / len(self.generate_seconds):.2f} s/item" if self.generate_seconds else "-"
         extra = f", {self.invalid} invalid rows" if self.invalid else ""
         if self.busy:
@@ -89,14 +106,39 @@ def load_manifest(cfg: DictConfig) -> Manifest:
                          image_root=cfg.run.image_root, max_image_pixels=cfg.run.max_image_pixels)
 
 
+@dataclass
+class _Progress:
+    """How far a run got, for the summary of an interrupted one."""
+
+    summary: Optional[RunSummary] = None
+    store: Optional[RunStore] = None
+    plan: Optional[Plan] = None
+
+
 def run(cfg: DictConfig) -> RunSummary:
     started = time.perf_counter()
+    if cfg.run.stop_grace_s < 0:
+        raise ConfigError(f"invalid config:\n  run.stop_grace_s: must be >= 0, got {cfg.run.stop_grace_s}")
+    with stop_on_signals(cfg.run.stop_grace_s) as stop:
+        progress = _Progress()
+        try:
+            summary = run_stoppable(cfg, stop, progress)
+        except Interrupted:
+            summary = progress.summary or RunSummary(run_dir=Path(cfg.run.dir))
+        if stop.requested:
+            settle_interrupted(summary, stop, progress)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress) -> RunSummary:
     manifest = load_manifest(cfg)
     store = RunStore(Path(cfg.run.dir), cfg.output.format)
     shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
     store.prepare(cfg.run.min_free_mb)
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
-    summary = RunSummary(run_dir=store.root)
+    summary = progress.summary = RunSummary(run_dir=store.root)
+    progress.store = store
     for line, item_id, problems in manifest.bad_rows:
         store.record_failure(item_id, None, "invalid manifest row", {"problems": [str(p) for p in problems], "line": line})
         summary.invalid += 1
@@ -105,7 +147,7 @@ def run(cfg: DictConfig) -> RunSummary:
     identity = model_identity(cfg.model, devices[0])
     items = select_shard(manifest.items, shard)
     fetcher = UrlCache(store.root / "downloads", cfg.fetch)  # image URLs are cached per run dir
-    plan = plan_run(
+    plan = progress.plan = plan_run(
         items, cfg.conditioning, cfg.model, cfg.memory, identity.as_dict(), store, cfg.run.limit, fetcher,
         max_image_pixels=cfg.run.max_image_pixels,
     )
@@ -116,6 +158,8 @@ def run(cfg: DictConfig) -> RunSummary:
         log.info("resuming: %d of %d items already done", len(plan.done), len(plan.done) + len(plan.todo))
 
     gallery = GalleryUpdater(store.root, cfg.run.gallery_every_s, cfg.run.gallery_max_items) if cfg.run.gallery else None
+    # From here on items may be in flight: a signal asks them to finish instead of raising.
+    stop.cooperative = True
     if plan.todo:
         bar = tqdm(total=len(plan.todo), desc=store.root.name, unit="item", disable=not cfg.run.progress, dynamic_ncols=True)
 
@@ -124,11 +168,15 @@ def run(cfg: DictConfig) -> RunSummary:
                 summary.count(outcome)
             bar.update(len(outcomes))
             bar.set_postfix(done=summary.done, failed=summary.failed, refresh=False)
-            if gallery:
+            if gallery and not stop.requested:
                 gallery.maybe_update()
 
-        execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done)
-        bar.close()
+        try:
+            execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done, stop)
+        finally:
+            bar.close()
+    if stop.requested:
+        return summary  # no time for dataset files and gallery: the next run writes them
 
     if summary.stop_reason is None:
         write_dataset(store, plan.all, cfg.output)  # metadata.jsonl (+ shards): only what is done now
@@ -136,8 +184,24 @@ def run(cfg: DictConfig) -> RunSummary:
         gallery.update()
     if summary.busy:
         log.warning("%d items are being generated by another process; run again later to pick up any it leaves", summary.busy)
-    summary.seconds = time.perf_counter() - started
     return summary
+
+
+def settle_interrupted(summary: RunSummary, stop: StopRequest, progress: _Progress) -> None:
+    """Count from disk what is done and what is left (killed workers reported nothing), and
+    remove the temporaries of abandoned items. A run that finished everything before the
+    signal took effect is not reported as interrupted."""
+    summary.interrupted_by = stop.signum
+    summary.pass_on = stop.pass_on
+    store, plan = progress.store, progress.plan
+    if store is None or plan is None:
+        return
+    store.remove_stale_temporaries()
+    index = store.finished_index()
+    summary.done_total = sum(1 for entry in plan.all if store.is_done(entry.item.id, entry.key, index))
+    summary.left = len(plan.all) - summary.done_total
+    if summary.left == 0:
+        summary.interrupted_by = summary.pass_on = None
 
 
 def worker_spec(cfg: DictConfig, store: RunStore) -> WorkerSpec:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
 import traceback
@@ -24,8 +25,9 @@ from omegaconf import OmegaConf
 
 from .config import MemoryConfig, ModelConfig, OutputConfig
 from .models import ModelLoadError, load_pipeline
-from .runner import DONE, FAILED, STOPPED, Outcome, Worker
+from .runner import DONE, FAILED, INTERRUPTED, STOPPED, Outcome, Worker
 from .schedule import PlannedItem
+from .stops import StopRequest, die_with_parent, ignore_stop_signals, stop_signals_blocked
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,10 @@ log = logging.getLogger(__name__)
 ASSIGNED_PER_WORKER = 2
 # A batch whose worker died is tried once more on another worker.
 MAX_ATTEMPTS = 2
+# How long a worker may take to exit once it has nothing left to do, before it is killed.
+EXIT_WAIT_S = 60
+# After a stop, workers have reported everything they held: they only need to exit.
+EXIT_WAIT_AFTER_STOP_S = 10
 
 
 class NoWorkersLeft(ModelLoadError):
@@ -65,8 +71,15 @@ class WorkerSpec:
 OnDone = Callable[[list[Outcome]], None]
 
 
-def execute(batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone) -> None:
-    """Run every batch; `on_done(outcomes)` is called once per finished batch."""
+def execute(
+    batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone,
+    stop: Optional[StopRequest] = None,
+) -> None:
+    """Run every batch; `on_done(outcomes)` is called once per finished batch. After `stop`
+    is requested, no new batch starts and the run returns once the batches in flight are
+    committed; past the grace (`stop.abandon()`) they are abandoned: in this process by
+    stops.Interrupted, in worker processes by killing them."""
+    stop = stop or StopRequest(0)
     if len(devices) == 1:
         lock = threading.Lock()
 
@@ -74,13 +87,23 @@ def execute(batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[to
             with lock:
                 on_done(outcomes)
 
-        spec.build(devices[0]).run(enumerate(batches), report)
+        spec.build(devices[0]).run(enumerate(batches), report, stop=stop.is_requested, abandon=stop.abandon)
     else:
-        Pool(batches, spec, devices, on_done).run()
+        Pool(batches, spec, devices, on_done, stop).run()
 
 
-def worker_main(spec: WorkerSpec, device: str, number: int, inbox: mp.Queue, events: mp.Queue) -> None:
-    """Entry point of a worker process."""
+def worker_main(
+    spec: WorkerSpec, device: str, number: int, inbox: mp.Queue, events: mp.Queue, stop: Any, driver_pid: int
+) -> None:
+    """Entry point of a worker process. `stop` (an Event) is set by the driver after a signal."""
+    ignore_stop_signals()
+    die_with_parent(driver_pid)
+    # tqdm (diffusers' step bars) would create a cross-process lock, registered with the
+    # driver's resource tracker; a worker killed after a stop's grace would leave it
+    # registered, and the tracker warns at exit. A worker needs no lock across processes.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     try:
         worker = spec.build(torch.device(device))
     except BaseException as exc:
@@ -88,15 +111,18 @@ def worker_main(spec: WorkerSpec, device: str, number: int, inbox: mp.Queue, eve
         return
 
     def batches():
-        while (task := inbox.get()) is not None:
+        while not stop.is_set() and (task := inbox.get()) is not None:
             yield task
 
-    worker.run(batches(), lambda batch_id, outcomes: events.put(("done", number, batch_id, outcomes)))
+    worker.run(batches(), lambda batch_id, outcomes: events.put(("done", number, batch_id, outcomes)), stop=stop.is_set)
     events.put(("exited", number))
 
 
 class Pool:
-    def __init__(self, batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone):
+    def __init__(
+        self, batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone,
+        stop: Optional[StopRequest] = None,
+    ):
         self.batches = batches
         self.spec = spec
         self.devices = devices
@@ -108,15 +134,19 @@ class Pool:
         self.load_errors: list[str] = []
         # Set when a worker stopped the run (disk full): nothing new is handed out.
         self.stop_reason: Optional[str] = None
+        # A signal asked the run to stop (stops.py): nothing new is handed out either.
+        self.stop = stop or StopRequest(0)
+        self.stopping = False
 
     def run(self) -> None:
         context = mp.get_context("spawn")  # CUDA cannot be forked; spawn is also the CPU path
         events = context.Queue()
         inboxes = [context.Queue() for _ in self.devices]
+        stop_event = context.Event()
         procs = [
             context.Process(
                 target=worker_main,
-                args=(self.spec, str(device), number, inboxes[number], events),
+                args=(self.spec, str(device), number, inboxes[number], events, stop_event, os.getpid()),
                 name=f"svdbatch-worker-{number}",
                 daemon=True,
             )
@@ -124,16 +154,21 @@ class Pool:
         ]
         held: dict[int, list[int]] = {number: [] for number in range(len(procs))}
         alive: set[int] = set()
-        for number, proc in enumerate(procs):
-            proc.start()
-            alive.add(number)
-            self.assign(number, inboxes[number], held, ASSIGNED_PER_WORKER)
         try:
+            for number, proc in enumerate(procs):
+                with stop_signals_blocked():
+                    proc.start()
+                alive.add(number)
+                self.assign(number, inboxes[number], held, ASSIGNED_PER_WORKER)
             while self.finished < len(self.batches) and alive:
+                if self.stop.requested and not self.stopping:
+                    self.begin_stop(stop_event, inboxes, alive)
+                if self.stopping and (not any(held.values()) or self.stop.abandon()):
+                    break
                 if self.stop_reason and not any(held.values()):
                     break
                 try:
-                    event = events.get(timeout=1.0)
+                    event = events.get(timeout=0.25)
                 except queue.Empty:
                     event = None
                 if event is not None:
@@ -144,22 +179,47 @@ class Pool:
                 for number in dead:
                     if number in alive:
                         self.worker_died(number, procs[number].exitcode, held, alive, inboxes)
-            if self.stop_reason:
-                self.settle_waiting_as_stopped()
-            elif self.finished < len(self.batches):
-                self.abandon_waiting()
         finally:
             for number in alive:
                 inboxes[number].put(None)
+            wait_s = 0 if self.stop.abandon() else EXIT_WAIT_AFTER_STOP_S if self.stopping else EXIT_WAIT_S
             for proc in procs:
-                proc.join(timeout=60)
-                if proc.is_alive():
+                if proc.pid is None:
+                    continue  # never started
+                proc.join(timeout=wait_s)
+                if proc.is_alive():  # workers ignore SIGTERM (stops.py): kill
                     proc.kill()
+                    proc.join()
+        if self.stopping:
+            self.settle_interrupted(held)
+        elif self.stop_reason:
+            self.settle_waiting_as_stopped()
+        elif self.finished < len(self.batches):
+            self.abandon_waiting()
         if self.load_errors and len(self.load_errors) == len(procs):
             raise NoWorkersLeft("no worker could load the model:\n" + "\n".join(self.load_errors))
 
+    def begin_stop(self, stop_event, inboxes, alive: set[int]) -> None:
+        """A signal: hand out nothing more, let the workers finish what they generate."""
+        self.stopping = True
+        stop_event.set()
+        for number in alive:
+            inboxes[number].put(None)  # wakes a worker waiting for work
+
+    def settle_interrupted(self, held: dict[int, list[int]]) -> None:
+        """After a stop: items committed on disk count as done (a killed worker may not have
+        reported them), the rest of what was held or waiting is left for the next run."""
+        for batch_ids in held.values():
+            self.skip_committed(batch_ids)
+            self.waiting.extendleft(batch_ids)
+            batch_ids.clear()
+        while self.waiting:
+            batch_id = self.waiting.popleft()
+            self.finished += 1
+            self.on_done([Outcome(e.item.id, INTERRUPTED, error="interrupted") for e in self.batches[batch_id]])
+
     def assign(self, number: int, inbox: mp.Queue, held: dict[int, list[int]], up_to: int) -> None:
-        while self.waiting and len(held[number]) < up_to and not self.stop_reason:
+        while self.waiting and len(held[number]) < up_to and not self.stop_reason and not self.stopping:
             batch_id = self.waiting.popleft()
             self.attempts[batch_id] += 1
             held[number].append(batch_id)
@@ -194,6 +254,9 @@ class Pool:
                 return
 
     def worker_died(self, number: int, exitcode: Optional[int], held, alive, inboxes) -> None:
+        if self.stopping:  # it exited as asked; what it held is settled at the end
+            alive.discard(number)
+            return
         log.error("worker %d died (exit code %s) holding batches %s", number, exitcode, held[number])
         alive.discard(number)
         self.skip_committed(held[number])
