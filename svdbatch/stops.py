@@ -83,6 +83,18 @@ class StopRequest:
             if not self.cooperative:
                 raise Interrupted(signum)
 
+    @contextmanager
+    def nothing_in_flight(self) -> Iterator[None]:
+        """A phase with no item in flight inside the cooperative part (loading the model in
+        this process): a signal stops it at once instead of waiting for it to end."""
+        if self.requested:
+            raise Interrupted(self.signum)
+        cooperative, self.cooperative = self.cooperative, False
+        try:
+            yield
+        finally:
+            self.cooperative = cooperative
+
     def pass_on(self) -> None:
         """Call the handler that was there before ours for the signal that stopped the run,
         once the run has stopped cleanly. Under submitit that is its SIGUSR2 handler, which

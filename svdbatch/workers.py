@@ -87,7 +87,9 @@ def execute(
             with lock:
                 on_done(outcomes)
 
-        spec.build(devices[0]).run(enumerate(batches), report, stop=stop.is_requested, abandon=stop.abandon)
+        with stop.nothing_in_flight():  # a signal while the model loads need not wait for it
+            worker = spec.build(devices[0])
+        worker.run(enumerate(batches), report, stop=stop.is_requested, abandon=stop.abandon)
     else:
         Pool(batches, spec, devices, on_done, stop).run()
 
