@@ -113,7 +113,10 @@ def stop_on_signals(grace_s: float) -> Iterator[StopRequest]:
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
-    request.previous = {sig: signal.signal(sig, request.handle) for sig in STOP_SIGNALS}
+    # A signal ignored when we started stays ignored: a shell starts background jobs of a
+    # script with SIGINT ignored so that Ctrl-C reaches only the foreground job (nohup: SIGHUP).
+    request.previous = {sig: signal.signal(sig, request.handle) for sig in STOP_SIGNALS
+                        if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield request
     finally:
