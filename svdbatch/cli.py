@@ -8,12 +8,17 @@
     svdbatch status outputs/<run> [--json]                              (done / pending / failed, throughput, ETA)
     svdbatch gallery outputs/<run>                                      (rewrite <run>/index.html)
     svdbatch verify outputs/<run> [--json] [--repair]                   (check every finished file; set damaged ones aside)
+
+Exit codes are defined here, once; the subcommands import them.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import re
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -22,16 +27,22 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import ConfigError, register_configs
-from .gallery import gallery_command
 from .manifest import ManifestError
-from .status import status_command
 from .store import RunDirError
 
 log = logging.getLogger("svdbatch")
 
-EXIT_ITEMS_FAILED = 1
-EXIT_BAD_INPUT = 2
+EXIT_OK = 0
+EXIT_ITEMS_FAILED = 1  # some items failed (failures.jsonl); `reproduce`: the frames differ
+EXIT_BAD_INPUT = 2  # bad config, manifest, run dir or command line: nothing generated
 EXIT_STOPPED = 3  # disk full / read-only mid-run: finished items are intact, run again to resume
+# Stopped by a signal (clean stop, run again to resume): 128 + the signal's number, as a
+# shell reports a process killed by it: SIGINT 130, SIGUSR2 140, SIGTERM 143.
+EXIT_SIGNAL_BASE = 128
+
+
+def exit_code_for_signal(signum: int) -> int:
+    return EXIT_SIGNAL_BASE + int(signum)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -51,10 +62,12 @@ def config_dir() -> str:
 
 register_configs()
 _exit_codes: list[int] = []  # one per Hydra job (several in a multirun)
+_jobs_started: list[bool] = []  # Hydra composed a config and called the app at least once
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def hydra_app(cfg: DictConfig) -> None:
+    _jobs_started.append(True)
     # torch is imported here, not at module level, so `svdbatch status` and `gallery` start fast.
     from .driver import run
 
@@ -68,29 +81,40 @@ def hydra_app(cfg: DictConfig) -> None:
         _exit_codes.append(EXIT_BAD_INPUT)
         return
     print(summary.line(), flush=True)
+    if summary.interrupted_by is not None:
+        # Under submitit this checkpoints and requeues the job (and exits); otherwise it is
+        # a no-op. Then end the whole process, sweep included: the user asked to stop.
+        summary.pass_on()
+        sys.exit(exit_code(summary))
     _exit_codes.append(exit_code(summary))
 
 
 def exit_code(summary) -> int:
+    if summary.interrupted_by is not None:
+        return exit_code_for_signal(summary.interrupted_by)
     if summary.stop_reason:
         return EXIT_STOPPED
     return 0 if summary.ok else EXIT_ITEMS_FAILED
 
 
-def validate(overrides: list[str]) -> int:
-    """`svdbatch validate manifest=...`: check config and manifest, generate nothing."""
+def validate(args: list[str]) -> int:
+    """check a manifest and the config, generate nothing"""
     from hydra import compose, initialize_config_dir
-
-    from .driver import load_manifest
-
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    try:  # a misspelt key or a wrong type: Hydra's message, not a traceback
+    from .driver import load_manifest
+
+    parser = argparse.ArgumentParser(prog="svdbatch validate", description=validate.__doc__,
+                                     epilog="example: svdbatch validate manifest=manifests/sample.csv conditioning=svd_xt")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="the same overrides as a run (manifest=... required)")
+    overrides = parser.parse_args(args).overrides
+    try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
+        cfg.manifest  # noqa: B018  (a missing manifest fails here, with the key's name)
     except (HydraException, OmegaConfBaseException) as exc:
-        print(f"invalid config: {exc}", file=sys.stderr)
+        print(f"svdbatch validate: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         manifest = load_manifest(cfg)
@@ -118,28 +142,98 @@ def emit_manifest(cfg: DictConfig) -> int:
     return 0
 
 
+# Subcommands import their module only when called: `status` and `gallery` start fast, and
+# those modules import the exit codes above without an import cycle.
 def reproduce(args: list[str]) -> int:
+    """regenerate one item from its sidecar and compare the frames hash"""
     from .reproduce import reproduce_command
 
     return reproduce_command(args)
 
 
+def status(args: list[str]) -> int:
+    """done / in progress / failed / pending counts, failure reasons, throughput, ETA"""
+    from .status import status_command
+
+    return status_command(args)
+
+
+def gallery(args: list[str]) -> int:
+    """rewrite <run dir>/index.html, the contact sheet"""
+    from .gallery import gallery_command
+
+    return gallery_command(args)
+
+
 def verify(args: list[str]) -> int:
+    """check every finished file against its sidecar; --repair sets damaged items aside"""
     from .verify import verify_command
 
     return verify_command(args)
 
 
-SUBCOMMANDS = {"validate": validate, "reproduce": reproduce, "status": status_command, "gallery": gallery_command,
-               "verify": verify}
+SUBCOMMANDS = {"validate": validate, "reproduce": reproduce, "status": status, "gallery": gallery, "verify": verify}
+
+HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i"}
+# Options that can bring in a config that sets `manifest` (so its absence is not an error yet).
+CONFIG_OPTIONS = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c"}
+
+
+def usage() -> str:
+    """Short usage, the subcommands listed from SUBCOMMANDS (their docstrings' first line)."""
+    width = max(map(len, SUBCOMMANDS))
+    lines = [
+        "usage: svdbatch manifest=PATH [group=option ...] [key=value ...]   run (Hydra app; -m for a sweep)",
+        "       svdbatch SUBCOMMAND [--help] ...",
+        "",
+        "subcommands:",
+    ]
+    for name, command in SUBCOMMANDS.items():
+        summary = (command.__doc__ or "").strip().splitlines()
+        lines.append(f"  {name:<{width}}  {summary[0] if summary else ''}")
+    lines += [
+        "",
+        "svdbatch --help lists the config groups and every key; docs: README.md, docs/stops.md.",
+        "exit codes: 0 all done, 1 items failed, 2 bad input, 3 stopped (disk full), 128+N stopped by signal N.",
+    ]
+    return "\n".join(lines)
+
+
+def manifest_missing(args: list[str]) -> bool:
+    """True if nothing on the command line can set `manifest`: Hydra would fail later with
+    an unreadable error while naming the output folder after it."""
+    if any(arg.split("=", 1)[0] in CONFIG_OPTIONS or arg.startswith("+") for arg in args):
+        return False
+    return not any(re.match(r"^~?manifest=", arg) for arg in args)
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+    args = sys.argv[1:]
+    if args and args[0] in SUBCOMMANDS:
         try:
-            sys.exit(SUBCOMMANDS[sys.argv[1]](sys.argv[2:]))
+            sys.exit(SUBCOMMANDS[args[0]](args[1:]))
         except BrokenPipeError:  # `svdbatch status ... | head`: the reader left, not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-            sys.exit(0)
-    hydra_app()
-    sys.exit(max(_exit_codes, default=0))
+            sys.exit(EXIT_OK)
+    if not args:
+        print(usage(), file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    if HELP_FLAGS & set(args):
+        if "--help" in args or "-h" in args:
+            print(usage() + "\n")  # then Hydra's own help: config groups and keys
+    elif manifest_missing(args):
+        print("svdbatch: missing manifest=PATH (a CSV/JSONL manifest, an image or a folder of images)\n", file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        hydra_app()
+    except SystemExit as exc:
+        # Hydra reports a config it cannot compose (unknown key, wrong type, unknown preset)
+        # in one message and exits 1, which here means "items failed".
+        if exc.code == 1 and not _jobs_started:
+            sys.exit(EXIT_BAD_INPUT)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C before the run installed its own handler (composing, importing)
+        print("interrupted; run the same command to resume", file=sys.stderr)
+        sys.exit(exit_code_for_signal(signal.SIGINT))
+    sys.exit(max(_exit_codes, default=EXIT_OK))

@@ -232,6 +232,11 @@ class RunConfig:
     # Write the manifest this run would use (ids, images, seeds: e.g. derived from a folder)
     # to <run.dir>/<run.name>.csv for editing, and stop without generating.
     emit_manifest: bool = False
+    # After SIGINT/SIGTERM/SIGUSR2, seconds the items in flight get to finish and commit
+    # before they are abandoned (left for the next run) and the run exits. Keep it below the
+    # scheduler's kill delay: Kubernetes' terminationGracePeriodSeconds (30 s by default),
+    # Slurm's KillWait (30 s) or submitit's signal_delay_s.
+    stop_grace_s: float = 20.0
 
 
 @dataclass
@@ -276,6 +281,7 @@ def check_run_and_output(run: Any, output: Any) -> list[str]:
         range_problem("run.min_free_mb", run.min_free_mb, 0),
         range_problem("run.gallery_every_s", run.gallery_every_s, 0),
         range_problem("run.gallery_max_items", run.gallery_max_items, 0),
+        range_problem("run.stop_grace_s", run.stop_grace_s, 0),
         range_problem("output.fps", output.fps, 1, 1000, nullable=True),
         range_problem("output.quality", output.quality, 0, 10),
         range_problem("output.loop", output.loop, 0, GIF_MAX_LOOP),
@@ -291,6 +297,7 @@ def default_run_name(manifest: Any) -> str:
     if path.name in ("", ".", ".."):
         path = path.resolve()
     return path.stem or "run"
+
 
 # Ray refuses a smaller object store.
 MIN_OBJECT_STORE_MB = 75

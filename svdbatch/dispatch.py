@@ -12,7 +12,7 @@ import logging
 from collections import deque
 from typing import Callable, Hashable, Optional
 
-from .runner import DONE, FAILED, STOPPED, Outcome
+from .runner import DONE, FAILED, INTERRUPTED, STOPPED, Outcome
 from .schedule import PlannedItem
 from .store import RunStore
 
@@ -41,6 +41,9 @@ class Ledger:
         self.load_errors: list[str] = []
         # Set when a worker stopped the run (disk full): nothing new is handed out.
         self.stop_reason: Optional[str] = None
+        # A signal asked the run to stop (stops.py): nothing new is handed out either, and
+        # what is left is reported as interrupted, for the next run.
+        self.interrupted = False
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -56,9 +59,12 @@ class Ledger:
         until the batches already out come back)."""
         if self.complete or not self.held:
             return False
-        return not (self.stop_reason and not any(self.held.values()))
+        return not ((self.stop_reason or self.interrupted) and not any(self.held.values()))
 
     # -- events -----------------------------------------------------------------------
+    def interrupt(self) -> None:
+        self.interrupted = True
+
     def join(self, worker: Hashable) -> None:
         self.held[worker] = []
 
@@ -66,7 +72,7 @@ class Ledger:
         """Batch ids the worker gets now (it holds up to per_worker); the engine sends them."""
         given: list[int] = []
         held = self.held.get(worker)
-        while held is not None and self.waiting and len(held) < self.per_worker and not self.stop_reason:
+        while held is not None and self.waiting and len(held) < self.per_worker and not (self.stop_reason or self.interrupted):
             batch_id = self.waiting.popleft()
             self.attempts[batch_id] += 1
             held.append(batch_id)
@@ -98,6 +104,10 @@ class Ledger:
         held = self.held.pop(worker, None)
         if held is None:
             return  # already accounted for
+        if self.interrupted:  # it exited (or was killed) as asked: settle() leaves its batches for the next run
+            self.skip_committed(held)
+            self.waiting.extendleft(reversed(held))
+            return
         log.error("worker %s died (%s) holding batches %s", worker, reason, held)
         self.skip_committed(held)
         for batch_id in reversed(held):
@@ -107,11 +117,21 @@ class Ledger:
                 self.waiting.appendleft(batch_id)
 
     def settle(self) -> None:
-        """At the end: what was never handed out is either stopped (disk full) or failed
-        (no live worker left), so every item of the plan gets exactly one outcome."""
+        """At the end: what was never handed out is either interrupted (a signal), stopped
+        (disk full) or failed (no live worker left), so every item of the plan gets exactly
+        one outcome. After a signal, what workers still held was abandoned: items committed
+        on disk count as done, the rest is left for the next run."""
+        if self.interrupted:
+            for worker in list(self.held):
+                held = self.held.pop(worker)
+                self.skip_committed(held)
+                self.waiting.extendleft(reversed(held))
         while self.waiting:
             batch_id = self.waiting.popleft()
-            if self.stop_reason:
+            if self.interrupted:
+                self.finished += 1
+                self.on_done([Outcome(e.item.id, INTERRUPTED, error="interrupted") for e in self.batches[batch_id]])
+            elif self.stop_reason:
                 self.finished += 1
                 self.on_done([Outcome(e.item.id, STOPPED, error=self.stop_reason) for e in self.batches[batch_id]])
             else:

@@ -7,6 +7,9 @@
       per item: claim -> generate -> write video -> write sidecar -> append results line
                 (a failure is recorded and the batch goes on; a full disk stops the run)
     finish                         (dataset metadata, gallery, summary)
+
+SIGINT / SIGTERM / SIGUSR2 stop the run cleanly at any point (stops.py): the summary then
+says how many items are done and left.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,8 +32,9 @@ from .manifest import Manifest, read_manifest
 from .models import compile_problems, model_identity, resolve_devices, source_problem
 from .outputs import DISK_FULL_ERRNOS
 from .params import PARAM_NAMES, check_conditioning, check_model_and_memory
-from .runner import BUSY, DONE, DONE_ELSEWHERE, FAILED, STOPPED, Outcome
-from .schedule import Shard, make_batches, plan_run, resolve_shard, select_shard
+from .runner import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
+from .schedule import Plan, Shard, make_batches, plan_run, resolve_shard, select_shard
+from .stops import Interrupted, StopRequest, stop_on_signals
 from .store import RunDirError, RunStore, run_dir_problem
 from .workers import WorkerSpec, execute
 
@@ -49,6 +53,13 @@ class RunSummary:
     stop_reason: Optional[str] = None  # disk full / read-only: the run stopped early
     seconds: float = 0.0
     generate_seconds: list[float] = field(default_factory=list)
+    # A signal stopped the run (stops.py): its number, and this shard's items done / left
+    # on disk (None: stopped before the plan was made).
+    interrupted_by: Optional[int] = None
+    done_total: Optional[int] = None
+    left: Optional[int] = None
+    # Calls the handler that was installed before ours (submitit: checkpoint and requeue).
+    pass_on: Optional[Callable[[], None]] = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -68,8 +79,14 @@ class RunSummary:
         elif outcome.status == STOPPED:
             self.not_run += 1
             self.stop_reason = self.stop_reason or outcome.error
+        elif outcome.status == INTERRUPTED:
+            self.not_run += 1
 
     def line(self) -> str:
+        if self.interrupted_by is not None:
+            if self.left is None:
+                return "interrupted before any item started; run the same command to resume"
+            return f"interrupted: {self.done_total} done, {self.left} left; run the same command to resume"
         per_item = f"{sum(self.generate_seconds) / len(self.generate_seconds):.2f} s/item" if self.generate_seconds else "-"
         extra = f", {self.invalid} invalid rows" if self.invalid else ""
         if self.busy:
@@ -110,6 +127,15 @@ def check_run_dir(cfg: DictConfig) -> None:
         raise RunDirError(why)
 
 
+@dataclass
+class _Progress:
+    """How far a run got, for the summary of an interrupted one."""
+
+    summary: Optional[RunSummary] = None
+    store: Optional[RunStore] = None
+    plan: Optional[Plan] = None
+
+
 def run(cfg: DictConfig) -> RunSummary:
     cluster = None
     if Engine(cfg.run.engine) is Engine.ray:
@@ -124,9 +150,23 @@ def run(cfg: DictConfig) -> RunSummary:
 
 
 def run_on(cfg: DictConfig, cluster=None) -> RunSummary:
-    """The run; `cluster` (run.engine=ray) has the actors do the work instead of local processes."""
+    """The run; `cluster` (run.engine=ray) has the actors do the work instead of local
+    processes. A signal stops it cleanly at any point (stops.py)."""
     started = time.perf_counter()
     check_run_dir(cfg)
+    with stop_on_signals(cfg.run.stop_grace_s) as stop:
+        progress = _Progress()
+        try:
+            summary = run_stoppable(cfg, stop, progress, cluster)
+        except Interrupted:
+            summary = progress.summary or RunSummary(run_dir=Path(cfg.run.dir))
+        if stop.requested:
+            settle_interrupted(summary, stop, progress)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, cluster=None) -> RunSummary:
     manifest = load_manifest(cfg)
     # Absolute for a cluster: actors on other nodes do not share this working directory.
     store = RunStore(Path(cfg.run.dir).absolute() if cluster else Path(cfg.run.dir), cfg.output.format)
@@ -134,9 +174,10 @@ def run_on(cfg: DictConfig, cluster=None) -> RunSummary:
     # A bad run.devices fails before anything is written.
     devices = cluster.devices() if cluster else resolve_devices(cfg.run.devices, cfg.run.workers)
     store.prepare(cfg.run.min_free_mb)
-    summary = RunSummary(run_dir=store.root)
+    summary = progress.summary = RunSummary(run_dir=store.root)
+    progress.store = store
     try:
-        run_prepared(cfg, manifest, store, shard, devices, summary, cluster)
+        run_prepared(cfg, manifest, store, shard, devices, summary, stop, progress, cluster)
     except OSError as exc:
         # A full disk at any stage the workers do not handle themselves (config, planning,
         # metadata.jsonl, shards, gallery): stop with the summary, like a stop mid-run.
@@ -144,7 +185,6 @@ def run_on(cfg: DictConfig, cluster=None) -> RunSummary:
             raise
         summary.stop_reason = summary.stop_reason or f"{type(exc).__name__}: {exc}"
         log.error("stopping: %s (finished items are intact; free space and run again to resume)", summary.stop_reason)
-    summary.seconds = time.perf_counter() - started
     return summary
 
 
@@ -155,6 +195,8 @@ def run_prepared(
     shard: Shard,
     devices: list[torch.device],
     summary: RunSummary,
+    stop: StopRequest,
+    progress: _Progress,
     cluster=None,
 ) -> None:
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
@@ -166,7 +208,7 @@ def run_prepared(
     items = select_shard(manifest.items, shard)
     # Image URLs are cached per run dir, and refused from their header beyond run.max_image_pixels.
     fetcher = UrlCache(store.root / "downloads", cfg.fetch, max_pixels=cfg.run.max_image_pixels)
-    plan = plan_run(
+    plan = progress.plan = plan_run(
         items, cfg.conditioning, cfg.model, cfg.memory, identity.as_dict(), store, cfg.run.limit, fetcher,
         max_image_pixels=cfg.run.max_image_pixels, output=cfg.output,
     )
@@ -185,11 +227,15 @@ def run_prepared(
                 summary.count(outcome)
             bar.update(len(outcomes))
             bar.set_postfix(done=summary.done, failed=summary.failed, refresh=False)
-            if gallery:
+            if gallery and not stop.requested:
                 gallery.maybe_update()
 
-        execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done, cluster)
-        bar.close()
+        try:
+            execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done, stop, cluster)
+        finally:
+            bar.close()
+    if stop.requested:
+        return  # no time for dataset files and gallery: the next run writes them
 
     if summary.stop_reason is None:
         write_dataset(store, plan.all, cfg.output)  # metadata.jsonl (+ shards): only what is done now
@@ -197,6 +243,23 @@ def run_prepared(
         gallery.update(raise_disk_full=True)
     if summary.busy:
         log.warning("%d items are being generated by another process; run again later to pick up any it leaves", summary.busy)
+
+
+def settle_interrupted(summary: RunSummary, stop: StopRequest, progress: _Progress) -> None:
+    """Count from disk what is done and what is left (killed workers reported nothing), and
+    remove the temporaries of abandoned items. A run that finished everything before the
+    signal took effect is not reported as interrupted."""
+    summary.interrupted_by = stop.signum
+    summary.pass_on = stop.pass_on
+    store, plan = progress.store, progress.plan
+    if store is None or plan is None:
+        return
+    store.remove_stale_temporaries()
+    index = store.finished_index()
+    summary.done_total = sum(1 for entry in plan.all if store.is_done(entry.item.id, entry.key, entry.output_key, index))
+    summary.left = len(plan.all) - summary.done_total
+    if summary.left == 0:
+        summary.interrupted_by = summary.pass_on = None
 
 
 def worker_spec(cfg: DictConfig, store: RunStore) -> WorkerSpec:

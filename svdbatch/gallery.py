@@ -42,7 +42,9 @@ INDEX = "index.html"
 ASSETS = "gallery"  # thumbnails and previews, inside the run dir
 THUMB_PX = 256
 MAX_TRACEBACK_CHARS = 4000
-EXIT_OK, EXIT_NOT_A_RUN_DIR = 0, 2
+from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
+
+EXIT_NOT_A_RUN_DIR = EXIT_BAD_INPUT
 
 
 @dataclass

@@ -84,6 +84,27 @@ def output_name(item_id: str, fmt: OutputFormat) -> str:
     return item_id if fmt is OutputFormat.frames else f"{item_id}.{fmt.value}"
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask can only set it, and setting
+    it twice would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): the racy way
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode open()/mkdir() would give a new file or folder: mkstemp/mkdtemp create
+    theirs 0600/0700, which would keep colleagues and a web server out of the run dir."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or a directory (to persist a rename inside it)."""
     fd = os.open(path, os.O_RDONLY)
@@ -97,7 +118,10 @@ def fsync_path(path: Path) -> None:
 def atomic_path(target: Path, fault: Optional[str] = None) -> Iterator[Path]:
     """Yield a temporary path (same directory, same suffix) that replaces `target` on success."""
     fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target.stem), suffix=target.suffix, dir=target.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, default_mode())
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -118,6 +142,7 @@ def atomic_write_bytes(target: Path, data: bytes, fault: Optional[str] = None) -
 def _write_frames_dir(frames: np.ndarray, target: Path, settings: dict[str, Any]) -> Written:
     staging = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
     try:
+        os.chmod(staging, default_mode(directory=True))
         for index, frame in enumerate(frames):
             frame_path = staging / f"{index:05d}.png"
             Image.fromarray(frame).save(frame_path)

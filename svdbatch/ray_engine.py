@@ -24,7 +24,7 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -33,6 +33,7 @@ from .dispatch import ASSIGNED_PER_WORKER, Ledger, OnDone
 from .outputs import atomic_write_bytes
 from .runner import Outcome
 from .schedule import PlannedItem
+from .stops import StopRequest
 from .store import RunDirError, RunStore
 from .workers import NoWorkersLeft, WorkerSpec
 
@@ -180,8 +181,6 @@ class RayCluster:
         self.workers = run_cfg.workers
         self.connected_here = False
         self._devices: Optional[list[torch.device]] = None
-        self._restore_sigterm: Callable[[], None] = lambda: None
-        self.terminated: list[int] = []  # SIGTERM received (close() turns it into exit status 143)
 
     # -- connection -------------------------------------------------------------------
     def connect(self) -> None:
@@ -198,13 +197,17 @@ class RayCluster:
             kwargs["num_cpus"] = self.cfg.num_cpus
             if self.cfg.object_store_mb is not None:
                 kwargs["object_store_memory"] = self.cfg.object_store_mb * 2**20
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
             context = ray.init(**kwargs)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             where = self.cfg.address or os.environ.get("RAY_ADDRESS") or "a local cluster"
             raise ConfigError(f"run.engine=ray: could not join {where} (run.ray.address): {exc}") from exc
         self.connected_here = True
-        self._restore_sigterm = install_sigterm(self.terminated)  # after ray.init, which sets its own
+        if threading.current_thread() is threading.main_thread():
+            # ray.init installs a SIGTERM handler that exits at once; the driver's clean stop
+            # (stops.py) stops the actors and says what is left, as for a local run.
+            signal.signal(signal.SIGTERM, sigterm)
         log.info("ray: %s %s (%s)", "joined" if joining else "started a local cluster at",
                  context.address_info.get("gcs_address"), resources_line())
 
@@ -215,10 +218,6 @@ class RayCluster:
 
             ray.shutdown()
             self.connected_here = False
-            self._restore_sigterm()
-        if self.terminated:
-            log.error("stopped by SIGTERM: the actors are stopped; finished items are kept, run again to resume")
-            raise Terminated(128 + self.terminated[0])
 
     def devices(self) -> list[torch.device]:
         """What each actor will run on (the driver plans item keys with the first one's dtype)."""
@@ -231,7 +230,7 @@ class RayCluster:
         return self._devices
 
     # -- the run ----------------------------------------------------------------------
-    def execute(self, batches: list[list[PlannedItem]], spec: WorkerSpec, on_done: OnDone) -> None:
+    def execute(self, batches: list[list[PlannedItem]], spec: WorkerSpec, on_done: OnDone, stop: StopRequest) -> None:
         import ray
 
         spec = replace(spec, run_dir=os.path.abspath(spec.run_dir))  # other nodes have another cwd
@@ -257,7 +256,7 @@ class RayCluster:
                     ).remote(spec, number, "cuda:0" if gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
                 )
             self.check_storage(actors, store, first_image(batches))
-            self.serve(actors, ledger)
+            self.serve(actors, ledger, stop)
         finally:
             stop_actors(actors)
         if ledger.load_errors and len(ledger.load_errors) == len(actors):
@@ -320,14 +319,20 @@ class RayCluster:
                     raise ConfigError(f"run.engine=ray: {ACTOR_NAME.format(refs[ref])} could not start: {cause(exc)}") from exc
         return results
 
-    def serve(self, actors: list[Any], ledger: Ledger) -> None:
-        """Load the pipeline in every actor, then hand out batches as actors report them done."""
+    def serve(self, actors: list[Any], ledger: Ledger, stop: StopRequest) -> None:
+        """Load the pipeline in every actor, then hand out batches as actors report them done.
+        After a signal nothing more is handed out; the batches out are awaited until the grace
+        is over (then the caller kills the actors, abandoning them)."""
         import ray
 
         starting = {actor.start.remote(): number for number, actor in enumerate(actors)}
         numbers = {ACTOR_NAME.format(number): number for number in range(len(actors))}  # the ledger knows names
         running: dict[Any, tuple[int, int]] = {}  # ref -> (actor, batch id)
         while starting or ledger.keep_going():
+            if stop.requested:
+                ledger.interrupt()
+                if not running or stop.abandon():
+                    break
             if not starting and not running:
                 break  # nothing out and nothing to hand out: settle() accounts for what is left
             ready, _ = ray.wait([*starting, *running], num_returns=1, timeout=POLL_S)
@@ -435,22 +440,3 @@ def stop_actors(actors: list[Any], wait_s: float = 30.0) -> None:
             time.sleep(0.1)
 
 
-class Terminated(SystemExit):
-    pass
-
-
-def install_sigterm(received: list[int]) -> Callable[[], None]:
-    """SIGTERM (a scheduler, `ray job stop`, `kill`) unwinds like Ctrl+C, so the actors are
-    stopped and a cluster this driver started is shut down; RayCluster.close() then exits
-    with status 143, as a process killed by SIGTERM reports. The handler raises
-    KeyboardInterrupt because that is the one exception Ray's blocking calls (ray.wait)
-    pass on; any other becomes exit status 1. Returns what puts the previous handler back."""
-
-    def handler(signum: int, frame: Any) -> None:
-        received.append(signum)
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None  # only the main thread may set handlers
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)

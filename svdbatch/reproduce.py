@@ -14,6 +14,7 @@ differ or the file on disk is missing or changed, 2 the item cannot be re-run as
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -34,8 +35,9 @@ from .runner import Worker, frames_sha256, load_entry, software_versions
 from .schedule import PlannedItem
 from .store import RunStore, sidecar_relpath
 
-EXIT_MATCH, EXIT_MISMATCH, EXIT_CANNOT = 0, 1, 2
-USAGE = "usage: svdbatch reproduce <run dir>/items/<id>.json"
+from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK  # cli owns exit codes (and imports this module lazily)
+
+EXIT_MATCH, EXIT_MISMATCH, EXIT_CANNOT = EXIT_OK, EXIT_ITEMS_FAILED, EXIT_BAD_INPUT
 
 
 class CannotReproduce(RuntimeError):
@@ -153,11 +155,14 @@ def reproduce(sidecar_path: Path) -> Reproduction:
 
 
 def reproduce_command(args: list[str]) -> int:
-    if len(args) != 1 or args[0].startswith("-"):
-        print(USAGE, file=sys.stderr)
-        return EXIT_CANNOT
+    parser = argparse.ArgumentParser(
+        prog="svdbatch reproduce", description="regenerate one item from its sidecar alone and compare the frames hash",
+        epilog="exit status: 0 the frames match, 1 they differ, 2 the item cannot be re-run as recorded",
+    )
+    parser.add_argument("sidecar", type=Path, help="<run dir>/items/<id>.json")
+    options = parser.parse_args(args)  # a bad command line exits 2, like EXIT_CANNOT
     try:
-        result = reproduce(Path(args[0]))
+        result = reproduce(options.sidecar)
     except (CannotReproduce, ModelLoadError) as exc:
         print(f"svdbatch reproduce: cannot reproduce: {exc}", file=sys.stderr)
         return EXIT_CANNOT

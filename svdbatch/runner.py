@@ -31,6 +31,7 @@ from .models import LoadedPipeline, lower_memory
 from .outputs import DISK_FULL_ERRNOS, frames_sha256, output_key, output_settings, write_video, written_fps
 from .params import GenParams
 from .schedule import PlannedItem
+from .stops import Interrupted
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ FAILED = "failed"
 BUSY = "busy"  # claimed by another process sharing the run dir
 DONE_ELSEWHERE = "done_elsewhere"  # another process finished it after this run's plan
 STOPPED = "stopped"  # not attempted: the run stopped (disk full)
+INTERRUPTED = "interrupted"  # not attempted: a signal stopped the run (see stops.py)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class Worker:
         self.retry_on_oom = retry_on_oom
         # Set (by the writer thread) when the disk is full or read-only: no more work.
         self.stop_reason: Optional[str] = None
+        # Set by run(): true once the items in flight must be given up (stops.StopRequest).
+        self.abandon: Optional[Callable[[], bool]] = None
 
     def environment(self) -> dict[str, Any]:
         device = self.loaded.device
@@ -159,11 +163,14 @@ class Worker:
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         fault_point("generate")
         single = len(images) == 1  # exactly the call a user makes by hand
+        # Checked between denoising steps; it returns the latents untouched.
+        on_step = {"callback_on_step_end": self.check_abandon} if self.abandon is not None else {}
         output = self.loaded.pipe(
             images[0] if single else images,
             generator=generators[0] if single else generators,
             output_type="np",
             **params.as_dict(),
+            **on_step,
         )
         videos = []
         for frames in output.frames:
@@ -172,6 +179,11 @@ class Worker:
                 raise GenerationError("the pipeline produced NaN/inf frames (try float32 or a lower guidance scale)")
             videos.append(to_uint8(frames))
         return videos
+
+    def check_abandon(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        if self.abandon is not None and self.abandon():
+            raise Interrupted()  # not an item failure: the item is left for the next run
+        return tensors
 
     def warm_up(self, params: GenParams) -> None:
         """A compiled UNet compiles on its first call; do that once, outside item timings."""
@@ -327,14 +339,25 @@ class Worker:
         loaded.claim = claim
         return loaded
 
-    def run(self, batches: Iterable[tuple[int, list[PlannedItem]]], report: Report) -> None:
+    def run(
+        self,
+        batches: Iterable[tuple[int, list[PlannedItem]]],
+        report: Report,
+        stop: Callable[[], bool] = lambda: False,
+        abandon: Optional[Callable[[], bool]] = None,
+    ) -> None:
         """Process (batch id, items) pairs; `report(batch id, outcomes)` is called (from the
         writer thread) as soon as a batch is committed, even while the worker waits for more.
-        After a stop (disk full) every remaining batch is reported as stopped, untouched."""
+        After a stop (disk full) every remaining batch is reported as stopped, untouched.
+        Once `stop()` is true (a signal) no new batch is taken or started; the one generating
+        finishes unless `abandon()` turns true, which raises stops.Interrupted."""
         batches = iter(batches)
+        self.abandon = abandon
 
         def fetch_and_load() -> Optional[tuple[int, list[Loaded]]]:
             # Runs on the loader thread: waiting for the next batch never stalls generation.
+            if stop():
+                return None
             nxt = next(batches, None)
             if nxt is None:
                 return None
@@ -352,6 +375,9 @@ class Worker:
                 if self.stop_reason:
                     self.settle_stopped(batch_id, loaded, report)
                     continue
+                if stop():  # loaded before the signal: not started, so left for the next run
+                    self.settle_stopped(batch_id, loaded, report, INTERRUPTED, "interrupted")
+                    continue
                 settled, to_write = self.generate_batch(loaded)
                 writes = [writer.submit(self.write_and_commit, job) for job in to_write]
                 report_when_written(batch_id, settled, writes, report)
@@ -359,10 +385,13 @@ class Worker:
                 while len(in_flight) > MAX_PENDING_WRITES:  # bound memory held by unwritten frames
                     wait(in_flight.popleft())
 
-    def settle_stopped(self, batch_id: int, loaded: list[Loaded], report: Report) -> None:
+    def settle_stopped(
+        self, batch_id: int, loaded: list[Loaded], report: Report, status: str = STOPPED, error: Optional[str] = None
+    ) -> None:
         for ready in loaded:
             self.store.release(ready.claim)
-        report(batch_id, [r.settled or Outcome(r.entry.item.id, STOPPED, error=self.stop_reason) for r in loaded])
+        error = error or self.stop_reason
+        report(batch_id, [r.settled or Outcome(r.entry.item.id, status, error=error) for r in loaded])
 
 
 Report = Callable[[int, list[Outcome]], None]

@@ -33,7 +33,9 @@ import yaml
 from .manifest import ManifestError, read_manifest
 from .store import CLAIM_SUFFIX, is_run_dir, latest_by_id, output_intact, read_jsonl_fast
 
-EXIT_OK, EXIT_NOT_A_RUN_DIR = 0, 2
+from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
+
+EXIT_NOT_A_RUN_DIR = EXIT_BAD_INPUT
 INVALID_ROW = "invalid manifest row"  # the error driver.run records for rows that fail validation
 THROUGHPUT_WINDOW = 50
 # Finishes further apart than this (or 10 mean items) split a run into sessions: a resumed

@@ -29,12 +29,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK
 from .config import OutputConfig
 from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_settings, output_sha256, written_fps
 from .status import is_run_dir, not_a_run_dir_message
 from .store import RunStore, latest_by_id, read_jsonl_fast, sidecar_relpath
 
-EXIT_OK, EXIT_DAMAGED, EXIT_NOT_A_RUN_DIR = 0, 1, 2
+EXIT_DAMAGED, EXIT_NOT_A_RUN_DIR = EXIT_ITEMS_FAILED, EXIT_BAD_INPUT
 DAMAGED_DIR = "damaged"
 # results.jsonl field -> where the sidecar has the same fact.
 AGREE = {

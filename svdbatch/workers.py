@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -26,9 +27,15 @@ from .dispatch import Ledger, OnDone
 from .models import ModelLoadError, load_pipeline
 from .runner import Outcome, Worker
 from .schedule import PlannedItem
+from .stops import StopRequest, die_with_parent, ignore_stop_signals, stop_signals_blocked
 from .store import RunStore
 
 log = logging.getLogger(__name__)
+
+# How long a worker may take to exit once it has nothing left to do, before it is killed.
+EXIT_WAIT_S = 60
+# After a stop, workers have reported everything they held: they only need to exit.
+EXIT_WAIT_AFTER_STOP_S = 10
 
 
 class NoWorkersLeft(ModelLoadError):
@@ -57,12 +64,19 @@ class WorkerSpec:
         return Worker(loaded, store, output, self.context, self.num_threads, self.step_progress, self.retry_on_oom)
 
 
-def execute(batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone,
-            cluster: Any = None) -> None:
+def execute(
+    batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone,
+    stop: Optional[StopRequest] = None, cluster: Any = None,
+) -> None:
     """Run every batch; `on_done(outcomes)` is called once per finished batch. With a Ray
-    cluster (ray_engine.RayCluster, run.engine=ray) its actors run them instead."""
+    cluster (ray_engine.RayCluster, run.engine=ray) its actors run them instead.
+
+    After `stop` is requested, no new batch starts and the run returns once the batches in
+    flight are committed; past the grace (`stop.abandon()`) they are abandoned: in this
+    process by stops.Interrupted, in worker processes or actors by killing them."""
+    stop = stop or StopRequest(0)
     if cluster is not None:
-        cluster.execute(batches, spec, on_done)
+        cluster.execute(batches, spec, on_done, stop)
     elif len(devices) == 1:
         lock = threading.Lock()
 
@@ -70,13 +84,25 @@ def execute(batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[to
             with lock:
                 on_done(outcomes)
 
-        spec.build(devices[0]).run(enumerate(batches), report)
+        with stop.nothing_in_flight():  # a signal while the model loads need not wait for it
+            worker = spec.build(devices[0])
+        worker.run(enumerate(batches), report, stop=stop.is_requested, abandon=stop.abandon)
     else:
-        Pool(batches, spec, devices, on_done).run()
+        Pool(batches, spec, devices, on_done, stop).run()
 
 
-def worker_main(spec: WorkerSpec, device: str, number: int, inbox: mp.Queue, events: mp.Queue) -> None:
-    """Entry point of a worker process."""
+def worker_main(
+    spec: WorkerSpec, device: str, number: int, inbox: mp.Queue, events: mp.Queue, stop: Any, driver_pid: int
+) -> None:
+    """Entry point of a worker process. `stop` (an Event) is set by the driver after a signal."""
+    ignore_stop_signals()
+    die_with_parent(driver_pid)
+    # tqdm (diffusers' step bars) would create a cross-process lock, registered with the
+    # driver's resource tracker; a worker killed after a stop's grace would leave it
+    # registered, and the tracker warns at exit. A worker needs no lock across processes.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     try:
         worker = spec.build(torch.device(device))
     except BaseException as exc:
@@ -84,41 +110,55 @@ def worker_main(spec: WorkerSpec, device: str, number: int, inbox: mp.Queue, eve
         return
 
     def batches():
-        while (task := inbox.get()) is not None:
+        while not stop.is_set() and (task := inbox.get()) is not None:
             yield task
 
-    worker.run(batches(), lambda batch_id, outcomes: events.put(("done", number, batch_id, outcomes)))
+    worker.run(batches(), lambda batch_id, outcomes: events.put(("done", number, batch_id, outcomes)), stop=stop.is_set)
     events.put(("exited", number))
 
 
 class Pool:
-    def __init__(self, batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone):
+    def __init__(
+        self, batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone,
+        stop: Optional[StopRequest] = None,
+    ):
         self.spec = spec
         self.devices = devices
         self.ledger = Ledger(batches, RunStore(spec.run_dir, spec.output["format"]), on_done)
+        # A signal asked the run to stop (stops.py): nothing new is handed out.
+        self.stop = stop or StopRequest(0)
 
     def run(self) -> None:
-        ledger = self.ledger
+        ledger, stop = self.ledger, self.stop
         context = mp.get_context("spawn")  # CUDA cannot be forked; spawn is also the CPU path
         events = context.Queue()
         inboxes = [context.Queue() for _ in self.devices]
+        stop_event = context.Event()
         procs = [
             context.Process(
                 target=worker_main,
-                args=(self.spec, str(device), number, inboxes[number], events),
+                args=(self.spec, str(device), number, inboxes[number], events, stop_event, os.getpid()),
                 name=f"svdbatch-worker-{number}",
                 daemon=True,
             )
             for number, device in enumerate(self.devices)
         ]
-        for number, proc in enumerate(procs):
-            proc.start()
-            ledger.join(number)
-        self.hand_out(inboxes)
         try:
+            for number, proc in enumerate(procs):
+                with stop_signals_blocked():
+                    proc.start()
+                ledger.join(number)
+            self.hand_out(inboxes)
             while ledger.keep_going():
+                if stop.requested and not ledger.interrupted:
+                    ledger.interrupt()  # hand out nothing more; the workers finish what they hold
+                    stop_event.set()
+                    for number in ledger.workers:
+                        inboxes[number].put(None)  # wakes a worker waiting for work
+                if ledger.interrupted and stop.abandon():
+                    break
                 try:
-                    event = events.get(timeout=1.0)
+                    event = events.get(timeout=0.25)
                 except queue.Empty:
                     event = None
                 if event is not None:
@@ -129,14 +169,18 @@ class Pool:
                 for number in dead:
                     ledger.died(number, f"exit code {procs[number].exitcode}")
                 self.hand_out(inboxes)
-            ledger.settle()
         finally:
             for number in ledger.workers:
                 inboxes[number].put(None)
+            wait_s = 0 if stop.abandon() else EXIT_WAIT_AFTER_STOP_S if ledger.interrupted else EXIT_WAIT_S
             for proc in procs:
-                proc.join(timeout=60)
-                if proc.is_alive():
+                if proc.pid is None:
+                    continue  # never started
+                proc.join(timeout=wait_s)
+                if proc.is_alive():  # workers ignore SIGTERM (stops.py): kill
                     proc.kill()
+                    proc.join()
+        ledger.settle()  # after the workers are gone: what they committed is on disk
         if ledger.load_errors and len(ledger.load_errors) == len(procs):
             raise NoWorkersLeft("no worker could load the model:\n" + "\n".join(ledger.load_errors))
 

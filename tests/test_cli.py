@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from svdbatch.cli import EXIT_BAD_INPUT, SUBCOMMANDS
 from svdbatch.outputs import read_video
 from svdbatch.store import read_jsonl
 from tests.conftest import FAST, REPO, SAMPLE_CSV, make_image, run_cli, write_csv
@@ -62,19 +65,57 @@ def test_multirun_gives_each_sweep_point_its_own_resumable_dir(tmp_path):
 
 def test_config_typo_fails_at_start_up():
     proc = run_cli(f"manifest={SAMPLE_CSV}", "conditioning.motion_bucket=60")
-    assert proc.returncode != 0
+    assert proc.returncode == EXIT_BAD_INPUT
     assert "Could not override 'conditioning.motion_bucket'" in proc.stderr
     assert "Key 'motion_bucket' not in 'ConditioningConfig'" in proc.stderr
 
 
-def test_config_wrong_type_fails_at_start_up():
-    proc = run_cli(f"manifest={SAMPLE_CSV}", "conditioning.width=wide")
-    assert proc.returncode != 0 and "width" in proc.stderr
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["conditioning.width=wide"], "Value 'wide' of type 'str' could not be converted to Integer"),
+        (["memory=huge"], "Could not find 'memory/huge'"),
+        (["model=nope"], "Could not find 'model/nope'"),
+        (["run.no_such_key=1"], "Key 'no_such_key' not in 'RunConfig'"),
+        (["manifest=does/not/exist.csv"], "does/not/exist.csv: manifest file not found"),
+    ],
+)
+def test_every_config_error_exits_2_with_one_message_and_no_traceback(tmp_path, overrides, message):
+    """2 means bad input, nothing generated; 1 would mean that items failed."""
+    proc = run_cli(f"manifest={SAMPLE_CSV}", *overrides, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) < 20
 
 
-def test_unknown_group_option_fails():
-    proc = run_cli(f"manifest={SAMPLE_CSV}", "memory=huge")
-    assert proc.returncode != 0 and "memory" in proc.stderr
+def test_missing_manifest_exits_2_with_the_usage():
+    proc = run_cli("run.limit=1")
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert "missing manifest=PATH" in proc.stderr and "subcommands:" in proc.stderr
+    assert "Traceback" not in proc.stderr and "exception formatting" not in proc.stderr
+
+
+def test_bare_svdbatch_prints_a_short_usage_with_the_subcommands_and_exits_2():
+    proc = run_cli()
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert proc.stderr.startswith("usage: svdbatch manifest=PATH")
+    for name in SUBCOMMANDS:
+        assert f"\n  {name} " in proc.stderr
+    assert len(proc.stderr.splitlines()) < 30 and "Traceback" not in proc.stderr
+
+
+def test_help_lists_the_subcommands_then_hydras_help():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"\n  {name} " in proc.stdout for name in SUBCOMMANDS)
+    assert "== Configuration groups ==" in proc.stdout and "model: svd, svd_xt" in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_every_subcommand_has_help(name):
+    proc = run_cli(name, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: svdbatch {name}") and "Traceback" not in proc.stderr
 
 
 def test_out_of_range_config_value_is_a_clear_error(tmp_path):
