@@ -7,6 +7,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -39,6 +40,14 @@ class OutputFormat(str, Enum):
     gif = "gif"
     webp = "webp"
     frames = "frames"  # a folder of PNG frames: lossless, for exact comparisons
+
+
+class ImageCheck(str, Enum):
+    """How much of each source image is read before the run starts (run.check_images)."""
+
+    full = "full"  # decode every image (parallel threads): catches truncated files up front
+    header = "header"  # format, size and pixel limit from the header; a file that fails to decode later fails only its item
+    none = "none"  # only that the file exists
 
 
 class ResizeMode(str, Enum):
@@ -187,8 +196,10 @@ class RunConfig:
     # strict: any bad manifest row aborts before the model loads.
     # not strict: bad rows are recorded in failures.jsonl and the rest run.
     strict: bool = True
-    # Decode every image during validation (catches truncated files before the model loads).
-    check_images: bool = True
+    # full | header | none (ImageCheck); true/false mean full/none (older configs). Any
+    # because OmegaConf enums refuse booleans; image_check_mode() validates it up front.
+    # Results are cached in the run dir by (path, size, mtime), so a restart reads no image.
+    check_images: Any = "header"
     # Worker devices: "auto" (every visible GPU, else CPU), a GPU count, or a list such as
     # [0, 1] or ["cuda:2", "cpu"]. One worker process per device. With run.engine=ray, one
     # actor per entry across the cluster: "auto" = one per GPU of the cluster (else
@@ -324,9 +335,57 @@ def check_engine(run: Any) -> list[str]:
     return problems
 
 
-def sweep_subdir(override_dirname: str, job_num: int) -> str:
-    """A sweep point's folder: its overrides ('conditioning.fps=6,...'), made path-safe."""
-    return override_dirname.replace("/", "_") or str(job_num)
+def image_check_mode(value: Any) -> ImageCheck:
+    """run.check_images as an ImageCheck (booleans: the older on/off setting)."""
+    if isinstance(value, bool):
+        return ImageCheck.full if value else ImageCheck.none
+    if isinstance(value, ImageCheck):
+        return value
+    try:
+        return ImageCheck(str(value).strip().lower())
+    except ValueError:
+        choices = ", ".join(mode.value for mode in ImageCheck)
+        raise ConfigError(f"invalid config:\n  run.check_images: must be one of {choices}, got {value!r}") from None
+
+
+# Settings that change what an item's output is: its key (model identity, generation
+# parameters, preprocessing, seed), its frames (thread count, batching, chunking, compile) or
+# the written file (format, fps, quality, loop). Only overrides of these name a sweep point's
+# folder, so every other setting (shards, workers, launcher, logging, fetch, limits, ...),
+# including any added later, keeps a sweep's points in one run dir. A group name (model,
+# memory, conditioning, output) is choosing an option; 'x.*' covers every key under x.
+# tests/test_scale_out.py checks that every setting that changes an item's key is here.
+OUTPUT_SETTINGS = (
+    "model", "model.name", "model.source", "model.revision", "model.variant", "model.dtype", "model.num_frames",
+    "conditioning", "conditioning.*",
+    "memory", "memory.forward_chunking", "memory.max_decode_chunk_size", "memory.compile", "memory.compile_mode",
+    "memory.compile_fullgraph", "memory.compile_backend",
+    "output", "output.format", "output.fps", "output.quality", "output.loop",
+    "run.seed", "run.num_threads", "run.batch_size",
+)
+MAX_SUBDIR_BYTES = 200  # folder names are limited to 255 bytes
+
+
+def changes_outputs(key: str) -> bool:
+    return key in OUTPUT_SETTINGS or any(name.endswith(".*") and key.startswith(name[:-1]) for name in OUTPUT_SETTINGS)
+
+
+def override_key(line: str) -> str:
+    """'++model.source=x' -> 'model.source', 'model@pkg=svd' -> 'model', '~run.seed' -> 'run.seed'
+    (Hydra already parsed these lines; only the key is needed, whatever the value's syntax)."""
+    return line.split("=", 1)[0].lstrip("+~").split("@", 1)[0].strip()
+
+
+def sweep_subdir(task_overrides: Any) -> str:
+    """A sweep point's folder under hydra.sweep.dir: its output-changing overrides
+    ('conditioning.fps=6,model=svd_xt'), sorted and made path-safe; '' (the sweep dir
+    itself) when there are none, so shards and other settings of one run share a run dir."""
+    lines = [str(line) for line in task_overrides or []]
+    name = ",".join(sorted(line for line in lines if changes_outputs(override_key(line)))).replace("/", "_")
+    if len(name.encode()) > MAX_SUBDIR_BYTES:  # still unique and stable, but short enough to be a file name
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        name = name.encode()[: MAX_SUBDIR_BYTES - 17].decode(errors="ignore") + "-" + digest
+    return name
 
 
 def register_configs() -> None:

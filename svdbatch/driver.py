@@ -24,16 +24,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .config import ConfigError, Engine, check_engine, check_run_and_output, plain
+from .config import ConfigError, Engine, check_engine, check_run_and_output, image_check_mode, plain
 from .dataset import check_output_config, write_dataset
 from .fetch import UrlCache, check_fetch_config
 from .gallery import GalleryUpdater
-from .manifest import Manifest, read_manifest
+from .images import ImageCache
+from .manifest import Item, Manifest, read_manifest
 from .models import compile_problems, model_identity, resolve_devices, source_problem
 from .outputs import DISK_FULL_ERRNOS
 from .params import PARAM_NAMES, check_conditioning, check_model_and_memory
 from .runner import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from .schedule import Plan, Shard, make_batches, plan_run, resolve_shard, select_shard
+from .status import save_manifest_summary
 from .stops import Interrupted, StopRequest, stop_on_signals
 from .store import RunDirError, RunStore, run_dir_problem
 from .workers import WorkerSpec, execute
@@ -108,13 +110,23 @@ def config_problems(cfg: DictConfig) -> list[str]:
     return problems + ([missing] if missing else []) + compile_problems(cfg.memory)
 
 
-def load_manifest(cfg: DictConfig) -> Manifest:
+def load_manifest(cfg: DictConfig, shard: Optional[Shard] = None, image_cache: Optional[ImageCache] = None) -> Manifest:
+    """The validated manifest. Every row is parsed; only `shard`'s rows (up to run.limit)
+    have their images checked, as deep as run.check_images says."""
     problems = config_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-    return read_manifest(cfg.manifest, run_seed=cfg.run.seed, strict=cfg.run.strict, check_images=cfg.run.check_images,
+    level = image_check_mode(cfg.run.check_images)
+    limit = cfg.run.limit
+
+    def select(items: list[Item]) -> list[Item]:
+        mine = select_shard(items, shard) if shard else items
+        return mine[:limit] if limit is not None else mine
+
+    return read_manifest(cfg.manifest, run_seed=cfg.run.seed, strict=cfg.run.strict, check_images=level,
                          image_root=cfg.run.image_root, max_image_pixels=cfg.run.max_image_pixels,
-                         config_params={name: cfg.conditioning[name] for name in PARAM_NAMES})
+                         config_params={name: cfg.conditioning[name] for name in PARAM_NAMES}, select=select,
+                         image_cache=image_cache)
 
 
 def check_run_dir(cfg: DictConfig) -> None:
@@ -167,17 +179,18 @@ def run_on(cfg: DictConfig, cluster=None) -> RunSummary:
 
 
 def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, cluster=None) -> RunSummary:
-    manifest = load_manifest(cfg)
     # Absolute for a cluster: actors on other nodes do not share this working directory.
     store = RunStore(Path(cfg.run.dir).absolute() if cluster else Path(cfg.run.dir), cfg.output.format)
     shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
+    image_cache = ImageCache(store.image_cache)  # what earlier runs learnt about unchanged images
+    manifest = load_manifest(cfg, shard, image_cache)
     # A bad run.devices fails before anything is written.
     devices = cluster.devices() if cluster else resolve_devices(cfg.run.devices, cfg.run.workers)
     store.prepare(cfg.run.min_free_mb)
     summary = progress.summary = RunSummary(run_dir=store.root)
     progress.store = store
     try:
-        run_prepared(cfg, manifest, store, shard, devices, summary, stop, progress, cluster)
+        run_prepared(cfg, manifest, store, shard, devices, summary, stop, progress, image_cache, cluster)
     except OSError as exc:
         # A full disk at any stage the workers do not handle themselves (config, planning,
         # metadata.jsonl, shards, gallery): stop with the summary, like a stop mid-run.
@@ -197,9 +210,11 @@ def run_prepared(
     summary: RunSummary,
     stop: StopRequest,
     progress: _Progress,
+    image_cache: ImageCache,
     cluster=None,
 ) -> None:
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
+    save_manifest_summary(store.cache, manifest)  # lets `svdbatch status` skip re-reading the manifest
     for line, item_id, problems in manifest.bad_rows:
         store.record_failure(item_id, None, "invalid manifest row", {"problems": [str(p) for p in problems], "line": line})
         summary.invalid += 1
@@ -210,8 +225,9 @@ def run_prepared(
     fetcher = UrlCache(store.root / "downloads", cfg.fetch, max_pixels=cfg.run.max_image_pixels)
     plan = progress.plan = plan_run(
         items, cfg.conditioning, cfg.model, cfg.memory, identity.as_dict(), store, cfg.run.limit, fetcher,
-        max_image_pixels=cfg.run.max_image_pixels, output=cfg.output,
+        max_image_pixels=cfg.run.max_image_pixels, output=cfg.output, image_cache=image_cache,
     )
+    image_cache.flush()
     summary.skipped = len(plan.done)
     if shard.count > 1:
         log.info("shard %d of %d: %d of %d items", shard.index, shard.count, len(items), len(manifest.items))

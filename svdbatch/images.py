@@ -9,14 +9,19 @@ the configured resize policy. Everything that changes the pixels here is part of
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from stat import S_ISREG
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
-from .config import ResizeMode
+from .config import ImageCheck, ResizeMode
 
 # Bump when load_rgb/prepare change how they turn the same bytes into pixels.
 PREPROCESS_VERSION = 1
@@ -91,15 +96,24 @@ def open_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
     return image
 
 
-def check_image(path: str | os.PathLike, *, decode: bool = True, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> None:
-    """Raise ImageProblem if `path` is missing or (with decode) is too big or not a readable image."""
-    if not os.path.isfile(path):  # the only check on the fast path: one stat
-        raise ImageProblem("is a folder, not an image file" if os.path.isdir(path) else "image file not found")
-    if not decode:
-        return
+LEVELS = {ImageCheck.none: 0, ImageCheck.header: 1, ImageCheck.full: 2}  # a deeper check vouches for a shallower one
+
+
+def stat_problem(path: str | os.PathLike) -> Optional[str]:
+    if os.path.isdir(path):
+        return "is a folder, not an image file"
+    return None if os.path.isfile(path) else "image file not found"
+
+
+def read_image(path: str | os.PathLike, level: ImageCheck, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """Open the image as deep as `level` says (header: format and size, no pixel data; full:
+    decode everything) and return its size; raise ImageProblem if it is not readable or has
+    more than max_pixels."""
     try:
         with open_image(path, max_pixels) as image:
-            image.load()  # a full decode catches truncated files, verify() alone does not
+            if level is ImageCheck.full:
+                image.load()  # a full decode catches truncated files, verify() alone does not
+            return image.size
     except ImageProblem:
         raise
     except UnidentifiedImageError:  # PIL's own message repeats the absolute path
@@ -107,6 +121,135 @@ def check_image(path: str | os.PathLike, *, decode: bool = True, max_pixels: Opt
         raise ImageProblem(f"not a readable image: {what}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageProblem(f"not a readable image: {exc}") from None
+
+
+def check_image(path: str | os.PathLike, *, decode: bool | ImageCheck = True, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """Raise ImageProblem if `path` is missing or, as deep as `decode` says (True: full,
+    False: none, or an ImageCheck), too big or not a readable image."""
+    level = decode if isinstance(decode, ImageCheck) else (ImageCheck.full if decode else ImageCheck.none)
+    why = stat_problem(path)
+    if why:
+        raise ImageProblem(why)
+    if level is not ImageCheck.none:
+        read_image(path, level, max_pixels)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def parallel_map(function: Callable[[T], R], values: list[T], threads: int = 0) -> list[R]:
+    """function over values on a few threads (decoding and hashing release the GIL), in
+    chunks so that 100k cheap calls do not pay 100k futures; results in order."""
+    threads = threads or min(8, 2 * (os.cpu_count() or 1))
+    if len(values) < 2 or threads < 2:
+        return [function(value) for value in values]
+    size = max(1, min(256, len(values) // (4 * threads)))
+    chunks = [values[start:start + size] for start in range(0, len(values), size)]
+    with ThreadPoolExecutor(threads, thread_name_prefix="svdbatch-images") as pool:
+        return [result for chunk in pool.map(lambda part: [function(v) for v in part], chunks) for result in chunk]
+
+
+class ImageCache:
+    """What was learnt about source images, kept in the run dir (cache/images.jsonl) by
+    (path, size, mtime_ns): how deep the image was checked, its size and its sha256. A
+    restart re-stats the files and reads no image bytes while they are unchanged (the rule
+    make and rsync use). Problems are never cached: a bad file is looked at again.
+
+    Several shards share a run dir: each appends only what it learnt, in one locked write;
+    the latest line per path wins."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path  # None: remember within this process only
+        self._known: dict[str, dict[str, Any]] = {}
+        self._new: dict[str, dict[str, Any]] = {}
+        self._stats: dict[str, os.stat_result] = {}
+        if path is not None and path.is_file():
+            from .store import read_jsonl_fast
+
+            self._known = {r["path"]: r for r in read_jsonl_fast(path) if isinstance(r.get("path"), str)}
+
+    def stat(self, path: str) -> os.stat_result:
+        """os.stat, once per path and process (validation and planning both need it)."""
+        found = self._stats.get(path)
+        if found is None:
+            found = self._stats[path] = os.stat(path)
+        return found
+
+    def forget_stat(self, path: str) -> None:
+        self._stats.pop(path, None)
+
+    def facts(self, path: str, stat: os.stat_result) -> dict[str, Any]:
+        """What is known about this very file (same size and mtime), else {}."""
+        record = self._new.get(path) or self._known.get(path)
+        if record and record.get("bytes") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
+            return record
+        return {}
+
+    def learn(self, path: str, stat: os.stat_result, **facts: Any) -> None:
+        record = dict(self.facts(path, stat))
+        record.update(facts, path=path, bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        self._new[path] = record
+
+    def flush(self) -> None:
+        """Append what this process learnt, in one write under the file's lock."""
+        if self.path is None or not self._new:
+            self._new.clear()
+            return
+        body = "".join(json.dumps(record, sort_keys=True) + "\n" for record in self._new.values()).encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end and os.pread(fd, 1, end - 1) != b"\n":  # a writer killed mid-line: start a fresh line
+                body = b"\n" + body
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._known.update(self._new)
+        self._new.clear()
+
+
+def check_images(
+    paths: Iterable[str], level: ImageCheck, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+    cache: Optional[ImageCache] = None,
+) -> dict[str, Optional[str]]:
+    """The problem with each image (None: fine), checked as deep as `level`. Every file is
+    stat'ed; its header or pixels are read only when the cache has not seen this very file
+    checked as deep, and then on a few threads."""
+    cache = cache or ImageCache(None)
+    problems: dict[str, Optional[str]] = {}
+    to_read: list[tuple[str, os.stat_result]] = []
+    for path in dict.fromkeys(paths):
+        try:
+            info = cache.stat(path)
+        except OSError:
+            problems[path] = "image file not found"
+            continue
+        if not S_ISREG(info.st_mode):
+            problems[path] = stat_problem(path) or "not a regular file"
+            continue
+        known = cache.facts(path, info)
+        if level is ImageCheck.none or LEVELS.get(ImageCheck(known.get("checked", "none")), 0) >= LEVELS[level]:
+            size = known.get("size")
+            problems[path] = pixels_problem(tuple(size), max_pixels) if size else None
+            continue
+        to_read.append((path, info))
+
+    def read(entry: tuple[str, os.stat_result]) -> Optional[str]:
+        path, stat = entry
+        try:
+            size = read_image(path, level, max_pixels)
+        except ImageProblem as exc:
+            return str(exc)
+        cache.learn(path, stat, checked=level.value, size=list(size))
+        return None
+
+    for (path, _), why in zip(to_read, parallel_map(read, to_read)):
+        problems[path] = why
+    return problems
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -22,12 +22,12 @@ import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
-from .config import ConfigError, ResizeMode
+from .config import ConfigError, ImageCheck, ResizeMode, image_check_mode
 from .fetch import is_url, url_problem
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageProblem, check_image
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCache, ImageProblem, check_image, check_images as check_image_files
 from .params import PARAM_NAMES, ValueProblem, coerce, combination_problems, show_value
 from .store import OUTPUTS_ROOT, is_run_dir
 
@@ -414,17 +414,24 @@ def read_manifest(
     *,
     run_seed: int = 0,
     strict: bool = True,
-    check_images: bool = True,
+    check_images: bool | str | ImageCheck = True,
     image_root: Optional[str] = None,
     max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     config_params: Optional[Mapping[str, Any]] = None,
+    select: Optional[Callable[[list[Item]], list[Item]]] = None,
+    image_cache: Optional[ImageCache] = None,
 ) -> Manifest:
     """Parse and validate a manifest. Raises ManifestError listing every problem found.
 
+    check_images (run.check_images): full | header | none (True = full, False = none).
     image_root (run.image_root): local images must resolve inside it; None = any path.
-    max_image_pixels (run.max_image_pixels): checked from the header when check_images.
+    max_image_pixels (run.max_image_pixels): checked from the header unless check_images is none.
     config_params: the config's conditioning values, to check knobs that must agree
-    (min <= max guidance) when a row overrides one of them."""
+    (min <= max guidance) when a row overrides one of them.
+    select: the items whose images this process checks (its shard); all rows are still
+    parsed, so ids and duplicates are checked across the whole manifest.
+    image_cache: checks already done on unchanged files (the run dir's cache)."""
+    image_level = image_check_mode(check_images)
     path = Path(path)
     shown = str(path)
     is_folder = path.is_dir()
@@ -550,9 +557,9 @@ def read_manifest(
                 # unless run.image_root asks for one.
                 image_path = os.path.normpath(os.path.join(base_dir, image_ref))
                 why = _outside_root(image_path, root) if root else None
-                if why is None:  # a file outside the root is not even opened
+                if why is None and problems:  # a bad row: report its image too, now (good rows: below, in bulk)
                     try:
-                        check_image(image_path, decode=check_images, max_pixels=max_image_pixels)
+                        check_image(image_path, decode=image_level, max_pixels=max_image_pixels)
                     except ImageProblem as exc:
                         why = str(exc)
                 if why:
@@ -579,9 +586,31 @@ def read_manifest(
             )
         )
 
+    row_problems += _check_item_images(manifest, select, image_level, max_image_pixels, image_cache)
     if row_problems and (strict or not manifest.items):
-        raise ManifestError(row_problems)
+        raise ManifestError(sorted(row_problems, key=lambda p: p.line or 0))
     return manifest
+
+
+def _check_item_images(
+    manifest: Manifest, select: Optional[Callable[[list[Item]], list[Item]]], level: ImageCheck,
+    max_pixels: Optional[int], cache: Optional[ImageCache],
+) -> list[Problem]:
+    """Check the local images of the selected valid rows in one go (threads, cache), and move
+    the rows whose image fails to bad_rows. Returns their problems."""
+    chosen = select(manifest.items) if select else manifest.items
+    found = check_image_files((item.image for item in chosen if item.image is not None), level, max_pixels, cache)
+    bad = {item.id: item for item in chosen if item.image is not None and found.get(item.image)}
+    if not bad:
+        return []
+    problems = []
+    for item in bad.values():
+        problem = Problem(item.manifest, item.line, "image", f"{found[item.image]} ({item.image_ref})")
+        problems.append(problem)
+        manifest.bad_rows.append((item.line, item.id, [problem]))
+    manifest.items = [item for item in manifest.items if item.id not in bad]
+    manifest.bad_rows.sort(key=lambda row: row[0])
+    return problems
 
 
 def write_manifest(items: list[Item], target: Path) -> None:

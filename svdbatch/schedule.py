@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional
 
 from .config import ConditioningConfig, ConfigError, MemoryConfig, ModelConfig, OutputConfig, ResizeMode
 from .fetch import UrlCache
-from .images import DEFAULT_MAX_IMAGE_PIXELS, Preprocess, file_sha256
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCache, Preprocess, file_sha256, parallel_map
 from .manifest import Item
 from .outputs import output_key, output_settings, written_fps
 from .params import GenParams, param_defaults
@@ -82,7 +82,8 @@ class PlannedItem:
     preprocess: Preprocess
     # The local file to read: the manifest's path, or the downloaded copy of a URL.
     source: Optional[str] = None
-    # Why a URL could not be fetched; the worker raises it so it is recorded as this item's failure.
+    # Why a URL could not be fetched (or a local file vanished after validation); the worker
+    # raises it so it is recorded as this item's failure.
     fetch_error: Optional[str] = None
     # Hash of the output settings the file is written with (outputs.output_settings): with
     # `key`, what must match for the item to count as done.
@@ -116,59 +117,92 @@ def plan_run(
     fetcher: Optional[UrlCache] = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     output: Optional[OutputConfig] = None,
+    image_cache: Optional[ImageCache] = None,
 ) -> Plan:
     """Resolve each item's parameters and key, and split done from to-do.
 
     URL images are downloaded first (in parallel, into the run dir's cache) so their bytes
     can be hashed like local files; an item whose URL fails is planned with fetch_error.
     Hashing every source image on every resume would dominate planning a big run, so a
-    finished item's recorded hash is reused while the image's path, size and mtime are
-    unchanged (the rule make and rsync use); anything else is hashed afresh.
+    hash is reused while the image's path, size and mtime are unchanged (the rule make and
+    rsync use): from the image cache, else from the item's finished record; the rest are
+    hashed on a few threads, and learnt by the cache.
     `output` (default: the run dir's format with default settings) gives the output keys.
     """
     output = output if output is not None else OutputConfig(format=store.format)
     out_keys: dict[int, str] = {}  # per written fps: a run has few
     selected = items[:limit] if limit is not None else items
-    urls = [item.url for item in selected if item.url]
+    urls = [item.url for item in selected if item.image is None and item.url]  # image is None only for a URL
     if urls and fetcher is None:
         raise ValueError("the manifest has image URLs but no fetcher (download cache) was given")
     fetched = fetcher.fetch_many(urls) if urls else {}
+    cache = image_cache or ImageCache(None)
     index = store.finished_index()
     defaults = param_defaults(cond, model, memory)
     run_preprocess = Preprocess.from_config(cond, max_image_pixels)  # a refusal limit: not in the key
     make_key = KeyMaker(model_identity)
-    plan = Plan()
+
+    sources: list[tuple[Item, Any]] = []  # (item, local file or fetch error)
+    hashes: dict[str, Any] = {}  # source -> sha256, None (to hash) or why it cannot be read
     for item in selected:
+        source = item.image if item.image is not None else fetched[item.url]
+        if isinstance(source, Exception):
+            sources.append((item, source))
+            continue
+        source = str(source)
+        sources.append((item, source))
+        if source in hashes:
+            continue
+        try:
+            info = cache.stat(source)
+        except OSError as exc:  # gone since validation (or never checked, past run.limit): this item fails, not the run
+            hashes[source] = OSError(f"image file not readable: {exc.strerror} ({source})")
+            continue
+        known = cache.facts(source, info).get("sha256")
+        if known is None:
+            record = index.get(item.id, {})
+            if (record.get("image_path"), record.get("image_bytes"), record.get("image_mtime_ns")) == (
+                source, info.st_size, info.st_mtime_ns,
+            ):
+                known = record["image_sha256"]
+                cache.learn(source, info, sha256=known)
+        hashes[source] = known
+    unknown = [source for source, known in hashes.items() if known is None]
+    for source, digest in zip(unknown, parallel_map(hash_or_error, unknown)):
+        hashes[source] = digest
+        if isinstance(digest, str):
+            cache.learn(source, cache.stat(source), sha256=digest)
+
+    plan = Plan()
+    for item, source in sources:
         params = defaults.resolve(item.overrides)
         fps = written_fps(output, params.fps)
         out_key = out_keys.get(fps) or out_keys.setdefault(fps, output_key(output_settings(output, fps)))
         preprocess = replace(run_preprocess, resize=ResizeMode(item.resize)) if item.resize else run_preprocess
-        url = item.url
-        source = fetched[url] if url else item.image
-        if isinstance(source, Exception):
-            entry = PlannedItem(item, params, "", 0, 0, None, preprocess, fetch_error=str(source), output_key=out_key)
+        problem = source if isinstance(source, Exception) else hashes[source]
+        if isinstance(problem, Exception):
+            entry = PlannedItem(item, params, "", 0, 0, None, preprocess, fetch_error=str(problem), output_key=out_key)
             plan.todo.append(entry)
             plan.all.append(entry)
             continue
-        source = str(source)
-        stat = os.stat(source)
-        known = index.get(item.id, {})
-        if (known.get("image_path"), known.get("image_bytes"), known.get("image_mtime_ns")) == (
-            source,
-            stat.st_size,
-            stat.st_mtime_ns,
-        ):
-            image_sha256 = known["image_sha256"]
-        else:
-            image_sha256 = file_sha256(source)
-        key = make_key(image_sha256, params, item.seed, preprocess)
-        entry = PlannedItem(item, params, image_sha256, stat.st_size, stat.st_mtime_ns, key, preprocess, source, output_key=out_key)
+        info = cache.stat(source)
+        key = make_key(hashes[source], params, item.seed, preprocess)
+        entry = PlannedItem(
+            item, params, hashes[source], info.st_size, info.st_mtime_ns, key, preprocess, source, output_key=out_key
+        )
         (plan.done if store.is_done(item.id, key, out_key, index) else plan.todo).append(entry)
         plan.all.append(entry)
     warning = fixed_conditioning_warning(plan.all, model)
     if warning:
         log.warning("%s", warning)
     return plan
+
+
+def hash_or_error(path: str) -> str | OSError:
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        return OSError(f"image file not readable: {exc.strerror} ({path})")
 
 
 def fixed_conditioning_warning(planned: list[PlannedItem], model: ModelConfig) -> Optional[str]:

@@ -6,8 +6,9 @@
     invalid      the manifest row does not validate (now, or when the run read it)
     pending      every other manifest row
 
-Nothing is re-hashed and no model is loaded: two stats per finished item, so a status of a
-100k-row run takes about as long as reading its manifest. Keys are not recomputed either,
+Nothing is re-hashed and no model is loaded: two stats per finished item (output and sidecar), and the manifest's
+rows come from the summary the run saved (cache/manifest-*.json) while the manifest file is
+unchanged, so a 100k-row run answers without parsing it. Keys are not recomputed either,
 so an item whose parameters changed since it finished still counts as done here (the next
 run redoes it).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -30,7 +32,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from .manifest import ManifestError, read_manifest
+from .manifest import Manifest, ManifestError, read_manifest
 from .store import CLAIM_SUFFIX, is_run_dir, latest_by_id, output_intact, read_jsonl_fast
 
 from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
@@ -110,6 +112,48 @@ class ManifestView:
         return self.error is None
 
 
+SUMMARY_VERSION = 1
+
+
+def summary_path(cache_dir: Path, manifest: Path) -> Path:
+    digest = hashlib.sha256(os.path.realpath(manifest).encode()).hexdigest()[:16]
+    return cache_dir / f"manifest-{digest}.json"
+
+
+def save_manifest_summary(cache_dir: Path, manifest: Manifest) -> None:
+    """What status needs from a manifest file (valid ids in order, invalid rows), saved by
+    the run so that status need not parse a 100k-row manifest again. Tied to the file's
+    size and mtime: an edited manifest is parsed afresh. Not for folders (their mtime does
+    not change when an image deep inside is added)."""
+    from .outputs import atomic_write_bytes  # not at module level: outputs imports numpy and PIL
+
+    path = manifest.path
+    if not path.is_file():
+        return
+    info = path.stat()
+    summary = {
+        "version": SUMMARY_VERSION, "manifest": os.path.realpath(path), "bytes": info.st_size, "mtime_ns": info.st_mtime_ns,
+        "ids": [item.id for item in manifest.items],
+        "bad_rows": [[line, item_id, [str(p) for p in problems]] for line, item_id, problems in manifest.bad_rows],
+    }
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(summary_path(cache_dir, path), json.dumps(summary, ensure_ascii=False).encode())
+
+
+def load_manifest_summary(run_dir: Path, manifest: Path) -> Optional[dict[str, Any]]:
+    """The run's summary of this manifest file, if the file is unchanged since; else None."""
+    try:
+        summary = json.loads(summary_path(run_dir / "cache", manifest).read_bytes())
+        info = manifest.stat()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("version") != SUMMARY_VERSION:
+        return None
+    if (summary.get("manifest"), summary.get("bytes"), summary.get("mtime_ns")) != (os.path.realpath(manifest), info.st_size, info.st_mtime_ns):
+        return None
+    return summary
+
+
 def read_manifest_view(run_dir: Path) -> ManifestView:
     refs = manifest_refs(run_dir)
     if not refs:
@@ -120,14 +164,21 @@ def read_manifest_view(run_dir: Path) -> ManifestView:
         path = locate(ref, run_dir)
         if path is None:
             return ManifestView(refs, error=f"manifest {ref} not found")
-        try:
-            # No image decoding: status must be instant; the run itself decoded them.
-            manifest = read_manifest(path, strict=False, check_images=False)
-        except ManifestError as exc:
-            return ManifestView(refs, error=f"manifest {ref} unreadable: {exc.problems[0] if exc.problems else exc}")
-        view.ids += [item.id for item in manifest.items if item.id not in seen]
-        seen.update(item.id for item in manifest.items)
-        view.bad_rows += [(line, item_id, [str(p) for p in problems]) for line, item_id, problems in manifest.bad_rows]
+        summary = load_manifest_summary(run_dir, path)
+        if summary is not None:  # the run's own reading of this very file: no parsing
+            ids = summary["ids"]
+            bad_rows = [(line, item_id, list(problems)) for line, item_id, problems in summary["bad_rows"]]
+        else:
+            try:
+                # No image reading: status must be quick; the run checks images itself.
+                manifest = read_manifest(path, strict=False, check_images=False)
+            except ManifestError as exc:
+                return ManifestView(refs, error=f"manifest {ref} unreadable: {exc.problems[0] if exc.problems else exc}")
+            ids = [item.id for item in manifest.items]
+            bad_rows = [(line, item_id, [str(p) for p in problems]) for line, item_id, problems in manifest.bad_rows]
+        view.ids += [item_id for item_id in ids if item_id not in seen]
+        seen.update(ids)
+        view.bad_rows += bad_rows
     return view
 
 
@@ -339,6 +390,9 @@ def throughput(records: Iterable[dict[str, Any]], window: int = THROUGHPUT_WINDO
     Wall clock, not the items' own seconds: with several workers (or shards) items overlap.
     The span runs from the first item's start (its finish minus its seconds) to the last
     finish, so it is not zero for one item or for finishes within the same second."""
+    # The log is appended as items finish, so the latest finishes are at its end: parsing the
+    # times of a generous tail, not of a 100k-line log, gives the same window.
+    records = list(records)[-max(40 * window, 2000):]
     finished = sorted(
         (stamp, float(r.get("seconds") or 0.0)) for r in records if (stamp := parse_time(r.get("finished_at"))) is not None
     )

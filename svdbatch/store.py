@@ -8,6 +8,7 @@ Layout of a run dir::
     results.jsonl        one line per finished item
     failures.jsonl       one line per failed attempt (error + traceback)
     claims/<id>.claim    flock'ed while a process generates the item (shared run dirs)
+    cache/               image checks and hashes by (path, size, mtime), manifest summaries
     index.html, gallery/ contact sheet and its thumbnails (gallery.py)
     metadata.jsonl       dataset index of finished items (dataset.py)
 
@@ -211,6 +212,8 @@ class RunStore:
         self.results = self.root / "results.jsonl"
         self.failures = self.root / "failures.jsonl"
         self.claims = self.root / "claims"
+        self.cache = self.root / "cache"  # what runs learnt about their inputs (images.ImageCache, status's manifest summary)
+        self.image_cache = self.cache / "images.jsonl"
 
     # -- set-up -----------------------------------------------------------------------
     def prepare(self, min_free_mb: int = 0) -> None:
@@ -242,7 +245,7 @@ class RunStore:
         removed = 0
         cutoff = time.time() - older_than_s
         # downloads/ (URL cache), webdataset/ (shards), gallery/ (thumbnails): the same atomic writer.
-        extra = [folder for folder in (self.root / name for name in ("downloads", "webdataset", "gallery")) if folder.is_dir()]
+        extra = [folder for folder in (self.root / name for name in ("downloads", "webdataset", "gallery", "cache")) if folder.is_dir()]
         for folder in (self.videos, self.sidecars, self.root, *extra):
             for entry in os.scandir(folder):
                 if TEMP_MARKER not in entry.name or not entry.name.startswith("."):

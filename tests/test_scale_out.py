@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,13 +14,13 @@ import psutil
 import pytest
 import torch
 
-from svdbatch.config import ConfigError
+from svdbatch.config import ConfigError, sweep_subdir
 from svdbatch.driver import run
 from svdbatch.manifest import read_manifest
 from svdbatch.models import ModelLoadError, resolve_devices
 from svdbatch.schedule import Shard, resolve_shard, select_shard, shard_from_env
 from svdbatch.store import read_jsonl
-from tests.conftest import FAST, REPO, make_cfg, make_image, write_csv
+from tests.conftest import FAST, REPO, make_cfg, make_image, run_cli, write_csv
 
 
 @pytest.fixture
@@ -176,19 +177,151 @@ def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, manifest8):
     assert frame_hashes(run_dir) == frame_hashes(tmp_path / "clean")
 
 
-def test_submitit_local_launcher_runs_shards_of_one_run_dir(tmp_path, manifest8):
+README_SUBMITIT = ["-m", "hydra/launcher=submitit_local", "run.shard.count=2", "run.shard.index=0,1", "manifest=manifests/sample.csv"]
+
+
+def readme_cwd(root: Path) -> Path:
+    """A working directory where the README's relative paths mean what they say."""
+    shutil.copytree(REPO / "manifests", root / "manifests")
+    return root
+
+
+def test_readme_submitit_local_command_gives_one_run_dir_equal_to_one_worker(tmp_path):
+    """The README's multi-node recipe, literally: both shards in outputs/sample/, every item
+    once, the frames of a plain run; resubmitting it skips everything."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
-    proc = subprocess.run(
-        [sys.executable, "-m", "svdbatch", "-m", "hydra/launcher=submitit_local", f"manifest={manifest8}", *FAST,
-         "run.num_threads=1", "run.shard.count=2", "run.shard.index=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-         "hydra.launcher.timeout_min=10"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
+    cwd = readme_cwd(tmp_path / "sharded")
+    proc = run_cli(*README_SUBMITIT, cwd=cwd, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dirs = {p.parent for p in (tmp_path / "sweep").rglob("results.jsonl")}
-    assert len(run_dirs) == 1, "both shards must write into one run dir"
-    (run_dir,) = run_dirs
-    assert sorted(frame_hashes(run_dir)) == [f"i{n}" for n in range(8)]
+    run_dirs = {p.parent for p in (cwd / "outputs").rglob("results.jsonl")}
+    assert run_dirs == {cwd / "outputs" / "sample"}, "both shards must write into outputs/sample/"
+    records = list(read_jsonl(cwd / "outputs" / "sample" / "results.jsonl"))
+    assert sorted(r["id"] for r in records) == ["rocket", "sunset", "waves"]  # each exactly once
+    plain_run = run_cli("manifest=manifests/sample.csv", cwd=readme_cwd(tmp_path / "plain"), timeout=900)
+    assert plain_run.returncode == 0, plain_run.stderr[-3000:]
+    assert frame_hashes(cwd / "outputs" / "sample") == frame_hashes(tmp_path / "plain" / "outputs" / "sample")
+    again = run_cli(*README_SUBMITIT, cwd=cwd, timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(list(read_jsonl(cwd / "outputs" / "sample" / "results.jsonl"))) == 3
+    # submitit's jobs print into their own logs; the summaries say what each shard did.
+    summaries = [line for log in (cwd / "outputs" / "sample" / ".submitit").rglob("*_log.out")
+                 for line in log.read_text().splitlines() if line.startswith("svdbatch: ")]
+    assert len(summaries) == 4 and sum(" 0 done," in line for line in summaries) == 2, summaries
+
+
+def test_basic_launcher_shards_share_the_run_dir(tmp_path):
+    cwd = readme_cwd(tmp_path)
+    args = ["-m", "run.shard.count=2", "run.shard.index=0,1", "manifest=manifests/sample.csv", *FAST]
+    proc = run_cli(*args, cwd=cwd, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sample = cwd / "outputs" / "sample"
+    fast_dir = sample / ",".join(sorted(FAST))  # FAST's settings change outputs: they name the folder
+    assert {p.parent for p in (cwd / "outputs").rglob("results.jsonl")} == {fast_dir}
+    assert sorted(r["id"] for r in read_jsonl(fast_dir / "results.jsonl")) == ["rocket", "sunset", "waves"]
+    assert sorted(p.name for p in fast_dir.glob("config.shard-*")) == ["config.shard-0-of-2.yaml", "config.shard-1-of-2.yaml"]
+    again = run_cli(*args, cwd=cwd, timeout=900)
+    assert again.stdout.count(" 0 done, ") == 2 and "3 skipped" not in again.stdout  # each shard skips its own
+
+
+def test_torchrun_ranks_share_the_run_dir(tmp_path):
+    """torchrun / accelerate set RANK and WORLD_SIZE: plain runs, one shard each, one folder."""
+    cwd = readme_cwd(tmp_path)
+    for rank in (0, 1):
+        proc = subprocess.run([sys.executable, "-m", "svdbatch", "manifest=manifests/sample.csv", *FAST], cwd=cwd,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    sample = cwd / "outputs" / "sample"
+    assert {p.parent for p in (cwd / "outputs").rglob("results.jsonl")} == {sample}
+    assert sorted(r["id"] for r in read_jsonl(sample / "results.jsonl")) == ["rocket", "sunset", "waves"]
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["run.shard.count=2", "run.shard.index=1", "manifest=m.csv"], ""),
+        (["run.workers=2", "run.some_future_setting=1", "fetch.retries=5", "run.check_images=full"], ""),
+        (["conditioning.fps=6", "run.shard.index=0", "model=svd_xt"], "conditioning.fps=6,model=svd_xt"),
+        (["+run.seed=3", "model.source=/data/svd", "model.cache_dir=/c"], "+run.seed=3,model.source=_data_svd"),
+        (["memory=low", "memory.offload=none", "output.webdataset=true", "output.format=gif"], "memory=low,output.format=gif"),
+    ],
+)
+def test_sweep_subdir_is_named_after_output_changing_overrides_only(overrides, expected):
+    assert sweep_subdir(overrides) == expected
+
+
+def test_sweep_subdir_of_many_overrides_stays_a_valid_file_name():
+    long = sweep_subdir([f"conditioning.pad_color=rgb({n},{n},{n})" for n in range(40)] + ["conditioning.fps=6"])
+    assert len(long.encode()) <= 200 and long != sweep_subdir(["conditioning.fps=7"] * 41)
+
+
+def leaf_settings(node, prefix=""):
+    for name, value in node.items():
+        if isinstance(value, dict):
+            yield from leaf_settings(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+CHANGED = {  # a different valid value for settings whose default gives no generic one
+    "model.revision": "abc", "model.variant": "fp16", "model.dtype": "float16",
+    "model.source": "some/repo", "conditioning.num_frames": 5, "conditioning.decode_chunk_size": 2,
+    "conditioning.width": 72, "conditioning.height": 72, "conditioning.pad_color": "red", "conditioning.background": "blue",
+    "conditioning.resize": "pad", "memory.max_decode_chunk_size": 1, "output.fps": 3, "output.format": "gif",
+    "memory.offload": "model", "model.fixed_conditioning": {"fps": 3},
+}
+
+
+def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, manifest8):
+    """The allow-list can only miss a setting by not listing it: change each setting of the
+    schema in turn and check that those which change an item's key are in it."""
+    from omegaconf import OmegaConf
+
+    from svdbatch.config import changes_outputs, plain
+    from svdbatch.models import model_identity
+    from svdbatch.schedule import plan_run
+    from svdbatch.store import RunStore
+
+    base = make_cfg(f"manifest={manifest8}", f"run.dir={tmp_path / 'run'}", "run.limit=1")
+    (item,) = read_manifest(manifest8).items[:1]
+
+    def key_of(cfg) -> str:
+        store = RunStore(tmp_path / "run", cfg.output.format)
+        identity = model_identity(cfg.model, torch.device("cpu")).as_dict()
+        seed = item.seed  # rows with a derived seed get it from run.seed
+        from dataclasses import replace as dc_replace
+
+        from svdbatch.manifest import derive_seed
+        planned = dc_replace(item, seed=derive_seed(cfg.run.seed, item.id), seed_derived=True)
+        (entry,) = plan_run([planned], cfg.conditioning, cfg.model, cfg.memory, identity, store).all
+        return f"{entry.key}|{store.video_path(item.id).name}"
+
+    reference = key_of(base)
+    missing = []
+    for name, value in leaf_settings(plain(base)):
+        if name in ("manifest", "run.name", "run.dir"):
+            continue
+        if name == "model.cache_dir":
+            new = str(tmp_path / "model-cache")  # builds the tiny model there: never in the repo
+        elif name in CHANGED:
+            new = CHANGED[name]
+        elif isinstance(value, bool):
+            new = not value
+        elif isinstance(value, (int, float)):
+            new = value + 1
+        elif value is None:
+            new = 1
+        else:
+            new = f"{value}x"
+        cfg = base.copy()
+        try:
+            OmegaConf.update(cfg, name, new, merge=False)
+            changed = key_of(cfg) != reference
+        except Exception:  # a value this generic change makes invalid: such a setting is listed in CHANGED
+            missing.append(f"{name} (no valid changed value)")
+            continue
+        if changed and not changes_outputs(name):
+            missing.append(name)
+    assert not missing, f"settings that change item keys but are not in OUTPUT_SETTINGS: {missing}"
 
 
 def test_workers_that_cannot_load_the_model_fail_the_run_clearly(tmp_path, manifest8):

@@ -1,0 +1,197 @@
+"""Restarts at scale, in the default configuration, on real-size images.
+
+Writes D distinct 1024x576 JPEGs (default 20k; noise, so they neither compress nor hash
+trivially) and a manifest of N rows (default 100k; rows reuse the images), then measures,
+side by side:
+
+  first     validation + plan of the whole manifest on a fresh run dir (header checks and
+            sha256 of every distinct image, on threads), in-process: rows/s
+  restart   the same command once all but 1% of the items are done (faked, as bench/plan.py
+            does: outputs with the right keys), from the command to the first item starting
+            (a subprocess that SVDBATCH_FAULT kills at its first pipeline call)
+  baseline  the same, for a 1-row manifest: the fixed cost (interpreter, torch, hydra, model)
+  shard     shard 0 of 8 of the same manifest on a fresh run dir, command to first item
+  status    `svdbatch status` of the 100k-row run (a subprocess, so it includes start-up)
+
+    python bench/restart.py [--rows 100000] [--distinct 20000] [--repeats 3] [--keep DIR]
+
+Images go to a temporary folder (or --keep DIR, reused when run again), never the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from svdbatch.cli import config_dir  # noqa: E402
+from svdbatch.driver import load_manifest  # noqa: E402
+from svdbatch.images import ImageCache  # noqa: E402
+from svdbatch.models import model_identity, resolve_devices  # noqa: E402
+from svdbatch.schedule import Shard, plan_run  # noqa: E402
+from svdbatch.store import RunStore  # noqa: E402
+
+BASES = 200  # distinct encodes; every file is a base plus its own JPEG comment (distinct bytes)
+
+
+def write_images(folder: Path, count: int) -> list[Path]:
+    """count distinct 1024x576 JPEGs (~165 kB each). Encoding 20k would take minutes, so 200
+    noise images are encoded and each file gets a unique COM segment: distinct bytes and
+    hashes, a real header to parse and real pixels to decode."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{n:06d}.jpg" for n in range(count)]
+    if all(p.is_file() for p in paths[-10:]):
+        return paths
+    rng = np.random.default_rng(0)
+    bases = []
+    for _ in range(min(BASES, count)):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (576, 1024, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=30)
+        bases.append(buffer.getvalue())
+    for n, path in enumerate(paths):
+        base = bases[n % len(bases)]
+        comment = f"svdbatch bench image {n}".encode()
+        segment = b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment
+        path.write_bytes(base[:2] + segment + base[2:])  # right after SOI
+    return paths
+
+
+def write_manifest(path: Path, images: list[Path], rows: int) -> Path:
+    with path.open("w") as handle:
+        handle.write("id,image,seed\n")
+        for n in range(rows):
+            handle.write(f"item{n},{images[n % len(images)]},{n}\n")
+    return path
+
+
+def compose_cfg(manifest: Path, run_dir: Path, *extra: str):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"manifest={manifest}", f"run.dir={run_dir}", *extra])
+
+
+def first_run(manifest: Path, run_dir: Path):
+    """Validation + plan as driver.run does them, on a fresh run dir."""
+    cfg = compose_cfg(manifest, run_dir)
+    store = RunStore(run_dir, cfg.output.format)
+    identity = model_identity(cfg.model, resolve_devices("auto")[0]).as_dict()
+    start = time.perf_counter()
+    cache = ImageCache(store.image_cache)
+    items = load_manifest(cfg, Shard(), cache).items
+    store.prepare()
+    plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store, image_cache=cache)
+    cache.flush()
+    return time.perf_counter() - start, cfg, store, plan
+
+
+def fake_done(store: RunStore, plan, done: int) -> None:
+    with store.results.open("w") as results:
+        for entry in plan.todo[:done]:
+            video = store.video_path(entry.item.id)
+            video.write_bytes(b"v" * 10)
+            sidecar = {"id": entry.item.id, "key": entry.key, "status": "done", "seed": entry.item.seed,
+                       "image": entry.image_record(), "frames_sha256": "", "finished_at": "2026-01-01T00:00:00+00:00",
+                       "output": {"path": store.relative(video), "bytes": 10}, "timings": {"total_s": 1.0}}
+            store.sidecar_path(entry.item.id).write_text(json.dumps(sidecar))
+            results.write(json.dumps(store.result_record(sidecar)) + "\n")
+
+
+def to_first_item(manifest: Path, run_dir: Path, *extra: str) -> float:
+    """Seconds from starting the command to its first pipeline call (where it is killed)."""
+    env = {**os.environ, "SVDBATCH_FAULT": "generate:1:kill", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "svdbatch", f"manifest={manifest}", f"hydra.run.dir={run_dir}", "run.progress=false",
+               "run.gallery=false", *extra]
+    start = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != -signal.SIGKILL:
+        raise RuntimeError(f"expected the first item to be killed, got exit {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return seconds
+
+
+def status_seconds(run_dir: Path) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "svdbatch", "status", str(run_dir), "--json"],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return seconds
+
+
+def median_of(repeats: int, measure) -> tuple[float, list[float]]:
+    values = [measure() for _ in range(repeats)]
+    return statistics.median(values), values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--distinct", type=int, default=20_000)
+    parser.add_argument("--done-fraction", type=float, default=0.99)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (images are reused)")
+    args = parser.parse_args()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="svdbatch-bench-restart-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        bench(root, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def bench(root: Path, args) -> None:
+    started = time.perf_counter()
+    images = write_images(root / "img", args.distinct)
+    manifest = write_manifest(root / "manifest.csv", images, args.rows)
+    one_row = write_manifest(root / "one.csv", images, 1)
+    print(f"{args.distinct} distinct 1024x576 JPEGs (~{images[0].stat().st_size // 1000} kB), {args.rows} rows "
+          f"({time.perf_counter() - started:.0f} s to write); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    for name in ("run", "shard", "one"):
+        shutil.rmtree(root / name, ignore_errors=True)
+
+    first_s, cfg, store, plan = first_run(manifest, root / "run")
+    done = int(args.rows * args.done_fraction)
+    fake_done(store, plan, done)
+
+    restart, restarts = median_of(args.repeats, lambda: to_first_item(manifest, root / "run"))
+    baseline, baselines = median_of(args.repeats, lambda: to_first_item(one_row, root / "one"))
+    shard_runs = []
+    for _ in range(args.repeats):
+        shutil.rmtree(root / "shard", ignore_errors=True)  # a first run of the shard each time
+        shard_runs.append(to_first_item(manifest, root / "shard", "run.shard.index=0", "run.shard.count=8"))
+    shard = statistics.median(shard_runs)
+    status, statuses = median_of(args.repeats, lambda: status_seconds(root / "run"))
+
+    def show(values: list[float]) -> str:
+        return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
+
+    print(f"rows: {args.rows}, distinct images: {args.distinct}, done before the restart: {done}; medians of {args.repeats}")
+    print(f"first validation + plan      {first_s:6.2f} s = {args.rows / first_s:8,.0f} rows/s   (target >= 5,000 rows/s)")
+    print(f"restart, to first item       {restart:6.2f} s {show(restarts)}   (target < 5 s)")
+    print(f"1-row run, to first item     {baseline:6.2f} s {show(baselines)}   (fixed cost: python, torch, hydra, model)")
+    print(f"  restart - fixed cost       {restart - baseline:6.2f} s   restart / fixed cost {restart / baseline:.2f}x")
+    print(f"shard 0 of 8, first run      {shard:6.2f} s {show(shard_runs)}")
+    print(f"status (subprocess)          {status:6.2f} s {show(statuses)}   (target < 1 s)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
