@@ -116,6 +116,33 @@ def reproduce(args: list[str]) -> int:
     return reproduce_command(args)
 
 
+def show_sweep_config(argv: list[str]) -> bool:
+    """`svdbatch -m a=1,2 ... --cfg job [--resolve]` (or `--info`): Hydra refuses to combine
+    --multirun with --cfg/--info, yet "what will each sweep point run, and where?" is the
+    question before a sweep. Print each point's config in turn, as one YAML document per
+    point, composed exactly as the sweep would compose it (hydra.mode=MULTIRUN and the
+    point's hydra.job.num, so run.dir is that point's folder). False: not such a command."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return False  # let Hydra report the bad command line itself
+    if not args.multirun or not (args.cfg or args.info):
+        return False
+    flags = [token for token in argv if token not in ("-m", "--multirun") and token not in args.overrides]
+    points = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args.overrides), None)[0]
+    program = sys.argv[0]
+    for number, point in enumerate(points):
+        if args.cfg:
+            print(f"--- # sweep point {number}: {' '.join(point)}", flush=True)
+        sys.argv = [program, *flags, *point, "hydra.mode=MULTIRUN", f"hydra.job.num={number}"]
+        hydra_app()
+    return True
+
+
 SUBCOMMANDS = {"validate": validate, "reproduce": reproduce, "status": status_command, "gallery": gallery_command}
 
 
@@ -126,5 +153,7 @@ def main() -> None:
         except BrokenPipeError:  # `svdbatch status ... | head`: the reader left, not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             sys.exit(0)
+    if show_sweep_config(sys.argv[1:]):
+        sys.exit(0)
     hydra_app()
     sys.exit(max(_exit_codes, default=0))

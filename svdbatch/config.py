@@ -7,6 +7,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -217,8 +218,34 @@ def sweep_subdir(override_dirname: str, job_num: int) -> str:
     return override_dirname.replace("/", "_") or str(job_num)
 
 
+def hydra_job_dir(_root_: DictConfig) -> str:
+    """The folder Hydra runs this job in: `run.dir`'s default (conf/config.yaml).
+
+    Hydra sets hydra.runtime.output_dir only when a job really runs; `--cfg job --resolve`
+    and `--info` compose the config without running it, where that key is unset. So the
+    folder is derived the way Hydra derives it (hydra.run.dir, or sweep.dir/sweep.subdir in
+    a multirun), and made absolute as Hydra does: the printed run.dir is the one a run uses."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        raise ConfigError("run.dir: no Hydra job to take it from; set run.dir=... explicitly")
+    hydra_cfg = HydraConfig.get()
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
+    if output_dir:
+        return str(output_dir)
+    # `--cfg job` has already cut Hydra's node off this config, so its dir settings (which
+    # refer to job keys such as run.name) are resolved in a scratch copy holding both.
+    scratch = OmegaConf.create(OmegaConf.to_container(_root_, resolve=False))
+    scratch.hydra = OmegaConf.to_container(hydra_cfg, resolve=False)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return os.path.abspath(os.path.join(str(scratch.hydra.sweep.dir), str(scratch.hydra.sweep.subdir)))
+    return os.path.abspath(str(scratch.hydra.run.dir))
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    OmegaConf.register_new_resolver("svdbatch_job_dir", hydra_job_dir, replace=True)
     OmegaConf.register_new_resolver("svdbatch_stem", lambda path: Path(str(path)).stem, replace=True)
     OmegaConf.register_new_resolver("svdbatch_subdir", sweep_subdir, replace=True)
 
