@@ -8,6 +8,8 @@ Layout of a run dir::
     results.jsonl        one line per finished item
     failures.jsonl       one line per failed attempt (error + traceback)
     claims/<id>.claim    flock'ed while a process generates the item (shared run dirs)
+    replaced/<stamp>/    videos/ and items/ of finished items a later run redid with other
+                         settings (run.keep_replaced), one folder per run, UTC time it started
     index.html, gallery/ contact sheet and its thumbnails (gallery.py)
     metadata.jsonl       dataset index of finished items (dataset.py)
 
@@ -34,6 +36,7 @@ from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes, output_name,
 log = logging.getLogger(__name__)
 
 CLAIM_SUFFIX = ".claim"  # claims/<id>.claim
+REPLACED_DIR = "replaced"  # replaced/<stamp>/: what run.keep_replaced moved aside
 KEY_VERSION = 2  # bump when what goes into a key changes meaning (2: preprocessing)
 STALE_TEMP_SECONDS = 600.0
 
@@ -246,6 +249,14 @@ class RunStore:
         finally:
             self.release(claim)
 
+    def read_sidecar(self, item_id: str) -> Optional[dict[str, Any]]:
+        """An item's sidecar, or None if it is missing or unreadable."""
+        try:
+            sidecar = json.loads(self.sidecar_path(item_id).read_bytes())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return sidecar if isinstance(sidecar, dict) else None
+
     def done_record(self, item_id: str, key: str) -> Optional[dict[str, Any]]:
         """The results record an item's sidecar vouches for, if the sidecar is there, has
         this key, and its output is complete; else None."""
@@ -278,6 +289,36 @@ class RunStore:
     def release(claim: Optional[int]) -> None:
         if claim is not None:
             os.close(claim)  # closing drops the flock
+
+    # -- replacing finished items ------------------------------------------------------
+    def replaced_dir(self, started: float) -> Path:
+        """Where this run keeps the outputs it replaces: replaced/<UTC start time>/."""
+        return self.root / REPLACED_DIR / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+
+    def keep_replaced(self, item_id: str, old_key: str, folder: Path) -> bool:
+        """Move a finished item's output, then its sidecar, to `folder` (same relative paths)
+        before it is redone with another key. Under the item's claim, and only while its
+        sidecar still has `old_key`: a process sharing the run dir may have redone it
+        already, and its fresh output must stay. False if nothing was moved."""
+        claim = self.claim(item_id)
+        if claim is None:
+            return False
+        try:
+            sidecar = self.read_sidecar(item_id)
+            if sidecar is None or sidecar.get("key") != old_key:
+                return False
+            moved = False
+            # The video first: if the run dies in between, the expensive part is already safe.
+            for source in (self.root / str((sidecar.get("output") or {}).get("path", "")), self.sidecar_path(item_id)):
+                if source == self.root or not os.path.lexists(source):
+                    continue
+                target = folder / self.relative(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+                moved = True
+            return moved
+        finally:
+            self.release(claim)
 
     # -- writing ----------------------------------------------------------------------
     @staticmethod
