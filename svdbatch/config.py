@@ -171,9 +171,11 @@ class RunConfig:
     # Rows sharing size, frames, steps and micro-conditioning may share one pipeline call.
     # Off by default: batched frames differ from single calls by ~1e-6 (DESIGN.md §7).
     batch_size: int = 1
-    # Intra-op threads for torch (null = torch's default, the same in every worker).
-    # Float results depend on it, so it is recorded per item: keep it fixed across runs
-    # you want to compare bit for bit.
+    # Intra-op threads per worker. null = the physical cores this process may use (CPU
+    # affinity, cgroup quota) divided by the number of workers, at least 1: torch's own
+    # default gives every worker all the machine's cores and oversubscribes shared CPUs.
+    # Float results depend on it, so it is recorded per item: set it explicitly to compare
+    # runs bit for bit across machines or allocations.
     num_threads: Optional[int] = None
     # Process at most this many rows (after sharding), handy for a smoke run.
     limit: Optional[int] = None

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from contextlib import ExitStack, nullcontext
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .config import ConfigError, plain
 from .dataset import check_output_config, write_dataset
@@ -83,6 +86,8 @@ class RunSummary:
 
 def load_manifest(cfg: DictConfig) -> Manifest:
     problems = check_conditioning(cfg.conditioning) + check_fetch_config(cfg.fetch) + check_output_config(cfg.output)
+    if cfg.run.num_threads is not None and cfg.run.num_threads < 1:
+        problems.append(f"run.num_threads: must be at least 1, or null for the default, got {cfg.run.num_threads}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return read_manifest(cfg.manifest, run_seed=cfg.run.seed, strict=cfg.run.strict, check_images=cfg.run.check_images,
@@ -90,11 +95,18 @@ def load_manifest(cfg: DictConfig) -> Manifest:
 
 
 def run(cfg: DictConfig) -> RunSummary:
+    # The stack holds the run's owner file (store.Owner) until the run returns or raises.
+    with ExitStack() as stack:
+        return _run(cfg, stack)
+
+
+def _run(cfg: DictConfig, stack: ExitStack) -> RunSummary:
     started = time.perf_counter()
     manifest = load_manifest(cfg)
     store = RunStore(Path(cfg.run.dir), cfg.output.format)
     shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
     store.prepare(cfg.run.min_free_mb)
+    stack.enter_context(store.owner())  # `svdbatch status` asks it whether the run is live
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
     summary = RunSummary(run_dir=store.root)
     for line, item_id, problems in manifest.bad_rows:
@@ -129,8 +141,11 @@ def run(cfg: DictConfig) -> RunSummary:
             if gallery:
                 gallery.maybe_update()
 
-        execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done)
-        bar.close()
+        # While the bar is drawn, log lines go through tqdm.write: printed above the bar on
+        # their own line, not glued onto it (the bar writes no newline).
+        with logging_redirect_tqdm() if cfg.run.progress else nullcontext():
+            execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store, devices), devices, on_done)
+            bar.close()
 
     if summary.stop_reason is None:
         write_dataset(store, plan.all, cfg.output)  # metadata.jsonl (+ shards): only what is done now
@@ -160,18 +175,64 @@ def set_aside_replaced(replaced: list[Replacement], store: RunStore, keep: bool,
             log.info("%d of %d replaced items were not moved (another process holds or already redid them)", len(replaced) - kept, len(replaced))
 
 
-def worker_spec(cfg: DictConfig, store: RunStore) -> WorkerSpec:
+def worker_spec(cfg: DictConfig, store: RunStore, devices: list[torch.device]) -> WorkerSpec:
     return WorkerSpec(
         model=plain(cfg.model),
         memory=plain(cfg.memory),
         output=plain(cfg.output),
         run_dir=str(store.root),
         # Resolved here, once, so every worker computes with the same thread count.
-        num_threads=cfg.run.num_threads or torch.get_num_threads(),
+        num_threads=cfg.run.num_threads or default_num_threads(devices),
         step_progress=cfg.run.step_progress,
         context={"config": plain(cfg)},
         retry_on_oom=cfg.run.retry_on_oom,
     )
+
+
+def cgroup_cpu_limit() -> Optional[float]:
+    """CPUs a cgroup quota allows (docker --cpus, Kubernetes limits), or None: cgroup v2's
+    cpu.max ('200000 100000' = 2 CPUs, 'max' = none), else v1's cfs quota/period."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def usable_cores() -> int:
+    """Physical cores this process may run on: its CPU affinity (taskset, Slurm, cpusets),
+    hyper-thread siblings counted once, capped by a cgroup CPU quota. Fixed for a given
+    machine and allocation, unlike the load, so the thread count built on it is too."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        cpus = set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topology / "physical_package_id").read_text().strip() + ":" + (topology / "core_id").read_text().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")
+    count = len(cores)
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        count = min(count, int(limit))
+    return max(1, count)
+
+
+def default_num_threads(devices: list[torch.device]) -> int:
+    """Intra-op threads per worker when run.num_threads is null: the usable physical cores
+    shared out between the workers (torch's own default takes every core the machine has
+    for each worker, ignoring quotas and the other workers). It changes float results, so
+    it is resolved once here and recorded in every sidecar."""
+    return max(1, usable_cores() // max(1, len(devices)))
 
 
 def in_hydra_sweep() -> bool:

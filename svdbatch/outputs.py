@@ -24,6 +24,7 @@ from .faults import fault_point
 
 TEMP_MARKER = ".partial-"
 _HOST = socket.gethostname().replace("@", "_")[:64]
+HOST = _HOST  # this machine, as named in temporaries and owner files (store.Owner)
 
 
 def temp_prefix(stem: str) -> str:
