@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
@@ -52,22 +54,61 @@ register_configs()
 _exit_codes: list[int] = []  # one per Hydra job (several in a multirun)
 
 
+@dataclass
+class JobSummary:
+    """What one Hydra job hands back: its summary line, run dir and exit code.
+
+    hydra.main drops a sweep's return values, and under the submitit launchers each job runs
+    in another process (its stdout goes to .submitit/*_log.out). The launcher does bring each
+    job's return value back to the launching process, pickled: unpickling a JobSummary there
+    records it, so `main` can print one line per job and exit with the worst code."""
+
+    job: Optional[int]
+    run_dir: str
+    line: str
+    exit_code: int
+    pid: int = field(default_factory=os.getpid)  # the process that ran the job
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.pid != os.getpid():
+            _remote_jobs[(self.job, self.run_dir)] = self
+            _exit_codes.append(self.exit_code)
+
+
+_remote_jobs: dict[tuple[Optional[int], str], JobSummary] = {}  # jobs another process ran
+
+
+def job_number() -> Optional[int]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def hydra_app(cfg: DictConfig) -> None:
+def hydra_app(cfg: DictConfig) -> JobSummary:
     # torch is imported here, not at module level, so `svdbatch status` and `gallery` start fast.
     from .driver import run
 
     try:
         if cfg.run.emit_manifest:
-            _exit_codes.append(emit_manifest(cfg))
-            return
+            code = emit_manifest(cfg)
+            _exit_codes.append(code)
+            return JobSummary(job_number(), str(cfg.run.dir), f"wrote the manifest into {cfg.run.dir}", code)
         summary = run(cfg)
     except user_errors() as exc:
         log.error("%s", exc)
         _exit_codes.append(EXIT_BAD_INPUT)
-        return
+        return JobSummary(job_number(), str(cfg.run.dir), f"svdbatch: not run: {str(exc).splitlines()[0]}", EXIT_BAD_INPUT)
     print(summary.line(), flush=True)
     _exit_codes.append(exit_code(summary))
+    return JobSummary(job_number(), str(summary.run_dir), summary.line(), exit_code(summary))
+
+
+def print_remote_jobs() -> None:
+    """After a sweep whose jobs ran in other processes (submitit): one line per job."""
+    for summary in sorted(_remote_jobs.values(), key=lambda s: (s.job is None, s.job or 0, s.run_dir)):
+        print(f"job {summary.job}: {summary.line}", flush=True)
 
 
 def exit_code(summary) -> int:
@@ -156,4 +197,5 @@ def main() -> None:
     if show_sweep_config(sys.argv[1:]):
         sys.exit(0)
     hydra_app()
+    print_remote_jobs()
     sys.exit(max(_exit_codes, default=0))
