@@ -37,7 +37,12 @@ print(threads, (time.perf_counter() - start) / int(sys.argv[2]))
 
 def main() -> None:
     items = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    settings = [("torch default", str(os.cpu_count() or 1), {}), ("svdbatch default", "0", {}), ("1 thread", "1", {})]
+    settings = [
+        ("torch default", str(os.cpu_count() or 1), {"OMP_WAIT_POLICY": "ACTIVE"}),
+        ("svdbatch default", "0", {}),
+        ("all cores, passive", str(os.cpu_count() or 1), {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ("1 thread", "1", {}),
+    ]
     results = []
     for name, threads, env in settings:
         out = subprocess.run([sys.executable, "-c", CHILD, threads, str(items)], capture_output=True, text=True,
