@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import ExitStack, nullcontext
 import time
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional

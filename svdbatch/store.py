@@ -421,8 +421,12 @@ class RunStore:
                 if source == self.root or not os.path.lexists(source):
                     continue
                 target = folder / self.relative(source)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source, target)
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(source, target)
+                except OSError as exc:  # e.g. videos/ linked to another file system
+                    log.warning("could not keep %s in %s (%s); it will be overwritten", source, folder, exc)
+                    return moved
                 moved = True
             return moved
         finally:
