@@ -5,6 +5,9 @@
     failed       the latest failures.jsonl record is a generation error, and not done
     invalid      the manifest row does not validate (now, or when the run read it)
     pending      every other manifest row
+    live         a process of the run still exists: an item's claim is held, or an owner
+                 file (owners/<pid>@<host>.json) names a process of this host that is alive;
+                 unknown when the only owners are on other hosts (then: heartbeat age)
 
 Nothing is re-hashed and no model is loaded: one stat per finished item, so a status of a
 100k-row run takes about as long as reading its manifest. Keys are not recomputed either,
