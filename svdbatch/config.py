@@ -197,10 +197,11 @@ class RunConfig:
     gallery_every_s: float = 10.0
     gallery_max_items: int = 500
     # A finished item whose settings changed (parameters, preprocessing, seed, image, model)
-    # is redone; its old video and sidecar are moved to <run dir>/replaced/<UTC start>/ first
-    # instead of being overwritten. On by default: a generated video costs GPU minutes and a
-    # stray override (meant for a new run.name) must not destroy a finished run; the cost is
-    # disk space for what was replaced, which the plan reports. false = overwrite in place.
+    # is redone; once its new frames are generated, its old video and sidecar are moved to
+    # <run dir>/replaced/<UTC start>/ instead of being overwritten (a failed redo moves
+    # nothing). On by default: a generated video costs GPU minutes and a stray override
+    # (meant for a new run.name) must not destroy a finished run; the cost is disk space for
+    # what was replaced, which the plan reports. false = overwrite in place.
     keep_replaced: bool = True
     # Write the manifest this run would use (ids, images, seeds: e.g. derived from a folder)
     # to <run.dir>/<run.name>.csv for editing, and stop without generating.

@@ -126,8 +126,9 @@ def _run(cfg: DictConfig, stack: ExitStack) -> RunSummary:
         log.info("shard %d of %d: %d of %d items", shard.index, shard.count, len(items), len(manifest.items))
     if plan.done:
         log.info("resuming: %d of %d items already done", len(plan.done), len(plan.done) + len(plan.todo))
+    keep_in = store.replaced_dir(time.time()) if cfg.run.keep_replaced else None
     if plan.replaced:
-        set_aside_replaced(plan.replaced, store, cfg.run.keep_replaced, time.time())
+        log.warning("%s", replace_report(plan.replaced, keep_in))
 
     gallery = GalleryUpdater(store.root, cfg.run.gallery_every_s, cfg.run.gallery_max_items) if cfg.run.gallery else None
     if plan.todo:
@@ -144,7 +145,7 @@ def _run(cfg: DictConfig, stack: ExitStack) -> RunSummary:
         # While the bar is drawn, log lines go through tqdm.write: printed above the bar on
         # their own line, not glued onto it (the bar writes no newline).
         with logging_redirect_tqdm() if cfg.run.progress else nullcontext():
-            execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store, devices), devices, on_done)
+            execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store, devices, keep_in), devices, on_done)
             bar.close()
 
     if summary.stop_reason is None:
@@ -157,25 +158,20 @@ def _run(cfg: DictConfig, stack: ExitStack) -> RunSummary:
     return summary
 
 
-def set_aside_replaced(replaced: list[Replacement], store: RunStore, keep: bool, started: float) -> None:
-    """Say, before generating, which finished items this run redoes and why, and (keep)
-    move their old outputs aside so redoing them overwrites nothing."""
-    folder = store.replaced_dir(started)
+def replace_report(replaced: list[Replacement], keep_in: Optional[Path]) -> str:
+    """Said before generating: which finished items this run redoes, why, and where the old
+    outputs go (the worker moves each aside only once its new frames are generated)."""
     noun = "item" if len(replaced) == 1 else "items"
     where = (
-        f"their old videos and sidecars are moved to {folder}/ (run.keep_replaced=false overwrites them)"
-        if keep else "their old videos are overwritten (run.keep_replaced=true keeps them)"
+        f"as each is redone, its old video and sidecar are moved to {keep_in}/ (run.keep_replaced=false overwrites them)"
+        if keep_in else "their old videos are overwritten (run.keep_replaced=true keeps them)"
     )
-    lines = [f"{len(replaced)} finished {noun} will be redone because settings changed since they were made; {where}. "
-             "To keep both versions side by side, run with a new run.name instead."]
-    log.warning("%s", "\n  ".join(lines + describe_replacements(replaced)))
-    if keep:
-        kept = sum(store.keep_replaced(r.entry.item.id, r.old_key, folder) for r in replaced)
-        if kept < len(replaced):
-            log.info("%d of %d replaced items were not moved (another process holds or already redid them)", len(replaced) - kept, len(replaced))
+    head = (f"{len(replaced)} finished {noun} will be redone because settings changed since they were made; {where}. "
+            "To keep both versions side by side, run with a new run.name instead.")
+    return "\n  ".join([head, *describe_replacements(replaced)])
 
 
-def worker_spec(cfg: DictConfig, store: RunStore, devices: list[torch.device]) -> WorkerSpec:
+def worker_spec(cfg: DictConfig, store: RunStore, devices: list[torch.device], keep_in: Optional[Path] = None) -> WorkerSpec:
     return WorkerSpec(
         model=plain(cfg.model),
         memory=plain(cfg.memory),
@@ -186,6 +182,7 @@ def worker_spec(cfg: DictConfig, store: RunStore, devices: list[torch.device]) -
         step_progress=cfg.run.step_progress,
         context={"config": plain(cfg)},
         retry_on_oom=cfg.run.retry_on_oom,
+        keep_replaced_in=str(keep_in) if keep_in else None,
     )
 
 

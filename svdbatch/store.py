@@ -403,34 +403,28 @@ class RunStore:
         """Where this run keeps the outputs it replaces: replaced/<UTC start time>/."""
         return self.root / REPLACED_DIR / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
 
-    def keep_replaced(self, item_id: str, old_key: str, folder: Path) -> bool:
-        """Move a finished item's output, then its sidecar, to `folder` (same relative paths)
-        before it is redone with another key. Under the item's claim, and only while its
-        sidecar still has `old_key`: a process sharing the run dir may have redone it
-        already, and its fresh output must stay. False if nothing was moved."""
-        claim = self.claim(item_id)
-        if claim is None:
+    def set_aside(self, item_id: str, new_key: str, folder: Path) -> bool:
+        """Before an item's new output is written: move its finished output of another key,
+        then that sidecar, to `folder` (same relative paths), so nothing generated is
+        overwritten. The caller holds the item's claim and has generated the new frames: a
+        redo that fails keeps the old output in place. False if nothing was moved."""
+        sidecar = self.read_sidecar(item_id)
+        if sidecar is None or sidecar.get("key") == new_key or sidecar.get("status") != "done":
             return False
-        try:
-            sidecar = self.read_sidecar(item_id)
-            if sidecar is None or sidecar.get("key") != old_key:
-                return False
-            moved = False
-            # The video first: if the run dies in between, the expensive part is already safe.
-            for source in (self.root / str((sidecar.get("output") or {}).get("path", "")), self.sidecar_path(item_id)):
-                if source == self.root or not os.path.lexists(source):
-                    continue
-                target = folder / self.relative(source)
-                try:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(source, target)
-                except OSError as exc:  # e.g. videos/ linked to another file system
-                    log.warning("could not keep %s in %s (%s); it will be overwritten", source, folder, exc)
-                    return moved
-                moved = True
-            return moved
-        finally:
-            self.release(claim)
+        moved = False
+        # The video first: if the run dies in between, the expensive part is already safe.
+        for source in (self.root / str((sidecar.get("output") or {}).get("path", "")), self.sidecar_path(item_id)):
+            if source == self.root or not os.path.lexists(source):
+                continue
+            target = folder / self.relative(source)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+            except OSError as exc:  # e.g. videos/ linked to another file system
+                log.warning("could not keep %s in %s (%s); it will be overwritten", source, folder, exc)
+                return moved
+            moved = True
+        return moved
 
     # -- writing ----------------------------------------------------------------------
     @staticmethod
