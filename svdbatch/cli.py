@@ -20,8 +20,10 @@ import os
 import re
 import signal
 import sys
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
@@ -65,21 +67,53 @@ _exit_codes: list[int] = []  # one per Hydra job (several in a multirun)
 _jobs_started: list[bool] = []  # Hydra composed a config and called the app at least once
 
 
+@dataclass
+class JobSummary:
+    """What one Hydra job hands back: its summary line, run dir and exit code.
+
+    hydra.main drops a sweep's return values, and under the submitit launchers each job runs
+    in another process (its stdout goes to .submitit/*_log.out). The launcher does bring each
+    job's return value back to the launching process, pickled: unpickling a JobSummary there
+    records it, so `main` can print one line per job and exit with the worst code."""
+
+    job: Optional[int]
+    run_dir: str
+    line: str
+    exit_code: int
+    pid: int = field(default_factory=os.getpid)  # the process that ran the job
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.pid != os.getpid():
+            _remote_jobs[(self.job, self.run_dir)] = self
+            _exit_codes.append(self.exit_code)
+
+
+_remote_jobs: dict[tuple[Optional[int], str], JobSummary] = {}  # jobs another process ran
+
+
+def job_number() -> Optional[int]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def hydra_app(cfg: DictConfig) -> None:
+def hydra_app(cfg: DictConfig) -> JobSummary:
     _jobs_started.append(True)
     # torch is imported here, not at module level, so `svdbatch status` and `gallery` start fast.
     from .driver import run
 
     try:
         if cfg.run.emit_manifest:
-            _exit_codes.append(emit_manifest(cfg))
-            return
+            code = emit_manifest(cfg)
+            _exit_codes.append(code)
+            return JobSummary(job_number(), str(cfg.run.dir), f"wrote the manifest into {cfg.run.dir}", code)
         summary = run(cfg)
     except user_errors() as exc:
         log.error("%s", exc)
         _exit_codes.append(EXIT_BAD_INPUT)
-        return
+        return JobSummary(job_number(), str(cfg.run.dir), f"svdbatch: not run: {str(exc).splitlines()[0]}", EXIT_BAD_INPUT)
     print(summary.line(), flush=True)
     if summary.interrupted_by is not None:
         # Under submitit this checkpoints and requeues the job (and exits); otherwise it is
@@ -87,6 +121,13 @@ def hydra_app(cfg: DictConfig) -> None:
         summary.pass_on()
         sys.exit(exit_code(summary))
     _exit_codes.append(exit_code(summary))
+    return JobSummary(job_number(), str(summary.run_dir), summary.line(), exit_code(summary))
+
+
+def print_remote_jobs() -> None:
+    """After a sweep whose jobs ran in other processes (submitit): one line per job."""
+    for summary in sorted(_remote_jobs.values(), key=lambda s: (s.job is None, s.job or 0, s.run_dir)):
+        print(f"job {summary.job}: {summary.line}", flush=True)
 
 
 def exit_code(summary) -> int:
@@ -207,6 +248,34 @@ def manifest_missing(args: list[str]) -> bool:
     return not any(re.match(r"^~?manifest=", arg) for arg in args)
 
 
+def show_sweep_config(argv: list[str]) -> bool:
+    """`svdbatch -m a=1,2 ... --cfg job [--resolve]` (or `--info`): Hydra refuses to combine
+    --multirun with --cfg/--info, yet "what will each sweep point run, and where?" is the
+    question before a sweep. Print each point's config in turn, as one YAML document per
+    point, composed exactly as the sweep would compose it (hydra.mode=MULTIRUN and the
+    point's hydra.job.num, so run.dir is that point's folder). False: not such a command."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return False  # let Hydra report the bad command line itself
+    if not args.multirun or not (args.cfg or args.info):
+        return False
+    flags = [token for token in argv if token not in ("-m", "--multirun") and token not in args.overrides]
+    points = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args.overrides), None)[0]
+    program = sys.argv[0]
+    for number, point in enumerate(points):
+        if args.cfg:
+            print(f"--- # sweep point {number}: {' '.join(point)}", flush=True)
+        sys.argv = [program, *flags, *point, "hydra.mode=MULTIRUN", f"hydra.job.num={number}"]
+        hydra_app()
+    return True
+
+
+
 def main() -> None:
     args = sys.argv[1:]
     if args and args[0] in SUBCOMMANDS:
@@ -221,6 +290,10 @@ def main() -> None:
     if HELP_FLAGS & set(args):
         if "--help" in args or "-h" in args:
             print(usage() + "\n")  # then Hydra's own help: config groups and keys
+        elif show_sweep_config(args):  # -m ... --info
+            sys.exit(EXIT_OK)
+    elif show_sweep_config(args):  # -m ... --cfg job
+        sys.exit(EXIT_OK)
     elif manifest_missing(args):
         print("svdbatch: missing manifest=PATH (a CSV/JSONL manifest, an image or a folder of images)\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
@@ -236,4 +309,5 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C before the run installed its own handler (composing, importing)
         print("interrupted; run the same command to resume", file=sys.stderr)
         sys.exit(exit_code_for_signal(signal.SIGINT))
+    print_remote_jobs()
     sys.exit(max(_exit_codes, default=EXIT_OK))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -216,9 +217,11 @@ class RunConfig:
     # Off by default: diffusers' batched path is not bit-identical to single calls (float
     # differences of ~1e-6, at most one 8-bit level in the written frames).
     batch_size: int = 1
-    # Intra-op threads for torch (null = torch's default, the same in every worker).
-    # Float results depend on it, so it is recorded per item: keep it fixed across runs
-    # you want to compare bit for bit.
+    # Intra-op threads per worker. null = the physical cores this process may use (CPU
+    # affinity, cgroup quota) divided by the number of workers, at least 1: torch's own
+    # default gives every worker all the machine's cores and oversubscribes shared CPUs.
+    # Float results depend on it, so it is recorded per item: set it explicitly to compare
+    # runs bit for bit across machines or allocations.
     num_threads: Optional[int] = None
     # Process at most this many rows (after sharding), handy for a smoke run; 0 = none
     # (validate and prepare the run dir only); null = all.
@@ -240,6 +243,13 @@ class RunConfig:
     gallery: bool = True
     gallery_every_s: float = 10.0
     gallery_max_items: int = 500
+    # A finished item whose settings changed (parameters, preprocessing, seed, image, model)
+    # is redone; once its new frames are generated, its old video and sidecar are moved to
+    # <run dir>/replaced/<UTC start>/ instead of being overwritten (a failed redo moves
+    # nothing). On by default: a generated video costs GPU minutes and a stray override
+    # (meant for a new run.name) must not destroy a finished run; the cost is disk space for
+    # what was replaced, which the plan reports. false = overwrite in place.
+    keep_replaced: bool = True
     # Write the manifest this run would use (ids, images, seeds: e.g. derived from a folder)
     # to <run.dir>/<run.name>.csv for editing, and stop without generating.
     emit_manifest: bool = False
@@ -388,8 +398,34 @@ def sweep_subdir(task_overrides: Any) -> str:
     return name
 
 
+def hydra_job_dir(_root_: DictConfig) -> str:
+    """The folder Hydra runs this job in: `run.dir`'s default (conf/config.yaml).
+
+    Hydra sets hydra.runtime.output_dir only when a job really runs; `--cfg job --resolve`
+    and `--info` compose the config without running it, where that key is unset. So the
+    folder is derived the way Hydra derives it (hydra.run.dir, or sweep.dir/sweep.subdir in
+    a multirun), and made absolute as Hydra does: the printed run.dir is the one a run uses."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        raise ConfigError("run.dir: no Hydra job to take it from; set run.dir=... explicitly")
+    hydra_cfg = HydraConfig.get()
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
+    if output_dir:
+        return str(output_dir)
+    # `--cfg job` has already cut Hydra's node off this config, so its dir settings (which
+    # refer to job keys such as run.name) are resolved in a scratch copy holding both.
+    scratch = OmegaConf.create(OmegaConf.to_container(_root_, resolve=False))
+    scratch.hydra = OmegaConf.to_container(hydra_cfg, resolve=False)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return os.path.abspath(os.path.join(str(scratch.hydra.sweep.dir), str(scratch.hydra.sweep.subdir)))
+    return os.path.abspath(str(scratch.hydra.run.dir))
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    OmegaConf.register_new_resolver("svdbatch_job_dir", hydra_job_dir, replace=True)
     OmegaConf.register_new_resolver("svdbatch_stem", default_run_name, replace=True)
     OmegaConf.register_new_resolver("svdbatch_subdir", sweep_subdir, replace=True)
 

@@ -15,7 +15,9 @@ says how many items are done and left.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,6 +25,7 @@ from typing import Callable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .config import ConfigError, Engine, check_engine, check_run_and_output, image_check_mode, plain
 from .dataset import check_output_config, write_dataset
@@ -34,7 +37,7 @@ from .models import compile_problems, model_identity, resolve_devices, source_pr
 from .outputs import DISK_FULL_ERRNOS
 from .params import PARAM_NAMES, check_conditioning, check_model_and_memory
 from .runner import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
-from .schedule import Plan, Shard, make_batches, plan_run, resolve_shard, select_shard
+from .schedule import Plan, Replacement, Shard, describe_replacements, make_batches, plan_run, resolve_shard, select_shard
 from .status import save_manifest_summary
 from .stops import Interrupted, StopRequest, stop_on_signals
 from .store import RunDirError, RunStore, run_dir_problem
@@ -189,15 +192,16 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
     store.prepare(cfg.run.min_free_mb)
     summary = progress.summary = RunSummary(run_dir=store.root)
     progress.store = store
-    try:
-        run_prepared(cfg, manifest, store, shard, devices, summary, stop, progress, image_cache, cluster)
-    except OSError as exc:
-        # A full disk at any stage the workers do not handle themselves (config, planning,
-        # metadata.jsonl, shards, gallery): stop with the summary, like a stop mid-run.
-        if exc.errno not in DISK_FULL_ERRNOS:
-            raise
-        summary.stop_reason = summary.stop_reason or f"{type(exc).__name__}: {exc}"
-        log.error("stopping: %s (finished items are intact; free space and run again to resume)", summary.stop_reason)
+    with store.owner():  # `svdbatch status` asks it whether the run is live
+        try:
+            run_prepared(cfg, manifest, store, shard, devices, summary, stop, progress, image_cache, cluster)
+        except OSError as exc:
+            # A full disk at any stage the workers do not handle themselves (config, planning,
+            # metadata.jsonl, shards, gallery): stop with the summary, like a stop mid-run.
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            summary.stop_reason = summary.stop_reason or f"{type(exc).__name__}: {exc}"
+            log.error("stopping: %s (finished items are intact; free space and run again to resume)", summary.stop_reason)
     return summary
 
 
@@ -233,6 +237,9 @@ def run_prepared(
         log.info("shard %d of %d: %d of %d items", shard.index, shard.count, len(items), len(manifest.items))
     if plan.done:
         log.info("resuming: %d of %d items already done", len(plan.done), len(plan.done) + len(plan.todo))
+    keep_in = store.replaced_dir(time.time()) if cfg.run.keep_replaced else None
+    if plan.replaced:
+        log.warning("%s", replace_report(plan.replaced, keep_in))
 
     gallery = GalleryUpdater(store.root, cfg.run.gallery_every_s, cfg.run.gallery_max_items) if cfg.run.gallery else None
     if plan.todo:
@@ -246,10 +253,14 @@ def run_prepared(
             if gallery and not stop.requested:
                 gallery.maybe_update()
 
-        try:
-            execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done, stop, cluster)
-        finally:
-            bar.close()
+        # While the bar is drawn, log lines go through tqdm.write: printed above the bar on
+        # their own line, not glued onto it (the bar writes no newline).
+        with logging_redirect_tqdm() if cfg.run.progress else nullcontext():
+            try:
+                spec = worker_spec(cfg, store, devices, keep_in)
+                execute(make_batches(plan.todo, cfg.run.batch_size), spec, devices, on_done, stop, cluster)
+            finally:
+                bar.close()
     if stop.requested:
         return  # no time for dataset files and gallery: the next run writes them
 
@@ -278,18 +289,78 @@ def settle_interrupted(summary: RunSummary, stop: StopRequest, progress: _Progre
         summary.interrupted_by = summary.pass_on = None
 
 
-def worker_spec(cfg: DictConfig, store: RunStore) -> WorkerSpec:
+def replace_report(replaced: list[Replacement], keep_in: Optional[Path]) -> str:
+    """Said before generating: which finished items this run redoes, why, and where the old
+    outputs go (the worker moves each aside only once its new frames are generated)."""
+    noun = "item" if len(replaced) == 1 else "items"
+    where = (
+        f"as each is redone, its old video and sidecar are moved to {keep_in}/ (run.keep_replaced=false overwrites them)"
+        if keep_in else "their old videos are overwritten (run.keep_replaced=true keeps them)"
+    )
+    head = (f"{len(replaced)} finished {noun} will be redone because settings changed since they were made; {where}. "
+            "To keep both versions side by side, run with a new run.name instead.")
+    return "\n  ".join([head, *describe_replacements(replaced)])
+
+
+def worker_spec(cfg: DictConfig, store: RunStore, devices: list[torch.device], keep_in: Optional[Path] = None) -> WorkerSpec:
     return WorkerSpec(
         model=plain(cfg.model),
         memory=plain(cfg.memory),
         output=plain(cfg.output),
         run_dir=str(store.root),
         # Resolved here, once, so every worker computes with the same thread count.
-        num_threads=cfg.run.num_threads or torch.get_num_threads(),
+        num_threads=cfg.run.num_threads or default_num_threads(devices),
         step_progress=cfg.run.step_progress,
         context={"config": plain(cfg)},
         retry_on_oom=cfg.run.retry_on_oom,
+        keep_replaced_in=str(keep_in) if keep_in else None,
     )
+
+
+def cgroup_cpu_limit() -> Optional[float]:
+    """CPUs a cgroup quota allows (docker --cpus, Kubernetes limits), or None: cgroup v2's
+    cpu.max ('200000 100000' = 2 CPUs, 'max' = none), else v1's cfs quota/period."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def usable_cores() -> int:
+    """Physical cores this process may run on: its CPU affinity (taskset, Slurm, cpusets),
+    hyper-thread siblings counted once, capped by a cgroup CPU quota. Fixed for a given
+    machine and allocation, unlike the load, so the thread count built on it is too."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        cpus = set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topology / "physical_package_id").read_text().strip() + ":" + (topology / "core_id").read_text().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")
+    count = len(cores)
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        count = min(count, int(limit))
+    return max(1, count)
+
+
+def default_num_threads(devices: list[torch.device]) -> int:
+    """Intra-op threads per worker when run.num_threads is null: the usable physical cores
+    shared out between the workers (torch's own default takes every core the machine has
+    for each worker, ignoring quotas and the other workers). It changes float results, so
+    it is resolved once here and recorded in every sidecar."""
+    return max(1, usable_cores() // max(1, len(devices)))
 
 
 def in_hydra_sweep() -> bool:

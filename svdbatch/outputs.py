@@ -46,6 +46,7 @@ MAX_FPS = 1000  # the same ceiling as the conditioning fps rule
 # errno of a write error that no later write escapes either (the run stops, see runner.py).
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 _HOST = socket.gethostname().replace("@", "_")[:64]
+HOST = _HOST  # this machine, as named in temporaries and owner files (store.Owner)
 
 
 def temp_prefix(stem: str) -> str:

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -142,6 +143,8 @@ class Worker:
         self.context = {**context, "model": loaded.identity.as_dict(), **self.environment()}
         self.warmup_s: Optional[float] = None
         self.retry_on_oom = retry_on_oom
+        # run.keep_replaced: the folder an older output of a redone item is moved to (WorkerSpec).
+        self.keep_replaced_in: Optional[str] = None
         # Set (by the writer thread) when the disk is full or read-only: no more work.
         self.stop_reason: Optional[str] = None
         # Set by run(): true once the items in flight must be given up (stops.StopRequest).
@@ -215,6 +218,8 @@ class Worker:
         fps = written_fps(self.output, entry.params.fps)
         settings = output_settings(self.output, fps)
         video = self.store.video_path(item.id)
+        if self.keep_replaced_in:  # under the item's claim, after its frames were generated
+            self.store.set_aside(item.id, entry.key, Path(self.keep_replaced_in))
         # Raises unless the encoder succeeded and the file decodes to these frames.
         written = write_video(frames, video, self.output, fps)
         timings = {"load_image_s": ready.load_s, "generate_s": generate_s, "write_s": time.perf_counter() - start}

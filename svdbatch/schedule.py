@@ -18,7 +18,7 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCache, Preprocess, file_sha25
 from .manifest import Item
 from .outputs import output_key, output_settings, written_fps
 from .params import GenParams, param_defaults
-from .store import KeyMaker, RunStore
+from .store import KeyMaker, RunStore, output_intact
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,22 @@ class PlannedItem:
         }
 
 
+@dataclass(frozen=True)
+class Replacement:
+    """A to-do item whose finished output (of an older key) is still in the run dir: running
+    overwrites it. `changes` names what differs from its sidecar: (field, recorded, new)."""
+
+    entry: PlannedItem
+    old_key: str
+    changes: tuple[tuple[str, Any, Any], ...]
+
+
 @dataclass
 class Plan:
     todo: list[PlannedItem] = field(default_factory=list)
     done: list[PlannedItem] = field(default_factory=list)
     all: list[PlannedItem] = field(default_factory=list)  # manifest order
+    replaced: list[Replacement] = field(default_factory=list)  # to-do items that overwrite a finished output
 
 
 def plan_run(
@@ -190,7 +201,13 @@ def plan_run(
         entry = PlannedItem(
             item, params, hashes[source], info.st_size, info.st_mtime_ns, key, preprocess, source, output_key=out_key
         )
-        (plan.done if store.is_done(item.id, key, out_key, index) else plan.todo).append(entry)
+        if store.is_done(item.id, key, out_key, index):
+            plan.done.append(entry)
+        else:
+            plan.todo.append(entry)
+            replacement = find_replacement(entry, index.get(item.id), store, model_identity)
+            if replacement is not None:
+                plan.replaced.append(replacement)
         plan.all.append(entry)
     warning = fixed_conditioning_warning(plan.all, model)
     if warning:
@@ -203,6 +220,67 @@ def hash_or_error(path: str) -> str | OSError:
         return file_sha256(path)
     except OSError as exc:
         return OSError(f"image file not readable: {exc.strerror} ({path})")
+
+
+def find_replacement(
+    entry: PlannedItem, record: Optional[dict[str, Any]], store: RunStore, model_identity: dict[str, Any]
+) -> Optional[Replacement]:
+    """Whether running this to-do item overwrites a finished output of another key, and
+    what changed. Reads the item's sidecar only then, so an unchanged resume reads none."""
+    if record is None or entry.key is None or record.get("key") == entry.key or not output_intact(store.root, record):
+        return None
+    sidecar = store.read_sidecar(entry.item.id)
+    if sidecar is None or sidecar.get("key") != record.get("key"):
+        changes: tuple = (("sidecar", "missing or from another run", "-"),)
+    else:
+        changes = changed_fields(sidecar, entry, model_identity) or (("key", "older key format", "current"),)
+    return Replacement(entry, str(record["key"]), changes)
+
+
+def changed_fields(sidecar: dict[str, Any], entry: PlannedItem, model_identity: dict[str, Any]) -> tuple[tuple[str, Any, Any], ...]:
+    """What differs between a finished item's sidecar and its new plan: the inputs of its key
+    (generation parameters, preprocessing, seed, image bytes, model), by name."""
+    recorded: dict[str, Any] = {**(sidecar.get("params") or {}), **_without_version(sidecar.get("preprocess"))}
+    new: dict[str, Any] = {**entry.params.as_dict(), **_without_version(entry.preprocess.as_dict())}
+    recorded["seed"], new["seed"] = sidecar.get("seed"), entry.item.seed
+    recorded["image"] = ((sidecar.get("image") or {}).get("sha256") or "")[:12]
+    new["image"] = entry.image_sha256[:12]
+    for name, value in model_identity.items():
+        recorded[f"model.{name}"], new[f"model.{name}"] = (sidecar.get("model") or {}).get(name), value
+    return tuple((name, recorded.get(name), new.get(name)) for name in new if recorded.get(name) != new.get(name))
+
+
+def _without_version(preprocess: Optional[dict[str, Any]]) -> dict[str, Any]:
+    return {name: value for name, value in (preprocess or {}).items() if name != "version"}
+
+
+def _shown(name: str, value: Any) -> str:
+    if name in ("pad_color", "background") and isinstance(value, list) and len(value) == 3:
+        return "#{:02x}{:02x}{:02x}".format(*value)
+    if name == "image":
+        return f"sha256 {value}…"
+    return "null" if value is None else str(value)
+
+
+def describe_replacements(replaced: list[Replacement], examples: int = 3) -> list[str]:
+    """One line per set of changed fields, most items first, e.g.
+    '3 items redone: resize crop -> pad, pad_color #000000 -> #202020 (rocket, sunset, waves)'.
+    A field whose old and new values vary across the group is shown with one example."""
+    groups: dict[tuple[str, ...], list[Replacement]] = {}
+    for replacement in replaced:
+        groups.setdefault(tuple(name for name, _, _ in replacement.changes), []).append(replacement)
+    lines = []
+    for names, members in sorted(groups.items(), key=lambda group: -len(group[1])):
+        parts = []
+        for position, name in enumerate(names):
+            pairs = {(repr(m.changes[position][1]), repr(m.changes[position][2])) for m in members}
+            old, new = members[0].changes[position][1:]
+            change = f"{name} {_shown(name, old)} -> {_shown(name, new)}"
+            parts.append(change if len(pairs) == 1 else f"{name} differs (e.g. {change.removeprefix(name + ' ')})")
+        ids = [m.entry.item.id for m in members]
+        shown = ", ".join(ids[:examples]) + (f", ... {len(ids) - examples} more" if len(ids) > examples else "")
+        lines.append(f"{len(members)} item{'s' if len(members) != 1 else ''} redone: {', '.join(parts)} ({shown})")
+    return lines
 
 
 def fixed_conditioning_warning(planned: list[PlannedItem], model: ModelConfig) -> Optional[str]:

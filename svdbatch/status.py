@@ -5,6 +5,9 @@
     failed       the latest failures.jsonl record is a generation error, and not done
     invalid      the manifest row does not validate (now, or when the run read it)
     pending      every other manifest row
+    live         a process of the run still exists: an item's claim is held, or an owner
+                 file (owners/<pid>@<host>.json) names a process of this host that is alive;
+                 unknown when the only owners are on other hosts (then: heartbeat age)
 
 Nothing is re-hashed and no model is loaded: two stats per finished item (output and sidecar), and the manifest's
 rows come from the summary the run saved (cache/manifest-*.json) while the manifest file is
@@ -33,7 +36,7 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from .manifest import Manifest, ManifestError, read_manifest
-from .store import CLAIM_SUFFIX, is_run_dir, latest_by_id, output_intact, read_jsonl_fast
+from .store import CLAIM_SUFFIX, HEARTBEAT_S, is_run_dir, latest_by_id, output_intact, owner_state, read_jsonl_fast, read_owners
 
 from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
 
@@ -413,11 +416,27 @@ def session_gap(mean_item_s: float) -> float:
     return max(SESSION_GAP_S, 10 * mean_item_s)
 
 
-def is_live(rate: Throughput, in_progress: int, now: datetime) -> bool:
-    """A process holds a claim, or an item finished recently (older runs have no claims)."""
-    last = parse_time(rate.last_finished_at)
-    recent = last is not None and (now - last).total_seconds() <= session_gap(rate.mean_item_s or 0.0)
-    return in_progress > 0 or recent
+def liveness(run_dir: Path, in_progress: int, now: datetime) -> tuple[Optional[bool], list[dict[str, Any]]]:
+    """Whether a process is running on the run dir: True when one holds an item's claim or
+    its owner file names a process of this host that still exists, False when none does
+    (a killed run leaves its owner file, but its pid is gone), None (unknown) when the only
+    owners are on other hosts: their heartbeat's age is all there is to go on."""
+    owners = []
+    for owner in read_owners(run_dir):
+        updated = datetime.fromtimestamp(owner["updated"], timezone.utc)
+        owners.append({
+            "pid": owner.get("pid"), "host": owner.get("host"), "started_at": owner.get("started_at"),
+            "state": owner_state(owner), "last_update_age_s": round(max(0.0, (now - updated).total_seconds()), 1),
+        })
+    states = {owner["state"] for owner in owners}
+    if in_progress > 0 or "running" in states:
+        return True, owners
+    return (None if "unknown" in states else False), owners
+
+
+def heartbeat_is_fresh(owners: list[dict[str, Any]]) -> bool:
+    """An owner on another host updated its file within a few heartbeats."""
+    return any(o["state"] == "unknown" and o["last_update_age_s"] <= 3 * HEARTBEAT_S for o in owners)
 
 
 def eta_seconds(remaining: Optional[int], rate: Optional[float], live: bool = True) -> Optional[float]:
@@ -445,7 +464,7 @@ def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: Optional[dateti
     rate = throughput(results_log, window)
     summary = counts.as_dict()
     remaining = None if counts.pending is None else len(counts.pending) + len(counts.in_progress)
-    live = is_live(rate, len(counts.in_progress), now)
+    live, owners = liveness(run_dir, len(counts.in_progress), now)
     return {
         "run_dir": str(run_dir),
         "manifest": {"paths": view.paths, "known": view.known, "error": view.error},
@@ -454,8 +473,9 @@ def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: Optional[dateti
         "reasons": [asdict(r) for r in failure_reasons(counts, failures)],
         "invalid_reasons": [asdict(r) for r in invalid_reasons(counts, failures, view, idless)],
         "throughput": asdict(rate),
-        "live": live,
-        "eta_s": eta_seconds(remaining, rate.items_per_hour, live),
+        "live": live,  # true, false, or null: unknown (only processes on other hosts; see owners)
+        "owners": owners,
+        "eta_s": eta_seconds(remaining, rate.items_per_hour, live is True or (live is None and heartbeat_is_fresh(owners))),
     }
 
 
@@ -499,8 +519,9 @@ def format_report(report: dict[str, Any], now: Optional[datetime] = None) -> str
         )
     else:
         lines.append("throughput   -")
+    lines.append(f"live         {live_text(report)}")
     remaining = None if counts["pending"] is None else counts["pending"] + counts["in_progress"]
-    if remaining and not report["live"]:
+    if remaining and report["live"] is False:
         lines.append(f"ETA          - ({remaining} to go, but no run is active: run the same command again to go on)")
     else:
         lines.append(f"ETA          {format_duration(report['eta_s'])}" + (f" ({remaining} to go)" if remaining else ""))
@@ -511,6 +532,20 @@ def format_report(report: dict[str, Any], now: Optional[datetime] = None) -> str
             if len(reasons) > 20:
                 lines.append(f"  ... {len(reasons) - 20} more (see --json)")
     return "\n".join(lines)
+
+
+def live_text(report: dict[str, Any]) -> str:
+    owners = report.get("owners") or []
+    running = [f"{o['pid']}@{o['host']}" for o in owners if o["state"] == "running"]
+    if report["live"] is True:
+        return "yes" + (f" (pid {', '.join(running)})" if running else " (an item is being generated)")
+    if report["live"] is None:
+        other = [o for o in owners if o["state"] == "unknown"]
+        newest = min(o["last_update_age_s"] for o in other)
+        hosts = ", ".join(sorted({str(o["host"]) for o in other}))
+        return f"unknown (runs on {hosts}; last heartbeat {format_duration(newest)} ago)"
+    dead = [f"{o['pid']}@{o['host']}" for o in owners if o["state"] == "dead"]
+    return "no" + (f" (pid {', '.join(dead)} is gone: killed or crashed)" if dead else "")
 
 
 def status_command(args: list[str]) -> int:

@@ -9,6 +9,10 @@ Layout of a run dir::
     failures.jsonl       one line per failed attempt (error + traceback)
     claims/<id>.claim    flock'ed while a process generates the item (shared run dirs)
     cache/               image checks and hashes by (path, size, mtime), manifest summaries
+    owners/<pid>@<host>.json  one per process running on the dir (pid, host, start time),
+                         touched every HEARTBEAT_S, removed on exit: what makes it "live"
+    replaced/<stamp>/    videos/ and items/ of finished items a later run redid with other
+                         settings (run.keep_replaced), one folder per run, UTC time it started
     index.html, gallery/ contact sheet and its thumbnails (gallery.py)
     metadata.jsonl       dataset index of finished items (dataset.py)
 
@@ -28,13 +32,15 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from .config import OutputFormat
 from .faults import fault_point
-from .outputs import TEMP_MARKER, atomic_write_bytes, output_bytes, output_name, temp_prefix, written_by_dead_process
+from .outputs import HOST, TEMP_MARKER, atomic_write_bytes, output_bytes, output_name, temp_prefix, written_by_dead_process
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,9 @@ RUN_DIR_MARKERS = ("results.jsonl", "failures.jsonl", "config.yaml")
 SHARD_CONFIG_GLOB = "config.shard-*-of-*.yaml"  # a sharded run's config files (write_config)
 # Where run dirs go by default: hydra.run.dir in conf/config.yaml is outputs/<run.name>.
 OUTPUTS_ROOT = "outputs"
+REPLACED_DIR = "replaced"  # replaced/<stamp>/: what run.keep_replaced moved aside
+OWNERS_DIR = "owners"  # owners/<pid>@<host>.json: processes running on the run dir
+HEARTBEAT_S = 30.0  # an owner file's mtime is refreshed this often while its run is alive
 KEY_VERSION = 2  # bump when what goes into a key changes meaning (2: preprocessing)
 STALE_TEMP_SECONDS = 600.0
 
@@ -203,6 +212,95 @@ def run_dir_problem(root: str | os.PathLike, cwd: Optional[str | os.PathLike] = 
             f"e.g. run.name=myrun (-> {OUTPUTS_ROOT}/myrun) or run.dir=/path/to/new/folder")
 
 
+# -- owners: which processes are running on a run dir ------------------------------------
+def process_start_ticks(pid: int) -> Optional[int]:
+    """When a process started (clock ticks since boot, /proc/<pid>/stat field 22), so a
+    recycled pid is not taken for the run that died; None where /proc is not available."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+class Owner:
+    """While a run works on a run dir: owners/<pid>@<host>.json (pid, host, start time),
+    its mtime refreshed every HEARTBEAT_S by a daemon thread, removed on a clean exit. A
+    killed run leaves it behind; `owner_state` then finds its pid gone (same host)."""
+
+    def __init__(self, root: Path, heartbeat_s: float = HEARTBEAT_S):
+        self.path = Path(root) / OWNERS_DIR / f"{os.getpid()}@{HOST}.json"
+        self.heartbeat_s = heartbeat_s
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "Owner":
+        record = {
+            "pid": os.getpid(),
+            "host": HOST,
+            "process_start": process_start_ticks(os.getpid()),
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, json.dumps(record, sort_keys=True).encode() + b"\n")
+        self._thread = threading.Thread(target=self._beat, name="svdbatch-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # a full or vanished disk: status just sees an older heartbeat
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+
+def read_owners(run_dir: Path) -> list[dict[str, Any]]:
+    """The owner records of a run dir, each with `updated` (mtime, epoch seconds)."""
+    folder = Path(run_dir) / OWNERS_DIR
+    if not folder.is_dir():
+        return []
+    owners = []
+    for entry in os.scandir(folder):
+        if not entry.name.endswith(".json") or entry.name.startswith("."):
+            continue
+        try:
+            record = json.loads(Path(entry.path).read_bytes())
+            updated = entry.stat().st_mtime
+        except (OSError, json.JSONDecodeError):
+            continue  # removed meanwhile, or torn
+        if isinstance(record, dict) and isinstance(record.get("pid"), int):
+            owners.append({**record, "file": entry.path, "updated": updated})
+    return owners
+
+
+def owner_state(owner: dict[str, Any]) -> str:
+    """'running' or 'dead' for a process on this host (its pid, and the pid's start time
+    where known); 'unknown' for another host's: only its heartbeat's age tells."""
+    if owner.get("host") != HOST:
+        return "unknown"
+    pid = int(owner["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "dead"
+    except PermissionError:
+        pass  # alive, another user's
+    recorded, now = owner.get("process_start"), process_start_ticks(pid)
+    if recorded is not None and now is not None and recorded != now:
+        return "dead"  # the pid was reused by another process
+    return "running"
+
+
 class RunStore:
     def __init__(self, root: Path, fmt: OutputFormat):
         self.root = Path(root)
@@ -237,6 +335,19 @@ class RunStore:
             if removed:
                 log.warning("%s: removed a torn last line (%d bytes) left by a killed run", log_file, removed)
         self.remove_stale_temporaries()
+        self.remove_dead_owners()
+
+    def remove_dead_owners(self, older_than_s: float = STALE_TEMP_SECONDS) -> None:
+        """Owner files a killed run left: its pid is gone (this host), or no heartbeat for
+        long (another host)."""
+        cutoff = time.time() - older_than_s
+        for owner in read_owners(self.root):
+            state = owner_state(owner)
+            if state == "dead" or (state == "unknown" and owner["updated"] < cutoff):
+                Path(owner["file"]).unlink(missing_ok=True)
+
+    def owner(self) -> Owner:
+        return Owner(self.root)
 
     def remove_stale_temporaries(self, older_than_s: float = STALE_TEMP_SECONDS) -> int:
         """Delete temporaries a killed run left behind: those whose writer (on this host) is
@@ -313,6 +424,14 @@ class RunStore:
         finally:
             self.release(claim)
 
+    def read_sidecar(self, item_id: str) -> Optional[dict[str, Any]]:
+        """An item's sidecar, or None if it is missing or unreadable."""
+        try:
+            sidecar = json.loads(self.sidecar_path(item_id).read_bytes())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return sidecar if isinstance(sidecar, dict) else None
+
     def done_record(self, item_id: str, key: str, out_key: str) -> Optional[dict[str, Any]]:
         """The results record an item's sidecar vouches for, if the sidecar is there, has
         these keys, and its output is complete; else None."""
@@ -346,6 +465,34 @@ class RunStore:
     def release(claim: Optional[int]) -> None:
         if claim is not None:
             os.close(claim)  # closing drops the flock
+
+    # -- replacing finished items ------------------------------------------------------
+    def replaced_dir(self, started: float) -> Path:
+        """Where this run keeps the outputs it replaces: replaced/<UTC start time>/."""
+        return self.root / REPLACED_DIR / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+
+    def set_aside(self, item_id: str, new_key: str, folder: Path) -> bool:
+        """Before an item's new output is written: move its finished output of another key,
+        then that sidecar, to `folder` (same relative paths), so nothing generated is
+        overwritten. The caller holds the item's claim and has generated the new frames: a
+        redo that fails keeps the old output in place. False if nothing was moved."""
+        sidecar = self.read_sidecar(item_id)
+        if sidecar is None or sidecar.get("key") == new_key or sidecar.get("status") != "done":
+            return False
+        moved = False
+        # The video first: if the run dies in between, the expensive part is already safe.
+        for source in (self.root / str((sidecar.get("output") or {}).get("path", "")), self.sidecar_path(item_id)):
+            if source == self.root or not os.path.lexists(source):
+                continue
+            target = folder / self.relative(source)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+            except OSError as exc:  # e.g. videos/ linked to another file system
+                log.warning("could not keep %s in %s (%s); it will be overwritten", source, folder, exc)
+                return moved
+            moved = True
+        return moved
 
     # -- writing ----------------------------------------------------------------------
     @staticmethod

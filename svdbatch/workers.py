@@ -54,6 +54,8 @@ class WorkerSpec:
     step_progress: bool
     context: dict[str, Any]
     retry_on_oom: bool = False
+    # run.keep_replaced: where a redone item's older output is moved before the new one is written.
+    keep_replaced_in: Optional[str] = None
 
     def build(self, device: torch.device) -> Worker:
         model = OmegaConf.merge(OmegaConf.structured(ModelConfig), self.model)
@@ -61,7 +63,9 @@ class WorkerSpec:
         output = OmegaConf.merge(OmegaConf.structured(OutputConfig), self.output)
         store = RunStore(self.run_dir, output.format)
         loaded = load_pipeline(model, memory, device)
-        return Worker(loaded, store, output, self.context, self.num_threads, self.step_progress, self.retry_on_oom)
+        worker = Worker(loaded, store, output, self.context, self.num_threads, self.step_progress, self.retry_on_oom)
+        worker.keep_replaced_in = self.keep_replaced_in
+        return worker
 
 
 def execute(

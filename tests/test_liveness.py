@@ -1,0 +1,80 @@
+"""`svdbatch status` says a run is live only while a process of it exists: a real run,
+SIGKILLed mid-way, is reported not live and without an ETA; other hosts' runs are 'unknown'."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from svdbatch.outputs import HOST
+from svdbatch.status import collect, format_report
+from svdbatch.store import OWNERS_DIR, Owner, owner_state, process_start_ticks, read_owners
+from tests.conftest import FAST, REPO, make_image, run_cli, write_csv
+
+
+def test_a_killed_run_is_not_live_and_has_no_eta(tmp_path):
+    for n in range(10):
+        make_image(tmp_path / "img" / f"{n}.png", seed=n)
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [[f"i{n}", f"img/{n}.png", n] for n in range(10)])
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "svdbatch", f"manifest={manifest}", f"hydra.run.dir={run_dir}", *FAST,
+         "conditioning.num_inference_steps=4", "run.num_threads=1", "run.progress=false"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        results = run_dir / "results.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and (not results.exists() or results.read_bytes().count(b"\n") < 1):
+            assert proc.poll() is None, "the run ended before finishing an item"
+            time.sleep(0.05)
+        alive = collect(run_dir)
+        assert proc.poll() is None, "the run must still be going for this check"
+        assert alive["live"] is True
+        assert [(o["pid"], o["state"]) for o in alive["owners"]] == [(proc.pid, "running")]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 1 <= results.read_bytes().count(b"\n") < 10, "the kill should land mid-run"
+
+    status = run_cli("status", str(run_dir), "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["live"] is False and report["eta_s"] is None
+    assert report["owners"][0]["state"] == "dead"  # its owner file is left behind, its pid is gone
+    assert report["throughput"]["items_per_hour"]  # recent finishes alone do not make it live
+    text = run_cli("status", str(run_dir))
+    assert "live         no" in text.stdout and "no run is active" in text.stdout
+
+    # A run on another host (shared file system): unknown, with the age of its heartbeat.
+    (run_dir / OWNERS_DIR / "1@elsewhere.json").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    stale = time.time() - 3600
+    os.utime(run_dir / OWNERS_DIR / "1@elsewhere.json", (stale, stale))
+    report = collect(run_dir)
+    assert report["live"] is None and report["eta_s"] is None  # an hour without a heartbeat: no ETA
+    assert "unknown (runs on elsewhere; last heartbeat 1 h 00 min ago)" in format_report(report)
+
+    # The next run clears both (dead pid; heartbeat older than 10 min) and removes its own on exit.
+    resumed = run_cli(f"manifest={manifest}", f"hydra.run.dir={run_dir}", *FAST, "conditioning.num_inference_steps=4",
+                      "run.num_threads=1", "run.progress=false", "run.limit=1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_owners(run_dir) == []
+
+
+def test_owner_state_of_a_reused_pid_and_the_heartbeat(tmp_path):
+    with Owner(tmp_path, heartbeat_s=0.05) as owner:
+        [record] = read_owners(tmp_path)
+        assert record["pid"] == os.getpid() and owner_state(record) == "running"
+        first = os.stat(owner.path).st_mtime_ns
+        deadline = time.time() + 30
+        while os.stat(owner.path).st_mtime_ns == first and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.stat(owner.path).st_mtime_ns > first  # the heartbeat touches it
+    assert read_owners(tmp_path) == []  # removed on exit
+    if process_start_ticks(os.getpid()) is not None:
+        reused = {"pid": os.getpid(), "host": HOST, "process_start": process_start_ticks(os.getpid()) + 1}
+        assert owner_state(reused) == "dead"  # same pid, another process
