@@ -219,7 +219,7 @@ class Worker:
         settings = output_settings(self.output, fps)
         video = self.store.video_path(item.id)
         if self.keep_replaced_in:  # under the item's claim, after its frames were generated
-            self.store.set_aside(item.id, entry.key, Path(self.keep_replaced_in))
+            self.store.set_aside(item.id, entry.key, entry.output_key, Path(self.keep_replaced_in))
         # Raises unless the encoder succeeded and the file decodes to these frames.
         written = write_video(frames, video, self.output, fps)
         timings = {"load_image_s": ready.load_s, "generate_s": generate_s, "write_s": time.perf_counter() - start}

@@ -227,7 +227,9 @@ def find_replacement(
 ) -> Optional[Replacement]:
     """Whether running this to-do item overwrites a finished output of another key, and
     what changed. Reads the item's sidecar only then, so an unchanged resume reads none."""
-    if record is None or entry.key is None or record.get("key") == entry.key or not output_intact(store.root, record):
+    if record is None or entry.key is None or not output_intact(store.root, record):
+        return None
+    if record.get("key") == entry.key and record.get("output_key") == entry.output_key:
         return None
     sidecar = store.read_sidecar(entry.item.id)
     if sidecar is None or sidecar.get("key") != record.get("key"):
@@ -247,6 +249,10 @@ def changed_fields(sidecar: dict[str, Any], entry: PlannedItem, model_identity: 
     new["image"] = entry.image_sha256[:12]
     for name, value in model_identity.items():
         recorded[f"model.{name}"], new[f"model.{name}"] = (sidecar.get("model") or {}).get(name), value
+    if sidecar.get("output_key") != entry.output_key:  # same frames, written with other output settings
+        settings = (sidecar.get("output") or {}).get("settings") or {}
+        recorded["output"] = " ".join(f"{k}={v}" for k, v in sorted(settings.items()) if k != "version") or "older format"
+        new["output"] = "the config's output settings"
     return tuple((name, recorded.get(name), new.get(name)) for name in new if recorded.get(name) != new.get(name))
 
 

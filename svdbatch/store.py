@@ -471,13 +471,15 @@ class RunStore:
         """Where this run keeps the outputs it replaces: replaced/<UTC start time>/."""
         return self.root / REPLACED_DIR / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
 
-    def set_aside(self, item_id: str, new_key: str, folder: Path) -> bool:
-        """Before an item's new output is written: move its finished output of another key,
-        then that sidecar, to `folder` (same relative paths), so nothing generated is
-        overwritten. The caller holds the item's claim and has generated the new frames: a
-        redo that fails keeps the old output in place. False if nothing was moved."""
+    def set_aside(self, item_id: str, new_key: str, new_output_key: Optional[str], folder: Path) -> bool:
+        """Before an item's new output is written: move its finished output of another key
+        (or other output settings), then that sidecar, to `folder` (same relative paths), so
+        nothing generated is overwritten. The caller holds the item's claim and has generated
+        the new frames: a redo that fails keeps the old output in place. False if nothing was moved."""
         sidecar = self.read_sidecar(item_id)
-        if sidecar is None or sidecar.get("key") == new_key or sidecar.get("status") != "done":
+        if sidecar is None or sidecar.get("status") != "done":
+            return False
+        if sidecar.get("key") == new_key and sidecar.get("output_key") == new_output_key:
             return False
         moved = False
         # The video first: if the run dies in between, the expensive part is already safe.
