@@ -98,6 +98,9 @@ class PlannedItem:
 class Plan:
     todo: list[PlannedItem] = field(default_factory=list)
     done: list[PlannedItem] = field(default_factory=list)
+    # Not done here, but finished with the same key in another run dir (a sweep's other
+    # point, run.reuse_from): linked instead of generated. (entry, sweep.ReuseSource)
+    reuse: list[tuple[PlannedItem, Any]] = field(default_factory=list)
     all: list[PlannedItem] = field(default_factory=list)  # manifest order
 
 
@@ -111,6 +114,7 @@ def plan_run(
     limit: Optional[int] = None,
     fetcher: Optional[UrlCache] = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    reuse: Any = None,
 ) -> Plan:
     """Resolve each item's parameters and key, and split done from to-do.
 
@@ -119,6 +123,7 @@ def plan_run(
     Hashing every source image on every resume would dominate planning a big run, so a
     finished item's recorded hash is reused while the image's path, size and mtime are
     unchanged (the rule make and rsync use); anything else is hashed afresh.
+    `reuse` (sweep.ReuseIndex) finds to-do items another run dir finished with the same key.
     """
     selected = items[:limit] if limit is not None else items
     urls = [item.url for item in selected if item.url]
@@ -153,7 +158,12 @@ def plan_run(
             image_sha256 = file_sha256(source)
         key = make_key(image_sha256, params, item.seed, preprocess)
         entry = PlannedItem(item, params, image_sha256, stat.st_size, stat.st_mtime_ns, key, preprocess, source)
-        (plan.done if store.is_done(item.id, key, index) else plan.todo).append(entry)
+        if store.is_done(item.id, key, index):
+            plan.done.append(entry)
+        elif reuse is not None and (source := reuse.lookup(key)) is not None:
+            plan.reuse.append((entry, source))
+        else:
+            plan.todo.append(entry)
         plan.all.append(entry)
     warning = fixed_conditioning_warning(plan.all, model)
     if warning:
@@ -180,6 +190,24 @@ def fixed_conditioning_warning(planned: list[PlannedItem], model: ModelConfig) -
         f"model {model.name} was trained with fixed {trained_with} (model card) and was not trained to vary "
         f"them; these items use other values, expect off-distribution motion: {details}"
     )
+
+
+def shadowed_knobs_warning(items: list[Item], swept: Mapping[str, str]) -> Optional[str]:
+    """One warning naming the rows whose own values override a swept conditioning knob
+    (`swept`: knob -> the sweep's key for it): at every point they get the same value, so
+    the sweep does not vary them (their outputs are reused across points, not redone)."""
+    shadowed: dict[str, list[str]] = {}
+    for item in items:
+        for knob, key in swept.items():
+            if knob in item.overrides:
+                shadowed.setdefault(key, []).append(item.id)
+    if not shadowed:
+        return None
+
+    def names(ids: list[str]) -> str:
+        return ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+
+    return "; ".join(f"{names(ids)}: manifest values override the swept {key}" for key, ids in shadowed.items())
 
 
 def make_batches(todo: list[PlannedItem], batch_size: int) -> list[list[PlannedItem]]:
