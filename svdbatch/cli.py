@@ -7,6 +7,7 @@
     svdbatch reproduce outputs/<run>/items/<id>.json                    (regenerate one item, compare hashes)
     svdbatch status outputs/<run> [--json]                              (done / pending / failed, throughput, ETA)
     svdbatch gallery outputs/<run>                                      (rewrite <run>/index.html)
+    (status and gallery of a sweep root: every point, and the comparison page)
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import ConfigError, register_configs
-from .gallery import gallery_command
 from .manifest import ManifestError
-from .status import status_command
 from .store import RunDirError
+from .sweep import gallery_command, status_command  # a sweep root, else the run dir's own
 
 log = logging.getLogger("svdbatch")
 

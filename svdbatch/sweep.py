@@ -125,6 +125,10 @@ class Point:
     def title(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.label.items()) or self.run_dir.name
 
+    @property
+    def short_title(self) -> str:
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.label.items()) or self.run_dir.name
+
 
 def sweep_points(root: Path, spec: Optional[SweepSpec] = None) -> list[Point]:
     """The sweep's points that have a run dir, in the sweep's own order (as the command
@@ -210,8 +214,12 @@ class ReuseIndex:
                 continue
             self.sources.append(run_dir)
             for record in latest_by_id(read_jsonl_fast(run_dir / "results.jsonl")).values():
-                if record.get("key") and "output" in record:
-                    self.by_key.setdefault(record["key"], ReuseSource(run_dir, record))
+                if not record.get("key") or "output" not in record:
+                    continue
+                known = self.by_key.get(record["key"])
+                # Prefer the point that generated it over one that itself reused it.
+                if known is None or (known.record.get("reused_from") and not record.get("reused_from")):
+                    self.by_key[record["key"]] = ReuseSource(run_dir, record)
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -469,7 +477,7 @@ def write_sweep_page(root: Path) -> Path:
     by_point = [{c.item_id: c for c in collect_cards(p.run_dir) if c.kind != "invalid" or c.record.get("id") is not None} for p in points]
     ids = item_order(points, by_point)
     rels = [p.run_dir.relative_to(root).as_posix() for p in points]
-    titles = {str(p.run_dir.resolve()): p.title for p in points}
+    titles = {str(p.run_dir.resolve()): p.short_title for p in points}
     rows = []
     counts = {"done": 0, "reused": 0, "failed": 0, "pending": 0}
     for item_id in ids:
@@ -543,3 +551,150 @@ def update_sweep_page(root: Path) -> Optional[Path]:
     except Exception as exc:
         log.warning("sweep page: could not write %s: %s", Path(root) / PAGE, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return None
+
+
+# -- the sweep's status -------------------------------------------------------------------
+def reused_count(run_dir: Path) -> int:
+    """Finished items of a point that were linked from elsewhere, not generated."""
+    return sum(1 for r in latest_by_id(read_jsonl_fast(run_dir / "results.jsonl")).values()
+               if r.get("reused_from") and output_intact(run_dir, r))
+
+
+def merge_reasons(per_point: list[tuple[Point, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """One entry per reason across all points: summed count, the points it occurs at, one example."""
+    merged: dict[str, dict[str, Any]] = {}
+    for point, reasons in per_point:
+        for reason in reasons:
+            entry = merged.setdefault(reason["reason"], {**reason, "count": 0, "points": []})
+            entry["count"] += reason["count"]
+            entry["points"].append(point.short_title)
+    return sorted(merged.values(), key=lambda r: -r["count"])
+
+
+def collect_sweep(root: Path, window: Optional[int] = None, now: Any = None) -> dict[str, Any]:
+    """`svdbatch status <sweep root>` as one JSON-friendly dict: status.collect for every
+    point, totals, failure reasons across points, and an ETA for the whole sweep (points
+    not started yet count with the rows of the points that have)."""
+    from dataclasses import asdict
+    from datetime import datetime, timezone
+
+    from . import status
+
+    now = now or datetime.now(timezone.utc)
+    window = window or status.THROUGHPUT_WINDOW
+    spec = read_sweep_spec(root)
+    points = sweep_points(root, spec)
+    reports = []
+    generated: list[dict[str, Any]] = []
+    for point in points:
+        report = status.collect(point.run_dir, window, now)
+        report["label"] = point.label
+        report["counts"]["reused"] = reused_count(point.run_dir)
+        reports.append(report)
+        generated += [r for r in read_jsonl_fast(point.run_dir / "results.jsonl") if not r.get("reused_from")]
+    names = ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
+    totals: dict[str, Optional[int]] = {}
+    for name in names:
+        values = [r["counts"][name] for r in reports]
+        totals[name] = None if any(v is None for v in values) else sum(values)
+    unstarted = unstarted_points(spec, points)
+    rows = max((r["counts"]["total"] or 0 for r in reports), default=0) or None
+    remaining = None if totals["pending"] is None else totals["pending"] + totals["in_progress"]
+    if remaining is not None and unstarted:
+        remaining = None if rows is None else remaining + rows * len(unstarted)
+        if totals["total"] is not None and rows is not None:
+            totals["total"] += rows * len(unstarted)
+    rate = status.throughput(generated, window)  # reused items take no time: not in the rate
+    live = any(r["live"] for r in reports)
+    return {
+        "sweep_root": str(root),
+        "swept": spec.swept,
+        "points": reports,
+        "unstarted_points": unstarted,
+        "counts": totals,
+        "reasons": merge_reasons([(p, r["reasons"]) for p, r in zip(points, reports)]),
+        "invalid_reasons": merge_reasons([(p, r["invalid_reasons"]) for p, r in zip(points, reports)]),
+        "throughput": asdict(rate),
+        "live": live,
+        "remaining": remaining,
+        "eta_s": status.eta_seconds(remaining, rate.items_per_hour, live),
+    }
+
+
+def format_sweep_report(report: dict[str, Any]) -> str:
+    from .status import format_duration
+
+    counts = report["counts"]
+    lines = [f"sweep root   {report['sweep_root']}",
+             f"swept        {', '.join(report['swept']) or '-'}; {len(report['points'])} points"
+             + (f" + {len(report['unstarted_points'])} not started" if report["unstarted_points"] else "")]
+    def short(values: dict[str, str], fallback: str) -> str:
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()) or fallback
+
+    labels = [short(p["label"], Path(p["run_dir"]).name) for p in report["points"]]
+    waiting = [short(values, "?") for values in report["unstarted_points"]]
+    width = min(max([len(x) for x in labels + waiting] + [12]), 70) + 2
+    lines.append(f"  {'point':<{width}}{'done':>8}{'reused':>8}{'running':>8}{'failed':>8}{'invalid':>8}{'pending':>8}{'total':>8}")
+
+    def cells(c: dict[str, Any]) -> str:
+        return "".join(f"{'?' if c[k] is None else c[k]:>8}" for k in ("done", "reused", "in_progress", "failed", "invalid", "pending", "total"))
+
+    def cut(label: str) -> str:
+        return label if len(label) <= width - 2 else label[: width - 3] + "…"
+
+    for label, point in zip(labels, report["points"]):
+        lines.append(f"  {cut(label):<{width}}{cells(point['counts'])}")
+    for label in waiting:
+        lines.append(f"  {cut(label):<{width}}{'(not started)':>16}")
+    lines.append(f"  {'total':<{width}}{cells(counts)}")
+    rate = report["throughput"]
+    if rate["items_per_hour"]:
+        per_hour = rate["items_per_hour"]
+        lines.append(f"throughput   {per_hour:.{0 if per_hour >= 100 else 1}f} items/h generated over the last {rate['items']}"
+                     f" (mean {rate['mean_item_s']:.2f} s/item)")
+    else:
+        lines.append("throughput   -")
+    remaining = report["remaining"]
+    if remaining and not report["live"]:
+        lines.append(f"ETA          - ({remaining} to go, but no point is running: run the same sweep again to go on)")
+    else:
+        lines.append(f"ETA          {format_duration(report['eta_s'])}" + (f" ({remaining} to go)" if remaining else ""))
+    for title, reasons in (("failure reasons", report["reasons"]), ("invalid rows", report["invalid_reasons"])):
+        if reasons:
+            lines.append(f"{title}:")
+            for r in reasons[:20]:
+                where = ", ".join(r["points"][:3]) + (" ..." if len(r["points"]) > 3 else "")
+                lines.append(f"  {r['count']:>6}  {r['reason']}  (e.g. {r['example_id']}; at {where})")
+    return "\n".join(lines)
+
+
+def status_command(args: list[str]) -> int:
+    """`svdbatch status PATH`: a sweep root gets the sweep's status, a run dir its own."""
+    import argparse
+    import sys
+
+    from . import status
+
+    paths = [a for a in args if not a.startswith("-")]
+    if len(paths) != 1 or not is_sweep_root(Path(paths[0])) or not point_dirs(Path(paths[0])):
+        return status.status_command(args)
+    parser = argparse.ArgumentParser(prog="svdbatch status", description="per-point and total counts of a sweep root")
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    parser.add_argument("--window", type=int, default=status.THROUGHPUT_WINDOW, help="finished items the throughput is measured over")
+    options = parser.parse_args(args)
+    report = collect_sweep(options.root, max(1, options.window))
+    print(json.dumps(report, ensure_ascii=False) if options.json else format_sweep_report(report))
+    sys.stdout.flush()
+    return status.EXIT_OK
+
+
+def gallery_command(args: list[str]) -> int:
+    """`svdbatch gallery PATH`: a sweep root gets its comparison page, a run dir its contact sheet."""
+    from . import gallery
+
+    paths = [a for a in args if not a.startswith("-")]
+    if len(paths) == 1 and is_sweep_root(Path(paths[0])) and point_dirs(Path(paths[0])):
+        print(write_sweep_page(Path(paths[0])))
+        return gallery.EXIT_OK
+    return gallery.gallery_command(args)
