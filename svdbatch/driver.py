@@ -143,7 +143,8 @@ def run(cfg: DictConfig) -> RunSummary:
             if gallery:
                 gallery.maybe_update()
 
-        execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done)
+        # In a sweep, worker processes stay up for the next point (same model: no reload).
+        execute(make_batches(plan.todo, cfg.run.batch_size), worker_spec(cfg, store), devices, on_done, keep=in_hydra_sweep())
         bar.close()
 
     if summary.stop_reason is None:

@@ -10,10 +10,13 @@ its batches go back to the queue once, then are recorded as failed and left for 
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import multiprocessing as mp
 import queue
 import threading
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
@@ -65,8 +68,12 @@ class WorkerSpec:
 OnDone = Callable[[list[Outcome]], None]
 
 
-def execute(batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone) -> None:
-    """Run every batch; `on_done(outcomes)` is called once per finished batch."""
+def execute(
+    batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone, keep: bool = False
+) -> None:
+    """Run every batch; `on_done(outcomes)` is called once per finished batch.
+    `keep`: leave the worker processes (and their loaded pipelines) running for the next
+    call with the same model, memory and devices: the next point of a sequential sweep."""
     if len(devices) == 1:
         lock = threading.Lock()
 
@@ -76,27 +83,125 @@ def execute(batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[to
 
         spec.build(devices[0]).run(enumerate(batches), report)
     else:
-        Pool(batches, spec, devices, on_done).run()
+        Pool(batches, spec, devices, on_done, keep).run()
 
 
 def worker_main(spec: WorkerSpec, device: str, number: int, inbox: mp.Queue, events: mp.Queue) -> None:
-    """Entry point of a worker process."""
-    try:
-        worker = spec.build(torch.device(device))
-    except BaseException as exc:
-        events.put(("load_failed", number, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-        return
+    """Entry point of a worker process: one run (a sweep point) per spec. After a point's
+    last batch (None) it reports idle and waits for the next point's spec (None: exit);
+    the pipeline stays loaded in between (models.load_pipeline keeps it)."""
+    previous = None
+    while spec is not None:
+        try:
+            worker = spec.build(torch.device(device))
+        except BaseException as exc:
+            events.put(("load_failed", number, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            return
+        if worker.loaded is not previous:  # a fresh load, not the pipeline of the last point
+            events.put(("loaded", number, worker.loaded.identity.name, worker.loaded.load_seconds))
+        previous = worker.loaded
 
-    def batches():
-        while (task := inbox.get()) is not None:
-            yield task
+        def batches():
+            while (task := inbox.get()) is not None:
+                yield task
 
-    worker.run(batches(), lambda batch_id, outcomes: events.put(("done", number, batch_id, outcomes)))
-    events.put(("exited", number))
+        worker.run(batches(), lambda batch_id, outcomes: events.put(("done", number, batch_id, outcomes)))
+        events.put(("idle", number))
+        spec = inbox.get()
+
+
+class Crew:
+    """One worker process per device, kept between runs that share what the workers were
+    built from (model, memory preset, thread count, devices): the sequential points of a
+    sweep load the pipeline (and warm up a compiled UNet) once per device, not once per point."""
+
+    def __init__(self, key: str, devices: list[torch.device]):
+        self.key = key
+        self.devices = devices
+        self.context = mp.get_context("spawn")  # CUDA cannot be forked; spawn is also the CPU path
+        self.events = self.context.Queue()
+        self.inboxes: list[Any] = [None] * len(devices)
+        self.procs: list[Any] = [None] * len(devices)
+        self.idle: list[bool] = [False] * len(devices)
+
+    def begin(self, spec: WorkerSpec) -> None:
+        """Hand the point's spec to every worker: idle live ones get it by message, missing
+        or dead ones are (re)started with it."""
+        for number, device in enumerate(self.devices):
+            proc = self.procs[number]
+            if proc is not None and proc.is_alive() and self.idle[number]:
+                self.inboxes[number].put(spec)
+            else:
+                if proc is not None and proc.is_alive():
+                    proc.kill()
+                self.inboxes[number] = self.context.Queue()
+                self.procs[number] = self.context.Process(
+                    target=worker_main,
+                    args=(spec, str(device), number, self.inboxes[number], self.events),
+                    name=f"svdbatch-worker-{number}",
+                    daemon=True,
+                )
+                self.procs[number].start()
+            self.idle[number] = False
+
+    def end_point(self, alive: set[int], keep: bool) -> None:
+        """After a run: tell the live workers the point is over and wait until each has
+        committed what it holds (idle); without `keep`, also let them exit."""
+        for number in alive:
+            self.inboxes[number].put(None)
+        waiting = set(alive)
+        deadline = time.monotonic() + 60
+        while waiting and time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=0.5)
+            except queue.Empty:
+                waiting = {n for n in waiting if self.procs[n].is_alive()}
+                continue
+            if event[0] == "idle":
+                waiting.discard(event[1])
+                self.idle[event[1]] = True
+        for number in waiting:  # stuck: never reused
+            self.procs[number].kill()
+        if not keep:
+            self.close()
+
+    def close(self) -> None:
+        for number, proc in enumerate(self.procs):
+            if proc is not None and proc.is_alive() and self.idle[number]:
+                self.inboxes[number].put(None)
+        for proc in self.procs:
+            if proc is not None:
+                proc.join(timeout=60)
+                if proc.is_alive():
+                    proc.kill()
+        self.procs = [None] * len(self.devices)
+
+
+_crews: dict[str, Crew] = {}  # at most one: the crew of the last run, kept for the next point
+
+
+def crew_for(spec: WorkerSpec, devices: list[torch.device]) -> Crew:
+    key = json.dumps([spec.model, spec.memory, spec.num_threads, [str(d) for d in devices]], sort_keys=True, default=str)
+    crew = _crews.get(key)
+    if crew is None:
+        close_crews()  # another model or device set: free the devices first
+        crew = _crews[key] = Crew(key, devices)
+    return crew
+
+
+@atexit.register
+def close_crews() -> None:
+    """Shut down kept worker processes (at exit, or before starting other ones)."""
+    while _crews:
+        _, crew = _crews.popitem()
+        crew.close()
 
 
 class Pool:
-    def __init__(self, batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone):
+    def __init__(
+        self, batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone, keep: bool = False
+    ):
+        self.keep = keep
         self.batches = batches
         self.spec = spec
         self.devices = devices
@@ -110,22 +215,12 @@ class Pool:
         self.stop_reason: Optional[str] = None
 
     def run(self) -> None:
-        context = mp.get_context("spawn")  # CUDA cannot be forked; spawn is also the CPU path
-        events = context.Queue()
-        inboxes = [context.Queue() for _ in self.devices]
-        procs = [
-            context.Process(
-                target=worker_main,
-                args=(self.spec, str(device), number, inboxes[number], events),
-                name=f"svdbatch-worker-{number}",
-                daemon=True,
-            )
-            for number, device in enumerate(self.devices)
-        ]
+        crew = crew_for(self.spec, self.devices)
+        crew.begin(self.spec)
+        events, inboxes, procs = crew.events, crew.inboxes, crew.procs
         held: dict[int, list[int]] = {number: [] for number in range(len(procs))}
         alive: set[int] = set()
-        for number, proc in enumerate(procs):
-            proc.start()
+        for number in range(len(procs)):
             alive.add(number)
             self.assign(number, inboxes[number], held, ASSIGNED_PER_WORKER)
         try:
@@ -149,12 +244,9 @@ class Pool:
             elif self.finished < len(self.batches):
                 self.abandon_waiting()
         finally:
-            for number in alive:
-                inboxes[number].put(None)
-            for proc in procs:
-                proc.join(timeout=60)
-                if proc.is_alive():
-                    proc.kill()
+            crew.end_point(alive, self.keep)
+            if not self.keep:
+                _crews.pop(crew.key, None)
         if self.load_errors and len(self.load_errors) == len(procs):
             raise NoWorkersLeft("no worker could load the model:\n" + "\n".join(self.load_errors))
 
@@ -177,6 +269,8 @@ class Pool:
                 log.error("worker %d stopped the run: %s", number, self.stop_reason)
             self.on_done(outcomes)
             self.assign(number, inboxes[number], held, ASSIGNED_PER_WORKER)
+        elif kind == "loaded":
+            log.info("worker %d (%s): loaded %s in %.2f s", number, self.devices[number], event[2], event[3])
         elif kind == "load_failed":
             log.error("worker %d could not start: %s", number, event[2])
             self.load_errors.append(event[2])
