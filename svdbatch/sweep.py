@@ -63,7 +63,7 @@ def point_dirs(root: Path) -> list[Path]:
             path = Path(entry.path)
             if (path / POINT_RECORD).is_file():
                 found.append(path)
-            elif depth < MAX_POINT_DEPTH:
+            elif depth < MAX_POINT_DEPTH and not (path / "results.jsonl").exists():  # never into a run dir's own folders
                 walk(path, depth + 1)
 
     walk(root, 1)
@@ -93,7 +93,8 @@ def read_sweep_spec(root: Path) -> SweepSpec:
     hydra_cfg = record.get("hydra") or {}
     task = ((hydra_cfg.get("overrides") or {}).get("task")) or []
     exclude = (((hydra_cfg.get("job") or {}).get("config") or {}).get("override_dirname") or {}).get("exclude_keys") or []
-    spec = SweepSpec(ignored=set(exclude))
+    # Shards of one run share its folder: a shard index never tells points apart.
+    spec = SweepSpec(ignored=set(exclude) | {"run.shard.index", "run.shard.count"})
     try:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -296,6 +297,7 @@ def check_reuse_from(paths: Iterable[Any]) -> list[str]:
 # -- the comparison page ------------------------------------------------------------------
 PAGE = "index.html"
 POSTER_SUFFIX = ".first.jpg"  # <point>/gallery/<id>.first.jpg: the video's first frame, small
+POSTER_THREADS = 4  # ffmpeg processes making posters at once
 
 
 def first_frame(path: Path):
@@ -464,8 +466,9 @@ def header_cell(point: Point, rel: str) -> str:
     return f'<th title="{title}"><a href="{url(rel)}/index.html">{lines or esc(point.run_dir.name)}</a></th>'
 
 
-def write_sweep_page(root: Path) -> Path:
-    """Rewrite <sweep root>/index.html: one row per item, one column per point."""
+def write_sweep_page(root: Path, max_items: int = 500) -> Path:
+    """Rewrite <sweep root>/index.html: one row per item, one column per point; the first
+    `max_items` items in manifest order (0 = all: every cell costs a poster once)."""
     from datetime import datetime, timezone
 
     from .gallery import CSS, collect_cards, esc, read_sidecar, source_thumbnail, url
@@ -475,13 +478,20 @@ def write_sweep_page(root: Path) -> Path:
     spec = read_sweep_spec(root)
     points = sweep_points(root, spec)
     by_point = [{c.item_id: c for c in collect_cards(p.run_dir) if c.kind != "invalid" or c.record.get("id") is not None} for p in points]
-    ids = item_order(points, by_point)
+    all_ids = item_order(points, by_point)
+    ids = all_ids if max_items <= 0 else all_ids[:max_items]
     rels = [p.run_dir.relative_to(root).as_posix() for p in points]
     titles = {str(p.run_dir.resolve()): p.short_title for p in points}
     rows = []
     counts = {"done": 0, "reused": 0, "failed": 0, "pending": 0}
-    for item_id in ids:
-        cells = [cell_html_at(p, rel, by_id.get(item_id), titles) for p, rel, by_id in zip(points, rels, by_point)]
+    # Cells in parallel: a new cell's poster is an ffmpeg call (~0.1 s), made once per item.
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(p, rel, by_id.get(item_id)) for item_id in ids for p, rel, by_id in zip(points, rels, by_point)]
+    with ThreadPoolExecutor(POSTER_THREADS, thread_name_prefix="svdbatch-poster") as pool:
+        all_cells = list(pool.map(lambda job: cell_html_at(*job, titles), jobs))
+    for row, item_id in enumerate(ids):
+        cells = all_cells[row * len(points):(row + 1) * len(points)]
         values: dict[str, set] = {}
         for cell in cells:
             for name, value in cell.params.items():
@@ -505,7 +515,8 @@ def write_sweep_page(root: Path) -> Path:
             body += f'<td class="cell {cell.kind}">{cell.media}{params_line(cell.params, varies)}{cell.note}</td>'
         rows.append(f"<tr>{head}{body}</tr>")
     unstarted = unstarted_points(spec, points)
-    summary = [f"{len(points)} points", f"{len(ids)} items", f"{counts['done']} generated", f"{counts['reused']} reused"]
+    shown = f" (showing the first {len(ids)})" if len(ids) < len(all_ids) else ""
+    summary = [f"{len(points)} points", f"{len(all_ids)} items{shown}", f"{counts['done']} generated", f"{counts['reused']} reused"]
     if counts["failed"]:
         summary.append(f'<span class="bad">{counts["failed"]} failed</span>')
     if counts["pending"]:
@@ -544,10 +555,10 @@ def url_prefix(rel: str) -> str:
     return url(rel) + "/"
 
 
-def update_sweep_page(root: Path) -> Optional[Path]:
+def update_sweep_page(root: Path, max_items: int = 500) -> Optional[Path]:
     """write_sweep_page, logged not raised: a page problem must not fail a sweep point."""
     try:
-        return write_sweep_page(root)
+        return write_sweep_page(root, max_items)
     except Exception as exc:
         log.warning("sweep page: could not write %s: %s", Path(root) / PAGE, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return None
@@ -675,15 +686,14 @@ def status_command(args: list[str]) -> int:
 
     from . import status
 
-    paths = [a for a in args if not a.startswith("-")]
-    if len(paths) != 1 or not is_sweep_root(Path(paths[0])) or not point_dirs(Path(paths[0])):
-        return status.status_command(args)
-    parser = argparse.ArgumentParser(prog="svdbatch status", description="per-point and total counts of a sweep root")
-    parser.add_argument("root", type=Path)
+    parser = argparse.ArgumentParser(prog="svdbatch status", description="counts of a run dir, or of every point of a sweep root")
+    parser.add_argument("path", type=Path, help="a run dir, or a sweep root (every point and the total)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
     parser.add_argument("--window", type=int, default=status.THROUGHPUT_WINDOW, help="finished items the throughput is measured over")
     options = parser.parse_args(args)
-    report = collect_sweep(options.root, max(1, options.window))
+    if not is_sweep_root(options.path) or not point_dirs(options.path):
+        return status.status_command(args)
+    report = collect_sweep(options.path, max(1, options.window))
     print(json.dumps(report, ensure_ascii=False) if options.json else format_sweep_report(report))
     sys.stdout.flush()
     return status.EXIT_OK
@@ -691,10 +701,15 @@ def status_command(args: list[str]) -> int:
 
 def gallery_command(args: list[str]) -> int:
     """`svdbatch gallery PATH`: a sweep root gets its comparison page, a run dir its contact sheet."""
+    import argparse
+
     from . import gallery
 
-    paths = [a for a in args if not a.startswith("-")]
-    if len(paths) == 1 and is_sweep_root(Path(paths[0])) and point_dirs(Path(paths[0])):
-        print(write_sweep_page(Path(paths[0])))
+    parser = argparse.ArgumentParser(prog="svdbatch gallery", description="rewrite <run dir or sweep root>/index.html")
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--max-items", type=int, default=500, help="cards (items, rows of a sweep page) shown (0 = all)")
+    options = parser.parse_args(args)
+    if is_sweep_root(options.path) and point_dirs(options.path):
+        print(write_sweep_page(options.path, options.max_items))
         return gallery.EXIT_OK
     return gallery.gallery_command(args)
