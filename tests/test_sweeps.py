@@ -181,6 +181,18 @@ def test_comparison_page_renders_in_headless_chromium(sweep, tmp_path):
     cell = rgb.crop((200, 130, 400, 330))
     assert sum(1 for r, g, b in cell.getdata() if abs(r - g) > 8 or abs(g - b) > 8) > 2000
 
+    def loaded_videos(height: int) -> int:
+        """Videos the page's script gave a source to (= started loading) in a window this tall."""
+        dom = subprocess.run(
+            [browser, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+             "--dump-dom", f"--window-size=1300,{height}", "--virtual-time-budget=3000", index.as_uri()],
+            capture_output=True, text=True, timeout=120, check=False,
+        ).stdout
+        return sum(" src=" in tag for tag in dom.split("<video")[1:])
+
+    assert 0 < loaded_videos(300) < 12  # only the rows on screen load
+    assert loaded_videos(3000) == 12
+
 
 def test_status_of_a_sweep_root(sweep, tmp_path, capsys):
     root, _ = sweep
