@@ -296,6 +296,12 @@ def check_reuse_from(paths: Iterable[Any]) -> list[str]:
 
 # -- the comparison page ------------------------------------------------------------------
 PAGE = "index.html"
+PAGE_BESIDE_RUN = "sweep.html"  # when the sweep root is also a plain run's dir, whose index.html is its contact sheet
+
+
+def page_path(root: Path) -> Path:
+    root = Path(root)
+    return root / (PAGE_BESIDE_RUN if (root / "results.jsonl").is_file() else PAGE)
 POSTER_SUFFIX = ".first.jpg"  # <point>/gallery/<id>.first.jpg: the video's first frame, small
 POSTER_THREADS = 4  # ffmpeg processes making posters at once
 
@@ -535,7 +541,7 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
         f'<main><div class="wrap"><table><thead><tr><th class="item">item</th>{headers}</tr></thead>'
         f'<tbody>{"".join(rows)}</tbody></table></div></main><script>{SWEEP_JS}</script></body></html>\n'
     )
-    target = root / PAGE
+    target = page_path(root)
     atomic_write_bytes(target, page.encode("utf-8"))
     return target
 
@@ -558,9 +564,11 @@ def url_prefix(rel: str) -> str:
 def update_sweep_page(root: Path, max_items: int = 500) -> Optional[Path]:
     """write_sweep_page, logged not raised: a page problem must not fail a sweep point."""
     try:
-        return write_sweep_page(root, max_items)
+        target = write_sweep_page(root, max_items)
+        log.info("sweep page: %s", target)
+        return target
     except Exception as exc:
-        log.warning("sweep page: could not write %s: %s", Path(root) / PAGE, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        log.warning("sweep page: could not write %s: %s", page_path(root), exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return None
 
 
@@ -711,5 +719,6 @@ def gallery_command(args: list[str]) -> int:
     options = parser.parse_args(args)
     if is_sweep_root(options.path) and point_dirs(options.path):
         print(write_sweep_page(options.path, options.max_items))
-        return gallery.EXIT_OK
-    return gallery.gallery_command(args)
+        if not gallery.is_run_dir(options.path):
+            return gallery.EXIT_OK
+    return gallery.gallery_command(args)  # also when the sweep root is a run dir of its own

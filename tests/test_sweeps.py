@@ -158,6 +158,11 @@ def test_comparison_page_one_row_per_item_one_column_per_point(sweep, tmp_path):
             assert poster.size == (64, 64)  # the first frame, from the video itself
     for src in page.images:
         assert (copy / unquote(src)).is_file()
+    # A sweep root that is also a plain run's dir keeps that run's contact sheet as index.html.
+    (copy / "index.html").write_text("the run's own contact sheet")
+    (copy / "results.jsonl").write_text("")
+    assert write_sweep_page(copy) == copy / "sweep.html"
+    assert (copy / "index.html").read_text() == "the run's own contact sheet"
 
 
 def test_comparison_page_renders_in_headless_chromium(sweep, tmp_path):
