@@ -22,8 +22,8 @@ from svdbatch.driver import run
 from svdbatch.manifest import read_manifest
 from svdbatch.schedule import shadowed_knobs_warning
 from svdbatch.store import latest_by_id, read_jsonl
-from svdbatch.sweep import collect_sweep, point_dirs, status_command, sweep_points, write_sweep_page
-from tests.conftest import FAST, REPO, SAMPLE_CSV, make_cfg, run_cli
+from svdbatch.sweep import point_dirs, status_command, sweep_points, write_sweep_page
+from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli
 from tests.test_gallery import find_chromium
 
 # The README's sweep, as written there, plus two CPU workers and the small test sizes.
