@@ -8,6 +8,7 @@
     svdbatch status outputs/<run> [--json]                              (done / pending / failed, throughput, ETA)
     svdbatch gallery outputs/<run>                                      (rewrite <run>/index.html)
     svdbatch verify outputs/<run> [--json] [--repair]                   (check every finished file; set damaged ones aside)
+    (status and gallery of a sweep root: every point, and the comparison page)
 
 Exit codes are defined here, once; the subcommands import them.
 """
@@ -193,15 +194,15 @@ def reproduce(args: list[str]) -> int:
 
 
 def status(args: list[str]) -> int:
-    """done / in progress / failed / pending counts, failure reasons, throughput, ETA"""
-    from .status import status_command
+    """done / in progress / failed / pending counts, failure reasons, throughput, ETA (a run dir or a sweep root)"""
+    from .sweep import status_command  # a sweep root, else the run dir's own
 
     return status_command(args)
 
 
 def gallery(args: list[str]) -> int:
-    """rewrite <run dir>/index.html, the contact sheet"""
-    from .gallery import gallery_command
+    """rewrite <run dir>/index.html, the contact sheet (a sweep root: the comparison page)"""
+    from .sweep import gallery_command  # a sweep root, else the run dir's own
 
     return gallery_command(args)
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -250,6 +250,12 @@ class RunConfig:
     # (meant for a new run.name) must not destroy a finished run; the cost is disk space for
     # what was replaced, which the plan reports. false = overwrite in place.
     keep_replaced: bool = True
+    # An item whose key (image bytes, parameters, seed, model) another point of the same sweep
+    # already finished, with the same output settings, is linked from there instead of being
+    # generated again (sidecar: reused_from). reuse_from adds earlier run dirs or sweep roots
+    # to look in (opt-in: their software versions may differ). reuse=false always generates.
+    reuse: bool = True
+    reuse_from: List[str] = field(default_factory=list)
     # Write the manifest this run would use (ids, images, seeds: e.g. derived from a folder)
     # to <run.dir>/<run.name>.csv for editing, and stop without generating.
     emit_manifest: bool = False

@@ -406,6 +406,8 @@ class LoadedPipeline:
     # Upper bound on decode_chunk_size set by an OOM fallback (None: as planned).
     decode_cap: Optional[int] = None
     cache_key: Optional[str] = None
+    # Seconds the compiled UNet's warm-up took (runner.Worker.warm_up), once per load.
+    warmup_s: Optional[float] = None
 
     def memory_record(self) -> dict[str, Any]:
         return {"preset": self.memory, "offload": self.offloaded, "forward_chunking": self.forward_chunking,

@@ -363,6 +363,39 @@ def write_video(frames: np.ndarray, target: Path, output: OutputConfig, fps: int
     return written
 
 
+def link_output(source: Path, target: Path) -> str:
+    """Make `target` the very output `source` is (a file, or a folder of frames): hard links
+    when both are on one file system, else a copy; atomic like every writer here. Returns
+    'link' or 'copy'. Safe to share inodes: outputs are only ever replaced, never edited."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
+        try:
+            hows = {_link_or_copy(frame, staging / frame.name) for frame in sorted(source.iterdir()) if frame.is_file()}
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(staging, target)
+            fsync_path(target.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return "copy" if "copy" in hows else "link"
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        how = _link_or_copy(source, tmp)
+    return how
+
+
+def _link_or_copy(source: Path, target: Path) -> str:
+    try:
+        os.link(source, target)
+        return "link"
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            raise
+    shutil.copy2(source, target)
+    return "copy"
+
+
 def output_bytes(path: str | os.PathLike) -> int:
     """Size of a written output (file, or folder of frames); -1 if it is missing."""
     try:

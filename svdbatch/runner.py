@@ -141,7 +141,10 @@ class Worker:
         self.output_format = plain(output)["format"]
         self.loaded.pipe.set_progress_bar_config(disable=not step_progress, leave=False)
         self.context = {**context, "model": loaded.identity.as_dict(), **self.environment()}
-        self.warmup_s: Optional[float] = None
+        # A pipeline kept between sweep points was warmed up already: once per load, not per point.
+        self.warmup_s: Optional[float] = loaded.warmup_s
+        if self.warmup_s is not None:
+            self.context["warmup_s"] = self.warmup_s
         self.retry_on_oom = retry_on_oom
         # run.keep_replaced: the folder an older output of a redone item is moved to (WorkerSpec).
         self.keep_replaced_in: Optional[str] = None
@@ -194,7 +197,7 @@ class Worker:
             return
         start = time.perf_counter()
         self.generate([load_blank(params.width, params.height)], params, [0])
-        self.warmup_s = time.perf_counter() - start
+        self.warmup_s = self.loaded.warmup_s = time.perf_counter() - start
         self.context["warmup_s"] = self.warmup_s
         log.info("compiled UNet warmed up in %.1f s", self.warmup_s)
 

@@ -113,6 +113,9 @@ class Replacement:
 class Plan:
     todo: list[PlannedItem] = field(default_factory=list)
     done: list[PlannedItem] = field(default_factory=list)
+    # Not done here, but finished with the same key in another run dir (a sweep's other
+    # point, run.reuse_from): linked instead of generated. (entry, sweep.ReuseSource)
+    reuse: list[tuple[PlannedItem, Any]] = field(default_factory=list)
     all: list[PlannedItem] = field(default_factory=list)  # manifest order
     replaced: list[Replacement] = field(default_factory=list)  # to-do items that overwrite a finished output
 
@@ -129,6 +132,7 @@ def plan_run(
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     output: Optional[OutputConfig] = None,
     image_cache: Optional[ImageCache] = None,
+    reuse: Any = None,
 ) -> Plan:
     """Resolve each item's parameters and key, and split done from to-do.
 
@@ -139,6 +143,7 @@ def plan_run(
     rsync use): from the image cache, else from the item's finished record; the rest are
     hashed on a few threads, and learnt by the cache.
     `output` (default: the run dir's format with default settings) gives the output keys.
+    `reuse` (sweep.ReuseIndex) finds to-do items another run dir finished with the same key.
     """
     output = output if output is not None else OutputConfig(format=store.format)
     out_keys: dict[int, str] = {}  # per written fps: a run has few
@@ -204,10 +209,14 @@ def plan_run(
         if store.is_done(item.id, key, out_key, index):
             plan.done.append(entry)
         else:
-            plan.todo.append(entry)
-            replacement = find_replacement(entry, index.get(item.id), store, model_identity)
-            if replacement is not None:
-                plan.replaced.append(replacement)
+            reused = reuse.lookup(key, out_key) if reuse is not None else None
+            if reused is not None:
+                plan.reuse.append((entry, reused))
+            else:
+                plan.todo.append(entry)
+                replacement = find_replacement(entry, index.get(item.id), store, model_identity)
+                if replacement is not None:
+                    plan.replaced.append(replacement)
         plan.all.append(entry)
     warning = fixed_conditioning_warning(plan.all, model)
     if warning:
@@ -308,6 +317,24 @@ def fixed_conditioning_warning(planned: list[PlannedItem], model: ModelConfig) -
         f"model {model.name} was trained with fixed {trained_with} (model card) and was not trained to vary "
         f"them; these items use other values, expect off-distribution motion: {details}"
     )
+
+
+def shadowed_knobs_warning(items: list[Item], swept: Mapping[str, str]) -> Optional[str]:
+    """One warning naming the rows whose own values override a swept conditioning knob
+    (`swept`: knob -> the sweep's key for it): at every point they get the same value, so
+    the sweep does not vary them (their outputs are reused across points, not redone)."""
+    shadowed: dict[str, list[str]] = {}
+    for item in items:
+        for knob, key in swept.items():
+            if knob in item.overrides:
+                shadowed.setdefault(key, []).append(item.id)
+    if not shadowed:
+        return None
+
+    def names(ids: list[str]) -> str:
+        return ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+
+    return "; ".join(f"{names(ids)}: manifest values override the swept {key}" for key, ids in shadowed.items())
 
 
 def make_batches(todo: list[PlannedItem], batch_size: int) -> list[list[PlannedItem]]:

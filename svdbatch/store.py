@@ -40,7 +40,9 @@ from typing import Any, Iterable, Iterator, Optional
 
 from .config import OutputFormat
 from .faults import fault_point
-from .outputs import HOST, TEMP_MARKER, atomic_write_bytes, output_bytes, output_name, temp_prefix, written_by_dead_process
+from .outputs import (
+    HOST, TEMP_MARKER, atomic_write_bytes, link_output, output_bytes, output_name, temp_prefix, written_by_dead_process,
+)
 
 log = logging.getLogger(__name__)
 
@@ -500,7 +502,10 @@ class RunStore:
     @staticmethod
     def result_record(sidecar: dict[str, Any], sidecar_bytes: int) -> dict[str, Any]:
         output, image = sidecar["output"], sidecar["image"]
+        # An output linked from another run dir (sweep.py) says so: throughput ignores it.
+        reused = {"reused_from": sidecar["reused_from"]} if sidecar.get("reused_from") else {}
         return {
+            **reused,
             "id": sidecar["id"],
             "key": sidecar["key"],
             "output_key": sidecar.get("output_key"),
@@ -525,6 +530,30 @@ class RunStore:
         atomic_write_bytes(self.sidecar_path(sidecar["id"]), body, fault="sidecar")
         fault_point("results")
         append_jsonl(self.results, self.result_record(sidecar, len(body)))
+
+    def commit_reused(self, item_id: str, key: str, source: "RunStore", source_id: str, own: dict[str, Any]) -> dict[str, Any]:
+        """Commit an item another run dir already finished with the same key: its output is
+        linked here (store.link_output), and its sidecar is the source's (same frames, same
+        params, same model) with this item's own id, row and image, plus `reused_from`.
+        The results line is appended as for any commit, so resume, status and the dataset
+        files treat it as done. Call under the item's claim."""
+        start = time.perf_counter()
+        sidecar = json.loads(source.sidecar_path(source_id).read_bytes())
+        if sidecar.get("key") != key or sidecar.get("status") != "done":
+            raise ValueError(f"{source.sidecar_path(source_id)} no longer holds key {key}")
+        target = self.video_path(item_id)
+        how = link_output(source.root / sidecar["output"]["path"], target)
+        took = time.perf_counter() - start
+        sidecar.update(own)
+        sidecar.update(
+            id=item_id,
+            output={**sidecar["output"], "path": self.relative(target), "bytes": output_bytes(target)},
+            reused_from={"run_dir": str(source.root.resolve()), "id": source_id, "how": how},
+            timings={"reuse_s": took, "total_s": took, "source": sidecar.get("timings")},
+            finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        self.commit(sidecar)
+        return sidecar
 
     def record_failure(self, item_id: Optional[str], key: Optional[str], error: str, details: dict[str, Any]) -> None:
         append_jsonl(

@@ -10,11 +10,14 @@ its batches go back to the queue once, then are recorded as failed and left for 
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import multiprocessing as mp
 import os
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -70,10 +73,13 @@ class WorkerSpec:
 
 def execute(
     batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone,
-    stop: Optional[StopRequest] = None, cluster: Any = None,
+    stop: Optional[StopRequest] = None, cluster: Any = None, keep: bool = False,
 ) -> None:
     """Run every batch; `on_done(outcomes)` is called once per finished batch. With a Ray
     cluster (ray_engine.RayCluster, run.engine=ray) its actors run them instead.
+
+    `keep`: leave the worker processes (and their loaded pipelines) running for the next
+    call with the same model, memory and devices: the next point of a sequential sweep.
 
     After `stop` is requested, no new batch starts and the run returns once the batches in
     flight are committed; past the grace (`stop.abandon()`) they are abandoned: in this
@@ -92,13 +98,16 @@ def execute(
             worker = spec.build(devices[0])
         worker.run(enumerate(batches), report, stop=stop.is_requested, abandon=stop.abandon)
     else:
-        Pool(batches, spec, devices, on_done, stop).run()
+        Pool(batches, spec, devices, on_done, stop, keep).run()
 
 
 def worker_main(
-    spec: WorkerSpec, device: str, number: int, inbox: mp.Queue, events: mp.Queue, stop: Any, driver_pid: int
+    spec: Optional[WorkerSpec], device: str, number: int, inbox: mp.Queue, events: mp.Queue, stop: Any, driver_pid: int
 ) -> None:
-    """Entry point of a worker process. `stop` (an Event) is set by the driver after a signal."""
+    """Entry point of a worker process: one run (a sweep point) per spec. After a point's
+    last batch (None) it reports idle and waits for the next point's spec (None: exit); the
+    pipeline stays loaded in between (models.load_pipeline keeps it). `stop` (an Event) is
+    set by the driver after a signal: no new batch starts."""
     ignore_stop_signals()
     die_with_parent(driver_pid)
     # tqdm (diffusers' step bars) would create a cross-process lock, registered with the
@@ -107,56 +116,147 @@ def worker_main(
     from tqdm import tqdm
 
     tqdm.set_lock(threading.RLock())
-    try:
-        worker = spec.build(torch.device(device))
-    except BaseException as exc:
-        events.put(("load_failed", number, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-        return
+    previous = None
+    while spec is not None:
+        try:
+            worker = spec.build(torch.device(device))
+        except BaseException as exc:
+            events.put(("load_failed", number, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            return
+        if worker.loaded is not previous:  # a fresh load, not the pipeline of the last point
+            events.put(("loaded", number, worker.loaded.identity.name, worker.loaded.load_seconds))
+        previous = worker.loaded
 
-    def batches():
-        while not stop.is_set() and (task := inbox.get()) is not None:
-            yield task
+        def batches():
+            while not stop.is_set() and (task := inbox.get()) is not None:
+                yield task
 
-    worker.run(batches(), lambda batch_id, outcomes: events.put(("done", number, batch_id, outcomes)), stop=stop.is_set)
-    events.put(("exited", number))
+        worker.run(batches(), lambda batch_id, outcomes: events.put(("done", number, batch_id, outcomes)), stop=stop.is_set)
+        events.put(("idle", number))
+        if stop.is_set():
+            return
+        spec = inbox.get()
+
+
+class Crew:
+    """One worker process per device, kept between runs that share what the workers were
+    built from (model, memory preset, thread count, devices): the sequential points of a
+    sweep load the pipeline (and warm up a compiled UNet) once per device, not once per point."""
+
+    def __init__(self, key: str, devices: list[torch.device]):
+        self.key = key
+        self.devices = devices
+        self.context = mp.get_context("spawn")  # CUDA cannot be forked; spawn is also the CPU path
+        self.events = self.context.Queue()
+        self.stop = self.context.Event()  # set after a signal: workers start no new batch
+        self.inboxes: list[Any] = [None] * len(devices)
+        self.procs: list[Any] = [None] * len(devices)
+        self.idle: list[bool] = [False] * len(devices)
+
+    def begin(self, spec: WorkerSpec) -> None:
+        """Hand the point's spec to every worker: idle live ones get it by message, missing
+        or dead ones are (re)started with it."""
+        for number, device in enumerate(self.devices):
+            proc = self.procs[number]
+            if proc is not None and proc.is_alive() and self.idle[number]:
+                self.inboxes[number].put(spec)
+            else:
+                if proc is not None and proc.is_alive():
+                    proc.kill()
+                self.inboxes[number] = self.context.Queue()
+                self.procs[number] = self.context.Process(
+                    target=worker_main,
+                    args=(spec, str(device), number, self.inboxes[number], self.events, self.stop, os.getpid()),
+                    name=f"svdbatch-worker-{number}",
+                    daemon=True,
+                )
+                with stop_signals_blocked():  # a Ctrl-C cannot kill it while it imports
+                    self.procs[number].start()
+            self.idle[number] = False
+
+    def end_point(self, alive: list[int], keep: bool) -> None:
+        """After a run: tell the live workers the point is over and wait until each has
+        committed what it holds (idle); without `keep`, also let them exit."""
+        for number in alive:
+            self.inboxes[number].put(None)
+        waiting = set(alive)
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while waiting and time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=0.5)
+            except queue.Empty:
+                waiting = {n for n in waiting if self.procs[n].is_alive()}
+                continue
+            if event[0] == "idle":
+                waiting.discard(event[1])
+                self.idle[event[1]] = True
+        for number in waiting:  # stuck: never reused
+            self.procs[number].kill()
+        if not keep:
+            self.close()
+
+    def close(self, wait_s: float = EXIT_WAIT_S) -> None:
+        """Let every worker exit (waiting at most `wait_s`), then kill what is left: workers
+        ignore SIGTERM (stops.py)."""
+        for number, proc in enumerate(self.procs):
+            if proc is not None and proc.is_alive():
+                self.inboxes[number].put(None)  # ends its batches, or its wait for a next point
+                self.inboxes[number].put(None)
+        for proc in self.procs:
+            if proc is not None:
+                proc.join(timeout=wait_s)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+        self.procs = [None] * len(self.devices)
+
+
+_crews: dict[str, Crew] = {}  # at most one: the crew of the last run, kept for the next point
+
+
+def crew_for(spec: WorkerSpec, devices: list[torch.device]) -> Crew:
+    key = json.dumps([spec.model, spec.memory, spec.num_threads, [str(d) for d in devices]], sort_keys=True, default=str)
+    crew = _crews.get(key)
+    if crew is None:
+        close_crews()  # another model or device set: free the devices first
+        crew = _crews[key] = Crew(key, devices)
+    return crew
+
+
+@atexit.register
+def close_crews() -> None:
+    """Shut down kept worker processes (at exit, or before starting other ones)."""
+    while _crews:
+        _, crew = _crews.popitem()
+        crew.close()
 
 
 class Pool:
     def __init__(
         self, batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone,
-        stop: Optional[StopRequest] = None,
+        stop: Optional[StopRequest] = None, keep: bool = False,
     ):
         self.spec = spec
         self.devices = devices
+        self.keep = keep
         self.ledger = Ledger(batches, RunStore(spec.run_dir, spec.output["format"]), on_done)
         # A signal asked the run to stop (stops.py): nothing new is handed out.
         self.stop = stop or StopRequest(0)
 
     def run(self) -> None:
         ledger, stop = self.ledger, self.stop
-        context = mp.get_context("spawn")  # CUDA cannot be forked; spawn is also the CPU path
-        events = context.Queue()
-        inboxes = [context.Queue() for _ in self.devices]
-        stop_event = context.Event()
-        procs = [
-            context.Process(
-                target=worker_main,
-                args=(self.spec, str(device), number, inboxes[number], events, stop_event, os.getpid()),
-                name=f"svdbatch-worker-{number}",
-                daemon=True,
-            )
-            for number, device in enumerate(self.devices)
-        ]
+        crew = crew_for(self.spec, self.devices)
+        crew.begin(self.spec)
+        events, inboxes, procs = crew.events, crew.inboxes, crew.procs
+        for number in range(len(procs)):
+            ledger.join(number)
+        clean = False
         try:
-            for number, proc in enumerate(procs):
-                with stop_signals_blocked():
-                    proc.start()
-                ledger.join(number)
             self.hand_out(inboxes)
             while ledger.keep_going():
                 if stop.requested and not ledger.interrupted:
                     ledger.interrupt()  # hand out nothing more; the workers finish what they hold
-                    stop_event.set()
+                    crew.stop.set()
                     for number in ledger.workers:
                         inboxes[number].put(None)  # wakes a worker waiting for work
                 if ledger.interrupted and stop.abandon():
@@ -173,18 +273,15 @@ class Pool:
                 for number in dead:
                     ledger.died(number, f"exit code {procs[number].exitcode}")
                 self.hand_out(inboxes)
+            clean = not ledger.interrupted
         finally:
-            for number in ledger.workers:
-                inboxes[number].put(None)
-            wait_s = 0 if stop.abandon() else EXIT_WAIT_AFTER_STOP_S if ledger.interrupted else EXIT_WAIT_S
-            for proc in procs:
-                if proc.pid is None:
-                    continue  # never started
-                proc.join(timeout=wait_s)
-                if proc.is_alive():  # workers ignore SIGTERM (stops.py): kill
-                    proc.kill()
-                    proc.join()
-        ledger.settle()  # after the workers are gone: what they committed is on disk
+            if clean:
+                crew.end_point(ledger.workers, self.keep)
+            else:  # a signal or an error: no next point; after the grace, abandon what is left
+                crew.close(0 if stop.abandon() else EXIT_WAIT_AFTER_STOP_S)
+            if not (clean and self.keep):
+                _crews.pop(crew.key, None)
+        ledger.settle()  # after the workers are idle or gone: what they committed is on disk
         if ledger.load_errors and len(ledger.load_errors) == len(procs):
             raise NoWorkersLeft("no worker could load the model:\n" + "\n".join(ledger.load_errors))
 
@@ -197,6 +294,8 @@ class Pool:
         kind, number = event[0], event[1]
         if kind == "done":
             self.ledger.done(number, event[2], event[3])
+        elif kind == "loaded":
+            log.info("worker %d (%s): loaded %s in %.2f s", number, self.devices[number], event[2], event[3])
         elif kind == "load_failed":
             self.ledger.load_failed(number, event[2])
 

@@ -1,0 +1,711 @@
+"""Sweeps as one thing: the sweep root of a Hydra multirun, its points, reuse of identical
+items across points, the comparison page and the sweep's status.
+
+A sweep root (`hydra.sweep.dir`, by default outputs/<run.name>) holds Hydra's record of the
+whole sweep (multirun.yaml) and one run dir per point, each with its own record of the
+point's overrides (<point>/.hydra/overrides.yaml). Points are found through those records,
+never by parsing folder names, so any sweep.subdir scheme works (nested folders too).
+
+Reuse: an item's key (store.KeyMaker: image bytes, resolved parameters, seed, model,
+preprocessing) says everything that shapes its frames. When another point of the same
+sweep (or a run named in run.reuse_from) already finished an item with the same key and
+the same output settings, the output is hard-linked (copied across file systems) instead
+of generated again, and the sidecar records where it came from (`reused_from`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from .store import latest_by_id, output_intact, read_jsonl_fast
+
+log = logging.getLogger(__name__)
+
+MULTIRUN_RECORD = "multirun.yaml"  # Hydra's sweeper writes it into the sweep root
+POINT_RECORD = Path(".hydra") / "overrides.yaml"  # Hydra writes it into every job's output dir
+MAX_POINT_DEPTH = 4  # how deep under the root a point's folder may be (sweep.subdir may nest)
+# Output settings that change the written file (not the frames): reuse needs them equal.
+
+
+# -- the sweep root and its points ------------------------------------------------------
+def is_sweep_root(path: Path) -> bool:
+    return (Path(path) / MULTIRUN_RECORD).is_file()
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def point_dirs(root: Path) -> list[Path]:
+    """Every run dir under the sweep root that Hydra ran a job in, in folder order."""
+    root = Path(root)
+    found: list[Path] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if (path / POINT_RECORD).is_file():
+                found.append(path)
+            elif depth < MAX_POINT_DEPTH and not (path / "results.jsonl").exists():  # never into a run dir's own folders
+                walk(path, depth + 1)
+
+    walk(root, 1)
+    return found
+
+
+def parse_override_list(overrides: Iterable[str]) -> dict[str, str]:
+    """'key=value' strings (as in .hydra/overrides.yaml) -> {key: value}; '+'/'~' prefixes dropped."""
+    parsed: dict[str, str] = {}
+    for text in overrides or []:
+        key, _, value = str(text).partition("=")
+        parsed[key.lstrip("+~")] = value
+    return parsed
+
+
+@dataclass
+class SweepSpec:
+    """What the sweep root's record says: the swept keys and every point's values."""
+
+    swept: list[str] = field(default_factory=list)  # keys with several values, command-line order
+    points: list[dict[str, str]] = field(default_factory=list)  # swept key -> value, per job
+    ignored: set[str] = field(default_factory=set)  # keys that do not split folders (shards, ...)
+
+
+def read_sweep_spec(root: Path) -> SweepSpec:
+    record = read_yaml(Path(root) / MULTIRUN_RECORD) or {}
+    hydra_cfg = record.get("hydra") or {}
+    task = ((hydra_cfg.get("overrides") or {}).get("task")) or []
+    exclude = (((hydra_cfg.get("job") or {}).get("config") or {}).get("override_dirname") or {}).get("exclude_keys") or []
+    # Shards of one run share its folder: a shard index never tells points apart.
+    spec = SweepSpec(ignored=set(exclude) | {"run.shard.index", "run.shard.count"})
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides([str(t) for t in task])
+    except Exception as exc:  # an unreadable record: points are still listed, unlabelled by it
+        log.debug("sweep: cannot parse %s: %s", root / MULTIRUN_RECORD, exc)
+        return spec
+    values: list[list[str]] = []
+    for override in parsed:
+        if override.is_sweep_override() and override.is_discrete_sweep():
+            key = override.get_key_element().lstrip("+~")
+            if key in spec.ignored:
+                continue
+            spec.swept.append(key)
+            values.append(list(override.sweep_string_iterator()))
+    from itertools import product
+
+    spec.points = [dict(zip(spec.swept, combo)) for combo in product(*values)] if spec.swept else []
+    return spec
+
+
+@dataclass
+class Point:
+    run_dir: Path
+    overrides: dict[str, str]  # the job's own overrides (key -> value)
+    label: dict[str, str]  # the swept values that tell this point apart
+
+    @property
+    def title(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.label.items()) or self.run_dir.name
+
+    @property
+    def short_title(self) -> str:
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.label.items()) or self.run_dir.name
+
+
+def sweep_points(root: Path, spec: Optional[SweepSpec] = None) -> list[Point]:
+    """The sweep's points that have a run dir, in the sweep's own order (as the command
+    listed the values), labelled with their swept values."""
+    spec = spec or read_sweep_spec(root)
+    points = [Point(d, parse_override_list(read_yaml(d / POINT_RECORD) or []), {}) for d in point_dirs(root)]
+    keys = list(spec.swept)
+    if not keys:  # no record of what was swept: the keys whose values differ between points
+        seen: dict[str, set] = {}
+        for point in points:
+            for key, value in point.overrides.items():
+                seen.setdefault(key, set()).add(value)
+        keys = [k for k, v in seen.items() if len(v) > 1 or any(k not in p.overrides for p in points)]
+        keys = [k for k in keys if k not in spec.ignored]
+    for point in points:
+        point.label = {k: point.overrides[k] for k in keys if k in point.overrides}
+    order = {tuple(sorted(p.items())): n for n, p in enumerate(spec.points)}
+    points.sort(key=lambda p: (order.get(tuple(sorted(p.label.items())), len(order)), str(p.run_dir)))
+    return points
+
+
+def unstarted_points(spec: SweepSpec, points: list[Point]) -> list[dict[str, str]]:
+    """Points the sweep will run that have no run dir yet (a sequential sweep in progress)."""
+    have = {tuple(sorted(p.label.items())) for p in points}
+    missing, seen = [], set()
+    for values in spec.points:
+        signature = tuple(sorted(values.items()))
+        if signature not in have and signature not in seen:
+            seen.add(signature)
+            missing.append(values)
+    return missing
+
+
+def current_sweep_root() -> Optional[Path]:
+    """The sweep root of the running Hydra multirun job, or None outside one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return None
+        return Path(HydraConfig.get().sweep.dir)
+    except Exception:
+        return None
+
+
+# -- shadowed knobs -----------------------------------------------------------------------
+def swept_knobs(spec: SweepSpec) -> dict[str, str]:
+    """Swept conditioning knobs: {knob: 'conditioning.knob'} (what a manifest row may override)."""
+    return {key.split(".", 1)[1]: key for key in spec.swept if key.startswith("conditioning.") and key.count(".") == 1}
+
+
+# -- reuse across points ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReuseSource:
+    run_dir: Path
+    record: dict[str, Any]  # the results.jsonl record of the finished item
+
+    @property
+    def output(self) -> Path:
+        return self.run_dir / self.record["output"]
+
+
+class ReuseIndex:
+    """Finished items of other run dirs, by (key, output key): the same frames written with
+    the same output settings (format, fps, quality, loop) are the same file."""
+
+    def __init__(self, run_dirs: Iterable[Path]):
+        self.by_key: dict[tuple[str, Optional[str]], ReuseSource] = {}
+        self.sources: list[Path] = list(run_dirs)
+        for run_dir in self.sources:
+            for record in latest_by_id(read_jsonl_fast(run_dir / "results.jsonl")).values():
+                if not record.get("key") or "output" not in record:
+                    continue
+                found = (record["key"], record.get("output_key"))
+                known = self.by_key.get(found)
+                # Prefer the point that generated it over one that itself reused it.
+                if known is None or (known.record.get("reused_from") and not record.get("reused_from")):
+                    self.by_key[found] = ReuseSource(run_dir, record)
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def lookup(self, key: Optional[str], output_key: Optional[str]) -> Optional[ReuseSource]:
+        source = self.by_key.get((key, output_key)) if key and output_key else None
+        if source is None or not output_intact(source.run_dir, source.record):
+            return None
+        return source
+
+
+def expand_run_dirs(paths: Iterable[Any]) -> list[Path]:
+    """Run dirs named by run.reuse_from: a run dir, or a sweep root (all its points)."""
+    found: list[Path] = []
+    for ref in paths or []:
+        path = Path(str(ref)).expanduser()
+        if is_sweep_root(path):
+            found += point_dirs(path)
+        if (path / "results.jsonl").is_file():
+            found.append(path)
+    return found
+
+
+def reuse_index(own_dir: Path, sweep_root: Optional[Path], reuse_from: Iterable[Any]) -> Optional[ReuseIndex]:
+    """Other points of this sweep, then run.reuse_from; None when there is nothing to look in."""
+    own = own_dir.resolve()
+    candidates = (point_dirs(sweep_root) if sweep_root and sweep_root.is_dir() else []) + expand_run_dirs(reuse_from)
+    unique, seen = [], {own}
+    for run_dir in candidates:
+        resolved = run_dir.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            unique.append(run_dir)
+    return ReuseIndex(unique) if unique else None
+
+
+def commit_reused(store: Any, entry: Any, source: ReuseSource) -> bool:
+    """Link one planned item's output from `source` and commit it (store.commit_reused),
+    under the item's claim. False when it could not be (claimed elsewhere, source gone):
+    the caller then generates it as usual."""
+    from .store import RunStore
+
+    claim = store.claim(entry.item.id)
+    if claim is None:
+        return False
+    try:
+        if store.done_record(entry.item.id, entry.key, entry.output_key) is not None:
+            return True  # another process finished it since the plan
+        own = {"row": entry.item.row_record(), "image": {**entry.image_record(), "size": None}}
+        source_store = RunStore(source.run_dir, store.format)
+        recorded = json.loads(source_store.sidecar_path(source.record["id"]).read_bytes()).get("image", {})
+        own["image"]["size"] = recorded.get("size")
+        store.commit_reused(entry.item.id, entry.key, source_store, source.record["id"], own)
+        return True
+    except Exception as exc:  # a vanished or unreadable source: generate instead
+        log.warning("could not reuse %s from %s (%s); generating it", entry.item.id, source.run_dir, exc)
+        return False
+    finally:
+        store.release(claim)
+
+
+def check_reuse_from(paths: Iterable[Any]) -> list[str]:
+    """run.reuse_from problems, found before anything runs."""
+    problems = []
+    for ref in paths or []:
+        path = Path(str(ref)).expanduser()
+        if not path.is_dir():
+            problems.append(f"run.reuse_from: {ref} does not exist")
+        elif not is_sweep_root(path) and not (path / "results.jsonl").is_file():
+            problems.append(f"run.reuse_from: {ref} is neither a run dir (results.jsonl) nor a sweep root ({MULTIRUN_RECORD})")
+    return problems
+
+
+# -- the comparison page ------------------------------------------------------------------
+PAGE = "index.html"
+PAGE_BESIDE_RUN = "sweep.html"  # when the sweep root is also a plain run's dir, whose index.html is its contact sheet
+
+
+def page_path(root: Path) -> Path:
+    root = Path(root)
+    return root / (PAGE_BESIDE_RUN if (root / "results.jsonl").is_file() else PAGE)
+POSTER_SUFFIX = ".first.jpg"  # <point>/gallery/<id>.first.jpg: the video's first frame, small
+POSTER_THREADS = 4  # ffmpeg processes making posters at once
+
+
+def first_frame(path: Path):
+    """The first frame of an output (mp4, gif, webp, or a folder of PNG frames) as a PIL image."""
+    from PIL import Image
+
+    if path.is_dir():
+        frames = sorted(path.glob("*.png"))
+        with Image.open(frames[0]) as image:
+            return image.convert("RGB")
+    if path.suffix == ".mp4":
+        import imageio_ffmpeg
+
+        reader = imageio_ffmpeg.read_frames(str(path))
+        try:
+            meta = next(reader)
+            width, height = meta["size"]
+            return Image.frombytes("RGB", (width, height), next(reader))
+        finally:
+            reader.close()
+    with Image.open(path) as image:
+        image.seek(0)
+        return image.convert("RGB")
+
+
+def poster(run_dir: Path, item_id: str, output: Path, sidecar_mtime: float) -> Optional[str]:
+    """<point>/gallery/<id>.first.jpg (made once per finished item); path relative to the point."""
+    from .gallery import ASSETS, THUMB_PX, fresh, jpeg_bytes
+    from .outputs import atomic_write_bytes
+
+    relative = f"{ASSETS}/{item_id}{POSTER_SUFFIX}"
+    target = run_dir / relative
+    if fresh(target, sidecar_mtime):
+        return relative
+    try:
+        image = first_frame(output)
+        image.thumbnail((THUMB_PX, THUMB_PX))
+        target.parent.mkdir(exist_ok=True)
+        atomic_write_bytes(target, jpeg_bytes(image))
+        return relative
+    except Exception as exc:  # a poster is a nicety: never cost the page
+        log.debug("sweep page: no poster for %s in %s: %s", item_id, run_dir, exc)
+        return relative if target.is_file() else None
+
+
+@dataclass
+class Cell:
+    kind: str  # done | missing | failed | invalid | pending
+    media: str = ""  # HTML
+    note: str = ""  # HTML
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def item_order(points: list[Point], cards: list[dict[str, Any]]) -> list[str]:
+    """Manifest order (from the first point whose manifest can be read), then any other id."""
+    from .status import read_manifest_view
+
+    ids: list[str] = []
+    for point in points:
+        view = read_manifest_view(point.run_dir)
+        if view.known:
+            ids = list(view.ids)
+            break
+    known = set(ids)
+    extra = sorted({item_id for by_id in cards for item_id in by_id} - known)
+    return ids + extra
+
+
+def cell_html(point: Point, card: Any, titles: dict[str, str]) -> Cell:
+    from .gallery import esc, preview_html, read_sidecar, url
+
+    if card is None:
+        return Cell("pending", '<div class="na">pending</div>')
+    if card.kind in ("failed", "invalid"):
+        error = (card.record.get("problems") or [card.record.get("error", "failed")])[0]
+        return Cell(card.kind, f'<div class="na err" title="{esc(error)}">{esc(card.kind)}: {esc(str(error)[:160])}</div>')
+    card.sidecar, mtime = read_sidecar(point.run_dir, card.item_id)
+    output = card.sidecar.get("output") or {"path": card.record.get("output")}
+    params = card.sidecar.get("params") or {}
+    reused = card.sidecar.get("reused_from") or card.record.get("reused_from")
+    note = ""
+    if reused:
+        source = titles.get(str(reused.get("run_dir")), str(reused.get("run_dir")))
+        same = "" if reused.get("id") == card.item_id else f" ({reused.get('id')})"
+        note = f'<span class="reused" title="identical key: linked, not generated">= {esc(source)}{esc(same)}</span>'
+    if card.kind == "missing" or not output.get("path"):
+        return Cell("missing", '<div class="na">video missing</div>', note, params)
+    path = point.run_dir / output["path"]
+    shot = poster(point.run_dir, card.item_id, path, mtime)
+    poster_attr = f' poster="{url(shot)}"' if shot else ""
+    if output.get("format", path.suffix.lstrip(".")) == "mp4":
+        media = (f'<video data-src="{url(output["path"])}" preload="none" muted loop playsinline{poster_attr}'
+                 f' width="{output.get("width", "")}" height="{output.get("height", "")}"></video>')
+    else:  # gif / webp / frames: the gallery's preview (an image; lazy, so offscreen ones wait)
+        media = preview_html(point.run_dir, card, mtime)
+    return Cell("done", media, note, params)
+
+
+SWEEP_CSS = """
+main { display: block; padding: 0; }
+.wrap { overflow: auto; max-height: calc(100vh - 64px); }
+table { border-collapse: separate; border-spacing: 0; font-size: 12px; }
+th, td { border-right: 1px solid #d5d9e0; border-bottom: 1px solid #d5d9e0; padding: 4px; vertical-align: top; background: #fff; }
+thead th { position: sticky; top: 0; z-index: 2; background: #f6f7f9; text-align: left; min-width: 180px; max-width: 260px; }
+thead th .k { color: #6b7385; font-weight: 400; }
+th.item, td.item { position: sticky; left: 0; z-index: 1; background: #f6f7f9; width: 150px; max-width: 150px; }
+thead th.item { z-index: 3; }
+td.item h2 { margin: 2px 0; font-size: 13px; overflow-wrap: anywhere; }
+td.item img { width: 100%; border-radius: 3px; background: #20242c; }
+td.cell video, td.cell img { display: block; width: 220px; max-width: 220px; height: auto; aspect-ratio: attr(width) / attr(height);
+  background: #20242c; border-radius: 3px; cursor: pointer; }
+td.cell .na { width: 220px; min-height: 60px; }
+td.failed, td.invalid { background: #fff5f5; outline: 2px solid #d32f2f; outline-offset: -2px; }
+.na.err { color: #b71c1c; font-family: ui-monospace, monospace; font-size: 11px; overflow-wrap: anywhere; padding: 4px; }
+td.pending .na { color: #aab1bf; }
+.p { color: #6b7385; margin-top: 2px; font-variant-numeric: tabular-nums; }
+.reused { display: inline-block; margin-top: 2px; padding: 0 6px; border-radius: 8px; background: #e3ecfa; color: #1a4c9c; }
+.varies { color: #1d2330; font-weight: 600; }
+header button { margin-left: 12px; }
+"""
+
+SWEEP_JS = """
+// Videos load and play only while on screen (preload="none" until then): a sweep page
+// may hold hundreds of cells. Click a video to pause or play it.
+const seen = new IntersectionObserver(entries => entries.forEach(({target: video, isIntersecting}) => {
+  if (isIntersecting) {
+    if (!video.getAttribute('src')) video.src = video.dataset.src;
+    if (!video.dataset.paused) video.play().catch(() => {});
+  } else if (!video.paused) {
+    video.pause();
+  }
+}), {rootMargin: '150px'});
+document.querySelectorAll('video[data-src]').forEach(video => {
+  seen.observe(video);
+  video.addEventListener('click', () => {
+    if (video.paused) { delete video.dataset.paused; video.play().catch(() => {}); }
+    else { video.dataset.paused = '1'; video.pause(); }
+  });
+});
+// Restart every playing video at frame 0 together, to compare a row in step.
+document.getElementById('sync').addEventListener('click', () =>
+  document.querySelectorAll('video[src]').forEach(video => { video.currentTime = 0; }));
+"""
+
+PARAM_LABELS = (("motion_bucket_id", "motion"), ("noise_aug_strength", "aug"), ("fps", "fps"), ("num_frames", "frames"),
+                ("num_inference_steps", "steps"), ("min_guidance_scale", "cfg min"), ("max_guidance_scale", "cfg max"))
+
+
+def params_line(params: dict[str, Any], varies: set[str]) -> str:
+    from .gallery import esc, number
+
+    parts = []
+    for name, label in PARAM_LABELS:
+        if name in params:
+            value = number(params[name], 4) if isinstance(params[name], float) else params[name]
+            text = f"{esc(label)} {esc(value)}"
+            parts.append(f'<span class="varies">{text}</span>' if name in varies else text)
+    return f'<div class="p">{" · ".join(parts)}</div>' if parts else ""
+
+
+def header_cell(point: Point, rel: str) -> str:
+    from .gallery import esc, url
+
+    lines = "".join(f'<div><span class="k">{esc(k.rsplit(".", 1)[-1])}=</span>{esc(v)}</div>' for k, v in point.label.items())
+    title = esc(point.title)
+    return f'<th title="{title}"><a href="{url(rel)}/index.html">{lines or esc(point.run_dir.name)}</a></th>'
+
+
+def write_sweep_page(root: Path, max_items: int = 500) -> Path:
+    """Rewrite <sweep root>/index.html: one row per item, one column per point; the first
+    `max_items` items in manifest order (0 = all: every cell costs a poster once)."""
+    from datetime import datetime, timezone
+
+    from .gallery import CSS, collect_cards, esc, read_sidecar, source_thumbnail, url
+    from .outputs import atomic_write_bytes
+
+    root = Path(root)
+    spec = read_sweep_spec(root)
+    points = sweep_points(root, spec)
+    by_point = [{c.item_id: c for c in collect_cards(p.run_dir) if c.kind != "invalid" or c.record.get("id") is not None} for p in points]
+    all_ids = item_order(points, by_point)
+    ids = all_ids if max_items <= 0 else all_ids[:max_items]
+    rels = [p.run_dir.relative_to(root).as_posix() for p in points]
+    titles = {str(p.run_dir.resolve()): p.short_title for p in points}
+    rows = []
+    counts = {"done": 0, "reused": 0, "failed": 0, "pending": 0}
+    # Cells in parallel: a new cell's poster is an ffmpeg call (~0.1 s), made once per item.
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(p, rel, by_id.get(item_id)) for item_id in ids for p, rel, by_id in zip(points, rels, by_point)]
+    with ThreadPoolExecutor(POSTER_THREADS, thread_name_prefix="svdbatch-poster") as pool:
+        all_cells = list(pool.map(lambda job: cell_html_at(*job, titles), jobs))
+    for row, item_id in enumerate(ids):
+        cells = all_cells[row * len(points):(row + 1) * len(points)]
+        values: dict[str, set] = {}
+        for cell in cells:
+            for name, value in cell.params.items():
+                values.setdefault(name, set()).add(json.dumps(value))
+        varies = {name for name, seen in values.items() if len(seen) > 1}
+        thumb_html, seed = '<div class="na">no source</div>', None
+        for point, rel, by_id in zip(points, rels, by_point):
+            card = by_id.get(item_id)
+            if card is not None and card.kind in ("done", "missing"):
+                sidecar, mtime = read_sidecar(point.run_dir, item_id)
+                seed = sidecar.get("seed")
+                thumb = source_thumbnail(point.run_dir, item_id, sidecar.get("image") or {}, mtime)
+                if thumb:
+                    thumb_html = f'<img src="{url(rel + "/" + thumb)}" alt="source" loading="lazy">'
+                    break
+        head = f'<td class="item"><h2 title="{esc(item_id)}">{esc(item_id)}</h2>{thumb_html}'
+        head += f'<div class="p">seed {esc(seed)}</div></td>' if seed is not None else "</td>"
+        body = ""
+        for cell in cells:
+            counts["reused" if cell.note else ("done" if cell.kind in ("done", "missing") else ("failed" if cell.kind in ("failed", "invalid") else "pending"))] += 1
+            body += f'<td class="cell {cell.kind}">{cell.media}{params_line(cell.params, varies)}{cell.note}</td>'
+        rows.append(f"<tr>{head}{body}</tr>")
+    unstarted = unstarted_points(spec, points)
+    shown = f" (showing the first {len(ids)})" if len(ids) < len(all_ids) else ""
+    summary = [f"{len(points)} points", f"{len(all_ids)} items{shown}", f"{counts['done']} generated", f"{counts['reused']} reused"]
+    if counts["failed"]:
+        summary.append(f'<span class="bad">{counts["failed"]} failed</span>')
+    if counts["pending"]:
+        summary.append(f"{counts['pending']} pending")
+    if unstarted:
+        summary.append(f"{len(unstarted)} points not started")
+    summary.append(f"updated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S')} UTC")
+    title = esc(root.resolve().name)
+    headers = "".join(header_cell(p, rel) for p, rel in zip(points, rels))
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{title} · sweep · svdbatch</title><style>{CSS}{SWEEP_CSS}</style></head><body>"
+        f'<header><h1>{title} <small>sweep</small></h1><p>{" · ".join(summary)}'
+        '<button id="sync" type="button">restart visible videos together</button></p></header>'
+        f'<main><div class="wrap"><table><thead><tr><th class="item">item</th>{headers}</tr></thead>'
+        f'<tbody>{"".join(rows)}</tbody></table></div></main><script>{SWEEP_JS}</script></body></html>\n'
+    )
+    target = page_path(root)
+    atomic_write_bytes(target, page.encode("utf-8"))
+    return target
+
+
+def cell_html_at(point: Point, rel: str, card: Any, titles: dict[str, str]) -> Cell:
+    """cell_html with the point's media paths (relative to the point) made relative to the sweep root."""
+    cell = cell_html(point, card, titles)
+    prefix = url_prefix(rel)
+    cell.media = cell.media.replace('data-src="', f'data-src="{prefix}').replace('poster="', f'poster="{prefix}')
+    cell.media = cell.media.replace('<img src="', f'<img src="{prefix}')
+    return cell
+
+
+def url_prefix(rel: str) -> str:
+    from .gallery import url
+
+    return url(rel) + "/"
+
+
+def update_sweep_page(root: Path, max_items: int = 500) -> Optional[Path]:
+    """write_sweep_page, logged not raised: a page problem must not fail a sweep point."""
+    try:
+        target = write_sweep_page(root, max_items)
+        log.info("sweep page: %s", target)
+        return target
+    except Exception as exc:
+        log.warning("sweep page: could not write %s: %s", page_path(root), exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return None
+
+
+# -- the sweep's status -------------------------------------------------------------------
+def reused_count(run_dir: Path) -> int:
+    """Finished items of a point that were linked from elsewhere, not generated."""
+    return sum(1 for r in latest_by_id(read_jsonl_fast(run_dir / "results.jsonl")).values()
+               if r.get("reused_from") and output_intact(run_dir, r))
+
+
+def merge_reasons(per_point: list[tuple[Point, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """One entry per reason across all points: summed count, the points it occurs at, one example."""
+    merged: dict[str, dict[str, Any]] = {}
+    for point, reasons in per_point:
+        for reason in reasons:
+            entry = merged.setdefault(reason["reason"], {**reason, "count": 0, "points": []})
+            entry["count"] += reason["count"]
+            entry["points"].append(point.short_title)
+    return sorted(merged.values(), key=lambda r: -r["count"])
+
+
+def collect_sweep(root: Path, window: Optional[int] = None, now: Any = None) -> dict[str, Any]:
+    """`svdbatch status <sweep root>` as one JSON-friendly dict: status.collect for every
+    point, totals, failure reasons across points, and an ETA for the whole sweep (points
+    not started yet count with the rows of the points that have)."""
+    from dataclasses import asdict
+    from datetime import datetime, timezone
+
+    from . import status
+
+    now = now or datetime.now(timezone.utc)
+    window = window or status.THROUGHPUT_WINDOW
+    spec = read_sweep_spec(root)
+    points = sweep_points(root, spec)
+    reports = []
+    generated: list[dict[str, Any]] = []
+    for point in points:
+        report = status.collect(point.run_dir, window, now)
+        report["label"] = point.label
+        report["counts"]["reused"] = reused_count(point.run_dir)
+        reports.append(report)
+        generated += [r for r in read_jsonl_fast(point.run_dir / "results.jsonl") if not r.get("reused_from")]
+    names = ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
+    totals: dict[str, Optional[int]] = {}
+    for name in names:
+        values = [r["counts"][name] for r in reports]
+        totals[name] = None if any(v is None for v in values) else sum(values)
+    unstarted = unstarted_points(spec, points)
+    rows = max((r["counts"]["total"] or 0 for r in reports), default=0) or None
+    remaining = None if totals["pending"] is None else totals["pending"] + totals["in_progress"]
+    if remaining is not None and unstarted:
+        remaining = None if rows is None else remaining + rows * len(unstarted)
+        if totals["total"] is not None and rows is not None:
+            totals["total"] += rows * len(unstarted)
+    rate = status.throughput(generated, window)  # reused items take no time: not in the rate
+    live = any(r["live"] for r in reports)
+    return {
+        "sweep_root": str(root),
+        "swept": spec.swept,
+        "points": reports,
+        "unstarted_points": unstarted,
+        "counts": totals,
+        "reasons": merge_reasons([(p, r["reasons"]) for p, r in zip(points, reports)]),
+        "invalid_reasons": merge_reasons([(p, r["invalid_reasons"]) for p, r in zip(points, reports)]),
+        "throughput": asdict(rate),
+        "live": live,
+        "remaining": remaining,
+        "eta_s": status.eta_seconds(remaining, rate.items_per_hour, live),
+    }
+
+
+def format_sweep_report(report: dict[str, Any]) -> str:
+    from .status import format_duration
+
+    counts = report["counts"]
+    lines = [f"sweep root   {report['sweep_root']}",
+             f"swept        {', '.join(report['swept']) or '-'}; {len(report['points'])} points"
+             + (f" + {len(report['unstarted_points'])} not started" if report["unstarted_points"] else "")]
+    def short(values: dict[str, str], fallback: str) -> str:
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()) or fallback
+
+    labels = [short(p["label"], Path(p["run_dir"]).name) for p in report["points"]]
+    waiting = [short(values, "?") for values in report["unstarted_points"]]
+    width = min(max([len(x) for x in labels + waiting] + [12]), 70) + 2
+    lines.append(f"  {'point':<{width}}{'done':>8}{'reused':>8}{'running':>8}{'failed':>8}{'invalid':>8}{'pending':>8}{'total':>8}")
+
+    def cells(c: dict[str, Any]) -> str:
+        return "".join(f"{'?' if c[k] is None else c[k]:>8}" for k in ("done", "reused", "in_progress", "failed", "invalid", "pending", "total"))
+
+    def cut(label: str) -> str:
+        return label if len(label) <= width - 2 else label[: width - 3] + "…"
+
+    for label, point in zip(labels, report["points"]):
+        lines.append(f"  {cut(label):<{width}}{cells(point['counts'])}")
+    for label in waiting:
+        lines.append(f"  {cut(label):<{width}}{'(not started)':>16}")
+    lines.append(f"  {'total':<{width}}{cells(counts)}")
+    rate = report["throughput"]
+    if rate["items_per_hour"]:
+        per_hour = rate["items_per_hour"]
+        lines.append(f"throughput   {per_hour:.{0 if per_hour >= 100 else 1}f} items/h generated over the last {rate['items']}"
+                     f" (mean {rate['mean_item_s']:.2f} s/item)")
+    else:
+        lines.append("throughput   -")
+    remaining = report["remaining"]
+    if remaining and not report["live"]:
+        lines.append(f"ETA          - ({remaining} to go, but no point is running: run the same sweep again to go on)")
+    else:
+        lines.append(f"ETA          {format_duration(report['eta_s'])}" + (f" ({remaining} to go)" if remaining else ""))
+    for title, reasons in (("failure reasons", report["reasons"]), ("invalid rows", report["invalid_reasons"])):
+        if reasons:
+            lines.append(f"{title}:")
+            for r in reasons[:20]:
+                where = ", ".join(r["points"][:3]) + (" ..." if len(r["points"]) > 3 else "")
+                lines.append(f"  {r['count']:>6}  {r['reason']}  (e.g. {r['example_id']}; at {where})")
+    return "\n".join(lines)
+
+
+def status_command(args: list[str]) -> int:
+    """`svdbatch status PATH`: a sweep root gets the sweep's status, a run dir its own."""
+    import argparse
+    import sys
+
+    from . import status
+
+    parser = argparse.ArgumentParser(prog="svdbatch status", description="counts of a run dir, or of every point of a sweep root")
+    parser.add_argument("path", type=Path, help="a run dir, or a sweep root (every point and the total)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    parser.add_argument("--window", type=int, default=status.THROUGHPUT_WINDOW, help="finished items the throughput is measured over")
+    options = parser.parse_args(args)
+    if not is_sweep_root(options.path) or not point_dirs(options.path):
+        return status.status_command(args)
+    report = collect_sweep(options.path, max(1, options.window))
+    print(json.dumps(report, ensure_ascii=False) if options.json else format_sweep_report(report))
+    sys.stdout.flush()
+    return status.EXIT_OK
+
+
+def gallery_command(args: list[str]) -> int:
+    """`svdbatch gallery PATH`: a sweep root gets its comparison page, a run dir its contact sheet."""
+    import argparse
+
+    from . import gallery
+
+    parser = argparse.ArgumentParser(prog="svdbatch gallery", description="rewrite <run dir or sweep root>/index.html")
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--max-items", type=int, default=500, help="cards (items, rows of a sweep page) shown (0 = all)")
+    options = parser.parse_args(args)
+    if is_sweep_root(options.path) and point_dirs(options.path):
+        print(write_sweep_page(options.path, options.max_items))
+        if not gallery.is_run_dir(options.path):
+            return gallery.EXIT_OK
+    return gallery.gallery_command(args)  # also when the sweep root is a run dir of its own
