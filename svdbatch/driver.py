@@ -243,6 +243,9 @@ def run_prepared(
     )
     image_cache.flush()
     summary.skipped = len(plan.done)
+    # From here on items may be in flight (reused ones committed, generated ones): a signal asks
+    # them to finish instead of raising.
+    stop.cooperative = True
     for entry, source in plan.reuse:  # before any model loads: a point of only reused items loads none
         if sweep.commit_reused(store, entry, source):
             summary.reused += 1

@@ -223,9 +223,11 @@ def test_ffmpeg_running_out_of_space_stops_the_run_and_commits_nothing(tmp_path,
     # committed as done (4096-byte file that does not decode) with exit 0.
     run_dir = small_disk / "run"
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text("x")  # its page is reused by the run's config.yaml
-    filler = fill_leaving(small_disk, 4096)  # < one 128x128 mp4
     big = ["conditioning.width=128", "conditioning.height=128", "run.min_free_mb=0", "run.gallery=false", f"run.dir={run_dir}"]
+    # A run that generates nothing lays out the run dir (logs, caches, claims), so what is left
+    # below is what the item's own files get, not the bookkeeping's.
+    assert run_with_fault(manifest1, tmp_path / "hydra", None, *big, "run.limit=0").returncode == 0
+    filler = fill_leaving(small_disk, 4 * 4096)  # the owner file, cache lines, a claim: < one 128x128 mp4
     stopped = run_with_fault(manifest1, tmp_path / "hydra", None, *big)
     assert stopped.returncode == 3, stopped.stdout + stopped.stderr[-2000:]
     assert "0 done" in stopped.stdout and "STOPPED" in stopped.stdout and "No space left on device" in stopped.stdout

@@ -268,6 +268,7 @@ CHANGED = {  # a different valid value for settings whose default gives no gener
     "conditioning.width": 72, "conditioning.height": 72, "conditioning.pad_color": "red", "conditioning.background": "blue",
     "conditioning.resize": "pad", "memory.max_decode_chunk_size": 1, "output.fps": 3, "output.format": "gif",
     "memory.offload": "model", "model.fixed_conditioning": {"fps": 3},
+    "run.engine": "ray", "run.reuse_from": ["/elsewhere"],
 }
 
 
@@ -325,8 +326,9 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
 
 
 def test_workers_that_cannot_load_the_model_fail_the_run_clearly(tmp_path, manifest8):
+    (tmp_path / "not-a-model").mkdir()  # exists (a missing folder is refused up front), holds no weights
     cfg = make_cfg(f"manifest={manifest8}", f"run.dir={tmp_path / 'run'}", "model=svd",
-                   f"model.source={tmp_path / 'no-such-model'}", "run.workers=2")
+                   f"model.source={tmp_path / 'not-a-model'}", "run.workers=2")
     with pytest.raises(ModelLoadError, match="no worker could load the model"):
         run(cfg)
     failures = list(read_jsonl(tmp_path / "run" / "failures.jsonl"))

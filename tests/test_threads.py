@@ -44,5 +44,5 @@ def test_the_resolved_default_is_recorded_in_the_sidecar(tmp_path, manifest4):
 
 
 def test_num_threads_below_1_is_refused(tmp_path, manifest4):
-    with pytest.raises(ConfigError, match="run.num_threads: must be at least 1"):
+    with pytest.raises(ConfigError, match="run.num_threads: must be >= 1"):
         run(make_cfg(f"manifest={manifest4}", f"run.dir={tmp_path / 'run'}", "run.num_threads=0"))
