@@ -36,16 +36,16 @@ from .manifest import Item, Manifest, read_manifest
 from .models import compile_problems, model_identity, resolve_devices, source_problem
 from .outputs import DISK_FULL_ERRNOS
 from .params import PARAM_NAMES, check_conditioning, check_model_and_memory
-from .runner import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
+from .worker import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from . import sweep
-from .schedule import (
+from .plan import (
     Plan, Replacement, Shard, describe_replacements, make_batches, plan_run, resolve_shard, select_shard,
     shadowed_knobs_warning,
 )
 from .status import save_manifest_summary
 from .stops import Interrupted, StopRequest, stop_on_signals
 from .store import RunDirError, RunStore, run_dir_problem
-from .workers import WorkerSpec, execute
+from .pool import WorkerSpec, execute
 
 log = logging.getLogger(__name__)
 

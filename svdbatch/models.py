@@ -406,7 +406,7 @@ class LoadedPipeline:
     # Upper bound on decode_chunk_size set by an OOM fallback (None: as planned).
     decode_cap: Optional[int] = None
     cache_key: Optional[str] = None
-    # Seconds the compiled UNet's warm-up took (runner.Worker.warm_up), once per load.
+    # Seconds the compiled UNet's warm-up took (worker.Worker.warm_up), once per load.
     warmup_s: Optional[float] = None
 
     def memory_record(self) -> dict[str, Any]:

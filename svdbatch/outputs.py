@@ -43,7 +43,7 @@ OUTPUT_VERSION = 1
 # (e.g. when Ctrl-C reaches it) and silently fall back to another encoder with other pixels.
 MP4_CODEC, MP4_PIX_FMT = "libx264", "yuv420p"
 MAX_FPS = 1000  # the same ceiling as the conditioning fps rule
-# errno of a write error that no later write escapes either (the run stops, see runner.py).
+# errno of a write error that no later write escapes either (the run stops, see worker.py).
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 _HOST = socket.gethostname().replace("@", "_")[:64]
 HOST = _HOST  # this machine, as named in temporaries and owner files (store.Owner)

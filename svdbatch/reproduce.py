@@ -31,8 +31,8 @@ from .manifest import Item
 from .models import ModelLoadError, load_pipeline, model_identity, resolve_devices
 from .outputs import output_bytes, output_sha256
 from .params import GenParams
-from .runner import Worker, frames_sha256, load_entry, software_versions
-from .schedule import PlannedItem
+from .worker import Worker, frames_sha256, load_entry, software_versions
+from .plan import PlannedItem
 from .store import RunStore, sidecar_relpath
 
 from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK  # cli owns exit codes (and imports this module lazily)

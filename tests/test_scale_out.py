@@ -18,7 +18,7 @@ from svdbatch.config import ConfigError, sweep_subdir
 from svdbatch.driver import run
 from svdbatch.manifest import read_manifest
 from svdbatch.models import ModelLoadError, resolve_devices
-from svdbatch.schedule import Shard, resolve_shard, select_shard, shard_from_env
+from svdbatch.plan import Shard, resolve_shard, select_shard, shard_from_env
 from svdbatch.store import read_jsonl
 from tests.conftest import FAST, REPO, make_cfg, make_image, run_cli, write_csv
 
@@ -117,7 +117,7 @@ def test_batched_rows_match_single_calls_closely(tmp_path, manifest8, monkeypatc
 
     from svdbatch.outputs import read_video
 
-    from svdbatch.runner import Worker
+    from svdbatch.worker import Worker
 
     calls = []
     generate = Worker.generate
@@ -278,7 +278,7 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
 
     from svdbatch.config import changes_outputs, plain
     from svdbatch.models import model_identity
-    from svdbatch.schedule import plan_run
+    from svdbatch.plan import plan_run
     from svdbatch.store import RunStore
 
     base = make_cfg(f"manifest={manifest8}", f"run.dir={tmp_path / 'run'}", "run.limit=1")
@@ -287,7 +287,6 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
     def key_of(cfg) -> str:
         store = RunStore(tmp_path / "run", cfg.output.format)
         identity = model_identity(cfg.model, torch.device("cpu")).as_dict()
-        seed = item.seed  # rows with a derived seed get it from run.seed
         from dataclasses import replace as dc_replace
 
         from svdbatch.manifest import derive_seed

@@ -31,7 +31,7 @@ from .faults import fault_point
 from .models import LoadedPipeline, lower_memory
 from .outputs import DISK_FULL_ERRNOS, frames_sha256, output_key, output_settings, write_video, written_fps
 from .params import GenParams
-from .schedule import PlannedItem
+from .plan import PlannedItem
 from .stops import Interrupted
 from .store import RunStore
 
