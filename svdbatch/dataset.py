@@ -28,8 +28,8 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from .atomic import atomic_path, atomic_write_bytes
 from .config import OutputConfig, OutputFormat
-from .outputs import atomic_path, atomic_write_bytes
 from .outputs import check_output_config as check_file_settings
 from .plan import PlannedItem
 from .store import RunStore, output_intact, to_json

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .atomic import DISK_FULL_ERRNOS
 from .config import ConfigError, Engine, check_engine, check_run_and_output, image_check_mode, plain
 from .dataset import check_output_config, write_dataset
 from .fetch import UrlCache, check_fetch_config
@@ -34,7 +35,6 @@ from .gallery import GalleryUpdater
 from .images import ImageCache
 from .manifest import Item, Manifest, read_manifest
 from .models import compile_problems, model_identity, resolve_devices, source_problem
-from .outputs import DISK_FULL_ERRNOS
 from .params import PARAM_NAMES, check_conditioning, check_model_and_memory
 from .worker import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from . import sweep

@@ -29,10 +29,10 @@ from urllib.parse import quote
 
 from PIL import Image
 
+from .atomic import DISK_FULL_ERRNOS, atomic_write_bytes
 from .config import FetchConfig
 from .fetch import UrlCache
 from .images import load_rgb
-from .outputs import DISK_FULL_ERRNOS, atomic_write_bytes
 from .status import is_invalid_record, is_run_dir, not_a_run_dir_message, parse_time, run_cwd
 from .store import latest_by_id, output_intact, read_jsonl_fast
 

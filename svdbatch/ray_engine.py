@@ -28,9 +28,9 @@ from typing import Any, Optional
 
 import torch
 
+from .atomic import atomic_write_bytes
 from .config import ConfigError
 from .dispatch import ASSIGNED_PER_WORKER, Ledger, OnDone
-from .outputs import atomic_write_bytes
 from .worker import Outcome
 from .plan import PlannedItem
 from .stops import StopRequest

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from .atomic import atomic_write_bytes
 from .manifest import Manifest, ManifestError, read_manifest
 from .store import CLAIM_SUFFIX, HEARTBEAT_S, is_run_dir, latest_by_id, output_intact, owner_state, read_jsonl_fast, read_owners
 
@@ -128,8 +129,6 @@ def save_manifest_summary(cache_dir: Path, manifest: Manifest) -> None:
     the run so that status need not parse a 100k-row manifest again. Tied to the file's
     size and mtime: an edited manifest is parsed afresh. Not for folders (their mtime does
     not change when an image deep inside is added)."""
-    from .outputs import atomic_write_bytes  # not at module level: outputs imports numpy and PIL
-
     path = manifest.path
     if not path.is_file():
         return

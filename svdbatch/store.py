@@ -40,9 +40,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 from .config import OutputFormat
 from .faults import fault_point
-from .outputs import (
-    HOST, TEMP_MARKER, atomic_write_bytes, link_output, output_bytes, output_name, temp_prefix, written_by_dead_process,
-)
+from .atomic import HOST, TEMP_MARKER, atomic_write_bytes, temp_prefix, written_by_dead_process
+from .outputs import link_output, output_bytes, output_name
 
 log = logging.getLogger(__name__)
 

@@ -319,7 +319,7 @@ def first_frame(path: Path):
 def poster(run_dir: Path, item_id: str, output: Path, sidecar_mtime: float) -> Optional[str]:
     """<point>/gallery/<id>.first.jpg (made once per finished item); path relative to the point."""
     from .gallery import ASSETS, THUMB_PX, fresh, jpeg_bytes
-    from .outputs import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     relative = f"{ASSETS}/{item_id}{POSTER_SUFFIX}"
     target = run_dir / relative
@@ -465,7 +465,7 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     from datetime import datetime, timezone
 
     from .gallery import CSS, collect_cards, esc, read_sidecar, source_thumbnail, url
-    from .outputs import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     root = Path(root)
     spec = read_sweep_spec(root)

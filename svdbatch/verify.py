@@ -246,7 +246,7 @@ def drop_shards(run_dir: Path, ids: set[str], dest: Path) -> None:
     """WebDataset shards holding a damaged item move aside too: write_shards keeps a shard
     whose members' keys are unchanged, and a redo keeps the key."""
     from .dataset import SHARD_INDEX, SHARDS_DIR
-    from .outputs import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     index_path = run_dir / SHARDS_DIR / SHARD_INDEX
     if not ids or not index_path.is_file():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from svdbatch.driver import run
-from svdbatch.outputs import TEMP_MARKER
+from svdbatch.atomic import TEMP_MARKER
 from svdbatch.reproduce import reproduce
 
 from .conftest import FAST, REPO, make_cfg, make_image, write_csv
@@ -184,7 +184,7 @@ def test_nan_frames_fail_only_that_item(tmp_path, manifest3, monkeypatch):
 
 
 def test_temporaries_of_the_longest_ids_fit_a_file_name(tmp_path):
-    from svdbatch.outputs import atomic_write_bytes, temp_owner, temp_prefix
+    from svdbatch.atomic import atomic_write_bytes, temp_owner, temp_prefix
 
     long_id = "é" * 100  # 200 bytes: the longest id the manifest accepts
     assert len(temp_prefix(long_id).encode()) <= 1 + 60 + len(TEMP_MARKER) + 7 + 1 + 64 + 1  # whatever the host name
