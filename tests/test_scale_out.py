@@ -90,8 +90,13 @@ def test_bad_shards_are_config_errors():
 def test_devices_on_a_cpu_machine():
     assert resolve_devices("auto", workers=3) == [torch.device("cpu")] * 3
     assert resolve_devices(["cpu", "cpu"]) == [torch.device("cpu")] * 2
+    # A device that is not there is a config mistake (exit 2 with the field), not a load failure.
+    with pytest.raises(ConfigError, match="run.devices: 'nonsense' is not a device"):
+        resolve_devices(["nonsense"])
+    with pytest.raises(ConfigError, match="run.devices is empty"):
+        resolve_devices([])
     if not torch.cuda.is_available():
-        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_devices(2)
 
 
