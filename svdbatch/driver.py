@@ -44,7 +44,7 @@ from .plan import (
 )
 from .status import save_manifest_summary
 from .stops import Interrupted, StopRequest, stop_on_signals
-from .store import RunDirError, RunStore, run_dir_problem
+from .store import INVALID_ROW, RunDirError, RunStore, run_dir_problem
 from .pool import WorkerSpec, execute
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ def run_prepared(
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
     save_manifest_summary(store.cache, manifest)  # lets `svdbatch status` skip re-reading the manifest
     for line, item_id, problems in manifest.bad_rows:
-        store.record_failure(item_id, None, "invalid manifest row", {"problems": [str(p) for p in problems], "line": line})
+        store.record_failure(item_id, None, INVALID_ROW, {"problems": [str(p) for p in problems], "line": line})
         summary.invalid += 1
 
     identity = model_identity(cfg.model, devices[0])
