@@ -28,14 +28,15 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .atomic import DISK_FULL_ERRNOS
-from .config import ConfigError, Engine, check_engine, check_run_and_output, image_check_mode, plain
-from .dataset import check_output_config, write_dataset
-from .fetch import UrlCache, check_fetch_config
+from .checks import check_config
+from .config import Engine, image_check_mode, plain
+from .dataset import write_dataset
+from .fetch import UrlCache
 from .gallery import GalleryUpdater
 from .images import ImageCache
 from .manifest import Item, Manifest, read_manifest
-from .models import compile_problems, model_identity, resolve_devices, source_problem
-from .params import PARAM_NAMES, check_conditioning, check_model_and_memory
+from .models import model_identity, resolve_devices
+from .params import PARAM_NAMES
 from .worker import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from . import sweep
 from .plan import (
@@ -110,21 +111,10 @@ class RunSummary:
         )
 
 
-def config_problems(cfg: DictConfig) -> list[str]:
-    """Every config value that could only fail later, as '<field>: why'."""
-    problems = check_conditioning(cfg.conditioning) + check_model_and_memory(cfg.model, cfg.memory)
-    problems += check_run_and_output(cfg.run, cfg.output) + check_output_config(cfg.output) + check_fetch_config(cfg.fetch)
-    problems += check_engine(cfg.run) + sweep.check_reuse_from(cfg.run.reuse_from)
-    missing = source_problem(cfg.model)
-    return problems + ([missing] if missing else []) + compile_problems(cfg.memory)
-
-
 def load_manifest(cfg: DictConfig, shard: Optional[Shard] = None, image_cache: Optional[ImageCache] = None) -> Manifest:
     """The validated manifest. Every row is parsed; only `shard`'s rows (up to run.limit)
     have their images checked, as deep as run.check_images says."""
-    problems = config_problems(cfg)
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    check_config(cfg)  # the same check validate runs (checks.py)
     level = image_check_mode(cfg.run.check_images)
     limit = cfg.run.limit
 
