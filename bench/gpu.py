@@ -27,7 +27,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from svdbatch import models
+from svdbatch import models, tiny
 from svdbatch.cli import config_dir
 from svdbatch.driver import run
 
@@ -68,7 +68,7 @@ def build_real_sized(folder: Path, device: torch.device) -> None:
         vae=vae,
         image_encoder=image_encoder,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**models.TINY_COMPONENTS["scheduler"]),
+        scheduler=EulerDiscreteScheduler(**tiny.TINY_COMPONENTS["scheduler"]),
         feature_extractor=CLIPImageProcessor(),
     ).to(torch.float16)
     pipe.save_pretrained(folder)

@@ -25,7 +25,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from svdbatch import models
+from svdbatch import models, tiny
 from svdbatch.cli import config_dir
 from svdbatch.driver import run
 from svdbatch.manifest import read_manifest
@@ -57,7 +57,7 @@ def baseline(manifest: Path, out: Path) -> None:
     from diffusers.utils import export_to_video
 
     cfg = config(manifest, out)
-    pipe = StableVideoDiffusionPipeline.from_pretrained(models.ensure_tiny_model(), torch_dtype=torch.float32)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(tiny.ensure_tiny_model(), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     out.mkdir(parents=True, exist_ok=True)
     for item in read_manifest(manifest).items:
@@ -82,7 +82,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="svdbatch-bench-overhead-"))
     try:
         manifest = make_manifest(root, args.items)
-        models.ensure_tiny_model()
+        tiny.ensure_tiny_model()
         variants = {
             "baseline": lambda out: baseline(manifest, out),
             "svdbatch": lambda out: run(config(manifest, out)),

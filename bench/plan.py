@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from svdbatch.cli import config_dir
 from svdbatch.manifest import read_manifest
 from svdbatch.models import model_identity, resolve_devices
-from svdbatch.schedule import plan_run
+from svdbatch.plan import plan_run
 from svdbatch.store import RunStore
 
 

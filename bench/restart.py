@@ -45,7 +45,7 @@ from svdbatch.cli import config_dir  # noqa: E402
 from svdbatch.driver import load_manifest  # noqa: E402
 from svdbatch.images import ImageCache  # noqa: E402
 from svdbatch.models import model_identity, resolve_devices  # noqa: E402
-from svdbatch.schedule import Shard, plan_run  # noqa: E402
+from svdbatch.plan import Shard, plan_run  # noqa: E402
 from svdbatch.store import RunStore  # noqa: E402
 
 BASES = 200  # distinct encodes; every file is a base plus its own JPEG comment (distinct bytes)

@@ -25,7 +25,7 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from svdbatch import driver, workers
+from svdbatch import driver, pool
 from svdbatch.cli import config_dir
 
 
@@ -61,7 +61,7 @@ def one_sweep(manifest: Path, out: Path, points: int, count_workers: int, keep: 
                 "conditioning.width=64", "conditioning.height=64", "conditioning.num_frames=4", "conditioning.num_inference_steps=2",
             ])
         driver.run(cfg)
-    workers.close_crews()  # the end of the sweep (atexit in the real command)
+    pool.close_crews()  # the end of the sweep (atexit in the real command)
     return time.perf_counter() - start
 
 
@@ -73,8 +73,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     counter = LoadCounter()
-    logging.getLogger("svdbatch.workers").addHandler(counter)
-    logging.getLogger("svdbatch.workers").setLevel(logging.INFO)
+    logging.getLogger("svdbatch.pool").addHandler(counter)
+    logging.getLogger("svdbatch.pool").setLevel(logging.INFO)
     scratch = Path(tempfile.mkdtemp(prefix="svdbatch-bench-sweep-"))
     try:
         manifest = make_manifest(scratch / "data", args.items)

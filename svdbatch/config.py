@@ -59,7 +59,7 @@ class ResizeMode(str, Enum):
 
 
 class Engine(str, Enum):
-    local = "local"  # one spawned process per device of this machine (workers.py)
+    local = "local"  # one spawned process per device of this machine (pool.py)
     ray = "ray"  # one Ray actor per GPU of a Ray cluster (ray_engine.py, docs/ray.md)
 
 

@@ -28,10 +28,10 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from .atomic import atomic_path, atomic_write_bytes
 from .config import OutputConfig, OutputFormat
-from .outputs import atomic_path, atomic_write_bytes
 from .outputs import check_output_config as check_file_settings
-from .schedule import PlannedItem
+from .plan import PlannedItem
 from .store import RunStore, output_intact, to_json
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Who holds which batch: the bookkeeping both engines share (workers.Pool, ray_engine).
+"""Who holds which batch: the bookkeeping both engines share (pool.Pool, ray_engine).
 
 The engine moves batches and reports (queues to spawned processes, or Ray actor calls);
 the ledger decides what each worker gets next and what happens when one dies: a batch is
@@ -12,8 +12,8 @@ import logging
 from collections import deque
 from typing import Callable, Hashable, Optional
 
-from .runner import DONE, FAILED, INTERRUPTED, STOPPED, Outcome
-from .schedule import PlannedItem
+from .worker import DONE, FAILED, INTERRUPTED, STOPPED, Outcome
+from .plan import PlannedItem
 from .store import RunStore
 
 log = logging.getLogger(__name__)

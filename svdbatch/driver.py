@@ -27,25 +27,26 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .config import ConfigError, Engine, check_engine, check_run_and_output, image_check_mode, plain
-from .dataset import check_output_config, write_dataset
-from .fetch import UrlCache, check_fetch_config
+from .atomic import DISK_FULL_ERRNOS
+from .checks import check_config
+from .config import Engine, image_check_mode, plain
+from .dataset import write_dataset
+from .fetch import UrlCache
 from .gallery import GalleryUpdater
 from .images import ImageCache
 from .manifest import Item, Manifest, read_manifest
-from .models import compile_problems, model_identity, resolve_devices, source_problem
-from .outputs import DISK_FULL_ERRNOS
-from .params import PARAM_NAMES, check_conditioning, check_model_and_memory
-from .runner import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
+from .models import model_identity, resolve_devices
+from .params import PARAM_NAMES
+from .worker import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from . import sweep
-from .schedule import (
+from .plan import (
     Plan, Replacement, Shard, describe_replacements, make_batches, plan_run, resolve_shard, select_shard,
     shadowed_knobs_warning,
 )
 from .status import save_manifest_summary
 from .stops import Interrupted, StopRequest, stop_on_signals
-from .store import RunDirError, RunStore, run_dir_problem
-from .workers import WorkerSpec, execute
+from .store import INVALID_ROW, RunDirError, RunStore, run_dir_problem
+from .pool import WorkerSpec, execute
 
 log = logging.getLogger(__name__)
 
@@ -110,21 +111,10 @@ class RunSummary:
         )
 
 
-def config_problems(cfg: DictConfig) -> list[str]:
-    """Every config value that could only fail later, as '<field>: why'."""
-    problems = check_conditioning(cfg.conditioning) + check_model_and_memory(cfg.model, cfg.memory)
-    problems += check_run_and_output(cfg.run, cfg.output) + check_output_config(cfg.output) + check_fetch_config(cfg.fetch)
-    problems += check_engine(cfg.run) + sweep.check_reuse_from(cfg.run.reuse_from)
-    missing = source_problem(cfg.model)
-    return problems + ([missing] if missing else []) + compile_problems(cfg.memory)
-
-
 def load_manifest(cfg: DictConfig, shard: Optional[Shard] = None, image_cache: Optional[ImageCache] = None) -> Manifest:
     """The validated manifest. Every row is parsed; only `shard`'s rows (up to run.limit)
     have their images checked, as deep as run.check_images says."""
-    problems = config_problems(cfg)
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    check_config(cfg)  # the same check validate runs (checks.py)
     level = image_check_mode(cfg.run.check_images)
     limit = cfg.run.limit
 
@@ -226,7 +216,7 @@ def run_prepared(
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
     save_manifest_summary(store.cache, manifest)  # lets `svdbatch status` skip re-reading the manifest
     for line, item_id, problems in manifest.bad_rows:
-        store.record_failure(item_id, None, "invalid manifest row", {"problems": [str(p) for p in problems], "line": line})
+        store.record_failure(item_id, None, INVALID_ROW, {"problems": [str(p) for p in problems], "line": line})
         summary.invalid += 1
 
     identity = model_identity(cfg.model, devices[0])

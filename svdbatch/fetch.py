@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
+from .atomic import atomic_write_bytes
 from .config import FetchConfig
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageProblem, open_image, pixels_problem
-from .outputs import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

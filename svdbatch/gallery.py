@@ -29,16 +29,18 @@ from urllib.parse import quote
 
 from PIL import Image
 
+from .atomic import DISK_FULL_ERRNOS, atomic_write_bytes
 from .config import FetchConfig
 from .fetch import UrlCache
 from .images import load_rgb
-from .outputs import DISK_FULL_ERRNOS, atomic_write_bytes
-from .status import is_invalid_record, is_run_dir, not_a_run_dir_message, parse_time, run_cwd
-from .store import latest_by_id, output_intact, read_jsonl_fast
+from .store import (
+    FAILURES, GALLERY_PAGE, INVALID_ROW, RESULTS, is_invalid_record, is_run_dir, latest_by_id, not_a_run_dir_message,
+    output_intact, parse_time, read_jsonl_fast, run_cwd, sidecar_relpath,
+)
 
 log = logging.getLogger(__name__)
 
-INDEX = "index.html"
+INDEX = GALLERY_PAGE
 ASSETS = "gallery"  # thumbnails and previews, inside the run dir
 THUMB_PX = 256
 MAX_TRACEBACK_CHARS = 4000
@@ -60,9 +62,9 @@ class Card:
 def collect_cards(run_dir: Path) -> list[Card]:
     """One card per item id (its latest state), plus one per invalid row without an id;
     newest first."""
-    failures_log = read_jsonl_fast(run_dir / "failures.jsonl")
+    failures_log = read_jsonl_fast(run_dir / FAILURES)
     cards: dict[str, Card] = {}
-    for item_id, record in latest_by_id(read_jsonl_fast(run_dir / "results.jsonl")).items():
+    for item_id, record in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).items():
         present = output_intact(run_dir, record)
         cards[item_id] = Card(item_id, "done" if present else "missing", parse_time(record.get("finished_at")), record)
     for item_id, record in latest_by_id(failures_log).items():
@@ -79,7 +81,7 @@ def collect_cards(run_dir: Path) -> list[Card]:
 
 def read_sidecar(run_dir: Path, item_id: str) -> tuple[dict[str, Any], float]:
     """(sidecar, its mtime); ({}, 0) if missing or unreadable."""
-    path = run_dir / "items" / f"{item_id}.json"
+    path = run_dir / sidecar_relpath(item_id)
     try:
         return json.loads(path.read_bytes()), path.stat().st_mtime
     except (OSError, ValueError):
@@ -232,7 +234,7 @@ def done_card(run_dir: Path, card: Card) -> str:
 
 def failed_card(card: Card) -> str:
     record = card.record
-    label = "invalid manifest row" if card.kind == "invalid" else "failed"
+    label = INVALID_ROW if card.kind == "invalid" else "failed"
     problems = record.get("problems") or []
     details = "".join(f"<li>{esc(p)}</li>" for p in problems)
     error = f'<ul class="error">{details}</ul>' if details else f'<p class="error">{esc(record.get("error", "(no message)"))}</p>'

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping, Optional
 from urllib.parse import unquote, urlsplit
 
+from .atomic import atomic_write_bytes
 from .config import ConfigError, ImageCheck, ResizeMode, image_check_mode
 from .fetch import is_url, url_problem
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCache, ImageProblem, check_image, check_images as check_image_files
@@ -616,8 +617,6 @@ def _check_item_images(
 def write_manifest(items: list[Item], target: Path) -> None:
     """A CSV that gives exactly these items again (explicit ids and seeds, the rows'
     overrides and meta columns), image paths relative to the CSV, for editing."""
-    from .outputs import atomic_write_bytes  # outputs is a leaf module; imported here to keep manifest light
-
     overrides = [name for name in PARAM_NAMES if any(name in item.overrides for item in items)]
     resize = ["resize"] if any(item.resize for item in items) else []
     meta = sorted({key for item in items for key in item.meta})

@@ -1,7 +1,7 @@
 """Frames -> files: mp4 (H.264, libx264 + yuv420p, by imageio-ffmpeg's ffmpeg), gif, webp, PNG frames.
 
-Every writer writes into a temporary name next to the target, fsyncs, then renames, so a
-killed run leaves either the old file, the new file, or a stray temporary, never a torn
+Every writer writes into a temporary name next to the target, fsyncs, then renames
+(atomic.py), so a killed run leaves either the old file, the new file, or a stray temporary, never a torn
 file under the real name. Before the rename the temporary is decoded once and must give
 the expected frame count and size (PNG frames: the very frames), and the encoder's exit
 status is checked: a file that does not decode never gets its real name.
@@ -21,21 +21,19 @@ import os
 import re
 import shutil
 import subprocess
-import socket
 import stat
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 
+from .atomic import DISK_FULL_ERRNOS, atomic_path, default_mode, fsync_path, temp_prefix
 from .config import OutputConfig, OutputFormat
 from .faults import fault_point
 
-TEMP_MARKER = ".partial-"
 # Bump when the bytes written for the same settings change on purpose (encoder flags, ...):
 # it is part of the output key, so it redoes the items.
 OUTPUT_VERSION = 1
@@ -43,101 +41,11 @@ OUTPUT_VERSION = 1
 # (e.g. when Ctrl-C reaches it) and silently fall back to another encoder with other pixels.
 MP4_CODEC, MP4_PIX_FMT = "libx264", "yuv420p"
 MAX_FPS = 1000  # the same ceiling as the conditioning fps rule
-# errno of a write error that no later write escapes either (the run stops, see runner.py).
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-_HOST = socket.gethostname().replace("@", "_")[:64]
-HOST = _HOST  # this machine, as named in temporaries and owner files (store.Owner)
-
-
-def temp_prefix(stem: str) -> str:
-    """'.<stem>.partial-<pid>@<host>@': who wrote a temporary, so a later run can delete
-    the leftovers of a dead process at once (and leave a live one's alone). The stem is
-    only a hint for humans: cut to 60 bytes so a 200-byte id stays under NAME_MAX (255)."""
-    short = stem.encode()[:60].decode(errors="ignore")
-    return f".{short}{TEMP_MARKER}{os.getpid()}@{_HOST}@"
-
-
-def temp_owner(name: str) -> Optional[tuple[int, str]]:
-    """(pid, host) of a temporary's writer, or None if `name` is not one of ours."""
-    at = name.rfind(TEMP_MARKER)
-    if at < 0:
-        return None
-    pid, _, rest = name[at + len(TEMP_MARKER):].partition("@")
-    host, found, _ = rest.partition("@")
-    return (int(pid), host) if pid.isdigit() and found else None
-
-
-def written_by_dead_process(name: str) -> bool:
-    owner = temp_owner(name)
-    if owner is None or owner[1] != _HOST:
-        return False  # another machine's process (shared file system): cannot tell
-    try:
-        os.kill(owner[0], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
 
 
 def output_name(item_id: str, fmt: OutputFormat) -> str:
     fmt = OutputFormat(fmt)
     return item_id if fmt is OutputFormat.frames else f"{item_id}.{fmt.value}"
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it (os.umask can only set it, and setting
-    it twice would race with other threads creating files)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # no /proc (macOS): the racy way
-    os.umask(mask)
-    return mask
-
-
-def default_mode(directory: bool = False) -> int:
-    """The mode open()/mkdir() would give a new file or folder: mkstemp/mkdtemp create
-    theirs 0600/0700, which would keep colleagues and a web server out of the run dir."""
-    return (0o777 if directory else 0o666) & ~current_umask()
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file, or a directory (to persist a rename inside it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(target: Path, fault: Optional[str] = None) -> Iterator[Path]:
-    """Yield a temporary path (same directory, same suffix) that replaces `target` on success."""
-    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target.stem), suffix=target.suffix, dir=target.parent)
-    try:
-        os.fchmod(fd, default_mode())
-    finally:
-        os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        if fault:
-            fault_point(fault)
-        fsync_path(tmp)
-        os.replace(tmp, target)
-        fsync_path(target.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(target: Path, data: bytes, fault: Optional[str] = None) -> None:
-    with atomic_path(target, fault) as tmp:
-        tmp.write_bytes(data)
 
 
 def _write_frames_dir(frames: np.ndarray, target: Path, settings: dict[str, Any]) -> Written:

@@ -28,14 +28,14 @@ from typing import Any, Optional
 
 import torch
 
+from .atomic import atomic_write_bytes
 from .config import ConfigError
 from .dispatch import ASSIGNED_PER_WORKER, Ledger, OnDone
-from .outputs import atomic_write_bytes
-from .runner import Outcome
-from .schedule import PlannedItem
+from .worker import Outcome
+from .plan import PlannedItem
 from .stops import StopRequest
 from .store import RunDirError, RunStore
-from .workers import NoWorkersLeft, WorkerSpec
+from .pool import NoWorkersLeft, WorkerSpec
 
 log = logging.getLogger(__name__)
 

@@ -24,15 +24,15 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from .config import FetchConfig, MemoryConfig, ModelConfig, OutputConfig, OutputFormat, ResizeMode
+from .config import ConfigError, FetchConfig, MemoryConfig, ModelConfig, OutputConfig, OutputFormat, ResizeMode
 from .fetch import FetchError, UrlCache
 from .images import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION, Preprocess, file_sha256
 from .manifest import Item
 from .models import ModelLoadError, load_pipeline, model_identity, resolve_devices
 from .outputs import output_bytes, output_sha256
 from .params import GenParams
-from .runner import Worker, frames_sha256, load_entry, software_versions
-from .schedule import PlannedItem
+from .worker import Worker, frames_sha256, load_entry, software_versions
+from .plan import PlannedItem
 from .store import RunStore, sidecar_relpath
 
 from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK  # cli owns exit codes (and imports this module lazily)
@@ -163,7 +163,7 @@ def reproduce_command(args: list[str]) -> int:
     options = parser.parse_args(args)  # a bad command line exits 2, like EXIT_CANNOT
     try:
         result = reproduce(options.sidecar)
-    except (CannotReproduce, ModelLoadError) as exc:
+    except (CannotReproduce, ConfigError, ModelLoadError) as exc:
         print(f"svdbatch reproduce: cannot reproduce: {exc}", file=sys.stderr)
         return EXIT_CANNOT
     for note in result.notes:

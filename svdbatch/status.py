@@ -35,13 +35,16 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from .atomic import atomic_write_bytes
 from .manifest import Manifest, ManifestError, read_manifest
-from .store import CLAIM_SUFFIX, HEARTBEAT_S, is_run_dir, latest_by_id, output_intact, owner_state, read_jsonl_fast, read_owners
+from .store import (
+    CLAIM_SUFFIX, CLAIMS_DIR, FAILURES, HEARTBEAT_S, RESULTS, config_files, is_invalid_record, is_run_dir, latest_by_id,
+    not_a_run_dir_message, output_intact, owner_state, parse_time, read_jsonl_fast, read_owners, run_cwd,
+)
 
 from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
 
 EXIT_NOT_A_RUN_DIR = EXIT_BAD_INPUT
-INVALID_ROW = "invalid manifest row"  # the error driver.run records for rows that fail validation
 THROUGHPUT_WINDOW = 50
 # Finishes further apart than this (or 10 mean items) split a run into sessions: a resumed
 # run must not count yesterday's items, or the rate looks tiny and the ETA huge.
@@ -49,32 +52,6 @@ SESSION_GAP_S = 600.0
 
 
 # -- the run dir ----------------------------------------------------------------------
-def config_files(run_dir: Path) -> list[Path]:
-    """config.yaml, or one config.shard-I-of-N.yaml per shard of a sharded run."""
-    return sorted(run_dir.glob("config.yaml")) + sorted(run_dir.glob("config.shard-*-of-*.yaml"))
-
-
-def not_a_run_dir_message(run_dir: Path) -> str:
-    """The error for a path that is not a run dir, naming run dirs inside it (a sweep's folder)."""
-    why = "does not exist" if not run_dir.exists() else "is not a run dir (no results.jsonl, failures.jsonl or config.yaml)"
-    try:
-        inside = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and is_run_dir(p)) if run_dir.is_dir() else []
-    except OSError:  # unreadable: the message without the hint
-        inside = []
-    hint = f"; run dirs inside it: {', '.join(inside[:10])}{' ...' if len(inside) > 10 else ''}" if inside else ""
-    return f"{run_dir} {why}{hint}"
-
-
-def run_cwd(run_dir: Path) -> Optional[Path]:
-    """The directory the run was started from (Hydra records it): relative paths in the
-    config (the manifest, a relative run.dir) are relative to it."""
-    try:
-        hydra_cfg = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))
-        return Path(hydra_cfg["hydra"]["runtime"]["cwd"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return None
-
-
 def locate(ref: str, run_dir: Path) -> Optional[Path]:
     """A path from the run's config: as given if absolute, else relative to the run's own
     cwd, then to ours. None if it is in none of those places."""
@@ -128,8 +105,6 @@ def save_manifest_summary(cache_dir: Path, manifest: Manifest) -> None:
     the run so that status need not parse a 100k-row manifest again. Tied to the file's
     size and mtime: an edited manifest is parsed afresh. Not for folders (their mtime does
     not change when an image deep inside is added)."""
-    from .outputs import atomic_write_bytes  # not at module level: outputs imports numpy and PIL
-
     path = manifest.path
     if not path.is_file():
         return
@@ -191,10 +166,6 @@ def done_ids(run_dir: Path, results: dict[str, dict[str, Any]]) -> set[str]:
     return {item_id for item_id, record in results.items() if output_intact(run_dir, record)}
 
 
-def is_invalid_record(record: dict[str, Any]) -> bool:
-    return record.get("id") is None or record.get("error") == INVALID_ROW
-
-
 def claim_is_held(path: str | os.PathLike) -> bool:
     """True while another process holds the claim's flock (it is generating that item).
 
@@ -217,7 +188,7 @@ def claim_is_held(path: str | os.PathLike) -> bool:
 def claimed_ids(run_dir: Path, skip: set[str]) -> set[str]:
     """Ids with a live claim; ids in `skip` (done) are not probed: claim files stay after
     their item finishes, so most of a big run's files need no lock probe."""
-    claims = run_dir / "claims"
+    claims = run_dir / CLAIMS_DIR
     if not claims.is_dir():
         return set()
     held = set()
@@ -366,18 +337,6 @@ def invalid_reasons(counts: Counts, failures: dict[str, dict[str, Any]], view: M
 
 
 # -- throughput -------------------------------------------------------------------------
-def parse_time(text: Any) -> Optional[datetime]:
-    """An ISO timestamp as written by the run ('+00:00' or '+0000' offsets); naive = UTC."""
-    if not isinstance(text, str):
-        return None
-    text = re.sub(r"([+-]\d\d)(\d\d)$", r"\1:\2", text.strip()).replace("Z", "+00:00")
-    try:
-        stamp = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
-
-
 @dataclass
 class Throughput:
     items: int  # finished items the rate is measured over
@@ -453,8 +412,8 @@ def eta_seconds(remaining: Optional[int], rate: Optional[float], live: bool = Tr
 def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: Optional[datetime] = None) -> dict[str, Any]:
     """Everything `svdbatch status` prints, as one JSON-friendly dict."""
     now = now or datetime.now(timezone.utc)
-    results_log = read_jsonl_fast(run_dir / "results.jsonl")
-    failures_log = read_jsonl_fast(run_dir / "failures.jsonl")
+    results_log = read_jsonl_fast(run_dir / RESULTS)
+    failures_log = read_jsonl_fast(run_dir / FAILURES)
     results, failures = latest_by_id(results_log), latest_by_id(failures_log)
     # Rows rejected before they had an id: one per manifest line, the latest record.
     idless = list({r.get("line"): r for r in failures_log if r.get("id") is None}.values())

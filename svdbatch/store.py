@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -38,19 +39,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+import yaml
+
+from .atomic import HOST, TEMP_MARKER, atomic_write_bytes, temp_prefix, written_by_dead_process
 from .config import OutputFormat
 from .faults import fault_point
-from .outputs import (
-    HOST, TEMP_MARKER, atomic_write_bytes, link_output, output_bytes, output_name, temp_prefix, written_by_dead_process,
-)
+from .outputs import link_output, output_bytes, output_name
 
 log = logging.getLogger(__name__)
 
-CLAIM_SUFFIX = ".claim"  # claims/<id>.claim
+# The run dir's layout: every other module asks these names instead of spelling them out.
+RESULTS = "results.jsonl"  # one line per committed item (commit)
+FAILURES = "failures.jsonl"  # one line per failed item or invalid manifest row
+CONFIG = "config.yaml"  # the resolved config of an unsharded run (write_config)
+SHARD_CONFIG_GLOB = "config.shard-*-of-*.yaml"  # a sharded run's config files (write_config)
+VIDEOS_DIR = "videos"  # videos/<id>.<format> (or videos/<id>/ of PNG frames)
+SIDECARS_DIR = "items"  # items/<id>.json: the sidecar that makes an item done
+CLAIMS_DIR = "claims"  # claims/<id>.claim
+CLAIM_SUFFIX = ".claim"
+GALLERY_PAGE = "index.html"  # the contact sheet (gallery.py)
 # What marks a folder as a run dir (status refuses other folders; folder manifests skip
 # these, so a re-run never reads its own gallery thumbnails as new inputs).
-RUN_DIR_MARKERS = ("results.jsonl", "failures.jsonl", "config.yaml")
-SHARD_CONFIG_GLOB = "config.shard-*-of-*.yaml"  # a sharded run's config files (write_config)
+RUN_DIR_MARKERS = (RESULTS, FAILURES, CONFIG)
+# The error recorded in failures.jsonl for a manifest row that fails validation.
+INVALID_ROW = "invalid manifest row"
 # Where run dirs go by default: hydra.run.dir in conf/config.yaml is outputs/<run.name>.
 OUTPUTS_ROOT = "outputs"
 REPLACED_DIR = "replaced"  # replaced/<stamp>/: what run.keep_replaced moved aside
@@ -171,8 +183,50 @@ def latest_by_id(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]
     return latest
 
 
+def config_files(run_dir: Path) -> list[Path]:
+    """config.yaml, or one config.shard-I-of-N.yaml per shard of a sharded run."""
+    return sorted(run_dir.glob(CONFIG)) + sorted(run_dir.glob(SHARD_CONFIG_GLOB))
+
+
+def not_a_run_dir_message(run_dir: Path) -> str:
+    """The error for a path that is not a run dir, naming run dirs inside it (a sweep's folder)."""
+    why = "does not exist" if not run_dir.exists() else f"is not a run dir (no {', '.join(RUN_DIR_MARKERS[:-1])} or {RUN_DIR_MARKERS[-1]})"
+    try:
+        inside = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and is_run_dir(p)) if run_dir.is_dir() else []
+    except OSError:  # unreadable: the message without the hint
+        inside = []
+    hint = f"; run dirs inside it: {', '.join(inside[:10])}{' ...' if len(inside) > 10 else ''}" if inside else ""
+    return f"{run_dir} {why}{hint}"
+
+
+def run_cwd(run_dir: Path) -> Optional[Path]:
+    """The directory the run was started from (Hydra records it): relative paths in the
+    config (the manifest, a relative run.dir) are relative to it."""
+    try:
+        hydra_cfg = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))
+        return Path(hydra_cfg["hydra"]["runtime"]["cwd"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+def is_invalid_record(record: dict[str, Any]) -> bool:
+    return record.get("id") is None or record.get("error") == INVALID_ROW
+
+
+def parse_time(text: Any) -> Optional[datetime]:
+    """An ISO timestamp as written by the run ('+00:00' or '+0000' offsets); naive = UTC."""
+    if not isinstance(text, str):
+        return None
+    text = re.sub(r"([+-]\d\d)(\d\d)$", r"\1:\2", text.strip()).replace("Z", "+00:00")
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
 def sidecar_relpath(item_id: str) -> str:
-    return f"items/{item_id}.json"
+    return f"{SIDECARS_DIR}/{item_id}.json"
 
 
 def output_intact(run_dir: str | os.PathLike, record: dict[str, Any]) -> bool:
@@ -307,11 +361,11 @@ class RunStore:
     def __init__(self, root: Path, fmt: OutputFormat):
         self.root = Path(root)
         self.format = OutputFormat(fmt)
-        self.videos = self.root / "videos"
-        self.sidecars = self.root / "items"
-        self.results = self.root / "results.jsonl"
-        self.failures = self.root / "failures.jsonl"
-        self.claims = self.root / "claims"
+        self.videos = self.root / VIDEOS_DIR
+        self.sidecars = self.root / SIDECARS_DIR
+        self.results = self.root / RESULTS
+        self.failures = self.root / FAILURES
+        self.claims = self.root / CLAIMS_DIR
         self.cache = self.root / "cache"  # what runs learnt about their inputs (images.ImageCache, status's manifest summary)
         self.image_cache = self.cache / "images.jsonl"
 
@@ -373,7 +427,7 @@ class RunStore:
         return removed
 
     def write_config(self, text: str, shard_index: int = 0, shard_count: int = 1) -> None:
-        name = "config.yaml" if shard_count == 1 else f"config.shard-{shard_index}-of-{shard_count}.yaml"
+        name = CONFIG if shard_count == 1 else f"config.shard-{shard_index}-of-{shard_count}.yaml"
         atomic_write_bytes(self.root / name, text.encode())
 
     # -- paths ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from .store import latest_by_id, output_intact, read_jsonl_fast
+from .store import RESULTS, latest_by_id, output_intact, read_jsonl_fast
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def point_dirs(root: Path) -> list[Path]:
             path = Path(entry.path)
             if (path / POINT_RECORD).is_file():
                 found.append(path)
-            elif depth < MAX_POINT_DEPTH and not (path / "results.jsonl").exists():  # never into a run dir's own folders
+            elif depth < MAX_POINT_DEPTH and not (path / RESULTS).exists():  # never into a run dir's own folders
                 walk(path, depth + 1)
 
     walk(root, 1)
@@ -200,7 +200,7 @@ class ReuseIndex:
         self.by_key: dict[tuple[str, Optional[str]], ReuseSource] = {}
         self.sources: list[Path] = list(run_dirs)
         for run_dir in self.sources:
-            for record in latest_by_id(read_jsonl_fast(run_dir / "results.jsonl")).values():
+            for record in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).values():
                 if not record.get("key") or "output" not in record:
                     continue
                 found = (record["key"], record.get("output_key"))
@@ -226,7 +226,7 @@ def expand_run_dirs(paths: Iterable[Any]) -> list[Path]:
         path = Path(str(ref)).expanduser()
         if is_sweep_root(path):
             found += point_dirs(path)
-        if (path / "results.jsonl").is_file():
+        if (path / RESULTS).is_file():
             found.append(path)
     return found
 
@@ -276,7 +276,7 @@ def check_reuse_from(paths: Iterable[Any]) -> list[str]:
         path = Path(str(ref)).expanduser()
         if not path.is_dir():
             problems.append(f"run.reuse_from: {ref} does not exist")
-        elif not is_sweep_root(path) and not (path / "results.jsonl").is_file():
+        elif not is_sweep_root(path) and not (path / RESULTS).is_file():
             problems.append(f"run.reuse_from: {ref} is neither a run dir (results.jsonl) nor a sweep root ({MULTIRUN_RECORD})")
     return problems
 
@@ -288,7 +288,7 @@ PAGE_BESIDE_RUN = "sweep.html"  # when the sweep root is also a plain run's dir,
 
 def page_path(root: Path) -> Path:
     root = Path(root)
-    return root / (PAGE_BESIDE_RUN if (root / "results.jsonl").is_file() else PAGE)
+    return root / (PAGE_BESIDE_RUN if (root / RESULTS).is_file() else PAGE)
 POSTER_SUFFIX = ".first.jpg"  # <point>/gallery/<id>.first.jpg: the video's first frame, small
 POSTER_THREADS = 4  # ffmpeg processes making posters at once
 
@@ -319,7 +319,7 @@ def first_frame(path: Path):
 def poster(run_dir: Path, item_id: str, output: Path, sidecar_mtime: float) -> Optional[str]:
     """<point>/gallery/<id>.first.jpg (made once per finished item); path relative to the point."""
     from .gallery import ASSETS, THUMB_PX, fresh, jpeg_bytes
-    from .outputs import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     relative = f"{ASSETS}/{item_id}{POSTER_SUFFIX}"
     target = run_dir / relative
@@ -465,7 +465,7 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     from datetime import datetime, timezone
 
     from .gallery import CSS, collect_cards, esc, read_sidecar, source_thumbnail, url
-    from .outputs import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     root = Path(root)
     spec = read_sweep_spec(root)
@@ -562,7 +562,7 @@ def update_sweep_page(root: Path, max_items: int = 500) -> Optional[Path]:
 # -- the sweep's status -------------------------------------------------------------------
 def reused_count(run_dir: Path) -> int:
     """Finished items of a point that were linked from elsewhere, not generated."""
-    return sum(1 for r in latest_by_id(read_jsonl_fast(run_dir / "results.jsonl")).values()
+    return sum(1 for r in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).values()
                if r.get("reused_from") and output_intact(run_dir, r))
 
 
@@ -597,7 +597,7 @@ def collect_sweep(root: Path, window: Optional[int] = None, now: Any = None) -> 
         report["label"] = point.label
         report["counts"]["reused"] = reused_count(point.run_dir)
         reports.append(report)
-        generated += [r for r in read_jsonl_fast(point.run_dir / "results.jsonl") if not r.get("reused_from")]
+        generated += [r for r in read_jsonl_fast(point.run_dir / RESULTS) if not r.get("reused_from")]
     names = ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
     totals: dict[str, Optional[int]] = {}
     for name in names:

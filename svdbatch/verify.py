@@ -32,8 +32,10 @@ from typing import Any, Optional
 from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK
 from .config import OutputConfig
 from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_settings, output_sha256, written_fps
-from .status import is_run_dir, not_a_run_dir_message
-from .store import RunStore, latest_by_id, read_jsonl_fast, sidecar_relpath
+from .store import (
+    CONFIG, RESULTS, SIDECARS_DIR, VIDEOS_DIR, RunStore, is_run_dir, latest_by_id, not_a_run_dir_message, read_jsonl_fast,
+    sidecar_relpath,
+)
 
 EXIT_DAMAGED, EXIT_NOT_A_RUN_DIR = EXIT_ITEMS_FAILED, EXIT_BAD_INPUT
 DAMAGED_DIR = "damaged"
@@ -133,7 +135,7 @@ def config_output(run_dir: Path) -> Optional[OutputConfig]:
         import yaml
         from omegaconf import OmegaConf
 
-        section = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}).get("output") or {}
+        section = (yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}).get("output") or {}
         return OmegaConf.merge(OmegaConf.structured(OutputConfig), section)
     except Exception:  # no config.yaml (a sharded run), or one from another version: nothing to compare
         return None
@@ -168,7 +170,7 @@ def check_item(run_dir: Path, item_id: str, record: Optional[dict[str, Any]], st
 
 
 def sidecar_ids(run_dir: Path) -> list[str]:
-    items = run_dir / "items"
+    items = run_dir / SIDECARS_DIR
     if not items.is_dir():
         return []
     return [p.relative_to(items).as_posix()[: -len(".json")] for p in items.rglob("*.json") if not p.name.startswith(".")]
@@ -177,7 +179,7 @@ def sidecar_ids(run_dir: Path) -> list[str]:
 def unrecorded_outputs(run_dir: Path) -> list[str]:
     """Files in videos/ that no sidecar names: left by other output settings (a redo in
     another format writes a new file and leaves the old one), never listed as done."""
-    videos = run_dir / "videos"
+    videos = run_dir / VIDEOS_DIR
     if not videos.is_dir():
         return []
     named = set()
@@ -186,12 +188,12 @@ def unrecorded_outputs(run_dir: Path) -> list[str]:
             named.add(json.loads((run_dir / sidecar_relpath(item_id)).read_bytes())["output"]["path"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return sorted(f"videos/{p.name}" for p in videos.iterdir() if not p.name.startswith(".") and f"videos/{p.name}" not in named)
+    return sorted(f"{VIDEOS_DIR}/{p.name}" for p in videos.iterdir() if not p.name.startswith(".") and f"{VIDEOS_DIR}/{p.name}" not in named)
 
 
 def verify_run_dir(run_dir: Path) -> list[ItemReport]:
     """One report per item that has a results line or a sidecar, by id."""
-    records = latest_by_id(read_jsonl_fast(run_dir / "results.jsonl"))
+    records = latest_by_id(read_jsonl_fast(run_dir / RESULTS))
     ids = sorted(set(records) | set(sidecar_ids(run_dir)))
     stated = config_output(run_dir)
     return [check_item(run_dir, item_id, records.get(item_id), stated) for item_id in ids]
@@ -246,7 +248,7 @@ def drop_shards(run_dir: Path, ids: set[str], dest: Path) -> None:
     """WebDataset shards holding a damaged item move aside too: write_shards keeps a shard
     whose members' keys are unchanged, and a redo keeps the key."""
     from .dataset import SHARD_INDEX, SHARDS_DIR
-    from .outputs import atomic_write_bytes
+    from .atomic import atomic_write_bytes
 
     index_path = run_dir / SHARDS_DIR / SHARD_INDEX
     if not ids or not index_path.is_file():

@@ -12,7 +12,7 @@ import torch
 from svdbatch import models
 from svdbatch.driver import run
 from svdbatch.outputs import read_video
-from svdbatch.runner import Worker
+from svdbatch.worker import Worker
 from tests.conftest import make_cfg, write_csv
 
 SMALL = ["conditioning.num_frames=2", "conditioning.num_inference_steps=1", "output=frames"]

@@ -87,7 +87,8 @@ def test_metadata_and_shards_list_only_finished_items_and_follow_resumes(tmp_pat
 
 
 def test_bad_shard_size_and_fetch_settings_are_config_errors(tmp_path, images):
-    from svdbatch.driver import ConfigError, load_manifest
+    from svdbatch.config import ConfigError
+    from svdbatch.driver import load_manifest
 
     manifest = write_csv(tmp_path / "m.csv", ["image"], [["img/a.png"]])
     with pytest.raises(ConfigError) as caught:

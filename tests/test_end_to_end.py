@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from svdbatch.driver import run
-from svdbatch.models import ensure_tiny_model
+from svdbatch.tiny import ensure_tiny_model
 from svdbatch.outputs import read_video
 from svdbatch.store import read_jsonl
 from tests.conftest import make_cfg, write_csv
@@ -81,7 +81,7 @@ def test_order_of_rows_does_not_change_any_item(tmp_path, images, manifest4):
 def test_sidecar_records_what_is_needed_to_reproduce(tmp_path, manifest4):
     from importlib import metadata
 
-    from svdbatch.models import weights_fingerprint
+    from svdbatch.tiny import weights_fingerprint
 
     run_dir = tmp_path / "run"
     cfg = make_cfg(f"manifest={manifest4}", f"run.dir={run_dir}")

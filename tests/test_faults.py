@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from svdbatch.driver import run
-from svdbatch.outputs import TEMP_MARKER
+from svdbatch.atomic import TEMP_MARKER
 from svdbatch.reproduce import reproduce
 
 from .conftest import FAST, REPO, make_cfg, make_image, write_csv
@@ -140,7 +140,7 @@ def test_out_of_memory_is_recorded_with_a_hint_and_the_batch_goes_on(tmp_path, m
 def test_retry_on_oom_steps_down_the_memory_ladder_and_records_it(tmp_path, manifest3, monkeypatch):
     # Three simulated OOMs in a row on the first item: full -> balanced -> low -> smaller decode chunks.
     calls = Counter()
-    real_generate = __import__("svdbatch.runner", fromlist=["Worker"]).Worker.generate
+    real_generate = __import__("svdbatch.worker", fromlist=["Worker"]).Worker.generate
 
     def generate(self, images, params, seeds):
         calls["n"] += 1
@@ -148,7 +148,7 @@ def test_retry_on_oom_steps_down_the_memory_ladder_and_records_it(tmp_path, mani
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_generate(self, images, params, seeds)
 
-    monkeypatch.setattr("svdbatch.runner.Worker.generate", generate)
+    monkeypatch.setattr("svdbatch.worker.Worker.generate", generate)
     # A fresh pipeline: lowering changes the loaded one in place, which other tests must not see.
     monkeypatch.setattr("svdbatch.models._loaded", {})
     summary = run(make_cfg(f"manifest={manifest3}", THREADS, "run.retry_on_oom=true", "conditioning.decode_chunk_size=4",
@@ -184,7 +184,7 @@ def test_nan_frames_fail_only_that_item(tmp_path, manifest3, monkeypatch):
 
 
 def test_temporaries_of_the_longest_ids_fit_a_file_name(tmp_path):
-    from svdbatch.outputs import atomic_write_bytes, temp_owner, temp_prefix
+    from svdbatch.atomic import atomic_write_bytes, temp_owner, temp_prefix
 
     long_id = "é" * 100  # 200 bytes: the longest id the manifest accepts
     assert len(temp_prefix(long_id).encode()) <= 1 + 60 + len(TEMP_MARKER) + 7 + 1 + 64 + 1  # whatever the host name

@@ -14,7 +14,7 @@ from svdbatch.config import ConfigError, ImageCheck, image_check_mode
 from svdbatch.driver import run
 from svdbatch.images import ImageCache, check_images
 from svdbatch.manifest import ManifestError, read_manifest
-from svdbatch.schedule import Shard, shard_of
+from svdbatch.plan import shard_of
 from svdbatch.status import collect
 from svdbatch.store import read_jsonl
 from tests.conftest import make_cfg, make_image, write_csv
@@ -73,7 +73,7 @@ def forbid_reading_images(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(svdbatch.images, "read_image", refuse)
     monkeypatch.setattr(svdbatch.images, "file_sha256", refuse)
-    monkeypatch.setattr(svdbatch.schedule, "file_sha256", refuse)
+    monkeypatch.setattr(svdbatch.plan, "file_sha256", refuse)
     return reads
 
 

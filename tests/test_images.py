@@ -11,7 +11,7 @@ from PIL import Image
 
 from svdbatch.driver import run
 from svdbatch.images import ImageProblem, Preprocess, load_rgb, parse_color, prepare
-from svdbatch.models import ensure_tiny_model
+from svdbatch.tiny import ensure_tiny_model
 from svdbatch.outputs import read_video
 from svdbatch.params import check_conditioning
 from svdbatch.store import read_jsonl

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from svdbatch.outputs import HOST
+from svdbatch.atomic import HOST
 from svdbatch.status import collect, format_report
 from svdbatch.store import OWNERS_DIR, Owner, owner_state, process_start_ticks, read_owners
 from tests.conftest import FAST, REPO, make_image, run_cli, write_csv

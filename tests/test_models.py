@@ -8,14 +8,8 @@ import pytest
 import torch
 
 from svdbatch.config import MemoryConfig, ModelConfig
-from svdbatch.models import (
-    ModelLoadError,
-    ensure_tiny_model,
-    load_pipeline,
-    model_identity,
-    resolve_dtype,
-    weights_fingerprint,
-)
+from svdbatch.models import ModelLoadError, load_pipeline, model_identity, resolve_dtype
+from svdbatch.tiny import ensure_tiny_model, weights_fingerprint
 from tests.conftest import make_cfg
 
 
@@ -133,7 +127,8 @@ def test_a_folder_with_only_the_fp16_variant_runs_on_a_cpu_upcast(tmp_path, imag
     import json
 
     from svdbatch.driver import run
-    from svdbatch.models import build_tiny_pipeline, only_variant_weights
+    from svdbatch.models import only_variant_weights
+    from svdbatch.tiny import build_tiny_pipeline
     from tests.conftest import write_csv
 
     local = tmp_path / "svd-fp16-only"

@@ -9,7 +9,7 @@ import pytest
 from svdbatch.config import plain
 from svdbatch.driver import run
 from svdbatch.manifest import read_manifest
-from svdbatch.schedule import fixed_conditioning_warning, plan_run
+from svdbatch.plan import fixed_conditioning_warning, plan_run
 from svdbatch.store import RunStore
 from tests.conftest import make_cfg, write_csv
 

@@ -8,7 +8,7 @@ import json
 import logging
 
 from svdbatch.driver import run
-from svdbatch.schedule import Replacement, describe_replacements
+from svdbatch.plan import Replacement, describe_replacements
 from svdbatch.store import read_jsonl
 from tests.conftest import SAMPLE_CSV, make_cfg
 

@@ -18,7 +18,7 @@ from svdbatch.config import ConfigError, sweep_subdir
 from svdbatch.driver import run
 from svdbatch.manifest import read_manifest
 from svdbatch.models import ModelLoadError, resolve_devices
-from svdbatch.schedule import Shard, resolve_shard, select_shard, shard_from_env
+from svdbatch.plan import Shard, resolve_shard, select_shard, shard_from_env
 from svdbatch.store import read_jsonl
 from tests.conftest import FAST, REPO, make_cfg, make_image, run_cli, write_csv
 
@@ -90,8 +90,13 @@ def test_bad_shards_are_config_errors():
 def test_devices_on_a_cpu_machine():
     assert resolve_devices("auto", workers=3) == [torch.device("cpu")] * 3
     assert resolve_devices(["cpu", "cpu"]) == [torch.device("cpu")] * 2
+    # A device that is not there is a config mistake (exit 2 with the field), not a load failure.
+    with pytest.raises(ConfigError, match="run.devices: 'nonsense' is not a device"):
+        resolve_devices(["nonsense"])
+    with pytest.raises(ConfigError, match="run.devices is empty"):
+        resolve_devices([])
     if not torch.cuda.is_available():
-        with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_devices(2)
 
 
@@ -117,7 +122,7 @@ def test_batched_rows_match_single_calls_closely(tmp_path, manifest8, monkeypatc
 
     from svdbatch.outputs import read_video
 
-    from svdbatch.runner import Worker
+    from svdbatch.worker import Worker
 
     calls = []
     generate = Worker.generate
@@ -279,7 +284,7 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
 
     from svdbatch.config import changes_outputs, plain
     from svdbatch.models import model_identity
-    from svdbatch.schedule import plan_run
+    from svdbatch.plan import plan_run
     from svdbatch.store import RunStore
 
     base = make_cfg(f"manifest={manifest8}", f"run.dir={tmp_path / 'run'}", "run.limit=1")
@@ -288,7 +293,6 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
     def key_of(cfg) -> str:
         store = RunStore(tmp_path / "run", cfg.output.format)
         identity = model_identity(cfg.model, torch.device("cpu")).as_dict()
-        seed = item.seed  # rows with a derived seed get it from run.seed
         from dataclasses import replace as dc_replace
 
         from svdbatch.manifest import derive_seed

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from svdbatch.cli import exit_code_for_signal
-from svdbatch.outputs import TEMP_MARKER
+from svdbatch.atomic import TEMP_MARKER
 from svdbatch.store import read_jsonl
 from tests.conftest import FAST, REPO, make_image, write_csv
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from svdbatch.outputs import atomic_path, atomic_write_bytes
+from svdbatch.atomic import atomic_path, atomic_write_bytes
 from svdbatch.store import RunDirError, RunStore, append_jsonl, item_key, read_jsonl, repair_jsonl
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from svdbatch.config import ConfigError
 from svdbatch.driver import run
 from svdbatch.manifest import read_manifest
-from svdbatch.schedule import shadowed_knobs_warning
+from svdbatch.plan import shadowed_knobs_warning
 from svdbatch.store import latest_by_id, read_jsonl
 from svdbatch.sweep import point_dirs, status_command, sweep_points, write_sweep_page
 from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli

@@ -24,14 +24,15 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
+from .atomic import DISK_FULL_ERRNOS
 from .config import OutputConfig, plain
 from .fetch import FetchError
 from .images import load_rgb, prepare
 from .faults import fault_point
 from .models import LoadedPipeline, lower_memory
-from .outputs import DISK_FULL_ERRNOS, frames_sha256, output_key, output_settings, write_video, written_fps
+from .outputs import frames_sha256, output_key, output_settings, write_video, written_fps
 from .params import GenParams
-from .schedule import PlannedItem
+from .plan import PlannedItem
 from .stops import Interrupted
 from .store import RunStore
 

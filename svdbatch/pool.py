@@ -28,8 +28,8 @@ from omegaconf import OmegaConf
 from .config import MemoryConfig, ModelConfig, OutputConfig
 from .dispatch import Ledger, OnDone
 from .models import ModelLoadError, load_pipeline
-from .runner import Outcome, Worker
-from .schedule import PlannedItem
+from .worker import Outcome, Worker
+from .plan import PlannedItem
 from .stops import StopRequest, die_with_parent, ignore_stop_signals, stop_signals_blocked
 from .store import RunStore
 

@@ -1,0 +1,31 @@
+"""The whole-config check at start-up: every value that could only fail later, gathered from
+the modules that own each rule, so `svdbatch validate` and a run refuse the same configs
+with the same messages (all problems at once, each naming its field), before anything loads.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from . import sweep
+from .config import ConfigError, check_engine, check_run_and_output
+from .dataset import check_output_config
+from .fetch import check_fetch_config
+from .models import compile_problems, source_problem
+from .params import check_conditioning, check_model_and_memory
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every config value that could only fail later, as '<field>: why'."""
+    problems = check_conditioning(cfg.conditioning) + check_model_and_memory(cfg.model, cfg.memory)
+    problems += check_run_and_output(cfg.run, cfg.output) + check_output_config(cfg.output) + check_fetch_config(cfg.fetch)
+    problems += check_engine(cfg.run) + sweep.check_reuse_from(cfg.run.reuse_from)
+    missing = source_problem(cfg.model)
+    return problems + ([missing] if missing else []) + compile_problems(cfg.memory)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError (exit 2) listing every problem of `cfg`, if it has any."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
