@@ -45,6 +45,14 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def parse_device(name: Any) -> torch.device:
+    """One entry of run.devices: a GPU index (0), or a device name ("cuda:1", "cpu")."""
+    try:
+        return torch.device("cuda", name) if isinstance(name, int) else torch.device(str(name))
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"run.devices: {name!r} is not a device ({exc})") from None
+
+
 def resolve_devices(devices: Any, workers: int = 1, environ: Optional[dict[str, str]] = None) -> list[torch.device]:
     """One entry per worker process.
 
@@ -70,10 +78,7 @@ def resolve_devices(devices: Any, workers: int = 1, environ: Optional[dict[str, 
         raise ConfigError("run.devices is empty")
     resolved = []
     for name in names:
-        try:
-            device = torch.device("cuda", name) if isinstance(name, int) else torch.device(str(name))
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(f"run.devices: {name!r} is not a device ({exc})") from None
+        device = parse_device(name)
         if device.type == "cuda" and not cuda:
             raise ConfigError(f"run.devices={devices!r} asks for a GPU but CUDA is not available on this machine")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():

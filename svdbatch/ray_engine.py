@@ -31,6 +31,7 @@ import torch
 from .atomic import atomic_write_bytes
 from .config import ConfigError
 from .dispatch import ASSIGNED_PER_WORKER, Ledger, OnDone
+from .models import parse_device
 from .worker import Outcome
 from .plan import PlannedItem
 from .stops import StopRequest
@@ -66,10 +67,7 @@ def actor_devices(devices: Any, workers: int, cluster_gpus: int) -> list[torch.d
         raise ConfigError("run.devices is empty")
     resolved = []
     for name in names:
-        try:
-            device = torch.device("cuda", name) if isinstance(name, int) else torch.device(str(name))
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(f"run.devices: {name!r} is not a device ({exc})") from None
+        device = parse_device(name)
         if device.type not in ("cuda", "cpu"):
             raise ConfigError(f"run.devices: {name!r}: a Ray actor runs on 'cpu' or a GPU")
         resolved.append(cuda if device.type == "cuda" else cpu)
