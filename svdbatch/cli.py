@@ -249,6 +249,47 @@ def manifest_missing(args: list[str]) -> bool:
     return not any(re.match(r"^~?manifest=", arg) for arg in args)
 
 
+def show_resolved_hydra_config(argv: list[str]) -> bool:
+    """`svdbatch ... --cfg hydra --resolve`: Hydra drops the job's keys before it resolves its
+    own node, so hydra.run.dir (outputs/${run.name}) cannot resolve there. Print the hydra
+    part of `--cfg all --resolve` instead, which resolves both together. False: not such a
+    command."""
+    import contextlib
+    import io
+
+    import yaml
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return False  # let Hydra report the bad command line itself
+    if args.cfg != "hydra" or not args.resolve or args.multirun:
+        return False
+    rewritten, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in ("--cfg", "-c"):
+            rewritten += ["--cfg", "all"]
+            skip = True  # its value, "hydra"
+        elif token in ("--cfg=hydra", "-chydra"):
+            rewritten += ["--cfg", "all"]
+        else:
+            rewritten.append(token)
+    program, sys.argv = sys.argv[0], [sys.argv[0], *rewritten]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            hydra_app()
+    finally:
+        sys.argv[0] = program
+    whole = yaml.safe_load(printed.getvalue()) or {}
+    print(OmegaConf.to_yaml({"hydra": whole.get("hydra", {})}), end="")
+    return True
+
+
 def show_sweep_config(argv: list[str]) -> bool:
     """`svdbatch -m a=1,2 ... --cfg job [--resolve]` (or `--info`): Hydra refuses to combine
     --multirun with --cfg/--info, yet "what will each sweep point run, and where?" is the
@@ -294,6 +335,8 @@ def main() -> None:
         elif show_sweep_config(args):  # -m ... --info
             sys.exit(EXIT_OK)
     elif show_sweep_config(args):  # -m ... --cfg job
+        sys.exit(EXIT_OK)
+    elif show_resolved_hydra_config(args):  # --cfg hydra --resolve
         sys.exit(EXIT_OK)
     elif manifest_missing(args):
         print("svdbatch: missing manifest=PATH (a CSV/JSONL manifest, an image or a folder of images)\n", file=sys.stderr)

@@ -48,6 +48,11 @@ def test_cfg_hydra_cfg_all_and_info_exit_0(workdir):
     config = yaml.safe_load(everything.stdout)
     assert config["hydra"]["run"]["dir"] == "outputs/sample"
     assert config["run"]["dir"] == str(workdir / "outputs" / "sample")
+    # Hydra alone cannot resolve its own node here (it refers to run.name, a job key).
+    resolved = run_cli("manifest=manifests/sample.csv", "--cfg", "hydra", "--resolve", cwd=workdir)
+    assert resolved.returncode == 0, resolved.stderr
+    assert list(yaml.safe_load(resolved.stdout)) == ["hydra"]
+    assert yaml.safe_load(resolved.stdout)["hydra"]["run"]["dir"] == "outputs/sample"
     shown = run_cli("manifest=manifests/sample.csv", "--info", cwd=workdir)
     assert shown.returncode == 0, shown.stderr
     assert "manifest: manifests/sample.csv" in shown.stdout + shown.stderr
