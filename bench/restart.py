@@ -95,7 +95,7 @@ def first_run(manifest: Path, run_dir: Path):
     cache = ImageCache(store.image_cache)
     items = load_manifest(cfg, Shard(), cache).items
     store.prepare()
-    plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store, image_cache=cache)
+    plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store, image_cache=cache, output=cfg.output)
     cache.flush()
     return time.perf_counter() - start, cfg, store, plan
 
@@ -105,11 +105,12 @@ def fake_done(store: RunStore, plan, done: int) -> None:
         for entry in plan.todo[:done]:
             video = store.video_path(entry.item.id)
             video.write_bytes(b"v" * 10)
-            sidecar = {"id": entry.item.id, "key": entry.key, "status": "done", "seed": entry.item.seed,
+            sidecar = {"id": entry.item.id, "key": entry.key, "output_key": entry.output_key, "status": "done", "seed": entry.item.seed,
                        "image": entry.image_record(), "frames_sha256": "", "finished_at": "2026-01-01T00:00:00+00:00",
                        "output": {"path": store.relative(video), "bytes": 10}, "timings": {"total_s": 1.0}}
-            store.sidecar_path(entry.item.id).write_text(json.dumps(sidecar))
-            results.write(json.dumps(store.result_record(sidecar)) + "\n")
+            body = json.dumps(sidecar).encode()
+            store.sidecar_path(entry.item.id).write_bytes(body)
+            results.write(json.dumps(store.result_record(sidecar, len(body))) + "\n")
 
 
 def to_first_item(manifest: Path, run_dir: Path, *extra: str) -> float:
