@@ -39,7 +39,7 @@ from .atomic import atomic_write_bytes
 from .manifest import Manifest, ManifestError, read_manifest
 from .store import (
     CLAIM_SUFFIX, CLAIMS_DIR, FAILURES, HEARTBEAT_S, RESULTS, config_files, is_invalid_record, is_run_dir, latest_by_id,
-    not_a_run_dir_message, owner_state, present_outputs, parse_time, read_jsonl_fast, read_owners, run_cwd,
+    not_a_run_dir_message, output_intact, owner_state, parse_time, read_jsonl_fast, read_owners, run_cwd,
 )
 
 from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
@@ -162,9 +162,8 @@ def read_manifest_view(run_dir: Path) -> ManifestView:
 
 # -- logs -------------------------------------------------------------------------------
 def done_ids(run_dir: Path, results: dict[str, dict[str, Any]]) -> set[str]:
-    """Ids whose latest record's output and sidecar are still there (keys are not recomputed,
-    sizes not compared: that is resume's and `svdbatch verify`'s work)."""
-    return present_outputs(run_dir, results)
+    """Ids whose latest record's output is still there, complete (keys are not recomputed)."""
+    return {item_id for item_id, record in results.items() if output_intact(run_dir, record)}
 
 
 def claim_is_held(path: str | os.PathLike) -> bool:

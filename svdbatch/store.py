@@ -241,25 +241,6 @@ def output_intact(run_dir: str | os.PathLike, record: dict[str, Any]) -> bool:
     return sidecar_size == record["sidecar_bytes"] if "sidecar_bytes" in record else sidecar_size >= 0
 
 
-def present_outputs(run_dir: str | os.PathLike, records: dict[str, dict[str, Any]]) -> set[str]:
-    """Ids whose output and sidecar are still there: output_intact without the sizes, from
-    two directory listings instead of two stats per item (`svdbatch status` on a 100k-item
-    run). Sizes and contents are resume's and `svdbatch verify`'s to check."""
-    root = Path(run_dir)
-    try:
-        videos = set(os.listdir(root / VIDEOS_DIR))
-        sidecars = set(os.listdir(root / SIDECARS_DIR))
-    except OSError:
-        return set()
-    present = set()
-    for item_id, record in records.items():
-        output = str(record.get("output", ""))
-        folder, _, name = output.rpartition("/")
-        if folder == VIDEOS_DIR and name in videos and f"{item_id}.json" in sidecars:
-            present.add(item_id)
-    return present
-
-
 def sidecar_body(sidecar: dict[str, Any]) -> bytes:
     return to_json(sidecar, indent=2, sort_keys=True, default=str).encode() + b"\n"
 
