@@ -42,6 +42,21 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def fake_done(store: RunStore, entries) -> None:
+    """Mark planned entries finished as a run would have (10-byte videos, minimal sidecars,
+    results lines), so a resume can be planned and timed without generating anything."""
+    with store.results.open("w") as results:
+        for entry in entries:
+            video = store.video_path(entry.item.id)
+            video.write_bytes(b"v" * 10)
+            sidecar = {"id": entry.item.id, "key": entry.key, "output_key": entry.output_key, "status": "done", "seed": entry.item.seed,
+                       "image": entry.image_record(), "frames_sha256": "", "finished_at": "2026-01-01T00:00:00+00:00",
+                       "output": {"path": store.relative(video), "bytes": 10}, "timings": {"total_s": 1.0}}
+            body = json.dumps(sidecar).encode()
+            store.sidecar_path(entry.item.id).write_bytes(body)
+            results.write(json.dumps(store.result_record(sidecar, len(body))) + "\n")
+
+
 def bench(root: Path, rows: int, done_fraction: float) -> None:
     images = root / "img"
     images.mkdir(exist_ok=True)
@@ -65,16 +80,7 @@ def bench(root: Path, rows: int, done_fraction: float) -> None:
     # Fake a run that finished all but the last (1 - done_fraction) of the items.
     plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store, output=cfg.output)
     done_count = int(rows * done_fraction)
-    with store.results.open("w") as results:
-        for entry in plan.todo[:done_count]:
-            video = store.video_path(entry.item.id)
-            video.write_bytes(b"v" * 10)
-            sidecar = {"id": entry.item.id, "key": entry.key, "output_key": entry.output_key, "status": "done", "seed": entry.item.seed,
-                       "image": entry.image_record(), "frames_sha256": "", "finished_at": "",
-                       "output": {"path": store.relative(video), "bytes": 10}, "timings": {"total_s": 0}}
-            body = json.dumps(sidecar).encode()
-            store.sidecar_path(entry.item.id).write_bytes(body)
-            results.write(json.dumps(store.result_record(sidecar, len(body))) + "\n")
+    fake_done(store, plan.todo[:done_count])
 
     start = time.perf_counter()
     plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store, output=cfg.output)

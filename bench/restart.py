@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
 import signal
@@ -47,6 +46,8 @@ from svdbatch.images import ImageCache  # noqa: E402
 from svdbatch.models import model_identity, resolve_devices  # noqa: E402
 from svdbatch.plan import Shard, plan_run  # noqa: E402
 from svdbatch.store import RunStore  # noqa: E402
+
+from plan import fake_done  # noqa: E402  (bench/plan.py: sys.path[0] is bench/)
 
 BASES = 200  # distinct encodes; every file is a base plus its own JPEG comment (distinct bytes)
 
@@ -98,19 +99,6 @@ def first_run(manifest: Path, run_dir: Path):
     plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store, image_cache=cache, output=cfg.output)
     cache.flush()
     return time.perf_counter() - start, cfg, store, plan
-
-
-def fake_done(store: RunStore, plan, done: int) -> None:
-    with store.results.open("w") as results:
-        for entry in plan.todo[:done]:
-            video = store.video_path(entry.item.id)
-            video.write_bytes(b"v" * 10)
-            sidecar = {"id": entry.item.id, "key": entry.key, "output_key": entry.output_key, "status": "done", "seed": entry.item.seed,
-                       "image": entry.image_record(), "frames_sha256": "", "finished_at": "2026-01-01T00:00:00+00:00",
-                       "output": {"path": store.relative(video), "bytes": 10}, "timings": {"total_s": 1.0}}
-            body = json.dumps(sidecar).encode()
-            store.sidecar_path(entry.item.id).write_bytes(body)
-            results.write(json.dumps(store.result_record(sidecar, len(body))) + "\n")
 
 
 def to_first_item(manifest: Path, run_dir: Path, *extra: str) -> float:
@@ -170,7 +158,7 @@ def bench(root: Path, args) -> None:
 
     first_s, cfg, store, plan = first_run(manifest, root / "run")
     done = int(args.rows * args.done_fraction)
-    fake_done(store, plan, done)
+    fake_done(store, plan.todo[:done])
 
     restart, restarts = median_of(args.repeats, lambda: to_first_item(manifest, root / "run"))
     baseline, baselines = median_of(args.repeats, lambda: to_first_item(one_row, root / "one"))
