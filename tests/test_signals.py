@@ -31,9 +31,9 @@ def manifest(tmp_path) -> Path:
     return write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [[f"i{n}", f"img/{n}.png", n] for n in range(N_ITEMS)])
 
 
-def command(manifest: Path, run_dir: Path, *extra: str) -> list[str]:
+def command(manifest: Path, run_dir: Path, *extra: str, steps: int = 3) -> list[str]:
     return [sys.executable, "-m", "svdbatch", f"manifest={manifest}", f"hydra.run.dir={run_dir}", *FAST,
-            "conditioning.num_inference_steps=3", "run.progress=false", *extra]
+            f"conditioning.num_inference_steps={steps}", "run.progress=false", *extra]
 
 
 def start(args: list[str], cwd: Path = REPO) -> subprocess.Popen:
@@ -80,7 +80,10 @@ def assert_resumes_exactly_once(args: list[str], run_dir: Path, done_before: int
 
 def test_ctrl_c_to_the_group_stops_two_workers_cleanly_and_the_same_command_resumes(tmp_path, manifest):
     run_dir = tmp_path / "run"
-    args = command(manifest, run_dir, "run.workers=2", "run.stop_grace_s=600")
+    # Each worker holds two items (one generating, one loaded next) and the driver sees a
+    # signal within a quarter second: items must take long enough that the signal, sent
+    # after the first commit, still leaves work that has not started.
+    args = command(manifest, run_dir, "run.workers=2", "run.stop_grace_s=600", steps=16)
     proc = start(args)
     wait_for_results(run_dir / "results.jsonl", proc)
     workers = descendants(proc.pid)
@@ -102,7 +105,7 @@ def test_sigterm_to_the_driver_past_the_grace_abandons_the_items_in_flight(tmp_p
     """Kubernetes signals only the driver. With no grace the workers are killed at once:
     their items in flight are abandoned, never half-committed, and redone by the next run."""
     run_dir = tmp_path / "run"
-    args = command(manifest, run_dir, "run.workers=2", "run.stop_grace_s=0")
+    args = command(manifest, run_dir, "run.workers=2", "run.stop_grace_s=0", steps=16)  # see the Ctrl-C test
     proc = start(args)
     wait_for_results(run_dir / "results.jsonl", proc)
     workers = descendants(proc.pid)
@@ -151,7 +154,7 @@ def test_sigusr2_under_submitit_stops_cleanly_requeues_and_the_requeued_job_fini
     resumes the run, so the launcher ends with every item done exactly once."""
     sweep = tmp_path / "sweep"
     args = [sys.executable, "-m", "svdbatch", "-m", "hydra/launcher=submitit_local", f"manifest={manifest}",
-            f"hydra.sweep.dir={sweep}", *FAST, "conditioning.num_inference_steps=3", "run.progress=false"]
+            f"hydra.sweep.dir={sweep}", *FAST, "conditioning.num_inference_steps=16", "run.progress=false"]
     proc = start(args)
     deadline = time.monotonic() + WAIT_S
     while not list(sweep.glob("*/results.jsonl")) or not list(sweep.glob("*/results.jsonl"))[0].read_bytes().count(b"\n"):
