@@ -146,7 +146,7 @@ def plan_run(
     `reuse` (sweep.ReuseIndex) finds to-do items another run dir finished with the same key.
     """
     output = output if output is not None else OutputConfig(format=store.format)
-    out_keys: dict[int, str] = {}  # per written fps: a run has few
+    out_keys: dict[int, str] = {}  # per item fps: a run has few
     selected = items[:limit] if limit is not None else items
     urls = [item.url for item in selected if item.image is None and item.url]  # image is None only for a URL
     if urls and fetcher is None:
@@ -192,8 +192,9 @@ def plan_run(
     plan = Plan()
     for item, source in sources:
         params = defaults.resolve(item.overrides)
-        fps = written_fps(output, params.fps)
-        out_key = out_keys.get(fps) or out_keys.setdefault(fps, output_key(output_settings(output, fps)))
+        out_key = out_keys.get(params.fps)
+        if out_key is None:  # once per distinct fps: reading `output` (a DictConfig) is slow per row
+            out_key = out_keys[params.fps] = output_key(output_settings(output, written_fps(output, params.fps)))
         preprocess = replace(run_preprocess, resize=ResizeMode(item.resize)) if item.resize else run_preprocess
         problem = source if isinstance(source, Exception) else hashes[source]
         if isinstance(problem, Exception):
