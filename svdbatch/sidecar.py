@@ -393,3 +393,14 @@ def result_record(sidecar: Mapping[str, Any], sidecar_bytes: int) -> Json:
         "finished_at": sidecar["finished_at"],
     }
 
+
+def named_output(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The output path the sidecar at `path` names, also when the rest of it is not a valid
+    record: verify --repair sets aside what a damaged sidecar still points to. None if it
+    names none (or cannot be read)."""
+    try:
+        output = json.loads(Path(path).read_bytes()).get("output")
+    except (OSError, ValueError, AttributeError):
+        return None
+    value = output.get("path") if isinstance(output, dict) else None
+    return value if isinstance(value, str) else None

@@ -243,11 +243,6 @@ def output_intact(run_dir: str | os.PathLike, record: dict[str, Any]) -> bool:
     return sidecar_size == record["sidecar_bytes"] if "sidecar_bytes" in record else sidecar_size >= 0
 
 
-def sidecar_body(sidecar: dict[str, Any]) -> bytes:
-    """The bytes of a sidecar in its JSON form (sidecar.py owns the format)."""
-    return body_bytes(sidecar)
-
-
 class RunDirError(RuntimeError):
     pass
 

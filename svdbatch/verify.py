@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK
 from .config import OutputConfig
-from .sidecar import Sidecar, SidecarError
+from .sidecar import Sidecar, SidecarError, named_output
 from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_settings, output_sha256, written_fps
 from .store import (
     CONFIG, RESULTS, SIDECARS_DIR, VIDEOS_DIR, RunStore, is_run_dir, latest_by_id, not_a_run_dir_message, read_jsonl_fast,
@@ -169,10 +169,7 @@ def unrecorded_outputs(run_dir: Path) -> list[str]:
         return []
     named = set()
     for item_id in sidecar_ids(run_dir):
-        try:
-            named.add(Sidecar.read(run_dir / sidecar_relpath(item_id)).output.path)
-        except (OSError, SidecarError):
-            continue
+        named.add(named_output(run_dir / sidecar_relpath(item_id)))
     return sorted(f"{VIDEOS_DIR}/{p.name}" for p in videos.iterdir() if not p.name.startswith(".") and f"{VIDEOS_DIR}/{p.name}" not in named)
 
 
@@ -219,10 +216,7 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
 def item_files(run_dir: Path, item_id: str, record: Optional[dict[str, Any]]) -> list[str]:
     """The item's sidecar and every output path its sidecar or results line names, that exist."""
     names = [sidecar_relpath(item_id)]
-    try:
-        names.append(json.loads((run_dir / names[0]).read_bytes())["output"]["path"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    names.append(named_output(run_dir / names[0]))
     if record and record.get("output"):
         names.append(record["output"])
     safe = [n for n in dict.fromkeys(names) if isinstance(n, str) and not os.path.isabs(n) and ".." not in Path(n).parts]
