@@ -4,7 +4,7 @@ Layout of a run dir::
 
     config.yaml          resolved config of the run (without hydra's own settings)
     videos/<id>.mp4      one output per item (or videos/<id>/ with PNG frames)
-    items/<id>.json      sidecar: row, params, seed, input hash, model, versions, timings
+    items/<id>.json      sidecar: row, params, seed, input hash, model, versions, timings (sidecar.py)
     results.jsonl        one line per finished item
     failures.jsonl       one line per failed attempt (error + traceback)
     claims/<id>.claim    flock'ed while a process generates the item (shared run dirs)
