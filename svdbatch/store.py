@@ -46,7 +46,7 @@ from .atomic import HOST, TEMP_MARKER, atomic_write_bytes, temp_prefix, written_
 from .config import OutputFormat
 from .faults import fault_point
 from .outputs import link_output, output_bytes, output_name
-from .sidecar import ReusedFrom, Sidecar, SidecarError, SidecarImage, SidecarRow, body_bytes, result_record
+from .sidecar import ReusedFrom, Sidecar, SidecarError, SidecarImage, SidecarRow, body_bytes, named_output, result_record
 
 log = logging.getLogger(__name__)
 
@@ -526,14 +526,25 @@ class RunStore:
     def set_aside(self, item_id: str, new_key: str, new_output_key: Optional[str], folder: Path) -> bool:
         """Before an item's new output is written: move its finished output of another key
         (or other output settings), then that sidecar, to `folder` (same relative paths), so
-        nothing generated is overwritten. The caller holds the item's claim and has generated
-        the new frames: a redo that fails keeps the old output in place. False if nothing was moved."""
-        sidecar = self.read_sidecar(item_id)
-        if sidecar is None or not sidecar.done or sidecar.done_with(new_key, new_output_key):
+        nothing generated is overwritten. A sidecar this version cannot read (damaged, or of
+        another schema) is moved too, with the output it names. The caller holds the item's
+        claim and has generated the new frames: a redo that fails keeps the old output in
+        place. False if nothing was moved."""
+        sidecar_file = self.sidecar_path(item_id)
+        try:
+            sidecar: Optional[Sidecar] = Sidecar.read(sidecar_file)
+        except FileNotFoundError:
             return False
+        except (OSError, SidecarError):
+            sidecar = None
+        if sidecar is not None and (not sidecar.done or sidecar.done_with(new_key, new_output_key)):
+            return False
+        named = sidecar.output.path if sidecar is not None else named_output(sidecar_file)
+        inside = named is not None and not os.path.isabs(named) and ".." not in Path(named).parts
+        output = self.root / named if inside else self.root
         moved = False
         # The video first: if the run dies in between, the expensive part is already safe.
-        for source in (self.root / sidecar.output.path, self.sidecar_path(item_id)):
+        for source in (output, sidecar_file):
             if source == self.root or not os.path.lexists(source):
                 continue
             target = folder / self.relative(source)

@@ -164,3 +164,18 @@ def test_the_gallery_shows_a_done_item_whose_sidecar_is_unreadable_from_its_resu
     assert len(path.read_bytes()) == len(body)
     text = write_gallery(run_dir).read_text(encoding="utf-8")
     assert text.count("<article") == 2 and 'src="videos/a.mp4"' in text and "video missing" not in text
+
+
+def test_a_redo_keeps_the_output_of_a_sidecar_of_another_schema(runs, tmp_path):
+    """A run dir written by another svdbatch version: its sidecars are not readable as
+    records, but a redo with run.keep_replaced still moves their outputs aside, never over."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs[0], run_dir, ignore=shutil.ignore_patterns("gallery", "index.html"))
+    path = run_dir / "items" / "a.json"
+    path.write_text(json.dumps(_edited(json.loads(path.read_bytes()), lambda r: r.update(schema=2))))
+    old_sidecar, old_video = path.read_bytes(), (run_dir / "videos" / "a.mp4").read_bytes()
+    cfg = make_cfg(f"manifest={runs[0].parent / 'm.csv'}", f"run.dir={run_dir}", "conditioning.num_inference_steps=1", "run.limit=1")
+    assert run(cfg).done == 1
+    [kept] = (run_dir / "replaced").iterdir()
+    assert (kept / "items" / "a.json").read_bytes() == old_sidecar and (kept / "videos" / "a.mp4").read_bytes() == old_video
+    assert Sidecar.read(path).params["num_inference_steps"] == 1
