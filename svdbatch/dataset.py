@@ -32,6 +32,7 @@ from .atomic import atomic_path, atomic_write_bytes
 from .config import OutputConfig, OutputFormat
 from .outputs import check_output_config as check_file_settings
 from .plan import PlannedItem
+from .sidecar import Sidecar
 from .store import RunStore, output_intact, to_json
 
 log = logging.getLogger(__name__)
@@ -46,52 +47,47 @@ def check_output_config(output: OutputConfig) -> list[str]:
     return problems + ([f"output.shard_size: must be >= 1, got {output.shard_size}"] if output.shard_size < 1 else [])
 
 
-def metadata_row(sidecar: dict[str, Any]) -> dict[str, Any]:
+def metadata_row(sidecar: Sidecar) -> dict[str, Any]:
     """One dataset row from an item's sidecar: the video, what made it, and the row's meta_* data."""
+    width, height = sidecar.image.size or (None, None)
     row = {
-        "file_name": sidecar["output"]["path"],
-        "id": sidecar["id"],
-        "seed": sidecar["seed"],
-        "image": sidecar["row"]["image"],
-        "image_sha256": sidecar["image"]["sha256"],
-        "image_width": sidecar["image"]["size"][0],
-        "image_height": sidecar["image"]["size"][1],
-        "resize": sidecar["preprocess"]["resize"],
-        **sidecar["params"],
-        "model": sidecar["model"]["name"],
-        "frames_sha256": sidecar["frames_sha256"],
+        "file_name": sidecar.output.path,
+        "id": sidecar.id,
+        "seed": sidecar.seed,
+        "image": sidecar.row.image,
+        "image_sha256": sidecar.image.sha256,
+        "image_width": width,
+        "image_height": height,
+        "resize": sidecar.preprocess["resize"],
+        **sidecar.params,
+        "model": sidecar.model["name"],
+        "frames_sha256": sidecar.frames_sha256,
     }
-    row.update(sidecar["row"].get("meta") or {})
+    row.update(sidecar.row.meta)
     return row
 
 
-def finished_sidecars(store: RunStore, planned: Iterable[PlannedItem]) -> list[tuple[int, PlannedItem, dict[str, Any]]]:
+def finished_sidecars(store: RunStore, planned: Iterable[PlannedItem]) -> list[tuple[int, PlannedItem, Sidecar]]:
     """(manifest position, item, sidecar) of the planned items that are done with their current key."""
     index = store.finished_index()
     finished = []
     for position, entry in enumerate(planned):
         if entry.key is None or not store.is_done(entry.item.id, entry.key, entry.output_key, index):
             continue
-        try:
-            sidecar = json.loads(store.sidecar_path(entry.item.id).read_bytes())
-        except (OSError, json.JSONDecodeError):
-            continue
-        finished.append((position, entry, sidecar))
+        sidecar = store.read_sidecar(entry.item.id)
+        if sidecar is not None:
+            finished.append((position, entry, sidecar))
     return finished
 
 
-def finished_in_run_dir(store: RunStore) -> list[dict[str, Any]]:
+def finished_in_run_dir(store: RunStore) -> list[Sidecar]:
     """Sidecars of every finished item in the run dir, by id: the latest results.jsonl line
     agrees with a done sidecar and a complete video. Not limited to this process's plan, so
     runs that share a run dir (shards, run.limit smoke runs) all see the whole set."""
     sidecars = []
     for item_id, record in sorted(store.finished_index().items()):
-        try:
-            sidecar = json.loads(store.sidecar_path(item_id).read_bytes())
-        except (OSError, json.JSONDecodeError):
-            continue
-        agrees = sidecar.get("key") == record.get("key") and sidecar.get("output_key") == record.get("output_key")
-        if sidecar.get("status") == "done" and agrees and output_intact(store.root, record):
+        sidecar = store.read_sidecar(item_id)
+        if sidecar is not None and sidecar.done_with(record.get("key"), record.get("output_key")) and output_intact(store.root, record):
             sidecars.append(sidecar)
     return sidecars
 
@@ -146,14 +142,14 @@ def write_shards(store: RunStore, planned: list[PlannedItem], finished: list, sh
             continue
         # The file's sha256 too: a redo with new output settings (or after `verify --repair`)
         # keeps the key but changes the bytes the shard must hold.
-        members = [[by_position[p][0].item.id, by_position[p][0].key, by_position[p][1]["output"].get("sha256")] for p in positions]
+        members = [[by_position[p][0].item.id, by_position[p][0].key, by_position[p][1].output.sha256] for p in positions]
         if index.get(name) == members and (shards / name).is_file():
             continue  # already written with exactly these items
         with atomic_path(shards / name) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as archive:
             for position in positions:
                 _, sidecar = by_position[position]
                 key = f"{position:09d}"  # WebDataset keys must not contain dots; ids may
-                video = store.root / sidecar["output"]["path"]
+                video = store.root / sidecar.output.path
                 _add_member(archive, f"{key}{video.suffix}", video.read_bytes())
                 _add_member(archive, f"{key}.json", to_json(metadata_row(sidecar), sort_keys=True).encode())
         index[name] = members

@@ -15,7 +15,6 @@ says how many items are done and left.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from .fetch import UrlCache
 from .gallery import GalleryUpdater
 from .images import ImageCache
 from .manifest import Item, Manifest, read_manifest
-from .models import model_identity, resolve_devices
+from .models import default_num_threads, model_identity, resolve_devices
 from .params import PARAM_NAMES
 from .worker import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from . import sweep
@@ -329,52 +328,6 @@ def worker_spec(cfg: DictConfig, store: RunStore, devices: list[torch.device], k
         retry_on_oom=cfg.run.retry_on_oom,
         keep_replaced_in=str(keep_in) if keep_in else None,
     )
-
-
-def cgroup_cpu_limit() -> Optional[float]:
-    """CPUs a cgroup quota allows (docker --cpus, Kubernetes limits), or None: cgroup v2's
-    cpu.max ('200000 100000' = 2 CPUs, 'max' = none), else v1's cfs quota/period."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
-
-
-def usable_cores() -> int:
-    """Physical cores this process may run on: its CPU affinity (taskset, Slurm, cpusets),
-    hyper-thread siblings counted once, capped by a cgroup CPU quota. Fixed for a given
-    machine and allocation, unlike the load, so the thread count built on it is too."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        cpus = set(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in cpus:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add((topology / "physical_package_id").read_text().strip() + ":" + (topology / "core_id").read_text().strip())
-        except OSError:
-            cores.add(f"cpu{cpu}")
-    count = len(cores)
-    limit = cgroup_cpu_limit()
-    if limit is not None:
-        count = min(count, int(limit))
-    return max(1, count)
-
-
-def default_num_threads(devices: list[torch.device]) -> int:
-    """Intra-op threads per worker when run.num_threads is null: the usable physical cores
-    shared out between the workers (torch's own default takes every core the machine has
-    for each worker, ignoring quotas and the other workers). It changes float results, so
-    it is resolved once here and recorded in every sidecar."""
-    return max(1, usable_cores() // max(1, len(devices)))
 
 
 def warn_shadowed(items, sweep_root: Path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import html
 import io
-import json
 import logging
 import sys
 import threading
@@ -33,6 +32,7 @@ from .atomic import DISK_FULL_ERRNOS, atomic_write_bytes
 from .config import FetchConfig
 from .fetch import UrlCache
 from .images import load_rgb
+from .sidecar import Sidecar, SidecarError
 from .store import (
     FAILURES, GALLERY_PAGE, INVALID_ROW, RESULTS, is_invalid_record, is_run_dir, latest_by_id, not_a_run_dir_message,
     output_intact, parse_time, read_jsonl_fast, run_cwd, sidecar_relpath,
@@ -55,7 +55,7 @@ class Card:
     kind: str  # done | missing (done, video since deleted) | failed | invalid
     when: Optional[datetime]
     record: dict[str, Any] = field(default_factory=dict)  # results or failures line
-    sidecar: dict[str, Any] = field(default_factory=dict)
+    sidecar: Optional[Sidecar] = None  # None: missing or unreadable (the card uses `record`)
 
 
 # -- what goes on the page ------------------------------------------------------------
@@ -79,30 +79,36 @@ def collect_cards(run_dir: Path) -> list[Card]:
     return sorted(listed, key=lambda c: c.when or oldest, reverse=True)
 
 
-def read_sidecar(run_dir: Path, item_id: str) -> tuple[dict[str, Any], float]:
-    """(sidecar, its mtime); ({}, 0) if missing or unreadable."""
+def read_sidecar(run_dir: Path, item_id: str) -> tuple[Optional[Sidecar], float]:
+    """(sidecar, its mtime); (None, 0) if missing or unreadable."""
     path = run_dir / sidecar_relpath(item_id)
     try:
-        return json.loads(path.read_bytes()), path.stat().st_mtime
-    except (OSError, ValueError):
-        return {}, 0.0
+        return Sidecar.read(path), path.stat().st_mtime
+    except (OSError, SidecarError):
+        return None, 0.0
 
 
 # -- thumbnails and previews ----------------------------------------------------------
-def source_candidates(run_dir: Path, image: dict[str, Any]) -> list[Path]:
+def source_candidates(run_dir: Path, path: Optional[str], image_url: Optional[str]) -> list[Path]:
     """Where the source image may be: its recorded path (relative paths are relative to
     the cwd of the run), or for an image URL the run's download cache, also if moved."""
     found: list[Path] = []
-    path = image.get("path")
     if path:
-        path = Path(path)
+        recorded = Path(path)
         cwd = run_cwd(run_dir)
-        found += [path] if path.is_absolute() else ([cwd / path] if cwd else []) + [path]
-        if image.get("url"):
-            found.append(run_dir / "downloads" / path.name)
-    if image.get("url"):
-        found.append(UrlCache(run_dir / "downloads", FetchConfig()).path_for(image["url"]))
+        found += [recorded] if recorded.is_absolute() else ([cwd / recorded] if cwd else []) + [recorded]
+        if image_url:
+            found.append(run_dir / "downloads" / recorded.name)
+    if image_url:
+        found.append(UrlCache(run_dir / "downloads", FetchConfig()).path_for(image_url))
     return found
+
+
+def source_of(card: Card) -> tuple[Optional[str], Optional[str]]:
+    """(path, url) of a done card's source image: from its sidecar, else its results line."""
+    if card.sidecar is not None:
+        return card.sidecar.image.path, card.sidecar.image.url
+    return card.record.get("image_path"), None
 
 
 def fresh(target: Path, than_mtime: float) -> bool:
@@ -118,13 +124,13 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def source_thumbnail(run_dir: Path, item_id: str, image: dict[str, Any], sidecar_mtime: float) -> Optional[str]:
-    """gallery/<id>.jpg (made now if missing or older than the sidecar); None if the
-    source cannot be found or read."""
+def source_thumbnail(run_dir: Path, item_id: str, image: tuple[Optional[str], Optional[str]], sidecar_mtime: float) -> Optional[str]:
+    """gallery/<id>.jpg (made now if missing or older than the sidecar) of the source image
+    at `image` (path, url: source_of); None if the source cannot be found or read."""
     target = run_dir / ASSETS / f"{item_id}.jpg"
     if fresh(target, sidecar_mtime):
         return f"{ASSETS}/{item_id}.jpg"
-    for source in source_candidates(run_dir, image):
+    for source in source_candidates(run_dir, *image):
         if not source.is_file():
             continue
         try:
@@ -186,24 +192,26 @@ def media_box(inner: str, label: str, width: Any, height: Any) -> str:
 
 
 def preview_html(run_dir: Path, card: Card, sidecar_mtime: float) -> str:
-    output = card.sidecar.get("output") or {"path": card.record.get("output")}
-    path, fmt = output.get("path"), output.get("format") or Path(str(card.record.get("output", ""))).suffix.lstrip(".")
+    output = card.sidecar.output if card.sidecar is not None else None
+    path = output.path if output is not None else card.record.get("output")
+    fmt = output.format if output is not None else Path(str(card.record.get("output", ""))).suffix.lstrip(".")
     if card.kind == "missing" or not path:
         return '<div class="na">video missing</div>'
     if fmt == "mp4":
         return f'<video src="{url(path)}" autoplay muted loop playsinline></video>'
     if fmt in ("gif", "webp"):
         return f'<img src="{url(path)}" alt="preview" loading="lazy">'
-    preview = frames_preview(run_dir, card.item_id, run_dir / path, output.get("fps") or 7, sidecar_mtime)
+    preview = frames_preview(run_dir, card.item_id, run_dir / path, (output.fps if output is not None else None) or 7, sidecar_mtime)
     return f'<img src="{url(preview)}" alt="preview" loading="lazy">' if preview else '<div class="na">no frames</div>'
 
 
 def params_html(card: Card) -> str:
-    params, sidecar, record = card.sidecar.get("params") or {}, card.sidecar, card.record
+    sidecar, record = card.sidecar, card.record
+    params = sidecar.params if sidecar is not None else {}
     size = f"{params['width']}×{params['height']}" if "width" in params and "height" in params else None
-    seconds = (sidecar.get("timings") or {}).get("total_s", record.get("seconds"))
+    seconds = sidecar.timings.total_s if sidecar is not None else record.get("seconds")
     fields = [
-        ("seed", sidecar.get("seed", record.get("seed"))),
+        ("seed", sidecar.seed if sidecar is not None else record.get("seed")),
         ("motion", params.get("motion_bucket_id")),
         ("noise aug", number(params.get("noise_aug_strength"), 4) if "noise_aug_strength" in params else None),
         ("fps", params.get("fps")),
@@ -218,12 +226,10 @@ def params_html(card: Card) -> str:
 
 def done_card(run_dir: Path, card: Card) -> str:
     card.sidecar, mtime = read_sidecar(run_dir, card.item_id)
-    image = card.sidecar.get("image") or {"path": card.record.get("image_path")}
-    thumb = source_thumbnail(run_dir, card.item_id, image, mtime)
+    thumb = source_thumbnail(run_dir, card.item_id, source_of(card), mtime)
     source = f'<img src="{url(thumb)}" alt="source" loading="lazy">' if thumb else '<div class="na">source not available</div>'
-    output, params = card.sidecar.get("output") or {}, card.sidecar.get("params") or {}
     # Both boxes take the video's shape, so a row of cards lines up; the source is fitted inside.
-    shape = (output.get("width") or params.get("width"), output.get("height") or params.get("height"))
+    shape = (card.sidecar.output.width, card.sidecar.output.height) if card.sidecar is not None else (None, None)
     boxes = media_box(source, "source", *shape) + media_box(preview_html(run_dir, card, mtime), "video", *shape)
     note = '<p class="note">video missing (deleted?): the next run redoes it</p>' if card.kind == "missing" else ""
     return (

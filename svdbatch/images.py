@@ -66,6 +66,16 @@ class Preprocess:
             max_image_pixels=max_image_pixels,
         )
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any], max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> "Preprocess":
+        """The inverse of as_dict (a sidecar's `preprocess`); its `version` is not checked here."""
+        return cls(
+            resize=ResizeMode(record["resize"]),
+            pad_color=tuple(record["pad_color"]),
+            background=tuple(record["background"]),
+            max_image_pixels=max_image_pixels,
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "version": PREPROCESS_VERSION,
@@ -304,3 +314,11 @@ def prepare(image: Image.Image, width: int, height: int, resize: ResizeMode = Re
         return ImageOps.pad(image, size, method=RESAMPLE, color=pad_color, centering=(0.5, 0.5))
     # stretch: what the diffusers guide does (`image.resize((1024, 576))`)
     return image.resize(size, RESAMPLE)
+
+
+def pipeline_input(path: str | os.PathLike, preprocess: Preprocess, width: int, height: int) -> tuple[Image.Image, tuple[int, int]]:
+    """(the image the pipeline gets, the source's size): the source read as RGB and fitted to
+    width x height as `preprocess` says. What a run does for every item and reproduce
+    does for one, so both feed the pipeline the same pixels."""
+    source = load_rgb(path, preprocess.background, preprocess.max_image_pixels)
+    return prepare(source, width, height, preprocess.resize, preprocess.pad_color), source.size

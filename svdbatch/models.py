@@ -87,6 +87,60 @@ def resolve_devices(devices: Any, workers: int = 1, environ: Optional[dict[str, 
     return resolved
 
 
+# -- CPU threads: how many intra-op threads each worker computes with --------------------
+def cgroup_cpu_limit() -> Optional[float]:
+    """CPUs a cgroup quota allows (docker --cpus, Kubernetes limits), or None: cgroup v2's
+    cpu.max ('200000 100000' = 2 CPUs, 'max' = none), else v1's cfs quota/period."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def usable_cores() -> int:
+    """Physical cores this process may run on: its CPU affinity (taskset, Slurm, cpusets),
+    hyper-thread siblings counted once, capped by a cgroup CPU quota. Fixed for a given
+    machine and allocation, unlike the load, so the thread count built on it is too."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        cpus = set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topology / "physical_package_id").read_text().strip() + ":" + (topology / "core_id").read_text().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")
+    count = len(cores)
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        count = min(count, int(limit))
+    return max(1, count)
+
+
+def default_num_threads(devices: list[torch.device]) -> int:
+    """Intra-op threads per worker when run.num_threads is null: the usable physical cores
+    shared out between the workers (torch's own default takes every core the machine has
+    for each worker, ignoring quotas and the other workers). It changes float results, so
+    it is resolved once (driver.worker_spec) and recorded in every sidecar."""
+    return max(1, usable_cores() // max(1, len(devices)))
+
+
+def pin_threads(num_threads: Optional[int]) -> None:
+    """Set this process's intra-op thread count (None or 0: leave torch's). It changes float
+    results, so every worker pins the run's count and reproduce pins the recorded one."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+
 def resolve_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
     requested = DType(model.dtype)
     if requested is DType.auto:

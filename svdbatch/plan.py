@@ -18,6 +18,7 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCache, Preprocess, file_sha25
 from .manifest import Item
 from .outputs import output_key, output_settings, written_fps
 from .params import GenParams, param_defaults
+from .sidecar import Sidecar
 from .store import KeyMaker, RunStore, output_intact
 
 log = logging.getLogger(__name__)
@@ -242,25 +243,25 @@ def find_replacement(
     if record.get("key") == entry.key and record.get("output_key") == entry.output_key:
         return None
     sidecar = store.read_sidecar(entry.item.id)
-    if sidecar is None or sidecar.get("key") != record.get("key"):
+    if sidecar is None or sidecar.key != record.get("key"):
         changes: tuple = (("sidecar", "missing or from another run", "-"),)
     else:
         changes = changed_fields(sidecar, entry, model_identity) or (("key", "older key format", "current"),)
     return Replacement(entry, str(record["key"]), changes)
 
 
-def changed_fields(sidecar: dict[str, Any], entry: PlannedItem, model_identity: dict[str, Any]) -> tuple[tuple[str, Any, Any], ...]:
+def changed_fields(sidecar: Sidecar, entry: PlannedItem, model_identity: dict[str, Any]) -> tuple[tuple[str, Any, Any], ...]:
     """What differs between a finished item's sidecar and its new plan: the inputs of its key
     (generation parameters, preprocessing, seed, image bytes, model), by name."""
-    recorded: dict[str, Any] = {**(sidecar.get("params") or {}), **_without_version(sidecar.get("preprocess"))}
+    recorded: dict[str, Any] = {**sidecar.params, **_without_version(sidecar.preprocess)}
     new: dict[str, Any] = {**entry.params.as_dict(), **_without_version(entry.preprocess.as_dict())}
-    recorded["seed"], new["seed"] = sidecar.get("seed"), entry.item.seed
-    recorded["image"] = ((sidecar.get("image") or {}).get("sha256") or "")[:12]
+    recorded["seed"], new["seed"] = sidecar.seed, entry.item.seed
+    recorded["image"] = sidecar.image.sha256[:12]
     new["image"] = entry.image_sha256[:12]
     for name, value in model_identity.items():
-        recorded[f"model.{name}"], new[f"model.{name}"] = (sidecar.get("model") or {}).get(name), value
-    if sidecar.get("output_key") != entry.output_key:  # same frames, written with other output settings
-        settings = (sidecar.get("output") or {}).get("settings") or {}
+        recorded[f"model.{name}"], new[f"model.{name}"] = sidecar.model.get(name), value
+    if sidecar.output_key != entry.output_key:  # same frames, written with other output settings
+        settings = sidecar.output.settings
         recorded["output"] = " ".join(f"{k}={v}" for k, v in sorted(settings.items()) if k != "version") or "older format"
         new["output"] = "the config's output settings"
     return tuple((name, recorded.get(name), new.get(name)) for name in new if recorded.get(name) != new.get(name))

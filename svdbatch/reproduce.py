@@ -15,7 +15,6 @@ differ or the file on disk is missing or changed, 2 the item cannot be re-run as
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -24,16 +23,14 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, FetchConfig, MemoryConfig, ModelConfig, OutputConfig, OutputFormat, ResizeMode
+from .config import ConfigError, FetchConfig, MemoryConfig, ModelConfig
 from .fetch import FetchError, UrlCache
-from .images import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION, Preprocess, file_sha256
-from .manifest import Item
-from .models import ModelLoadError, load_pipeline, model_identity, resolve_devices
-from .outputs import output_bytes, output_sha256
-from .params import GenParams
-from .worker import Worker, frames_sha256, load_entry, software_versions
-from .plan import PlannedItem
-from .store import RunStore, sidecar_relpath
+from .images import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION, file_sha256, pipeline_input
+from .models import ModelLoadError, load_pipeline, model_identity, pin_threads, resolve_devices
+from .outputs import frames_sha256, output_bytes, output_sha256
+from .sidecar import Sidecar, SidecarError
+from .store import sidecar_relpath
+from .worker import generate_frames, software_versions
 
 from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK  # cli owns exit codes (and imports this module lazily)
 
@@ -58,17 +55,16 @@ class Reproduction:
         return self.recorded == self.got
 
 
-def check_file_on_disk(sidecar_path: Path, sidecar: dict[str, Any]) -> tuple[Optional[bool], str]:
+def check_file_on_disk(sidecar_path: Path, sidecar: Sidecar) -> tuple[Optional[bool], str]:
     """(ok, what to say) about the written output next to the sidecar; ok None: not checkable."""
-    output = sidecar.get("output") or {}
-    recorded = output.get("sha256")
+    recorded = sidecar.output.sha256
     if not recorded:
         return None, "file on disk not checked: the sidecar records no file sha256 (written by an older svdbatch)"
     sidecar_path = Path(sidecar_path).resolve()
-    run_dir = sidecar_path.parents[len(PurePosixPath(sidecar["id"]).parts)]
-    if run_dir / sidecar_relpath(sidecar["id"]) != sidecar_path:
+    run_dir = sidecar_path.parents[len(PurePosixPath(sidecar.id).parts)]
+    if run_dir / sidecar_relpath(sidecar.id) != sidecar_path:
         return None, "file on disk not checked: the sidecar is not inside a run dir (<run dir>/items/<id>.json)"
-    path = run_dir / output["path"]
+    path = run_dir / sidecar.output.path
     if output_bytes(path) < 0:
         return False, f"file on disk is MISSING: {path}"
     got = output_sha256(path)
@@ -81,76 +77,68 @@ def _structured(schema: type, recorded: dict[str, Any]):
     return OmegaConf.merge(OmegaConf.structured(schema), recorded)
 
 
-def source_image(sidecar: dict[str, Any], scratch: Path) -> Path:
+def source_image(sidecar: Sidecar, scratch: Path) -> Path:
     """The recorded input file, or a fresh download of its URL; must hash as recorded."""
-    image = sidecar["image"]
-    path = Path(image["path"])
-    if not path.is_file() and image.get("url"):
-        fetch = _structured(FetchConfig, sidecar.get("config", {}).get("fetch", {}))
+    image = sidecar.image
+    path = Path(image.path)
+    if not path.is_file() and image.url:
+        fetch = _structured(FetchConfig, sidecar.config.get("fetch", {}))
         try:
-            path = UrlCache(scratch, fetch).fetch(image["url"])
+            path = UrlCache(scratch, fetch).fetch(image.url)
         except FetchError as exc:
             raise CannotReproduce(f"the input image is gone and could not be downloaded again: {exc}") from None
     if not path.is_file():
         raise CannotReproduce(f"input image not found: {path}")
-    if file_sha256(path) != image["sha256"]:
-        raise CannotReproduce(f"input image changed since the run: {path} no longer has sha256 {image['sha256']}")
+    if file_sha256(path) != image.sha256:
+        raise CannotReproduce(f"input image changed since the run: {path} no longer has sha256 {image.sha256}")
     return path
 
 
-def reproduce(sidecar_path: Path) -> Reproduction:
-    try:
-        sidecar = json.loads(Path(sidecar_path).read_text())
-        config = sidecar["config"]
-        recorded = sidecar["frames_sha256"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise CannotReproduce(f"{sidecar_path}: not a readable svdbatch sidecar ({exc})") from None
-    if sidecar.get("status") != "done":
-        raise CannotReproduce(f"{sidecar_path}: the item is not done (status {sidecar.get('status')!r})")
-
-    notes: list[str] = []
-    model = _structured(ModelConfig, config["model"])
-    # After an OOM fallback the worker ran with forward chunking the config did not ask for;
-    # it can change the floats, so reproduce what the sidecar says was in effect.
-    in_effect = sidecar.get("memory", {})
-    memory = _structured(MemoryConfig, {**config["memory"], "forward_chunking": in_effect.get("forward_chunking", config["memory"]["forward_chunking"])})
-    device = resolve_devices(sidecar["device"])[0]
-    identity = model_identity(model, device).as_dict()
-    if identity != sidecar["model"]:
-        notes.append(f"model differs from the recorded one: {sidecar['model']} -> {identity}")
+def environment_notes(sidecar: Sidecar, identity: dict[str, Any]) -> list[str]:
+    """What differs from the recorded model, software and preprocessing: worth knowing when
+    the frames differ."""
+    notes = []
+    if identity != sidecar.model:
+        notes.append(f"model differs from the recorded one: {sidecar.model} -> {identity}")
     versions = software_versions()
-    changed = {k: (v, versions.get(k)) for k, v in sidecar.get("versions", {}).items() if versions.get(k) != v}
+    changed = {k: (v, versions.get(k)) for k, v in sidecar.versions.items() if versions.get(k) != v}
     notes.extend(f"{name} {was} -> {now}" for name, (was, now) in sorted(changed.items()))
+    if sidecar.preprocess.get("version") != PREPROCESS_VERSION:
+        notes.append(f"image preprocessing version {sidecar.preprocess.get('version')} -> {PREPROCESS_VERSION}")
+    return notes
 
-    prep = sidecar["preprocess"]
-    if prep.get("version") != PREPROCESS_VERSION:
-        notes.append(f"image preprocessing version {prep.get('version')} -> {PREPROCESS_VERSION}")
-    limit = config.get("run", {}).get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
-    preprocess = Preprocess(
-        resize=ResizeMode(prep["resize"]), pad_color=tuple(prep["pad_color"]), background=tuple(prep["background"]),
-        max_image_pixels=limit,
-    )
-    row = sidecar["row"]
 
+def reproduce(sidecar_path: Path) -> Reproduction:
+    """Read the sidecar, check its input, load its pipeline, generate, compare."""
+    try:
+        sidecar = Sidecar.read(sidecar_path)
+        config = sidecar.config
+        model = _structured(ModelConfig, config["model"])
+        # After an OOM fallback the worker ran with forward chunking the config did not ask
+        # for; it can change the floats, so reproduce what the sidecar says was in effect.
+        forward_chunking = sidecar.memory.get("forward_chunking", config["memory"]["forward_chunking"])
+        memory = _structured(MemoryConfig, {**config["memory"], "forward_chunking": forward_chunking})
+        preprocess = sidecar.preprocessing(config.get("run", {}).get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+        params = sidecar.gen_params()
+    except (OSError, SidecarError, KeyError, TypeError, ValueError) as exc:
+        raise CannotReproduce(f"{sidecar_path}: not a readable svdbatch sidecar ({exc})") from None
+    if not sidecar.done:
+        raise CannotReproduce(f"{sidecar_path}: the item is not done (status {sidecar.status!r})")
+
+    device = resolve_devices(sidecar.device)[0]
+    notes = environment_notes(sidecar, model_identity(model, device).as_dict())
     with tempfile.TemporaryDirectory(prefix="svdbatch-reproduce-") as scratch:
         path = source_image(sidecar, Path(scratch))
-        item = Item(
-            id=sidecar["id"], image=path, image_ref=row["image"], seed=int(sidecar["seed"]),
-            seed_derived=row.get("seed_derived", False), overrides=row.get("overrides", {}),
-            meta=row.get("meta", {}), manifest=row.get("manifest", ""), line=row.get("line", 0),
-        )
-        planned = PlannedItem(item=item, params=GenParams(**sidecar["params"]), image_sha256=sidecar["image"]["sha256"],
-                              image_bytes=0, image_mtime_ns=0, key=sidecar["key"], preprocess=preprocess, source=str(path))
-        ready = load_entry(planned)
-        if ready.error is not None:
-            raise CannotReproduce(f"cannot load the source image: {ready.error}")
-        # The recorded thread count: float results depend on it. Nothing is written: the
-        # worker's store is a scratch folder.
-        worker = Worker(load_pipeline(model, memory, device), RunStore(Path(scratch), OutputFormat.frames),
-                        OutputConfig(), {}, num_threads=sidecar["num_threads"])
-        (frames,) = worker.generate([ready.image], planned.params, [planned.item.seed])
+        try:
+            image, _ = pipeline_input(path, preprocess, params.width, params.height)
+        except Exception as exc:
+            raise CannotReproduce(f"cannot load the source image: {exc}") from None
+        loaded = load_pipeline(model, memory, device)
+        loaded.pipe.set_progress_bar_config(disable=True)  # one item: no bar of denoising steps
+        pin_threads(sidecar.num_threads)  # the recorded thread count: float results depend on it
+        (frames,) = generate_frames(loaded.pipe, [image], params, [sidecar.seed])
     file_ok, file_report = check_file_on_disk(sidecar_path, sidecar)
-    return Reproduction(item_id=sidecar["id"], recorded=recorded, got=frames_sha256(frames), notes=notes,
+    return Reproduction(item_id=sidecar.id, recorded=sidecar.frames_sha256, got=frames_sha256(frames), notes=notes,
                         file_ok=file_ok, file_report=file_report)
 
 

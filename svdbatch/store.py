@@ -4,7 +4,7 @@ Layout of a run dir::
 
     config.yaml          resolved config of the run (without hydra's own settings)
     videos/<id>.mp4      one output per item (or videos/<id>/ with PNG frames)
-    items/<id>.json      sidecar: row, params, seed, input hash, model, versions, timings
+    items/<id>.json      sidecar: row, params, seed, input hash, model, versions, timings (sidecar.py)
     results.jsonl        one line per finished item
     failures.jsonl       one line per failed attempt (error + traceback)
     claims/<id>.claim    flock'ed while a process generates the item (shared run dirs)
@@ -35,6 +35,7 @@ import re
 import shutil
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -45,6 +46,7 @@ from .atomic import HOST, TEMP_MARKER, atomic_write_bytes, temp_prefix, written_
 from .config import OutputFormat
 from .faults import fault_point
 from .outputs import link_output, output_bytes, output_name
+from .sidecar import ReusedFrom, Sidecar, SidecarError, SidecarImage, SidecarRow, body_bytes, named_output, result_record
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +241,6 @@ def output_intact(run_dir: str | os.PathLike, record: dict[str, Any]) -> bool:
         return False
     sidecar_size = output_bytes(f"{root}/{sidecar_relpath(str(record.get('id')))}")
     return sidecar_size == record["sidecar_bytes"] if "sidecar_bytes" in record else sidecar_size >= 0
-
-
-def sidecar_body(sidecar: dict[str, Any]) -> bytes:
-    return to_json(sidecar, indent=2, sort_keys=True, default=str).encode() + b"\n"
 
 
 class RunDirError(RuntimeError):
@@ -480,25 +478,23 @@ class RunStore:
         finally:
             self.release(claim)
 
-    def read_sidecar(self, item_id: str) -> Optional[dict[str, Any]]:
-        """An item's sidecar, or None if it is missing or unreadable."""
+    def read_sidecar(self, item_id: str) -> Optional[Sidecar]:
+        """An item's sidecar, or None if it is missing or not a sidecar of this version."""
         try:
-            sidecar = json.loads(self.sidecar_path(item_id).read_bytes())
-        except (OSError, json.JSONDecodeError):
+            return Sidecar.read(self.sidecar_path(item_id))
+        except (OSError, SidecarError):
             return None
-        return sidecar if isinstance(sidecar, dict) else None
 
     def done_record(self, item_id: str, key: str, out_key: str) -> Optional[dict[str, Any]]:
         """The results record an item's sidecar vouches for, if the sidecar is there, has
         these keys, and its output is complete; else None."""
         try:
-            body = self.sidecar_path(item_id).read_bytes()
-            sidecar = json.loads(body)
-            if sidecar.get("key") != key or sidecar.get("output_key") != out_key or sidecar.get("status") != "done":
-                return None
-            record = self.result_record(sidecar, len(body))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            sidecar, size = Sidecar.read_with_size(self.sidecar_path(item_id))
+        except (OSError, SidecarError):
             return None
+        if not sidecar.done_with(key, out_key):
+            return None
+        record = sidecar.result_record(size)
         return record if output_intact(self.root, record) else None
 
     # -- claims: several processes sharing one run dir ------------------------------------
@@ -530,16 +526,25 @@ class RunStore:
     def set_aside(self, item_id: str, new_key: str, new_output_key: Optional[str], folder: Path) -> bool:
         """Before an item's new output is written: move its finished output of another key
         (or other output settings), then that sidecar, to `folder` (same relative paths), so
-        nothing generated is overwritten. The caller holds the item's claim and has generated
-        the new frames: a redo that fails keeps the old output in place. False if nothing was moved."""
-        sidecar = self.read_sidecar(item_id)
-        if sidecar is None or sidecar.get("status") != "done":
+        nothing generated is overwritten. A sidecar this version cannot read (damaged, or of
+        another schema) is moved too, with the output it names. The caller holds the item's
+        claim and has generated the new frames: a redo that fails keeps the old output in
+        place. False if nothing was moved."""
+        sidecar_file = self.sidecar_path(item_id)
+        try:
+            sidecar: Optional[Sidecar] = Sidecar.read(sidecar_file)
+        except FileNotFoundError:
             return False
-        if sidecar.get("key") == new_key and sidecar.get("output_key") == new_output_key:
+        except (OSError, SidecarError):
+            sidecar = None
+        if sidecar is not None and (not sidecar.done or sidecar.done_with(new_key, new_output_key)):
             return False
+        named = sidecar.output.path if sidecar is not None else named_output(sidecar_file)
+        inside = named is not None and not os.path.isabs(named) and ".." not in Path(named).parts
+        output = self.root / named if inside else self.root
         moved = False
         # The video first: if the run dies in between, the expensive part is already safe.
-        for source in (self.root / str((sidecar.get("output") or {}).get("path", "")), self.sidecar_path(item_id)):
+        for source in (output, sidecar_file):
             if source == self.root or not os.path.lexists(source):
                 continue
             target = folder / self.relative(source)
@@ -553,58 +558,39 @@ class RunStore:
         return moved
 
     # -- writing ----------------------------------------------------------------------
-    @staticmethod
-    def result_record(sidecar: dict[str, Any], sidecar_bytes: int) -> dict[str, Any]:
-        output, image = sidecar["output"], sidecar["image"]
-        # An output linked from another run dir (sweep.py) says so: throughput ignores it.
-        reused = {"reused_from": sidecar["reused_from"]} if sidecar.get("reused_from") else {}
-        return {
-            **reused,
-            "id": sidecar["id"],
-            "key": sidecar["key"],
-            "output_key": sidecar.get("output_key"),
-            "output": output["path"],
-            "output_bytes": output["bytes"],
-            "output_sha256": output.get("sha256"),
-            "sidecar_bytes": sidecar_bytes,
-            # Lets the next plan reuse the hash while the image file is unchanged.
-            "image_path": image["path"],
-            "image_sha256": image["sha256"],
-            "image_bytes": image.get("bytes"),
-            "image_mtime_ns": image.get("mtime_ns"),
-            "seed": sidecar["seed"],
-            "frames_sha256": sidecar["frames_sha256"],
-            "seconds": sidecar["timings"]["total_s"],
-            "finished_at": sidecar["finished_at"],
-        }
+    # The results line a sidecar (in its JSON form) vouches for; sidecar.py owns it.
+    result_record = staticmethod(result_record)
 
-    def commit(self, sidecar: dict[str, Any]) -> None:
+    def commit(self, sidecar: Sidecar) -> None:
         """Called after the video is in place: the sidecar rename is what makes an item done."""
-        body = sidecar_body(sidecar)
-        atomic_write_bytes(self.sidecar_path(sidecar["id"]), body, fault="sidecar")
+        record = sidecar.to_dict()
+        body = body_bytes(record)
+        atomic_write_bytes(self.sidecar_path(sidecar.id), body, fault="sidecar")
         fault_point("results")
-        append_jsonl(self.results, self.result_record(sidecar, len(body)))
+        append_jsonl(self.results, result_record(record, len(body)))
 
-    def commit_reused(self, item_id: str, key: str, source: "RunStore", source_id: str, own: dict[str, Any]) -> dict[str, Any]:
+    def commit_reused(self, item_id: str, key: str, source: "RunStore", source_id: str, row: SidecarRow, image: SidecarImage) -> Sidecar:
         """Commit an item another run dir already finished with the same key: its output is
         linked here (store.link_output), and its sidecar is the source's (same frames, same
-        params, same model) with this item's own id, row and image, plus `reused_from`.
+        params, same model) with this item's own id, row and image (the size of the source's:
+        the same key means the same image bytes), plus `reused_from`.
         The results line is appended as for any commit, so resume, status and the dataset
         files treat it as done. Call under the item's claim."""
         start = time.perf_counter()
-        sidecar = json.loads(source.sidecar_path(source_id).read_bytes())
-        if sidecar.get("key") != key or sidecar.get("status") != "done":
+        recorded = Sidecar.read(source.sidecar_path(source_id))
+        if recorded.key != key or not recorded.done:
             raise ValueError(f"{source.sidecar_path(source_id)} no longer holds key {key}")
         target = self.video_path(item_id)
-        how = link_output(source.root / sidecar["output"]["path"], target)
+        how = link_output(source.root / recorded.output.path, target)
         took = time.perf_counter() - start
-        sidecar.update(own)
-        sidecar.update(
-            id=item_id,
-            output={**sidecar["output"], "path": self.relative(target), "bytes": output_bytes(target)},
-            reused_from={"run_dir": str(source.root.resolve()), "id": source_id, "how": how},
-            timings={"reuse_s": took, "total_s": took, "source": sidecar.get("timings")},
+        sidecar = recorded.reused(
+            item_id,
+            output=replace(recorded.output, path=self.relative(target), bytes=output_bytes(target)),
+            reused_from=ReusedFrom(run_dir=str(source.root.resolve()), id=source_id, how=how),
+            reuse_s=took,
             finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            row=row,
+            image=replace(image, size=recorded.image.size),  # same key: same image bytes
         )
         self.commit(sidecar)
         return sidecar

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from .sidecar import SidecarImage, SidecarRow
 from .store import RESULTS, latest_by_id, output_intact, read_jsonl_fast
 
 log = logging.getLogger(__name__)
@@ -256,11 +257,9 @@ def commit_reused(store: Any, entry: Any, source: ReuseSource) -> bool:
     try:
         if store.done_record(entry.item.id, entry.key, entry.output_key) is not None:
             return True  # another process finished it since the plan
-        own = {"row": entry.item.row_record(), "image": {**entry.image_record(), "size": None}}
         source_store = RunStore(source.run_dir, store.format)
-        recorded = json.loads(source_store.sidecar_path(source.record["id"]).read_bytes()).get("image", {})
-        own["image"]["size"] = recorded.get("size")
-        store.commit_reused(entry.item.id, entry.key, source_store, source.record["id"], own)
+        row, image = SidecarRow(**entry.item.row_record()), SidecarImage(**entry.image_record(), size=None)
+        store.commit_reused(entry.item.id, entry.key, source_store, source.record["id"], row, image)
         return True
     except Exception as exc:  # a vanished or unreadable source: generate instead
         log.warning("could not reuse %s from %s (%s); generating it", entry.item.id, source.run_dir, exc)
@@ -368,22 +367,25 @@ def cell_html(point: Point, card: Any, titles: dict[str, str]) -> Cell:
         error = (card.record.get("problems") or [card.record.get("error", "failed")])[0]
         return Cell(card.kind, f'<div class="na err" title="{esc(error)}">{esc(card.kind)}: {esc(str(error)[:160])}</div>')
     card.sidecar, mtime = read_sidecar(point.run_dir, card.item_id)
-    output = card.sidecar.get("output") or {"path": card.record.get("output")}
-    params = card.sidecar.get("params") or {}
-    reused = card.sidecar.get("reused_from") or card.record.get("reused_from")
+    sidecar = card.sidecar
+    output = sidecar.output if sidecar is not None else None
+    relpath = output.path if output is not None else card.record.get("output")
+    params = sidecar.params if sidecar is not None else {}
+    reused = sidecar.reused_from.to_dict() if sidecar is not None and sidecar.reused_from else card.record.get("reused_from")
     note = ""
     if reused:
         source = titles.get(str(reused.get("run_dir")), str(reused.get("run_dir")))
         same = "" if reused.get("id") == card.item_id else f" ({reused.get('id')})"
         note = f'<span class="reused" title="identical key: linked, not generated">= {esc(source)}{esc(same)}</span>'
-    if card.kind == "missing" or not output.get("path"):
+    if card.kind == "missing" or not relpath:
         return Cell("missing", '<div class="na">video missing</div>', note, params)
-    path = point.run_dir / output["path"]
+    path = point.run_dir / relpath
     shot = poster(point.run_dir, card.item_id, path, mtime)
     poster_attr = f' poster="{url(shot)}"' if shot else ""
-    if output.get("format", path.suffix.lstrip(".")) == "mp4":
-        media = (f'<video data-src="{url(output["path"])}" preload="none" muted loop playsinline{poster_attr}'
-                 f' width="{output.get("width", "")}" height="{output.get("height", "")}"></video>')
+    if (output.format if output is not None else path.suffix.lstrip(".")) == "mp4":
+        width, height = (output.width, output.height) if output is not None else ("", "")
+        media = (f'<video data-src="{url(relpath)}" preload="none" muted loop playsinline{poster_attr}'
+                 f' width="{width}" height="{height}"></video>')
     else:  # gif / webp / frames: the gallery's preview (an image; lazy, so offscreen ones wait)
         media = preview_html(point.run_dir, card, mtime)
     return Cell("done", media, note, params)
@@ -495,8 +497,9 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
             card = by_id.get(item_id)
             if card is not None and card.kind in ("done", "missing"):
                 sidecar, mtime = read_sidecar(point.run_dir, item_id)
-                seed = sidecar.get("seed")
-                thumb = source_thumbnail(point.run_dir, item_id, sidecar.get("image") or {}, mtime)
+                seed = sidecar.seed if sidecar is not None else None
+                image = (sidecar.image.path, sidecar.image.url) if sidecar is not None else (None, None)
+                thumb = source_thumbnail(point.run_dir, item_id, image, mtime)
                 if thumb:
                     thumb_html = f'<img src="{url(rel + "/" + thumb)}" alt="source" loading="lazy">'
                     break

@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK
 from .config import OutputConfig
+from .sidecar import Sidecar, SidecarError, named_output
 from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_settings, output_sha256, written_fps
 from .store import (
     CONFIG, RESULTS, SIDECARS_DIR, VIDEOS_DIR, RunStore, is_run_dir, latest_by_id, not_a_run_dir_message, read_jsonl_fast,
@@ -39,16 +40,8 @@ from .store import (
 
 EXIT_DAMAGED, EXIT_NOT_A_RUN_DIR = EXIT_ITEMS_FAILED, EXIT_BAD_INPUT
 DAMAGED_DIR = "damaged"
-# results.jsonl field -> where the sidecar has the same fact.
-AGREE = {
-    "key": ("key",),
-    "output_key": ("output_key",),
-    "output": ("output", "path"),
-    "output_bytes": ("output", "bytes"),
-    "output_sha256": ("output", "sha256"),
-    "frames_sha256": ("frames_sha256",),
-    "seed": ("seed",),
-}
+# results.jsonl fields that must equal what the sidecar's own results line says (Sidecar.result_record).
+AGREE = ("key", "output_key", "output", "output_bytes", "output_sha256", "frames_sha256", "seed")
 
 
 @dataclass
@@ -62,13 +55,7 @@ class ItemReport:
         return bool(self.problems)
 
 
-def _get(record: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for name in path:
-        record = record.get(name) if isinstance(record, dict) else None
-    return record
-
-
-def read_sidecar(run_dir: Path, item_id: str, report: ItemReport) -> tuple[Optional[dict[str, Any]], int]:
+def read_sidecar(run_dir: Path, item_id: str, report: ItemReport) -> tuple[Optional[Sidecar], int]:
     """(sidecar, its size); (None, -1) with a problem noted if it is missing or unreadable."""
     try:
         body = (run_dir / sidecar_relpath(item_id)).read_bytes()
@@ -79,52 +66,50 @@ def read_sidecar(run_dir: Path, item_id: str, report: ItemReport) -> tuple[Optio
         report.problems.append(f"sidecar unreadable: {exc}")
         return None, -1
     try:
-        sidecar = json.loads(body)
-    except ValueError as exc:
-        report.problems.append(f"sidecar does not parse: {exc}")
+        return Sidecar.from_json(body), len(body)
+    except SidecarError as exc:
+        why = f"does not parse: {exc.problem}" if exc.parse else f"is not an svdbatch item record ({exc.problem})"
+        report.problems.append(f"sidecar {why}")
         return None, len(body)
-    if not isinstance(sidecar, dict) or not isinstance(sidecar.get("output"), dict):
-        report.problems.append("sidecar is not an svdbatch item record")
-        return None, len(body)
-    return sidecar, len(body)
 
 
-def check_records(item_id: str, sidecar: dict[str, Any], size: int, record: Optional[dict[str, Any]], report: ItemReport) -> None:
+def check_records(item_id: str, sidecar: Sidecar, size: int, record: Optional[dict[str, Any]], report: ItemReport) -> None:
     """The sidecar is complete in itself and agrees with the item's latest results line."""
-    if sidecar.get("status") != "done" or sidecar.get("id") != item_id:
-        report.problems.append(f"sidecar is not a done record of {item_id!r} (status {sidecar.get('status')!r}, id {sidecar.get('id')!r})")
-    output = sidecar["output"]
-    if not output.get("sha256") or not sidecar.get("output_key"):
+    if not sidecar.done or sidecar.id != item_id:
+        report.problems.append(f"sidecar is not a done record of {item_id!r} (status {sidecar.status!r}, id {sidecar.id!r})")
+    output = sidecar.output
+    if not output.sha256 or not sidecar.output_key:
         report.problems.append("the sidecar records no file sha256 / output key (written by an older svdbatch): cannot be verified")
-    elif output_key(output.get("settings") or {}) != sidecar["output_key"]:
+    elif output_key(output.settings) != sidecar.output_key:
         report.problems.append("the sidecar's output key does not match its own output settings")
     if record is None:
         report.notes.append("no results.jsonl line yet (a run stopped before appending it; the next run adds it)")
         return
-    for field_name, where in AGREE.items():
-        if field_name in record and record[field_name] != _get(sidecar, where):
-            report.problems.append(f"results.jsonl and sidecar disagree on {field_name}: {record[field_name]!r} vs {_get(sidecar, where)!r}")
+    expected = sidecar.result_record(size)
+    for field_name in AGREE:
+        if field_name in record and record[field_name] != expected[field_name]:
+            report.problems.append(f"results.jsonl and sidecar disagree on {field_name}: {record[field_name]!r} vs {expected[field_name]!r}")
     if "sidecar_bytes" in record and record["sidecar_bytes"] != size:
         report.problems.append(f"sidecar is {size} bytes, results.jsonl recorded {record['sidecar_bytes']}")
 
 
-def check_output(run_dir: Path, sidecar: dict[str, Any], report: ItemReport) -> None:
+def check_output(run_dir: Path, sidecar: Sidecar, report: ItemReport) -> None:
     """The file on disk is the one recorded: size, sha256, and it decodes as recorded."""
-    output = sidecar["output"]
-    path = run_dir / str(output.get("path"))
+    output = sidecar.output
+    path = run_dir / output.path
     size = output_bytes(path)
     if size < 0:
-        report.problems.append(f"output {output.get('path')} is missing")
+        report.problems.append(f"output {output.path} is missing")
         return
-    if size != output.get("bytes"):
-        report.problems.append(f"output {output.get('path')} is {size} bytes, recorded {output.get('bytes')}")
-    digest = output_sha256(path) if output.get("sha256") else None
-    if digest is not None and digest != output["sha256"]:
-        report.problems.append(f"output {output.get('path')} has sha256 {digest}, recorded {output['sha256']}")
-    lossless = output.get("format") == "frames"
+    if size != output.bytes:
+        report.problems.append(f"output {output.path} is {size} bytes, recorded {output.bytes}")
+    digest = output_sha256(path) if output.sha256 else None
+    if digest is not None and digest != output.sha256:
+        report.problems.append(f"output {output.path} has sha256 {digest}, recorded {output.sha256}")
+    lossless = output.format == "frames"
     try:
-        check_decodes(path, output.get("frames"), output.get("height"), output.get("width"),
-                      sidecar.get("frames_sha256") if lossless else None, fps=output.get("fps"))
+        check_decodes(path, output.frames, output.height, output.width,
+                      sidecar.frames_sha256 if lossless else None, fps=output.fps)
     except OutputCheckError as exc:
         report.problems.append(str(exc))
 
@@ -141,14 +126,14 @@ def config_output(run_dir: Path) -> Optional[OutputConfig]:
         return None
 
 
-def check_against_config(sidecar: dict[str, Any], stated: Optional[OutputConfig], report: ItemReport) -> None:
+def check_against_config(sidecar: Sidecar, stated: Optional[OutputConfig], report: ItemReport) -> None:
     """config.yaml must not claim settings a video was not written with: say so while a
     re-run with new output settings has not redone every item yet."""
-    fps = (sidecar.get("params") or {}).get("fps")
+    fps = sidecar.params.get("fps")
     if stated is None or fps is None:
         return
-    if output_key(output_settings(stated, written_fps(stated, fps))) != sidecar.get("output_key"):
-        report.notes.append(f"written with other output settings than config.yaml states ({sidecar['output'].get('settings')}); "
+    if output_key(output_settings(stated, written_fps(stated, fps))) != sidecar.output_key:
+        report.notes.append(f"written with other output settings than config.yaml states ({sidecar.output.settings}); "
                             "the next run of that config redoes it")
 
 
@@ -184,10 +169,7 @@ def unrecorded_outputs(run_dir: Path) -> list[str]:
         return []
     named = set()
     for item_id in sidecar_ids(run_dir):
-        try:
-            named.add(json.loads((run_dir / sidecar_relpath(item_id)).read_bytes())["output"]["path"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+        named.add(named_output(run_dir / sidecar_relpath(item_id)))
     return sorted(f"{VIDEOS_DIR}/{p.name}" for p in videos.iterdir() if not p.name.startswith(".") and f"{VIDEOS_DIR}/{p.name}" not in named)
 
 
@@ -234,10 +216,7 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
 def item_files(run_dir: Path, item_id: str, record: Optional[dict[str, Any]]) -> list[str]:
     """The item's sidecar and every output path its sidecar or results line names, that exist."""
     names = [sidecar_relpath(item_id)]
-    try:
-        names.append(json.loads((run_dir / names[0]).read_bytes())["output"]["path"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    names.append(named_output(run_dir / names[0]))
     if record and record.get("output"):
         names.append(record["output"])
     safe = [n for n in dict.fromkeys(names) if isinstance(n, str) and not os.path.isabs(n) and ".." not in Path(n).parts]

@@ -27,12 +27,13 @@ import torch
 from .atomic import DISK_FULL_ERRNOS
 from .config import OutputConfig, plain
 from .fetch import FetchError
-from .images import load_rgb, prepare
+from .images import pipeline_input
 from .faults import fault_point
-from .models import LoadedPipeline, lower_memory
+from .models import LoadedPipeline, lower_memory, pin_threads
 from .outputs import frames_sha256, output_key, output_settings, write_video, written_fps
 from .params import GenParams
 from .plan import PlannedItem
+from .sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
 from .stops import Interrupted
 from .store import RunStore
 
@@ -113,12 +114,32 @@ def load_entry(entry: PlannedItem) -> Loaded:
     try:
         if entry.fetch_error:
             raise FetchError(entry.fetch_error)
-        prep = entry.preprocess
-        source = load_rgb(entry.source, prep.background, prep.max_image_pixels)
-        image = prepare(source, entry.params.width, entry.params.height, prep.resize, prep.pad_color)
-        return Loaded(entry, image, source.size, time.perf_counter() - start)
+        image, size = pipeline_input(entry.source, entry.preprocess, entry.params.width, entry.params.height)
+        return Loaded(entry, image, size, time.perf_counter() - start)
     except Exception as exc:  # recorded per item by the worker
         return Loaded(entry, error=exc, error_trace=traceback.format_exc())
+
+
+def generate_frames(pipe: Any, images: list, params: GenParams, seeds: list[int], on_step: Optional[Callable] = None) -> list[np.ndarray]:
+    """uint8 frames (F, H, W, 3) per image; one generator per image, from its own seed.
+    `on_step` is diffusers' callback_on_step_end (it must return the latents untouched)."""
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    fault_point("generate")
+    single = len(images) == 1  # exactly the call a user makes by hand
+    output = pipe(
+        images[0] if single else images,
+        generator=generators[0] if single else generators,
+        output_type="np",
+        **params.as_dict(),
+        **({"callback_on_step_end": on_step} if on_step is not None else {}),
+    )
+    videos = []
+    for frames in output.frames:
+        frames = np.asarray(frames)
+        if not np.isfinite(frames).all():
+            raise GenerationError("the pipeline produced NaN/inf frames (try float32 or a lower guidance scale)")
+        videos.append(to_uint8(frames))
+    return videos
 
 
 class Worker:
@@ -132,15 +153,13 @@ class Worker:
         step_progress: bool = False,
         retry_on_oom: bool = False,
     ):
-        if num_threads:
-            # The intra-op thread count changes float results, so every worker pins it
-            # and every sidecar records it.
-            torch.set_num_threads(num_threads)
+        pin_threads(num_threads)
         self.loaded = loaded
         self.store = store
         self.output = output
         self.output_format = plain(output)["format"]
         self.loaded.pipe.set_progress_bar_config(disable=not step_progress, leave=False)
+        # The sidecar fields every item of this worker shares (context: the run's config).
         self.context = {**context, "model": loaded.identity.as_dict(), **self.environment()}
         # A pipeline kept between sweep points was warmed up already: once per load, not per point.
         self.warmup_s: Optional[float] = loaded.warmup_s
@@ -166,26 +185,9 @@ class Worker:
 
     # -- generation -------------------------------------------------------------------
     def generate(self, images: list, params: GenParams, seeds: list[int]) -> list[np.ndarray]:
-        """uint8 frames (F, H, W, 3) per image; one generator per image, from its own seed."""
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        fault_point("generate")
-        single = len(images) == 1  # exactly the call a user makes by hand
-        # Checked between denoising steps; it returns the latents untouched.
-        on_step = {"callback_on_step_end": self.check_abandon} if self.abandon is not None else {}
-        output = self.loaded.pipe(
-            images[0] if single else images,
-            generator=generators[0] if single else generators,
-            output_type="np",
-            **params.as_dict(),
-            **on_step,
-        )
-        videos = []
-        for frames in output.frames:
-            frames = np.asarray(frames)
-            if not np.isfinite(frames).all():
-                raise GenerationError("the pipeline produced NaN/inf frames (try float32 or a lower guidance scale)")
-            videos.append(to_uint8(frames))
-        return videos
+        """uint8 frames (F, H, W, 3) per image (generate_frames), giving up between
+        denoising steps once the run abandons the items in flight."""
+        return generate_frames(self.loaded.pipe, images, params, seeds, self.check_abandon if self.abandon is not None else None)
 
     def check_abandon(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
         if self.abandon is not None and self.abandon():
@@ -226,39 +228,36 @@ class Worker:
             self.store.set_aside(item.id, entry.key, entry.output_key, Path(self.keep_replaced_in))
         # Raises unless the encoder succeeded and the file decodes to these frames.
         written = write_video(frames, video, self.output, fps)
-        timings = {"load_image_s": ready.load_s, "generate_s": generate_s, "write_s": time.perf_counter() - start}
-        timings["total_s"] = sum(timings.values())
+        timings = Timings.generated(ready.load_s, generate_s, time.perf_counter() - start)
         self.store.commit(
-            {
-                "schema": 1,
-                "status": "done",
-                "id": item.id,
-                "key": entry.key,
-                "output_key": output_key(settings),
-                "seed": item.seed,
-                "row": item.row_record(),
-                "image": {**entry.image_record(), "size": list(ready.source_size)},
-                "preprocess": entry.preprocess.as_dict(),
-                "params": generated.params.as_dict(),
-                "memory": self.loaded.memory_record(),
-                "oom_fallback": generated.oom_fallback,
-                "output": {
-                    "path": self.store.relative(video),
-                    "format": self.output_format,
-                    "fps": fps,
-                    "settings": settings,
-                    "bytes": written.bytes,
-                    "sha256": written.sha256,
-                    "encoder": written.encoder,
-                    "frames": int(frames.shape[0]),
-                    "height": int(frames.shape[1]),
-                    "width": int(frames.shape[2]),
-                },
-                "frames_sha256": frames_sha256(frames),
-                "timings": timings,
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            Sidecar(
+                id=item.id,
+                key=entry.key,
+                output_key=output_key(settings),
+                seed=item.seed,
+                row=SidecarRow(**item.row_record()),
+                image=SidecarImage(**entry.image_record(), size=ready.source_size),
+                preprocess=entry.preprocess.as_dict(),
+                params=generated.params.as_dict(),
+                memory=self.loaded.memory_record(),
+                oom_fallback=generated.oom_fallback,
+                output=SidecarOutput(
+                    path=self.store.relative(video),
+                    format=self.output_format,
+                    fps=fps,
+                    settings=settings,
+                    bytes=written.bytes,
+                    sha256=written.sha256,
+                    encoder=written.encoder,
+                    frames=int(frames.shape[0]),
+                    height=int(frames.shape[1]),
+                    width=int(frames.shape[2]),
+                ),
+                frames_sha256=frames_sha256(frames),
+                timings=timings,
+                finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 **self.context,
-            }
+            )
         )
         return Outcome(item.id, DONE, generate_s)
 
