@@ -24,6 +24,7 @@ from svdbatch.cli import config_dir
 from svdbatch.manifest import read_manifest
 from svdbatch.models import model_identity, resolve_devices
 from svdbatch.plan import plan_run
+from svdbatch.sidecar import result_record
 from svdbatch.store import RunStore
 
 
@@ -54,7 +55,7 @@ def fake_done(store: RunStore, entries) -> None:
                        "output": {"path": store.relative(video), "bytes": 10}, "timings": {"total_s": 1.0}}
             body = json.dumps(sidecar).encode()
             store.sidecar_path(entry.item.id).write_bytes(body)
-            results.write(json.dumps(store.result_record(sidecar, len(body))) + "\n")
+            results.write(json.dumps(result_record(sidecar, len(body))) + "\n")
 
 
 def bench(root: Path, rows: int, done_fraction: float) -> None:

@@ -33,13 +33,10 @@ from .config import OutputConfig, OutputFormat
 from .outputs import check_output_config as check_file_settings
 from .plan import PlannedItem
 from .sidecar import Sidecar
-from .store import RunStore, output_intact, to_json
+from .store import METADATA_FILE, SHARD_INDEX, SHARDS_DIR, RunStore, output_intact, to_json
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "metadata.jsonl"
-SHARDS_DIR = "webdataset"
-SHARD_INDEX = "index.json"
 
 
 def check_output_config(output: OutputConfig) -> list[str]:

@@ -221,7 +221,7 @@ def run_prepared(
     identity = model_identity(cfg.model, devices[0])
     items = select_shard(manifest.items, shard)
     # Image URLs are cached per run dir, and refused from their header beyond run.max_image_pixels.
-    fetcher = UrlCache(store.root / "downloads", cfg.fetch, max_pixels=cfg.run.max_image_pixels)
+    fetcher = UrlCache(store.downloads, cfg.fetch, max_pixels=cfg.run.max_image_pixels)
     sweep_root = sweep.current_sweep_root()
     if sweep_root is not None:
         warn_shadowed(items, sweep_root)

@@ -34,14 +34,13 @@ from .fetch import UrlCache
 from .images import load_rgb
 from .sidecar import Sidecar, SidecarError
 from .store import (
-    FAILURES, GALLERY_PAGE, INVALID_ROW, RESULTS, is_invalid_record, is_run_dir, latest_by_id, not_a_run_dir_message,
+    DOWNLOADS_DIR, FAILURES, GALLERY_ASSETS_DIR, GALLERY_PAGE, INVALID_ROW, RESULTS, is_invalid_record, is_run_dir, latest_by_id, not_a_run_dir_message,
     output_intact, parse_time, read_jsonl_fast, run_cwd, sidecar_relpath,
 )
 
 log = logging.getLogger(__name__)
 
 INDEX = GALLERY_PAGE
-ASSETS = "gallery"  # thumbnails and previews, inside the run dir
 THUMB_PX = 256
 MAX_TRACEBACK_CHARS = 4000
 from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
@@ -98,9 +97,9 @@ def source_candidates(run_dir: Path, path: Optional[str], image_url: Optional[st
         cwd = run_cwd(run_dir)
         found += [recorded] if recorded.is_absolute() else ([cwd / recorded] if cwd else []) + [recorded]
         if image_url:
-            found.append(run_dir / "downloads" / recorded.name)
+            found.append(run_dir / DOWNLOADS_DIR / recorded.name)
     if image_url:
-        found.append(UrlCache(run_dir / "downloads", FetchConfig()).path_for(image_url))
+        found.append(UrlCache(run_dir / DOWNLOADS_DIR, FetchConfig()).path_for(image_url))
     return found
 
 
@@ -127,9 +126,9 @@ def jpeg_bytes(image: Image.Image) -> bytes:
 def source_thumbnail(run_dir: Path, item_id: str, image: tuple[Optional[str], Optional[str]], sidecar_mtime: float) -> Optional[str]:
     """gallery/<id>.jpg (made now if missing or older than the sidecar) of the source image
     at `image` (path, url: source_of); None if the source cannot be found or read."""
-    target = run_dir / ASSETS / f"{item_id}.jpg"
+    target = run_dir / GALLERY_ASSETS_DIR / f"{item_id}.jpg"
     if fresh(target, sidecar_mtime):
-        return f"{ASSETS}/{item_id}.jpg"
+        return f"{GALLERY_ASSETS_DIR}/{item_id}.jpg"
     for source in source_candidates(run_dir, *image):
         if not source.is_file():
             continue
@@ -138,17 +137,17 @@ def source_thumbnail(run_dir: Path, item_id: str, image: tuple[Optional[str], Op
             thumb.thumbnail((THUMB_PX, THUMB_PX))
             target.parent.mkdir(exist_ok=True)
             atomic_write_bytes(target, jpeg_bytes(thumb))
-            return f"{ASSETS}/{item_id}.jpg"
+            return f"{GALLERY_ASSETS_DIR}/{item_id}.jpg"
         except Exception as exc:  # a bad source must not cost the page
             log.debug("gallery: no thumbnail for %s from %s: %s", item_id, source, exc)
-    return f"{ASSETS}/{item_id}.jpg" if target.is_file() else None
+    return f"{GALLERY_ASSETS_DIR}/{item_id}.jpg" if target.is_file() else None
 
 
 def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, sidecar_mtime: float) -> Optional[str]:
     """gallery/<id>.webp: a small animated preview of a folder of PNG frames."""
-    target = run_dir / ASSETS / f"{item_id}.webp"
+    target = run_dir / GALLERY_ASSETS_DIR / f"{item_id}.webp"
     if fresh(target, sidecar_mtime):
-        return f"{ASSETS}/{item_id}.webp"
+        return f"{GALLERY_ASSETS_DIR}/{item_id}.webp"
     paths = sorted(frames_dir.glob("*.png"))
     if not paths:
         return None
@@ -163,7 +162,7 @@ def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, si
         frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / (fps or 7)), loop=0, quality=80)
         target.parent.mkdir(exist_ok=True)
         atomic_write_bytes(target, buffer.getvalue())
-        return f"{ASSETS}/{item_id}.webp"
+        return f"{GALLERY_ASSETS_DIR}/{item_id}.webp"
     except Exception as exc:
         log.debug("gallery: no preview for %s: %s", item_id, exc)
         middle = paths[len(paths) // 2]

@@ -38,7 +38,7 @@ import yaml
 from .atomic import atomic_write_bytes
 from .manifest import Manifest, ManifestError, read_manifest
 from .store import (
-    CLAIM_SUFFIX, CLAIMS_DIR, FAILURES, HEARTBEAT_S, RESULTS, config_files, is_invalid_record, is_run_dir, latest_by_id,
+    CACHE_DIR, CLAIM_SUFFIX, CLAIMS_DIR, FAILURES, HEARTBEAT_S, RESULTS, config_files, is_invalid_record, is_run_dir, latest_by_id,
     not_a_run_dir_message, output_intact, owner_state, parse_time, read_jsonl_fast, read_owners, run_cwd,
 )
 
@@ -121,7 +121,7 @@ def save_manifest_summary(cache_dir: Path, manifest: Manifest) -> None:
 def load_manifest_summary(run_dir: Path, manifest: Path) -> Optional[dict[str, Any]]:
     """The run's summary of this manifest file, if the file is unchanged since; else None."""
     try:
-        summary = json.loads(summary_path(run_dir / "cache", manifest).read_bytes())
+        summary = json.loads(summary_path(run_dir / CACHE_DIR, manifest).read_bytes())
         info = manifest.stat()
     except (OSError, ValueError):
         return None

@@ -69,6 +69,13 @@ INVALID_ROW = "invalid manifest row"
 OUTPUTS_ROOT = "outputs"
 REPLACED_DIR = "replaced"  # replaced/<stamp>/: what run.keep_replaced moved aside
 OWNERS_DIR = "owners"  # owners/<pid>@<host>.json: processes running on the run dir
+CACHE_DIR = "cache"  # what runs learnt about their inputs (images.ImageCache, status's manifest summary)
+DOWNLOADS_DIR = "downloads"  # image URLs, downloaded once (fetch.UrlCache)
+METADATA_FILE = "metadata.jsonl"  # the dataset index (dataset.py)
+SHARDS_DIR = "webdataset"  # WebDataset tar shards (dataset.py)
+SHARD_INDEX = "index.json"  # inside SHARDS_DIR: which items each shard holds
+GALLERY_ASSETS_DIR = "gallery"  # the gallery's thumbnails and previews (gallery.py, sweep.py)
+DAMAGED_DIR = "damaged"  # damaged/<stamp>/: what `svdbatch verify --repair` set aside
 HEARTBEAT_S = 30.0  # an owner file's mtime is refreshed this often while its run is alive
 KEY_VERSION = 2  # bump when what goes into a key changes meaning (2: preprocessing)
 STALE_TEMP_SECONDS = 600.0
@@ -364,7 +371,8 @@ class RunStore:
         self.results = self.root / RESULTS
         self.failures = self.root / FAILURES
         self.claims = self.root / CLAIMS_DIR
-        self.cache = self.root / "cache"  # what runs learnt about their inputs (images.ImageCache, status's manifest summary)
+        self.cache = self.root / CACHE_DIR
+        self.downloads = self.root / DOWNLOADS_DIR
         self.image_cache = self.cache / "images.jsonl"
 
     # -- set-up -----------------------------------------------------------------------
@@ -409,8 +417,9 @@ class RunStore:
         second worker, or a shard on another node sharing this dir)."""
         removed = 0
         cutoff = time.time() - older_than_s
-        # downloads/ (URL cache), webdataset/ (shards), gallery/ (thumbnails): the same atomic writer.
-        extra = [folder for folder in (self.root / name for name in ("downloads", "webdataset", "gallery", "cache")) if folder.is_dir()]
+        # The URL cache, shards, thumbnails and caches use the same atomic writer.
+        extra = [folder for folder in (self.root / name for name in (DOWNLOADS_DIR, SHARDS_DIR, GALLERY_ASSETS_DIR, CACHE_DIR))
+                 if folder.is_dir()]
         for folder in (self.videos, self.sidecars, self.root, *extra):
             for entry in os.scandir(folder):
                 if TEMP_MARKER not in entry.name or not entry.name.startswith("."):
@@ -558,9 +567,6 @@ class RunStore:
         return moved
 
     # -- writing ----------------------------------------------------------------------
-    # The results line a sidecar (in its JSON form) vouches for; sidecar.py owns it.
-    result_record = staticmethod(result_record)
-
     def commit(self, sidecar: Sidecar) -> None:
         """Called after the video is in place: the sidecar rename is what makes an item done."""
         record = sidecar.to_dict()

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from .sidecar import SidecarImage, SidecarRow
-from .store import RESULTS, latest_by_id, output_intact, read_jsonl_fast
+from .store import GALLERY_ASSETS_DIR, RESULTS, latest_by_id, output_intact, read_jsonl_fast
 
 log = logging.getLogger(__name__)
 
@@ -317,10 +317,10 @@ def first_frame(path: Path):
 
 def poster(run_dir: Path, item_id: str, output: Path, sidecar_mtime: float) -> Optional[str]:
     """<point>/gallery/<id>.first.jpg (made once per finished item); path relative to the point."""
-    from .gallery import ASSETS, THUMB_PX, fresh, jpeg_bytes
+    from .gallery import THUMB_PX, fresh, jpeg_bytes
     from .atomic import atomic_write_bytes
 
-    relative = f"{ASSETS}/{item_id}{POSTER_SUFFIX}"
+    relative = f"{GALLERY_ASSETS_DIR}/{item_id}{POSTER_SUFFIX}"
     target = run_dir / relative
     if fresh(target, sidecar_mtime):
         return relative

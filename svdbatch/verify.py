@@ -34,12 +34,11 @@ from .config import OutputConfig
 from .sidecar import Sidecar, SidecarError, named_output
 from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_settings, output_sha256, written_fps
 from .store import (
-    CONFIG, RESULTS, SIDECARS_DIR, VIDEOS_DIR, RunStore, is_run_dir, latest_by_id, not_a_run_dir_message, read_jsonl_fast,
-    sidecar_relpath,
+    CONFIG, DAMAGED_DIR, RESULTS, SHARD_INDEX, SHARDS_DIR, SIDECARS_DIR, VIDEOS_DIR, RunStore, is_run_dir, latest_by_id,
+    not_a_run_dir_message, read_jsonl_fast, sidecar_relpath,
 )
 
 EXIT_DAMAGED, EXIT_NOT_A_RUN_DIR = EXIT_ITEMS_FAILED, EXIT_BAD_INPUT
-DAMAGED_DIR = "damaged"
 # results.jsonl fields that must equal what the sidecar's own results line says (Sidecar.result_record).
 AGREE = ("key", "output_key", "output", "output_bytes", "output_sha256", "frames_sha256", "seed")
 
@@ -226,7 +225,6 @@ def item_files(run_dir: Path, item_id: str, record: Optional[dict[str, Any]]) ->
 def drop_shards(run_dir: Path, ids: set[str], dest: Path) -> None:
     """WebDataset shards holding a damaged item move aside too: write_shards keeps a shard
     whose members' keys are unchanged, and a redo keeps the key."""
-    from .dataset import SHARD_INDEX, SHARDS_DIR
     from .atomic import atomic_write_bytes
 
     index_path = run_dir / SHARDS_DIR / SHARD_INDEX
