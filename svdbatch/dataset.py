@@ -44,6 +44,14 @@ def check_output_config(output: OutputConfig) -> list[str]:
     return problems + ([f"output.shard_size: must be >= 1, got {output.shard_size}"] if output.shard_size < 1 else [])
 
 
+# Bump when metadata_row changes what it writes: rows cached in the run dir are then rebuilt.
+METADATA_ROW_VERSION = 1
+# Rows of metadata.jsonl by item, with the results line each was made from (in store.CACHE_DIR).
+ROWS_CACHE = "metadata-rows.json"
+# The results-line fields that change whenever an item's sidecar does (a new commit).
+COMMIT_FIELDS = ("key", "output_key", "output", "output_bytes", "sidecar_bytes", "finished_at")
+
+
 def metadata_row(sidecar: Sidecar) -> dict[str, Any]:
     """One dataset row from an item's sidecar: the video, what made it, and the row's meta_* data."""
     width, height = sidecar.image.size or (None, None)
@@ -77,16 +85,48 @@ def finished_sidecars(store: RunStore, planned: Iterable[PlannedItem]) -> list[t
     return finished
 
 
-def finished_in_run_dir(store: RunStore) -> list[Sidecar]:
-    """Sidecars of every finished item in the run dir, by id: the latest results.jsonl line
-    agrees with a done sidecar and a complete video. Not limited to this process's plan, so
-    runs that share a run dir (shards, run.limit smoke runs) all see the whole set."""
-    sidecars = []
+def finished_rows(store: RunStore) -> list[dict[str, Any]]:
+    """The metadata row of every finished item in the run dir, by id: the latest results.jsonl
+    line agrees with a done sidecar and a complete video. Not limited to this process's plan,
+    so runs that share a run dir (shards, run.limit smoke runs) all see the whole set.
+
+    Every run rewrites metadata.jsonl, and reading 100k sidecars takes this machine 12 s, so
+    a row is kept (cache/metadata-rows.json) with the results line it was made from, and the
+    sidecar is read again only when the item's latest line is another commit. Call under the
+    metadata lock."""
+    cache_path = store.cache / ROWS_CACHE
+    cached = _read_rows_cache(cache_path)
+    rows, kept = [], {}
     for item_id, record in sorted(store.finished_index().items()):
-        sidecar = store.read_sidecar(item_id)
-        if sidecar is not None and sidecar.done_with(record.get("key"), record.get("output_key")) and output_intact(store.root, record):
-            sidecars.append(sidecar)
-    return sidecars
+        if not output_intact(store.root, record):
+            continue
+        commit = [record.get(name) for name in COMMIT_FIELDS]
+        hit = cached.get(item_id)
+        if hit is not None and hit[0] == commit:
+            row = hit[1]
+        else:
+            sidecar = store.read_sidecar(item_id)
+            if sidecar is None or not sidecar.done_with(record.get("key"), record.get("output_key")):
+                continue
+            row = metadata_row(sidecar)
+        kept[item_id] = [commit, row]
+        rows.append(row)
+    if kept != cached:
+        store.cache.mkdir(exist_ok=True)
+        body = {"version": METADATA_ROW_VERSION, "rows": kept}
+        atomic_write_bytes(cache_path, to_json(body, default=str, separators=(",", ":")).encode())
+    return rows
+
+
+def _read_rows_cache(path: Path) -> dict[str, list]:
+    """{id: [commit fields, row]}; empty if missing, unreadable or of another version."""
+    try:
+        body = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(body, dict) or body.get("version") != METADATA_ROW_VERSION or not isinstance(body.get("rows"), dict):
+        return {}
+    return {item_id: hit for item_id, hit in body["rows"].items() if isinstance(hit, list) and len(hit) == 2 and isinstance(hit[1], dict)}
 
 
 def write_metadata(store: RunStore) -> Path:
@@ -96,7 +136,7 @@ def write_metadata(store: RunStore) -> Path:
     fd = os.open(store.root / ".metadata.lock", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        rows = [metadata_row(sidecar) for sidecar in finished_in_run_dir(store)]
+        rows = finished_rows(store)
         # Every row gets every column (null where a row lacks a meta_* key): one schema per file.
         columns = list(dict.fromkeys(key for row in rows for key in row))
         body = "".join(to_json({key: row.get(key) for key in columns}, default=str) + "\n" for row in rows)

@@ -11,6 +11,7 @@ import datasets
 import pytest
 
 from svdbatch.driver import run
+from svdbatch.dataset import write_metadata
 from svdbatch.store import RunStore
 from tests.conftest import make_cfg, make_image, write_csv
 
@@ -111,3 +112,41 @@ def test_stale_temporaries_of_downloads_and_shards_are_cleaned(tmp_path):
     fresh.write_bytes(b"in progress")
     store.prepare()
     assert not any(p.exists() for p in leftovers) and fresh.exists()
+
+
+def test_metadata_rows_are_rebuilt_only_for_items_committed_since_the_last_run(tmp_path, images, monkeypatch):
+    """Every run rewrites metadata.jsonl; it reads a sidecar again only for an item whose
+    latest commit is new, and a redone item's row follows its new sidecar."""
+    header = ["id", "image", "seed", "meta_caption"]
+    manifest = write_csv(tmp_path / "m.csv", header, [["a", "img/a.png", 1, "kite"], ["b", "img/b.png", 2, "boat"]])
+    run_dir = tmp_path / "run"
+    assert run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}")).done == 2
+    before = (run_dir / "metadata.jsonl").read_bytes()
+
+    reads = []
+    real_read = RunStore.read_sidecar
+    monkeypatch.setattr(RunStore, "read_sidecar", lambda self, item_id: reads.append(item_id) or real_read(self, item_id))
+    store = RunStore(run_dir, "mp4")
+    write_metadata(store)
+    assert reads == [] and (run_dir / "metadata.jsonl").read_bytes() == before
+
+    # b redone with another seed: only its sidecar is read, and its row says the new seed.
+    write_csv(manifest, header, [["a", "img/a.png", 1, "kite"], ["b", "img/b.png", 7, "a boat"]])
+    assert run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}")).done == 1
+    reads.clear()
+    (run_dir / "metadata.jsonl").unlink()
+    write_metadata(store)
+    assert reads == []  # the run's own rewrite already learnt b's new row
+    assert [(r["id"], r["seed"], r["meta_caption"]) for r in metadata(run_dir)] == [("a", 1, "kite"), ("b", 7, "a boat")]
+
+    # A damaged or foreign cache is ignored, never trusted: every sidecar is read again.
+    (run_dir / "cache" / "metadata-rows.json").write_text('{"version": 1, "rows": {"a": [[], {"id": "wrong"}]}}')
+    write_metadata(store)
+    assert sorted(reads) == ["a", "b"]
+    assert [(r["id"], r["seed"]) for r in metadata(run_dir)] == [("a", 1), ("b", 7)]
+
+    # An item whose video is deleted leaves the list without its sidecar being read.
+    reads.clear()
+    (run_dir / "videos" / "a.mp4").unlink()
+    write_metadata(store)
+    assert reads == [] and [r["id"] for r in metadata(run_dir)] == ["b"]
