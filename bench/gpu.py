@@ -22,14 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
-from PIL import Image
 
 from svdbatch import models, tiny
 from svdbatch.cli import config_dir
 from svdbatch.driver import run
+
+from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0] is bench/)
 
 PRESETS = {
     "full": [],
@@ -74,17 +74,6 @@ def build_real_sized(folder: Path, device: torch.device) -> None:
     pipe.save_pretrained(folder)
 
 
-def make_manifest(root: Path, count: int) -> Path:
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    lines = ["id,image,seed"]
-    for n in range(count):
-        Image.fromarray(rng.integers(0, 256, (576, 1024, 3), dtype=np.uint8)).save(root / "img" / f"{n}.png")
-        lines.append(f"i{n},img/{n}.png,{n}")
-    (root / "m.csv").write_text("\n".join(lines) + "\n")
-    return root / "m.csv"
-
-
 def cell(value, width: int, decimals: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:{width}.{decimals}f}"
 
@@ -111,7 +100,7 @@ def main() -> None:
             build_real_sized(root / "model", device)
             print(f"built and saved the real-sized random pipeline in {time.perf_counter() - start:.0f} s")
             source, size = str(root / "model"), ["conditioning=svd_xt"]
-        manifest = make_manifest(root, args.items)
+        manifest = make_manifest(root, args.items, size=(1024, 576), first_seed=0)
         presets = [p for p in args.presets.split(",") if not (args.no_compile and "compile" in p)]
         rows = []
         for name in presets:

@@ -32,13 +32,14 @@ from svdbatch.manifest import read_manifest
 from svdbatch.params import resolve_params
 
 
-def make_manifest(root: Path, count: int) -> Path:
-    (root / "img").mkdir(parents=True)
+def make_manifest(root: Path, count: int, size: tuple[int, int] = (160, 120), first_seed: int = 1000) -> Path:
+    """count noise PNGs of size (width, height) and their CSV manifest (the other benchmarks use it too)."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
     rows = ["id,image,seed"]
     rng = np.random.default_rng(0)
     for n in range(count):
-        Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(root / "img" / f"{n}.png")
-        rows.append(f"i{n},img/{n}.png,{1000 + n}")
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / "img" / f"{n}.png")
+        rows.append(f"i{n},img/{n}.png,{first_seed + n}")
     (root / "m.csv").write_text("\n".join(rows) + "\n")
     return root / "m.csv"
 

@@ -21,23 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from hydra import compose, initialize_config_dir
-from PIL import Image
 
 from svdbatch import driver, pool
 from svdbatch.cli import config_dir
 
-
-def make_manifest(root: Path, count: int) -> Path:
-    (root / "img").mkdir(parents=True)
-    rows = ["id,image,seed"]
-    rng = np.random.default_rng(0)
-    for n in range(count):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "img" / f"{n}.png")
-        rows.append(f"i{n},img/{n}.png,{1000 + n}")
-    (root / "m.csv").write_text("\n".join(rows) + "\n")
-    return root / "m.csv"
+from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0] is bench/)
 
 
 class LoadCounter(logging.Handler):
@@ -77,7 +66,7 @@ def main() -> None:
     logging.getLogger("svdbatch.pool").setLevel(logging.INFO)
     scratch = Path(tempfile.mkdtemp(prefix="svdbatch-bench-sweep-"))
     try:
-        manifest = make_manifest(scratch / "data", args.items)
+        manifest = make_manifest(scratch / "data", args.items, size=(64, 64))
         times: dict[str, list[float]] = {"kept": [], "reloaded": []}
         loads: dict[str, int] = {}
         for repeat in range(args.repeats):
