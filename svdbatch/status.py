@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import yaml
 
@@ -480,17 +480,30 @@ def format_report(report: dict[str, Any], now: Optional[datetime] = None) -> str
         lines.append("throughput   -")
     lines.append(f"live         {live_text(report)}")
     remaining = None if counts["pending"] is None else counts["pending"] + counts["in_progress"]
-    if remaining and report["live"] is False:
-        lines.append(f"ETA          - ({remaining} to go, but no run is active: run the same command again to go on)")
-    else:
-        lines.append(f"ETA          {format_duration(report['eta_s'])}" + (f" ({remaining} to go)" if remaining else ""))
+    lines.append(eta_line(remaining, report["eta_s"], report["live"] is False, "no run is active: run the same command again"))
+    lines += reason_lines(report, lambda r: f"e.g. {r['example_id']}")
+    return "\n".join(lines)
+
+
+def eta_line(remaining: Optional[int], eta_s: Optional[float], stopped: bool, why_none: str) -> str:
+    """The ETA line of a status report (a run's or a sweep's); `why_none` says why work is
+    left with nothing running."""
+    if remaining and stopped:
+        return f"ETA          - ({remaining} to go, but {why_none} to go on)"
+    return f"ETA          {format_duration(eta_s)}" + (f" ({remaining} to go)" if remaining else "")
+
+
+def reason_lines(report: dict[str, Any], where: Callable[[dict[str, Any]], str], shown: int = 20) -> list[str]:
+    """Failure and invalid-row reasons, most common first, `shown` of each; `where` says
+    where a reason was seen (an example id, the points)."""
+    lines = []
     for title, reasons in (("failure reasons", report["reasons"]), ("invalid rows", report["invalid_reasons"])):
         if reasons:
             lines.append(f"{title}:")
-            lines += [f"  {r['count']:>6}  {r['reason']}  (e.g. {r['example_id']})" for r in reasons[:20]]
-            if len(reasons) > 20:
-                lines.append(f"  ... {len(reasons) - 20} more (see --json)")
-    return "\n".join(lines)
+            lines += [f"  {r['count']:>6}  {r['reason']}  ({where(r)})" for r in reasons[:shown]]
+            if len(reasons) > shown:
+                lines.append(f"  ... {len(reasons) - shown} more (see --json)")
+    return lines
 
 
 def live_text(report: dict[str, Any]) -> str:

@@ -631,7 +631,7 @@ def collect_sweep(root: Path, window: Optional[int] = None, now: Any = None) -> 
 
 
 def format_sweep_report(report: dict[str, Any]) -> str:
-    from .status import format_duration
+    from .status import eta_line, reason_lines
 
     counts = report["counts"]
     lines = [f"sweep root   {report['sweep_root']}",
@@ -663,17 +663,13 @@ def format_sweep_report(report: dict[str, Any]) -> str:
                      f" (mean {rate['mean_item_s']:.2f} s/item)")
     else:
         lines.append("throughput   -")
-    remaining = report["remaining"]
-    if remaining and not report["live"]:
-        lines.append(f"ETA          - ({remaining} to go, but no point is running: run the same sweep again to go on)")
-    else:
-        lines.append(f"ETA          {format_duration(report['eta_s'])}" + (f" ({remaining} to go)" if remaining else ""))
-    for title, reasons in (("failure reasons", report["reasons"]), ("invalid rows", report["invalid_reasons"])):
-        if reasons:
-            lines.append(f"{title}:")
-            for r in reasons[:20]:
-                where = ", ".join(r["points"][:3]) + (" ..." if len(r["points"]) > 3 else "")
-                lines.append(f"  {r['count']:>6}  {r['reason']}  (e.g. {r['example_id']}; at {where})")
+    lines.append(eta_line(report["remaining"], report["eta_s"], not report["live"], "no point is running: run the same sweep again"))
+
+    def where(reason: dict[str, Any]) -> str:
+        points = ", ".join(reason["points"][:3]) + (" ..." if len(reason["points"]) > 3 else "")
+        return f"e.g. {reason['example_id']}; at {points}"
+
+    lines += reason_lines(report, where)
     return "\n".join(lines)
 
 
