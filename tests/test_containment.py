@@ -4,7 +4,6 @@ and image URLs obey run.max_image_pixels before their pixels are downloaded or d
 from __future__ import annotations
 
 import logging
-import threading
 
 import pytest
 
@@ -16,7 +15,7 @@ from svdbatch.manifest import ManifestError, read_manifest
 from svdbatch.store import RunDirError, read_jsonl
 from tests.conftest import FAST, make_cfg, make_image, run_cli, write_csv
 from tests.test_bad_inputs import png_header_only
-from tests.test_fetch import ImageServer
+from tests.test_fetch import serving
 
 QUIET = [*FAST, "run.num_threads=1", "run.progress=false"]
 
@@ -140,12 +139,8 @@ def bomb_server(tmp_path):
     header = png_header_only(tmp_path / "bomb.png", 60000, 60000).read_bytes()
     make_image(tmp_path / "small.png")  # 80x64
     files = {"/bomb.png": header, "/padded-bomb.png": header + bytes(2 * 2**20), "/small.png": (tmp_path / "small.png").read_bytes()}
-    httpd = ImageServer(files)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(files) as httpd:
+        yield httpd
 
 
 QUICK = FetchConfig(timeout_s=5, retries=2, backoff_s=0.0, max_bytes=2**20)

@@ -6,8 +6,10 @@ import collections
 import json
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -39,6 +41,19 @@ class ImageServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}{path}"
 
 
+@contextmanager
+def serving(files: dict[str, bytes]) -> Iterator[ImageServer]:
+    """An ImageServer answering on a thread while the block runs."""
+    httpd = ImageServer(files)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 class Handler(BaseHTTPRequestHandler):
     server: ImageServer
 
@@ -67,12 +82,8 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server(images):
     files = {"/a.png": images["a"].read_bytes(), "/page.html": b"<html>not an image</html>"}
-    httpd = ImageServer(files)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(files) as httpd:
+        yield httpd
 
 
 QUICK = FetchConfig(timeout_s=0.5, retries=1, backoff_s=0.0, workers=4)
