@@ -78,6 +78,17 @@ def assert_resumes_exactly_once(args: list[str], run_dir: Path, done_before: int
     assert sorted(ids) == sorted(f"i{n}" for n in range(N_ITEMS))  # each item exactly once
 
 
+def assert_stopped_cleanly(proc: subprocess.Popen, run_dir: Path, code: int) -> tuple[str, int]:
+    """The stopped run exited with `code`, no traceback, nothing half-committed, and said
+    how far it got in one line. Returns its stderr and the number of items done."""
+    out, err = proc.communicate(timeout=WAIT_S)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    done = len(assert_nothing_half_committed(run_dir))
+    assert out.strip() == f"interrupted: {done} done, {N_ITEMS - done} left; run the same command to resume"
+    return err, done
+
+
 def test_ctrl_c_to_the_group_stops_two_workers_cleanly_and_the_same_command_resumes(tmp_path, manifest):
     run_dir = tmp_path / "run"
     # Each worker holds two items (one generating, one loaded next) and the driver sees a
@@ -89,13 +100,10 @@ def test_ctrl_c_to_the_group_stops_two_workers_cleanly_and_the_same_command_resu
     workers = descendants(proc.pid)
     assert len([p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]) == 2
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
-    out, err = proc.communicate(timeout=WAIT_S)
 
-    assert proc.returncode == exit_code_for_signal(signal.SIGINT) == 130, err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert "leaked" not in err
-    done = len(assert_nothing_half_committed(run_dir))
-    assert out.strip() == f"interrupted: {done} done, {N_ITEMS - done} left; run the same command to resume"
+    assert exit_code_for_signal(signal.SIGINT) == 130
+    err, done = assert_stopped_cleanly(proc, run_dir, 130)
+    assert "KeyboardInterrupt" not in err and "leaked" not in err
     assert done < N_ITEMS, "the signal should land mid-run"
     assert_all_gone(workers)
     assert_resumes_exactly_once(args, run_dir, done)
@@ -110,12 +118,8 @@ def test_sigterm_to_the_driver_past_the_grace_abandons_the_items_in_flight(tmp_p
     wait_for_results(run_dir / "results.jsonl", proc)
     workers = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=WAIT_S)
 
-    assert proc.returncode == 143, err
-    assert "Traceback" not in err
-    done = len(assert_nothing_half_committed(run_dir))
-    assert out.strip() == f"interrupted: {done} done, {N_ITEMS - done} left; run the same command to resume"
+    _, done = assert_stopped_cleanly(proc, run_dir, 143)
     assert_all_gone(workers)
     assert_resumes_exactly_once(args, run_dir, done)
 
@@ -127,12 +131,8 @@ def test_sigterm_in_process_worker_finishes_the_item_in_flight(tmp_path, manifes
     proc = start(args)
     wait_for_results(run_dir / "results.jsonl", proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=WAIT_S)
 
-    assert proc.returncode == 143, err
-    assert "Traceback" not in err
-    done = len(assert_nothing_half_committed(run_dir))
-    assert out.strip() == f"interrupted: {done} done, {N_ITEMS - done} left; run the same command to resume"
+    _, done = assert_stopped_cleanly(proc, run_dir, 143)
     assert done >= 2, "the item generating when the signal came should have been finished"
 
 
