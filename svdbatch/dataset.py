@@ -26,7 +26,7 @@ import logging
 import os
 import tarfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .atomic import atomic_path, atomic_write_bytes
 from .config import OutputConfig, OutputFormat
@@ -72,22 +72,9 @@ def metadata_row(sidecar: Sidecar) -> dict[str, Any]:
     return row
 
 
-def finished_sidecars(store: RunStore, planned: Iterable[PlannedItem]) -> list[tuple[int, PlannedItem, Sidecar]]:
-    """(manifest position, item, sidecar) of the planned items that are done with their current key."""
-    index = store.finished_index()
-    finished = []
-    for position, entry in enumerate(planned):
-        if entry.key is None or not store.is_done(entry.item.id, entry.key, entry.output_key, index):
-            continue
-        sidecar = store.read_sidecar(entry.item.id)
-        if sidecar is not None:
-            finished.append((position, entry, sidecar))
-    return finished
-
-
-def finished_rows(store: RunStore) -> list[dict[str, Any]]:
-    """The metadata row of every finished item in the run dir, by id: the latest results.jsonl
-    line agrees with a done sidecar and a complete video. Not limited to this process's plan,
+def finished_rows(store: RunStore) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """(latest results line, metadata row) of every finished item in the run dir, by id in
+    order: the line agrees with a done sidecar and a complete video. Not limited to this process's plan,
     so runs that share a run dir (shards, run.limit smoke runs) all see the whole set.
 
     Every run rewrites metadata.jsonl, and reading 100k sidecars takes this machine 12 s, so
@@ -96,7 +83,7 @@ def finished_rows(store: RunStore) -> list[dict[str, Any]]:
     metadata lock."""
     cache_path = store.cache / ROWS_CACHE
     cached = _read_rows_cache(cache_path)
-    rows, kept = [], {}
+    rows, kept = {}, {}
     for item_id, record in sorted(store.finished_index().items()):
         if not output_intact(store.root, record):
             continue
@@ -110,7 +97,7 @@ def finished_rows(store: RunStore) -> list[dict[str, Any]]:
                 continue
             row = metadata_row(sidecar)
         kept[item_id] = [commit, row]
-        rows.append(row)
+        rows[item_id] = (record, row)
     if kept != cached:
         store.cache.mkdir(exist_ok=True)
         body = {"version": METADATA_ROW_VERSION, "rows": kept}
@@ -129,21 +116,23 @@ def _read_rows_cache(path: Path) -> dict[str, list]:
     return {item_id: hit for item_id, hit in body["rows"].items() if isinstance(hit, list) and len(hit) == 2 and isinstance(hit[1], dict)}
 
 
-def write_metadata(store: RunStore) -> Path:
+def write_metadata(store: RunStore) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """Regenerate metadata.jsonl from results.jsonl and the sidecars, atomically. The lock
-    keeps two processes finishing together from replacing a newer list with an older one."""
+    keeps two processes finishing together from replacing a newer list with an older one.
+    Returns what it listed (finished_rows), for the shards."""
     target = store.root / METADATA_FILE
     fd = os.open(store.root / ".metadata.lock", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        rows = finished_rows(store)
+        finished = finished_rows(store)
+        rows = [row for _, row in finished.values()]
         # Every row gets every column (null where a row lacks a meta_* key): one schema per file.
         columns = list(dict.fromkeys(key for row in rows for key in row))
         body = "".join(to_json({key: row.get(key) for key in columns}, default=str) + "\n" for row in rows)
         atomic_write_bytes(target, body.encode(), fault="metadata")
     finally:
         os.close(fd)
-    return target
+    return finished
 
 
 def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -161,13 +150,21 @@ def _drop_shard(shards: Path, index: dict[str, list], name: str) -> None:
         log.info("removed outdated shard %s", name)
 
 
-def write_shards(store: RunStore, planned: list[PlannedItem], finished: list, shard_size: int) -> list[Path]:
-    """Write every complete shard whose content is new; returns the shards written now."""
+def write_shards(
+    store: RunStore, planned: list[PlannedItem], finished: dict[str, tuple[dict[str, Any], dict[str, Any]]], shard_size: int,
+) -> list[Path]:
+    """Write every complete shard whose content is new; returns the shards written now.
+    `finished` is what metadata.jsonl lists (write_metadata): a planned item is in a shard
+    once it is listed there with its current keys."""
     shards = store.root / SHARDS_DIR
     shards.mkdir(exist_ok=True)
     index_path = shards / SHARD_INDEX
     index: dict[str, list] = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    by_position = {position: (entry, sidecar) for position, entry, sidecar in finished}
+    by_position = {}
+    for position, entry in enumerate(planned):
+        record, row = finished.get(entry.item.id, ({}, {}))
+        if entry.key is not None and (record.get("key"), record.get("output_key")) == (entry.key, entry.output_key):
+            by_position[position] = (entry, record, row)
     written = []
     current = set()
     for start in range(0, len(planned), shard_size):
@@ -179,16 +176,16 @@ def write_shards(store: RunStore, planned: list[PlannedItem], finished: list, sh
             continue
         # The file's sha256 too: a redo with new output settings (or after `verify --repair`)
         # keeps the key but changes the bytes the shard must hold.
-        members = [[by_position[p][0].item.id, by_position[p][0].key, by_position[p][1].output.sha256] for p in positions]
+        members = [[by_position[p][0].item.id, by_position[p][0].key, by_position[p][1].get("output_sha256")] for p in positions]
         if index.get(name) == members and (shards / name).is_file():
             continue  # already written with exactly these items
         with atomic_path(shards / name) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as archive:
             for position in positions:
-                _, sidecar = by_position[position]
+                _, record, row = by_position[position]
                 key = f"{position:09d}"  # WebDataset keys must not contain dots; ids may
-                video = store.root / sidecar.output.path
+                video = store.root / record["output"]
                 _add_member(archive, f"{key}{video.suffix}", video.read_bytes())
-                _add_member(archive, f"{key}.json", to_json(metadata_row(sidecar), sort_keys=True).encode())
+                _add_member(archive, f"{key}.json", to_json(row, sort_keys=True).encode())
         index[name] = members
         written.append(shards / name)
     for name in sorted(set(index) - current):
@@ -199,11 +196,11 @@ def write_shards(store: RunStore, planned: list[PlannedItem], finished: list, sh
 
 def write_dataset(store: RunStore, planned: list[PlannedItem], output: OutputConfig) -> None:
     """Called once at the end of a run: metadata.jsonl, and WebDataset shards if asked for."""
-    write_metadata(store)
+    finished = write_metadata(store)
     if output.webdataset:
         if OutputFormat(output.format) is OutputFormat.frames:
             log.warning("output.webdataset needs a video file format (mp4, gif, webp), not frames: no shards written")
             return
-        written = write_shards(store, planned, finished_sidecars(store, planned), output.shard_size)
+        written = write_shards(store, planned, finished, output.shard_size)
         if written:
             log.info("wrote %d WebDataset shard(s) into %s", len(written), store.root / SHARDS_DIR)

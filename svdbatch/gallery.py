@@ -34,8 +34,8 @@ from .fetch import UrlCache
 from .images import load_rgb
 from .sidecar import Sidecar, SidecarError
 from .store import (
-    DOWNLOADS_DIR, FAILURES, GALLERY_ASSETS_DIR, GALLERY_PAGE, INVALID_ROW, RESULTS, is_invalid_record, is_run_dir, latest_by_id, not_a_run_dir_message,
-    output_intact, parse_time, read_jsonl_fast, run_cwd, sidecar_relpath,
+    DOWNLOADS_DIR, FAILURES, GALLERY_ASSETS_DIR, GALLERY_PAGE, INVALID_ROW, RESULTS, is_invalid_record, is_run_dir,
+    latest_by_id, not_a_run_dir_message, output_intact, parse_time, read_jsonl_fast, run_cwd, sidecar_relpath,
 )
 
 log = logging.getLogger(__name__)
