@@ -186,9 +186,6 @@ class ImageCache:
             found = self._stats[path] = os.stat(path)
         return found
 
-    def forget_stat(self, path: str) -> None:
-        self._stats.pop(path, None)
-
     def facts(self, path: str, stat: os.stat_result) -> dict[str, Any]:
         """What is known about this very file (same size and mtime), else {}."""
         record = self._new.get(path) or self._known.get(path)
