@@ -107,7 +107,8 @@ def first_run(manifest: Path, run_dir: Path):
 
 def to_first_item(manifest: Path, run_dir: Path, *extra: str) -> float:
     """Seconds from starting the command to its first pipeline call (where it is killed)."""
-    env = {**os.environ, "SVDBATCH_FAULT": "generate:1:kill", "PYTHONPATH": str(REPO)}
+    # The first pipeline call kills the run: the driver and its worker.
+    env = {**os.environ, "SVDBATCH_FAULT": "generate:1:killrun", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "svdbatch", f"manifest={manifest}", f"hydra.run.dir={run_dir}", "run.progress=false",
                "run.gallery=false", *extra]
     start = time.perf_counter()

@@ -12,7 +12,7 @@ import logging
 from collections import deque
 from typing import Callable, Hashable, Optional
 
-from .worker import DONE, FAILED, INTERRUPTED, STOPPED, Outcome
+from .outcomes import DONE, FAILED, INTERRUPTED, STOPPED, Outcome
 from .plan import PlannedItem
 from .store import RunStore
 

@@ -1,9 +1,11 @@
 """The driver: config + manifest -> plan -> worker -> store.
 
-    validate manifest and config   (nothing loads until the input is known to be good)
+    validate config                (a typo stops here, before anything starts)
+    start the first worker         (a process that imports torch and loads the model meanwhile)
+    validate manifest              (a bad row stops the run here, the worker with it)
     prepare the run dir            (writable? room left? clean up after a killed run)
     plan                           (this shard's rows; params and keys; split done from to-do)
-    execute on 1..N workers        (each loads the pipeline once, only if there is work)
+    execute on 1..N workers        (each loads the pipeline once; no work: the worker is stopped)
       per item: claim -> generate -> write video -> write sidecar -> append results line
                 (a failure is recorded and the batch goes on; a full disk stops the run)
     finish                         (dataset metadata, gallery, summary)
@@ -16,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -35,8 +37,9 @@ from .gallery import GalleryUpdater
 from .images import ImageCache
 from .manifest import Item, Manifest, read_manifest
 from .models import default_num_threads, model_identity, resolve_devices
+from . import pool
 from .params import PARAM_NAMES
-from .worker import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
+from .outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from . import sweep
 from .plan import (
     Plan, Replacement, Shard, describe_replacements, make_batches, plan_run, resolve_shard, select_shard,
@@ -45,7 +48,7 @@ from .plan import (
 from .status import save_manifest_summary
 from .stops import Interrupted, StopRequest, stop_on_signals
 from .store import INVALID_ROW, RunDirError, RunStore, run_dir_problem
-from .pool import WorkerSpec, execute
+from .pool import Crew, WorkerSpec, execute
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ class RunSummary:
 def load_manifest(cfg: DictConfig, shard: Optional[Shard] = None, image_cache: Optional[ImageCache] = None) -> Manifest:
     """The validated manifest. Every row is parsed; only `shard`'s rows (up to run.limit)
     have their images checked, as deep as run.check_images says."""
-    check_config(cfg)  # the same check validate runs (checks.py)
+    check_config(cfg)  # the same check validate runs (checks.py); cheap, so run again here for callers
     level = image_check_mode(cfg.run.check_images)
     limit = cfg.run.limit
 
@@ -181,22 +184,37 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
     store = RunStore(Path(cfg.run.dir).absolute() if cluster else Path(cfg.run.dir), cfg.output.format)
     shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
     image_cache = ImageCache(store.image_cache)  # what earlier runs learnt about unchanged images
-    manifest = load_manifest(cfg, shard, image_cache)
-    # A bad run.devices fails before anything is written.
-    devices = cluster.devices() if cluster else resolve_devices(cfg.run.devices, cfg.run.workers)
-    store.prepare(cfg.run.min_free_mb)
-    summary = progress.summary = RunSummary(run_dir=store.root)
-    progress.store = store
-    with store.owner():  # `svdbatch status` asks it whether the run is live
-        try:
-            run_prepared(cfg, manifest, store, shard, devices, summary, stop, progress, image_cache, cluster)
-        except OSError as exc:
-            # A full disk at any stage the workers do not handle themselves (config, planning,
-            # metadata.jsonl, shards, gallery): stop with the summary, like a stop mid-run.
-            if exc.errno not in DISK_FULL_ERRNOS:
-                raise
-            summary.stop_reason = summary.stop_reason or f"{type(exc).__name__}: {exc}"
-            log.error("stopping: %s (finished items are intact; free space and run again to resume)", summary.stop_reason)
+    keep_in = store.replaced_dir(time.time()) if cfg.run.keep_replaced else None
+    spec = worker_spec(cfg, store, keep_in)
+    # A driver without torch (the CLI) starts its first worker now: it imports torch and
+    # loads the model on the other core while this one checks the input and plans.
+    crew = pool.start_early(spec) if cluster is None and not pool.torch_is_loaded() else None
+    try:
+        check_config(cfg)
+        manifest = load_manifest(cfg, shard, image_cache)
+        # A bad run.devices fails before anything is written.
+        if crew is not None:
+            devices, num_threads = crew.resolved()
+        else:
+            devices = [str(d) for d in (cluster.devices() if cluster else resolve_devices(cfg.run.devices, cfg.run.workers))]
+            num_threads = cfg.run.num_threads or default_num_threads(devices)
+        spec = replace(spec, num_threads=num_threads)  # so every worker computes with the same count
+        store.prepare(cfg.run.min_free_mb)
+        summary = progress.summary = RunSummary(run_dir=store.root)
+        progress.store = store
+        with store.owner():  # `svdbatch status` asks it whether the run is live
+            try:
+                run_prepared(cfg, manifest, store, shard, devices, spec, summary, stop, progress, image_cache, cluster, crew)
+            except OSError as exc:
+                # A full disk at any stage the workers do not handle themselves (config, planning,
+                # metadata.jsonl, shards, gallery): stop with the summary, like a stop mid-run.
+                if exc.errno not in DISK_FULL_ERRNOS:
+                    raise
+                summary.stop_reason = summary.stop_reason or f"{type(exc).__name__}: {exc}"
+                log.error("stopping: %s (finished items are intact; free space and run again to resume)", summary.stop_reason)
+    finally:
+        if crew is not None:
+            pool.discard_unused(crew)  # bad input, nothing to do, or a stop before any work
     return summary
 
 
@@ -205,12 +223,14 @@ def run_prepared(
     manifest: Manifest,
     store: RunStore,
     shard: Shard,
-    devices: list[torch.device],
+    devices: list[str],
+    spec: WorkerSpec,
     summary: RunSummary,
     stop: StopRequest,
     progress: _Progress,
     image_cache: ImageCache,
     cluster=None,
+    crew: Optional[Crew] = None,
 ) -> None:
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
     save_manifest_summary(store.cache, manifest)  # lets `svdbatch status` skip re-reading the manifest
@@ -247,9 +267,9 @@ def run_prepared(
         log.info("shard %d of %d: %d of %d items", shard.index, shard.count, len(items), len(manifest.items))
     if plan.done:
         log.info("resuming: %d of %d items already done", len(plan.done), len(plan.done) + len(plan.todo))
-    keep_in = store.replaced_dir(time.time()) if cfg.run.keep_replaced else None
     if plan.replaced:
-        log.warning("%s", replace_report(plan.replaced, keep_in))
+        keep_in = spec.keep_replaced_in
+        log.warning("%s", replace_report(plan.replaced, Path(keep_in) if keep_in else None))
 
     gallery = GalleryUpdater(store.root, cfg.run.gallery_every_s, cfg.run.gallery_max_items) if cfg.run.gallery else None
     if plan.todo:
@@ -267,9 +287,9 @@ def run_prepared(
         # their own line, not glued onto it (the bar writes no newline).
         with logging_redirect_tqdm() if cfg.run.progress else nullcontext():
             try:
-                spec = worker_spec(cfg, store, devices, keep_in)
                 # In a sweep, worker processes stay up for the next point (same model: no reload).
-                execute(make_batches(plan.todo, cfg.run.batch_size), spec, devices, on_done, stop, cluster, keep=in_hydra_sweep())
+                execute(make_batches(plan.todo, cfg.run.batch_size), spec, devices, on_done, stop, cluster,
+                        keep=in_hydra_sweep(), crew=crew)
             finally:
                 bar.close()
     if stop.requested:
@@ -315,18 +335,21 @@ def replace_report(replaced: list[Replacement], keep_in: Optional[Path]) -> str:
     return "\n  ".join([head, *describe_replacements(replaced)])
 
 
-def worker_spec(cfg: DictConfig, store: RunStore, devices: list[torch.device], keep_in: Optional[Path] = None) -> WorkerSpec:
+def worker_spec(cfg: DictConfig, store: RunStore, keep_in: Optional[Path] = None) -> WorkerSpec:
+    """What every worker is built from; num_threads stays as configured (None: the default
+    for the devices) until the devices are known."""
     return WorkerSpec(
         model=plain(cfg.model),
         memory=plain(cfg.memory),
         output=plain(cfg.output),
         run_dir=str(store.root),
-        # Resolved here, once, so every worker computes with the same thread count.
-        num_threads=cfg.run.num_threads or default_num_threads(devices),
+        num_threads=cfg.run.num_threads,
         step_progress=cfg.run.step_progress,
         context={"config": plain(cfg)},
         retry_on_oom=cfg.run.retry_on_oom,
         keep_replaced_in=str(keep_in) if keep_in else None,
+        devices=plain(cfg.run)["devices"],
+        workers=cfg.run.workers,
     )
 
 

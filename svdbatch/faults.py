@@ -3,7 +3,9 @@
     SVDBATCH_FAULT=<stage>:<n>[:<action>]     e.g. SVDBATCH_FAULT=video:2:kill
 
 The n-th time this process reaches `stage`, `action` happens: kill (SIGKILL itself, the
-default: no cleanup, no flush, like a node losing power), enospc (a disk-full OSError),
+default: no cleanup, no flush; in a worker process only that worker dies), killrun
+(SIGKILL the whole run: the driver, then this process; other workers die with the driver,
+like a node losing power), enospc (a disk-full OSError),
 oom (a CUDA out-of-memory error) or error (a RuntimeError). Unset, a fault point costs one
 dict lookup. Stages, in the order an item passes them:
 
@@ -25,9 +27,15 @@ from typing import Optional
 
 FAULT_ENV = "SVDBATCH_FAULT"
 STAGES = ("generate", "encode", "video", "sidecar", "results", "metadata")
-ACTIONS = ("kill", "enospc", "oom", "error")
+ACTIONS = ("kill", "killrun", "enospc", "oom", "error")
 
 _reached: Counter[str] = Counter()
+_driver_pid: Optional[int] = None  # set in a worker process: killrun kills the driver too
+
+
+def set_driver(pid: int) -> None:
+    global _driver_pid
+    _driver_pid = pid
 
 
 def parse_fault(spec: Optional[str]) -> Optional[tuple[str, int, str]]:
@@ -53,6 +61,10 @@ def fault_point(stage: str) -> None:
         return
     action = fault[2]
     if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "killrun":
+        if _driver_pid is not None:
+            os.kill(_driver_pid, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {stage})")

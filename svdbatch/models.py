@@ -14,12 +14,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from .config import ConfigError, DType, MemoryConfig, ModelConfig, Offload, plain
 from .tiny import TINY_SOURCE, ensure_tiny_model, weights_fingerprint
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that compute with it: the driver plans with
+# this module (identity, dtype, threads) and must start without paying ~1 s for torch.
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,8 @@ def quiet_libraries() -> None:
 
 def parse_device(name: Any) -> torch.device:
     """One entry of run.devices: a GPU index (0), or a device name ("cuda:1", "cpu")."""
+    import torch
+
     try:
         return torch.device("cuda", name) if isinstance(name, int) else torch.device(str(name))
     except (RuntimeError, TypeError) as exc:
@@ -60,6 +66,8 @@ def resolve_devices(devices: Any, workers: int = 1, environ: Optional[dict[str, 
     without CUDA, `workers` CPU workers. An int n: GPUs 0..n-1. A list: those devices.
     A device that is not there is a config mistake (ConfigError, exit 2), not a load failure.
     """
+    import torch
+
     environ = os.environ if environ is None else environ
     cuda = torch.cuda.is_available()
     if devices == "auto" or devices is None:
@@ -138,20 +146,34 @@ def pin_threads(num_threads: Optional[int]) -> None:
     """Set this process's intra-op thread count (None or 0: leave torch's). It changes float
     results, so every worker pins the run's count and reproduce pins the recorded one."""
     if num_threads:
+        import torch
+
         torch.set_num_threads(num_threads)
 
 
-def resolve_dtype(model: ModelConfig, device: torch.device) -> torch.dtype:
+def device_type(device: "torch.device | str") -> str:
+    """'cuda' or 'cpu' of a torch.device or a device name ('cuda:1'), without torch."""
+    return getattr(device, "type", None) or str(device).split(":")[0]
+
+
+def dtype_name(model: ModelConfig, device: "torch.device | str") -> str:
+    """The dtype the model computes in on this device ('float16', 'float32', ...)."""
     requested = DType(model.dtype)
     if requested is DType.auto:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu" and requested is not DType.float32:
+        return "float16" if device_type(device) == "cuda" else "float32"
+    if device_type(device) == "cpu" and requested is not DType.float32:
         warnings.warn(
             f"model.dtype={requested.value} on CPU is slow and partly unsupported; using float32 instead",
             stacklevel=2,
         )
-        return torch.float32
-    return getattr(torch, requested.value)
+        return "float32"
+    return requested.value
+
+
+def resolve_dtype(model: ModelConfig, device: "torch.device | str") -> "torch.dtype":
+    import torch
+
+    return getattr(torch, dtype_name(model, device))
 
 
 @dataclass(frozen=True)
@@ -184,18 +206,18 @@ def only_variant_weights(source: str, variant: str) -> bool:
     return bool(weights) and all(marker in name for name in weights)
 
 
-def load_variant(model: ModelConfig, dtype: torch.dtype) -> Optional[str]:
+def load_variant(model: ModelConfig, dtype: str) -> Optional[str]:
     """The weight variant to load: the configured one in float16; in float32 (CPU) the full
     weights, unless the source holds only the variant's files: then those, upcast."""
     if not model.variant or model.source == TINY_SOURCE:
         return None
-    if dtype == torch.float16 or only_variant_weights(model.source, model.variant):
+    if dtype == "float16" or only_variant_weights(model.source, model.variant):
         return model.variant
     return None
 
 
-def model_identity(model: ModelConfig, device: torch.device) -> ModelIdentity:
-    dtype = resolve_dtype(model, device)
+def model_identity(model: ModelConfig, device: "torch.device | str") -> ModelIdentity:
+    dtype = dtype_name(model, device)
     fingerprint = None
     if model.source == TINY_SOURCE:
         fingerprint = weights_fingerprint(ensure_tiny_model(model.cache_dir))
@@ -204,7 +226,7 @@ def model_identity(model: ModelConfig, device: torch.device) -> ModelIdentity:
         source=model.source,
         revision=model.revision,
         variant=load_variant(model, dtype),
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype,
         fingerprint=fingerprint,
     )
 
@@ -269,7 +291,7 @@ def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if model.revision:
         kwargs["revision"] = model.revision
-    variant = load_variant(model, dtype)
+    variant = load_variant(model, str(dtype).removeprefix("torch."))
     if variant:
         # diffusers upcasts variant (fp16) weights to a float32 torch_dtype as it loads them.
         kwargs["variant"] = variant
@@ -316,6 +338,8 @@ def apply_memory_preset(pipe, memory: MemoryConfig, device: torch.device) -> tup
         options: dict[str, Any] = {"fullgraph": memory.compile_fullgraph, "backend": memory.compile_backend}
         if memory.compile_backend == "inductor":  # modes are inductor settings
             options["mode"] = memory.compile_mode
+        import torch
+
         pipe.unet = torch.compile(pipe.unet, **options)
     return pipe, bool(memory.compile)
 
@@ -352,6 +376,8 @@ def lower_memory(loaded: LoadedPipeline, decode_chunk_size: int) -> Optional[str
     which is why every step is recorded in the sidecar."""
     _loaded.pop(loaded.cache_key, None)  # no longer the configured preset: never reuse it
     if loaded.device.type == "cuda":
+        import torch
+
         torch.cuda.empty_cache()
     if loaded.memory != "balanced" and not loaded.offloaded and not loaded.forward_chunking:
         if loaded.device.type == "cuda" and not loaded.compiled:

@@ -1,5 +1,13 @@
 """Run batches on one worker (in this process) or one worker process per device.
 
+A command started fresh (the CLI) never imports torch in the driver: its first worker
+process starts before the manifest is read, imports torch and diffusers, resolves
+run.devices, reports them, and loads the model on the other core while the driver checks
+the manifest and plans (an early crew: Crew.start_first). A restart of a 100k-row run
+reaches its first item in about the time the slower of the two takes, not their sum.
+A process that has imported torch already (a library caller, the tests) runs a single
+worker in-process instead: nothing is left to overlap.
+
 Why spawned processes with a queue per worker, and not accelerate's PartialState or a
 shared queue: each process owns one device and loads the pipeline once, exactly like the
 single-device path (same `Worker` object). The parent hands out batches one at a time as
@@ -13,25 +21,32 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import logging.handlers
 import multiprocessing as mp
+import multiprocessing.util  # noqa: F401  (before our atexit hook below: see close_crews)
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 from omegaconf import OmegaConf
 
-from .config import MemoryConfig, ModelConfig, OutputConfig
+from .config import ConfigError, MemoryConfig, ModelConfig, OutputConfig
 from .dispatch import Ledger, OnDone
-from .models import ModelLoadError, load_pipeline
-from .worker import Outcome, Worker
+from . import faults
+from .models import ModelLoadError, default_num_threads, resolve_devices
+from .outcomes import Outcome
 from .plan import PlannedItem
+from .tiny import TINY_SOURCE, ensure_tiny_model
 from .stops import StopRequest, die_with_parent, ignore_stop_signals, stop_signals_blocked
 from .store import RunStore
+
+if TYPE_CHECKING:
+    from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +68,25 @@ class WorkerSpec:
     memory: dict[str, Any]
     output: dict[str, Any]
     run_dir: str
-    num_threads: int
+    # None: models.default_num_threads for the resolved devices, worked out by the first
+    # worker of an early crew and then given to every worker (it changes float results).
+    num_threads: Optional[int]
     step_progress: bool
     context: dict[str, Any]
     retry_on_oom: bool = False
     # run.keep_replaced: where a redone item's older output is moved before the new one is written.
     keep_replaced_in: Optional[str] = None
+    # run.devices and run.workers as configured: the first worker of an early crew resolves them.
+    devices: Any = "auto"
+    workers: int = 1
 
-    def build(self, device: torch.device) -> Worker:
+    def build(self, device: Any) -> "Worker":
+        import torch
+
+        from .models import load_pipeline
+        from .worker import Worker
+
+        device = torch.device(device)
         model = OmegaConf.merge(OmegaConf.structured(ModelConfig), self.model)
         memory = OmegaConf.merge(OmegaConf.structured(MemoryConfig), self.memory)
         output = OmegaConf.merge(OmegaConf.structured(OutputConfig), self.output)
@@ -71,12 +97,19 @@ class WorkerSpec:
         return worker
 
 
+def torch_is_loaded() -> bool:
+    """This process has imported torch already: a worker here costs nothing extra to start."""
+    return "torch" in sys.modules
+
+
 def execute(
-    batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone,
-    stop: Optional[StopRequest] = None, cluster: Any = None, keep: bool = False,
+    batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[str], on_done: OnDone,
+    stop: Optional[StopRequest] = None, cluster: Any = None, keep: bool = False, crew: Optional["Crew"] = None,
 ) -> None:
     """Run every batch; `on_done(outcomes)` is called once per finished batch. With a Ray
-    cluster (ray_engine.RayCluster, run.engine=ray) its actors run them instead.
+    cluster (ray_engine.RayCluster, run.engine=ray) its actors run them instead. `crew`: the
+    early crew started for this run (its first worker is loading already); without one, a
+    single device runs in this process and several get a crew now.
 
     `keep`: leave the worker processes (and their loaded pipelines) running for the next
     call with the same model, memory and devices: the next point of a sequential sweep.
@@ -87,7 +120,7 @@ def execute(
     stop = stop or StopRequest(0)
     if cluster is not None:
         cluster.execute(batches, spec, on_done, stop)
-    elif len(devices) == 1:
+    elif crew is None and len(devices) == 1:
         lock = threading.Lock()
 
         def report(_: int, outcomes: list[Outcome]) -> None:
@@ -98,35 +131,74 @@ def execute(
             worker = spec.build(devices[0])
         worker.run(enumerate(batches), report, stop=stop.is_requested, abandon=stop.abandon)
     else:
-        Pool(batches, spec, devices, on_done, stop, keep).run()
+        Pool(batches, spec, crew or crew_for(spec, devices), on_done, stop, keep).run()
+
+
+class ForwardLogs(logging.handlers.QueueHandler):
+    """In a worker process: log records go to the driver (events queue), which hands them
+    to its own handlers: svdbatch.log and the console, above the progress bar."""
+
+    def __init__(self, events: mp.Queue, number: int):
+        super().__init__(events)
+        self.number = number
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.queue.put(("log", self.number, record))
+
+
+def resolve_for_driver(spec: WorkerSpec, setup: mp.Queue) -> Optional[tuple[str, WorkerSpec]]:
+    """The first worker of an early crew: resolve run.devices (this needs torch, which the
+    driver does without) and the thread count, and report both on `setup`; the embedded
+    tiny model is built first if it is not cached yet, so that the driver, which hashes it
+    into every key, need not build it (with torch) at the same time. Returns this
+    worker's device and its spec with the thread count filled in; None if it failed."""
+    try:
+        devices = [str(device) for device in resolve_devices(spec.devices, spec.workers)]
+        spec = replace(spec, num_threads=spec.num_threads or default_num_threads(devices))
+        if spec.model.get("source") == TINY_SOURCE:  # built here on first use: the driver hashes it
+            ensure_tiny_model(spec.model.get("cache_dir"))
+    except ConfigError as exc:
+        setup.put(("config_error", str(exc)))
+        return None
+    except BaseException as exc:
+        setup.put(("error", f"{type(exc).__name__}: {exc}"))
+        return None
+    setup.put(("devices", devices, spec.num_threads))
+    return devices[0], spec
 
 
 def worker_main(
-    spec: Optional[WorkerSpec], device: str, number: int, inbox: mp.Queue, events: mp.Queue, stop: Any, driver_pid: int
+    spec: Optional[WorkerSpec], device: Optional[str], number: int, inbox: mp.Queue, events: mp.Queue, stop: Any,
+    driver_pid: int, setup: Optional[mp.Queue] = None,
 ) -> None:
     """Entry point of a worker process: one run (a sweep point) per spec. After a point's
     last batch (None) it reports idle and waits for the next point's spec (None: exit); the
     pipeline stays loaded in between (models.load_pipeline keeps it). `stop` (an Event) is
-    set by the driver after a signal: no new batch starts."""
+    set by the driver after a signal: no new batch starts. `device` None: the first worker
+    of an early crew, which resolves the devices first (resolve_for_driver)."""
     ignore_stop_signals()
     die_with_parent(driver_pid)
+    faults.set_driver(driver_pid)
+    root = logging.getLogger()
+    root.handlers[:] = [ForwardLogs(events, number)]
+    root.setLevel(logging.INFO)
     # tqdm (diffusers' step bars) would create a cross-process lock, registered with the
     # driver's resource tracker; a worker killed after a stop's grace would leave it
     # registered, and the tracker warns at exit. A worker needs no lock across processes.
     from tqdm import tqdm
 
     tqdm.set_lock(threading.RLock())
-    previous = None
+    if device is None and spec is not None:
+        resolved = resolve_for_driver(spec, setup)
+        if resolved is None:
+            return
+        device, spec = resolved
     while spec is not None:
         try:
-            worker = spec.build(torch.device(device))
+            worker = spec.build(device)
         except BaseException as exc:
             events.put(("load_failed", number, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             return
-        if worker.loaded is not previous:  # a fresh load, not the pipeline of the last point
-            events.put(("loaded", number, worker.loaded.identity.name, worker.loaded.load_seconds))
-        previous = worker.loaded
-
         def batches():
             while not stop.is_set() and (task := inbox.get()) is not None:
                 yield task
@@ -141,38 +213,79 @@ def worker_main(
 class Crew:
     """One worker process per device, kept between runs that share what the workers were
     built from (model, memory preset, thread count, devices): the sequential points of a
-    sweep load the pipeline (and warm up a compiled UNet) once per device, not once per point."""
+    sweep load the pipeline (and warm up a compiled UNet) once per device, not once per point.
 
-    def __init__(self, key: str, devices: list[torch.device]):
+    An early crew (start_first) knows no devices yet: its first worker resolves them
+    while the driver plans, and `resolved()` waits for that report."""
+
+    def __init__(self, key: str, devices: Optional[list[str]] = None, num_threads: Optional[int] = None):
         self.key = key
         self.devices = devices
+        self.num_threads = num_threads
         self.context = mp.get_context("spawn")  # CUDA cannot be forked; spawn is also the CPU path
         self.events = self.context.Queue()
+        self.setup = self.context.Queue()  # the first worker's report of the resolved devices
         self.stop = self.context.Event()  # set after a signal: workers start no new batch
-        self.inboxes: list[Any] = [None] * len(devices)
-        self.procs: list[Any] = [None] * len(devices)
-        self.idle: list[bool] = [False] * len(devices)
+        size = len(devices) if devices else 1
+        self.inboxes: list[Any] = [None] * size
+        self.procs: list[Any] = [None] * size
+        self.idle: list[bool] = [False] * size
+        # Workers started for the coming point, with its spec: begin() leaves them be.
+        self.fresh: set[int] = set()
+
+    def start(self, number: int, spec: WorkerSpec, device: Optional[str]) -> None:
+        self.inboxes[number] = self.context.Queue()
+        self.procs[number] = self.context.Process(
+            target=worker_main,
+            args=(spec, device, number, self.inboxes[number], self.events, self.stop, os.getpid(), self.setup),
+            name=f"svdbatch-worker-{number}",
+            daemon=True,
+        )
+        with stop_signals_blocked():  # a Ctrl-C cannot kill it while it imports
+            self.procs[number].start()
+        self.idle[number] = False
+
+    def start_first(self, spec: WorkerSpec) -> None:
+        """Start worker 0 now, before the devices are known (it resolves them)."""
+        self.start(0, spec, None)
+        self.fresh.add(0)
+
+    def resolved(self) -> tuple[list[str], int]:
+        """The devices (one per worker) and thread count, once the first worker reports
+        them; a run.devices it refused is a ConfigError here, as in the driver."""
+        while self.devices is None:
+            try:
+                report = self.setup.get(timeout=0.25)
+            except queue.Empty:
+                if not self.procs[0].is_alive():
+                    raise ModelLoadError(f"worker 0 exited (code {self.procs[0].exitcode}) before it could start") from None
+                continue
+            if report[0] == "config_error":
+                raise ConfigError(report[1])
+            if report[0] != "devices":
+                raise ModelLoadError(f"worker 0 could not start: {report[1]}")
+            self.devices, self.num_threads = report[1], report[2]
+            more = len(self.devices) - 1
+            self.inboxes += [None] * more
+            self.procs += [None] * more
+            self.idle += [False] * more
+        return self.devices, self.num_threads
 
     def begin(self, spec: WorkerSpec) -> None:
         """Hand the point's spec to every worker: idle live ones get it by message, missing
         or dead ones are (re)started with it."""
         for number, device in enumerate(self.devices):
             proc = self.procs[number]
+            if number in self.fresh:  # if it died, its report says why (load_failed) or the pool sees it dead
+                continue
             if proc is not None and proc.is_alive() and self.idle[number]:
                 self.inboxes[number].put(spec)
+                self.idle[number] = False
             else:
                 if proc is not None and proc.is_alive():
                     proc.kill()
-                self.inboxes[number] = self.context.Queue()
-                self.procs[number] = self.context.Process(
-                    target=worker_main,
-                    args=(spec, str(device), number, self.inboxes[number], self.events, self.stop, os.getpid()),
-                    name=f"svdbatch-worker-{number}",
-                    daemon=True,
-                )
-                with stop_signals_blocked():  # a Ctrl-C cannot kill it while it imports
-                    self.procs[number].start()
-            self.idle[number] = False
+                self.start(number, spec, device)
+        self.fresh.clear()
 
     def end_point(self, alive: list[int], keep: bool) -> None:
         """After a run: tell the live workers the point is over and wait until each has
@@ -190,6 +303,8 @@ class Crew:
             if event[0] == "idle":
                 waiting.discard(event[1])
                 self.idle[event[1]] = True
+            elif event[0] == "log":
+                log_from_worker(event[2], event[1], len(self.procs))
         for number in waiting:  # stuck: never reused
             self.procs[number].kill()
         if not keep:
@@ -208,24 +323,59 @@ class Crew:
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
-        self.procs = [None] * len(self.devices)
+        self.procs = [None] * len(self.procs)
+        self.fresh.clear()
+
+
+def log_from_worker(record: logging.LogRecord, number: int, workers: int) -> None:
+    """A worker's log record, through this process's handlers (named by worker when several)."""
+    if workers > 1:
+        record.msg, record.args = f"worker {number}: {record.getMessage()}", None
+    logging.getLogger(record.name).handle(record)
 
 
 _crews: dict[str, Crew] = {}  # at most one: the crew of the last run, kept for the next point
 
 
-def crew_for(spec: WorkerSpec, devices: list[torch.device]) -> Crew:
-    key = json.dumps([spec.model, spec.memory, spec.num_threads, [str(d) for d in devices]], sort_keys=True, default=str)
+def crew_key(spec: WorkerSpec) -> str:
+    """What a crew's workers were built from, as configured (not resolved): a sweep's points
+    with equal settings share the crew."""
+    return json.dumps([spec.model, spec.memory, spec.num_threads, spec.devices, spec.workers], sort_keys=True, default=str)
+
+
+def crew_for(spec: WorkerSpec, devices: Optional[list[str]] = None) -> Crew:
+    """The kept crew for these settings, or a new one (for `devices`, or early: devices unknown)."""
+    key = crew_key(spec)
     crew = _crews.get(key)
     if crew is None:
         close_crews()  # another model or device set: free the devices first
-        crew = _crews[key] = Crew(key, devices)
+        crew = _crews[key] = Crew(key, devices, spec.num_threads)
     return crew
+
+
+def start_early(spec: WorkerSpec) -> Crew:
+    """The crew for a run whose driver has not imported torch: the kept one of the last
+    sweep point with the same settings, or a new one whose first worker starts now."""
+    crew = crew_for(spec)
+    if crew.devices is None and crew.procs[0] is None:
+        crew.start_first(spec)
+    return crew
+
+
+def discard_unused(crew: Crew) -> None:
+    """A run that started an early crew but hands it no work (nothing to do, or it failed
+    before): stop the worker still loading, rather than wait for a model nobody needs."""
+    if crew.fresh:
+        crew.close(0)
+        _crews.pop(crew.key, None)
 
 
 @atexit.register
 def close_crews() -> None:
-    """Shut down kept worker processes (at exit, or before starting other ones)."""
+    """Shut down kept worker processes (at exit, or before starting other ones). At exit it
+    must run before multiprocessing's own hook, which SIGTERMs daemon children and waits for
+    them: workers ignore SIGTERM. atexit runs hooks last-registered first, hence the import
+    of multiprocessing.util above."""
     while _crews:
         _, crew = _crews.popitem()
         crew.close()
@@ -233,11 +383,11 @@ def close_crews() -> None:
 
 class Pool:
     def __init__(
-        self, batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[torch.device], on_done: OnDone,
+        self, batches: list[list[PlannedItem]], spec: WorkerSpec, crew: Crew, on_done: OnDone,
         stop: Optional[StopRequest] = None, keep: bool = False,
     ):
         self.spec = spec
-        self.devices = devices
+        self.crew = crew
         self.keep = keep
         self.ledger = Ledger(batches, RunStore(spec.run_dir, spec.output["format"]), on_done)
         # A signal asked the run to stop (stops.py): nothing new is handed out.
@@ -245,7 +395,7 @@ class Pool:
 
     def run(self) -> None:
         ledger, stop = self.ledger, self.stop
-        crew = crew_for(self.spec, self.devices)
+        crew = self.crew
         crew.begin(self.spec)
         events, inboxes, procs = crew.events, crew.inboxes, crew.procs
         for number in range(len(procs)):
@@ -294,8 +444,8 @@ class Pool:
         kind, number = event[0], event[1]
         if kind == "done":
             self.ledger.done(number, event[2], event[3])
-        elif kind == "loaded":
-            log.info("worker %d (%s): loaded %s in %.2f s", number, self.devices[number], event[2], event[3])
+        elif kind == "log":
+            log_from_worker(event[2], number, len(self.crew.procs))
         elif kind == "load_failed":
             self.ledger.load_failed(number, event[2])
 

@@ -32,7 +32,7 @@ from .atomic import atomic_write_bytes
 from .config import ConfigError
 from .dispatch import ASSIGNED_PER_WORKER, Ledger, OnDone
 from .models import parse_device
-from .worker import Outcome
+from .outcomes import Outcome
 from .plan import PlannedItem
 from .stops import StopRequest
 from .store import RunDirError, RunStore

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
 TINY_SOURCE = "tiny"
 TINY_BUILD_SEED = 0
@@ -90,6 +89,7 @@ def tiny_recipe_hash() -> str:
 
 def build_tiny_pipeline():
     """Deterministically build the random-weight tiny pipeline (no download, no GPU)."""
+    import torch
     from diffusers import (
         AutoencoderKLTemporalDecoder,
         EulerDiscreteScheduler,

@@ -30,6 +30,7 @@ from .fetch import FetchError
 from .images import pipeline_input
 from .faults import fault_point
 from .models import LoadedPipeline, lower_memory, pin_threads
+from .outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from .outputs import frames_sha256, output_key, output_settings, write_video, written_fps
 from .params import GenParams
 from .plan import PlannedItem
@@ -50,24 +51,6 @@ class GenerationError(RuntimeError):
     pass
 
 
-DONE = "done"
-FAILED = "failed"
-BUSY = "busy"  # claimed by another process sharing the run dir
-DONE_ELSEWHERE = "done_elsewhere"  # another process finished it after this run's plan
-STOPPED = "stopped"  # not attempted: the run stopped (disk full)
-INTERRUPTED = "interrupted"  # not attempted: a signal stopped the run (see stops.py)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    item_id: str
-    status: str
-    generate_s: Optional[float] = None
-    error: Optional[str] = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == DONE
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:

@@ -70,7 +70,7 @@ def frame_hashes(run_dir: Path) -> dict[str, str]:
 @pytest.mark.parametrize("stage", ["generate", "video", "sidecar", "results"])
 def test_sigkill_at_any_stage_then_resume_gives_the_uninterrupted_result(tmp_path, manifest3, clean_run, stage):
     run_dir = tmp_path / "run"
-    killed = run_with_fault(manifest3, run_dir, f"{stage}:2:kill")
+    killed = run_with_fault(manifest3, run_dir, f"{stage}:2:killrun")  # driver and worker: a power loss
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     if stage in ("video", "sidecar"):
         assert leftovers(run_dir), "the kill should have left a temporary behind"

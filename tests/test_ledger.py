@@ -8,7 +8,7 @@ from svdbatch.config import OutputFormat
 from svdbatch.dispatch import MAX_ATTEMPTS, Ledger
 from svdbatch.manifest import read_manifest
 from svdbatch.models import model_identity
-from svdbatch.worker import DONE, FAILED, STOPPED, Outcome
+from svdbatch.outcomes import DONE, FAILED, STOPPED, Outcome
 from svdbatch.plan import make_batches, plan_run
 from svdbatch.store import RunStore, read_jsonl
 from tests.conftest import make_cfg, make_image, write_csv
