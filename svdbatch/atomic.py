@@ -44,17 +44,29 @@ def temp_owner(name: str) -> Optional[tuple[int, str]]:
     return (int(pid), host) if pid.isdigit() and found else None
 
 
+def process_alive(pid: int) -> bool:
+    """A process of this host with this pid exists and has not exited. A killed process
+    whose parent has not reaped it yet (a zombie: a worker whose driver was killed with it,
+    until init collects it) is dead: it holds no files and writes nothing more."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill() said it exists
+    return state not in ("Z", "X")
+
+
 def written_by_dead_process(name: str) -> bool:
     owner = temp_owner(name)
     if owner is None or owner[1] != _HOST:
         return False  # another machine's process (shared file system): cannot tell
-    try:
-        os.kill(owner[0], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return not process_alive(owner[0])
 
 
 def current_umask() -> int:

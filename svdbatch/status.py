@@ -38,8 +38,9 @@ import yaml
 from .atomic import atomic_write_bytes
 from .manifest import Manifest, ManifestError, read_manifest
 from .store import (
-    CACHE_DIR, CLAIM_SUFFIX, CLAIMS_DIR, FAILURES, HEARTBEAT_S, RESULTS, config_files, is_invalid_record, is_run_dir, latest_by_id,
-    not_a_run_dir_message, output_intact, owner_state, parse_time, read_jsonl_fast, read_owners, run_cwd,
+    CACHE_DIR, CLAIM_SUFFIX, CLAIMS_DIR, FAILURES, HEARTBEAT_S, config_files, finished_intact, is_invalid_record,
+    is_run_dir, latest_by_id,
+    not_a_run_dir_message, owner_state, parse_time, read_jsonl_fast, read_owners, run_cwd,
 )
 
 from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
@@ -161,11 +162,6 @@ def read_manifest_view(run_dir: Path) -> ManifestView:
 
 
 # -- logs -------------------------------------------------------------------------------
-def done_ids(run_dir: Path, results: dict[str, dict[str, Any]]) -> set[str]:
-    """Ids whose latest record's output is still there, complete (keys are not recomputed)."""
-    return {item_id for item_id, record in results.items() if output_intact(run_dir, record)}
-
-
 def claim_is_held(path: str | os.PathLike) -> bool:
     """True while another process holds the claim's flock (it is generating that item).
 
@@ -354,7 +350,7 @@ def throughput(records: Iterable[dict[str, Any]], window: int = THROUGHPUT_WINDO
     finish, so it is not zero for one item or for finishes within the same second."""
     # The log is appended as items finish, so the latest finishes are at its end: parsing the
     # times of a generous tail, not of a 100k-line log, gives the same window.
-    records = list(records)[-max(40 * window, 2000):]
+    records = list(records)[-throughput_lines(window):]
     finished = sorted(
         (stamp, float(r.get("seconds") or 0.0)) for r in records if (stamp := parse_time(r.get("finished_at"))) is not None
     )
@@ -369,6 +365,11 @@ def throughput(records: Iterable[dict[str, Any]], window: int = THROUGHPUT_WINDO
     span = (tail[-1][0] - tail[0][0]).total_seconds() + tail[0][1]
     rate = len(tail) * 3600.0 / span if span > 0 else None
     return Throughput(len(tail), span, rate, fmean(s for _, s in tail), tail[-1][0].isoformat())
+
+
+def throughput_lines(window: int = THROUGHPUT_WINDOW) -> int:
+    """How many of the log's last lines throughput reads (a generous tail around the window)."""
+    return max(40 * window, 2000)
 
 
 def session_gap(mean_item_s: float) -> float:
@@ -412,15 +413,14 @@ def eta_seconds(remaining: Optional[int], rate: Optional[float], live: bool = Tr
 def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: Optional[datetime] = None) -> dict[str, Any]:
     """Everything `svdbatch status` prints, as one JSON-friendly dict."""
     now = now or datetime.now(timezone.utc)
-    results_log = read_jsonl_fast(run_dir / RESULTS)
+    done, recent = finished_intact(run_dir, recent=throughput_lines(window))
     failures_log = read_jsonl_fast(run_dir / FAILURES)
-    results, failures = latest_by_id(results_log), latest_by_id(failures_log)
+    failures = latest_by_id(failures_log)
     # Rows rejected before they had an id: one per manifest line, the latest record.
     idless = list({r.get("line"): r for r in failures_log if r.get("id") is None}.values())
     view = read_manifest_view(run_dir)
-    done = done_ids(run_dir, results)
     counts = classify(view.ids if view.known else None, view.bad_rows, done, failures, claimed_ids(run_dir, done), idless)
-    rate = throughput(results_log, window)
+    rate = throughput(recent, window)
     summary = counts.as_dict()
     remaining = None if counts.pending is None else len(counts.pending) + len(counts.in_progress)
     live, owners = liveness(run_dir, len(counts.in_progress), now)
