@@ -24,14 +24,14 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Optional
-
-import hydra
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING, Optional
 
 from .config import ConfigError, register_configs
 from .manifest import ManifestError
 from .store import RunDirError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger("svdbatch")
 
@@ -56,14 +56,16 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def config_dir() -> str:
-    """conf/ of a source checkout (editable install), else the copy packaged in the wheel."""
+    """conf/ of a source checkout (editable install), else the copy packaged in the wheel.
+    Whoever composes from it asks here first, so the typed schema its config.yaml names
+    (and the resolvers) are registered then: Hydra is imported only by what composes."""
+    register_configs()
     source_tree = Path(__file__).resolve().parent.parent / "conf"
     if (source_tree / "config.yaml").is_file():
         return str(source_tree)
     return str(resources.files("svdbatch.conf"))
 
 
-register_configs()
 _exit_codes: list[int] = []  # one per Hydra job (several in a multirun)
 _jobs_started: list[bool] = []  # Hydra composed a config and called the app at least once
 
@@ -99,8 +101,16 @@ def job_number() -> Optional[int]:
     return HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def hydra_app(cfg: DictConfig) -> JobSummary:
+def hydra_app() -> None:
+    """The run (or sweep) as Hydra runs it, from sys.argv. Hydra is imported here, not at
+    module level, so that `status`, `gallery` and `verify` start fast."""
+    import hydra
+
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(run_job)()
+
+
+def run_job(cfg: DictConfig) -> JobSummary:
+    """One Hydra job: a run, or a sweep point (module level: submitit pickles it by name)."""
     _jobs_started.append(True)
     # torch is imported here, not at module level, so `svdbatch status` and `gallery` start fast.
     from .driver import run

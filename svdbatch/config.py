@@ -15,7 +15,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
@@ -430,6 +429,9 @@ def hydra_job_dir(_root_: DictConfig) -> str:
 
 
 def register_configs() -> None:
+    """Register the schema and resolvers before composing (cli.config_dir does; idempotent)."""
+    from hydra.core.config_store import ConfigStore  # here: status and gallery never import Hydra
+
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
     OmegaConf.register_new_resolver("svdbatch_job_dir", hydra_job_dir, replace=True)
     OmegaConf.register_new_resolver("svdbatch_stem", default_run_name, replace=True)

@@ -25,14 +25,16 @@ import stat
 import tempfile
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
 from PIL import Image
 
 from .atomic import DISK_FULL_ERRNOS, atomic_path, default_mode, fsync_path, temp_prefix
 from .config import OutputConfig, OutputFormat
 from .faults import fault_point
+
+if TYPE_CHECKING:  # numpy is imported where frames are handled: `svdbatch status` needs none
+    import numpy as np
 
 # Bump when the bytes written for the same settings change on purpose (encoder flags, ...):
 # it is part of the output key, so it redoes the items.
@@ -128,6 +130,8 @@ def output_settings(output: OutputConfig, fps: int) -> dict[str, Any]:
 
 def frames_sha256(frames: np.ndarray) -> str:
     """The hash of generated uint8 frames recorded in every sidecar (shape included)."""
+    import numpy as np
+
     digest = hashlib.sha256(str(frames.shape).encode())
     digest.update(np.ascontiguousarray(frames).tobytes())
     return digest.hexdigest()
@@ -185,6 +189,8 @@ def encode_mp4(frames: np.ndarray, target: Path, fps: int, settings: dict[str, A
     """H.264 with exactly imageio-ffmpeg's command line for libx264 (what diffusers'
     export_to_video ran), but with the codec named, stderr kept and the exit status checked:
     imageio-ffmpeg's writer ignores ffmpeg's exit status, so a full disk gave a "done" file."""
+    import numpy as np
+
     _, height, width, _ = frames.shape
     cmd = [
         ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24",
@@ -317,6 +323,8 @@ def output_bytes(path: str | os.PathLike) -> int:
 
 def read_video(path: Path) -> np.ndarray:
     """Decode a written output back to uint8 frames (F, H, W, 3)."""
+    import numpy as np
+
     if path.is_dir():
         return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(path.glob("*.png"))])
     import imageio.v3 as iio
