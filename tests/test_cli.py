@@ -185,3 +185,13 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     for n in range(8):
         assert (killed_dir / "videos" / f"i{n}.mp4").read_bytes() == (tmp_path / "clean" / "videos" / f"i{n}.mp4").read_bytes()
         assert json.loads((killed_dir / "items" / f"i{n}.json").read_text())["status"] == "done"
+
+
+def test_driver_side_modules_do_not_import_torch():
+    # The CLI driver must start without torch so its first worker loads the model meanwhile.
+    modules = "svdbatch.cli, svdbatch.driver, svdbatch.pool, svdbatch.plan, svdbatch.sweep, svdbatch.status, " \
+              "svdbatch.dataset, svdbatch.gallery, svdbatch.verify"
+    code = f"import sys, {modules}; heavy = {{'torch', 'diffusers', 'transformers'}} & set(sys.modules); " \
+           "assert not heavy, sorted(heavy)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

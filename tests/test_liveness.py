@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 
-from svdbatch.atomic import HOST
+import pytest
+
+from svdbatch.atomic import HOST, TEMP_MARKER, process_alive, temp_owner, temp_prefix, written_by_dead_process
 from svdbatch.status import collect, format_report
 from svdbatch.store import OWNERS_DIR, Owner, owner_state, process_start_ticks, read_owners
 from tests.conftest import FAST, REPO, make_image, run_cli, write_csv
@@ -78,3 +80,53 @@ def test_owner_state_of_a_reused_pid_and_the_heartbeat(tmp_path):
     if process_start_ticks(os.getpid()) is not None:
         reused = {"pid": os.getpid(), "host": HOST, "process_start": process_start_ticks(os.getpid()) + 1}
         assert owner_state(reused) == "dead"  # same pid, another process
+
+
+
+def wait_for_state(pid: int, state: str) -> None:
+    """Poll /proc until the process is in `state` (Z: exited, not yet reaped)."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] == state:
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never reached state {state}")
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc to see a zombie")
+
+
+@needs_proc
+def test_process_alive_of_a_running_a_zombie_and_a_reaped_child():
+    assert process_alive(os.getpid())
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert process_alive(child.pid)
+        child.kill()
+        wait_for_state(child.pid, "Z")
+        os.kill(child.pid, 0)  # the precondition: a zombie still has its pid
+        assert not process_alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_alive(child.pid)
+
+
+@needs_proc
+def test_a_zombies_temporary_and_owner_file_are_a_dead_processs():
+    child = subprocess.Popen(["sleep", "30"])
+    temporary = f".clip{TEMP_MARKER}{child.pid}@{HOST}@x1y2"  # as temp_prefix names the child's
+    try:
+        assert temp_owner(temporary) == (child.pid, HOST)
+        owner = {"pid": child.pid, "host": HOST, "process_start": process_start_ticks(child.pid)}
+        assert not written_by_dead_process(temporary) and owner_state(owner) == "running"
+        child.kill()
+        wait_for_state(child.pid, "Z")  # not reaped: kill(pid, 0) still succeeds
+        assert written_by_dead_process(temporary)
+        assert owner_state(owner) == "dead"
+    finally:
+        child.kill()
+        child.wait()
+    assert written_by_dead_process(temporary)
+    assert not written_by_dead_process(temp_prefix("clip") + "x1y2")  # this live process's own
