@@ -189,6 +189,8 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
     # A driver without torch (the CLI) starts its first worker now: it imports torch and
     # loads the model on the other core while this one checks the input and plans.
     crew = pool.start_early(spec) if cluster is None and not pool.torch_is_loaded() else None
+    if crew is None:
+        pool.discard_spare()  # a worker the CLI started for a local run: not needed
     try:
         check_config(cfg)
         manifest = load_manifest(cfg, shard, image_cache)

@@ -19,6 +19,7 @@ its batches go back to the queue once, then are recorded as failed and left for 
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import logging
 import logging.handlers
@@ -175,7 +176,8 @@ def worker_main(
     last batch (None) it reports idle and waits for the next point's spec (None: exit); the
     pipeline stays loaded in between (models.load_pipeline keeps it). `stop` (an Event) is
     set by the driver after a signal: no new batch starts. `device` None: the first worker
-    of an early crew, which resolves the devices first (resolve_for_driver)."""
+    of an early crew, which resolves the devices first (resolve_for_driver); with `spec`
+    None too, a spare (prestart) that imports the libraries and then waits for its spec."""
     ignore_stop_signals()
     die_with_parent(driver_pid)
     faults.set_driver(driver_pid)
@@ -188,6 +190,10 @@ def worker_main(
     from tqdm import tqdm
 
     tqdm.set_lock(threading.RLock())
+    if spec is None and device is None:  # a spare (prestart): torch now, the spec meanwhile
+        importlib.import_module("torch")  # resolving the devices needs it, and the driver waits for that
+
+        spec = inbox.get()
     if device is None and spec is not None:
         resolved = resolve_for_driver(spec, setup)
         if resolved is None:
@@ -353,9 +359,42 @@ def crew_for(spec: WorkerSpec, devices: Optional[list[str]] = None) -> Crew:
     return crew
 
 
+_spare: Optional[Crew] = None  # prestart's worker, until a run adopts it (start_early)
+
+
+def prestart() -> None:
+    """Start the first worker before the config is composed (the CLI, about to run): it
+    imports torch meanwhile, then takes the run's spec (start_early), reports the devices
+    the driver plans with, and imports diffusers and loads the model.
+    Not adopted (no run after all, another engine): killed (discard_spare, or at exit)."""
+    global _spare
+    if _spare is None and not torch_is_loaded():
+        _spare = Crew("")
+        _spare.start(0, None, None)
+
+
+def discard_spare() -> None:
+    global _spare
+    if _spare is not None:
+        _spare.close(0)
+        _spare = None
+
+
 def start_early(spec: WorkerSpec) -> Crew:
     """The crew for a run whose driver has not imported torch: the kept one of the last
-    sweep point with the same settings, or a new one whose first worker starts now."""
+    sweep point with the same settings, else the prestarted spare (given the spec now), else
+    a new one whose first worker starts now."""
+    global _spare
+    key = crew_key(spec)
+    if key not in _crews and _spare is not None:
+        crew, _spare = _spare, None
+        close_crews()  # another model or device set: free the devices first
+        crew.key, crew.num_threads = key, spec.num_threads
+        _crews[key] = crew
+        crew.inboxes[0].put(spec)
+        crew.fresh.add(0)
+        return crew
+    discard_spare()
     crew = crew_for(spec)
     if crew.devices is None and crew.procs[0] is None:
         crew.start_first(spec)
@@ -379,6 +418,7 @@ def close_crews() -> None:
     while _crews:
         _, crew = _crews.popitem()
         crew.close()
+    discard_spare()
 
 
 class Pool:
