@@ -188,7 +188,7 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
     spec = worker_spec(cfg, store, keep_in)
     # A driver without torch (the CLI) starts its first worker now: it imports torch and
     # loads the model on the other core while this one checks the input and plans.
-    crew = pool.start_early(spec) if cluster is None and not pool.torch_is_loaded() else None
+    crew = pool.start_early(spec) if cluster is None and pool.runs_in_processes(spec) else None
     if crew is None:
         pool.discard_spare()  # a worker the CLI started for a local run: not needed
     try:

@@ -103,6 +103,13 @@ def torch_is_loaded() -> bool:
     return "torch" in sys.modules
 
 
+def runs_in_processes(spec: WorkerSpec) -> bool:
+    """Whether a local run takes an early crew (start_early): in a driver without torch, and
+    whenever a crew kept from the last sweep point fits (the driver may have imported torch
+    since, e.g. to check memory.compile's settings: the kept pipeline must not load twice)."""
+    return not torch_is_loaded() or crew_key(spec) in _crews
+
+
 def execute(
     batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[str], on_done: OnDone,
     stop: Optional[StopRequest] = None, cluster: Any = None, keep: bool = False, crew: Optional["Crew"] = None,

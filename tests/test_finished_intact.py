@@ -31,6 +31,13 @@ def make_files(run_dir: Path, item_id: str, output_bytes: int = 100, sidecar_byt
         path.write_bytes(b"x" * size)
 
 
+def intact_items(run_dir: Path, numbers) -> list[dict]:
+    """Records i<n> for each n, with their video and sidecar written at the recorded sizes."""
+    for n in numbers:
+        make_files(run_dir, f"i{n}")
+    return [record(f"i{n}", n) for n in numbers]
+
+
 def write_log(run_dir: Path, lines: list) -> bytes:
     """lines: records (dicts) or raw bytes (a damaged line), one per line."""
     data = b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines)
@@ -99,10 +106,7 @@ def both_ways(run_dir: Path, monkeypatch, recent: int = 0) -> tuple:
 
 
 def test_forked_check_equals_the_serial_check(tmp_path, monkeypatch):
-    lines = []
-    for n in range(40):
-        make_files(tmp_path, f"i{n}")
-        lines.append(record(f"i{n}", n))
+    lines = intact_items(tmp_path, range(40))
     write_log(tmp_path, lines)
     (done, recent), spy = both_ways(tmp_path, monkeypatch, recent=5)
     assert done == {f"i{n}" for n in range(40)}
@@ -133,10 +137,7 @@ def test_the_latest_line_decides_across_the_halves(tmp_path, monkeypatch):
 
 def test_an_intact_first_half_line_is_not_overruled_by_nothing(tmp_path, monkeypatch):
     """An id only in the first half is decided there (the child does not know it)."""
-    lines = []
-    for n in range(20):
-        make_files(tmp_path, f"i{n}")
-        lines.append(record(f"i{n}", n))
+    lines = intact_items(tmp_path, range(20))
     write_log(tmp_path, lines)
     (done, _), spy = both_ways(tmp_path, monkeypatch)
     assert "i0" in spy.parent_ids[0] and "i0" not in spy.child_ids[0]
@@ -144,10 +145,7 @@ def test_an_intact_first_half_line_is_not_overruled_by_nothing(tmp_path, monkeyp
 
 
 def test_truncated_sidecars_and_deleted_videos_in_either_half_are_not_done(tmp_path, monkeypatch):
-    lines = []
-    for n in range(40):
-        make_files(tmp_path, f"i{n}")
-        lines.append(record(f"i{n}", n))
+    lines = intact_items(tmp_path, range(40))
     write_log(tmp_path, lines)
     broken = {"i1": "sidecar", "i3": "video", "i36": "sidecar", "i38": "video"}
     for item_id, what in broken.items():
@@ -171,10 +169,7 @@ def test_a_sidecar_that_grew_is_not_done_either(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damaged", [b'{"id": "torn", "output": "vid', b"\xff\xfe not utf-8", b"[1, 2]", b"42"])
 def test_a_damaged_line_in_the_middle_is_skipped_and_the_rest_counted(tmp_path, monkeypatch, damaged):
-    lines = []
-    for n in range(30):
-        make_files(tmp_path, f"i{n}")
-        lines.append(record(f"i{n}", n))
+    lines = intact_items(tmp_path, range(30))
     lines.insert(15, damaged)
     write_log(tmp_path, lines)
     (done, recent), _ = both_ways(tmp_path, monkeypatch, recent=40)
@@ -184,10 +179,7 @@ def test_a_damaged_line_in_the_middle_is_skipped_and_the_rest_counted(tmp_path, 
 
 @pytest.mark.parametrize("count", [1, 3, 10])
 def test_recent_is_the_last_records_in_order(tmp_path, monkeypatch, count):
-    lines = []
-    for n in range(10):
-        make_files(tmp_path, f"i{n}")
-        lines.append(record(f"i{n}", n))
+    lines = intact_items(tmp_path, range(10))
     lines.append(record("i2", 10, output_bytes=7))  # a later line of an id: recent has both
     write_log(tmp_path, lines)
     (_, recent), _ = both_ways(tmp_path, monkeypatch, recent=count)
@@ -220,10 +212,7 @@ def test_an_empty_log_is_nothing_done(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("failure", ["returns None", "start refused"])
 def test_a_failed_child_falls_back_to_this_process(tmp_path, monkeypatch, failure):
-    lines = []
-    for n in range(30):
-        make_files(tmp_path, f"i{n}")
-        lines.append(record(f"i{n}", n))
+    lines = intact_items(tmp_path, range(30))
     lines.append(record("i0", 30, output_bytes=3))  # latest line of i0, in the second half: bad
     make_files(tmp_path, "i29", sidecar_bytes=1)  # second half, broken
     write_log(tmp_path, lines)
@@ -293,10 +282,7 @@ def test_parse_jsonl_names_a_damaged_line(caplog):
 
 
 def test_no_fork_while_another_thread_runs_and_the_result_is_the_same(tmp_path, monkeypatch):
-    lines = []
-    for n in range(20):
-        make_files(tmp_path, f"i{n}")
-        lines.append(record(f"i{n}", n))
+    lines = intact_items(tmp_path, range(20))
     lines.append(record("i0", 20, output_bytes=1))
     write_log(tmp_path, lines)
     monkeypatch.setattr(store, "FORK_FROM_BYTES", BIG)
