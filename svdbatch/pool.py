@@ -184,7 +184,7 @@ def worker_main(
     pipeline stays loaded in between (models.load_pipeline keeps it). `stop` (an Event) is
     set by the driver after a signal: no new batch starts. `device` None: the first worker
     of an early crew, which resolves the devices first (resolve_for_driver); with `spec`
-    None too, a spare (prestart) that imports the libraries and then waits for its spec."""
+    None too, a spare (prestart) that imports torch and then waits for its spec."""
     ignore_stop_signals()
     die_with_parent(driver_pid)
     faults.set_driver(driver_pid)
@@ -199,7 +199,6 @@ def worker_main(
     tqdm.set_lock(threading.RLock())
     if spec is None and device is None:  # a spare (prestart): torch now, the spec meanwhile
         importlib.import_module("torch")  # resolving the devices needs it, and the driver waits for that
-
         spec = inbox.get()
     if device is None and spec is not None:
         resolved = resolve_for_driver(spec, setup)
