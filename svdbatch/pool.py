@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 EXIT_WAIT_S = 60
 # After a stop, workers have reported everything they held: they only need to exit.
 EXIT_WAIT_AFTER_STOP_S = 10
+# A worker process that dies (a segfault, the OOM killer) is replaced, so that one bad item
+# does not stop the batch; its batches are retried (dispatch.MAX_ATTEMPTS). Not after this
+# many deaths in a row with no batch done in between: something is wrong with every item.
+MAX_RESTARTS_IN_A_ROW = 3
 
 
 class NoWorkersLeft(ModelLoadError):
@@ -438,6 +442,7 @@ class Pool:
         self.ledger = Ledger(batches, RunStore(spec.run_dir, spec.output["format"]), on_done)
         # A signal asked the run to stop (stops.py): nothing new is handed out.
         self.stop = stop or StopRequest(0)
+        self.deaths_in_a_row = 0
 
     def run(self) -> None:
         ledger, stop = self.ledger, self.stop
@@ -468,6 +473,7 @@ class Pool:
                     self.drain(events)  # what they reported before dying counts
                 for number in dead:
                     ledger.died(number, f"exit code {procs[number].exitcode}")
+                    self.replace(number)
                 self.hand_out(inboxes)
             clean = not ledger.interrupted
         finally:
@@ -481,6 +487,20 @@ class Pool:
         if ledger.load_errors and len(ledger.load_errors) == len(procs):
             raise NoWorkersLeft("no worker could load the model:\n" + "\n".join(ledger.load_errors))
 
+    def replace(self, number: int) -> None:
+        """Start a new worker in a dead one's place, while work is waiting and deaths are not
+        piling up (MAX_RESTARTS_IN_A_ROW)."""
+        ledger = self.ledger
+        if ledger.interrupted or ledger.stop_reason or not ledger.waiting:
+            return
+        self.deaths_in_a_row += 1
+        if self.deaths_in_a_row > MAX_RESTARTS_IN_A_ROW:
+            log.error("worker %d not restarted: %d workers died in a row without finishing a batch", number, self.deaths_in_a_row)
+            return
+        log.warning("restarting worker %d (%d of at most %d deaths in a row)", number, self.deaths_in_a_row, MAX_RESTARTS_IN_A_ROW)
+        self.crew.start(number, self.spec, self.crew.devices[number])
+        ledger.join(number)
+
     def hand_out(self, inboxes: list) -> None:
         for number in self.ledger.workers:
             for batch_id in self.ledger.hand_out(number):
@@ -490,6 +510,7 @@ class Pool:
         kind, number = event[0], event[1]
         if kind == "done":
             self.ledger.done(number, event[2], event[3])
+            self.deaths_in_a_row = 0
         elif kind == "log":
             log_from_worker(event[2], number, len(self.crew.procs))
         elif kind == "load_failed":

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from svdbatch.driver import run
+from svdbatch.pool import MAX_RESTARTS_IN_A_ROW
 from svdbatch.atomic import TEMP_MARKER
 from svdbatch.reproduce import reproduce
 
@@ -83,6 +84,44 @@ def test_sigkill_at_any_stage_then_resume_gives_the_uninterrupted_result(tmp_pat
     assert not leftovers(run_dir)  # the dead run's temporaries are cleaned up at once
     assert outputs_of(run_dir) == outputs_of(clean_run)  # byte-identical videos
     assert frame_hashes(run_dir) == frame_hashes(clean_run)
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_every_item_is_done(tmp_path, manifest3, clean_run):
+    """The default command's worker is a process of its own: a segfault or the OOM killer
+    takes that process, not the run. Killed at its third item, it is restarted and the
+    batches it held are redone: the result is the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    result = run_with_fault(manifest3, run_dir, "generate:3:kill")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "worker 0 died (exit code -9)" in result.stderr and "restarting worker 0" in result.stderr
+    assert "3 done, 0 skipped, 0 failed" in result.stdout
+    assert results_ids(run_dir) == Counter({"i0": 1, "i1": 1, "i2": 1})
+    assert not leftovers(run_dir)
+    assert outputs_of(run_dir) == outputs_of(clean_run)
+    assert frame_hashes(run_dir) == frame_hashes(clean_run)
+
+
+def test_a_worker_that_dies_on_every_item_fails_them_and_the_run_ends(tmp_path, manifest3):
+    """Restarts stop after MAX_RESTARTS_IN_A_ROW deaths with nothing done in between (here
+    every new worker dies at its first item): the items it was given fail after two tries,
+    the rest fail as left with no worker, each recorded with its reason; a re-run without
+    the fault does them all."""
+    ids = [f"i{n}" for n in range(8)]
+    manifest = write_csv(tmp_path / "m8.csv", ["id", "image", "seed"],
+                         [[item_id, str(manifest3.parent / "img" / f"i{n % 3}.png"), n] for n, item_id in enumerate(ids)])
+    run_dir = tmp_path / "run"
+    result = run_with_fault(manifest, run_dir, "generate:1:kill")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "0 done, 0 skipped, 8 failed" in result.stdout and "Traceback" not in result.stderr
+    assert result.stderr.count("restarting worker 0") == MAX_RESTARTS_IN_A_ROW
+    assert f"{MAX_RESTARTS_IN_A_ROW + 1} workers died in a row without finishing a batch" in result.stderr
+    failures = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["id"] for f in failures) == ids
+    reasons = {f["error"] for f in failures}
+    assert "worker 0 died (exit code -9), 2 attempts" in reasons
+    assert any("no live worker left" in reason for reason in reasons)
+    resumed = run_with_fault(manifest, run_dir, None)
+    assert resumed.returncode == 0 and "8 done" in resumed.stdout, resumed.stderr[-2000:]
 
 
 def test_disk_full_mid_run_stops_cleanly_and_resumes(tmp_path, manifest3, clean_run):
