@@ -194,12 +194,7 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
     try:
         check_config(cfg)
         manifest = load_manifest(cfg, shard, image_cache)
-        # A bad run.devices fails before anything is written.
-        if crew is not None:
-            devices, num_threads = crew.resolved()
-        else:
-            devices = [str(d) for d in (cluster.devices() if cluster else resolve_devices(cfg.run.devices, cfg.run.workers))]
-            num_threads = cfg.run.num_threads or default_num_threads(devices)
+        devices, num_threads = devices_and_threads(cfg, crew, cluster)  # a bad run.devices fails here
         spec = replace(spec, num_threads=num_threads)  # so every worker computes with the same count
         store.prepare(cfg.run.min_free_mb)
         summary = progress.summary = RunSummary(run_dir=store.root)
@@ -218,6 +213,16 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
         if crew is not None:
             pool.discard_unused(crew)  # bad input, nothing to do, or a stop before any work
     return summary
+
+
+def devices_and_threads(cfg: DictConfig, crew: Optional[Crew], cluster=None) -> tuple[list[str], int]:
+    """One device name per worker, and the intra-op thread count all of them compute with:
+    as the early crew's first worker resolved them (this process has no torch), else
+    resolved here (with Ray, by the cluster)."""
+    if crew is not None:
+        return crew.resolved()
+    devices = [str(d) for d in (cluster.devices() if cluster else resolve_devices(cfg.run.devices, cfg.run.workers))]
+    return devices, cfg.run.num_threads or default_num_threads(devices)
 
 
 def run_prepared(
