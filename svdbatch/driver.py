@@ -1,8 +1,7 @@
 """The driver: config + manifest -> plan -> worker -> store.
 
-    validate config                (a typo stops here, before anything starts)
     start the first worker         (a process that imports torch and loads the model meanwhile)
-    validate manifest              (a bad row stops the run here, the worker with it)
+    validate config and manifest   (bad input stops the run here, the worker with it)
     prepare the run dir            (writable? room left? clean up after a killed run)
     plan                           (this shard's rows; params and keys; split done from to-do)
     execute on 1..N workers        (each loads the pipeline once; no work: the worker is stopped)
@@ -18,9 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -116,7 +114,7 @@ class RunSummary:
 def load_manifest(cfg: DictConfig, shard: Optional[Shard] = None, image_cache: Optional[ImageCache] = None) -> Manifest:
     """The validated manifest. Every row is parsed; only `shard`'s rows (up to run.limit)
     have their images checked, as deep as run.check_images says."""
-    check_config(cfg)  # the same check validate runs (checks.py); cheap, so run again here for callers
+    check_config(cfg)  # the same check validate runs (checks.py)
     level = image_check_mode(cfg.run.check_images)
     limit = cfg.run.limit
 
@@ -192,8 +190,7 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
     if crew is None:
         pool.discard_spare()  # a worker the CLI started for a local run: not needed
     try:
-        check_config(cfg)
-        manifest = load_manifest(cfg, shard, image_cache)
+        manifest = load_manifest(cfg, shard, image_cache)  # the config is checked first
         devices, num_threads = devices_and_threads(cfg, crew, cluster)  # a bad run.devices fails here
         spec = replace(spec, num_threads=num_threads)  # so every worker computes with the same count
         store.prepare(cfg.run.min_free_mb)

@@ -39,8 +39,7 @@ from .atomic import atomic_write_bytes
 from .manifest import Manifest, ManifestError, read_manifest
 from .store import (
     CACHE_DIR, CLAIM_SUFFIX, CLAIMS_DIR, FAILURES, HEARTBEAT_S, config_files, finished_intact, is_invalid_record,
-    is_run_dir, latest_by_id,
-    not_a_run_dir_message, owner_state, parse_time, read_jsonl_fast, read_owners, run_cwd,
+    is_run_dir, latest_by_id, not_a_run_dir_message, owner_state, parse_time, read_jsonl_fast, read_owners, run_cwd,
 )
 
 from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)

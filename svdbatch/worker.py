@@ -51,8 +51,6 @@ class GenerationError(RuntimeError):
     pass
 
 
-
-
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """Same quantisation as diffusers' numpy_to_pil (round, not truncate), so PNG frames
     written by svdbatch equal `pipe(...).frames[0]` as PIL images."""
