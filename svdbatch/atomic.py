@@ -54,12 +54,21 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # another user's
+    fields = proc_stat_fields(pid)
+    if not fields:
+        return True  # no /proc (macOS): kill() said it exists
+    return fields[0] not in ("Z", "X")  # the state
+
+
+def proc_stat_fields(pid: int) -> Optional[list[str]]:
+    """/proc/<pid>/stat after the command name (which may hold spaces and parentheses):
+    field 3 (the state) first; None where /proc is not available or the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            state = stat.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): kill() said it exists
-    return state not in ("Z", "X")
+            text = stat.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split() if ")" in text else None
 
 
 def written_by_dead_process(name: str) -> bool:

@@ -42,7 +42,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import yaml
 
-from .atomic import HOST, TEMP_MARKER, atomic_write_bytes, process_alive, temp_prefix, written_by_dead_process
+from .atomic import (
+    HOST, TEMP_MARKER, atomic_write_bytes, proc_stat_fields, process_alive, temp_prefix, written_by_dead_process,
+)
 from .config import OutputFormat
 from .faults import fault_point
 from .outputs import link_output, output_bytes, output_name
@@ -368,12 +370,9 @@ def run_dir_problem(root: str | os.PathLike, cwd: Optional[str | os.PathLike] = 
 def process_start_ticks(pid: int) -> Optional[int]:
     """When a process started (clock ticks since boot, /proc/<pid>/stat field 22), so a
     recycled pid is not taken for the run that died; None where /proc is not available."""
+    fields = proc_stat_fields(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    try:
-        return int(stat[stat.rindex(")") + 2 :].split()[19])
+        return int(fields[19]) if fields else None
     except (ValueError, IndexError):
         return None
 
