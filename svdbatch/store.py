@@ -38,7 +38,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import yaml
 
@@ -157,17 +157,6 @@ def repair_jsonl(path: Path) -> int:
         keep = data.rfind(b"\n") + 1
         handle.truncate(keep)
         return len(data) - keep
-
-
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    if not path.exists():
-        return
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                yield json.loads(raw)
-            except json.JSONDecodeError:
-                log.warning("%s:%d: skipping unreadable line", path, number)
 
 
 def read_jsonl_fast(path: Path) -> list[dict[str, Any]]:

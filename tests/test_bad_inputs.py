@@ -19,7 +19,7 @@ from svdbatch.config import ConfigError
 from svdbatch.driver import run
 from svdbatch.images import ImageProblem, Preprocess, check_image, load_rgb
 from svdbatch.manifest import ManifestError, read_manifest
-from svdbatch.store import read_jsonl
+from svdbatch.store import read_jsonl_fast
 from tests.conftest import FAST, make_cfg, make_image, run_cli, write_csv
 
 TOO_LONG = "東" * 70  # 70 characters, 210 bytes in UTF-8
@@ -350,7 +350,7 @@ def test_pixel_limit_fails_the_item_at_load_time_when_validation_skips_decoding(
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "run.check_images=false",
                            "run.max_image_pixels=1000", "run.num_threads=1"))
     assert (summary.done, summary.failed) == (0, 1)
-    (failure,) = read_jsonl(tmp_path / "run" / "failures.jsonl")
+    (failure,) = read_jsonl_fast(tmp_path / "run" / "failures.jsonl")
     assert failure["id"] == "a" and "more than run.max_image_pixels (1,000)" in failure["error"]
 
 
@@ -387,7 +387,7 @@ def test_a_bad_rerun_keeps_finished_work_and_unicode_ids_name_files(data, tmp_pa
     after = snapshot(run_dir)
     assert {name: after[name] for name in before if name != "results.jsonl"} == {n: b for n, b in before.items() if n != "results.jsonl"}
     assert after["results.jsonl"].startswith(before["results.jsonl"])  # only appended to
-    (failure,) = read_jsonl(run_dir / "failures.jsonl")
+    (failure,) = read_jsonl_fast(run_dir / "failures.jsonl")
     assert (failure["id"], failure["line"]) == ("bad", 4) and "field 'seed'" in failure["problems"][0]
 
 

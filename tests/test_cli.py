@@ -15,7 +15,7 @@ import pytest
 
 from svdbatch.cli import EXIT_BAD_INPUT, SUBCOMMANDS
 from svdbatch.outputs import read_video
-from svdbatch.store import read_jsonl
+from svdbatch.store import read_jsonl_fast
 from tests.conftest import FAST, REPO, SAMPLE_CSV, make_image, run_cli, write_csv
 
 
@@ -53,7 +53,7 @@ def test_multirun_gives_each_sweep_point_its_own_resumable_dir(tmp_path):
     assert dirs == sorted(",".join(sorted([f"conditioning.motion_bucket_id={m}", *FAST])) for m in (60, 180))
     hashes = []
     for name in dirs:
-        records = list(read_jsonl(tmp_path / name / "results.jsonl"))
+        records = list(read_jsonl_fast(tmp_path / name / "results.jsonl"))
         assert len(records) == 3
         hashes.append({r["id"]: r["frames_sha256"] for r in records})
     assert hashes[0]["sunset"] != hashes[1]["sunset"]  # motion_bucket_id reached the model
@@ -178,9 +178,9 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     clean = run_cli(*args, f"hydra.run.dir={tmp_path / 'clean'}")
     assert clean.returncode == 0
 
-    killed_records = list(read_jsonl(results))
+    killed_records = list(read_jsonl_fast(results))
     assert len(killed_records) == len({r["id"] for r in killed_records}) == 8  # each item once
-    clean_hashes = {r["id"]: r["frames_sha256"] for r in read_jsonl(tmp_path / "clean" / "results.jsonl")}
+    clean_hashes = {r["id"]: r["frames_sha256"] for r in read_jsonl_fast(tmp_path / "clean" / "results.jsonl")}
     assert {r["id"]: r["frames_sha256"] for r in killed_records} == clean_hashes
     for n in range(8):
         assert (killed_dir / "videos" / f"i{n}.mp4").read_bytes() == (tmp_path / "clean" / "videos" / f"i{n}.mp4").read_bytes()

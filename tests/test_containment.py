@@ -12,7 +12,7 @@ from svdbatch.config import FetchConfig
 from svdbatch.driver import run
 from svdbatch.fetch import FetchError, UrlCache
 from svdbatch.manifest import ManifestError, read_manifest
-from svdbatch.store import RunDirError, read_jsonl
+from svdbatch.store import RunDirError, read_jsonl_fast
 from tests.conftest import FAST, make_cfg, make_image, run_cli, write_csv
 from tests.test_bad_inputs import png_header_only
 from tests.test_fetch import serving
@@ -40,7 +40,7 @@ def test_manifest_dot_runs_into_its_own_folder_and_a_rerun_reads_no_thumbnails(t
     again = run_cli("manifest=.", *QUIET, cwd=photos)
     assert again.returncode == 0, again.stderr
     assert "0 done, 1 skipped, 0 failed" in again.stdout
-    assert [r["id"] for r in read_jsonl(run_dir / "results.jsonl")] == ["a"]
+    assert [r["id"] for r in read_jsonl_fast(run_dir / "results.jsonl")] == ["a"]
 
 
 def test_manifest_dotdot_does_not_make_the_working_directory_the_run_dir(tmp_path):
@@ -170,5 +170,5 @@ def test_run_max_image_pixels_applies_to_urls(tmp_path, bomb_server):
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "run.max_image_pixels=5000",
                            "run.num_threads=1", "run.progress=false", "run.gallery=false"))
     assert (summary.done, summary.failed) == (0, 1)
-    (failure,) = read_jsonl(tmp_path / "run" / "failures.jsonl")
+    (failure,) = read_jsonl_fast(tmp_path / "run" / "failures.jsonl")
     assert "image is 80x64 = 5,120 pixels, more than run.max_image_pixels (5,000)" in failure["error"]

@@ -17,12 +17,12 @@ from PIL import Image
 from svdbatch.driver import run
 from svdbatch.tiny import ensure_tiny_model
 from svdbatch.outputs import read_video
-from svdbatch.store import read_jsonl
+from svdbatch.store import read_jsonl_fast
 from tests.conftest import make_cfg, write_csv
 
 
 def results(run_dir: Path) -> dict[str, dict]:
-    return {r["id"]: r for r in read_jsonl(run_dir / "results.jsonl")}
+    return {r["id"]: r for r in read_jsonl_fast(run_dir / "results.jsonl")}
 
 
 def sidecar(run_dir: Path, item_id: str) -> dict:
@@ -180,7 +180,7 @@ def test_a_failing_item_is_recorded_and_the_batch_goes_on(tmp_path, images):
     run_dir = tmp_path / "run"
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.check_images=false"))
     assert (summary.done, summary.failed) == (2, 1) and not summary.ok
-    (failure,) = read_jsonl(run_dir / "failures.jsonl")
+    (failure,) = read_jsonl_fast(run_dir / "failures.jsonl")
     assert failure["id"] == "broken" and failure["line"] == 3
     assert "Traceback" in failure["traceback"] and failure["error"]
     assert not (run_dir / "items" / "broken.json").exists()
@@ -191,5 +191,5 @@ def test_not_strict_runs_good_rows_and_records_bad_ones(tmp_path, images):
     run_dir = tmp_path / "run"
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.strict=false"))
     assert (summary.done, summary.invalid) == (1, 1) and not summary.ok
-    (failure,) = read_jsonl(run_dir / "failures.jsonl")
+    (failure,) = read_jsonl_fast(run_dir / "failures.jsonl")
     assert failure["id"] == "b" and "motion_bucket_id" in failure["problems"][0]

@@ -8,7 +8,7 @@ import pytest
 
 from svdbatch.driver import run
 from svdbatch.manifest import ManifestError, derive_seed, read_manifest
-from svdbatch.store import read_jsonl
+from svdbatch.store import read_jsonl_fast
 from tests.conftest import FAST, make_cfg, make_image, run_cli
 
 
@@ -51,7 +51,7 @@ def test_folder_runs_and_its_emitted_manifest_resumes_the_same_items(tmp_path):
     assert first.done == 2
     again = run(make_cfg(f"manifest={emitted}", f"run.dir={run_dir}"))
     assert (again.done, again.skipped) == (0, 2)
-    assert sorted(r["id"] for r in read_jsonl(run_dir / "results.jsonl")) == ["a", "trips__2024__c"]
+    assert sorted(r["id"] for r in read_jsonl_fast(run_dir / "results.jsonl")) == ["a", "trips__2024__c"]
 
 
 def test_an_image_file_is_a_one_row_manifest(tmp_path):

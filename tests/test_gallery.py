@@ -103,12 +103,12 @@ def test_the_run_itself_writes_a_gallery_of_what_it_did(mp4_run):
     its video, and the failed item is shown with its error."""
     import json
 
-    from svdbatch.store import read_jsonl
+    from svdbatch.store import read_jsonl_fast
 
     cards = Cards((mp4_run.parent / "index-as-written-by-the-run.html").read_text(encoding="utf-8")).cards
     by_title = {card["title"]: card for card in cards}
     assert len(by_title) == len(cards) == 3
-    done = {record["id"]: record for record in read_jsonl(mp4_run / "results.jsonl")}
+    done = {record["id"]: record for record in read_jsonl_fast(mp4_run / "results.jsonl")}
     assert sorted(done) == sorted(GOOD)
     for item_id, record in done.items():
         card = by_title[item_id]
@@ -119,7 +119,7 @@ def test_the_run_itself_writes_a_gallery_of_what_it_did(mp4_run):
         assert (mp4_run / videos[0]).stat().st_size == record["output_bytes"]  # ...which is there, complete
         sidecar = json.loads((mp4_run / "items" / f"{item_id}.json").read_text())
         assert f"seed{sidecar['seed']}" in card["text"].replace(" ", "")
-    (failure,) = read_jsonl(mp4_run / "failures.jsonl")
+    (failure,) = read_jsonl_fast(mp4_run / "failures.jsonl")
     failed = by_title[BAD]
     assert failed["class"] == "card failed" and not [tag for tag, _ in failed["sources"] if tag == "video"]
     assert failure["error"] in failed["text"]

@@ -16,7 +16,7 @@ from svdbatch.images import ImageCache, check_images
 from svdbatch.manifest import ManifestError, read_manifest
 from svdbatch.plan import shard_of
 from svdbatch.status import collect
-from svdbatch.store import read_jsonl
+from svdbatch.store import read_jsonl_fast
 from tests.conftest import make_cfg, make_image, write_csv
 
 SETTINGS = ["run.num_threads=1", "run.progress=false", "run.gallery=false"]
@@ -43,7 +43,7 @@ def test_check_images_setting_accepts_modes_and_the_old_booleans():
 def test_by_default_a_file_that_only_fails_to_decode_fails_just_its_item(tmp_path, truncated_manifest):
     summary = run(make_cfg(f"manifest={truncated_manifest}", f"run.dir={tmp_path / 'run'}", *SETTINGS))
     assert (summary.done, summary.failed, summary.invalid) == (3, 1, 0)  # exit code 1, the rest done
-    (failure,) = read_jsonl(tmp_path / "run" / "failures.jsonl")
+    (failure,) = read_jsonl_fast(tmp_path / "run" / "failures.jsonl")
     assert failure["id"] == "cut" and "image" in failure["error"].lower()
 
 
@@ -83,7 +83,7 @@ def test_a_restart_reads_no_image_and_a_changed_image_is_read_again(tmp_path, mo
     manifest = write_csv(tmp_path / "m.csv", ["id", "image"], [[n, f"img/{n}.png"] for n in "abcd"])
     cfg = make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "run.limit=2", *SETTINGS)
     assert run(cfg).done == 2
-    facts = {Path(r["path"]).name: r for r in read_jsonl(tmp_path / "run" / "cache" / "images.jsonl")}
+    facts = {Path(r["path"]).name: r for r in read_jsonl_fast(tmp_path / "run" / "cache" / "images.jsonl")}
     assert sorted(facts) == ["a.png", "b.png"]  # run.limit: only the rows this run takes
     assert all(r["checked"] == "header" and len(r["sha256"]) == 64 and r["size"] == [80, 64] for r in facts.values())
 
@@ -163,5 +163,5 @@ def test_an_image_no_check_saw_fails_only_its_item(tmp_path):
     manifest = write_csv(tmp_path / "m.csv", ["id", "image"], rows)
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "run.strict=false", "run.limit=2", *SETTINGS))
     assert (summary.done, summary.failed, summary.invalid) == (1, 1, 1)
-    failures = {f["id"]: f for f in read_jsonl(tmp_path / "run" / "failures.jsonl")}
+    failures = {f["id"]: f for f in read_jsonl_fast(tmp_path / "run" / "failures.jsonl")}
     assert "image file not readable" in failures["c"]["error"] and "none-c.png" in failures["c"]["error"]

@@ -14,7 +14,7 @@ from svdbatch.images import ImageProblem, Preprocess, load_rgb, parse_color, pre
 from svdbatch.tiny import ensure_tiny_model
 from svdbatch.outputs import read_video
 from svdbatch.params import check_conditioning
-from svdbatch.store import read_jsonl
+from svdbatch.store import read_jsonl_fast
 from tests.conftest import make_cfg, make_image, write_csv
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -172,5 +172,5 @@ def test_resize_none_fails_only_the_items_of_another_size(tmp_path):
     run_dir = tmp_path / "run"
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "conditioning.resize=none"))
     assert (summary.done, summary.failed) == (1, 1)
-    (failure,) = read_jsonl(run_dir / "failures.jsonl")
+    (failure,) = read_jsonl_fast(run_dir / "failures.jsonl")
     assert failure["id"] == "img__other" and "80x64 but conditioning.resize=none needs exactly 64x64" in failure["error"]

@@ -10,7 +10,7 @@ from svdbatch.manifest import read_manifest
 from svdbatch.models import model_identity
 from svdbatch.outcomes import DONE, FAILED, STOPPED, Outcome
 from svdbatch.plan import make_batches, plan_run
-from svdbatch.store import RunStore, read_jsonl
+from svdbatch.store import RunStore, read_jsonl_fast
 from tests.conftest import make_cfg, make_image, write_csv
 
 
@@ -41,7 +41,7 @@ def test_a_dead_workers_batches_go_elsewhere_once_then_to_failures(tmp_path):
     assert not ledger.keep_going() and ledger.complete
     failed = {o.item_id for o in seen if o.status == FAILED}
     assert failed == {"i0", "i1"} and MAX_ATTEMPTS == 2
-    records = list(read_jsonl(store.failures))
+    records = list(read_jsonl_fast(store.failures))
     assert sorted(r["id"] for r in records) == ["i0", "i1"]
     assert all("died (SIGKILL), 2 attempts" in r["error"] for r in records)
     ledger.died("b", "again")  # a second report of the same death changes nothing

@@ -24,7 +24,7 @@ from svdbatch.cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, exit_code
 from svdbatch.config import ConfigError
 from svdbatch.driver import load_manifest, run
 from svdbatch.ray_engine import ACTOR_NAME, actor_devices, batch_task_name, forwarded_env
-from svdbatch.store import read_jsonl
+from svdbatch.store import read_jsonl_fast
 from tests.conftest import FAST, REPO, make_cfg, make_image, write_csv
 
 STEPS = "conditioning.num_inference_steps=4"  # slow enough to kill an actor mid-run
@@ -61,11 +61,11 @@ def reference(tmp_path_factory, manifest) -> dict[str, str]:
 
 
 def frame_hashes(run_dir: Path) -> dict[str, str]:
-    return {r["id"]: r["frames_sha256"] for r in read_jsonl(run_dir / "results.jsonl")}
+    return {r["id"]: r["frames_sha256"] for r in read_jsonl_fast(run_dir / "results.jsonl")}
 
 
 def result_ids(run_dir: Path) -> list[str]:
-    return sorted(r["id"] for r in read_jsonl(run_dir / "results.jsonl"))
+    return sorted(r["id"] for r in read_jsonl_fast(run_dir / "results.jsonl"))
 
 
 GOOD = [f"i{n}" for n in range(8)]
@@ -186,7 +186,7 @@ def test_ctrl_c_stops_every_actor_and_a_rerun_finishes_like_a_local_run(tmp_path
     assert exit_code(summary) == EXIT_ITEMS_FAILED  # as a local run with a failed item
     assert frame_hashes(run_dir) == reference
     assert result_ids(run_dir) == GOOD  # each item exactly once
-    assert {f["id"] for f in read_jsonl(run_dir / "failures.jsonl")} == {"unreachable"}
+    assert {f["id"] for f in read_jsonl_fast(run_dir / "failures.jsonl")} == {"unreachable"}
     sidecar = json.loads((run_dir / "items" / "i0.json").read_text())
     assert sidecar["num_threads"] == 1 and sidecar["config"]["run"]["engine"] == "ray"
     # Dataset index, gallery and status read the run dir as for a local run.

@@ -9,7 +9,7 @@ import logging
 
 from svdbatch.driver import run
 from svdbatch.plan import Replacement, describe_replacements
-from svdbatch.store import read_jsonl
+from svdbatch.store import read_jsonl_fast
 from tests.conftest import SAMPLE_CSV, make_cfg
 
 BASE = [f"manifest={SAMPLE_CSV}", "run.num_threads=1", "run.progress=false", "run.gallery=false"]
@@ -55,7 +55,7 @@ def test_readme_pad_recipe_reports_and_keeps_what_it_replaces(tmp_path, caplog):
     assert "1 item redone: resize pad -> stretch, pad_color #202020 -> #000000 (sunset)" in message
     assert "overwritten" in message
     assert len(list((run_dir / "replaced").iterdir())) == 1
-    assert len(list(read_jsonl(run_dir / "results.jsonl"))) == 7
+    assert len(list(read_jsonl_fast(run_dir / "results.jsonl"))) == 7
 
 
 def test_each_changed_field_is_named():

@@ -19,7 +19,7 @@ from svdbatch.driver import run
 from svdbatch.manifest import read_manifest
 from svdbatch.models import ModelLoadError, resolve_devices
 from svdbatch.plan import Shard, resolve_shard, select_shard, shard_from_env
-from svdbatch.store import read_jsonl
+from svdbatch.store import read_jsonl_fast
 from tests.conftest import FAST, REPO, make_cfg, make_image, run_cli, write_csv
 
 
@@ -31,7 +31,7 @@ def manifest8(tmp_path) -> Path:
 
 
 def frame_hashes(run_dir: Path) -> dict[str, str]:
-    return {r["id"]: r["frames_sha256"] for r in read_jsonl(run_dir / "results.jsonl")}
+    return {r["id"]: r["frames_sha256"] for r in read_jsonl_fast(run_dir / "results.jsonl")}
 
 
 def test_shards_partition_the_manifest_and_are_stable_under_reordering(manifest8):
@@ -112,7 +112,7 @@ def test_two_workers_two_shards_and_one_worker_give_identical_frames(tmp_path, m
     assert len(set(reference.values())) == 8
     assert frame_hashes(tmp_path / "two") == reference
     assert frame_hashes(tmp_path / "shards") == reference
-    records = list(read_jsonl(tmp_path / "two" / "results.jsonl"))
+    records = list(read_jsonl_fast(tmp_path / "two" / "results.jsonl"))
     assert len(records) == 8  # no duplicates, no torn lines with two writers
 
 
@@ -175,7 +175,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, manifest8):
     assert proc.returncode == 0, err
     assert "8 done" in out
     assert "died" in err
-    records = list(read_jsonl(results))
+    records = list(read_jsonl_fast(results))
     assert sorted(r["id"] for r in records) == [f"i{n}" for n in range(8)]  # each exactly once
     clean = run(make_cfg(f"manifest={manifest8}", "conditioning.num_inference_steps=6", "run.num_threads=1", f"run.dir={tmp_path / 'clean'}"))
     assert clean.done == 8
@@ -200,14 +200,14 @@ def test_readme_submitit_local_command_gives_one_run_dir_equal_to_one_worker(tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dirs = {p.parent for p in (cwd / "outputs").rglob("results.jsonl")}
     assert run_dirs == {cwd / "outputs" / "sample"}, "both shards must write into outputs/sample/"
-    records = list(read_jsonl(cwd / "outputs" / "sample" / "results.jsonl"))
+    records = list(read_jsonl_fast(cwd / "outputs" / "sample" / "results.jsonl"))
     assert sorted(r["id"] for r in records) == ["rocket", "sunset", "waves"]  # each exactly once
     plain_run = run_cli("manifest=manifests/sample.csv", cwd=readme_cwd(tmp_path / "plain"), timeout=900)
     assert plain_run.returncode == 0, plain_run.stderr[-3000:]
     assert frame_hashes(cwd / "outputs" / "sample") == frame_hashes(tmp_path / "plain" / "outputs" / "sample")
     again = run_cli(*README_SUBMITIT, cwd=cwd, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(list(read_jsonl(cwd / "outputs" / "sample" / "results.jsonl"))) == 3
+    assert len(list(read_jsonl_fast(cwd / "outputs" / "sample" / "results.jsonl"))) == 3
     # submitit's jobs print into their own logs; the summaries say what each shard did.
     summaries = [line for log in (cwd / "outputs" / "sample" / ".submitit").rglob("*_log.out")
                  for line in log.read_text().splitlines() if line.startswith("svdbatch: ")]
@@ -222,7 +222,7 @@ def test_basic_launcher_shards_share_the_run_dir(tmp_path):
     sample = cwd / "outputs" / "sample"
     fast_dir = sample / ",".join(sorted(FAST))  # FAST's settings change outputs: they name the folder
     assert {p.parent for p in (cwd / "outputs").rglob("results.jsonl")} == {fast_dir}
-    assert sorted(r["id"] for r in read_jsonl(fast_dir / "results.jsonl")) == ["rocket", "sunset", "waves"]
+    assert sorted(r["id"] for r in read_jsonl_fast(fast_dir / "results.jsonl")) == ["rocket", "sunset", "waves"]
     assert sorted(p.name for p in fast_dir.glob("config.shard-*")) == ["config.shard-0-of-2.yaml", "config.shard-1-of-2.yaml"]
     again = run_cli(*args, cwd=cwd, timeout=900)
     assert again.stdout.count(" 0 done, ") == 2 and "3 skipped" not in again.stdout  # each shard skips its own
@@ -237,7 +237,7 @@ def test_torchrun_ranks_share_the_run_dir(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     sample = cwd / "outputs" / "sample"
     assert {p.parent for p in (cwd / "outputs").rglob("results.jsonl")} == {sample}
-    assert sorted(r["id"] for r in read_jsonl(sample / "results.jsonl")) == ["rocket", "sunset", "waves"]
+    assert sorted(r["id"] for r in read_jsonl_fast(sample / "results.jsonl")) == ["rocket", "sunset", "waves"]
 
 
 @pytest.mark.parametrize(
@@ -335,5 +335,5 @@ def test_workers_that_cannot_load_the_model_fail_the_run_clearly(tmp_path, manif
                    f"model.source={tmp_path / 'not-a-model'}", "run.workers=2")
     with pytest.raises(ModelLoadError, match="no worker could load the model"):
         run(cfg)
-    failures = list(read_jsonl(tmp_path / "run" / "failures.jsonl"))
+    failures = list(read_jsonl_fast(tmp_path / "run" / "failures.jsonl"))
     assert len(failures) == 8 and all("left for the next run" in f["error"] for f in failures)

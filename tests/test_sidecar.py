@@ -14,7 +14,7 @@ import pytest
 from svdbatch.driver import run
 from svdbatch.gallery import write_gallery
 from svdbatch.sidecar import Sidecar, SidecarError
-from svdbatch.store import RunStore, latest_by_id, read_jsonl
+from svdbatch.store import RunStore, latest_by_id, read_jsonl_fast
 from svdbatch.verify import check_item, item_files
 from tests.conftest import make_cfg, make_image, write_csv
 
@@ -66,7 +66,7 @@ def test_the_files_keep_the_format_they_always_had(runs):
 def test_every_sidecar_a_run_writes_reads_back_byte_identical_and_makes_its_results_line(runs):
     first, again, frames = runs
     for run_dir in runs:
-        lines = latest_by_id(read_jsonl(run_dir / "results.jsonl"))
+        lines = latest_by_id(read_jsonl_fast(run_dir / "results.jsonl"))
         paths = sorted((run_dir / "items").glob("*.json"))
         assert [p.stem for p in paths] == (["a"] if run_dir == frames else ["a", "b"])
         for path in paths:
@@ -147,7 +147,7 @@ def test_verify_reports_a_foreign_sidecar_and_repair_still_finds_the_output_it_n
     shutil.copytree(runs[0], run_dir)
     path = run_dir / "items" / "a.json"
     path.write_text(json.dumps(_edited(json.loads(path.read_bytes()), lambda r: r["row"].pop("line"))))
-    record = latest_by_id(read_jsonl(run_dir / "results.jsonl"))["a"]
+    record = latest_by_id(read_jsonl_fast(run_dir / "results.jsonl"))["a"]
     report = check_item(run_dir, "a", record)
     assert report.problems == ["sidecar is not an svdbatch item record (field 'row.line' is missing)"]
     assert item_files(run_dir, "a", None) == ["items/a.json", "videos/a.mp4"]  # from the damaged sidecar alone

@@ -17,7 +17,7 @@ import pytest
 
 from svdbatch.cli import exit_code_for_signal
 from svdbatch.atomic import TEMP_MARKER
-from svdbatch.store import read_jsonl
+from svdbatch.store import read_jsonl_fast
 from tests.conftest import FAST, REPO, make_image, write_csv
 
 N_ITEMS = 6
@@ -61,7 +61,7 @@ def assert_all_gone(procs: list[psutil.Process], within_s: float = 15) -> None:
 
 def assert_nothing_half_committed(run_dir: Path) -> list[str]:
     """Every results line has its sidecar and video; no temporary is left anywhere."""
-    ids = [record["id"] for record in read_jsonl(run_dir / "results.jsonl")]
+    ids = [record["id"] for record in read_jsonl_fast(run_dir / "results.jsonl")]
     for item_id in ids:
         assert (run_dir / "items" / f"{item_id}.json").is_file()
         assert (run_dir / "videos" / f"{item_id}.mp4").stat().st_size > 0

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from svdbatch.atomic import atomic_path, atomic_write_bytes
-from svdbatch.store import RunDirError, RunStore, append_jsonl, item_key, read_jsonl, repair_jsonl
+from svdbatch.store import RunDirError, RunStore, append_jsonl, item_key, read_jsonl_fast, repair_jsonl
 
 
 def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
@@ -27,7 +27,7 @@ def test_repair_cuts_only_a_torn_last_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a": ')
     assert repair_jsonl(path) == 6
-    assert [r["a"] for r in read_jsonl(path)] == [1, 2]
+    assert [r["a"] for r in read_jsonl_fast(path)] == [1, 2]
     assert repair_jsonl(path) == 0
 
 

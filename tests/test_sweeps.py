@@ -21,7 +21,7 @@ from svdbatch.config import ConfigError
 from svdbatch.driver import run
 from svdbatch.manifest import read_manifest
 from svdbatch.plan import shadowed_knobs_warning
-from svdbatch.store import latest_by_id, read_jsonl
+from svdbatch.store import latest_by_id, read_jsonl_fast
 from svdbatch.sweep import point_dirs, status_command, sweep_points, write_sweep_page
 from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli
 from tests.test_gallery import find_chromium
@@ -42,7 +42,7 @@ def sweep(tmp_path_factory, tiny_cache) -> tuple[Path, subprocess.CompletedProce
 
 
 def results(point: Path) -> dict[str, dict]:
-    return latest_by_id(read_jsonl(point / "results.jsonl"))
+    return latest_by_id(read_jsonl_fast(point / "results.jsonl"))
 
 
 def points_by_label(root: Path) -> dict[tuple[str, str], Path]:
