@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0] is bench/)
 
 from svdbatch import models, tiny
 from svdbatch.cli import config_dir
 from svdbatch.driver import run
-
-from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0] is bench/)
 
 PRESETS = {
     "full": [],
@@ -60,8 +59,14 @@ def build_real_sized(folder: Path, device: torch.device) -> None:
         )
         image_encoder = CLIPVisionModelWithProjection(
             CLIPVisionConfig(
-                hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32,
-                patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu",
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_attention_heads=16,
+                num_hidden_layers=32,
+                patch_size=14,
+                image_size=224,
+                projection_dim=1024,
+                hidden_act="gelu",
             )
         )
     pipe = StableVideoDiffusionPipeline(
@@ -108,9 +113,14 @@ def main() -> None:
                 cfg = compose(
                     config_name="config",
                     overrides=[
-                        f"manifest={manifest}", f"run.dir={root / name}", "run.progress=false", "output=frames",
-                        f"model.source={source}", f"conditioning.num_inference_steps={args.steps}",
-                        *size, *PRESETS[name],
+                        f"manifest={manifest}",
+                        f"run.dir={root / name}",
+                        "run.progress=false",
+                        "output=frames",
+                        f"model.source={source}",
+                        f"conditioning.num_inference_steps={args.steps}",
+                        *size,
+                        *PRESETS[name],
                     ],
                 )
             models._loaded.clear()

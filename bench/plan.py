@@ -50,9 +50,18 @@ def fake_done(store: RunStore, entries) -> None:
         for entry in entries:
             video = store.video_path(entry.item.id)
             video.write_bytes(b"v" * 10)
-            sidecar = {"id": entry.item.id, "key": entry.key, "output_key": entry.output_key, "status": "done", "seed": entry.item.seed,
-                       "image": entry.image_record(), "frames_sha256": "", "finished_at": "2026-01-01T00:00:00+00:00",
-                       "output": {"path": store.relative(video), "bytes": 10}, "timings": {"total_s": 1.0}}
+            sidecar = {
+                "id": entry.item.id,
+                "key": entry.key,
+                "output_key": entry.output_key,
+                "status": "done",
+                "seed": entry.item.seed,
+                "image": entry.image_record(),
+                "frames_sha256": "",
+                "finished_at": "2026-01-01T00:00:00+00:00",
+                "output": {"path": store.relative(video), "bytes": 10},
+                "timings": {"total_s": 1.0},
+            }
             body = json.dumps(sidecar).encode()
             store.sidecar_path(entry.item.id).write_bytes(body)
             results.write(json.dumps(result_record(sidecar, len(body))) + "\n")

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
+from plan import fake_done  # noqa: E402  (bench/plan.py: sys.path[0] is bench/)
 
 from svdbatch.cli import config_dir  # noqa: E402
 from svdbatch.driver import load_manifest  # noqa: E402
@@ -50,8 +51,6 @@ from svdbatch.images import ImageCache  # noqa: E402
 from svdbatch.models import model_identity, resolve_devices  # noqa: E402
 from svdbatch.plan import Shard, plan_run  # noqa: E402
 from svdbatch.store import RunStore  # noqa: E402
-
-from plan import fake_done  # noqa: E402  (bench/plan.py: sys.path[0] is bench/)
 
 BASES = 200  # distinct encodes; every file is a base plus its own JPEG comment (distinct bytes)
 
@@ -109,8 +108,16 @@ def to_first_item(manifest: Path, run_dir: Path, *extra: str) -> float:
     """Seconds from starting the command to its first pipeline call (where it is killed)."""
     # The first pipeline call kills the run: the driver and its worker.
     env = {**os.environ, "SVDBATCH_FAULT": "generate:1:killrun", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "svdbatch", f"manifest={manifest}", f"hydra.run.dir={run_dir}", "run.progress=false",
-               "run.gallery=false", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "svdbatch",
+        f"manifest={manifest}",
+        f"hydra.run.dir={run_dir}",
+        "run.progress=false",
+        "run.gallery=false",
+        *extra,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -121,8 +128,12 @@ def to_first_item(manifest: Path, run_dir: Path, *extra: str) -> float:
 
 def status_seconds(run_dir: Path) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "svdbatch", "status", str(run_dir), "--json"],
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "svdbatch", "status", str(run_dir), "--json"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
@@ -157,8 +168,10 @@ def bench(root: Path, args) -> None:
     images = write_images(root / "img", args.distinct)
     manifest = write_manifest(root / "manifest.csv", images, args.rows)
     one_row = write_manifest(root / "one.csv", images, 1)
-    print(f"{args.distinct} distinct 1024x576 JPEGs (~{images[0].stat().st_size // 1000} kB), {args.rows} rows "
-          f"({time.perf_counter() - started:.0f} s to write); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.distinct} distinct 1024x576 JPEGs (~{images[0].stat().st_size // 1000} kB), {args.rows} rows "
+        f"({time.perf_counter() - started:.0f} s to write); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     for name in ("run", "shard", "one"):
         shutil.rmtree(root / name, ignore_errors=True)
 
@@ -183,7 +196,9 @@ def bench(root: Path, args) -> None:
 
     print(f"rows: {args.rows}, distinct images: {args.distinct}, done before the restart: {done}; medians of {args.repeats}")
     cache = "images read from disk" if args.drop_caches else "images possibly in the page cache"
-    print(f"first validation + plan      {first_s:6.2f} s = {args.rows / first_s:8,.0f} rows/s   (target >= 5,000 rows/s; {cache})")
+    print(
+        f"first validation + plan      {first_s:6.2f} s = {args.rows / first_s:8,.0f} rows/s   (target >= 5,000 rows/s; {cache})"
+    )
     print(f"restart, to first item       {restart:6.2f} s {show(restarts)}   (target < 5 s)")
     print(f"1-row run, to first item     {baseline:6.2f} s {show(baselines)}   (fixed cost: python, torch, hydra, model)")
     print(f"  restart - fixed cost       {restart - baseline:6.2f} s   restart / fixed cost {restart / baseline:.2f}x")

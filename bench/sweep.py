@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0] is bench/)
 
 from svdbatch import driver, pool
 from svdbatch.cli import config_dir
-
-from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0] is bench/)
 
 
 class LoadCounter(logging.Handler):
@@ -44,11 +43,22 @@ def one_sweep(manifest: Path, out: Path, points: int, count_workers: int, keep: 
     start = time.perf_counter()
     for point in range(points):
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[
-                f"manifest={manifest}", f"run.dir={out / f'p{point}'}", "run.progress=false", "run.gallery=false",
-                f"run.workers={count_workers}", "run.num_threads=1", f"conditioning.motion_bucket_id={20 + 40 * point}",
-                "conditioning.width=64", "conditioning.height=64", "conditioning.num_frames=4", "conditioning.num_inference_steps=2",
-            ])
+            cfg = compose(
+                config_name="config",
+                overrides=[
+                    f"manifest={manifest}",
+                    f"run.dir={out / f'p{point}'}",
+                    "run.progress=false",
+                    "run.gallery=false",
+                    f"run.workers={count_workers}",
+                    "run.num_threads=1",
+                    f"conditioning.motion_bucket_id={20 + 40 * point}",
+                    "conditioning.width=64",
+                    "conditioning.height=64",
+                    "conditioning.num_frames=4",
+                    "conditioning.num_inference_steps=2",
+                ],
+            )
         driver.run(cfg)
     pool.close_crews()  # the end of the sweep (atexit in the real command)
     return time.perf_counter() - start
@@ -72,10 +82,14 @@ def main() -> None:
         for repeat in range(args.repeats):
             for variant in ("reloaded", "kept"):
                 counter.loads = 0
-                times[variant].append(one_sweep(manifest, scratch / f"{variant}{repeat}", args.points, args.workers, variant == "kept"))
+                times[variant].append(
+                    one_sweep(manifest, scratch / f"{variant}{repeat}", args.points, args.workers, variant == "kept")
+                )
                 loads[variant] = counter.loads
-        print(f"{args.points} points x {args.items} items, run.workers={args.workers}, tiny model 64x64x4, 2 steps, "
-              f"median of {args.repeats}")
+        print(
+            f"{args.points} points x {args.items} items, run.workers={args.workers}, tiny model 64x64x4, 2 steps, "
+            f"median of {args.repeats}"
+        )
         print(f"{'variant':<10}{'s/sweep':>9}{'loads':>7}")
         for variant in ("reloaded", "kept"):
             print(f"{variant:<10}{statistics.median(times[variant]):>9.2f}{loads[variant]:>7}")

@@ -47,8 +47,13 @@ def main() -> None:
     results = []
     for name, threads, env in settings:
         base_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        out = subprocess.run([sys.executable, "-c", CHILD, threads, str(items)], capture_output=True, text=True,
-                             env={**base_env, **env}, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, threads, str(items)],
+            capture_output=True,
+            text=True,
+            env={**base_env, **env},
+            check=True,
+        ).stdout.split()
         results.append((name, int(out[0]), float(out[1])))
     base = results[0][2]
     for name, threads, seconds in results:

@@ -13,9 +13,9 @@ import errno
 import os
 import socket
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 from .faults import fault_point
 
@@ -34,12 +34,12 @@ def temp_prefix(stem: str) -> str:
     return f".{short}{TEMP_MARKER}{os.getpid()}@{_HOST}@"
 
 
-def temp_owner(name: str) -> Optional[tuple[int, str]]:
+def temp_owner(name: str) -> tuple[int, str] | None:
     """(pid, host) of a temporary's writer, or None if `name` is not one of ours."""
     at = name.rfind(TEMP_MARKER)
     if at < 0:
         return None
-    pid, _, rest = name[at + len(TEMP_MARKER):].partition("@")
+    pid, _, rest = name[at + len(TEMP_MARKER) :].partition("@")
     host, found, _ = rest.partition("@")
     return (int(pid), host) if pid.isdigit() and found else None
 
@@ -60,7 +60,7 @@ def process_alive(pid: int) -> bool:
     return fields[0] not in ("Z", "X")  # the state
 
 
-def proc_stat_fields(pid: int) -> Optional[list[str]]:
+def proc_stat_fields(pid: int) -> list[str] | None:
     """/proc/<pid>/stat after the command name (which may hold spaces and parentheses):
     field 3 (the state) first; None where /proc is not available or the process is gone."""
     try:
@@ -109,7 +109,7 @@ def fsync_path(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(target: Path, fault: Optional[str] = None) -> Iterator[Path]:
+def atomic_path(target: Path, fault: str | None = None) -> Iterator[Path]:
     """Yield a temporary path (same directory, same suffix) that replaces `target` on success."""
     fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(target.stem), suffix=target.suffix, dir=target.parent)
     try:
@@ -128,6 +128,6 @@ def atomic_path(target: Path, fault: Optional[str] = None) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(target: Path, data: bytes, fault: Optional[str] = None) -> None:
+def atomic_write_bytes(target: Path, data: bytes, fault: str | None = None) -> None:
     with atomic_path(target, fault) as tmp:
         tmp.write_bytes(data)

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, register_configs
 from .manifest import ManifestError
@@ -79,7 +79,7 @@ class JobSummary:
     job's return value back to the launching process, pickled: unpickling a JobSummary there
     records it, so `main` can print one line per job and exit with the worst code."""
 
-    job: Optional[int]
+    job: int | None
     run_dir: str
     line: str
     exit_code: int
@@ -92,10 +92,10 @@ class JobSummary:
             _exit_codes.append(self.exit_code)
 
 
-_remote_jobs: dict[tuple[Optional[int], str], JobSummary] = {}  # jobs another process ran
+_remote_jobs: dict[tuple[int | None, str], JobSummary] = {}  # jobs another process ran
 
 
-def job_number() -> Optional[int]:
+def job_number() -> int | None:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
@@ -157,8 +157,11 @@ def validate(args: list[str]) -> int:
 
     from .driver import load_manifest
 
-    parser = argparse.ArgumentParser(prog="svdbatch validate", description=validate.__doc__,
-                                     epilog="example: svdbatch validate manifest=manifests/sample.csv conditioning=svd_xt")
+    parser = argparse.ArgumentParser(
+        prog="svdbatch validate",
+        description=validate.__doc__,
+        epilog="example: svdbatch validate manifest=manifests/sample.csv conditioning=svd_xt",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="the same overrides as a run (manifest=... required)")
     overrides = parser.parse_args(args).overrides
     try:
@@ -329,7 +332,6 @@ def show_sweep_config(argv: list[str]) -> bool:
     return True
 
 
-
 def main() -> None:
     args = sys.argv[1:]
     if args and args[0] in SUBCOMMANDS:
@@ -346,9 +348,7 @@ def main() -> None:
             print(usage() + "\n")  # then Hydra's own help: config groups and keys
         elif show_sweep_config(args):  # -m ... --info
             sys.exit(EXIT_OK)
-    elif show_sweep_config(args):  # -m ... --cfg job
-        sys.exit(EXIT_OK)
-    elif show_resolved_hydra_config(args):  # --cfg hydra --resolve
+    elif show_sweep_config(args) or show_resolved_hydra_config(args):  # -m ... --cfg job
         sys.exit(EXIT_OK)
     elif manifest_missing(args):
         print("svdbatch: missing manifest=PATH (a CSV/JSONL manifest, an image or a folder of images)\n", file=sys.stderr)

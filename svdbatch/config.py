@@ -280,13 +280,20 @@ SCHEMA_NAME = "svdbatch_schema"
 GIF_MAX_LOOP = 65535  # the GIF loop count is a 16-bit field
 
 
-def range_problem(name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None,
-                  nullable: bool = False) -> Optional[str]:
+def range_problem(
+    name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None, nullable: bool = False
+) -> Optional[str]:
     """'<name>: must be ...' for a numeric setting outside [low, high] (or NaN/inf), else None.
     Typed fields already hold numbers; this is about values that would only fail later."""
     if value is None:
         return None if nullable else f"{name}: must be set"
-    bounds = f"in [{low:g}, {high:g}]" if low is not None and high is not None else f">= {low:g}" if low is not None else f"<= {high:g}"
+    bounds = (
+        f"in [{low:g}, {high:g}]"
+        if low is not None and high is not None
+        else f">= {low:g}"
+        if low is not None
+        else f"<= {high:g}"
+    )
     null = " or null" if nullable else ""
     if isinstance(value, float) and not math.isfinite(value):
         return f"{name}: must be a finite number {bounds}{null}, got {value}"
@@ -371,12 +378,30 @@ def image_check_mode(value: Any) -> ImageCheck:
 # memory, conditioning, output) is choosing an option; 'x.*' covers every key under x.
 # tests/test_scale_out.py checks that every setting that changes an item's key is here.
 OUTPUT_SETTINGS = (
-    "model", "model.name", "model.source", "model.revision", "model.variant", "model.dtype", "model.num_frames",
-    "conditioning", "conditioning.*",
-    "memory", "memory.forward_chunking", "memory.max_decode_chunk_size", "memory.compile", "memory.compile_mode",
-    "memory.compile_fullgraph", "memory.compile_backend",
-    "output", "output.format", "output.fps", "output.quality", "output.loop",
-    "run.seed", "run.num_threads", "run.batch_size",
+    "model",
+    "model.name",
+    "model.source",
+    "model.revision",
+    "model.variant",
+    "model.dtype",
+    "model.num_frames",
+    "conditioning",
+    "conditioning.*",
+    "memory",
+    "memory.forward_chunking",
+    "memory.max_decode_chunk_size",
+    "memory.compile",
+    "memory.compile_mode",
+    "memory.compile_fullgraph",
+    "memory.compile_backend",
+    "output",
+    "output.format",
+    "output.fps",
+    "output.quality",
+    "output.loop",
+    "run.seed",
+    "run.num_threads",
+    "run.batch_size",
 )
 MAX_SUBDIR_BYTES = 200  # folder names are limited to 255 bytes
 

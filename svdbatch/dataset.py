@@ -38,7 +38,6 @@ from .store import METADATA_FILE, SHARD_INDEX, SHARDS_DIR, RunStore, output_inta
 log = logging.getLogger(__name__)
 
 
-
 def check_output_config(output: OutputConfig) -> list[str]:
     problems = check_file_settings(output)
     return problems + ([f"output.shard_size: must be >= 1, got {output.shard_size}"] if output.shard_size < 1 else [])
@@ -113,7 +112,11 @@ def _read_rows_cache(path: Path) -> dict[str, list]:
         return {}
     if not isinstance(body, dict) or body.get("version") != METADATA_ROW_VERSION or not isinstance(body.get("rows"), dict):
         return {}
-    return {item_id: hit for item_id, hit in body["rows"].items() if isinstance(hit, list) and len(hit) == 2 and isinstance(hit[1], dict)}
+    return {
+        item_id: hit
+        for item_id, hit in body["rows"].items()
+        if isinstance(hit, list) and len(hit) == 2 and isinstance(hit[1], dict)
+    }
 
 
 def write_metadata(store: RunStore) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -151,7 +154,10 @@ def _drop_shard(shards: Path, index: dict[str, list], name: str) -> None:
 
 
 def write_shards(
-    store: RunStore, planned: list[PlannedItem], finished: dict[str, tuple[dict[str, Any], dict[str, Any]]], shard_size: int,
+    store: RunStore,
+    planned: list[PlannedItem],
+    finished: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+    shard_size: int,
 ) -> list[Path]:
     """Write every complete shard whose content is new; returns the shards written now.
     `finished` is what metadata.jsonl lists (write_metadata): a planned item is in a shard

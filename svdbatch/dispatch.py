@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Callable, Hashable, Optional
+from collections.abc import Callable, Hashable
 
 from .outcomes import DONE, FAILED, INTERRUPTED, STOPPED, Outcome
 from .plan import PlannedItem
@@ -27,8 +27,7 @@ OnDone = Callable[[list[Outcome]], None]
 
 
 class Ledger:
-    def __init__(self, batches: list[list[PlannedItem]], store: RunStore, on_done: OnDone,
-                 per_worker: int = ASSIGNED_PER_WORKER):
+    def __init__(self, batches: list[list[PlannedItem]], store: RunStore, on_done: OnDone, per_worker: int = ASSIGNED_PER_WORKER):
         self.batches = batches
         self.store = store
         self.on_done = on_done
@@ -40,7 +39,7 @@ class Ledger:
         self.held: dict[Hashable, list[int]] = {}
         self.load_errors: list[str] = []
         # Set when a worker stopped the run (disk full): nothing new is handed out.
-        self.stop_reason: Optional[str] = None
+        self.stop_reason: str | None = None
         # A signal asked the run to stop (stops.py): nothing new is handed out either, and
         # what is left is reported as interrupted, for the next run.
         self.interrupted = False

@@ -23,14 +23,13 @@ import errno
 import os
 import signal
 from collections import Counter
-from typing import Optional
 
 FAULT_ENV = "SVDBATCH_FAULT"
 STAGES = ("generate", "encode", "video", "sidecar", "results", "metadata")
 ACTIONS = ("kill", "killrun", "enospc", "oom", "error")
 
 _reached: Counter[str] = Counter()
-_driver_pid: Optional[int] = None  # set in a worker process: killrun kills the driver too
+_driver_pid: int | None = None  # set in a worker process: killrun kills the driver too
 
 
 def set_driver(pid: int) -> None:
@@ -38,7 +37,7 @@ def set_driver(pid: int) -> None:
     _driver_pid = pid
 
 
-def parse_fault(spec: Optional[str]) -> Optional[tuple[str, int, str]]:
+def parse_fault(spec: str | None) -> tuple[str, int, str] | None:
     if not spec:
         return None
     parts = spec.split(":")

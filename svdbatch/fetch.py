@@ -16,9 +16,9 @@ import math
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Optional, Union
 from urllib.parse import urlsplit
 
 from PIL import Image
@@ -47,7 +47,7 @@ def is_url(ref: str) -> bool:
     return "://" in ref
 
 
-def url_problem(ref: str) -> Union[str, None]:
+def url_problem(ref: str) -> str | None:
     """Syntax only: validation must not need the network."""
     try:
         parts = urlsplit(ref)
@@ -82,7 +82,7 @@ def check_fetch_config(config: FetchConfig) -> list[str]:
 class UrlCache:
     """Downloads into `root`, one file per URL, written atomically."""
 
-    def __init__(self, root: Path, config: FetchConfig, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(self, root: Path, config: FetchConfig, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
         self.root = Path(root)
         self.config = config
         self.max_pixels = max_pixels  # run.max_image_pixels, checked from the header as bytes arrive
@@ -109,11 +109,11 @@ class UrlCache:
         atomic_write_bytes(target, data)
         return target
 
-    def fetch_many(self, urls: Iterable[str]) -> dict[str, Union[Path, FetchError]]:
+    def fetch_many(self, urls: Iterable[str]) -> dict[str, Path | FetchError]:
         """Fetch distinct URLs in parallel; each maps to its cached path or its error."""
         unique = list(dict.fromkeys(urls))
 
-        def one(url: str) -> Union[Path, FetchError]:
+        def one(url: str) -> Path | FetchError:
             try:
                 return self.fetch(url)
             except FetchError as exc:
@@ -166,7 +166,7 @@ class UrlCache:
         return bytes(buffer)
 
 
-def header_size(data: bytes) -> Optional[tuple[int, int]]:
+def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the start of an image file, or None while the header is incomplete
     (or not an image). Image.open reads headers only; nothing is decoded here."""
     try:

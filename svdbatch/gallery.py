@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import quote
 
 from PIL import Image
@@ -34,8 +34,21 @@ from .fetch import UrlCache
 from .images import load_rgb
 from .sidecar import Sidecar, SidecarError
 from .store import (
-    DOWNLOADS_DIR, FAILURES, GALLERY_ASSETS_DIR, GALLERY_PAGE, INVALID_ROW, RESULTS, is_invalid_record, is_run_dir,
-    latest_by_id, not_a_run_dir_message, output_intact, parse_time, read_jsonl_fast, run_cwd, sidecar_relpath,
+    DOWNLOADS_DIR,
+    FAILURES,
+    GALLERY_ASSETS_DIR,
+    GALLERY_PAGE,
+    INVALID_ROW,
+    RESULTS,
+    is_invalid_record,
+    is_run_dir,
+    latest_by_id,
+    not_a_run_dir_message,
+    output_intact,
+    parse_time,
+    read_jsonl_fast,
+    run_cwd,
+    sidecar_relpath,
 )
 
 log = logging.getLogger(__name__)
@@ -52,9 +65,9 @@ EXIT_NOT_A_RUN_DIR = EXIT_BAD_INPUT
 class Card:
     item_id: str
     kind: str  # done | missing (done, video since deleted) | failed | invalid
-    when: Optional[datetime]
+    when: datetime | None
     record: dict[str, Any] = field(default_factory=dict)  # results or failures line
-    sidecar: Optional[Sidecar] = None  # None: missing or unreadable (the card uses `record`)
+    sidecar: Sidecar | None = None  # None: missing or unreadable (the card uses `record`)
 
 
 # -- what goes on the page ------------------------------------------------------------
@@ -78,7 +91,7 @@ def collect_cards(run_dir: Path) -> list[Card]:
     return sorted(listed, key=lambda c: c.when or oldest, reverse=True)
 
 
-def read_sidecar(run_dir: Path, item_id: str) -> tuple[Optional[Sidecar], float]:
+def read_sidecar(run_dir: Path, item_id: str) -> tuple[Sidecar | None, float]:
     """(sidecar, its mtime); (None, 0) if missing or unreadable."""
     path = run_dir / sidecar_relpath(item_id)
     try:
@@ -88,7 +101,7 @@ def read_sidecar(run_dir: Path, item_id: str) -> tuple[Optional[Sidecar], float]
 
 
 # -- thumbnails and previews ----------------------------------------------------------
-def source_candidates(run_dir: Path, path: Optional[str], image_url: Optional[str]) -> list[Path]:
+def source_candidates(run_dir: Path, path: str | None, image_url: str | None) -> list[Path]:
     """Where the source image may be: its recorded path (relative paths are relative to
     the cwd of the run), or for an image URL the run's download cache, also if moved."""
     found: list[Path] = []
@@ -103,7 +116,7 @@ def source_candidates(run_dir: Path, path: Optional[str], image_url: Optional[st
     return found
 
 
-def source_of(card: Card) -> tuple[Optional[str], Optional[str]]:
+def source_of(card: Card) -> tuple[str | None, str | None]:
     """(path, url) of a done card's source image: from its sidecar, else its results line."""
     if card.sidecar is not None:
         return card.sidecar.image.path, card.sidecar.image.url
@@ -123,7 +136,7 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def source_thumbnail(run_dir: Path, item_id: str, image: tuple[Optional[str], Optional[str]], sidecar_mtime: float) -> Optional[str]:
+def source_thumbnail(run_dir: Path, item_id: str, image: tuple[str | None, str | None], sidecar_mtime: float) -> str | None:
     """gallery/<id>.jpg (made now if missing or older than the sidecar) of the source image
     at `image` (path, url: source_of); None if the source cannot be found or read."""
     target = run_dir / GALLERY_ASSETS_DIR / f"{item_id}.jpg"
@@ -143,7 +156,7 @@ def source_thumbnail(run_dir: Path, item_id: str, image: tuple[Optional[str], Op
     return f"{GALLERY_ASSETS_DIR}/{item_id}.jpg" if target.is_file() else None
 
 
-def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, sidecar_mtime: float) -> Optional[str]:
+def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, sidecar_mtime: float) -> str | None:
     """gallery/<id>.webp: a small animated preview of a folder of PNG frames."""
     target = run_dir / GALLERY_ASSETS_DIR / f"{item_id}.webp"
     if fresh(target, sidecar_mtime):
@@ -159,7 +172,9 @@ def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, si
                 small.thumbnail((THUMB_PX, THUMB_PX))
                 frames.append(small)
         buffer = io.BytesIO()
-        frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / (fps or 7)), loop=0, quality=80)
+        frames[0].save(
+            buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / (fps or 7)), loop=0, quality=80
+        )
         target.parent.mkdir(exist_ok=True)
         atomic_write_bytes(target, buffer.getvalue())
         return f"{GALLERY_ASSETS_DIR}/{item_id}.webp"
@@ -200,7 +215,9 @@ def preview_html(run_dir: Path, card: Card, sidecar_mtime: float) -> str:
         return f'<video src="{url(path)}" autoplay muted loop playsinline></video>'
     if fmt in ("gif", "webp"):
         return f'<img src="{url(path)}" alt="preview" loading="lazy">'
-    preview = frames_preview(run_dir, card.item_id, run_dir / path, (output.fps if output is not None else None) or 7, sidecar_mtime)
+    preview = frames_preview(
+        run_dir, card.item_id, run_dir / path, (output.fps if output is not None else None) or 7, sidecar_mtime
+    )
     return f'<img src="{url(preview)}" alt="preview" loading="lazy">' if preview else '<div class="na">no frames</div>'
 
 
@@ -245,7 +262,10 @@ def failed_card(card: Card) -> str:
     error = f'<ul class="error">{details}</ul>' if details else f'<p class="error">{esc(record.get("error", "(no message)"))}</p>'
     trace = record.get("traceback")
     trace_html = f"<details><summary>traceback</summary><pre>{esc(trace[-MAX_TRACEBACK_CHARS:])}</pre></details>" if trace else ""
-    where = [f"line {record['line']}" if record.get("line") is not None else "", card.when.strftime("%Y-%m-%d %H:%M:%S") if card.when else ""]
+    where = [
+        f"line {record['line']}" if record.get("line") is not None else "",
+        card.when.strftime("%Y-%m-%d %H:%M:%S") if card.when else "",
+    ]
     return (
         f'<article class="card {card.kind}"><p class="badge">{esc(label)}</p>'
         f'<h2 title="{esc(card.item_id)}">{esc(card.item_id)}</h2>{error}{trace_html}'
@@ -324,11 +344,11 @@ class GalleryUpdater:
         self.run_dir = Path(run_dir)
         self.every_s = every_s
         self.max_items = max_items
-        self._last: Optional[float] = None
+        self._last: float | None = None
         self._lock = threading.Lock()  # the driver may call from its writer threads
         # Leftover temporaries in gallery/ are removed with the run dir's (RunStore.prepare).
 
-    def maybe_update(self) -> Optional[Path]:
+    def maybe_update(self) -> Path | None:
         if self._last is not None and time.monotonic() - self._last < self.every_s:
             return None
         if not self._lock.acquire(blocking=False):
@@ -338,12 +358,12 @@ class GalleryUpdater:
         finally:
             self._lock.release()
 
-    def update(self, raise_disk_full: bool = False) -> Optional[Path]:
+    def update(self, raise_disk_full: bool = False) -> Path | None:
         """`raise_disk_full`: a full disk raises (the driver stops the run with exit 3)."""
         with self._lock:
             return self._write(raise_disk_full)
 
-    def _write(self, raise_disk_full: bool = False) -> Optional[Path]:
+    def _write(self, raise_disk_full: bool = False) -> Path | None:
         self._last = time.monotonic()  # also after a failure: do not retry on every item
         try:
             return write_gallery(self.run_dir, self.max_items)

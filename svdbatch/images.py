@@ -13,11 +13,12 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any, Callable, Iterable, Optional, TypeVar
+from typing import Any, TypeVar
 
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
@@ -55,10 +56,10 @@ class Preprocess:
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited onto this
     # run.max_image_pixels: refuses an image, never changes its pixels, so it is neither in
     # as_dict (the key) nor compared.
-    max_image_pixels: Optional[int] = field(default=DEFAULT_MAX_IMAGE_PIXELS, compare=False)
+    max_image_pixels: int | None = field(default=DEFAULT_MAX_IMAGE_PIXELS, compare=False)
 
     @classmethod
-    def from_config(cls, cond: Any, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> "Preprocess":
+    def from_config(cls, cond: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Preprocess:
         return cls(
             resize=ResizeMode(cond.resize),
             pad_color=parse_color(cond.pad_color),
@@ -67,7 +68,7 @@ class Preprocess:
         )
 
     @classmethod
-    def from_record(cls, record: dict[str, Any], max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> "Preprocess":
+    def from_record(cls, record: dict[str, Any], max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Preprocess:
         """The inverse of as_dict (a sidecar's `preprocess`); its `version` is not checked here."""
         return cls(
             resize=ResizeMode(record["resize"]),
@@ -85,7 +86,7 @@ class Preprocess:
         }
 
 
-def pixels_problem(size: tuple[int, int], max_pixels: Optional[int]) -> Optional[str]:
+def pixels_problem(size: tuple[int, int], max_pixels: int | None) -> str | None:
     width, height = size
     if max_pixels is None or width * height <= max_pixels:
         return None
@@ -95,7 +96,7 @@ def pixels_problem(size: tuple[int, int], max_pixels: Optional[int]) -> Optional
     )
 
 
-def open_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Image.open, refusing more than max_pixels from the header alone (a decompression
     bomb would otherwise fill memory while decoding)."""
     image = Image.open(path)
@@ -109,13 +110,13 @@ def open_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
 LEVELS = {ImageCheck.none: 0, ImageCheck.header: 1, ImageCheck.full: 2}  # a deeper check vouches for a shallower one
 
 
-def stat_problem(path: str | os.PathLike) -> Optional[str]:
+def stat_problem(path: str | os.PathLike) -> str | None:
     if os.path.isdir(path):
         return "is a folder, not an image file"
     return None if os.path.isfile(path) else "image file not found"
 
 
-def read_image(path: str | os.PathLike, level: ImageCheck, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+def read_image(path: str | os.PathLike, level: ImageCheck, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """Open the image as deep as `level` says (header: format and size, no pixel data; full:
     decode everything) and return its size; raise ImageProblem if it is not readable or has
     more than max_pixels."""
@@ -133,7 +134,9 @@ def read_image(path: str | os.PathLike, level: ImageCheck, max_pixels: Optional[
         raise ImageProblem(f"not a readable image: {exc}") from None
 
 
-def check_image(path: str | os.PathLike, *, decode: bool | ImageCheck = True, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+def check_image(
+    path: str | os.PathLike, *, decode: bool | ImageCheck = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> None:
     """Raise ImageProblem if `path` is missing or, as deep as `decode` says (True: full,
     False: none, or an ImageCheck), too big or not a readable image."""
     level = decode if isinstance(decode, ImageCheck) else (ImageCheck.full if decode else ImageCheck.none)
@@ -155,7 +158,7 @@ def parallel_map(function: Callable[[T], R], values: list[T], threads: int = 0) 
     if len(values) < 2 or threads < 2:
         return [function(value) for value in values]
     size = max(1, min(256, len(values) // (4 * threads)))
-    chunks = [values[start:start + size] for start in range(0, len(values), size)]
+    chunks = [values[start : start + size] for start in range(0, len(values), size)]
     with ThreadPoolExecutor(threads, thread_name_prefix="svdbatch-images") as pool:
         return [result for chunk in pool.map(lambda part: [function(v) for v in part], chunks) for result in chunk]
 
@@ -169,7 +172,7 @@ class ImageCache:
     Several shards share a run dir: each appends only what it learnt, in one locked write;
     the latest line per path wins."""
 
-    def __init__(self, path: Optional[Path]):
+    def __init__(self, path: Path | None):
         self.path = path  # None: remember within this process only
         self._known: dict[str, dict[str, Any]] = {}
         self._new: dict[str, dict[str, Any]] = {}
@@ -220,14 +223,16 @@ class ImageCache:
 
 
 def check_images(
-    paths: Iterable[str], level: ImageCheck, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-    cache: Optional[ImageCache] = None,
-) -> dict[str, Optional[str]]:
+    paths: Iterable[str],
+    level: ImageCheck,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    cache: ImageCache | None = None,
+) -> dict[str, str | None]:
     """The problem with each image (None: fine), checked as deep as `level`. Every file is
     stat'ed; its header or pixels are read only when the cache has not seen this very file
     checked as deep, and then on a few threads."""
     cache = cache or ImageCache(None)
-    problems: dict[str, Optional[str]] = {}
+    problems: dict[str, str | None] = {}
     to_read: list[tuple[str, os.stat_result]] = []
     for path in dict.fromkeys(paths):
         try:
@@ -245,7 +250,7 @@ def check_images(
             continue
         to_read.append((path, info))
 
-    def read(entry: tuple[str, os.stat_result]) -> Optional[str]:
+    def read(entry: tuple[str, os.stat_result]) -> str | None:
         path, stat = entry
         try:
             size = read_image(path, level, max_pixels)
@@ -274,7 +279,7 @@ def has_alpha(image: Image.Image) -> bool:
 def load_rgb(
     path: str | os.PathLike,
     background: tuple[int, int, int] = (255, 255, 255),
-    max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Image.Image:
     """Open as 8-bit RGB, honouring EXIF orientation; alpha is composited onto `background`.
     More than max_pixels raises ImageProblem before decoding."""
@@ -294,17 +299,20 @@ def load_rgb(
     return image.convert("RGB")
 
 
-def prepare(image: Image.Image, width: int, height: int, resize: ResizeMode = ResizeMode.stretch,
-            pad_color: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+def prepare(
+    image: Image.Image,
+    width: int,
+    height: int,
+    resize: ResizeMode = ResizeMode.stretch,
+    pad_color: tuple[int, int, int] = (0, 0, 0),
+) -> Image.Image:
     """Fit the RGB image to width x height with the given resize policy."""
     size = (width, height)
     resize = ResizeMode(resize)
     if image.size == size:
         return image
     if resize is ResizeMode.none:
-        raise ImageProblem(
-            f"image is {image.width}x{image.height} but conditioning.resize=none needs exactly {width}x{height}"
-        )
+        raise ImageProblem(f"image is {image.width}x{image.height} but conditioning.resize=none needs exactly {width}x{height}")
     if resize is ResizeMode.crop:
         return ImageOps.fit(image, size, method=RESAMPLE, centering=(0.5, 0.5))
     if resize is ResizeMode.pad:
@@ -313,7 +321,9 @@ def prepare(image: Image.Image, width: int, height: int, resize: ResizeMode = Re
     return image.resize(size, RESAMPLE)
 
 
-def pipeline_input(path: str | os.PathLike, preprocess: Preprocess, width: int, height: int) -> tuple[Image.Image, tuple[int, int]]:
+def pipeline_input(
+    path: str | os.PathLike, preprocess: Preprocess, width: int, height: int
+) -> tuple[Image.Image, tuple[int, int]]:
     """(the image the pipeline gets, the source's size): the source read as RGB and fitted to
     width x height as `preprocess` says. What a run does for every item and reproduce
     does for one, so both feed the pipeline the same pixels."""

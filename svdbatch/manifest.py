@@ -20,15 +20,17 @@ import os
 import re
 import sys
 import unicodedata
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .atomic import atomic_write_bytes
 from .config import ConfigError, ImageCheck, ResizeMode, image_check_mode
 from .fetch import is_url, url_problem
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCache, ImageProblem, check_image, check_images as check_image_files
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCache, ImageProblem, check_image
+from .images import check_images as check_image_files
 from .params import PARAM_NAMES, ValueProblem, coerce, combination_problems, show_value
 from .store import OUTPUTS_ROOT, is_run_dir
 
@@ -66,7 +68,7 @@ class Item:
     """One validated manifest row."""
 
     id: str
-    image: Optional[str]  # absolute, normalised path (a str: cheap for 100k rows); None for a URL
+    image: str | None  # absolute, normalised path (a str: cheap for 100k rows); None for a URL
     image_ref: str  # the image as written in the manifest (a path or an http(s) URL)
     seed: int
     seed_derived: bool
@@ -75,10 +77,10 @@ class Item:
     manifest: str
     line: int
     # Per-row conditioning.resize (how the image is fitted, not a pipeline argument); None = the config's.
-    resize: Optional[str] = None
+    resize: str | None = None
 
     @property
-    def url(self) -> Optional[str]:
+    def url(self) -> str | None:
         return self.image_ref if is_url(self.image_ref) else None
 
     def row_record(self) -> dict[str, Any]:
@@ -99,10 +101,10 @@ class Item:
 @dataclass(frozen=True)
 class Problem:
     file: str
-    line: Optional[int]
-    field: Optional[str]
+    line: int | None
+    field: str | None
     message: str
-    item_id: Optional[str] = None
+    item_id: str | None = None
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
@@ -127,7 +129,7 @@ class Manifest:
     path: Path
     items: list[Item] = field(default_factory=list)
     # Rows that failed validation (only non-empty when not strict): (line, id or None, problems).
-    bad_rows: list[tuple[int, Optional[str], list[Problem]]] = field(default_factory=list)
+    bad_rows: list[tuple[int, str | None, list[Problem]]] = field(default_factory=list)
 
 
 def derive_seed(run_seed: int, item_id: str) -> int:
@@ -145,7 +147,7 @@ def derive_id(image_ref: str) -> str:
     return "__".join(parts)
 
 
-def id_problem(item_id: str) -> Optional[str]:
+def id_problem(item_id: str) -> str | None:
     """Ids become file names inside the run dir, so they must not be able to escape it, and
     the run dir must survive being copied to Windows or macOS."""
     if not item_id:
@@ -187,7 +189,7 @@ def row_value_problems(row: Mapping[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def _bad_value(value: Any, is_meta: bool) -> Optional[str]:
+def _bad_value(value: Any, is_meta: bool) -> str | None:
     if isinstance(value, str):
         return "is not valid Unicode text (a lone surrogate, as JSON's \\ud800 gives)" if LONE_SURROGATE.search(value) else None
     if isinstance(value, float) and not math.isfinite(value) and is_meta:
@@ -218,7 +220,7 @@ def _coerce_seed(value: Any) -> int:
 Row = tuple[int, dict[str, Any], list[Problem]]  # line, values, problems found while reading
 
 
-def _csv_rows(reader: Any, shown: str, problems: list[Problem], path: Optional[Path] = None) -> Iterator[tuple[int, list[str]]]:
+def _csv_rows(reader: Any, shown: str, problems: list[Problem], path: Path | None = None) -> Iterator[tuple[int, list[str]]]:
     """(line, cells) of each non-blank record. Broken quoting ends the file with a fatal
     problem naming the line the record started on (strict mode: otherwise an unclosed
     quote silently swallows the rest of the file into one cell)."""
@@ -230,8 +232,10 @@ def _csv_rows(reader: Any, shown: str, problems: list[Problem], path: Optional[P
             return
         except csv.Error as exc:
             if "field larger than field limit" in str(exc):
-                why = (f"a field is larger than {CSV_FIELD_LIMIT:,} characters, the most svdbatch reads from one CSV cell "
-                       "(a quote that is never closed swallows the rest of the file the same way)")
+                why = (
+                    f"a field is larger than {CSV_FIELD_LIMIT:,} characters, the most svdbatch reads from one CSV cell "
+                    "(a quote that is never closed swallows the rest of the file the same way)"
+                )
                 problems.append(Problem(shown, start, _oversized_column(path, start) if path else None, why))
             else:
                 problems.append(Problem(shown, start, None, f"not valid CSV from this line on ({exc}); check the quotes"))
@@ -240,7 +244,7 @@ def _csv_rows(reader: Any, shown: str, problems: list[Problem], path: Optional[P
             yield reader.line_num, values
 
 
-def _oversized_column(path: Path, start: int) -> Optional[str]:
+def _oversized_column(path: Path, start: int) -> str | None:
     """The header name of the column whose cell overflowed, read again without the limit;
     None when it cannot be told (the header itself, or other broken quoting)."""
     csv.field_size_limit(sys.maxsize)
@@ -269,7 +273,9 @@ def _check_header(header: list[str], shown_path: str, line: int, problems: list[
     seen: set[str] = set()
     for number, name in enumerate(header, start=1):
         if not name:
-            problems.append(Problem(shown_path, line, None, f"column {number} has no name in the header (a stray ',' at the end?)"))
+            problems.append(
+                Problem(shown_path, line, None, f"column {number} has no name in the header (a stray ',' at the end?)")
+            )
         elif name in seen:
             problems.append(Problem(shown_path, line, name, "column appears twice in the header"))
         seen.add(name)
@@ -390,7 +396,7 @@ def _encoding_problem(path: Path, shown_path: str, exc: UnicodeDecodeError) -> P
     return Problem(shown_path, None, None, f"not UTF-8 text ({exc.reason})")
 
 
-def _real_root(image_root: Optional[str]) -> Optional[str]:
+def _real_root(image_root: str | None) -> str | None:
     """run.image_root as a real path (relative to the working directory), with a trailing separator."""
     if image_root is None:
         return None
@@ -400,7 +406,7 @@ def _real_root(image_root: Optional[str]) -> Optional[str]:
     return os.path.join(root, "")
 
 
-def _outside_root(image_path: str, root: str) -> Optional[str]:
+def _outside_root(image_path: str, root: str) -> str | None:
     """Why image_path may not be used under run.image_root, or None. realpath, so a symlink
     inside the root that points outside it is caught too."""
     real = os.path.realpath(image_path)
@@ -416,11 +422,11 @@ def read_manifest(
     run_seed: int = 0,
     strict: bool = True,
     check_images: bool | str | ImageCheck = True,
-    image_root: Optional[str] = None,
-    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-    config_params: Optional[Mapping[str, Any]] = None,
-    select: Optional[Callable[[list[Item]], list[Item]]] = None,
-    image_cache: Optional[ImageCache] = None,
+    image_root: str | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    config_params: Mapping[str, Any] | None = None,
+    select: Callable[[list[Item]], list[Item]] | None = None,
+    image_cache: ImageCache | None = None,
 ) -> Manifest:
     """Parse and validate a manifest. Raises ManifestError listing every problem found.
 
@@ -473,7 +479,7 @@ def read_manifest(
             manifest.bad_rows.append((line, None, problems))
             continue
 
-        def bad(field_name: Optional[str], message: str) -> None:
+        def bad(field_name: str | None, message: str) -> None:
             problems.append(Problem(shown, line, field_name, message))
 
         for field_name, why in row_value_problems(row):
@@ -518,8 +524,11 @@ def read_manifest(
                 elif first[0] == item_id:
                     bad("id", f"duplicate id {item_id!r} (first used on line {first[1]})")
                 else:
-                    bad("id", f"id {item_id!r} and {first[0]!r} on line {first[1]} differ only by case or Unicode "
-                              "normalisation: they would name the same file on macOS and Windows")
+                    bad(
+                        "id",
+                        f"id {item_id!r} and {first[0]!r} on line {first[1]} differ only by case or Unicode "
+                        "normalisation: they would name the same file on macOS and Windows",
+                    )
 
         seed_derived = "seed" not in row
         seed = 0
@@ -594,8 +603,11 @@ def read_manifest(
 
 
 def _check_item_images(
-    manifest: Manifest, select: Optional[Callable[[list[Item]], list[Item]]], level: ImageCheck,
-    max_pixels: Optional[int], cache: Optional[ImageCache],
+    manifest: Manifest,
+    select: Callable[[list[Item]], list[Item]] | None,
+    level: ImageCheck,
+    max_pixels: int | None,
+    cache: ImageCache | None,
 ) -> list[Problem]:
     """Check the local images of the selected valid rows in one go (threads, cache), and move
     the rows whose image fails to bad_rows. Returns their problems."""

@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, DType, MemoryConfig, ModelConfig, Offload, plain
 from .tiny import TINY_SOURCE, ensure_tiny_model, weights_fingerprint
@@ -59,7 +59,7 @@ def parse_device(name: Any) -> torch.device:
         raise ConfigError(f"run.devices: {name!r} is not a device ({exc})") from None
 
 
-def resolve_devices(devices: Any, workers: int = 1, environ: Optional[dict[str, str]] = None) -> list[torch.device]:
+def resolve_devices(devices: Any, workers: int = 1, environ: dict[str, str] | None = None) -> list[torch.device]:
     """One entry per worker process.
 
     "auto": every visible GPU (or, under torchrun/accelerate, the GPU of this LOCAL_RANK);
@@ -96,7 +96,7 @@ def resolve_devices(devices: Any, workers: int = 1, environ: Optional[dict[str, 
 
 
 # -- CPU threads: how many intra-op threads each worker computes with --------------------
-def cgroup_cpu_limit() -> Optional[float]:
+def cgroup_cpu_limit() -> float | None:
     """CPUs a cgroup quota allows (docker --cpus, Kubernetes limits), or None: cgroup v2's
     cpu.max ('200000 100000' = 2 CPUs, 'max' = none), else v1's cfs quota/period."""
     try:
@@ -142,7 +142,7 @@ def default_num_threads(devices: list[torch.device]) -> int:
     return max(1, usable_cores() // max(1, len(devices)))
 
 
-def pin_threads(num_threads: Optional[int]) -> None:
+def pin_threads(num_threads: int | None) -> None:
     """Set this process's intra-op thread count (None or 0: leave torch's). It changes float
     results, so every worker pins the run's count and reproduce pins the recorded one."""
     if num_threads:
@@ -151,12 +151,12 @@ def pin_threads(num_threads: Optional[int]) -> None:
         torch.set_num_threads(num_threads)
 
 
-def device_type(device: "torch.device | str") -> str:
+def device_type(device: torch.device | str) -> str:
     """'cuda' or 'cpu' of a torch.device or a device name ('cuda:1'), without torch."""
     return getattr(device, "type", None) or str(device).split(":")[0]
 
 
-def dtype_name(model: ModelConfig, device: "torch.device | str") -> str:
+def dtype_name(model: ModelConfig, device: torch.device | str) -> str:
     """The dtype the model computes in on this device ('float16', 'float32', ...)."""
     requested = DType(model.dtype)
     if requested is DType.auto:
@@ -170,7 +170,7 @@ def dtype_name(model: ModelConfig, device: "torch.device | str") -> str:
     return requested.value
 
 
-def resolve_dtype(model: ModelConfig, device: "torch.device | str") -> "torch.dtype":
+def resolve_dtype(model: ModelConfig, device: torch.device | str) -> torch.dtype:
     import torch
 
     return getattr(torch, dtype_name(model, device))
@@ -182,10 +182,10 @@ class ModelIdentity:
 
     name: str
     source: str
-    revision: Optional[str]
-    variant: Optional[str]
+    revision: str | None
+    variant: str | None
     dtype: str
-    fingerprint: Optional[str]  # weight hash for the tiny model
+    fingerprint: str | None  # weight hash for the tiny model
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -206,7 +206,7 @@ def only_variant_weights(source: str, variant: str) -> bool:
     return bool(weights) and all(marker in name for name in weights)
 
 
-def load_variant(model: ModelConfig, dtype: str) -> Optional[str]:
+def load_variant(model: ModelConfig, dtype: str) -> str | None:
     """The weight variant to load: the configured one in float16; in float32 (CPU) the full
     weights, unless the source holds only the variant's files: then those, upcast."""
     if not model.variant or model.source == TINY_SOURCE:
@@ -216,7 +216,7 @@ def load_variant(model: ModelConfig, dtype: str) -> Optional[str]:
     return None
 
 
-def model_identity(model: ModelConfig, device: "torch.device | str") -> ModelIdentity:
+def model_identity(model: ModelConfig, device: torch.device | str) -> ModelIdentity:
     dtype = dtype_name(model, device)
     fingerprint = None
     if model.source == TINY_SOURCE:
@@ -243,7 +243,7 @@ def is_local_path(source: str) -> bool:
     )
 
 
-def source_problem(model: ModelConfig) -> Optional[str]:
+def source_problem(model: ModelConfig) -> str | None:
     """'model.source: ...' for a local directory that is not there (checked up front: the
     hub would answer with a confusing 'repo not found' or an offline error)."""
     source = model.source
@@ -253,9 +253,12 @@ def source_problem(model: ModelConfig) -> Optional[str]:
     if os.path.isdir(folder):
         return None
     what = "is a file, not a directory" if os.path.exists(folder) else "no such directory"
-    return (f"model.source: {what}: {source}" + (f" ({os.path.abspath(folder)})" if folder != os.path.abspath(folder) else "")
-            + "; point it at a local copy of the weights (a folder with model_index.json) or use a hub repo id"
-            " such as stabilityai/stable-video-diffusion-img2vid-xt")
+    return (
+        f"model.source: {what}: {source}"
+        + (f" ({os.path.abspath(folder)})" if folder != os.path.abspath(folder) else "")
+        + "; point it at a local copy of the weights (a folder with model_index.json) or use a hub repo id"
+        " such as stabilityai/stable-video-diffusion-img2vid-xt"
+    )
 
 
 def download_hint(model: ModelConfig) -> str:
@@ -357,17 +360,21 @@ class LoadedPipeline:
     offloaded: bool = False
     forward_chunking: bool = False
     # Upper bound on decode_chunk_size set by an OOM fallback (None: as planned).
-    decode_cap: Optional[int] = None
-    cache_key: Optional[str] = None
+    decode_cap: int | None = None
+    cache_key: str | None = None
     # Seconds the compiled UNet's warm-up took (worker.Worker.warm_up), once per load.
-    warmup_s: Optional[float] = None
+    warmup_s: float | None = None
 
     def memory_record(self) -> dict[str, Any]:
-        return {"preset": self.memory, "offload": self.offloaded, "forward_chunking": self.forward_chunking,
-                "decode_cap": self.decode_cap}
+        return {
+            "preset": self.memory,
+            "offload": self.offloaded,
+            "forward_chunking": self.forward_chunking,
+            "decode_cap": self.decode_cap,
+        }
 
 
-def lower_memory(loaded: LoadedPipeline, decode_chunk_size: int) -> Optional[str]:
+def lower_memory(loaded: LoadedPipeline, decode_chunk_size: int) -> str | None:
     """One step down the memory ladder after an out-of-memory error, applied in place:
     full -> balanced (model CPU offload) -> low (+ feed-forward chunking, decode 2 frames
     at a time) -> halve decode_chunk_size down to 1. Returns what changed, or None when

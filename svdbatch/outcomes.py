@@ -7,7 +7,6 @@ can read reports without importing what the workers compute with.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 DONE = "done"
 FAILED = "failed"
@@ -21,8 +20,8 @@ INTERRUPTED = "interrupted"  # not attempted: a signal stopped the run (see stop
 class Outcome:
     item_id: str
     status: str
-    generate_s: Optional[float] = None
-    error: Optional[str] = None
+    generate_s: float | None = None
+    error: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -20,12 +20,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import stat
+import subprocess
 import tempfile
-from pathlib import Path
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -193,9 +193,32 @@ def encode_mp4(frames: np.ndarray, target: Path, fps: int, settings: dict[str, A
 
     _, height, width, _ = frames.shape
     cmd = [
-        ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24",
-        "-r", str(fps), "-i", "-", "-an", "-vcodec", settings["codec"], "-pix_fmt", settings["pix_fmt"],
-        "-crf", str(settings["crf"]), "-v", "warning", "-f", "mp4", str(target),
+        ffmpeg_exe(),
+        "-y",
+        "-f",
+        "rawvideo",
+        "-vcodec",
+        "rawvideo",
+        "-s",
+        f"{width}x{height}",
+        "-pix_fmt",
+        "rgb24",
+        "-r",
+        str(fps),
+        "-i",
+        "-",
+        "-an",
+        "-vcodec",
+        settings["codec"],
+        "-pix_fmt",
+        settings["pix_fmt"],
+        "-crf",
+        str(settings["crf"]),
+        "-v",
+        "warning",
+        "-f",
+        "mp4",
+        str(target),
     ]
     # Sizes are multiples of 8 (validated) and yuv420p needs even ones: no scaling, unlike
     # imageio's default macro block of 16, which rescaled e.g. 72 px to 80.
@@ -214,8 +237,9 @@ def encoder_record(settings: dict[str, Any]) -> dict[str, Any]:
     return {"name": f"pillow-{'png' if fmt is OutputFormat.frames else fmt.value}", "pillow": PIL.__version__}
 
 
-def check_decodes(path: Path, frames: int, height: int, width: int, frames_sha: Optional[str] = None,
-                  fps: Optional[int] = None) -> None:
+def check_decodes(
+    path: Path, frames: int, height: int, width: int, frames_sha: str | None = None, fps: int | None = None
+) -> None:
     """Decode a written output once: it must give `frames` frames of width x height (and,
     when given, for lossless PNG frames, exactly the frames with that hash)."""
     try:

@@ -7,8 +7,9 @@ that is rejected in a row is rejected in the config too, with the same message.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from .config import ConditioningConfig, MemoryConfig, ModelConfig
 from .images import parse_color
@@ -17,9 +18,9 @@ from .images import parse_color
 @dataclass(frozen=True)
 class Rule:
     kind: type  # int or float
-    low: Optional[float] = None
-    high: Optional[float] = None
-    multiple_of: Optional[int] = None
+    low: float | None = None
+    high: float | None = None
+    multiple_of: int | None = None
     nullable: bool = False
 
     def describe(self) -> str:
@@ -182,7 +183,10 @@ def check_model_and_memory(model: ModelConfig, memory: MemoryConfig) -> list[str
     """The model's trained frame count stands in for a null conditioning.num_frames, and the
     memory preset caps decode_chunk_size, so they obey the same rules."""
     problems = []
-    checks = [("model.num_frames", "num_frames", model.num_frames), ("memory.max_decode_chunk_size", "decode_chunk_size", memory.max_decode_chunk_size)]
+    checks = [
+        ("model.num_frames", "num_frames", model.num_frames),
+        ("memory.max_decode_chunk_size", "decode_chunk_size", memory.max_decode_chunk_size),
+    ]
     for shown, name, value in checks:
         try:
             coerce(name, value)
@@ -206,7 +210,7 @@ class ParamDefaults:
 
     values: dict[str, Any]
     model_num_frames: int
-    max_decode_chunk_size: Optional[int]
+    max_decode_chunk_size: int | None
     # Rows share a few distinct override sets: resolve each once.
     _resolved: dict[tuple, GenParams] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -240,7 +244,5 @@ def param_defaults(cond: ConditioningConfig, model: ModelConfig, memory: MemoryC
     )
 
 
-def resolve_params(
-    cond: ConditioningConfig, model: ModelConfig, memory: MemoryConfig, overrides: Mapping[str, Any]
-) -> GenParams:
+def resolve_params(cond: ConditioningConfig, model: ModelConfig, memory: MemoryConfig, overrides: Mapping[str, Any]) -> GenParams:
     return param_defaults(cond, model, memory).resolve(overrides)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from .config import ConditioningConfig, ConfigError, MemoryConfig, ModelConfig, OutputConfig, ResizeMode
 from .fetch import UrlCache
@@ -51,7 +52,7 @@ def shard_from_env(environ: Mapping[str, str], in_hydra_sweep: bool = False) -> 
     return Shard()
 
 
-def resolve_shard(index: Optional[int], count: Optional[int], in_hydra_sweep: bool = False) -> Shard:
+def resolve_shard(index: int | None, count: int | None, in_hydra_sweep: bool = False) -> Shard:
     if index is None and count is None:
         return shard_from_env(os.environ, in_hydra_sweep)
     if index is None or count is None:
@@ -79,16 +80,16 @@ class PlannedItem:
     image_sha256: str
     image_bytes: int
     image_mtime_ns: int
-    key: Optional[str]  # None when the image could not be fetched
+    key: str | None  # None when the image could not be fetched
     preprocess: Preprocess
     # The local file to read: the manifest's path, or the downloaded copy of a URL.
-    source: Optional[str] = None
+    source: str | None = None
     # Why a URL could not be fetched (or a local file vanished after validation); the worker
     # raises it so it is recorded as this item's failure.
-    fetch_error: Optional[str] = None
+    fetch_error: str | None = None
     # Hash of the output settings the file is written with (outputs.output_settings): with
     # `key`, what must match for the item to count as done.
-    output_key: Optional[str] = None
+    output_key: str | None = None
 
     def image_record(self) -> dict[str, Any]:
         return {
@@ -128,11 +129,11 @@ def plan_run(
     memory: MemoryConfig,
     model_identity: dict[str, Any],
     store: RunStore,
-    limit: Optional[int] = None,
-    fetcher: Optional[UrlCache] = None,
+    limit: int | None = None,
+    fetcher: UrlCache | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    output: Optional[OutputConfig] = None,
-    image_cache: Optional[ImageCache] = None,
+    output: OutputConfig | None = None,
+    image_cache: ImageCache | None = None,
     reuse: Any = None,
 ) -> Plan:
     """Resolve each item's parameters and key, and split done from to-do.
@@ -179,7 +180,9 @@ def plan_run(
         if known is None:
             record = index.get(item.id, {})
             if (record.get("image_path"), record.get("image_bytes"), record.get("image_mtime_ns")) == (
-                source, info.st_size, info.st_mtime_ns,
+                source,
+                info.st_size,
+                info.st_mtime_ns,
             ):
                 known = record["image_sha256"]
                 cache.learn(source, info, sha256=known)
@@ -234,8 +237,8 @@ def hash_or_error(path: str) -> str | OSError:
 
 
 def find_replacement(
-    entry: PlannedItem, record: Optional[dict[str, Any]], store: RunStore, model_identity: dict[str, Any]
-) -> Optional[Replacement]:
+    entry: PlannedItem, record: dict[str, Any] | None, store: RunStore, model_identity: dict[str, Any]
+) -> Replacement | None:
     """Whether running this to-do item overwrites a finished output of another key, and
     what changed. Reads the item's sidecar only then, so an unchanged resume reads none."""
     if record is None or entry.key is None or not output_intact(store.root, record):
@@ -267,7 +270,7 @@ def changed_fields(sidecar: Sidecar, entry: PlannedItem, model_identity: dict[st
     return tuple((name, recorded.get(name), new.get(name)) for name in new if recorded.get(name) != new.get(name))
 
 
-def _without_version(preprocess: Optional[dict[str, Any]]) -> dict[str, Any]:
+def _without_version(preprocess: dict[str, Any] | None) -> dict[str, Any]:
     return {name: value for name, value in (preprocess or {}).items() if name != "version"}
 
 
@@ -300,7 +303,7 @@ def describe_replacements(replaced: list[Replacement], examples: int = 3) -> lis
     return lines
 
 
-def fixed_conditioning_warning(planned: list[PlannedItem], model: ModelConfig) -> Optional[str]:
+def fixed_conditioning_warning(planned: list[PlannedItem], model: ModelConfig) -> str | None:
     """A warning naming the items that vary what the checkpoint was trained with fixed."""
     fixed = dict(model.fixed_conditioning or {})
     if not fixed:
@@ -314,14 +317,16 @@ def fixed_conditioning_warning(planned: list[PlannedItem], model: ModelConfig) -
     if not off:
         return None
     trained_with = ", ".join(f"{knob}={value:g}" for knob, value in fixed.items())
-    details = "; ".join(f"{knob}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''} ({len(ids)} items)" for knob, ids in off.items())
+    details = "; ".join(
+        f"{knob}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''} ({len(ids)} items)" for knob, ids in off.items()
+    )
     return (
         f"model {model.name} was trained with fixed {trained_with} (model card) and was not trained to vary "
         f"them; these items use other values, expect off-distribution motion: {details}"
     )
 
 
-def shadowed_knobs_warning(items: list[Item], swept: Mapping[str, str]) -> Optional[str]:
+def shadowed_knobs_warning(items: list[Item], swept: Mapping[str, str]) -> str | None:
     """One warning naming the rows whose own values override a swept conditioning knob
     (`swept`: knob -> the sweep's key for it): at every point they get the same value, so
     the sweep does not vary them (their outputs are reused across points, not redone)."""

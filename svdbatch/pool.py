@@ -32,19 +32,19 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
+from . import faults
 from .config import ConfigError, MemoryConfig, ModelConfig, OutputConfig
 from .dispatch import Ledger, OnDone
-from . import faults
 from .models import ModelLoadError, default_num_threads, resolve_devices
 from .outcomes import Outcome
 from .plan import PlannedItem
-from .tiny import TINY_SOURCE, ensure_tiny_model
 from .stops import StopRequest, die_with_parent, ignore_stop_signals, stop_signals_blocked
 from .store import RunStore
+from .tiny import TINY_SOURCE, ensure_tiny_model
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -75,17 +75,17 @@ class WorkerSpec:
     run_dir: str
     # None: models.default_num_threads for the resolved devices, worked out by the first
     # worker of an early crew and then given to every worker (it changes float results).
-    num_threads: Optional[int]
+    num_threads: int | None
     step_progress: bool
     context: dict[str, Any]
     retry_on_oom: bool = False
     # run.keep_replaced: where a redone item's older output is moved before the new one is written.
-    keep_replaced_in: Optional[str] = None
+    keep_replaced_in: str | None = None
     # run.devices and run.workers as configured: the first worker of an early crew resolves them.
     devices: Any = "auto"
     workers: int = 1
 
-    def build(self, device: Any) -> "Worker":
+    def build(self, device: Any) -> Worker:
         import torch
 
         from .models import load_pipeline
@@ -115,8 +115,14 @@ def runs_in_processes(spec: WorkerSpec) -> bool:
 
 
 def execute(
-    batches: list[list[PlannedItem]], spec: WorkerSpec, devices: list[str], on_done: OnDone,
-    stop: Optional[StopRequest] = None, cluster: Any = None, keep: bool = False, crew: Optional["Crew"] = None,
+    batches: list[list[PlannedItem]],
+    spec: WorkerSpec,
+    devices: list[str],
+    on_done: OnDone,
+    stop: StopRequest | None = None,
+    cluster: Any = None,
+    keep: bool = False,
+    crew: Crew | None = None,
 ) -> None:
     """Run every batch; `on_done(outcomes)` is called once per finished batch. With a Ray
     cluster (ray_engine.RayCluster, run.engine=ray) its actors run them instead. `crew`: the
@@ -158,7 +164,7 @@ class ForwardLogs(logging.handlers.QueueHandler):
         self.queue.put(("log", self.number, record))
 
 
-def resolve_for_driver(spec: WorkerSpec, setup: mp.Queue) -> Optional[tuple[str, WorkerSpec]]:
+def resolve_for_driver(spec: WorkerSpec, setup: mp.Queue) -> tuple[str, WorkerSpec] | None:
     """The first worker of an early crew: resolve run.devices (this needs torch, which the
     driver does without) and the thread count, and report both on `setup`; the embedded
     tiny model is built first if it is not cached yet, so that the driver, which hashes it
@@ -180,8 +186,14 @@ def resolve_for_driver(spec: WorkerSpec, setup: mp.Queue) -> Optional[tuple[str,
 
 
 def worker_main(
-    spec: Optional[WorkerSpec], device: Optional[str], number: int, inbox: mp.Queue, events: mp.Queue, stop: Any,
-    driver_pid: int, setup: Optional[mp.Queue] = None,
+    spec: WorkerSpec | None,
+    device: str | None,
+    number: int,
+    inbox: mp.Queue,
+    events: mp.Queue,
+    stop: Any,
+    driver_pid: int,
+    setup: mp.Queue | None = None,
 ) -> None:
     """Entry point of a worker process: one run (a sweep point) per spec. After a point's
     last batch (None) it reports idle and waits for the next point's spec (None: exit); the
@@ -215,6 +227,7 @@ def worker_main(
         except BaseException as exc:
             events.put(("load_failed", number, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             return
+
         def batches():
             while not stop.is_set() and (task := inbox.get()) is not None:
                 yield task
@@ -234,7 +247,7 @@ class Crew:
     An early crew (start_first) knows no devices yet: its first worker resolves them
     while the driver plans, and `resolved()` waits for that report."""
 
-    def __init__(self, key: str, devices: Optional[list[str]] = None, num_threads: Optional[int] = None):
+    def __init__(self, key: str, devices: list[str] | None = None, num_threads: int | None = None):
         self.key = key
         self.devices = devices
         self.num_threads = num_threads
@@ -249,7 +262,7 @@ class Crew:
         # Workers started for the coming point, with its spec: begin() leaves them be.
         self.fresh: set[int] = set()
 
-    def start(self, number: int, spec: WorkerSpec, device: Optional[str]) -> None:
+    def start(self, number: int, spec: WorkerSpec, device: str | None) -> None:
         self.inboxes[number] = self.context.Queue()
         self.procs[number] = self.context.Process(
             target=worker_main,
@@ -359,7 +372,7 @@ def crew_key(spec: WorkerSpec) -> str:
     return json.dumps([spec.model, spec.memory, spec.num_threads, spec.devices, spec.workers], sort_keys=True, default=str)
 
 
-def crew_for(spec: WorkerSpec, devices: Optional[list[str]] = None) -> Crew:
+def crew_for(spec: WorkerSpec, devices: list[str] | None = None) -> Crew:
     """The kept crew for these settings, or a new one (for `devices`, or early: devices unknown)."""
     key = crew_key(spec)
     crew = _crews.get(key)
@@ -369,7 +382,7 @@ def crew_for(spec: WorkerSpec, devices: Optional[list[str]] = None) -> Crew:
     return crew
 
 
-_spare: Optional[Crew] = None  # prestart's worker, until a run adopts it (start_early)
+_spare: Crew | None = None  # prestart's worker, until a run adopts it (start_early)
 
 
 def prestart() -> None:
@@ -433,8 +446,13 @@ def close_crews() -> None:
 
 class Pool:
     def __init__(
-        self, batches: list[list[PlannedItem]], spec: WorkerSpec, crew: Crew, on_done: OnDone,
-        stop: Optional[StopRequest] = None, keep: bool = False,
+        self,
+        batches: list[list[PlannedItem]],
+        spec: WorkerSpec,
+        crew: Crew,
+        on_done: OnDone,
+        stop: StopRequest | None = None,
+        keep: bool = False,
     ):
         self.spec = spec
         self.crew = crew
@@ -497,7 +515,9 @@ class Pool:
         if self.deaths_in_a_row > MAX_RESTARTS_IN_A_ROW:
             log.error("worker %d not restarted: %d workers died in a row without finishing a batch", number, self.deaths_in_a_row)
             return
-        log.warning("restarting worker %d (%d of at most %d deaths in a row)", number, self.deaths_in_a_row, MAX_RESTARTS_IN_A_ROW)
+        log.warning(
+            "restarting worker %d (%d of at most %d deaths in a row)", number, self.deaths_in_a_row, MAX_RESTARTS_IN_A_ROW
+        )
         self.crew.start(number, self.spec, self.crew.devices[number])
         ledger.join(number)
 

@@ -24,7 +24,7 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -34,9 +34,9 @@ from .dispatch import ASSIGNED_PER_WORKER, Ledger, OnDone
 from .models import parse_device
 from .outcomes import Outcome
 from .plan import PlannedItem
+from .pool import NoWorkersLeft, WorkerSpec
 from .stops import StopRequest
 from .store import RunDirError, RunStore
-from .pool import NoWorkersLeft, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def actor_devices(devices: Any, workers: int, cluster_gpus: int) -> list[torch.d
     return resolved
 
 
-def forwarded_env(environ: Optional[dict[str, str]] = None) -> dict[str, str]:
+def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     return {name: value for name, value in environ.items() if name.startswith(FORWARDED_ENV_PREFIX)}
 
@@ -105,14 +105,14 @@ class SvdbatchWorker:
         self.inbox: queue.Queue = queue.Queue()
         self.reports: dict[int, Future] = {}
         self.lock = threading.Lock()
-        self.broken: Optional[str] = None
+        self.broken: str | None = None
 
     def node(self) -> dict[str, Any]:
         import ray
 
         return {"hostname": socket.gethostname(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
-    def probe(self, driver_probe: str, token: str, image: Optional[str]) -> dict[str, Any]:
+    def probe(self, driver_probe: str, token: str, image: str | None) -> dict[str, Any]:
         """Shared-storage check: read the driver's probe, write our own for the driver to read."""
         info = {**self.node(), "problems": [], "probe": None}
         try:
@@ -178,7 +178,7 @@ class RayCluster:
         self.devices_setting = run_cfg.devices
         self.workers = run_cfg.workers
         self.connected_here = False
-        self._devices: Optional[list[torch.device]] = None
+        self._devices: list[torch.device] | None = None
 
     # -- connection -------------------------------------------------------------------
     def connect(self) -> None:
@@ -206,8 +206,12 @@ class RayCluster:
             # ray.init installs a SIGTERM handler that exits at once; the driver's clean stop
             # (stops.py) stops the actors and says what is left, as for a local run.
             signal.signal(signal.SIGTERM, sigterm)
-        log.info("ray: %s %s (%s)", "joined" if joining else "started a local cluster at",
-                 context.address_info.get("gcs_address"), resources_line())
+        log.info(
+            "ray: %s %s (%s)",
+            "joined" if joining else "started a local cluster at",
+            context.address_info.get("gcs_address"),
+            resources_line(),
+        )
 
     def close(self) -> None:
         """Leave the cluster; a local cluster this driver started is shut down with it."""
@@ -260,7 +264,7 @@ class RayCluster:
         if ledger.load_errors and len(ledger.load_errors) == len(actors):
             raise NoWorkersLeft("no Ray actor could load the model:\n" + "\n".join(ledger.load_errors))
 
-    def check_storage(self, actors: list[Any], store: RunStore, image: Optional[str]) -> None:
+    def check_storage(self, actors: list[Any], store: RunStore, image: str | None) -> None:
         """Every actor reads the driver's probe file and writes its own, which the driver reads
         back: a run dir some node does not share is refused before any work (exit 2)."""
 
@@ -287,7 +291,8 @@ class RayCluster:
                 problems += [f"{where}: {problem}" for problem in info["problems"]]
             if problems:
                 raise RunDirError(
-                    f"run dir {store.root} is not shared with every Ray node:\n  " + "\n  ".join(problems)
+                    f"run dir {store.root} is not shared with every Ray node:\n  "
+                    + "\n  ".join(problems)
                     + f"\nWith run.engine=ray, {SHARED_STORAGE_HINT}."
                 )
         finally:
@@ -364,7 +369,7 @@ class RayCluster:
         ledger.settle()
 
 
-def cluster_to_join(address: Optional[str]) -> Optional[str]:
+def cluster_to_join(address: str | None) -> str | None:
     """What ray.init(address) will join: "host:port", a "ray://" URL (Ray Client), or None
     when it starts a local cluster (only then do num_cpus and the object store apply)."""
     if address == "local":
@@ -381,7 +386,7 @@ def cluster_to_join(address: Optional[str]) -> Optional[str]:
         return "auto"  # "auto" without a cluster: ray.init says so
 
 
-def check_reachable(address: str, given: Optional[str], timeout_s: float = 10.0) -> None:
+def check_reachable(address: str, given: str | None, timeout_s: float = 10.0) -> None:
     """Ray retries an address nobody listens on for minutes; a plain TCP connect says at once."""
     host, _, port = address.rpartition(":")
     if "://" in address or not port.isdigit():
@@ -402,7 +407,7 @@ def resources_line() -> str:
     return f"{len(ray.nodes())} nodes, {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
 
 
-def first_image(batches: list[list[PlannedItem]]) -> Optional[str]:
+def first_image(batches: list[list[PlannedItem]]) -> str | None:
     """One image the actors must be able to read (planned from the driver's view)."""
     return next((entry.source for batch in batches for entry in batch if entry.source), None)
 
@@ -436,5 +441,3 @@ def stop_actors(actors: list[Any], wait_s: float = 30.0) -> None:
             except ValueError:
                 break  # no live actor by that name
             time.sleep(0.1)
-
-

@@ -19,10 +19,11 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 
+from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK  # cli owns exit codes (and imports this module lazily)
 from .config import ConfigError, FetchConfig, MemoryConfig, ModelConfig
 from .fetch import FetchError, UrlCache
 from .images import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION, file_sha256, pipeline_input
@@ -31,8 +32,6 @@ from .outputs import frames_sha256, output_bytes, output_sha256
 from .sidecar import Sidecar, SidecarError
 from .store import sidecar_relpath
 from .worker import generate_frames, software_versions
-
-from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK  # cli owns exit codes (and imports this module lazily)
 
 EXIT_MATCH, EXIT_MISMATCH, EXIT_CANNOT = EXIT_OK, EXIT_ITEMS_FAILED, EXIT_BAD_INPUT
 
@@ -47,7 +46,7 @@ class Reproduction:
     recorded: str
     got: str
     notes: list[str] = field(default_factory=list)  # environment differences worth knowing
-    file_ok: Optional[bool] = None  # the file on disk is the recorded one; None: not checked
+    file_ok: bool | None = None  # the file on disk is the recorded one; None: not checked
     file_report: str = ""
 
     @property
@@ -55,7 +54,7 @@ class Reproduction:
         return self.recorded == self.got
 
 
-def check_file_on_disk(sidecar_path: Path, sidecar: Sidecar) -> tuple[Optional[bool], str]:
+def check_file_on_disk(sidecar_path: Path, sidecar: Sidecar) -> tuple[bool | None, str]:
     """(ok, what to say) about the written output next to the sidecar; ok None: not checkable."""
     recorded = sidecar.output.sha256
     if not recorded:
@@ -138,13 +137,20 @@ def reproduce(sidecar_path: Path) -> Reproduction:
         pin_threads(sidecar.num_threads)  # the recorded thread count: float results depend on it
         (frames,) = generate_frames(loaded.pipe, [image], params, [sidecar.seed])
     file_ok, file_report = check_file_on_disk(sidecar_path, sidecar)
-    return Reproduction(item_id=sidecar.id, recorded=sidecar.frames_sha256, got=frames_sha256(frames), notes=notes,
-                        file_ok=file_ok, file_report=file_report)
+    return Reproduction(
+        item_id=sidecar.id,
+        recorded=sidecar.frames_sha256,
+        got=frames_sha256(frames),
+        notes=notes,
+        file_ok=file_ok,
+        file_report=file_report,
+    )
 
 
 def reproduce_command(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="svdbatch reproduce", description="regenerate one item from its sidecar alone and compare the frames hash",
+        prog="svdbatch reproduce",
+        description="regenerate one item from its sidecar alone and compare the frames hash",
         epilog="exit status: 0 the frames match, 1 they differ, 2 the item cannot be re-run as recorded",
     )
     parser.add_argument("sidecar", type=Path, help="<run dir>/items/<id>.json")

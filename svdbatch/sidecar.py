@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 SCHEMA = 1  # bump when a field changes meaning; a reader refuses other schemas
 DONE = "done"  # the only status written today: the item is finished
@@ -88,7 +89,7 @@ class _Reader:
     def obj(self, key: str, required: bool = True) -> Any:
         return self.get(key, (dict,), required)
 
-    def sub(self, key: str) -> "_Reader":
+    def sub(self, key: str) -> _Reader:
         return _Reader(self.obj(key), self._where(key))
 
 
@@ -104,19 +105,25 @@ class SidecarRow:
     seed: int
     seed_derived: bool
     overrides: Json
-    resize: Optional[str]
+    resize: str | None
     meta: Json  # the row's meta_* columns, carried untouched into metadata.jsonl
 
     def to_dict(self) -> Json:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, data: Any, name: str = "row") -> "SidecarRow":
+    def from_dict(cls, data: Any, name: str = "row") -> SidecarRow:
         r = _Reader(data, name)
         return cls(
-            manifest=r.text("manifest"), line=r.integer("line"), id=r.text("id"), image=r.text("image"),
-            seed=r.integer("seed"), seed_derived=r.get("seed_derived", (bool,)), overrides=r.obj("overrides"),
-            resize=r.text("resize", required=False), meta=r.obj("meta"),
+            manifest=r.text("manifest"),
+            line=r.integer("line"),
+            id=r.text("id"),
+            image=r.text("image"),
+            seed=r.integer("seed"),
+            seed_derived=r.get("seed_derived", (bool,)),
+            overrides=r.obj("overrides"),
+            resize=r.text("resize", required=False),
+            meta=r.obj("meta"),
         )
 
 
@@ -127,26 +134,33 @@ class SidecarImage:
 
     path: str
     sha256: str
-    url: Optional[str]  # the image URL it was downloaded from, if any
-    bytes: Optional[int]
-    mtime_ns: Optional[int]
-    size: Optional[tuple[int, int]]  # the source's (width, height) before preprocessing
+    url: str | None  # the image URL it was downloaded from, if any
+    bytes: int | None
+    mtime_ns: int | None
+    size: tuple[int, int] | None  # the source's (width, height) before preprocessing
 
     def to_dict(self) -> Json:
         return {
-            "path": self.path, "sha256": self.sha256, "url": self.url, "bytes": self.bytes, "mtime_ns": self.mtime_ns,
+            "path": self.path,
+            "sha256": self.sha256,
+            "url": self.url,
+            "bytes": self.bytes,
+            "mtime_ns": self.mtime_ns,
             "size": list(self.size) if self.size is not None else None,
         }
 
     @classmethod
-    def from_dict(cls, data: Any, name: str = "image") -> "SidecarImage":
+    def from_dict(cls, data: Any, name: str = "image") -> SidecarImage:
         r = _Reader(data, name)
         size = r.get("size", (list,), required=False)
         if size is not None and (len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in size)):
             raise SidecarError(None, f"field '{name}.size' is {size!r:.60}, expected [width, height]")
         return cls(
-            path=r.text("path"), sha256=r.text("sha256"), url=r.text("url", required=False),
-            bytes=r.integer("bytes", required=False), mtime_ns=r.integer("mtime_ns", required=False),
+            path=r.text("path"),
+            sha256=r.text("sha256"),
+            url=r.text("url", required=False),
+            bytes=r.integer("bytes", required=False),
+            mtime_ns=r.integer("mtime_ns", required=False),
             size=tuple(size) if size is not None else None,
         )
 
@@ -158,10 +172,10 @@ class SidecarOutput:
 
     path: str
     format: str
-    fps: Union[int, float]
+    fps: int | float
     settings: Json
     bytes: int
-    sha256: Optional[str]  # None only in records of an older svdbatch: not verifiable
+    sha256: str | None  # None only in records of an older svdbatch: not verifiable
     encoder: Json
     frames: int
     height: int
@@ -171,12 +185,19 @@ class SidecarOutput:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, data: Any, name: str = "output") -> "SidecarOutput":
+    def from_dict(cls, data: Any, name: str = "output") -> SidecarOutput:
         r = _Reader(data, name)
         return cls(
-            path=r.text("path"), format=r.text("format"), fps=r.number("fps"), settings=r.obj("settings"),
-            bytes=r.integer("bytes"), sha256=r.text("sha256", required=False), encoder=r.obj("encoder"),
-            frames=r.integer("frames"), height=r.integer("height"), width=r.integer("width"),
+            path=r.text("path"),
+            format=r.text("format"),
+            fps=r.number("fps"),
+            settings=r.obj("settings"),
+            bytes=r.integer("bytes"),
+            sha256=r.text("sha256", required=False),
+            encoder=r.obj("encoder"),
+            frames=r.integer("frames"),
+            height=r.integer("height"),
+            width=r.integer("width"),
         )
 
 
@@ -187,14 +208,14 @@ class Timings:
     `source`. Only the fields an item has are written."""
 
     total_s: float
-    load_image_s: Optional[float] = None
-    generate_s: Optional[float] = None
-    write_s: Optional[float] = None
-    reuse_s: Optional[float] = None
-    source: Optional["Timings"] = None
+    load_image_s: float | None = None
+    generate_s: float | None = None
+    write_s: float | None = None
+    reuse_s: float | None = None
+    source: Timings | None = None
 
     @classmethod
-    def generated(cls, load_image_s: float, generate_s: float, write_s: float) -> "Timings":
+    def generated(cls, load_image_s: float, generate_s: float, write_s: float) -> Timings:
         return cls(load_image_s + generate_s + write_s, load_image_s, generate_s, write_s)
 
     def to_dict(self) -> Json:
@@ -206,12 +227,15 @@ class Timings:
         return out
 
     @classmethod
-    def from_dict(cls, data: Any, name: str = "timings") -> "Timings":
+    def from_dict(cls, data: Any, name: str = "timings") -> Timings:
         r = _Reader(data, name)
         source = r.get("source", (dict,), required=False)
         return cls(
-            total_s=r.number("total_s"), load_image_s=r.number("load_image_s", False), generate_s=r.number("generate_s", False),
-            write_s=r.number("write_s", False), reuse_s=r.number("reuse_s", False),
+            total_s=r.number("total_s"),
+            load_image_s=r.number("load_image_s", False),
+            generate_s=r.number("generate_s", False),
+            write_s=r.number("write_s", False),
+            reuse_s=r.number("reuse_s", False),
             source=cls.from_dict(source, f"{name}.source") if source is not None else None,
         )
 
@@ -229,7 +253,7 @@ class ReusedFrom:
         return {"run_dir": self.run_dir, "id": self.id, "how": self.how}
 
     @classmethod
-    def from_dict(cls, data: Any, name: str = "reused_from") -> "ReusedFrom":
+    def from_dict(cls, data: Any, name: str = "reused_from") -> ReusedFrom:
         r = _Reader(data, name)
         return cls(run_dir=r.text("run_dir"), id=r.text("id"), how=r.text("how"))
 
@@ -243,7 +267,7 @@ class Sidecar:
     # and output key (everything that shapes the written file: outputs.output_key).
     id: str
     key: str
-    output_key: Optional[str]  # None only in records of an older svdbatch
+    output_key: str | None  # None only in records of an older svdbatch
     seed: int
     row: SidecarRow
     image: SidecarImage
@@ -264,8 +288,8 @@ class Sidecar:
     num_threads: int  # intra-op threads: they change float results
     compiled: bool
     versions: dict[str, str]
-    warmup_s: Optional[float] = None  # the compiled UNet's warm-up (once per load); written when set
-    reused_from: Optional[ReusedFrom] = None  # written when the output was linked, not generated
+    warmup_s: float | None = None  # the compiled UNet's warm-up (once per load); written when set
+    reused_from: ReusedFrom | None = None  # written when the output was linked, not generated
     status: str = DONE
     schema: int = SCHEMA
 
@@ -284,7 +308,7 @@ class Sidecar:
         return body_bytes(self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Sidecar":
+    def from_dict(cls, data: Any) -> Sidecar:
         if not isinstance(data, dict):
             raise SidecarError(None, f"a JSON {type(data).__name__}, not an object")
         if "schema" not in data or "output" not in data:
@@ -295,18 +319,35 @@ class Sidecar:
             raise SidecarError(None, f"schema {schema}; this svdbatch reads schema {SCHEMA}")
         reused = r.get("reused_from", (dict,), required=False)
         return cls(
-            schema=schema, status=r.text("status"), id=r.text("id"), key=r.text("key"), output_key=r.text("output_key", False),
-            seed=r.integer("seed"), row=SidecarRow.from_dict(r.obj("row")), image=SidecarImage.from_dict(r.obj("image")),
-            preprocess=r.obj("preprocess"), params=r.obj("params"), output=SidecarOutput.from_dict(r.obj("output")),
-            frames_sha256=r.text("frames_sha256"), timings=Timings.from_dict(r.obj("timings")), finished_at=r.text("finished_at"),
-            config=r.obj("config"), model=r.obj("model"), memory=r.obj("memory"), oom_fallback=r.get("oom_fallback", (list,)),
-            device=r.text("device"), device_name=r.text("device_name"), num_threads=r.integer("num_threads"),
-            compiled=r.get("compiled", (bool,)), versions=r.obj("versions"), warmup_s=r.number("warmup_s", False),
+            schema=schema,
+            status=r.text("status"),
+            id=r.text("id"),
+            key=r.text("key"),
+            output_key=r.text("output_key", False),
+            seed=r.integer("seed"),
+            row=SidecarRow.from_dict(r.obj("row")),
+            image=SidecarImage.from_dict(r.obj("image")),
+            preprocess=r.obj("preprocess"),
+            params=r.obj("params"),
+            output=SidecarOutput.from_dict(r.obj("output")),
+            frames_sha256=r.text("frames_sha256"),
+            timings=Timings.from_dict(r.obj("timings")),
+            finished_at=r.text("finished_at"),
+            config=r.obj("config"),
+            model=r.obj("model"),
+            memory=r.obj("memory"),
+            oom_fallback=r.get("oom_fallback", (list,)),
+            device=r.text("device"),
+            device_name=r.text("device_name"),
+            num_threads=r.integer("num_threads"),
+            compiled=r.get("compiled", (bool,)),
+            versions=r.obj("versions"),
+            warmup_s=r.number("warmup_s", False),
             reused_from=ReusedFrom.from_dict(reused) if reused is not None else None,
         )
 
     @classmethod
-    def from_json(cls, body: Union[bytes, str], where: Any = None) -> "Sidecar":
+    def from_json(cls, body: bytes | str, where: Any = None) -> Sidecar:
         """Parse and check a sidecar; SidecarError (naming `where` and the field) if it is
         not JSON, not an object, of another schema, or lacks or mistypes a field."""
         try:
@@ -319,13 +360,13 @@ class Sidecar:
             raise SidecarError(where, exc.problem) from None
 
     @classmethod
-    def read(cls, path: Union[str, os.PathLike]) -> "Sidecar":
+    def read(cls, path: str | os.PathLike) -> Sidecar:
         """The sidecar at `path`. OSError if it cannot be read; SidecarError if it is not a
         sidecar of this version."""
         return cls.from_json(Path(path).read_bytes(), where=path)
 
     @classmethod
-    def read_with_size(cls, path: Union[str, os.PathLike]) -> tuple["Sidecar", int]:
+    def read_with_size(cls, path: str | os.PathLike) -> tuple[Sidecar, int]:
         """(sidecar, its size in bytes): the results line vouches for that size."""
         body = Path(path).read_bytes()
         return cls.from_json(body, where=path), len(body)
@@ -335,7 +376,7 @@ class Sidecar:
     def done(self) -> bool:
         return self.status == DONE
 
-    def done_with(self, key: Optional[str], output_key: Optional[str]) -> bool:
+    def done_with(self, key: str | None, output_key: str | None) -> bool:
         """Finished with exactly these keys (frames and file settings)."""
         return self.done and self.key == key and self.output_key == output_key
 
@@ -345,19 +386,33 @@ class Sidecar:
 
         return GenParams(**self.params)
 
-    def preprocessing(self, max_image_pixels: Optional[int]):
+    def preprocessing(self, max_image_pixels: int | None):
         """The preprocessing as images.Preprocess. run.max_image_pixels is not part of it
         (it refuses images, it never changes pixels): the caller says which limit applies."""
         from .images import Preprocess
 
         return Preprocess.from_record(self.preprocess, max_image_pixels)
 
-    def reused(self, item_id: str, output: SidecarOutput, reused_from: ReusedFrom, reuse_s: float, finished_at: str,
-               row: SidecarRow, image: SidecarImage) -> "Sidecar":
+    def reused(
+        self,
+        item_id: str,
+        output: SidecarOutput,
+        reused_from: ReusedFrom,
+        reuse_s: float,
+        finished_at: str,
+        row: SidecarRow,
+        image: SidecarImage,
+    ) -> Sidecar:
         """This (source) item's record for another item whose output is linked from it: same
         frames, params, model and config, with that item's own id, row, image and output."""
         return replace(
-            self, id=item_id, row=row, image=image, output=output, reused_from=reused_from, finished_at=finished_at,
+            self,
+            id=item_id,
+            row=row,
+            image=image,
+            output=output,
+            reused_from=reused_from,
+            finished_at=finished_at,
             timings=Timings(total_s=reuse_s, reuse_s=reuse_s, source=self.timings),
         )
 
@@ -394,7 +449,7 @@ def result_record(sidecar: Mapping[str, Any], sidecar_bytes: int) -> Json:
     }
 
 
-def named_output(path: Union[str, os.PathLike]) -> Optional[str]:
+def named_output(path: str | os.PathLike) -> str | None:
     """The output path the sidecar at `path` names, also when the rest of it is not a valid
     record: verify --repair sets aside what a damaged sidecar still points to. None if it
     names none (or cannot be read)."""

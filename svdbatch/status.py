@@ -27,22 +27,36 @@ import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import yaml
 
 from .atomic import atomic_write_bytes
+from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
 from .manifest import Manifest, ManifestError, read_manifest
 from .store import (
-    CACHE_DIR, CLAIM_SUFFIX, CLAIMS_DIR, FAILURES, HEARTBEAT_S, config_files, finished_intact, is_invalid_record,
-    is_run_dir, latest_by_id, not_a_run_dir_message, owner_state, parse_time, read_jsonl_fast, read_owners, run_cwd,
+    CACHE_DIR,
+    CLAIM_SUFFIX,
+    CLAIMS_DIR,
+    FAILURES,
+    HEARTBEAT_S,
+    config_files,
+    finished_intact,
+    is_invalid_record,
+    is_run_dir,
+    latest_by_id,
+    not_a_run_dir_message,
+    owner_state,
+    parse_time,
+    read_jsonl_fast,
+    read_owners,
+    run_cwd,
 )
-
-from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
 
 EXIT_NOT_A_RUN_DIR = EXIT_BAD_INPUT
 THROUGHPUT_WINDOW = 50
@@ -52,7 +66,7 @@ SESSION_GAP_S = 600.0
 
 
 # -- the run dir ----------------------------------------------------------------------
-def locate(ref: str, run_dir: Path) -> Optional[Path]:
+def locate(ref: str, run_dir: Path) -> Path | None:
     """A path from the run's config: as given if absolute, else relative to the run's own
     cwd, then to ours. None if it is in none of those places."""
     path = Path(ref)
@@ -84,8 +98,8 @@ class ManifestView:
 
     paths: list[str]
     ids: list[str] = field(default_factory=list)
-    bad_rows: list[tuple[int, Optional[str], list[str]]] = field(default_factory=list)  # line, id, problems
-    error: Optional[str] = None  # why the row set is unknown
+    bad_rows: list[tuple[int, str | None, list[str]]] = field(default_factory=list)  # line, id, problems
+    error: str | None = None  # why the row set is unknown
 
     @property
     def known(self) -> bool:
@@ -110,7 +124,10 @@ def save_manifest_summary(cache_dir: Path, manifest: Manifest) -> None:
         return
     info = path.stat()
     summary = {
-        "version": SUMMARY_VERSION, "manifest": os.path.realpath(path), "bytes": info.st_size, "mtime_ns": info.st_mtime_ns,
+        "version": SUMMARY_VERSION,
+        "manifest": os.path.realpath(path),
+        "bytes": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
         "ids": [item.id for item in manifest.items],
         "bad_rows": [[line, item_id, [str(p) for p in problems]] for line, item_id, problems in manifest.bad_rows],
     }
@@ -118,7 +135,7 @@ def save_manifest_summary(cache_dir: Path, manifest: Manifest) -> None:
     atomic_write_bytes(summary_path(cache_dir, path), json.dumps(summary, ensure_ascii=False).encode())
 
 
-def load_manifest_summary(run_dir: Path, manifest: Path) -> Optional[dict[str, Any]]:
+def load_manifest_summary(run_dir: Path, manifest: Path) -> dict[str, Any] | None:
     """The run's summary of this manifest file, if the file is unchanged since; else None."""
     try:
         summary = json.loads(summary_path(run_dir / CACHE_DIR, manifest).read_bytes())
@@ -127,7 +144,11 @@ def load_manifest_summary(run_dir: Path, manifest: Path) -> Optional[dict[str, A
         return None
     if not isinstance(summary, dict) or summary.get("version") != SUMMARY_VERSION:
         return None
-    if (summary.get("manifest"), summary.get("bytes"), summary.get("mtime_ns")) != (os.path.realpath(manifest), info.st_size, info.st_mtime_ns):
+    if (summary.get("manifest"), summary.get("bytes"), summary.get("mtime_ns")) != (
+        os.path.realpath(manifest),
+        info.st_size,
+        info.st_mtime_ns,
+    ):
         return None
     return summary
 
@@ -202,11 +223,15 @@ class Counts:
     in_progress: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
     invalid: list[str] = field(default_factory=list)  # ids, or 'line N' for rows without one
-    pending: Optional[set[str]] = None  # None: the manifest is not known
+    pending: set[str] | None = None  # None: the manifest is not known
     extra_done: set[str] = field(default_factory=set)  # done, but not a valid row of the manifest now
 
-    def as_dict(self) -> dict[str, Optional[int]]:
-        total = None if self.pending is None else len(self.done) + len(self.in_progress) + len(self.failed) + len(self.invalid) + len(self.pending)
+    def as_dict(self) -> dict[str, int | None]:
+        total = (
+            None
+            if self.pending is None
+            else len(self.done) + len(self.in_progress) + len(self.failed) + len(self.invalid) + len(self.pending)
+        )
         return {
             "done": len(self.done),
             "in_progress": len(self.in_progress),
@@ -219,8 +244,8 @@ class Counts:
 
 
 def classify(
-    manifest_ids: Optional[list[str]],
-    bad_rows: list[tuple[int, Optional[str], list[str]]],
+    manifest_ids: list[str] | None,
+    bad_rows: list[tuple[int, str | None, list[str]]],
     done: set[str],
     failures: dict[str, dict[str, Any]],
     claimed: set[str],
@@ -285,7 +310,7 @@ def normalise_problem(text: str) -> str:
     text = _LOCATION.sub("", str(text or "").strip(), count=1)
     match = _FIELD.match(text)
     if match:
-        return f"field '{match.group(1)}': {normalise_error(text[match.end():])}"
+        return f"field '{match.group(1)}': {normalise_error(text[match.end() :])}"
     return normalise_error(text)
 
 
@@ -315,7 +340,9 @@ def failure_reasons(counts: Counts, failures: dict[str, dict[str, Any]]) -> list
     return group_reasons((item_id, failures[item_id].get("error", "")) for item_id in sorted(counts.failed))
 
 
-def invalid_reasons(counts: Counts, failures: dict[str, dict[str, Any]], view: ManifestView, idless: list[dict[str, Any]]) -> list[Reason]:
+def invalid_reasons(
+    counts: Counts, failures: dict[str, dict[str, Any]], view: ManifestView, idless: list[dict[str, Any]]
+) -> list[Reason]:
     """One entry per problem of each invalid row: from the manifest as it reads now, else
     (rows only the run's image decode rejected, or no manifest) from the run's log."""
     examples: list[tuple[str, str]] = []
@@ -336,9 +363,9 @@ def invalid_reasons(counts: Counts, failures: dict[str, dict[str, Any]], view: M
 class Throughput:
     items: int  # finished items the rate is measured over
     span_s: float
-    items_per_hour: Optional[float]
-    mean_item_s: Optional[float]  # one item's own time (load + generate + write), not wall clock
-    last_finished_at: Optional[str]
+    items_per_hour: float | None
+    mean_item_s: float | None  # one item's own time (load + generate + write), not wall clock
+    last_finished_at: str | None
 
 
 def throughput(records: Iterable[dict[str, Any]], window: int = THROUGHPUT_WINDOW) -> Throughput:
@@ -349,7 +376,7 @@ def throughput(records: Iterable[dict[str, Any]], window: int = THROUGHPUT_WINDO
     finish, so it is not zero for one item or for finishes within the same second."""
     # The log is appended as items finish, so the latest finishes are at its end: parsing the
     # times of a generous tail, not of a 100k-line log, gives the same window.
-    records = list(records)[-throughput_lines(window):]
+    records = list(records)[-throughput_lines(window) :]
     finished = sorted(
         (stamp, float(r.get("seconds") or 0.0)) for r in records if (stamp := parse_time(r.get("finished_at"))) is not None
     )
@@ -375,7 +402,7 @@ def session_gap(mean_item_s: float) -> float:
     return max(SESSION_GAP_S, 10 * mean_item_s)
 
 
-def liveness(run_dir: Path, in_progress: int, now: datetime) -> tuple[Optional[bool], list[dict[str, Any]]]:
+def liveness(run_dir: Path, in_progress: int, now: datetime) -> tuple[bool | None, list[dict[str, Any]]]:
     """Whether a process is running on the run dir: True when one holds an item's claim or
     its owner file names a process of this host that still exists, False when none does
     (a killed run leaves its owner file, but its pid is gone), None (unknown) when the only
@@ -383,10 +410,15 @@ def liveness(run_dir: Path, in_progress: int, now: datetime) -> tuple[Optional[b
     owners = []
     for owner in read_owners(run_dir):
         updated = datetime.fromtimestamp(owner["updated"], timezone.utc)
-        owners.append({
-            "pid": owner.get("pid"), "host": owner.get("host"), "started_at": owner.get("started_at"),
-            "state": owner_state(owner), "last_update_age_s": round(max(0.0, (now - updated).total_seconds()), 1),
-        })
+        owners.append(
+            {
+                "pid": owner.get("pid"),
+                "host": owner.get("host"),
+                "started_at": owner.get("started_at"),
+                "state": owner_state(owner),
+                "last_update_age_s": round(max(0.0, (now - updated).total_seconds()), 1),
+            }
+        )
     states = {owner["state"] for owner in owners}
     if in_progress > 0 or "running" in states:
         return True, owners
@@ -398,7 +430,7 @@ def heartbeat_is_fresh(owners: list[dict[str, Any]]) -> bool:
     return any(o["state"] == "unknown" and o["last_update_age_s"] <= 3 * HEARTBEAT_S for o in owners)
 
 
-def eta_seconds(remaining: Optional[int], rate: Optional[float], live: bool = True) -> Optional[float]:
+def eta_seconds(remaining: int | None, rate: float | None, live: bool = True) -> float | None:
     """Seconds until the rest is done at the current rate; None when unknown, or when
     nothing is running (a stopped run has no ETA, only a rate from when it ran)."""
     if remaining is None:
@@ -409,7 +441,7 @@ def eta_seconds(remaining: Optional[int], rate: Optional[float], live: bool = Tr
 
 
 # -- the report -------------------------------------------------------------------------
-def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: Optional[datetime] = None) -> dict[str, Any]:
+def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: datetime | None = None) -> dict[str, Any]:
     """Everything `svdbatch status` prints, as one JSON-friendly dict."""
     now = now or datetime.now(timezone.utc)
     done, recent = finished_intact(run_dir, recent=throughput_lines(window))
@@ -437,7 +469,7 @@ def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: Optional[dateti
     }
 
 
-def format_duration(seconds: Optional[float]) -> str:
+def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     seconds = int(round(seconds))
@@ -450,18 +482,24 @@ def format_duration(seconds: Optional[float]) -> str:
     return f"{seconds // 86400} d {seconds % 86400 // 3600:02d} h"
 
 
-def format_report(report: dict[str, Any], now: Optional[datetime] = None) -> str:
+def format_report(report: dict[str, Any], now: datetime | None = None) -> str:
     counts, rate, manifest = report["counts"], report["throughput"], report["manifest"]
     total = counts["total"]
     lines = [f"run dir      {report['run_dir']}"]
     names = ", ".join(manifest["paths"]) or "-"
     lines.append(f"manifest     {names}" + (f" ({total} rows)" if manifest["known"] else ""))
 
-    def row(label: str, value: Optional[int], note: str = "") -> str:
+    def row(label: str, value: int | None, note: str = "") -> str:
         share = f"{100 * value / total:5.1f}%" if total and value is not None else ""
         return f"  {label:<12}{'?' if value is None else value:>8}  {share}{note}".rstrip()
 
-    lines.append(row("done", counts["done"], f"  (+{counts['done_not_in_manifest']} not in the manifest now)" if counts["done_not_in_manifest"] else ""))
+    lines.append(
+        row(
+            "done",
+            counts["done"],
+            f"  (+{counts['done_not_in_manifest']} not in the manifest now)" if counts["done_not_in_manifest"] else "",
+        )
+    )
     lines.append(row("in progress", counts["in_progress"]))
     lines.append(row("failed", counts["failed"]))
     lines.append(row("invalid", counts["invalid"]))
@@ -484,7 +522,7 @@ def format_report(report: dict[str, Any], now: Optional[datetime] = None) -> str
     return "\n".join(lines)
 
 
-def eta_line(remaining: Optional[int], eta_s: Optional[float], stopped: bool, why_none: str) -> str:
+def eta_line(remaining: int | None, eta_s: float | None, stopped: bool, why_none: str) -> str:
     """The ETA line of a status report (a run's or a sweep's); `why_none` says why work is
     left with nothing running."""
     if remaining and stopped:

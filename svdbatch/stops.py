@@ -26,8 +26,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class StopRequest:
 
     def __init__(self, grace_s: float):
         self.grace_s = grace_s
-        self.signum: Optional[int] = None
-        self.deadline: Optional[float] = None
+        self.signum: int | None = None
+        self.deadline: float | None = None
         self.now = False
         # True while items may be in flight: the handler must not raise then.
         self.cooperative = False
@@ -75,8 +76,11 @@ class StopRequest:
             self.deadline = time.monotonic() + self.grace_s
             if not self.cooperative:
                 raise Interrupted(signum)
-            log.warning("%s: finishing the items in flight (up to run.stop_grace_s=%g s), then stopping; "
-                        "send it again to stop now", name, self.grace_s)
+            log.warning(
+                "%s: finishing the items in flight (up to run.stop_grace_s=%g s), then stopping; send it again to stop now",
+                name,
+                self.grace_s,
+            )
         elif not self.now:
             self.now = True
             log.warning("%s again: abandoning the items in flight", name)
@@ -115,8 +119,9 @@ def stop_on_signals(grace_s: float) -> Iterator[StopRequest]:
         return
     # A signal ignored when we started stays ignored: a shell starts background jobs of a
     # script with SIGINT ignored so that Ctrl-C reaches only the foreground job (nohup: SIGHUP).
-    request.previous = {sig: signal.signal(sig, request.handle) for sig in STOP_SIGNALS
-                        if signal.getsignal(sig) is not signal.SIG_IGN}
+    request.previous = {
+        sig: signal.signal(sig, request.handle) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         yield request
     finally:

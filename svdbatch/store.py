@@ -35,15 +35,22 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import yaml
 
 from .atomic import (
-    HOST, TEMP_MARKER, atomic_write_bytes, proc_stat_fields, process_alive, temp_prefix, written_by_dead_process,
+    HOST,
+    TEMP_MARKER,
+    atomic_write_bytes,
+    proc_stat_fields,
+    process_alive,
+    temp_prefix,
+    written_by_dead_process,
 )
 from .config import OutputFormat
 from .faults import fault_point
@@ -167,7 +174,7 @@ def read_jsonl_fast(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-def parse_jsonl(data: bytes, path: Optional[Path] = None) -> list[dict[str, Any]]:
+def parse_jsonl(data: bytes, path: Path | None = None) -> list[dict[str, Any]]:
     """The records of JSONL bytes, parsed as one JSON array (2-3x faster than line by line
     for a 100k-line log); line by line when one is damaged, skipping (and, given the file's
     `path`, naming) unreadable lines."""
@@ -211,7 +218,7 @@ def finished_intact(run_dir: Path, recent: int = 0) -> tuple[set[str], list[dict
         later = _check_part(root, data[cut:])
     later_ids, later_intact = set(later[0]), later[1]
     done = {item_id for item_id in first_intact if item_id not in later_ids}.union(later_intact)
-    return done, parse_jsonl(data[last_lines_start(data, recent):]) if recent else []
+    return done, parse_jsonl(data[last_lines_start(data, recent) :]) if recent else []
 
 
 def last_lines_start(data: bytes, count: int) -> int:
@@ -230,7 +237,7 @@ def _check_part(root: str, data: bytes) -> tuple[list[str], list[str]]:
     return list(latest), [item_id for item_id, record in latest.items() if output_intact(root, record)]
 
 
-def start_forked(work: Callable[[], Any]) -> Optional[Callable[[], Any]]:
+def start_forked(work: Callable[[], Any]) -> Callable[[], Any] | None:
     """Start work() in a forked child; returns a function that waits for its (picklable)
     result, None if the child failed. None instead where fork is not available or not safe
     (other threads running: they may hold locks the child would inherit)."""
@@ -281,16 +288,22 @@ def config_files(run_dir: Path) -> list[Path]:
 
 def not_a_run_dir_message(run_dir: Path) -> str:
     """The error for a path that is not a run dir, naming run dirs inside it (a sweep's folder)."""
-    why = "does not exist" if not run_dir.exists() else f"is not a run dir (no {', '.join(RUN_DIR_MARKERS[:-1])} or {RUN_DIR_MARKERS[-1]})"
+    why = (
+        "does not exist"
+        if not run_dir.exists()
+        else f"is not a run dir (no {', '.join(RUN_DIR_MARKERS[:-1])} or {RUN_DIR_MARKERS[-1]})"
+    )
     try:
-        inside = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and is_run_dir(p)) if run_dir.is_dir() else []
+        inside = (
+            sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and is_run_dir(p)) if run_dir.is_dir() else []
+        )
     except OSError:  # unreadable: the message without the hint
         inside = []
     hint = f"; run dirs inside it: {', '.join(inside[:10])}{' ...' if len(inside) > 10 else ''}" if inside else ""
     return f"{run_dir} {why}{hint}"
 
 
-def run_cwd(run_dir: Path) -> Optional[Path]:
+def run_cwd(run_dir: Path) -> Path | None:
     """The directory the run was started from (Hydra records it): relative paths in the
     config (the manifest, a relative run.dir) are relative to it."""
     try:
@@ -304,7 +317,7 @@ def is_invalid_record(record: dict[str, Any]) -> bool:
     return record.get("id") is None or record.get("error") == INVALID_ROW
 
 
-def parse_time(text: Any) -> Optional[datetime]:
+def parse_time(text: Any) -> datetime | None:
     """An ISO timestamp as written by the run ('+00:00' or '+0000' offsets); naive = UTC."""
     if not isinstance(text, str):
         return None
@@ -336,7 +349,7 @@ class RunDirError(RuntimeError):
     pass
 
 
-def run_dir_problem(root: str | os.PathLike, cwd: Optional[str | os.PathLike] = None) -> Optional[str]:
+def run_dir_problem(root: str | os.PathLike, cwd: str | os.PathLike | None = None) -> str | None:
     """Why `root` cannot be a run dir, or None. A run writes videos/, items/, logs and a
     gallery into its run dir and re-runs read it back, so it must be a folder of its own:
     not the working directory (manifest=.. once made it that), not outputs/ itself (which
@@ -351,12 +364,14 @@ def run_dir_problem(root: str | os.PathLike, cwd: Optional[str | os.PathLike] = 
         what = "a parent of the working directory"
     else:
         return None
-    return (f"run dir {root} ({real}) is {what}; give the run a folder of its own, "
-            f"e.g. run.name=myrun (-> {OUTPUTS_ROOT}/myrun) or run.dir=/path/to/new/folder")
+    return (
+        f"run dir {root} ({real}) is {what}; give the run a folder of its own, "
+        f"e.g. run.name=myrun (-> {OUTPUTS_ROOT}/myrun) or run.dir=/path/to/new/folder"
+    )
 
 
 # -- owners: which processes are running on a run dir ------------------------------------
-def process_start_ticks(pid: int) -> Optional[int]:
+def process_start_ticks(pid: int) -> int | None:
     """When a process started (clock ticks since boot, /proc/<pid>/stat field 22), so a
     recycled pid is not taken for the run that died; None where /proc is not available."""
     fields = proc_stat_fields(pid)
@@ -375,9 +390,9 @@ class Owner:
         self.path = Path(root) / OWNERS_DIR / f"{os.getpid()}@{HOST}.json"
         self.heartbeat_s = heartbeat_s
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "Owner":
+    def __enter__(self) -> Owner:
         record = {
             "pid": os.getpid(),
             "host": HOST,
@@ -494,8 +509,11 @@ class RunStore:
         removed = 0
         cutoff = time.time() - older_than_s
         # The URL cache, shards, thumbnails and caches use the same atomic writer.
-        extra = [folder for folder in (self.root / name for name in (DOWNLOADS_DIR, SHARDS_DIR, GALLERY_ASSETS_DIR, CACHE_DIR))
-                 if folder.is_dir()]
+        extra = [
+            folder
+            for folder in (self.root / name for name in (DOWNLOADS_DIR, SHARDS_DIR, GALLERY_ASSETS_DIR, CACHE_DIR))
+            if folder.is_dir()
+        ]
         for folder in (self.videos, self.sidecars, self.root, *extra):
             for entry in os.scandir(folder):
                 if TEMP_MARKER not in entry.name or not entry.name.startswith("."):
@@ -547,7 +565,7 @@ class RunStore:
         # line vouches for the sidecar; both files are checked because users delete them.
         return output_intact(self._root_text, record)
 
-    def _recover_from_sidecar(self, item_id: str, key: str, out_key: str) -> Optional[dict[str, Any]]:
+    def _recover_from_sidecar(self, item_id: str, key: str, out_key: str) -> dict[str, Any] | None:
         """A run killed between the sidecar rename and the results line: trust the sidecar.
         Only under the item's claim: a live process may be about to append that line itself."""
         if not self.sidecar_path(item_id).is_file():
@@ -563,14 +581,14 @@ class RunStore:
         finally:
             self.release(claim)
 
-    def read_sidecar(self, item_id: str) -> Optional[Sidecar]:
+    def read_sidecar(self, item_id: str) -> Sidecar | None:
         """An item's sidecar, or None if it is missing or not a sidecar of this version."""
         try:
             return Sidecar.read(self.sidecar_path(item_id))
         except (OSError, SidecarError):
             return None
 
-    def done_record(self, item_id: str, key: str, out_key: str) -> Optional[dict[str, Any]]:
+    def done_record(self, item_id: str, key: str, out_key: str) -> dict[str, Any] | None:
         """The results record an item's sidecar vouches for, if the sidecar is there, has
         these keys, and its output is complete; else None."""
         try:
@@ -583,7 +601,7 @@ class RunStore:
         return record if output_intact(self.root, record) else None
 
     # -- claims: several processes sharing one run dir ------------------------------------
-    def claim(self, item_id: str) -> Optional[int]:
+    def claim(self, item_id: str) -> int | None:
         """Take the item's claim (an exclusive flock on claims/<id>.claim), or None if another
         process holds it. The kernel drops the lock when its holder dies, so a killed run
         never leaves a stale claim; the files stay (deleting a lock file races with openers)."""
@@ -599,7 +617,7 @@ class RunStore:
         return None
 
     @staticmethod
-    def release(claim: Optional[int]) -> None:
+    def release(claim: int | None) -> None:
         if claim is not None:
             os.close(claim)  # closing drops the flock
 
@@ -608,7 +626,7 @@ class RunStore:
         """Where this run keeps the outputs it replaces: replaced/<UTC start time>/."""
         return self.root / REPLACED_DIR / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
 
-    def set_aside(self, item_id: str, new_key: str, new_output_key: Optional[str], folder: Path) -> bool:
+    def set_aside(self, item_id: str, new_key: str, new_output_key: str | None, folder: Path) -> bool:
         """Before an item's new output is written: move its finished output of another key
         (or other output settings), then that sidecar, to `folder` (same relative paths), so
         nothing generated is overwritten. A sidecar this version cannot read (damaged, or of
@@ -617,7 +635,7 @@ class RunStore:
         place. False if nothing was moved."""
         sidecar_file = self.sidecar_path(item_id)
         try:
-            sidecar: Optional[Sidecar] = Sidecar.read(sidecar_file)
+            sidecar: Sidecar | None = Sidecar.read(sidecar_file)
         except FileNotFoundError:
             return False
         except (OSError, SidecarError):
@@ -651,7 +669,9 @@ class RunStore:
         fault_point("results")
         append_jsonl(self.results, result_record(record, len(body)))
 
-    def commit_reused(self, item_id: str, key: str, source: "RunStore", source_id: str, row: SidecarRow, image: SidecarImage) -> Sidecar:
+    def commit_reused(
+        self, item_id: str, key: str, source: RunStore, source_id: str, row: SidecarRow, image: SidecarImage
+    ) -> Sidecar:
         """Commit an item another run dir already finished with the same key: its output is
         linked here (store.link_output), and its sidecar is the source's (same frames, same
         params, same model) with this item's own id, row and image (the size of the source's:
@@ -677,7 +697,7 @@ class RunStore:
         self.commit(sidecar)
         return sidecar
 
-    def record_failure(self, item_id: Optional[str], key: Optional[str], error: str, details: dict[str, Any]) -> None:
+    def record_failure(self, item_id: str | None, key: str | None, error: str, details: dict[str, Any]) -> None:
         append_jsonl(
             self.failures,
             {"id": item_id, "key": key, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details},

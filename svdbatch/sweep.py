@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import yaml
 
@@ -131,7 +132,7 @@ class Point:
         return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.label.items()) or self.run_dir.name
 
 
-def sweep_points(root: Path, spec: Optional[SweepSpec] = None) -> list[Point]:
+def sweep_points(root: Path, spec: SweepSpec | None = None) -> list[Point]:
     """The sweep's points that have a run dir, in the sweep's own order (as the command
     listed the values), labelled with their swept values."""
     spec = spec or read_sweep_spec(root)
@@ -163,7 +164,7 @@ def unstarted_points(spec: SweepSpec, points: list[Point]) -> list[dict[str, str
     return missing
 
 
-def current_sweep_root() -> Optional[Path]:
+def current_sweep_root() -> Path | None:
     """The sweep root of the running Hydra multirun job, or None outside one."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -198,7 +199,7 @@ class ReuseIndex:
     the same output settings (format, fps, quality, loop) are the same file."""
 
     def __init__(self, run_dirs: Iterable[Path]):
-        self.by_key: dict[tuple[str, Optional[str]], ReuseSource] = {}
+        self.by_key: dict[tuple[str, str | None], ReuseSource] = {}
         self.sources: list[Path] = list(run_dirs)
         for run_dir in self.sources:
             for record in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).values():
@@ -213,7 +214,7 @@ class ReuseIndex:
     def __len__(self) -> int:
         return len(self.by_key)
 
-    def lookup(self, key: Optional[str], output_key: Optional[str]) -> Optional[ReuseSource]:
+    def lookup(self, key: str | None, output_key: str | None) -> ReuseSource | None:
         source = self.by_key.get((key, output_key)) if key and output_key else None
         if source is None or not output_intact(source.run_dir, source.record):
             return None
@@ -232,7 +233,7 @@ def expand_run_dirs(paths: Iterable[Any]) -> list[Path]:
     return found
 
 
-def reuse_index(own_dir: Path, sweep_root: Optional[Path], reuse_from: Iterable[Any]) -> Optional[ReuseIndex]:
+def reuse_index(own_dir: Path, sweep_root: Path | None, reuse_from: Iterable[Any]) -> ReuseIndex | None:
     """Other points of this sweep, then run.reuse_from; None when there is nothing to look in."""
     own = own_dir.resolve()
     candidates = (point_dirs(sweep_root) if sweep_root and sweep_root.is_dir() else []) + expand_run_dirs(reuse_from)
@@ -288,6 +289,8 @@ PAGE_BESIDE_RUN = "sweep.html"  # when the sweep root is also a plain run's dir,
 def page_path(root: Path) -> Path:
     root = Path(root)
     return root / (PAGE_BESIDE_RUN if (root / RESULTS).is_file() else PAGE)
+
+
 POSTER_SUFFIX = ".first.jpg"  # <point>/gallery/<id>.first.jpg: the video's first frame, small
 POSTER_THREADS = 4  # ffmpeg processes making posters at once
 
@@ -315,10 +318,10 @@ def first_frame(path: Path):
         return image.convert("RGB")
 
 
-def poster(run_dir: Path, item_id: str, output: Path, sidecar_mtime: float) -> Optional[str]:
+def poster(run_dir: Path, item_id: str, output: Path, sidecar_mtime: float) -> str | None:
     """<point>/gallery/<id>.first.jpg (made once per finished item); path relative to the point."""
-    from .gallery import THUMB_PX, fresh, jpeg_bytes
     from .atomic import atomic_write_bytes
+    from .gallery import THUMB_PX, fresh, jpeg_bytes
 
     relative = f"{GALLERY_ASSETS_DIR}/{item_id}{POSTER_SUFFIX}"
     target = run_dir / relative
@@ -384,8 +387,10 @@ def cell_html(point: Point, card: Any, titles: dict[str, str]) -> Cell:
     poster_attr = f' poster="{url(shot)}"' if shot else ""
     if (output.format if output is not None else path.suffix.lstrip(".")) == "mp4":
         width, height = (output.width, output.height) if output is not None else ("", "")
-        media = (f'<video data-src="{url(relpath)}" preload="none" muted loop playsinline{poster_attr}'
-                 f' width="{width}" height="{height}"></video>')
+        media = (
+            f'<video data-src="{url(relpath)}" preload="none" muted loop playsinline{poster_attr}'
+            f' width="{width}" height="{height}"></video>'
+        )
     else:  # gif / webp / frames: the gallery's preview (an image; lazy, so offscreen ones wait)
         media = preview_html(point.run_dir, card, mtime)
     return Cell("done", media, note, params)
@@ -437,8 +442,15 @@ document.getElementById('sync').addEventListener('click', () =>
   document.querySelectorAll('video[src]').forEach(video => { video.currentTime = 0; }));
 """
 
-PARAM_LABELS = (("motion_bucket_id", "motion"), ("noise_aug_strength", "aug"), ("fps", "fps"), ("num_frames", "frames"),
-                ("num_inference_steps", "steps"), ("min_guidance_scale", "cfg min"), ("max_guidance_scale", "cfg max"))
+PARAM_LABELS = (
+    ("motion_bucket_id", "motion"),
+    ("noise_aug_strength", "aug"),
+    ("fps", "fps"),
+    ("num_frames", "frames"),
+    ("num_inference_steps", "steps"),
+    ("min_guidance_scale", "cfg min"),
+    ("max_guidance_scale", "cfg max"),
+)
 
 
 def params_line(params: dict[str, Any], varies: set[str]) -> str:
@@ -466,13 +478,15 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     `max_items` items in manifest order (0 = all: every cell costs a poster once)."""
     from datetime import datetime, timezone
 
-    from .gallery import CSS, collect_cards, esc, read_sidecar, source_thumbnail, url
     from .atomic import atomic_write_bytes
+    from .gallery import CSS, collect_cards, esc, read_sidecar, source_thumbnail, url
 
     root = Path(root)
     spec = read_sweep_spec(root)
     points = sweep_points(root, spec)
-    by_point = [{c.item_id: c for c in collect_cards(p.run_dir) if c.kind != "invalid" or c.record.get("id") is not None} for p in points]
+    by_point = [
+        {c.item_id: c for c in collect_cards(p.run_dir) if c.kind != "invalid" or c.record.get("id") is not None} for p in points
+    ]
     all_ids = item_order(points, by_point)
     ids = all_ids if max_items <= 0 else all_ids[:max_items]
     rels = [p.run_dir.relative_to(root).as_posix() for p in points]
@@ -486,7 +500,7 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     with ThreadPoolExecutor(POSTER_THREADS, thread_name_prefix="svdbatch-poster") as pool:
         all_cells = list(pool.map(lambda job: cell_html_at(*job, titles), jobs))
     for row, item_id in enumerate(ids):
-        cells = all_cells[row * len(points):(row + 1) * len(points)]
+        cells = all_cells[row * len(points) : (row + 1) * len(points)]
         values: dict[str, set] = {}
         for cell in cells:
             for name, value in cell.params.items():
@@ -507,12 +521,25 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
         head += f'<div class="p">seed {esc(seed)}</div></td>' if seed is not None else "</td>"
         body = ""
         for cell in cells:
-            counts["reused" if cell.note else ("done" if cell.kind in ("done", "missing") else ("failed" if cell.kind in ("failed", "invalid") else "pending"))] += 1
+            counts[
+                "reused"
+                if cell.note
+                else (
+                    "done"
+                    if cell.kind in ("done", "missing")
+                    else ("failed" if cell.kind in ("failed", "invalid") else "pending")
+                )
+            ] += 1
             body += f'<td class="cell {cell.kind}">{cell.media}{params_line(cell.params, varies)}{cell.note}</td>'
         rows.append(f"<tr>{head}{body}</tr>")
     unstarted = unstarted_points(spec, points)
     shown = f" (showing the first {len(ids)})" if len(ids) < len(all_ids) else ""
-    summary = [f"{len(points)} points", f"{len(all_ids)} items{shown}", f"{counts['done']} generated", f"{counts['reused']} reused"]
+    summary = [
+        f"{len(points)} points",
+        f"{len(all_ids)} items{shown}",
+        f"{counts['done']} generated",
+        f"{counts['reused']} reused",
+    ]
     if counts["failed"]:
         summary.append(f'<span class="bad">{counts["failed"]} failed</span>')
     if counts["pending"]:
@@ -526,10 +553,10 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{title} · sweep · svdbatch</title><style>{CSS}{SWEEP_CSS}</style></head><body>"
-        f'<header><h1>{title} <small>sweep</small></h1><p>{" · ".join(summary)}'
+        f"<header><h1>{title} <small>sweep</small></h1><p>{' · '.join(summary)}"
         '<button id="sync" type="button">restart visible videos together</button></p></header>'
         f'<main><div class="wrap"><table><thead><tr><th class="item">item</th>{headers}</tr></thead>'
-        f'<tbody>{"".join(rows)}</tbody></table></div></main><script>{SWEEP_JS}</script></body></html>\n'
+        f"<tbody>{''.join(rows)}</tbody></table></div></main><script>{SWEEP_JS}</script></body></html>\n"
     )
     target = page_path(root)
     atomic_write_bytes(target, page.encode("utf-8"))
@@ -551,7 +578,7 @@ def url_prefix(rel: str) -> str:
     return url(rel) + "/"
 
 
-def update_sweep_page(root: Path, max_items: int = 500) -> Optional[Path]:
+def update_sweep_page(root: Path, max_items: int = 500) -> Path | None:
     """write_sweep_page, logged not raised: a page problem must not fail a sweep point."""
     try:
         target = write_sweep_page(root, max_items)
@@ -565,8 +592,9 @@ def update_sweep_page(root: Path, max_items: int = 500) -> Optional[Path]:
 # -- the sweep's status -------------------------------------------------------------------
 def reused_count(run_dir: Path) -> int:
     """Finished items of a point that were linked from elsewhere, not generated."""
-    return sum(1 for r in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).values()
-               if r.get("reused_from") and output_intact(run_dir, r))
+    return sum(
+        1 for r in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).values() if r.get("reused_from") and output_intact(run_dir, r)
+    )
 
 
 def merge_reasons(per_point: list[tuple[Point, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
@@ -580,7 +608,7 @@ def merge_reasons(per_point: list[tuple[Point, list[dict[str, Any]]]]) -> list[d
     return sorted(merged.values(), key=lambda r: -r["count"])
 
 
-def collect_sweep(root: Path, window: Optional[int] = None, now: Any = None) -> dict[str, Any]:
+def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dict[str, Any]:
     """`svdbatch status <sweep root>` as one JSON-friendly dict: status.collect for every
     point, totals, failure reasons across points, and an ETA for the whole sweep (points
     not started yet count with the rows of the points that have)."""
@@ -602,7 +630,7 @@ def collect_sweep(root: Path, window: Optional[int] = None, now: Any = None) -> 
         reports.append(report)
         generated += [r for r in read_jsonl_fast(point.run_dir / RESULTS) if not r.get("reused_from")]
     names = ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
-    totals: dict[str, Optional[int]] = {}
+    totals: dict[str, int | None] = {}
     for name in names:
         values = [r["counts"][name] for r in reports]
         totals[name] = None if any(v is None for v in values) else sum(values)
@@ -634,19 +662,27 @@ def format_sweep_report(report: dict[str, Any]) -> str:
     from .status import eta_line, reason_lines
 
     counts = report["counts"]
-    lines = [f"sweep root   {report['sweep_root']}",
-             f"swept        {', '.join(report['swept']) or '-'}; {len(report['points'])} points"
-             + (f" + {len(report['unstarted_points'])} not started" if report["unstarted_points"] else "")]
+    lines = [
+        f"sweep root   {report['sweep_root']}",
+        f"swept        {', '.join(report['swept']) or '-'}; {len(report['points'])} points"
+        + (f" + {len(report['unstarted_points'])} not started" if report["unstarted_points"] else ""),
+    ]
+
     def short(values: dict[str, str], fallback: str) -> str:
         return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()) or fallback
 
     labels = [short(p["label"], Path(p["run_dir"]).name) for p in report["points"]]
     waiting = [short(values, "?") for values in report["unstarted_points"]]
     width = min(max([len(x) for x in labels + waiting] + [12]), 70) + 2
-    lines.append(f"  {'point':<{width}}{'done':>8}{'reused':>8}{'running':>8}{'failed':>8}{'invalid':>8}{'pending':>8}{'total':>8}")
+    lines.append(
+        f"  {'point':<{width}}{'done':>8}{'reused':>8}{'running':>8}{'failed':>8}{'invalid':>8}{'pending':>8}{'total':>8}"
+    )
 
     def cells(c: dict[str, Any]) -> str:
-        return "".join(f"{'?' if c[k] is None else c[k]:>8}" for k in ("done", "reused", "in_progress", "failed", "invalid", "pending", "total"))
+        return "".join(
+            f"{'?' if c[k] is None else c[k]:>8}"
+            for k in ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
+        )
 
     def cut(label: str) -> str:
         return label if len(label) <= width - 2 else label[: width - 3] + "…"
@@ -659,11 +695,15 @@ def format_sweep_report(report: dict[str, Any]) -> str:
     rate = report["throughput"]
     if rate["items_per_hour"]:
         per_hour = rate["items_per_hour"]
-        lines.append(f"throughput   {per_hour:.{0 if per_hour >= 100 else 1}f} items/h generated over the last {rate['items']}"
-                     f" (mean {rate['mean_item_s']:.2f} s/item)")
+        lines.append(
+            f"throughput   {per_hour:.{0 if per_hour >= 100 else 1}f} items/h generated over the last {rate['items']}"
+            f" (mean {rate['mean_item_s']:.2f} s/item)"
+        )
     else:
         lines.append("throughput   -")
-    lines.append(eta_line(report["remaining"], report["eta_s"], not report["live"], "no point is running: run the same sweep again"))
+    lines.append(
+        eta_line(report["remaining"], report["eta_s"], not report["live"], "no point is running: run the same sweep again")
+    )
 
     def where(reason: dict[str, Any]) -> str:
         points = ", ".join(reason["points"][:3]) + (" ..." if len(reason["points"]) > 3 else "")
@@ -683,7 +723,9 @@ def status_command(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="svdbatch status", description="counts of a run dir, or of every point of a sweep root")
     parser.add_argument("path", type=Path, help="a run dir, or a sweep root (every point and the total)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
-    parser.add_argument("--window", type=int, default=status.THROUGHPUT_WINDOW, help="finished items the throughput is measured over")
+    parser.add_argument(
+        "--window", type=int, default=status.THROUGHPUT_WINDOW, help="finished items the throughput is measured over"
+    )
     options = parser.parse_args(args)
     if not is_sweep_root(options.path) or not point_dirs(options.path):
         return status.status_command(args)

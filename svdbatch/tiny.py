@@ -15,8 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
-
+from typing import Any
 
 TINY_SOURCE = "tiny"
 TINY_BUILD_SEED = 0
@@ -114,7 +113,7 @@ def build_tiny_pipeline():
     )
 
 
-def ensure_tiny_model(cache_dir: Optional[str | Path] = None) -> Path:
+def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
     """Path of the saved tiny model, building it on first use.
 
     Saved into a temporary sibling and renamed into place, so concurrent workers and a

@@ -27,15 +27,26 @@ import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK
 from .config import OutputConfig
-from .sidecar import Sidecar, SidecarError, named_output
 from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_settings, output_sha256, written_fps
+from .sidecar import Sidecar, SidecarError, named_output
 from .store import (
-    CONFIG, DAMAGED_DIR, RESULTS, SHARD_INDEX, SHARDS_DIR, SIDECARS_DIR, VIDEOS_DIR, RunStore, is_run_dir, latest_by_id,
-    not_a_run_dir_message, read_jsonl_fast, sidecar_relpath,
+    CONFIG,
+    DAMAGED_DIR,
+    RESULTS,
+    SHARD_INDEX,
+    SHARDS_DIR,
+    SIDECARS_DIR,
+    VIDEOS_DIR,
+    RunStore,
+    is_run_dir,
+    latest_by_id,
+    not_a_run_dir_message,
+    read_jsonl_fast,
+    sidecar_relpath,
 )
 
 EXIT_DAMAGED, EXIT_NOT_A_RUN_DIR = EXIT_ITEMS_FAILED, EXIT_BAD_INPUT
@@ -54,7 +65,7 @@ class ItemReport:
         return bool(self.problems)
 
 
-def read_sidecar(run_dir: Path, item_id: str, report: ItemReport) -> tuple[Optional[Sidecar], int]:
+def read_sidecar(run_dir: Path, item_id: str, report: ItemReport) -> tuple[Sidecar | None, int]:
     """(sidecar, its size); (None, -1) with a problem noted if it is missing or unreadable."""
     try:
         body = (run_dir / sidecar_relpath(item_id)).read_bytes()
@@ -72,13 +83,15 @@ def read_sidecar(run_dir: Path, item_id: str, report: ItemReport) -> tuple[Optio
         return None, len(body)
 
 
-def check_records(item_id: str, sidecar: Sidecar, size: int, record: Optional[dict[str, Any]], report: ItemReport) -> None:
+def check_records(item_id: str, sidecar: Sidecar, size: int, record: dict[str, Any] | None, report: ItemReport) -> None:
     """The sidecar is complete in itself and agrees with the item's latest results line."""
     if not sidecar.done or sidecar.id != item_id:
         report.problems.append(f"sidecar is not a done record of {item_id!r} (status {sidecar.status!r}, id {sidecar.id!r})")
     output = sidecar.output
     if not output.sha256 or not sidecar.output_key:
-        report.problems.append("the sidecar records no file sha256 / output key (written by an older svdbatch): cannot be verified")
+        report.problems.append(
+            "the sidecar records no file sha256 / output key (written by an older svdbatch): cannot be verified"
+        )
     elif output_key(output.settings) != sidecar.output_key:
         report.problems.append("the sidecar's output key does not match its own output settings")
     if record is None:
@@ -87,7 +100,9 @@ def check_records(item_id: str, sidecar: Sidecar, size: int, record: Optional[di
     expected = sidecar.result_record(size)
     for field_name in AGREE:
         if field_name in record and record[field_name] != expected[field_name]:
-            report.problems.append(f"results.jsonl and sidecar disagree on {field_name}: {record[field_name]!r} vs {expected[field_name]!r}")
+            report.problems.append(
+                f"results.jsonl and sidecar disagree on {field_name}: {record[field_name]!r} vs {expected[field_name]!r}"
+            )
     if "sidecar_bytes" in record and record["sidecar_bytes"] != size:
         report.problems.append(f"sidecar is {size} bytes, results.jsonl recorded {record['sidecar_bytes']}")
 
@@ -107,13 +122,14 @@ def check_output(run_dir: Path, sidecar: Sidecar, report: ItemReport) -> None:
         report.problems.append(f"output {output.path} has sha256 {digest}, recorded {output.sha256}")
     lossless = output.format == "frames"
     try:
-        check_decodes(path, output.frames, output.height, output.width,
-                      sidecar.frames_sha256 if lossless else None, fps=output.fps)
+        check_decodes(
+            path, output.frames, output.height, output.width, sidecar.frames_sha256 if lossless else None, fps=output.fps
+        )
     except OutputCheckError as exc:
         report.problems.append(str(exc))
 
 
-def config_output(run_dir: Path) -> Optional[OutputConfig]:
+def config_output(run_dir: Path) -> OutputConfig | None:
     """The output settings config.yaml states (the latest run's), if readable."""
     try:
         import yaml
@@ -125,20 +141,26 @@ def config_output(run_dir: Path) -> Optional[OutputConfig]:
         return None
 
 
-def check_against_config(sidecar: Sidecar, stated: Optional[OutputConfig], report: ItemReport) -> None:
+def check_against_config(sidecar: Sidecar, stated: OutputConfig | None, report: ItemReport) -> None:
     """config.yaml must not claim settings a video was not written with: say so while a
     re-run with new output settings has not redone every item yet."""
     fps = sidecar.params.get("fps")
     if stated is None or fps is None:
         return
     if output_key(output_settings(stated, written_fps(stated, fps))) != sidecar.output_key:
-        report.notes.append(f"written with other output settings than config.yaml states ({sidecar.output.settings}); "
-                            "the next run of that config redoes it")
+        report.notes.append(
+            f"written with other output settings than config.yaml states ({sidecar.output.settings}); "
+            "the next run of that config redoes it"
+        )
 
 
-def check_item(run_dir: Path, item_id: str, record: Optional[dict[str, Any]], stated: Optional[OutputConfig] = None) -> ItemReport:
+def check_item(run_dir: Path, item_id: str, record: dict[str, Any] | None, stated: OutputConfig | None = None) -> ItemReport:
     report = ItemReport(item_id)
-    if record is not None and not os.path.lexists(run_dir / sidecar_relpath(item_id)) and output_bytes(run_dir / str(record.get("output"))) < 0:
+    if (
+        record is not None
+        and not os.path.lexists(run_dir / sidecar_relpath(item_id))
+        and output_bytes(run_dir / str(record.get("output"))) < 0
+    ):
         # Both files removed on purpose (a user forcing a redo, or `--repair`): not done, not damage.
         report.notes.append("not done any more: its sidecar and output were removed; the next run redoes it")
         return report
@@ -169,7 +191,9 @@ def unrecorded_outputs(run_dir: Path) -> list[str]:
     named = set()
     for item_id in sidecar_ids(run_dir):
         named.add(named_output(run_dir / sidecar_relpath(item_id)))
-    return sorted(f"{VIDEOS_DIR}/{p.name}" for p in videos.iterdir() if not p.name.startswith(".") and f"{VIDEOS_DIR}/{p.name}" not in named)
+    return sorted(
+        f"{VIDEOS_DIR}/{p.name}" for p in videos.iterdir() if not p.name.startswith(".") and f"{VIDEOS_DIR}/{p.name}" not in named
+    )
 
 
 def verify_run_dir(run_dir: Path) -> list[ItemReport]:
@@ -212,7 +236,7 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
     return dest, busy
 
 
-def item_files(run_dir: Path, item_id: str, record: Optional[dict[str, Any]]) -> list[str]:
+def item_files(run_dir: Path, item_id: str, record: dict[str, Any] | None) -> list[str]:
     """The item's sidecar and every output path its sidecar or results line names, that exist."""
     names = [sidecar_relpath(item_id)]
     names.append(named_output(run_dir / names[0]))
@@ -257,12 +281,21 @@ def verify_command(args: list[str]) -> int:
     dest, busy = set_aside(run_dir, damaged) if options.repair and damaged else (None, [])
     unrecorded = unrecorded_outputs(run_dir)
     if options.json:
-        print(json.dumps({
-            "run_dir": str(run_dir), "checked": len(reports), "ok": len(reports) - len(damaged),
-            "damaged": [{"id": r.item_id, "problems": r.problems} for r in damaged],
-            "notes": [{"id": r.item_id, "notes": r.notes} for r in reports if r.notes],
-            "set_aside_in": str(dest) if dest else None, "busy": busy, "unrecorded_outputs": unrecorded,
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "run_dir": str(run_dir),
+                    "checked": len(reports),
+                    "ok": len(reports) - len(damaged),
+                    "damaged": [{"id": r.item_id, "problems": r.problems} for r in damaged],
+                    "notes": [{"id": r.item_id, "notes": r.notes} for r in reports if r.notes],
+                    "set_aside_in": str(dest) if dest else None,
+                    "busy": busy,
+                    "unrecorded_outputs": unrecorded,
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         for report in reports:
             if report.damaged:
@@ -273,7 +306,9 @@ def verify_command(args: list[str]) -> int:
             shown = ", ".join(unrecorded[:5]) + (" ..." if len(unrecorded) > 5 else "")
             print(f"  note: {len(unrecorded)} file(s) in videos/ that no sidecar describes (other output settings?): {shown}")
         names = f" ({', '.join(r.item_id for r in damaged[:10])}{' ...' if len(damaged) > 10 else ''})" if damaged else ""
-        print(f"svdbatch verify: {len(reports)} items checked, {len(reports) - len(damaged)} intact, {len(damaged)} damaged{names}")
+        print(
+            f"svdbatch verify: {len(reports)} items checked, {len(reports) - len(damaged)} intact, {len(damaged)} damaged{names}"
+        )
         if dest:
             print(f"set aside {len(damaged) - len(busy)} item(s) in {dest}; run the same command again to redo them")
         if busy:

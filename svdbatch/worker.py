@@ -14,21 +14,22 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from .atomic import DISK_FULL_ERRNOS
 from .config import OutputConfig, plain
+from .faults import fault_point
 from .fetch import FetchError
 from .images import pipeline_input
-from .faults import fault_point
 from .models import LoadedPipeline, lower_memory, pin_threads
 from .outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from .outputs import frames_sha256, output_key, output_settings, write_video, written_fps
@@ -73,12 +74,12 @@ class Loaded:
 
     entry: PlannedItem
     image: Any = None
-    source_size: Optional[tuple[int, int]] = None
+    source_size: tuple[int, int] | None = None
     load_s: float = 0.0
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
     error_trace: str = ""
-    claim: Optional[int] = None  # this process's claim on the item (store.claim)
-    settled: Optional[Outcome] = None  # nothing to generate: busy, done elsewhere or stopped
+    claim: int | None = None  # this process's claim on the item (store.claim)
+    settled: Outcome | None = None  # nothing to generate: busy, done elsewhere or stopped
 
 
 @dataclass
@@ -101,7 +102,9 @@ def load_entry(entry: PlannedItem) -> Loaded:
         return Loaded(entry, error=exc, error_trace=traceback.format_exc())
 
 
-def generate_frames(pipe: Any, images: list, params: GenParams, seeds: list[int], on_step: Optional[Callable] = None) -> list[np.ndarray]:
+def generate_frames(
+    pipe: Any, images: list, params: GenParams, seeds: list[int], on_step: Callable | None = None
+) -> list[np.ndarray]:
     """uint8 frames (F, H, W, 3) per image; one generator per image, from its own seed.
     `on_step` is diffusers' callback_on_step_end (it must return the latents untouched)."""
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -130,7 +133,7 @@ class Worker:
         store: RunStore,
         output: OutputConfig,
         context: dict[str, Any],
-        num_threads: Optional[int] = None,
+        num_threads: int | None = None,
         step_progress: bool = False,
         retry_on_oom: bool = False,
     ):
@@ -143,16 +146,16 @@ class Worker:
         # The sidecar fields every item of this worker shares (context: the run's config).
         self.context = {**context, "model": loaded.identity.as_dict(), **self.environment()}
         # A pipeline kept between sweep points was warmed up already: once per load, not per point.
-        self.warmup_s: Optional[float] = loaded.warmup_s
+        self.warmup_s: float | None = loaded.warmup_s
         if self.warmup_s is not None:
             self.context["warmup_s"] = self.warmup_s
         self.retry_on_oom = retry_on_oom
         # run.keep_replaced: the folder an older output of a redone item is moved to (WorkerSpec).
-        self.keep_replaced_in: Optional[str] = None
+        self.keep_replaced_in: str | None = None
         # Set (by the writer thread) when the disk is full or read-only: no more work.
-        self.stop_reason: Optional[str] = None
+        self.stop_reason: str | None = None
         # Set by run(): true once the items in flight must be given up (stops.StopRequest).
-        self.abandon: Optional[Callable[[], bool]] = None
+        self.abandon: Callable[[], bool] | None = None
 
     def environment(self) -> dict[str, Any]:
         device = self.loaded.device
@@ -275,7 +278,9 @@ class Worker:
         try:
             self.warm_up(params)
             start = time.perf_counter()
-            videos, used, fallback = self.generate_with_fallback([r.image for r in ready], params, [r.entry.item.seed for r in ready])
+            videos, used, fallback = self.generate_with_fallback(
+                [r.image for r in ready], params, [r.entry.item.seed for r in ready]
+            )
             per_item = (time.perf_counter() - start) / len(ready)
         except Exception as exc:
             trace = traceback.format_exc()
@@ -333,7 +338,7 @@ class Worker:
         batches: Iterable[tuple[int, list[PlannedItem]]],
         report: Report,
         stop: Callable[[], bool] = lambda: False,
-        abandon: Optional[Callable[[], bool]] = None,
+        abandon: Callable[[], bool] | None = None,
     ) -> None:
         """Process (batch id, items) pairs; `report(batch id, outcomes)` is called (from the
         writer thread) as soon as a batch is committed, even while the worker waits for more.
@@ -343,7 +348,7 @@ class Worker:
         batches = iter(batches)
         self.abandon = abandon
 
-        def fetch_and_load() -> Optional[tuple[int, list[Loaded]]]:
+        def fetch_and_load() -> tuple[int, list[Loaded]] | None:
             # Runs on the loader thread: waiting for the next batch never stalls generation.
             if stop():
                 return None
@@ -353,9 +358,10 @@ class Worker:
             batch_id, entries = nxt
             return batch_id, [self.claim_and_load(entry) for entry in entries]
 
-        with ThreadPoolExecutor(1, thread_name_prefix="svdbatch-load") as loader, ThreadPoolExecutor(
-            1, thread_name_prefix="svdbatch-write"
-        ) as writer:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="svdbatch-load") as loader,
+            ThreadPoolExecutor(1, thread_name_prefix="svdbatch-write") as writer,
+        ):
             in_flight: deque[list[Future]] = deque()
             upcoming = loader.submit(fetch_and_load)
             while (current := upcoming.result()) is not None:
@@ -375,7 +381,7 @@ class Worker:
                     wait(in_flight.popleft())
 
     def settle_stopped(
-        self, batch_id: int, loaded: list[Loaded], report: Report, status: str = STOPPED, error: Optional[str] = None
+        self, batch_id: int, loaded: list[Loaded], report: Report, status: str = STOPPED, error: str | None = None
     ) -> None:
         for ready in loaded:
             self.store.release(ready.claim)

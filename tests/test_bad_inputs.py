@@ -86,22 +86,85 @@ CATALOGUE = [
     ("seed negative", "m.csv", f"id,image,seed\n{GOOD},1\na,img/a.png,-1\n", 3, "seed", "[0, 2**64), got -1", {}),
     ("seed 2**64", "m.csv", f"id,image,seed\n{GOOD},1\na,img/a.png,{2**64}\n", 3, "seed", f"got {2**64}", {}),
     ("seed in other digits", "m.csv", f"id,image,seed\n{GOOD},1\na,img/a.png,٣\n", 3, "seed", "got '٣'", {}),
-    ("nan", "m.csv", f"id,image,noise_aug_strength\n{GOOD},\na,img/a.png,nan\n", 3, "noise_aug_strength", "not a finite number", {}),
-    ("inf", "m.csv", f"id,image,max_guidance_scale\n{GOOD},\na,img/a.png,inf\n", 3, "max_guidance_scale", "not a finite number", {}),
-    ("motion bucket 256", "m.csv", f"id,image,motion_bucket_id\n{GOOD},\na,img/a.png,256\n", 3, "motion_bucket_id", "in [0, 255], got '256'", {}),
+    (
+        "nan",
+        "m.csv",
+        f"id,image,noise_aug_strength\n{GOOD},\na,img/a.png,nan\n",
+        3,
+        "noise_aug_strength",
+        "not a finite number",
+        {},
+    ),
+    (
+        "inf",
+        "m.csv",
+        f"id,image,max_guidance_scale\n{GOOD},\na,img/a.png,inf\n",
+        3,
+        "max_guidance_scale",
+        "not a finite number",
+        {},
+    ),
+    (
+        "motion bucket 256",
+        "m.csv",
+        f"id,image,motion_bucket_id\n{GOOD},\na,img/a.png,256\n",
+        3,
+        "motion_bucket_id",
+        "in [0, 255], got '256'",
+        {},
+    ),
     ("width not /8", "m.csv", f"id,image,width\n{GOOD},\na,img/a.png,100\n", 3, "width", "multiple of 8, got '100'", {}),
     ("height not /8", "m.csv", f"id,image,height\n{GOOD},\na,img/a.png,60\n", 3, "height", "multiple of 8, got '60'", {}),
     ("num_frames 1", "m.csv", f"id,image,num_frames\n{GOOD},\na,img/a.png,1\n", 3, "num_frames", "in [2, 1024], got '1'", {}),
     ("underscore number", "m.csv", f"id,image,fps\n{GOOD},\na,img/a.png,1_0\n", 3, "fps", "got '1_0'", {}),
     ("image missing", "m.csv", f"id,image\n{GOOD}\na,img/none.png\n", 3, "image", "image file not found (img/none.png)", {}),
     ("image truncated", "m.csv", f"id,image\n{GOOD}\na,img/cut.png\n", 3, "image", "not a readable image", {}),
-    ("image not an image", "m.csv", f"id,image\n{GOOD}\na,img/fake.png\n", 3, "image", "not a readable image: not an image format", {}),
-    ("image empty file", "m.csv", f"id,image\n{GOOD}\na,img/empty.png\n", 3, "image", "not a readable image: the file is empty", {}),
+    (
+        "image not an image",
+        "m.csv",
+        f"id,image\n{GOOD}\na,img/fake.png\n",
+        3,
+        "image",
+        "not a readable image: not an image format",
+        {},
+    ),
+    (
+        "image empty file",
+        "m.csv",
+        f"id,image\n{GOOD}\na,img/empty.png\n",
+        3,
+        "image",
+        "not a readable image: the file is empty",
+        {},
+    ),
     ("image is a folder", "m.csv", f"id,image\n{GOOD}\na,img/folder.png\n", 3, "image", "is a folder, not an image file", {}),
-    ("image too big", "m.csv", f"id,image\n{GOOD}\na,img/big.png\n", 3, "image",
-     "image is 120x100 = 12,000 pixels, more than run.max_image_pixels (6,000)", {"max_image_pixels": 6000}),
-    ("path traversal", "m.csv", f"id,image\n{GOOD}\na,../../x.png\n", 3, "image", "resolves outside run.image_root", {"image_root": "$ROOT"}),
-    ("absolute path outside", "m.csv", f"id,image\n{GOOD}\na,$OUTSIDE\n", 3, "image", "resolves outside run.image_root", {"image_root": "$ROOT"}),
+    (
+        "image too big",
+        "m.csv",
+        f"id,image\n{GOOD}\na,img/big.png\n",
+        3,
+        "image",
+        "image is 120x100 = 12,000 pixels, more than run.max_image_pixels (6,000)",
+        {"max_image_pixels": 6000},
+    ),
+    (
+        "path traversal",
+        "m.csv",
+        f"id,image\n{GOOD}\na,../../x.png\n",
+        3,
+        "image",
+        "resolves outside run.image_root",
+        {"image_root": "$ROOT"},
+    ),
+    (
+        "absolute path outside",
+        "m.csv",
+        f"id,image\n{GOOD}\na,$OUTSIDE\n",
+        3,
+        "image",
+        "resolves outside run.image_root",
+        {"image_root": "$ROOT"},
+    ),
     ("id with /", "m.csv", f"id,image\n{GOOD}\nx/../../y,img/a.png\n", 3, "id", "must not contain path separators", {}),
     ("id with backslash", "m.csv", f"id,image\n{GOOD}\n..\\y,img/a.png\n", 3, "id", "must not start with '.'", {}),
     ("id with backslash inside", "m.csv", f"id,image\n{GOOD}\nx\\y,img/a.png\n", 3, "id", "must not contain path separators", {}),
@@ -109,73 +172,261 @@ CATALOGUE = [
     ("id hidden", "m.csv", f"id,image\n{GOOD}\n.x,img/a.png\n", 3, "id", "must not start with '.'", {}),
     ("id control character", "m.csv", f"id,image\n{GOOD}\na\x7fb,img/a.png\n", 3, "id", "control or reserved characters", {}),
     ("id too long in bytes", "m.csv", f"id,image\n{GOOD}\n{TOO_LONG},img/a.png\n", 3, "id", "at most 200 bytes in UTF-8", {}),
-    ("derived id hidden", "m.csv", "image\nimg/b.png\n.hidden.png\n", 3, "image", "the id derived from it must not start with '.'", {}),
+    (
+        "derived id hidden",
+        "m.csv",
+        "image\nimg/b.png\n.hidden.png\n",
+        3,
+        "image",
+        "the id derived from it must not start with '.'",
+        {},
+    ),
     ("jsonl not an object", "m.jsonl", '{"image": "img/b.png"}\n["img/a.png"]\n', 2, None, "must be a JSON object, got list", {}),
     ("jsonl not json", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png",}\n', 2, None, "not valid JSON", {}),
-    ("jsonl pretty-printed", "m.jsonl", '{"image": "img/b.png"}\n{\n  "image": "img/a.png"\n}\n', 2, None, "JSONL needs one whole object per line", {}),
-    ("jsonl unknown key", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png", "motion_bucket": 3}\n', 2, "motion_bucket",
-     "unknown column (did you mean 'motion_bucket_id'?)", {}),
-    ("jsonl boolean in a number column", "m.jsonl", '{"image": "img/b.png", "fps": 7}\n{"image": "img/a.png", "fps": true}\n', 2, "fps",
-     "got true (a boolean)", {}),
-    ("jsonl float in an integer column", "m.jsonl", '{"image": "img/b.png", "fps": "7"}\n{"image": "img/a.png", "fps": 7.5}\n', 2, "fps",
-     "must be an integer in [1, 1000], got 7.5", {}),
-    ("jsonl list in a number column", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png", "fps": [7]}\n', 2, "fps",
-     "got a JSON list", {}),
-    ("jsonl number as image", "m.jsonl", '{"image": "img/b.png"}\n{"image": 5}\n', 2, "image", "must be a path string, got 5", {}),
-    ("jsonl boolean id", "m.jsonl", '{"image": "img/b.png"}\n{"id": false, "image": "img/a.png"}\n', 2, "id", "got false (a boolean)", {}),
+    (
+        "jsonl pretty-printed",
+        "m.jsonl",
+        '{"image": "img/b.png"}\n{\n  "image": "img/a.png"\n}\n',
+        2,
+        None,
+        "JSONL needs one whole object per line",
+        {},
+    ),
+    (
+        "jsonl unknown key",
+        "m.jsonl",
+        '{"image": "img/b.png"}\n{"image": "img/a.png", "motion_bucket": 3}\n',
+        2,
+        "motion_bucket",
+        "unknown column (did you mean 'motion_bucket_id'?)",
+        {},
+    ),
+    (
+        "jsonl boolean in a number column",
+        "m.jsonl",
+        '{"image": "img/b.png", "fps": 7}\n{"image": "img/a.png", "fps": true}\n',
+        2,
+        "fps",
+        "got true (a boolean)",
+        {},
+    ),
+    (
+        "jsonl float in an integer column",
+        "m.jsonl",
+        '{"image": "img/b.png", "fps": "7"}\n{"image": "img/a.png", "fps": 7.5}\n',
+        2,
+        "fps",
+        "must be an integer in [1, 1000], got 7.5",
+        {},
+    ),
+    (
+        "jsonl list in a number column",
+        "m.jsonl",
+        '{"image": "img/b.png"}\n{"image": "img/a.png", "fps": [7]}\n',
+        2,
+        "fps",
+        "got a JSON list",
+        {},
+    ),
+    (
+        "jsonl number as image",
+        "m.jsonl",
+        '{"image": "img/b.png"}\n{"image": 5}\n',
+        2,
+        "image",
+        "must be a path string, got 5",
+        {},
+    ),
+    (
+        "jsonl boolean id",
+        "m.jsonl",
+        '{"image": "img/b.png"}\n{"id": false, "image": "img/a.png"}\n',
+        2,
+        "id",
+        "got false (a boolean)",
+        {},
+    ),
     ("jsonl float seed", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png", "seed": 42.0}\n', 2, "seed", "got 42.0", {}),
     ("jsonl NaN seed", "m.jsonl", '{"image": "img/b.png"}\n{"image": "img/a.png", "seed": NaN}\n', 2, "seed", "got nan", {}),
     # Knobs that are fine alone but fail every item together (the pipeline decides on guidance
     # from max_guidance_scale, then from linspace(min, max, num_frames)).
-    ("min guidance above max", "m.csv", f"id,image,min_guidance_scale,max_guidance_scale\n{GOOD},,\na,img/a.png,3,1.5\n", 3,
-     "min_guidance_scale", "min_guidance_scale (3) must be <= max_guidance_scale (1.5)", CONFIG_GUIDANCE),
-    ("max guidance below the config's min", "m.csv", f"id,image,max_guidance_scale\n{GOOD},\na,img/a.png,0.5\n", 3,
-     "max_guidance_scale", "min_guidance_scale (1) must be <= max_guidance_scale (0.5) (min_guidance_scale from the config)", CONFIG_GUIDANCE),
-    ("max guidance rounds to 1", "m.csv", f"id,image,max_guidance_scale\n{GOOD},\na,img/a.png,1.001\n", 3,
-     "max_guidance_scale", "must be <= 1 (no guidance) or >= 1.01, got '1.001'", {}),
+    (
+        "min guidance above max",
+        "m.csv",
+        f"id,image,min_guidance_scale,max_guidance_scale\n{GOOD},,\na,img/a.png,3,1.5\n",
+        3,
+        "min_guidance_scale",
+        "min_guidance_scale (3) must be <= max_guidance_scale (1.5)",
+        CONFIG_GUIDANCE,
+    ),
+    (
+        "max guidance below the config's min",
+        "m.csv",
+        f"id,image,max_guidance_scale\n{GOOD},\na,img/a.png,0.5\n",
+        3,
+        "max_guidance_scale",
+        "min_guidance_scale (1) must be <= max_guidance_scale (0.5) (min_guidance_scale from the config)",
+        CONFIG_GUIDANCE,
+    ),
+    (
+        "max guidance rounds to 1",
+        "m.csv",
+        f"id,image,max_guidance_scale\n{GOOD},\na,img/a.png,1.001\n",
+        3,
+        "max_guidance_scale",
+        "must be <= 1 (no guidance) or >= 1.01, got '1.001'",
+        {},
+    ),
     # Text no file name or JSON writer can hold.
     ("jsonl lone surrogate id", "m.jsonl", GOOD_JSON + '\n{"id": "\\ud800", "image": "img/a.png"}\n', 2, "id", SURROGATE, {}),
-    ("jsonl lone surrogate image", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/\\udc00.png"}\n', 2, "image", SURROGATE, {}),
-    ("jsonl lone surrogate in meta", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_t": ["x", "\\ud83d"]}\n', 2,
-     "meta_t", SURROGATE, {}),
-    ("jsonl lone surrogate column", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_\\ud800": 1}\n', 2,
-     "meta_\\ud800", "column name is not valid Unicode text", {}),
-    ("jsonl NaN meta", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_score": NaN}\n', 2, "meta_score",
-     "must be a finite number or text, got nan (JSON has no NaN or Infinity)", {}),
-    ("jsonl 1e999 meta", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_score": 1e999}\n', 2, "meta_score",
-     "got inf", {}),
-    ("jsonl nested -Infinity meta", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_x": {"y": [-Infinity]}}\n', 2,
-     "meta_x", "got -inf", {}),
-    ("jsonl 5000-digit integer", "m.jsonl", GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_n": 1' + "0" * 5000 + "}\n", 2,
-     None, "JSON that cannot be read (ValueError: Exceeds the limit", {}),
-    ("jsonl nested 100k deep", "m.jsonl", GOOD_JSON + '\n{"image": "img/a.png", "meta_x": ' + "[" * 100_000 + "]" * 100_000 + "}\n", 2,
-     None, "JSON that cannot be read (RecursionError", {}),
+    (
+        "jsonl lone surrogate image",
+        "m.jsonl",
+        GOOD_JSON + '\n{"id": "a", "image": "img/\\udc00.png"}\n',
+        2,
+        "image",
+        SURROGATE,
+        {},
+    ),
+    (
+        "jsonl lone surrogate in meta",
+        "m.jsonl",
+        GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_t": ["x", "\\ud83d"]}\n',
+        2,
+        "meta_t",
+        SURROGATE,
+        {},
+    ),
+    (
+        "jsonl lone surrogate column",
+        "m.jsonl",
+        GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_\\ud800": 1}\n',
+        2,
+        "meta_\\ud800",
+        "column name is not valid Unicode text",
+        {},
+    ),
+    (
+        "jsonl NaN meta",
+        "m.jsonl",
+        GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_score": NaN}\n',
+        2,
+        "meta_score",
+        "must be a finite number or text, got nan (JSON has no NaN or Infinity)",
+        {},
+    ),
+    (
+        "jsonl 1e999 meta",
+        "m.jsonl",
+        GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_score": 1e999}\n',
+        2,
+        "meta_score",
+        "got inf",
+        {},
+    ),
+    (
+        "jsonl nested -Infinity meta",
+        "m.jsonl",
+        GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_x": {"y": [-Infinity]}}\n',
+        2,
+        "meta_x",
+        "got -inf",
+        {},
+    ),
+    (
+        "jsonl 5000-digit integer",
+        "m.jsonl",
+        GOOD_JSON + '\n{"id": "a", "image": "img/a.png", "meta_n": 1' + "0" * 5000 + "}\n",
+        2,
+        None,
+        "JSON that cannot be read (ValueError: Exceeds the limit",
+        {},
+    ),
+    (
+        "jsonl nested 100k deep",
+        "m.jsonl",
+        GOOD_JSON + '\n{"image": "img/a.png", "meta_x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+        2,
+        None,
+        "JSON that cannot be read (RecursionError",
+        {},
+    ),
     # Ids that are distinct here but one file on macOS or Windows, or no file on Windows.
-    ("ids differing by case", "m.csv", "id,image\nCase,img/b.png\ncase,img/a.png\n", 3, "id",
-     "id 'case' and 'Case' on line 2 differ only by case or Unicode normalisation", {}),
-    ("ids differing by normalisation", "m.csv", "id,image\ncaf\u00e9,img/b.png\ncafe\u0301,img/a.png\n", 3, "id",
-     "and 'caf\u00e9' on line 2 differ only by case or Unicode normalisation", {}),
-    ("ids differing by case folding", "m.jsonl", '{"id": "STRASSE", "image": "img/b.png"}\n{"id": "stra\u00dfe", "image": "img/a.png"}\n', 2,
-     "id", "differ only by case", {}),
+    (
+        "ids differing by case",
+        "m.csv",
+        "id,image\nCase,img/b.png\ncase,img/a.png\n",
+        3,
+        "id",
+        "id 'case' and 'Case' on line 2 differ only by case or Unicode normalisation",
+        {},
+    ),
+    (
+        "ids differing by normalisation",
+        "m.csv",
+        "id,image\ncaf\u00e9,img/b.png\ncafe\u0301,img/a.png\n",
+        3,
+        "id",
+        "and 'caf\u00e9' on line 2 differ only by case or Unicode normalisation",
+        {},
+    ),
+    (
+        "ids differing by case folding",
+        "m.jsonl",
+        '{"id": "STRASSE", "image": "img/b.png"}\n{"id": "stra\u00dfe", "image": "img/a.png"}\n',
+        2,
+        "id",
+        "differ only by case",
+        {},
+    ),
     ("id CON", "m.csv", f"id,image\n{GOOD}\nCON,img/a.png\n", 3, "id", "reserved device name on Windows", {}),
     ("id nul.txt", "m.csv", f"id,image\n{GOOD}\nnul.txt,img/a.png\n", 3, "id", "reserved device name on Windows", {}),
     ("id com1", "m.csv", f"id,image\n{GOOD}\ncom1,img/a.png\n", 3, "id", "reserved device name on Windows", {}),
     ("id Lpt9.tar.gz", "m.csv", f"id,image\n{GOOD}\nLpt9.tar.gz,img/a.png\n", 3, "id", "reserved device name on Windows", {}),
-    ("id aux with a space", "m.jsonl", GOOD_JSON + '\n{"id": "aux .x", "image": "img/a.png"}\n', 2, "id", "reserved device name", {}),
+    (
+        "id aux with a space",
+        "m.jsonl",
+        GOOD_JSON + '\n{"id": "aux .x", "image": "img/a.png"}\n',
+        2,
+        "id",
+        "reserved device name",
+        {},
+    ),
     ("id ending in a dot", "m.csv", f"id,image\n{GOOD}\nv1.,img/a.png\n", 3, "id", "must not end with '.' or a space", {}),
     # The csv module's own limit is 128 KiB; svdbatch reads cells up to 16 MiB and names the column beyond.
-    ("CSV cell over the limit", "m.csv", lambda: f"id,image,meta_caption\n{GOOD},\na,img/a.png,{'x' * HUGE_CELL}\n", 3,
-     "meta_caption", "a field is larger than 16,777,216 characters", {}),
+    (
+        "CSV cell over the limit",
+        "m.csv",
+        lambda: f"id,image,meta_caption\n{GOOD},\na,img/a.png,{'x' * HUGE_CELL}\n",
+        3,
+        "meta_caption",
+        "a field is larger than 16,777,216 characters",
+        {},
+    ),
 ]
 
 
 FILE_LEVEL = {
-    "empty file", "header only", "semicolon delimiter", "tab delimiter", "missing image column", "misspelt column",
-    "unnamed column", "duplicate column", "unclosed quote", "not UTF-8", "UTF-16", "CSV cell over the limit",
+    "empty file",
+    "header only",
+    "semicolon delimiter",
+    "tab delimiter",
+    "missing image column",
+    "misspelt column",
+    "unnamed column",
+    "duplicate column",
+    "unclosed quote",
+    "not UTF-8",
+    "UTF-16",
+    "CSV cell over the limit",
 }
 
 
-@pytest.mark.parametrize("name,file_name,content,line,field,fragment,kwargs", CATALOGUE, ids=[case[0].encode("ascii", "backslashreplace").decode() for case in CATALOGUE])
+@pytest.mark.parametrize(
+    "name,file_name,content,line,field,fragment,kwargs",
+    CATALOGUE,
+    ids=[case[0].encode("ascii", "backslashreplace").decode() for case in CATALOGUE],
+)
 def test_catalogue(data, tmp_path, name, file_name, content, line, field, fragment, kwargs):
     manifest = data / file_name
     outside = str(tmp_path / "outside.png")
@@ -215,7 +466,9 @@ def test_bom_csv_and_jsonl_work_normally(data):
 
 def test_consistent_number_types_across_csv_and_jsonl(data):
     """'7', 7 and 7.0 mean the same integer in either format (pandas writes 7.0)."""
-    csv_items = read_manifest(write_csv(data / "m.csv", ["id", "image", "fps"], [["a", "img/a.png", "7.0"], ["b", "img/b.png", " 7 "]])).items
+    csv_items = read_manifest(
+        write_csv(data / "m.csv", ["id", "image", "fps"], [["a", "img/a.png", "7.0"], ["b", "img/b.png", " 7 "]])
+    ).items
     jsonl = data / "m.jsonl"
     jsonl.write_text('{"id": "a", "image": "img/a.png", "fps": "7"}\n{"id": "b", "image": "img/b.png", "fps": 7.0}\n')
     jsonl_items = read_manifest(jsonl).items
@@ -250,8 +503,15 @@ def odd_images(folder: Path) -> dict[str, Path]:
 def test_odd_modes_pass_validation_and_load_as_rgb(tmp_path):
     paths = odd_images(tmp_path / "img")
     modes = {name: Image.open(path).mode for name, path in paths.items()}
-    assert modes == {"grey.png": "L", "grey-alpha.png": "LA", "rgba.png": "RGBA", "bilevel.png": "1",
-                     "deep.png": "I;16", "cmyk.jpg": "CMYK", "palette-transparent.png": "P"}
+    assert modes == {
+        "grey.png": "L",
+        "grey-alpha.png": "LA",
+        "rgba.png": "RGBA",
+        "bilevel.png": "1",
+        "deep.png": "I;16",
+        "cmyk.jpg": "CMYK",
+        "palette-transparent.png": "P",
+    }
     manifest = write_csv(tmp_path / "m.csv", ["image"], [[f"img/{name}"] for name in paths])
     assert len(read_manifest(manifest).items) == len(paths)  # decoded during validation, none refused
     for name, path in paths.items():
@@ -285,8 +545,15 @@ def test_image_root_accepts_inside_and_refuses_escapes(data, tmp_path):
     manifest = write_csv(
         data / "m.csv",
         ["id", "image"],
-        [["in", "img/a.png"], ["abs-in", data / "img" / "b.png"], ["alias", "img/alias.png"],
-         ["climb", "../../x.png"], ["abs-out", outside], ["link-out", "img/escape.png"], ["dots", "img/../../outside.png"]],
+        [
+            ["in", "img/a.png"],
+            ["abs-in", data / "img" / "b.png"],
+            ["alias", "img/alias.png"],
+            ["climb", "../../x.png"],
+            ["abs-out", outside],
+            ["link-out", "img/escape.png"],
+            ["dots", "img/../../outside.png"],
+        ],
     )
     result = read_manifest(manifest, image_root=str(data), strict=False)
     assert [i.id for i in result.items] == ["in", "abs-in", "alias"]
@@ -330,7 +597,9 @@ def test_a_bomb_header_is_refused_with_our_message_not_pils(tmp_path):
     with pytest.raises(ImageProblem, match="more than run.max_image_pixels"):
         load_rgb(bomb)
     manifest = write_csv(tmp_path / "m.csv", ["image"], [["bomb.png"]])
-    assert problems_of(manifest) == [f"{manifest}:2: field 'image': {expected}; shrink it, or raise run.max_image_pixels if it is genuine (bomb.png)"]
+    assert problems_of(manifest) == [
+        f"{manifest}:2: field 'image': {expected}; shrink it, or raise run.max_image_pixels if it is genuine (bomb.png)"
+    ]
 
 
 def test_pixel_limit_applies_at_load_time_and_stays_out_of_the_key(tmp_path):
@@ -347,8 +616,15 @@ def test_pixel_limit_applies_at_load_time_and_stays_out_of_the_key(tmp_path):
 def test_pixel_limit_fails_the_item_at_load_time_when_validation_skips_decoding(tmp_path):
     make_image(tmp_path / "img" / "a.png")  # 80x64
     manifest = write_csv(tmp_path / "m.csv", ["id", "image"], [["a", "img/a.png"]])
-    summary = run(make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "run.check_images=false",
-                           "run.max_image_pixels=1000", "run.num_threads=1"))
+    summary = run(
+        make_cfg(
+            f"manifest={manifest}",
+            f"run.dir={tmp_path / 'run'}",
+            "run.check_images=false",
+            "run.max_image_pixels=1000",
+            "run.num_threads=1",
+        )
+    )
     assert (summary.done, summary.failed) == (0, 1)
     (failure,) = read_jsonl_fast(tmp_path / "run" / "failures.jsonl")
     assert failure["id"] == "a" and "more than run.max_image_pixels (1,000)" in failure["error"]
@@ -385,7 +661,9 @@ def test_a_bad_rerun_keeps_finished_work_and_unicode_ids_name_files(data, tmp_pa
     second = run(make_cfg(f"manifest={bad}", *settings, "run.strict=false"))
     assert (second.done, second.skipped, second.invalid) == (1, 2, 1)
     after = snapshot(run_dir)
-    assert {name: after[name] for name in before if name != "results.jsonl"} == {n: b for n, b in before.items() if n != "results.jsonl"}
+    assert {name: after[name] for name in before if name != "results.jsonl"} == {
+        n: b for n, b in before.items() if n != "results.jsonl"
+    }
     assert after["results.jsonl"].startswith(before["results.jsonl"])  # only appended to
     (failure,) = read_jsonl_fast(run_dir / "failures.jsonl")
     assert (failure["id"], failure["line"]) == ("bad", 4) and "field 'seed'" in failure["problems"][0]
@@ -395,8 +673,10 @@ def test_a_bad_rerun_keeps_finished_work_and_unicode_ids_name_files(data, tmp_pa
 
 CONFIG_CATALOGUE = [
     (["conditioning.num_frames=1"], "conditioning.num_frames: must be an integer in [2, 1024], got 1"),
-    (["conditioning.min_guidance_scale=3", "conditioning.max_guidance_scale=2"],
-     "conditioning.min_guidance_scale: min_guidance_scale (3) must be <= max_guidance_scale (2)"),
+    (
+        ["conditioning.min_guidance_scale=3", "conditioning.max_guidance_scale=2"],
+        "conditioning.min_guidance_scale: min_guidance_scale (3) must be <= max_guidance_scale (2)",
+    ),
     (["conditioning.max_guidance_scale=1.0001"], "conditioning.max_guidance_scale: must be <= 1 (no guidance) or >= 1.01"),
     (["model.num_frames=1"], "model.num_frames: must be an integer in [2, 1024], got 1"),
     (["memory.max_decode_chunk_size=0"], "memory.max_decode_chunk_size: must be an integer in [1, 1024], got 0"),
@@ -456,9 +736,18 @@ def test_user_agent_with_a_newline_is_refused():
 
 def test_limit_zero_runs_nothing_and_edge_values_pass(data, capsys):
     manifest = write_csv(data / "m.csv", ["image"], [["img/a.png"]])
-    edges = ["run.limit=0", "run.num_threads=1", "output.fps=1", "output.quality=0", "output.quality=10",
-             "conditioning.num_frames=2", "conditioning.min_guidance_scale=3", "conditioning.max_guidance_scale=3",
-             "conditioning.max_guidance_scale=1.01", "run.gallery_every_s=0"]
+    edges = [
+        "run.limit=0",
+        "run.num_threads=1",
+        "output.fps=1",
+        "output.quality=0",
+        "output.quality=10",
+        "conditioning.num_frames=2",
+        "conditioning.min_guidance_scale=3",
+        "conditioning.max_guidance_scale=3",
+        "conditioning.max_guidance_scale=1.01",
+        "run.gallery_every_s=0",
+    ]
     for edge in edges:
         assert validate([f"manifest={manifest}", edge]) == 0, (edge, capsys.readouterr().err)
 

@@ -25,7 +25,10 @@ def test_readme_command_runs_the_sample_manifest(tmp_path):
     assert script.exists(), "console script not installed"
     proc = subprocess.run(
         [str(script), "manifest=manifests/sample.csv", f"hydra.run.dir={tmp_path / 'sample'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "3 done, 0 skipped, 0 failed" in proc.stdout
@@ -161,7 +164,9 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "svdbatch", *args, f"hydra.run.dir={killed_dir}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     results = killed_dir / "results.jsonl"
     deadline = time.time() + 240
@@ -189,9 +194,13 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 def test_driver_side_modules_do_not_import_torch():
     # The CLI driver must start without torch so its first worker loads the model meanwhile.
-    modules = "svdbatch.cli, svdbatch.driver, svdbatch.pool, svdbatch.plan, svdbatch.sweep, svdbatch.status, " \
-              "svdbatch.dataset, svdbatch.gallery, svdbatch.verify"
-    code = f"import sys, {modules}; heavy = {{'torch', 'diffusers', 'transformers'}} & set(sys.modules); " \
-           "assert not heavy, sorted(heavy)"
+    modules = (
+        "svdbatch.cli, svdbatch.driver, svdbatch.pool, svdbatch.plan, svdbatch.sweep, svdbatch.status, "
+        "svdbatch.dataset, svdbatch.gallery, svdbatch.verify"
+    )
+    code = (
+        f"import sys, {modules}; heavy = {{'torch', 'diffusers', 'transformers'}} & set(sys.modules); "
+        "assert not heavy, sorted(heavy)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -29,8 +29,9 @@ def test_compiled_unet_warms_up_once_and_gives_the_eager_frames(tmp_path, images
 
     monkeypatch.setattr(Worker, "generate", counting)
     compiled_dir, eager_dir = tmp_path / "compiled", tmp_path / "eager"
-    summary = run(make_cfg(f"manifest={manifest}", f"run.dir={compiled_dir}", "memory.compile=true",
-                           "memory.compile_backend=eager", *SMALL))
+    summary = run(
+        make_cfg(f"manifest={manifest}", f"run.dir={compiled_dir}", "memory.compile=true", "memory.compile_backend=eager", *SMALL)
+    )
     assert (summary.done, summary.failed) == (2, 0)
     (loaded,) = models._loaded.values()
     assert loaded.compiled and isinstance(loaded.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)

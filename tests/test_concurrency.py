@@ -32,10 +32,15 @@ def test_a_claim_dies_with_its_process(tmp_path):
     store = RunStore(tmp_path, "mp4")
     store.prepare()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from svdbatch.store import RunStore; "
-         "s = RunStore(sys.argv[1], 'mp4'); assert s.claim('a') is not None; print('held', flush=True); time.sleep(60)",
-         str(tmp_path)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from svdbatch.store import RunStore; "
+            "s = RunStore(sys.argv[1], 'mp4'); assert s.claim('a') is not None; print('held', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout.readline().strip() == "held"
     assert store.claim("a") is None
@@ -52,10 +57,27 @@ def test_two_runs_on_one_run_dir_share_the_work(tmp_path):
         make_image(tmp_path / "img" / f"i{i}.png", seed=i)
     manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [[f"i{i}", f"img/i{i}.png", i] for i in range(n)])
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "svdbatch", f"manifest={manifest}", *FAST, "conditioning.num_inference_steps=4",
-               "run.num_threads=1", f"hydra.run.dir={run_dir}"]
-    procs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "HYDRA_FULL_ERROR": "0"}) for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "svdbatch",
+        f"manifest={manifest}",
+        *FAST,
+        "conditioning.num_inference_steps=4",
+        "run.num_threads=1",
+        f"hydra.run.dir={run_dir}",
+    ]
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+        )
+        for _ in range(2)
+    ]
     outputs = [proc.communicate(timeout=300) for proc in procs]
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-2000:]

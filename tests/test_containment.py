@@ -66,8 +66,15 @@ def test_run_name_dotdot_is_refused_with_a_hint(tmp_path):
     assert not {"videos", "items", "results.jsonl", "failures.jsonl", "config.yaml"} & listing(tmp_path)
 
 
-@pytest.mark.parametrize("run_dir,what", [(".", "the working directory"), ("outputs", "outputs/ itself"),
-                                          ("..", "a parent of the working directory"), ("outputs/..", "the working directory")])
+@pytest.mark.parametrize(
+    "run_dir,what",
+    [
+        (".", "the working directory"),
+        ("outputs", "outputs/ itself"),
+        ("..", "a parent of the working directory"),
+        ("outputs/..", "the working directory"),
+    ],
+)
 def test_run_dirs_that_are_not_a_folder_of_their_own_are_refused(tmp_path, monkeypatch, run_dir, what):
     make_image(tmp_path / "cwd" / "img" / "a.png")
     manifest = write_csv(tmp_path / "cwd" / "m.csv", ["image"], [["img/a.png"]])
@@ -126,8 +133,10 @@ def test_folder_manifest_refuses_ids_that_collide_on_macos_and_windows(tmp_path)
     with pytest.raises(ManifestError) as info:
         read_manifest(tmp_path / "photos")
     problems = sorted(str(p) for p in info.value.problems)
-    assert problems[0].endswith(":2: field 'id': id 'cat' and 'Cat' on line 1 differ only by case or Unicode normalisation: "
-                                "they would name the same file on macOS and Windows")
+    assert problems[0].endswith(
+        ":2: field 'id': id 'cat' and 'Cat' on line 1 differ only by case or Unicode normalisation: "
+        "they would name the same file on macOS and Windows"
+    )
     assert ":3: field 'image': the id derived from it is a reserved device name on Windows" in problems[1]
 
 
@@ -138,7 +147,11 @@ def test_folder_manifest_refuses_ids_that_collide_on_macos_and_windows(tmp_path)
 def bomb_server(tmp_path):
     header = png_header_only(tmp_path / "bomb.png", 60000, 60000).read_bytes()
     make_image(tmp_path / "small.png")  # 80x64
-    files = {"/bomb.png": header, "/padded-bomb.png": header + bytes(2 * 2**20), "/small.png": (tmp_path / "small.png").read_bytes()}
+    files = {
+        "/bomb.png": header,
+        "/padded-bomb.png": header + bytes(2 * 2**20),
+        "/small.png": (tmp_path / "small.png").read_bytes(),
+    }
     with serving(files) as httpd:
         yield httpd
 
@@ -167,8 +180,16 @@ def test_url_bomb_is_refused_before_decoding_when_the_header_scan_missed_it(tmp_
 
 def test_run_max_image_pixels_applies_to_urls(tmp_path, bomb_server):
     manifest = write_csv(tmp_path / "m.csv", ["id", "image"], [["small", bomb_server.url("/small.png")]])
-    summary = run(make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "run.max_image_pixels=5000",
-                           "run.num_threads=1", "run.progress=false", "run.gallery=false"))
+    summary = run(
+        make_cfg(
+            f"manifest={manifest}",
+            f"run.dir={tmp_path / 'run'}",
+            "run.max_image_pixels=5000",
+            "run.num_threads=1",
+            "run.progress=false",
+            "run.gallery=false",
+        )
+    )
     assert (summary.done, summary.failed) == (0, 1)
     (failure,) = read_jsonl_fast(tmp_path / "run" / "failures.jsonl")
     assert "image is 80x64 = 5,120 pixels, more than run.max_image_pixels (5,000)" in failure["error"]

@@ -10,8 +10,8 @@ import time
 import datasets
 import pytest
 
-from svdbatch.driver import run
 from svdbatch.dataset import write_metadata
+from svdbatch.driver import run
 from svdbatch.store import RunStore
 from tests.conftest import make_cfg, make_image, write_csv
 
@@ -27,8 +27,9 @@ def test_metadata_and_shards_list_only_finished_items_and_follow_resumes(tmp_pat
     rows = [["a", "img/a.png", 1, "a red kite"], ["b.v2", "img/b.png", 2, None], ["broken", "img/broken.png", 3, None]]
     manifest = write_csv(tmp_path / "m.csv", header, rows)
     run_dir = tmp_path / "run"
-    cfg = make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.check_images=false",
-                   "output.webdataset=true", "output.shard_size=2")
+    cfg = make_cfg(
+        f"manifest={manifest}", f"run.dir={run_dir}", "run.check_images=false", "output.webdataset=true", "output.shard_size=2"
+    )
     first = run(cfg)
     assert (first.done, first.failed) == (2, 1)
 

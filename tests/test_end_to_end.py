@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from svdbatch.driver import run
-from svdbatch.tiny import ensure_tiny_model
 from svdbatch.outputs import read_video
 from svdbatch.store import read_jsonl_fast
+from svdbatch.tiny import ensure_tiny_model
 from tests.conftest import make_cfg, write_csv
 
 
@@ -31,8 +31,17 @@ def sidecar(run_dir: Path, item_id: str) -> dict:
 
 # What manifest4 + the FAST tiny config must reach the pipeline as, written out by hand from
 # conf/conditioning/tiny.yaml, the FAST overrides and each row (not read back from a sidecar).
-BASE_PARAMS = dict(width=64, height=64, num_frames=4, num_inference_steps=2, fps=7, motion_bucket_id=127,
-                   noise_aug_strength=0.02, min_guidance_scale=1.0, max_guidance_scale=3.0)
+BASE_PARAMS = dict(
+    width=64,
+    height=64,
+    num_frames=4,
+    num_inference_steps=2,
+    fps=7,
+    motion_bucket_id=127,
+    noise_aug_strength=0.02,
+    min_guidance_scale=1.0,
+    max_guidance_scale=3.0,
+)
 ROW_OVERRIDES = {"a": {}, "b": {"motion_bucket_id": 30}, "c": {"fps": 9}, "d": {"motion_bucket_id": 200, "fps": 5}}
 
 
@@ -100,16 +109,29 @@ def test_sidecar_records_what_is_needed_to_reproduce(tmp_path, manifest4):
         video = run_dir / record["output"]["path"]
         output = dict(record["output"])
         encoder, settings = output.pop("encoder"), output.pop("settings")
-        assert output == {"path": f"videos/{item_id}.mp4", "format": "mp4", "fps": record["params"]["fps"],
-                          "bytes": video.stat().st_size, "sha256": hashlib.sha256(video.read_bytes()).hexdigest(),
-                          "frames": 4, "height": 64, "width": 64}
+        assert output == {
+            "path": f"videos/{item_id}.mp4",
+            "format": "mp4",
+            "fps": record["params"]["fps"],
+            "bytes": video.stat().st_size,
+            "sha256": hashlib.sha256(video.read_bytes()).hexdigest(),
+            "frames": 4,
+            "height": 64,
+            "width": 64,
+        }
         assert (encoder["name"], encoder["pix_fmt"]) == ("libx264", "yuv420p")
         assert settings["format"] == "mp4" and settings["fps"] == record["params"]["fps"]
         timings = record["timings"]
         assert timings["total_s"] == pytest.approx(timings["load_image_s"] + timings["generate_s"] + timings["write_s"])
     record = sidecar(run_dir, "b")
-    assert record["model"] == {"name": "tiny", "source": "tiny", "revision": None, "variant": None, "dtype": "float32",
-                               "fingerprint": weights_fingerprint(ensure_tiny_model())}
+    assert record["model"] == {
+        "name": "tiny",
+        "source": "tiny",
+        "revision": None,
+        "variant": None,
+        "dtype": "float32",
+        "fingerprint": weights_fingerprint(ensure_tiny_model()),
+    }
     for package in ("torch", "diffusers", "transformers", "numpy", "svdbatch"):
         assert record["versions"][package] == metadata.version(package), package
     assert record["device"] == "cpu" and record["num_threads"] == torch.get_num_threads()
@@ -119,7 +141,9 @@ def test_sidecar_records_what_is_needed_to_reproduce(tmp_path, manifest4):
 
 
 def test_resume_skips_done_items_and_redoes_changed_or_deleted_ones(tmp_path, images):
-    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [["a", "img/a.png", 1], ["b", "img/b.png", 2], ["c", "img/c.png", 3]])
+    manifest = write_csv(
+        tmp_path / "m.csv", ["id", "image", "seed"], [["a", "img/a.png", 1], ["b", "img/b.png", 2], ["c", "img/c.png", 3]]
+    )
     run_dir = tmp_path / "run"
     cfg = make_cfg(f"manifest={manifest}", f"run.dir={run_dir}")
     assert run(cfg).done == 3
@@ -176,7 +200,9 @@ def test_leftovers_of_a_killed_run_are_never_taken_as_done(tmp_path, manifest4):
 
 def test_a_failing_item_is_recorded_and_the_batch_goes_on(tmp_path, images):
     (tmp_path / "img" / "broken.png").write_bytes(images["a"].read_bytes()[:60])
-    manifest = write_csv(tmp_path / "m.csv", ["id", "image"], [["a", "img/a.png"], ["broken", "img/broken.png"], ["b", "img/b.png"]])
+    manifest = write_csv(
+        tmp_path / "m.csv", ["id", "image"], [["a", "img/a.png"], ["broken", "img/broken.png"], ["b", "img/b.png"]]
+    )
     run_dir = tmp_path / "run"
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.check_images=false"))
     assert (summary.done, summary.failed) == (2, 1) and not summary.ok
@@ -187,7 +213,9 @@ def test_a_failing_item_is_recorded_and_the_batch_goes_on(tmp_path, images):
 
 
 def test_not_strict_runs_good_rows_and_records_bad_ones(tmp_path, images):
-    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "motion_bucket_id"], [["a", "img/a.png", 1], ["b", "img/b.png", 999]])
+    manifest = write_csv(
+        tmp_path / "m.csv", ["id", "image", "motion_bucket_id"], [["a", "img/a.png", 1], ["b", "img/b.png", 999]]
+    )
     run_dir = tmp_path / "run"
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.strict=false"))
     assert (summary.done, summary.invalid) == (1, 1) and not summary.ok

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from svdbatch.atomic import TEMP_MARKER
 from svdbatch.driver import run
 from svdbatch.pool import MAX_RESTARTS_IN_A_ROW
-from svdbatch.atomic import TEMP_MARKER
 from svdbatch.reproduce import reproduce
 
 from .conftest import FAST, REPO, make_cfg, make_image, write_csv
@@ -47,7 +47,11 @@ def run_with_fault(manifest: Path, run_dir: Path, fault: str | None, *extra: str
         env["SVDBATCH_FAULT"] = fault
     return subprocess.run(
         [sys.executable, "-m", "svdbatch", f"manifest={manifest}", *FAST, THREADS, f"hydra.run.dir={run_dir}", *extra],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -107,8 +111,11 @@ def test_a_worker_that_dies_on_every_item_fails_them_and_the_run_ends(tmp_path, 
     the rest fail as left with no worker, each recorded with its reason; a re-run without
     the fault does them all."""
     ids = [f"i{n}" for n in range(5)]
-    manifest = write_csv(tmp_path / "m5.csv", ["id", "image", "seed"],
-                         [[item_id, str(manifest3.parent / "img" / f"i{n % 3}.png"), n] for n, item_id in enumerate(ids)])
+    manifest = write_csv(
+        tmp_path / "m5.csv",
+        ["id", "image", "seed"],
+        [[item_id, str(manifest3.parent / "img" / f"i{n % 3}.png"), n] for n, item_id in enumerate(ids)],
+    )
     run_dir = tmp_path / "run"
     result = run_with_fault(manifest, run_dir, "generate:1:kill")
     assert result.returncode == 1, result.stderr[-2000:]
@@ -190,11 +197,22 @@ def test_retry_on_oom_steps_down_the_memory_ladder_and_records_it(tmp_path, mani
     monkeypatch.setattr("svdbatch.worker.Worker.generate", generate)
     # A fresh pipeline: lowering changes the loaded one in place, which other tests must not see.
     monkeypatch.setattr("svdbatch.models._loaded", {})
-    summary = run(make_cfg(f"manifest={manifest3}", THREADS, "run.retry_on_oom=true", "conditioning.decode_chunk_size=4",
-                           f"run.dir={tmp_path / 'run'}"))
+    summary = run(
+        make_cfg(
+            f"manifest={manifest3}",
+            THREADS,
+            "run.retry_on_oom=true",
+            "conditioning.decode_chunk_size=4",
+            f"run.dir={tmp_path / 'run'}",
+        )
+    )
     assert (summary.done, summary.failed) == (3, 0)
     first = json.loads((tmp_path / "run" / "items" / "i0.json").read_text())
-    assert [step.split(" (")[0] for step in first["oom_fallback"]] == ["memory -> balanced", "memory -> low", "decode_chunk_size 2 -> 1"]
+    assert [step.split(" (")[0] for step in first["oom_fallback"]] == [
+        "memory -> balanced",
+        "memory -> low",
+        "decode_chunk_size 2 -> 1",
+    ]
     assert first["memory"]["preset"] == "low" and first["memory"]["forward_chunking"] is True
     assert first["params"]["decode_chunk_size"] == 1  # what was really used, so reproduce uses it too
     later = json.loads((tmp_path / "run" / "items" / "i2.json").read_text())

@@ -18,8 +18,11 @@ BIG = 1 << 62  # FORK_FROM_BYTES that no test log reaches: serial
 
 def record(item_id: str, n: int, output_bytes: int = 100, sidecar_bytes: int = 40) -> dict:
     return {
-        "id": item_id, "output": f"{VIDEOS_DIR}/{item_id}.mp4", "output_bytes": output_bytes,
-        "sidecar_bytes": sidecar_bytes, "finished_at": f"2026-01-01T00:{n // 60:02d}:{n % 60:02d}+00:00",
+        "id": item_id,
+        "output": f"{VIDEOS_DIR}/{item_id}.mp4",
+        "output_bytes": output_bytes,
+        "sidecar_bytes": sidecar_bytes,
+        "finished_at": f"2026-01-01T00:{n // 60:02d}:{n % 60:02d}+00:00",
         "seconds": 1.5,
     }
 
@@ -246,8 +249,8 @@ def test_start_forked_returns_the_childs_result_and_none_when_it_raises(monkeypa
 # -- last_lines_start, parse_jsonl --------------------------------------------------------
 @pytest.mark.parametrize("data", [b"a\nb\nc\n", b"a\nb\nc", b"a\nb\nc\n\n\n"])
 def test_last_lines_start_with_and_without_trailing_newlines(data):
-    assert data[last_lines_start(data, 1):].strip(b"\n") == b"c"
-    assert data[last_lines_start(data, 2):].strip(b"\n") == b"b\nc"
+    assert data[last_lines_start(data, 1) :].strip(b"\n") == b"c"
+    assert data[last_lines_start(data, 2) :].strip(b"\n") == b"b\nc"
     assert last_lines_start(data, 3) == 0
     assert last_lines_start(data, 50) == 0
 
@@ -260,9 +263,9 @@ def test_last_lines_start_of_empty_and_one_line():
 
 def test_last_lines_start_counts_blank_lines_in_the_middle():
     data = b"a\n\nb\n"
-    assert data[last_lines_start(data, 1):] == b"b\n"
-    assert data[last_lines_start(data, 2):] == b"\nb\n"
-    assert parse_jsonl(data[last_lines_start(data, 2):]) == parse_jsonl(b"b\n")
+    assert data[last_lines_start(data, 1) :] == b"b\n"
+    assert data[last_lines_start(data, 2) :] == b"\nb\n"
+    assert parse_jsonl(data[last_lines_start(data, 2) :]) == parse_jsonl(b"b\n")
 
 
 def test_parse_jsonl_edge_cases():
@@ -272,7 +275,7 @@ def test_parse_jsonl_edge_cases():
     assert parse_jsonl(text + b"\n") == [a, b]
     assert parse_jsonl(b"\n\n" + text.replace(b"\n", b"\n  \n\n") + b"\n\n") == [a, b]  # blank lines
     assert parse_jsonl(b"") == [] and parse_jsonl(b"\n") == []
-    assert parse_jsonl(text + b"\n[1]\n\"s\"\n") == [a, b]  # JSON that is not a record
+    assert parse_jsonl(text + b'\n[1]\n"s"\n') == [a, b]  # JSON that is not a record
 
 
 def test_parse_jsonl_names_a_damaged_line(caplog):

@@ -54,13 +54,17 @@ def images_dir(tmp_path_factory) -> Path:
     make_image(root / "img" / "bad.png", seed=9)
     whole = (root / "img" / "bad.png").read_bytes()
     (root / "img" / "bad.png").write_bytes(whole[: len(whole) // 2])  # passes a header check, fails at load
-    write_csv(root / "m.csv", ["id", "image", "seed"], [[GOOD[0], "img/0.png", 1], [GOOD[1], "img/1.png", 2], [BAD, "img/bad.png", 3]])
+    write_csv(
+        root / "m.csv", ["id", "image", "seed"], [[GOOD[0], "img/0.png", 1], [GOOD[1], "img/1.png", 2], [BAD, "img/bad.png", 3]]
+    )
     return root
 
 
 def run(root: Path, *args: str) -> subprocess.CompletedProcess:
     # args first: hydra takes -m only in front of the overrides
-    return run_cli(*args, f"manifest={root / 'm.csv'}", "run.check_images=false", "run.num_threads=1", "run.progress=false", *FAST)
+    return run_cli(
+        *args, f"manifest={root / 'm.csv'}", "run.check_images=false", "run.num_threads=1", "run.progress=false", *FAST
+    )
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +223,19 @@ def test_gallery_renders_in_headless_chromium(mp4_run, tmp_path):
     index = write_gallery(mp4_run)
     shot = tmp_path / "gallery.png"
     subprocess.run(
-        [browser, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={shot}", "--window-size=1200,900", index.as_uri()],
-        capture_output=True, timeout=90, check=False,
+        [
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            index.as_uri(),
+        ],
+        capture_output=True,
+        timeout=90,
+        check=False,
     )
     assert shot.is_file(), "chromium wrote no screenshot"
     with Image.open(shot) as image:

@@ -59,7 +59,10 @@ def test_header_check_refuses_what_the_header_shows(tmp_path):
     big = make_image(tmp_path / "big.png", size=(120, 100))
     found = check_images([str(tmp_path / n) for n in ("fake.png", "empty.png", "none.png")] + [str(big)], ImageCheck.header, 6000)
     assert [found[str(tmp_path / n)] for n in ("fake.png", "empty.png", "none.png")] == [
-        "not a readable image: not an image format Pillow can read", "not a readable image: the file is empty", "image file not found"]
+        "not a readable image: not an image format Pillow can read",
+        "not a readable image: the file is empty",
+        "image file not found",
+    ]
     assert "120x100 = 12,000 pixels, more than run.max_image_pixels (6,000)" in found[str(big)]
 
 

@@ -11,10 +11,10 @@ from PIL import Image
 
 from svdbatch.driver import run
 from svdbatch.images import ImageProblem, Preprocess, load_rgb, parse_color, prepare
-from svdbatch.tiny import ensure_tiny_model
 from svdbatch.outputs import read_video
 from svdbatch.params import check_conditioning
 from svdbatch.store import read_jsonl_fast
+from svdbatch.tiny import ensure_tiny_model
 from tests.conftest import make_cfg, make_image, write_csv
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -122,13 +122,17 @@ def test_crop_is_the_default_and_equals_diffusers_on_the_centre_crop(tmp_path, i
     a row's own `resize` column beats the config."""
     from diffusers import StableVideoDiffusionPipeline
 
-    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed", "resize"],
-                         [["a", "img/a.png", 1, None], ["b", "img/b.png", 2, "stretch"]])
+    manifest = write_csv(
+        tmp_path / "m.csv", ["id", "image", "seed", "resize"], [["a", "img/a.png", 1, None], ["b", "img/b.png", 2, "stretch"]]
+    )
     run_dir = tmp_path / "run"
     assert run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "output=frames")).done == 2
     pipe = StableVideoDiffusionPipeline.from_pretrained(ensure_tiny_model())
     pipe.set_progress_bar_config(disable=True)
-    for item_id, resize, fitted in [("a", "crop", lambda im: im.crop((8, 0, 72, 64))), ("b", "stretch", lambda im: im.resize((64, 64)))]:
+    for item_id, resize, fitted in [
+        ("a", "crop", lambda im: im.crop((8, 0, 72, 64))),
+        ("b", "stretch", lambda im: im.resize((64, 64))),
+    ]:
         record = json.loads((run_dir / "items" / f"{item_id}.json").read_text())
         assert record["image"]["size"] == [80, 64] and record["preprocess"]["resize"] == resize
         image = fitted(Image.open(images[item_id]).convert("RGB"))
@@ -151,8 +155,11 @@ def test_a_messy_set_of_modes_and_shapes_runs_end_to_end(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 8  # rotate 90 degrees counter-clockwise to display
     Image.open(make_image(img / "r.png", size=(100, 60), seed=3, mode="RGBA")).save(img / "rotated.png", exif=exif)
-    manifest = write_csv(tmp_path / "m.csv", ["id", "image"], [[n, f"img/{n}.{e}"] for n, e in
-                         [("wide", "png"), ("tall", "jpg"), ("deep", "png"), ("rotated", "png")]])
+    manifest = write_csv(
+        tmp_path / "m.csv",
+        ["id", "image"],
+        [[n, f"img/{n}.{e}"] for n, e in [("wide", "png"), ("tall", "jpg"), ("deep", "png"), ("rotated", "png")]],
+    )
     run_dir = tmp_path / "run"
     cfg = make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "conditioning.resize=pad", "conditioning.pad_color='#336699'")
     summary = run(cfg)

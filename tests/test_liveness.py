@@ -24,9 +24,20 @@ def test_a_killed_run_is_not_live_and_has_no_eta(tmp_path):
     manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [[f"i{n}", f"img/{n}.png", n] for n in range(10)])
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "svdbatch", f"manifest={manifest}", f"hydra.run.dir={run_dir}", *FAST,
-         "conditioning.num_inference_steps=4", "run.num_threads=1", "run.progress=false"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "svdbatch",
+            f"manifest={manifest}",
+            f"hydra.run.dir={run_dir}",
+            *FAST,
+            "conditioning.num_inference_steps=4",
+            "run.num_threads=1",
+            "run.progress=false",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         results = run_dir / "results.jsonl"
@@ -61,8 +72,15 @@ def test_a_killed_run_is_not_live_and_has_no_eta(tmp_path):
     assert "unknown (runs on elsewhere; last heartbeat 1 h 00 min ago)" in format_report(report)
 
     # The next run clears both (dead pid; heartbeat older than 10 min) and removes its own on exit.
-    resumed = run_cli(f"manifest={manifest}", f"hydra.run.dir={run_dir}", *FAST, "conditioning.num_inference_steps=4",
-                      "run.num_threads=1", "run.progress=false", "run.limit=1")
+    resumed = run_cli(
+        f"manifest={manifest}",
+        f"hydra.run.dir={run_dir}",
+        *FAST,
+        "conditioning.num_inference_steps=4",
+        "run.num_threads=1",
+        "run.progress=false",
+        "run.limit=1",
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert read_owners(run_dir) == []
 
@@ -80,7 +98,6 @@ def test_owner_state_of_a_reused_pid_and_the_heartbeat(tmp_path):
     if process_start_ticks(os.getpid()) is not None:
         reused = {"pid": os.getpid(), "host": HOST, "process_start": process_start_ticks(os.getpid()) + 1}
         assert owner_state(reused) == "dead"  # same pid, another process
-
 
 
 def wait_for_state(pid: int, state: str) -> None:

@@ -117,8 +117,14 @@ def test_compile_settings_are_checked_before_loading():
 
     assert compile_problems(MemoryConfig(compile=False, compile_mode="fast")) == []  # not compiling: not looked at
     problems = compile_problems(MemoryConfig(compile=True, compile_mode="fast", compile_backend="inductor"))
-    assert len(problems) == 1 and problems[0].startswith("memory.compile_mode: must be one of default, ") and "got 'fast'" in problems[0]
-    assert compile_problems(MemoryConfig(compile=True, compile_backend="nope"))[0].startswith("memory.compile_backend: must be one of")
+    assert (
+        len(problems) == 1
+        and problems[0].startswith("memory.compile_mode: must be one of default, ")
+        and "got 'fast'" in problems[0]
+    )
+    assert compile_problems(MemoryConfig(compile=True, compile_backend="nope"))[0].startswith(
+        "memory.compile_backend: must be one of"
+    )
 
 
 def test_a_folder_with_only_the_fp16_variant_runs_on_a_cpu_upcast(tmp_path, images):
@@ -138,8 +144,7 @@ def test_a_folder_with_only_the_fp16_variant_runs_on_a_cpu_upcast(tmp_path, imag
     assert only_variant_weights(str(local), "fp16") and not only_variant_weights(str(ensure_tiny_model()), "fp16")
 
     manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [["a", "img/a.png", 1]])
-    cfg = make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "model=svd", f"model.source={local}",
-                   "run.devices=cpu")
+    cfg = make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "model=svd", f"model.source={local}", "run.devices=cpu")
     loaded = load_pipeline(cfg.model, cfg.memory, torch.device("cpu"))
     assert loaded.dtype == torch.float32 and loaded.identity.variant == "fp16"
     assert {p.dtype for p in loaded.pipe.unet.parameters()} == {torch.float32}

@@ -15,7 +15,15 @@ from PIL import Image
 from svdbatch.config import OutputConfig, OutputFormat
 from svdbatch.driver import run
 from svdbatch.outputs import (
-    EncoderError, OutputCheckError, frames_sha256, output_bytes, output_name, output_sha256, read_video, shown_frames, write_video,
+    EncoderError,
+    OutputCheckError,
+    frames_sha256,
+    output_bytes,
+    output_name,
+    output_sha256,
+    read_video,
+    shown_frames,
+    write_video,
 )
 
 from .conftest import make_cfg, run_cli, write_csv

@@ -72,8 +72,15 @@ GOOD = [f"i{n}" for n in range(8)]
 
 
 def cli(args: list[str], cwd: Path = REPO, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "svdbatch", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "svdbatch", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+        **popen,
+    )
 
 
 def wait_for_results(results: Path, lines: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -126,8 +133,9 @@ def test_actor_devices_read_run_devices_across_the_cluster():
 
 
 def test_ray_settings_are_checked_up_front(tmp_path, manifest):
-    cfg = make_cfg(f"manifest={manifest}", f"run.dir={tmp_path}", *RAY_RUN, "run.ray.object_store_mb=10",
-                   "run.ray.start_timeout_s=0")
+    cfg = make_cfg(
+        f"manifest={manifest}", f"run.dir={tmp_path}", *RAY_RUN, "run.ray.object_store_mb=10", "run.ray.start_timeout_s=0"
+    )
     with pytest.raises(ConfigError) as error:
         load_manifest(cfg)
     assert "run.ray.object_store_mb" in str(error.value) and "run.ray.start_timeout_s" in str(error.value)
@@ -193,8 +201,13 @@ def test_ctrl_c_stops_every_actor_and_a_rerun_finishes_like_a_local_run(tmp_path
     metadata = [json.loads(line)["file_name"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()]
     assert sorted(metadata) == [f"videos/i{n}.mp4" for n in range(8)]
     assert all(f"i{n}" in (run_dir / "index.html").read_text() for n in range(8))
-    status = subprocess.run([sys.executable, "-m", "svdbatch", "status", str(run_dir), "--json"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    status = subprocess.run(
+        [sys.executable, "-m", "svdbatch", "status", str(run_dir), "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     counts = json.loads(status.stdout)["counts"]
     assert (counts["done"], counts["failed"], counts["pending"]) == (8, 1, 0)
     assert svdbatch_actors_in_cluster() == []  # the run's actors are gone with it
@@ -205,8 +218,18 @@ def test_sigterm_shuts_down_the_cluster_the_driver_started(tmp_path, ray_address
     """Without a cluster to join ("local"), the driver starts one; SIGTERM (a scheduler's
     stop) leaves no process of it behind, and the exit status is 143 as for a killed run."""
     run_dir = tmp_path / "run"
-    proc = cli([f"manifest={manifest}", *SETTINGS, *RAY_RUN, "run.ray.address=local", "run.ray.num_cpus=2",
-                "run.ray.object_store_mb=100", "run.ray.include_dashboard=false", f"hydra.run.dir={run_dir}"])
+    proc = cli(
+        [
+            f"manifest={manifest}",
+            *SETTINGS,
+            *RAY_RUN,
+            "run.ray.address=local",
+            "run.ray.num_cpus=2",
+            "run.ray.object_store_mb=100",
+            "run.ray.include_dashboard=false",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
     assert wait_until(lambda: proc.poll() is not None or len(actor_processes(proc.pid)) == 2, timeout=300)
     started = psutil.Process(proc.pid).children(recursive=True)  # gcs, raylet, actors, ...
     proc.send_signal(signal.SIGTERM)
@@ -222,8 +245,17 @@ def test_a_run_dir_that_a_node_does_not_see_is_refused(tmp_path, ray_address, ma
     driver's folder in the driver and another folder in the actors (the cluster's cwd)."""
     driver_cwd = tmp_path / "driver"
     driver_cwd.mkdir()
-    proc = cli([f"manifest={manifest}", *SETTINGS, *RAY_RUN, f"run.ray.address={ray_address}",
-                "run.dir=/proc/self/cwd/not-shared", f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=driver_cwd)
+    proc = cli(
+        [
+            f"manifest={manifest}",
+            *SETTINGS,
+            *RAY_RUN,
+            f"run.ray.address={ray_address}",
+            "run.dir=/proc/self/cwd/not-shared",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=driver_cwd,
+    )
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == EXIT_BAD_INPUT, err[-3000:]
     assert "is not shared with every Ray node" in err

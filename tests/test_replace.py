@@ -42,7 +42,11 @@ def test_readme_pad_recipe_reports_and_keeps_what_it_replaces(tmp_path, caplog):
 
     # Unchanged settings, or a change that does not touch the frames: no report, all skipped.
     caplog.clear()
-    again = run(make_cfg(*base, "conditioning.resize=pad", 'conditioning.pad_color="#202020"', "run.gallery=true", "run.keep_replaced=false"))
+    again = run(
+        make_cfg(
+            *base, "conditioning.resize=pad", 'conditioning.pad_color="#202020"', "run.gallery=true", "run.keep_replaced=false"
+        )
+    )
     assert (again.done, again.skipped) == (0, 3)
     assert replace_messages(caplog) == []
     assert len(list((run_dir / "replaced").iterdir())) == 1
@@ -65,11 +69,13 @@ def test_each_changed_field_is_named():
         def __init__(self, item_id):
             self.item = type("I", (), {"id": item_id})()
 
-    lines = describe_replacements([
-        Replacement(Entry("a"), "k1", (("seed", 1, 11),)),
-        Replacement(Entry("b"), "k2", (("seed", 2, 12),)),
-        Replacement(Entry("c"), "k3", (("model.dtype", "float32", "bfloat16"), ("image", "aaaa", "bbbb"))),
-    ])
+    lines = describe_replacements(
+        [
+            Replacement(Entry("a"), "k1", (("seed", 1, 11),)),
+            Replacement(Entry("b"), "k2", (("seed", 2, 12),)),
+            Replacement(Entry("c"), "k3", (("model.dtype", "float32", "bfloat16"), ("image", "aaaa", "bbbb"))),
+        ]
+    )
     assert lines == [
         "2 items redone: seed differs (e.g. 1 -> 11) (a, b)",
         "1 item redone: model.dtype float32 -> bfloat16, image sha256 aaaa… -> sha256 bbbb… (c)",

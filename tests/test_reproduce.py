@@ -12,7 +12,12 @@ from tests.conftest import make_cfg, make_image, run_cli, write_csv
 def test_reproduce_matches_and_reports_differences(tmp_path, images, capsys):
     manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed", "motion_bucket_id"], [["a", "img/a.png", 11, 40]])
     run_dir = tmp_path / "run"
-    assert run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "conditioning.resize=pad", "conditioning.decode_chunk_size=2")).done == 1
+    assert (
+        run(
+            make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "conditioning.resize=pad", "conditioning.decode_chunk_size=2")
+        ).done
+        == 1
+    )
     sidecar_path = run_dir / "items" / "a.json"
 
     # From another directory, in a fresh process: only the sidecar is given.

@@ -74,7 +74,9 @@ def test_explicit_shard_wins_over_the_launcher_environment(tmp_path, monkeypatch
         return  # one real run is enough
     # A real run under that environment with run.shard 0 of 1 does every row, not its env shard
     # (which holds none of these four ids).
-    assert not select_shard(read_manifest(write_csv(tmp_path / "m.csv", ["id", "image"], [[n, f"img/{n}.png"] for n in "abcd"])).items, from_env)
+    assert not select_shard(
+        read_manifest(write_csv(tmp_path / "m.csv", ["id", "image"], [[n, f"img/{n}.png"] for n in "abcd"])).items, from_env
+    )
     manifest = tmp_path / "m.csv"
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "run.shard.index=0", "run.shard.count=1"))
     assert summary.done == 4
@@ -121,7 +123,6 @@ def test_batched_rows_match_single_calls_closely(tmp_path, manifest8, monkeypatc
     import numpy as np
 
     from svdbatch.outputs import read_video
-
     from svdbatch.worker import Worker
 
     calls = []
@@ -160,9 +161,21 @@ def spawned_workers(pid: int) -> list:
 def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, manifest8):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "svdbatch", f"manifest={manifest8}", *FAST, "conditioning.num_inference_steps=6",
-         "run.workers=2", "run.num_threads=1", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "svdbatch",
+            f"manifest={manifest8}",
+            *FAST,
+            "conditioning.num_inference_steps=6",
+            "run.workers=2",
+            "run.num_threads=1",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     results = run_dir / "results.jsonl"
     deadline = time.time() + 240
@@ -177,12 +190,22 @@ def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, manifest8):
     assert "died" in err
     records = list(read_jsonl_fast(results))
     assert sorted(r["id"] for r in records) == [f"i{n}" for n in range(8)]  # each exactly once
-    clean = run(make_cfg(f"manifest={manifest8}", "conditioning.num_inference_steps=6", "run.num_threads=1", f"run.dir={tmp_path / 'clean'}"))
+    clean = run(
+        make_cfg(
+            f"manifest={manifest8}", "conditioning.num_inference_steps=6", "run.num_threads=1", f"run.dir={tmp_path / 'clean'}"
+        )
+    )
     assert clean.done == 8
     assert frame_hashes(run_dir) == frame_hashes(tmp_path / "clean")
 
 
-README_SUBMITIT = ["-m", "hydra/launcher=submitit_local", "run.shard.count=2", "run.shard.index=0,1", "manifest=manifests/sample.csv"]
+README_SUBMITIT = [
+    "-m",
+    "hydra/launcher=submitit_local",
+    "run.shard.count=2",
+    "run.shard.index=0,1",
+    "manifest=manifests/sample.csv",
+]
 
 
 def readme_cwd(root: Path) -> Path:
@@ -209,8 +232,12 @@ def test_readme_submitit_local_command_gives_one_run_dir_equal_to_one_worker(tmp
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(list(read_jsonl_fast(cwd / "outputs" / "sample" / "results.jsonl"))) == 3
     # submitit's jobs print into their own logs; the summaries say what each shard did.
-    summaries = [line for log in (cwd / "outputs" / "sample" / ".submitit").rglob("*_log.out")
-                 for line in log.read_text().splitlines() if line.startswith("svdbatch: ")]
+    summaries = [
+        line
+        for log in (cwd / "outputs" / "sample" / ".submitit").rglob("*_log.out")
+        for line in log.read_text().splitlines()
+        if line.startswith("svdbatch: ")
+    ]
     assert len(summaries) == 4 and sum(" 0 done," in line for line in summaries) == 2, summaries
 
 
@@ -232,8 +259,14 @@ def test_torchrun_ranks_share_the_run_dir(tmp_path):
     """torchrun / accelerate set RANK and WORLD_SIZE: plain runs, one shard each, one folder."""
     cwd = readme_cwd(tmp_path)
     for rank in (0, 1):
-        proc = subprocess.run([sys.executable, "-m", "svdbatch", "manifest=manifests/sample.csv", *FAST], cwd=cwd,
-                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, "-m", "svdbatch", "manifest=manifests/sample.csv", *FAST],
+            cwd=cwd,
+            env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     sample = cwd / "outputs" / "sample"
     assert {p.parent for p in (cwd / "outputs").rglob("results.jsonl")} == {sample}
@@ -268,12 +301,24 @@ def leaf_settings(node, prefix=""):
 
 
 CHANGED = {  # a different valid value for settings whose default gives no generic one
-    "model.revision": "abc", "model.variant": "fp16", "model.dtype": "float16",
-    "model.source": "some/repo", "conditioning.num_frames": 5, "conditioning.decode_chunk_size": 2,
-    "conditioning.width": 72, "conditioning.height": 72, "conditioning.pad_color": "red", "conditioning.background": "blue",
-    "conditioning.resize": "pad", "memory.max_decode_chunk_size": 1, "output.fps": 3, "output.format": "gif",
-    "memory.offload": "model", "model.fixed_conditioning": {"fps": 3},
-    "run.engine": "ray", "run.reuse_from": ["/elsewhere"],
+    "model.revision": "abc",
+    "model.variant": "fp16",
+    "model.dtype": "float16",
+    "model.source": "some/repo",
+    "conditioning.num_frames": 5,
+    "conditioning.decode_chunk_size": 2,
+    "conditioning.width": 72,
+    "conditioning.height": 72,
+    "conditioning.pad_color": "red",
+    "conditioning.background": "blue",
+    "conditioning.resize": "pad",
+    "memory.max_decode_chunk_size": 1,
+    "output.fps": 3,
+    "output.format": "gif",
+    "memory.offload": "model",
+    "model.fixed_conditioning": {"fps": 3},
+    "run.engine": "ray",
+    "run.reuse_from": ["/elsewhere"],
 }
 
 
@@ -296,6 +341,7 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
         from dataclasses import replace as dc_replace
 
         from svdbatch.manifest import derive_seed
+
         planned = dc_replace(item, seed=derive_seed(cfg.run.seed, item.id), seed_derived=True)
         (entry,) = plan_run([planned], cfg.conditioning, cfg.model, cfg.memory, identity, store).all
         return f"{entry.key}|{store.video_path(item.id).name}"
@@ -331,8 +377,13 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
 
 def test_workers_that_cannot_load_the_model_fail_the_run_clearly(tmp_path, manifest8):
     (tmp_path / "not-a-model").mkdir()  # exists (a missing folder is refused up front), holds no weights
-    cfg = make_cfg(f"manifest={manifest8}", f"run.dir={tmp_path / 'run'}", "model=svd",
-                   f"model.source={tmp_path / 'not-a-model'}", "run.workers=2")
+    cfg = make_cfg(
+        f"manifest={manifest8}",
+        f"run.dir={tmp_path / 'run'}",
+        "model=svd",
+        f"model.source={tmp_path / 'not-a-model'}",
+        "run.workers=2",
+    )
     with pytest.raises(ModelLoadError, match="no worker could load the model"):
         run(cfg)
     failures = list(read_jsonl_fast(tmp_path / "run" / "failures.jsonl"))

@@ -61,7 +61,14 @@ def test_cfg_hydra_cfg_all_and_info_exit_0(workdir):
 def test_multirun_cfg_job_prints_each_sweep_points_real_folder(workdir):
     """Hydra itself refuses `-m ... --cfg job`; svdbatch prints one YAML document per point,
     and each run.dir is the folder the real sweep then writes."""
-    args = ["-m", "conditioning.motion_bucket_id=60,180", "manifest=manifests/sample.csv", "run.limit=1", "run.progress=false", *FAST]
+    args = [
+        "-m",
+        "conditioning.motion_bucket_id=60,180",
+        "manifest=manifests/sample.csv",
+        "run.limit=1",
+        "run.progress=false",
+        *FAST,
+    ]
     printed = run_cli(*args, "--cfg", "job", "--resolve", cwd=workdir)
     assert printed.returncode == 0, printed.stderr
     documents = list(yaml.safe_load_all(printed.stdout))

@@ -26,21 +26,49 @@ def runs(tmp_path_factory, tiny_cache) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("sidecar")
     for n, name in enumerate("ab"):
         make_image(root / "img" / f"{name}.png", seed=n)
-    manifest = write_csv(root / "m.csv", ["id", "image", "seed", "motion_bucket_id", "meta_caption"],
-                         [["a", "img/a.png", 1, None, "a cat"], ["b", "img/b.png", None, 30, "ünï"]])
+    manifest = write_csv(
+        root / "m.csv",
+        ["id", "image", "seed", "motion_bucket_id", "meta_caption"],
+        [["a", "img/a.png", 1, None, "a cat"], ["b", "img/b.png", None, 30, "ünï"]],
+    )
     first, again = root / "first", root / "again"
     assert run(make_cfg(f"manifest={manifest}", f"run.dir={first}")).done == 2
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={again}", f"run.reuse_from=[{first}]"))
     assert (summary.done, summary.reused) == (0, 2)
     frames = root / "frames"
-    assert run(make_cfg(f"manifest={manifest}", f"run.dir={frames}", "output=frames", "conditioning.resize=pad", "run.limit=1")).done == 1
+    assert (
+        run(make_cfg(f"manifest={manifest}", f"run.dir={frames}", "output=frames", "conditioning.resize=pad", "run.limit=1")).done
+        == 1
+    )
     return first, again, frames
 
 
 # The on-disk format, pinned: what readers outside svdbatch (and older run dirs) rely on.
-TOP = {"schema", "status", "id", "key", "output_key", "seed", "row", "image", "preprocess", "params", "memory",
-       "oom_fallback", "output", "frames_sha256", "timings", "finished_at", "config", "model", "device", "device_name",
-       "num_threads", "compiled", "versions"}
+TOP = {
+    "schema",
+    "status",
+    "id",
+    "key",
+    "output_key",
+    "seed",
+    "row",
+    "image",
+    "preprocess",
+    "params",
+    "memory",
+    "oom_fallback",
+    "output",
+    "frames_sha256",
+    "timings",
+    "finished_at",
+    "config",
+    "model",
+    "device",
+    "device_name",
+    "num_threads",
+    "compiled",
+    "versions",
+}
 NESTED = {
     "row": {"manifest", "line", "id", "image", "seed", "seed_derived", "overrides", "resize", "meta"},
     "image": {"path", "url", "sha256", "bytes", "mtime_ns", "size"},
@@ -135,7 +163,9 @@ def test_a_record_of_an_older_svdbatch_without_file_hash_reads_and_verify_says_s
     run_dir = tmp_path / "run"
     shutil.copytree(runs[0], run_dir)
     path = run_dir / "items" / "a.json"
-    path.write_text(json.dumps(_edited(json.loads(path.read_bytes()), lambda r: (r["output"].pop("sha256"), r.pop("output_key")))))
+    path.write_text(
+        json.dumps(_edited(json.loads(path.read_bytes()), lambda r: (r["output"].pop("sha256"), r.pop("output_key"))))
+    )
     sidecar = Sidecar.read(path)
     assert sidecar.output.sha256 is None and sidecar.output_key is None
     problems = " ".join(check_item(run_dir, "a", None).problems)
@@ -174,7 +204,9 @@ def test_a_redo_keeps_the_output_of_a_sidecar_of_another_schema(runs, tmp_path):
     path = run_dir / "items" / "a.json"
     path.write_text(json.dumps(_edited(json.loads(path.read_bytes()), lambda r: r.update(schema=2))))
     old_sidecar, old_video = path.read_bytes(), (run_dir / "videos" / "a.mp4").read_bytes()
-    cfg = make_cfg(f"manifest={runs[0].parent / 'm.csv'}", f"run.dir={run_dir}", "conditioning.num_inference_steps=1", "run.limit=1")
+    cfg = make_cfg(
+        f"manifest={runs[0].parent / 'm.csv'}", f"run.dir={run_dir}", "conditioning.num_inference_steps=1", "run.limit=1"
+    )
     assert run(cfg).done == 1
     [kept] = (run_dir / "replaced").iterdir()
     assert (kept / "items" / "a.json").read_bytes() == old_sidecar and (kept / "videos" / "a.mp4").read_bytes() == old_video

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from svdbatch.cli import exit_code_for_signal
 from svdbatch.atomic import TEMP_MARKER
+from svdbatch.cli import exit_code_for_signal
 from svdbatch.store import read_jsonl_fast
 from tests.conftest import FAST, REPO, make_image, write_csv
 
@@ -32,14 +32,30 @@ def manifest(tmp_path) -> Path:
 
 
 def command(manifest: Path, run_dir: Path, *extra: str, steps: int = 3) -> list[str]:
-    return [sys.executable, "-m", "svdbatch", f"manifest={manifest}", f"hydra.run.dir={run_dir}", *FAST,
-            f"conditioning.num_inference_steps={steps}", "run.progress=false", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "svdbatch",
+        f"manifest={manifest}",
+        f"hydra.run.dir={run_dir}",
+        *FAST,
+        f"conditioning.num_inference_steps={steps}",
+        "run.progress=false",
+        *extra,
+    ]
 
 
 def start(args: list[str], cwd: Path = REPO) -> subprocess.Popen:
     """In its own process group, as a shell job would be: Ctrl-C reaches the whole group."""
-    return subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
 
 
 def wait_for_results(results: Path, proc: subprocess.Popen, lines: int = 1) -> None:
@@ -153,8 +169,18 @@ def test_sigusr2_under_submitit_stops_cleanly_requeues_and_the_requeued_job_fini
     checkpoints and requeues it (submitit_local restarts it at once); the requeued job
     resumes the run, so the launcher ends with every item done exactly once."""
     sweep = tmp_path / "sweep"
-    args = [sys.executable, "-m", "svdbatch", "-m", "hydra/launcher=submitit_local", f"manifest={manifest}",
-            f"hydra.sweep.dir={sweep}", *FAST, "conditioning.num_inference_steps=16", "run.progress=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "svdbatch",
+        "-m",
+        "hydra/launcher=submitit_local",
+        f"manifest={manifest}",
+        f"hydra.sweep.dir={sweep}",
+        *FAST,
+        "conditioning.num_inference_steps=16",
+        "run.progress=false",
+    ]
     proc = start(args)
     deadline = time.monotonic() + WAIT_S
     while not list(sweep.glob("*/results.jsonl")) or not list(sweep.glob("*/results.jsonl"))[0].read_bytes().count(b"\n"):
@@ -180,12 +206,25 @@ def test_sigusr2_under_submitit_stops_cleanly_requeues_and_the_requeued_job_fini
 def test_written_files_follow_the_umask(tmp_path, manifest, umask, file_mode, dir_mode, output):
     """Not mkstemp's 0600: colleagues and a web server serving the gallery must read the run dir."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run(command(manifest, run_dir, "run.limit=1", f"output={output}", "output.webdataset=true"),
-                          cwd=REPO, capture_output=True, text=True, timeout=WAIT_S, preexec_fn=lambda: os.umask(umask))
+    proc = subprocess.run(
+        command(manifest, run_dir, "run.limit=1", f"output={output}", "output.webdataset=true"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        preexec_fn=lambda: os.umask(umask),
+    )
     assert proc.returncode == 0, proc.stderr
     video = run_dir / "videos" / ("i0.mp4" if output == "mp4" else "i0")
-    files = [run_dir / "items" / "i0.json", run_dir / "results.jsonl", run_dir / "metadata.jsonl",
-             run_dir / "index.html", run_dir / "config.yaml", *run_dir.glob("webdataset/*"), *run_dir.glob("gallery/*")]
+    files = [
+        run_dir / "items" / "i0.json",
+        run_dir / "results.jsonl",
+        run_dir / "metadata.jsonl",
+        run_dir / "index.html",
+        run_dir / "config.yaml",
+        *run_dir.glob("webdataset/*"),
+        *run_dir.glob("gallery/*"),
+    ]
     files += [video] if output == "mp4" else list(video.iterdir())
     assert len(files) >= 7
     for path in files:

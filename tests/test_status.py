@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from svdbatch.status import (
-    classify,
     claim_is_held,
+    classify,
     collect,
     eta_seconds,
     group_reasons,
@@ -38,7 +38,15 @@ def run_dir(tmp_path_factory, tiny_cache) -> Path:
     (root / "img" / "c.png").write_bytes(whole[: len(whole) // 2])
     write_csv(root / "m.csv", ["id", "image", "seed"], [[n, f"img/{n}.png", i] for i, n in enumerate("abcd")])
     run = root / "run"
-    proc = run_cli("manifest=m.csv", f"hydra.run.dir={run}", "run.check_images=false", "run.num_threads=1", "run.progress=false", *FAST, cwd=root)
+    proc = run_cli(
+        "manifest=m.csv",
+        f"hydra.run.dir={run}",
+        "run.check_images=false",
+        "run.num_threads=1",
+        "run.progress=false",
+        *FAST,
+        cwd=root,
+    )
     assert proc.returncode == 1, proc.stderr  # one item failed
     (run / "videos" / "d.mp4").unlink()
     return run
@@ -67,11 +75,22 @@ def test_status_json_counts_a_held_claim_as_in_progress(run_dir):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["counts"] == {
-        "done": 2, "in_progress": 1, "failed": 1, "invalid": 0, "pending": 0, "total": 4, "done_not_in_manifest": 0,
+        "done": 2,
+        "in_progress": 1,
+        "failed": 1,
+        "invalid": 0,
+        "pending": 0,
+        "total": 4,
+        "done_not_in_manifest": 0,
     }
     assert report["in_progress_ids"] == ["d"]
     assert report["reasons"] == [
-        {"reason": "OSError: image file is truncated", "count": 1, "example_id": "c", "example": "OSError: image file is truncated"}
+        {
+            "reason": "OSError: image file is truncated",
+            "count": 1,
+            "example_id": "c",
+            "example": "OSError: image file is truncated",
+        }
     ]
     assert report["throughput"]["items"] == 3 and report["throughput"]["items_per_hour"] > 0
     assert report["live"] is True and report["eta_s"] is not None  # a held claim: a run is going on
@@ -90,12 +109,30 @@ def test_not_a_run_dir_exits_2(tmp_path, capsys):
 
 def test_missing_manifest_leaves_pending_unknown_and_counts_invalid_rows_from_the_log(tmp_path):
     (tmp_path / "config.yaml").write_text("manifest: gone/m.csv\n")
-    write_jsonl(tmp_path / "failures.jsonl", [
-        {"id": None, "error": "invalid manifest row", "line": 3, "problems": ["m.csv:3: field 'seed': must be an integer, got 'x'"]},
-        {"id": None, "error": "invalid manifest row", "line": 3, "problems": ["m.csv:3: field 'seed': must be an integer, got 'x'"]},
-        {"id": "q", "error": "invalid manifest row", "line": 5, "problems": ["m.csv:5: field 'seed': must be an integer, got 'y'"]},
-        {"id": "r", "error": "RuntimeError: boom"},
-    ])
+    write_jsonl(
+        tmp_path / "failures.jsonl",
+        [
+            {
+                "id": None,
+                "error": "invalid manifest row",
+                "line": 3,
+                "problems": ["m.csv:3: field 'seed': must be an integer, got 'x'"],
+            },
+            {
+                "id": None,
+                "error": "invalid manifest row",
+                "line": 3,
+                "problems": ["m.csv:3: field 'seed': must be an integer, got 'x'"],
+            },
+            {
+                "id": "q",
+                "error": "invalid manifest row",
+                "line": 5,
+                "problems": ["m.csv:5: field 'seed': must be an integer, got 'y'"],
+            },
+            {"id": "r", "error": "RuntimeError: boom"},
+        ],
+    )
     report = collect(tmp_path)
     assert report["manifest"]["error"] == "manifest gone/m.csv not found"
     counts = report["counts"]
@@ -117,8 +154,14 @@ def test_claim_is_held_only_while_locked(tmp_path):
 
 
 def test_classify_puts_every_row_in_one_class():
-    failures = {"c": {"id": "c", "error": "OSError: x"}, "e": {"id": "e", "error": "invalid manifest row"}, "a": {"id": "a", "error": "old"}}
-    counts = classify(["a", "b", "c", "d", "e", "f"], [(9, None, ["bad"])], done={"a", "z"}, failures=failures, claimed={"d", "a"})
+    failures = {
+        "c": {"id": "c", "error": "OSError: x"},
+        "e": {"id": "e", "error": "invalid manifest row"},
+        "a": {"id": "a", "error": "old"},
+    }
+    counts = classify(
+        ["a", "b", "c", "d", "e", "f"], [(9, None, ["bad"])], done={"a", "z"}, failures=failures, claimed={"d", "a"}
+    )
     assert counts.done == {"a"} and counts.extra_done == {"z"}  # done wins over an older failure and a claim
     assert counts.in_progress == {"d"} and counts.failed == {"c"}
     assert sorted(counts.invalid) == ["e", "line 9"] and counts.pending == {"b", "f"}
@@ -130,7 +173,10 @@ def test_normalise_error_removes_particulars():
         "UnidentifiedImageError: cannot identify image file '…'"
     )
     assert normalise_error("FetchError: https://h.org/a.jpg?x=1: HTTP 404") == "FetchError: <url>: HTTP #"
-    assert normalise_error("OSError: [Errno 2] No such file: /tmp/run/videos/a.mp4\nmore") == "OSError: [Errno #] No such file: <path>"
+    assert (
+        normalise_error("OSError: [Errno 2] No such file: /tmp/run/videos/a.mp4\nmore")
+        == "OSError: [Errno #] No such file: <path>"
+    )
     assert normalise_error("RuntimeError: CUDA out of memory. Tried to allocate 2.50 GiB") == (
         "RuntimeError: CUDA out of memory. Tried to allocate # GiB"
     )
@@ -141,14 +187,16 @@ def test_normalise_error_removes_particulars():
 
 
 def test_group_reasons_most_frequent_first_with_one_example():
-    reasons = group_reasons([
-        ("a", "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"),
-        ("b", "OSError: image file is truncated (3 bytes not processed)"),
-        ("c", "RuntimeError: CUDA out of memory. Tried to allocate 4.00 GiB"),
-        ("d", "OSError: image file is truncated (9 bytes not processed)"),
-        ("e", "RuntimeError: CUDA out of memory. Tried to allocate 1.00 GiB"),
-        ("f", "ValueError: odd"),
-    ])
+    reasons = group_reasons(
+        [
+            ("a", "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+            ("b", "OSError: image file is truncated (3 bytes not processed)"),
+            ("c", "RuntimeError: CUDA out of memory. Tried to allocate 4.00 GiB"),
+            ("d", "OSError: image file is truncated (9 bytes not processed)"),
+            ("e", "RuntimeError: CUDA out of memory. Tried to allocate 1.00 GiB"),
+            ("f", "ValueError: odd"),
+        ]
+    )
     assert [(r.count, r.example_id) for r in reasons] == [(3, "a"), (2, "b"), (1, "f")]
     assert reasons[0].example == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
 

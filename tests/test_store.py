@@ -15,10 +15,9 @@ from svdbatch.store import RunDirError, RunStore, append_jsonl, item_key, read_j
 def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
     target = tmp_path / "x.json"
     atomic_write_bytes(target, b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["x.json"]
 
@@ -51,8 +50,13 @@ def test_key_depends_on_everything_that_changes_frames():
     base = dict(image_sha256="a" * 64, params={"fps": 7}, seed=1, model={"source": "tiny"}, preprocess={"resize": "crop"})
     key = item_key(**base)
     assert item_key(**base) == key
-    for change in ({"image_sha256": "b" * 64}, {"params": {"fps": 6}}, {"seed": 2}, {"model": {"source": "svd"}},
-                   {"preprocess": {"resize": "pad"}}):
+    for change in (
+        {"image_sha256": "b" * 64},
+        {"params": {"fps": 6}},
+        {"seed": 2},
+        {"model": {"source": "svd"}},
+        {"preprocess": {"resize": "pad"}},
+    ):
         assert item_key(**{**base, **change}) != key
 
 

@@ -27,16 +27,21 @@ from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli
 from tests.test_gallery import find_chromium
 
 # The README's sweep, as written there, plus two CPU workers and the small test sizes.
-README_SWEEP = ["-m", "conditioning.motion_bucket_id=60,180", "conditioning.noise_aug_strength=0.02,0.1",
-                "manifest=manifests/sample.csv"]
+README_SWEEP = [
+    "-m",
+    "conditioning.motion_bucket_id=60,180",
+    "conditioning.noise_aug_strength=0.02,0.1",
+    "manifest=manifests/sample.csv",
+]
 LABELS = [("60", "0.02"), ("60", "0.1"), ("180", "0.02"), ("180", "0.1")]
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, tiny_cache) -> tuple[Path, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("sweep") / "sample"
-    proc = run_cli(*README_SWEEP, *FAST, "run.workers=2", "run.num_threads=1", "run.progress=false",
-                   f"hydra.sweep.dir={root}", timeout=900)
+    proc = run_cli(
+        *README_SWEEP, *FAST, "run.workers=2", "run.num_threads=1", "run.progress=false", f"hydra.sweep.dir={root}", timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc
 
@@ -46,7 +51,10 @@ def results(point: Path) -> dict[str, dict]:
 
 
 def points_by_label(root: Path) -> dict[tuple[str, str], Path]:
-    return {(p.label["conditioning.motion_bucket_id"], p.label["conditioning.noise_aug_strength"]): p.run_dir for p in sweep_points(root)}
+    return {
+        (p.label["conditioning.motion_bucket_id"], p.label["conditioning.noise_aug_strength"]): p.run_dir
+        for p in sweep_points(root)
+    }
 
 
 def test_identical_items_are_generated_once_and_linked_elsewhere(sweep):
@@ -94,13 +102,15 @@ def test_shadow_warning_unit():
     items = read_manifest(SAMPLE_CSV).items
     assert shadowed_knobs_warning(items, {"fps": "conditioning.fps"}) is None
     assert shadowed_knobs_warning(items, {"motion_bucket_id": "conditioning.motion_bucket_id"}) == (
-        "rocket, waves: manifest values override the swept conditioning.motion_bucket_id")
+        "rocket, waves: manifest values override the swept conditioning.motion_bucket_id"
+    )
 
 
 def test_a_rerun_resumes_every_point_and_generates_nothing(sweep):
     root, _ = sweep
-    again = run_cli(*README_SWEEP, *FAST, "run.workers=2", "run.num_threads=1", "run.progress=false",
-                    f"hydra.sweep.dir={root}", timeout=600)
+    again = run_cli(
+        *README_SWEEP, *FAST, "run.workers=2", "run.num_threads=1", "run.progress=false", f"hydra.sweep.dir={root}", timeout=600
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("0 done, 3 skipped") == 4
     assert "loaded tiny" not in again.stderr  # nothing to do: no worker starts
@@ -173,9 +183,20 @@ def test_comparison_page_renders_in_headless_chromium(sweep, tmp_path):
     index = write_sweep_page(root)
     shot = tmp_path / "sweep.png"
     subprocess.run(
-        [browser, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={shot}", "--window-size=1300,800", "--virtual-time-budget=3000", index.as_uri()],
-        capture_output=True, timeout=120, check=False,
+        [
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1300,800",
+            "--virtual-time-budget=3000",
+            index.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
     assert shot.is_file(), "chromium wrote no screenshot"
     with Image.open(shot) as image:
@@ -189,9 +210,21 @@ def test_comparison_page_renders_in_headless_chromium(sweep, tmp_path):
     def loaded_videos(height: int) -> int:
         """Videos the page's script gave a source to (= started loading) in a window this tall."""
         dom = subprocess.run(
-            [browser, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-             "--dump-dom", f"--window-size=1300,{height}", "--virtual-time-budget=3000", index.as_uri()],
-            capture_output=True, text=True, timeout=120, check=False,
+            [
+                browser,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--dump-dom",
+                f"--window-size=1300,{height}",
+                "--virtual-time-budget=3000",
+                index.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         ).stdout
         return sum(" src=" in tag for tag in dom.split("<video")[1:])
 
@@ -207,14 +240,17 @@ def test_status_of_a_sweep_root(sweep, tmp_path, capsys):
     failing = points_by_label(copy)[("60", "0.1")]
     kept = [line for line in (failing / "results.jsonl").read_text().splitlines() if '"id": "sunset"' not in line]
     (failing / "results.jsonl").write_text("\n".join(kept) + "\n")
-    (failing / "failures.jsonl").write_text(json.dumps(
-        {"id": "sunset", "key": "k", "error": "RuntimeError: boom at step 3", "time": "2026-01-01T00:00:00+0000"}) + "\n")
+    (failing / "failures.jsonl").write_text(
+        json.dumps({"id": "sunset", "key": "k", "error": "RuntimeError: boom at step 3", "time": "2026-01-01T00:00:00+0000"})
+        + "\n"
+    )
     shutil.rmtree(points_by_label(copy)[("180", "0.1")])
 
     assert status_command([str(copy), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["points"]) == 3 and report["unstarted_points"] == [
-        {"conditioning.motion_bucket_id": "180", "conditioning.noise_aug_strength": "0.1"}]
+        {"conditioning.motion_bucket_id": "180", "conditioning.noise_aug_strength": "0.1"}
+    ]
     assert report["counts"]["done"] == 8 and report["counts"]["failed"] == 1
     assert report["counts"]["total"] == 12  # 3 points x 3 rows + 3 rows of the unstarted point
     assert report["remaining"] == 3 and report["reasons"][0]["count"] == 1
@@ -231,8 +267,9 @@ def test_status_of_a_sweep_root(sweep, tmp_path, capsys):
 def test_points_are_found_by_hydra_records_not_folder_names(tmp_path):
     root = tmp_path / "root"
     (root).mkdir()
-    (root / "multirun.yaml").write_text(yaml.safe_dump(
-        {"hydra": {"overrides": {"task": ["preset=svd,svd_xt", "manifest=m.csv"]}}}))
+    (root / "multirun.yaml").write_text(
+        yaml.safe_dump({"hydra": {"overrides": {"task": ["preset=svd,svd_xt", "manifest=m.csv"]}}})
+    )
     for number, preset in enumerate(["svd", "svd_xt"]):
         point = root / "nested" / f"job{number}"  # any sweep.subdir scheme
         (point / ".hydra").mkdir(parents=True)
@@ -255,12 +292,15 @@ def test_reuse_from_an_earlier_run_and_only_with_equal_output_settings(sweep, tm
         run(make_cfg(*base, f"run.dir={tmp_path / 'bad'}", f"run.reuse_from=[{tmp_path / 'nope'}]"))
 
 
-@pytest.mark.parametrize("overrides,model,frames", [
-    ([], "tiny", 8),
-    (["preset=svd_xt"], "svd_xt", 25),
-    (["preset=svd_xt", "model=svd"], "svd", 25),  # an explicit group still wins
-    (["model=svd_xt", "conditioning=svd"], "svd_xt", 14),
-])
+@pytest.mark.parametrize(
+    "overrides,model,frames",
+    [
+        ([], "tiny", 8),
+        (["preset=svd_xt"], "svd_xt", 25),
+        (["preset=svd_xt", "model=svd"], "svd", 25),  # an explicit group still wins
+        (["model=svd_xt", "conditioning=svd"], "svd_xt", 14),
+    ],
+)
 def test_presets_pair_model_and_conditioning(overrides, model, frames):
     cfg = make_cfg("manifest=x.csv", *overrides, fast=False)
     assert (cfg.model.name, cfg.conditioning.num_frames) == (model, frames)

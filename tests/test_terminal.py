@@ -23,8 +23,14 @@ def test_log_lines_do_not_share_a_line_with_the_progress_bar(tmp_path):
     make_image(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"not an image")
     manifest = write_csv(tmp_path / "m.csv", ["id", "image"], [["ok", "ok.png"], ["bad", "bad.png"]])
-    proc = run_cli(f"manifest={manifest}", f"hydra.run.dir={tmp_path / 'run'}", "run.check_images=false",
-                   "run.num_threads=1", "run.progress=true", *FAST)
+    proc = run_cli(
+        f"manifest={manifest}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "run.check_images=false",
+        "run.num_threads=1",
+        "run.progress=true",
+        *FAST,
+    )
     assert proc.returncode == 1, proc.stderr
     assert "item/s" in proc.stderr or "s/item" in proc.stderr, "the bar must have been drawn"
     lines = visible_lines(proc.stderr)
@@ -43,10 +49,25 @@ def test_submitit_sweep_prints_each_jobs_summary_and_the_worst_exit_code(tmp_pat
     manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [[f"i{n}", f"img/{n}.png", n] for n in range(4)])
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "svdbatch", "-m", "hydra/launcher=submitit_local", "run.shard.count=2", "run.shard.index=0,1",
-         f"manifest={manifest}", *FAST, "run.num_threads=1", "run.check_images=false", f"hydra.sweep.dir={sweep}",
-         "hydra.launcher.timeout_min=10"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "svdbatch",
+            "-m",
+            "hydra/launcher=submitit_local",
+            "run.shard.count=2",
+            "run.shard.index=0,1",
+            f"manifest={manifest}",
+            *FAST,
+            "run.num_threads=1",
+            "run.check_images=false",
+            f"hydra.sweep.dir={sweep}",
+            "hydra.launcher.timeout_min=10",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]  # the worst job's code, though it ran in another process
     jobs = [line for line in proc.stdout.splitlines() if line.startswith("job ")]

@@ -32,8 +32,14 @@ def test_default_is_cores_over_workers_and_stable():
 def test_default_follows_the_cpu_affinity_it_is_given():
     """As under taskset or a Slurm allocation of one core: one thread, whatever the machine has."""
     code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from svdbatch.models import usable_cores; print(usable_cores())"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.stdout.strip() == "1"
 
 
