@@ -25,11 +25,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from svdbatch import models, tiny
 from svdbatch.cli import config_dir
-from svdbatch.driver import run
-from svdbatch.manifest import read_manifest
-from svdbatch.params import resolve_params
+from svdbatch.core.params import resolve_params
+from svdbatch.engine.driver import run
+from svdbatch.inputs.manifest import read_manifest
+from svdbatch.models import loading as models
+from svdbatch.models import tiny
 
 
 def make_manifest(root: Path, count: int, size: tuple[int, int] = (160, 120), first_seed: int = 1000) -> Path:

@@ -21,11 +21,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from svdbatch.cli import config_dir
-from svdbatch.manifest import read_manifest
-from svdbatch.models import model_identity, resolve_devices
-from svdbatch.plan import plan_run
-from svdbatch.sidecar import result_record
-from svdbatch.store import RunStore
+from svdbatch.engine.plan import plan_run
+from svdbatch.inputs.manifest import read_manifest
+from svdbatch.models.loading import model_identity, resolve_devices
+from svdbatch.rundir.sidecar import result_record
+from svdbatch.rundir.store import RunStore
 
 
 def main() -> None:

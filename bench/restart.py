@@ -46,11 +46,11 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from plan import fake_done  # noqa: E402  (bench/plan.py: sys.path[0] is bench/)
 
 from svdbatch.cli import config_dir  # noqa: E402
-from svdbatch.driver import load_manifest  # noqa: E402
-from svdbatch.images import ImageCache  # noqa: E402
-from svdbatch.models import model_identity, resolve_devices  # noqa: E402
-from svdbatch.plan import Shard, plan_run  # noqa: E402
-from svdbatch.store import RunStore  # noqa: E402
+from svdbatch.engine.driver import load_manifest  # noqa: E402
+from svdbatch.engine.plan import Shard, plan_run  # noqa: E402
+from svdbatch.inputs.images import ImageCache  # noqa: E402
+from svdbatch.models.loading import model_identity, resolve_devices  # noqa: E402
+from svdbatch.rundir.store import RunStore  # noqa: E402
 
 BASES = 200  # distinct encodes; every file is a base plus its own JPEG comment (distinct bytes)
 

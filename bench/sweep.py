@@ -24,8 +24,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0] is bench/)
 
-from svdbatch import driver, pool
 from svdbatch.cli import config_dir
+from svdbatch.engine import driver, pool
 
 
 class LoadCounter(logging.Handler):
@@ -72,8 +72,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     counter = LoadCounter()
-    logging.getLogger("svdbatch.pool").addHandler(counter)
-    logging.getLogger("svdbatch.pool").setLevel(logging.INFO)
+    logging.getLogger("svdbatch.engine.pool").addHandler(counter)
+    logging.getLogger("svdbatch.engine.pool").setLevel(logging.INFO)
     scratch = Path(tempfile.mkdtemp(prefix="svdbatch-bench-sweep-"))
     try:
         manifest = make_manifest(scratch / "data", args.items, size=(64, 64))

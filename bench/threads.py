@@ -15,9 +15,9 @@ import sys
 
 CHILD = r"""
 import sys, time, torch
-from svdbatch.driver import default_num_threads
-from svdbatch.models import load_pipeline
-from svdbatch.config import ModelConfig, MemoryConfig
+from svdbatch.engine.driver import default_num_threads
+from svdbatch.models.loading import load_pipeline
+from svdbatch.core.config import ModelConfig, MemoryConfig
 from omegaconf import OmegaConf
 from PIL import Image
 threads = int(sys.argv[1]) or default_num_threads([torch.device("cpu")])

@@ -10,7 +10,7 @@
     svdbatch verify outputs/<run> [--json] [--repair]                   (check every finished file; set damaged ones aside)
     (status and gallery of a sweep root: every point, and the comparison page)
 
-Exit codes are defined here, once; the subcommands import them.
+Exit codes live in core/errors.py.
 """
 
 from __future__ import annotations
@@ -26,33 +26,22 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, register_configs
-from .manifest import ManifestError
-from .store import RunDirError
+from svdbatch.core.config import register_configs
+from svdbatch.core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    USER_ERRORS,
+    ConfigError,
+    ManifestError,
+    exit_code_for_signal,
+)
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 log = logging.getLogger("svdbatch")
-
-EXIT_OK = 0
-EXIT_ITEMS_FAILED = 1  # some items failed (failures.jsonl); `reproduce`: the frames differ
-EXIT_BAD_INPUT = 2  # bad config, manifest, run dir or command line: nothing generated
-EXIT_STOPPED = 3  # disk full / read-only mid-run: finished items are intact, run again to resume
-# Stopped by a signal (clean stop, run again to resume): 128 + the signal's number, as a
-# shell reports a process killed by it: SIGINT 130, SIGUSR2 140, SIGTERM 143.
-EXIT_SIGNAL_BASE = 128
-
-
-def exit_code_for_signal(signum: int) -> int:
-    return EXIT_SIGNAL_BASE + int(signum)
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that are the input's fault: a clear message and exit 2, no traceback."""
-    from .models import ModelLoadError
-
-    return (ManifestError, ConfigError, ModelLoadError, RunDirError)
 
 
 def config_dir() -> str:
@@ -113,7 +102,7 @@ def run_job(cfg: DictConfig) -> JobSummary:
     """One Hydra job: a run, or a sweep point (module level: submitit pickles it by name)."""
     _jobs_started.append(True)
     # torch is imported here, not at module level, so `svdbatch status` and `gallery` start fast.
-    from .driver import run
+    from svdbatch.engine.driver import run
 
     try:
         if cfg.run.emit_manifest:
@@ -121,7 +110,7 @@ def run_job(cfg: DictConfig) -> JobSummary:
             _exit_codes.append(code)
             return JobSummary(job_number(), str(cfg.run.dir), f"wrote the manifest into {cfg.run.dir}", code)
         summary = run(cfg)
-    except user_errors() as exc:
+    except USER_ERRORS as exc:
         log.error("%s", exc)
         _exit_codes.append(EXIT_BAD_INPUT)
         return JobSummary(job_number(), str(cfg.run.dir), f"svdbatch: not run: {str(exc).splitlines()[0]}", EXIT_BAD_INPUT)
@@ -155,7 +144,7 @@ def validate(args: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .driver import load_manifest
+    from svdbatch.engine.driver import load_manifest
 
     parser = argparse.ArgumentParser(
         prog="svdbatch validate",
@@ -187,8 +176,8 @@ def emit_manifest(cfg: DictConfig) -> int:
     """`run.emit_manifest=true`: write the manifest the run would use (e.g. derived from a
     folder) as <run.dir>/<run.name>.csv, with explicit ids and seeds, and generate nothing.
     Running that CSV into the same run dir reproduces (and resumes) the same items."""
-    from .driver import load_manifest
-    from .manifest import write_manifest
+    from svdbatch.engine.driver import load_manifest
+    from svdbatch.inputs.manifest import write_manifest
 
     manifest = load_manifest(cfg)
     target = Path(cfg.run.dir) / f"{cfg.run.name}.csv"
@@ -201,28 +190,28 @@ def emit_manifest(cfg: DictConfig) -> int:
 # those modules import the exit codes above without an import cycle.
 def reproduce(args: list[str]) -> int:
     """regenerate one item from its sidecar and compare the frames hash"""
-    from .reproduce import reproduce_command
+    from svdbatch.engine.reproduce import reproduce_command
 
     return reproduce_command(args)
 
 
 def status(args: list[str]) -> int:
     """done / in progress / failed / pending counts, failure reasons, throughput, ETA (a run dir or a sweep root)"""
-    from .sweep import status_command  # a sweep root, else the run dir's own
+    from svdbatch.engine.sweep import status_command  # a sweep root, else the run dir's own
 
     return status_command(args)
 
 
 def gallery(args: list[str]) -> int:
     """rewrite <run dir>/index.html, the contact sheet (a sweep root: the comparison page)"""
-    from .sweep import gallery_command  # a sweep root, else the run dir's own
+    from svdbatch.engine.sweep import gallery_command  # a sweep root, else the run dir's own
 
     return gallery_command(args)
 
 
 def verify(args: list[str]) -> int:
     """check every finished file against its sidecar; --repair sets damaged items aside"""
-    from .verify import verify_command
+    from svdbatch.rundir.verify import verify_command
 
     return verify_command(args)
 
@@ -355,7 +344,7 @@ def main() -> None:
         print(usage(), file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     if not NO_RUN_FLAGS & set(args):
-        from .pool import prestart
+        from svdbatch.engine.pool import prestart
 
         prestart()  # the first worker imports torch and diffusers while Hydra composes
     try:

@@ -15,11 +15,12 @@ import pytest
 from PIL import Image
 
 from svdbatch.cli import validate
-from svdbatch.config import ConfigError
-from svdbatch.driver import run
-from svdbatch.images import ImageProblem, Preprocess, check_image, load_rgb
-from svdbatch.manifest import ManifestError, read_manifest
-from svdbatch.store import read_jsonl_fast
+from svdbatch.core.errors import ConfigError, ManifestError
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.core.params import Preprocess
+from svdbatch.engine.driver import run
+from svdbatch.inputs.images import ImageProblem, check_image, load_rgb
+from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import FAST, make_cfg, make_image, run_cli, write_csv
 
 TOO_LONG = "東" * 70  # 70 characters, 210 bytes in UTF-8
@@ -726,8 +727,8 @@ def test_a_misspelt_override_is_a_message_not_a_traceback(data, capsys):
 
 
 def test_user_agent_with_a_newline_is_refused():
-    from svdbatch.config import FetchConfig
-    from svdbatch.fetch import check_fetch_config
+    from svdbatch.core.config import FetchConfig
+    from svdbatch.inputs.fetch import check_fetch_config
 
     assert check_fetch_config(FetchConfig(user_agent="svdbatch\r\nX-Injected: 1")) == [
         "fetch.user_agent: must not contain control characters such as newlines, got 'svdbatch\\r\\nX-Injected: 1'"
@@ -770,7 +771,7 @@ def test_a_row_overriding_guidance_is_checked_against_the_config(data):
     below the config's min is refused with both values."""
     manifest = write_csv(data / "m.csv", ["image", "max_guidance_scale"], [["img/a.png", "2"]])
     cfg = make_cfg(f"manifest={manifest}", "conditioning.min_guidance_scale=2.5")
-    from svdbatch.driver import load_manifest
+    from svdbatch.engine.driver import load_manifest
 
     with pytest.raises(ManifestError) as info:
         load_manifest(cfg)
@@ -789,7 +790,7 @@ def test_a_200_kb_cell_is_read(data):
 
 
 def test_written_json_is_never_nan():
-    from svdbatch.store import to_json
+    from svdbatch.core.jsonl import to_json
 
     with pytest.raises(ValueError):
         to_json({"meta_x": float("nan")})

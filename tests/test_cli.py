@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from svdbatch.cli import EXIT_BAD_INPUT, SUBCOMMANDS
-from svdbatch.outputs import read_video
-from svdbatch.store import read_jsonl_fast
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.rundir.outputs import read_video
 from tests.conftest import FAST, REPO, SAMPLE_CSV, make_image, run_cli, write_csv
 
 
@@ -195,8 +195,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_driver_side_modules_do_not_import_torch():
     # The CLI driver must start without torch so its first worker loads the model meanwhile.
     modules = (
-        "svdbatch.cli, svdbatch.driver, svdbatch.pool, svdbatch.plan, svdbatch.sweep, svdbatch.status, "
-        "svdbatch.dataset, svdbatch.gallery, svdbatch.verify"
+        "svdbatch.cli, svdbatch.engine.driver, svdbatch.engine.pool, svdbatch.engine.plan, svdbatch.engine.sweep, svdbatch.reports.status, "
+        "svdbatch.rundir.dataset, svdbatch.reports.gallery, svdbatch.rundir.verify"
     )
     code = (
         f"import sys, {modules}; heavy = {{'torch', 'diffusers', 'transformers'}} & set(sys.modules); "

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import torch
 
-from svdbatch import models
-from svdbatch.driver import run
-from svdbatch.outputs import read_video
-from svdbatch.worker import Worker
+from svdbatch.engine.driver import run
+from svdbatch.engine.worker import Worker
+from svdbatch.models import loading as models
+from svdbatch.rundir.outputs import read_video
 from tests.conftest import make_cfg, write_csv
 
 SMALL = ["conditioning.num_frames=2", "conditioning.num_inference_steps=1", "output=frames"]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 
-from svdbatch.store import RunStore
+from svdbatch.rundir.store import RunStore
 
 from .conftest import FAST, REPO, make_image, write_csv
 
@@ -35,7 +35,7 @@ def test_a_claim_dies_with_its_process(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from svdbatch.store import RunStore; "
+            "import sys, time; from svdbatch.rundir.store import RunStore; "
             "s = RunStore(sys.argv[1], 'mp4'); assert s.claim('a') is not None; print('held', flush=True); time.sleep(60)",
             str(tmp_path),
         ],

@@ -7,12 +7,13 @@ import logging
 
 import pytest
 
-from svdbatch import fetch
-from svdbatch.config import FetchConfig
-from svdbatch.driver import run
-from svdbatch.fetch import FetchError, UrlCache
-from svdbatch.manifest import ManifestError, read_manifest
-from svdbatch.store import RunDirError, read_jsonl_fast
+from svdbatch.core.config import FetchConfig
+from svdbatch.core.errors import ManifestError, RunDirError
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.engine.driver import run
+from svdbatch.inputs import fetch
+from svdbatch.inputs.fetch import FetchError, UrlCache
+from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import FAST, make_cfg, make_image, run_cli, write_csv
 from tests.test_bad_inputs import png_header_only
 from tests.test_fetch import serving
@@ -106,7 +107,7 @@ def test_folder_manifest_skips_run_dirs_and_the_outputs_folder(tmp_path, monkeyp
     make_image(root / "outputs" / "sample" / "gallery" / "b.jpg")  # outputs/ of the working directory
     make_image(root / "notes" / "config" / "c.png")  # just a folder: read
     monkeypatch.chdir(root)
-    with caplog.at_level(logging.WARNING, logger="svdbatch.manifest"):
+    with caplog.at_level(logging.WARNING, logger="svdbatch.inputs.manifest"):
         ids = [item.id for item in read_manifest(root).items]
     assert ids == ["img__a", "notes__config__c"]
     skipped = "\n".join(r.getMessage() for r in caplog.records)

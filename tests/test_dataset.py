@@ -10,9 +10,9 @@ import time
 import datasets
 import pytest
 
-from svdbatch.dataset import write_metadata
-from svdbatch.driver import run
-from svdbatch.store import RunStore
+from svdbatch.engine.driver import run
+from svdbatch.rundir.dataset import write_metadata
+from svdbatch.rundir.store import RunStore
 from tests.conftest import make_cfg, make_image, write_csv
 
 
@@ -89,8 +89,8 @@ def test_metadata_and_shards_list_only_finished_items_and_follow_resumes(tmp_pat
 
 
 def test_bad_shard_size_and_fetch_settings_are_config_errors(tmp_path, images):
-    from svdbatch.config import ConfigError
-    from svdbatch.driver import load_manifest
+    from svdbatch.core.errors import ConfigError
+    from svdbatch.engine.driver import load_manifest
 
     manifest = write_csv(tmp_path / "m.csv", ["image"], [["img/a.png"]])
     with pytest.raises(ConfigError) as caught:

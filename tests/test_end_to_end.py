@@ -14,10 +14,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from svdbatch.driver import run
-from svdbatch.outputs import read_video
-from svdbatch.store import read_jsonl_fast
-from svdbatch.tiny import ensure_tiny_model
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.engine.driver import run
+from svdbatch.models.tiny import ensure_tiny_model
+from svdbatch.rundir.outputs import read_video
 from tests.conftest import make_cfg, write_csv
 
 
@@ -90,7 +90,7 @@ def test_order_of_rows_does_not_change_any_item(tmp_path, images, manifest4):
 def test_sidecar_records_what_is_needed_to_reproduce(tmp_path, manifest4):
     from importlib import metadata
 
-    from svdbatch.tiny import weights_fingerprint
+    from svdbatch.models.tiny import weights_fingerprint
 
     run_dir = tmp_path / "run"
     cfg = make_cfg(f"manifest={manifest4}", f"run.dir={run_dir}")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from svdbatch.atomic import TEMP_MARKER
-from svdbatch.driver import run
-from svdbatch.pool import MAX_RESTARTS_IN_A_ROW
-from svdbatch.reproduce import reproduce
+from svdbatch.core.atomic import TEMP_MARKER
+from svdbatch.engine.driver import run
+from svdbatch.engine.pool import MAX_RESTARTS_IN_A_ROW
+from svdbatch.engine.reproduce import reproduce
 
 from .conftest import FAST, REPO, make_cfg, make_image, write_csv
 
@@ -175,7 +175,7 @@ def test_unwritable_or_full_run_dir_fails_before_the_model_loads(tmp_path, manif
 
 def test_out_of_memory_is_recorded_with_a_hint_and_the_batch_goes_on(tmp_path, manifest3, monkeypatch):
     monkeypatch.setenv("SVDBATCH_FAULT", "generate:1:oom")
-    monkeypatch.setattr("svdbatch.faults._reached", Counter())
+    monkeypatch.setattr("svdbatch.core.faults._reached", Counter())
     summary = run(make_cfg(f"manifest={manifest3}", THREADS, f"run.dir={tmp_path / 'run'}"))
     assert (summary.done, summary.failed) == (2, 1)
     failure = json.loads((tmp_path / "run" / "failures.jsonl").read_text())
@@ -186,7 +186,7 @@ def test_out_of_memory_is_recorded_with_a_hint_and_the_batch_goes_on(tmp_path, m
 def test_retry_on_oom_steps_down_the_memory_ladder_and_records_it(tmp_path, manifest3, monkeypatch):
     # Three simulated OOMs in a row on the first item: full -> balanced -> low -> smaller decode chunks.
     calls = Counter()
-    real_generate = __import__("svdbatch.worker", fromlist=["Worker"]).Worker.generate
+    real_generate = __import__("svdbatch.engine.worker", fromlist=["Worker"]).Worker.generate
 
     def generate(self, images, params, seeds):
         calls["n"] += 1
@@ -194,9 +194,9 @@ def test_retry_on_oom_steps_down_the_memory_ladder_and_records_it(tmp_path, mani
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_generate(self, images, params, seeds)
 
-    monkeypatch.setattr("svdbatch.worker.Worker.generate", generate)
+    monkeypatch.setattr("svdbatch.engine.worker.Worker.generate", generate)
     # A fresh pipeline: lowering changes the loaded one in place, which other tests must not see.
-    monkeypatch.setattr("svdbatch.models._loaded", {})
+    monkeypatch.setattr("svdbatch.models.loading._loaded", {})
     summary = run(
         make_cfg(
             f"manifest={manifest3}",
@@ -241,7 +241,7 @@ def test_nan_frames_fail_only_that_item(tmp_path, manifest3, monkeypatch):
 
 
 def test_temporaries_of_the_longest_ids_fit_a_file_name(tmp_path):
-    from svdbatch.atomic import atomic_write_bytes, temp_owner, temp_prefix
+    from svdbatch.core.atomic import atomic_write_bytes, temp_owner, temp_prefix
 
     long_id = "é" * 100  # 200 bytes: the longest id the manifest accepts
     assert len(temp_prefix(long_id).encode()) <= 1 + 60 + len(TEMP_MARKER) + 7 + 1 + 64 + 1  # whatever the host name
@@ -296,7 +296,7 @@ def test_ffmpeg_running_out_of_space_stops_the_run_and_commits_nothing(tmp_path,
     resumed = run_with_fault(manifest1, tmp_path / "hydra", None, *big)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "1 done, 0 skipped" in resumed.stdout
-    from svdbatch.outputs import read_video
+    from svdbatch.rundir.outputs import read_video
 
     assert read_video(run_dir / "videos" / "i0.mp4").shape == (4, 128, 128, 3)
 
@@ -305,7 +305,7 @@ def test_injected_enospc_in_the_encoder_stops_with_exit_3(tmp_path, manifest1, m
     from svdbatch.cli import exit_code
 
     monkeypatch.setenv("SVDBATCH_FAULT", "encode:1:enospc")
-    monkeypatch.setattr("svdbatch.faults._reached", Counter())
+    monkeypatch.setattr("svdbatch.core.faults._reached", Counter())
     run_dir = tmp_path / "run"
     summary = run(make_cfg(f"manifest={manifest1}", THREADS, f"run.dir={run_dir}"))
     assert exit_code(summary) == 3 and (summary.done, summary.not_run) == (0, 1)
@@ -318,7 +318,7 @@ def test_disk_full_writing_metadata_at_the_end_stops_with_exit_3_and_the_summary
     from svdbatch.cli import exit_code
 
     monkeypatch.setenv("SVDBATCH_FAULT", "metadata:1:enospc")
-    monkeypatch.setattr("svdbatch.faults._reached", Counter())
+    monkeypatch.setattr("svdbatch.core.faults._reached", Counter())
     run_dir = tmp_path / "run"
     cfg = make_cfg(f"manifest={manifest1}", THREADS, f"run.dir={run_dir}")
     summary = run(cfg)  # used to be a traceback and exit 1

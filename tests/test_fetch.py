@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from svdbatch.config import FetchConfig
-from svdbatch.driver import run
-from svdbatch.fetch import FetchError, UrlCache
-from svdbatch.images import file_sha256
-from svdbatch.manifest import read_manifest
-from svdbatch.store import read_jsonl_fast
+from svdbatch.core.config import FetchConfig
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.engine.driver import run
+from svdbatch.inputs.fetch import FetchError, UrlCache
+from svdbatch.inputs.images import file_sha256
+from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import make_cfg, write_csv
 
 SLOW_SECONDS = 3.0

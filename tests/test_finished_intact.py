@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import svdbatch.store as store
-from svdbatch.store import RESULTS, VIDEOS_DIR, finished_intact, last_lines_start, parse_jsonl, sidecar_relpath
+import svdbatch.rundir.store as store
+from svdbatch.core.jsonl import parse_jsonl
+from svdbatch.rundir.store import RESULTS, VIDEOS_DIR, finished_intact, last_lines_start, sidecar_relpath
 
 BIG = 1 << 62  # FORK_FROM_BYTES that no test log reaches: serial
 

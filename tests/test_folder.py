@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from svdbatch.driver import run
-from svdbatch.manifest import ManifestError, derive_seed, read_manifest
-from svdbatch.store import read_jsonl_fast
+from svdbatch.core.errors import ManifestError
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.engine.driver import run
+from svdbatch.inputs.manifest import derive_seed, read_manifest
 from tests.conftest import FAST, make_cfg, make_image, run_cli
 
 

@@ -14,7 +14,7 @@ from urllib.parse import unquote
 import pytest
 from PIL import Image
 
-from svdbatch.gallery import GalleryUpdater, gallery_command, write_gallery
+from svdbatch.reports.gallery import GalleryUpdater, gallery_command, write_gallery
 from tests.conftest import FAST, make_image, run_cli, write_csv
 
 GOOD = ["a&b 'q'", "ünï cødé 100%"]  # characters an id may hold that HTML and URLs must escape
@@ -107,7 +107,7 @@ def test_the_run_itself_writes_a_gallery_of_what_it_did(mp4_run):
     its video, and the failed item is shown with its error."""
     import json
 
-    from svdbatch.store import read_jsonl_fast
+    from svdbatch.core.jsonl import read_jsonl_fast
 
     cards = Cards((mp4_run.parent / "index-as-written-by-the-run.html").read_text(encoding="utf-8")).cards
     by_title = {card["title"]: card for card in cards}
@@ -198,7 +198,7 @@ def test_updater_throttles_and_never_raises(mp4_run, tmp_path, caplog):
     assert updater.maybe_update() is None and not (mp4_run / "index.html").exists()  # too soon
     assert updater.update() == mp4_run / "index.html"  # always
     broken = GalleryUpdater(tmp_path / "no-such-run-dir", every_s=0)
-    with caplog.at_level(logging.WARNING, logger="svdbatch.gallery"):
+    with caplog.at_level(logging.WARNING, logger="svdbatch.reports.gallery"):
         assert broken.update() is None and broken.maybe_update() is None
     assert "gallery: could not write" in caplog.text
 

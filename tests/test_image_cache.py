@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-import svdbatch.images
-import svdbatch.status
-from svdbatch.config import ConfigError, ImageCheck, image_check_mode
-from svdbatch.driver import run
-from svdbatch.images import ImageCache, check_images
-from svdbatch.manifest import ManifestError, read_manifest
-from svdbatch.plan import shard_of
-from svdbatch.status import collect
-from svdbatch.store import read_jsonl_fast
+import svdbatch.inputs.images
+import svdbatch.reports.status
+from svdbatch.core.config import ImageCheck, image_check_mode
+from svdbatch.core.errors import ConfigError, ManifestError
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.engine.driver import run
+from svdbatch.engine.plan import shard_of
+from svdbatch.inputs.images import ImageCache, check_images
+from svdbatch.inputs.manifest import read_manifest
+from svdbatch.reports.status import collect
 from tests.conftest import make_cfg, make_image, write_csv
 
 SETTINGS = ["run.num_threads=1", "run.progress=false", "run.gallery=false"]
@@ -74,9 +75,9 @@ def forbid_reading_images(monkeypatch) -> list[str]:
         reads.append(str(path))
         raise AssertionError(f"read {path}")
 
-    monkeypatch.setattr(svdbatch.images, "read_image", refuse)
-    monkeypatch.setattr(svdbatch.images, "file_sha256", refuse)
-    monkeypatch.setattr(svdbatch.plan, "file_sha256", refuse)
+    monkeypatch.setattr(svdbatch.inputs.images, "read_image", refuse)
+    monkeypatch.setattr(svdbatch.inputs.images, "file_sha256", refuse)
+    monkeypatch.setattr(svdbatch.engine.plan, "file_sha256", refuse)
     return reads
 
 
@@ -148,7 +149,7 @@ def test_status_uses_the_runs_manifest_summary_until_the_manifest_changes(tmp_pa
         raise AssertionError("status parsed the manifest")
 
     with monkeypatch.context() as patch:
-        patch.setattr(svdbatch.status, "read_manifest", no_parsing)
+        patch.setattr(svdbatch.reports.status, "read_manifest", no_parsing)
         counts = collect(run_dir)["counts"]
     assert (counts["done"], counts["pending"], counts["invalid"], counts["total"]) == (1, 1, 1, 3)
 

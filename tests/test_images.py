@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from svdbatch.driver import run
-from svdbatch.images import ImageProblem, Preprocess, load_rgb, parse_color, prepare
-from svdbatch.outputs import read_video
-from svdbatch.params import check_conditioning
-from svdbatch.store import read_jsonl_fast
-from svdbatch.tiny import ensure_tiny_model
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.core.params import Preprocess, check_conditioning, parse_color
+from svdbatch.engine.driver import run
+from svdbatch.inputs.images import ImageProblem, load_rgb, prepare
+from svdbatch.models.tiny import ensure_tiny_model
+from svdbatch.rundir.outputs import read_video
 from tests.conftest import make_cfg, make_image, write_csv
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

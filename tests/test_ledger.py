@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from svdbatch.config import OutputFormat
-from svdbatch.dispatch import MAX_ATTEMPTS, Ledger
-from svdbatch.manifest import read_manifest
-from svdbatch.models import model_identity
-from svdbatch.outcomes import DONE, FAILED, STOPPED, Outcome
-from svdbatch.plan import make_batches, plan_run
-from svdbatch.store import RunStore, read_jsonl_fast
+from svdbatch.core.config import OutputFormat
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.core.outcomes import DONE, FAILED, STOPPED, Outcome
+from svdbatch.engine.dispatch import MAX_ATTEMPTS, Ledger
+from svdbatch.engine.plan import make_batches, plan_run
+from svdbatch.inputs.manifest import read_manifest
+from svdbatch.models.loading import model_identity
+from svdbatch.rundir.store import RunStore
 from tests.conftest import make_cfg, make_image, write_csv
 
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from svdbatch.atomic import HOST, TEMP_MARKER, process_alive, temp_owner, temp_prefix, written_by_dead_process
-from svdbatch.status import collect, format_report
-from svdbatch.store import OWNERS_DIR, Owner, owner_state, process_start_ticks, read_owners
+from svdbatch.core.atomic import HOST, TEMP_MARKER, process_alive, temp_owner, temp_prefix, written_by_dead_process
+from svdbatch.reports.status import collect, format_report
+from svdbatch.rundir.store import OWNERS_DIR, Owner, owner_state, process_start_ticks, read_owners
 from tests.conftest import FAST, REPO, make_image, run_cli, write_csv
 
 

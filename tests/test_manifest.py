@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from svdbatch.manifest import ManifestError, derive_seed, read_manifest
+from svdbatch.core.errors import ManifestError
+from svdbatch.inputs.manifest import derive_seed, read_manifest
 from tests.conftest import SAMPLE_CSV, make_image, write_csv, write_jsonl
 
 

@@ -7,9 +7,10 @@ import warnings
 import pytest
 import torch
 
-from svdbatch.config import MemoryConfig, ModelConfig
-from svdbatch.models import ModelLoadError, load_pipeline, model_identity, resolve_dtype
-from svdbatch.tiny import ensure_tiny_model, weights_fingerprint
+from svdbatch.core.config import MemoryConfig, ModelConfig
+from svdbatch.core.errors import ModelLoadError
+from svdbatch.models.loading import load_pipeline, model_identity, resolve_dtype
+from svdbatch.models.tiny import ensure_tiny_model, weights_fingerprint
 from tests.conftest import make_cfg
 
 
@@ -113,7 +114,7 @@ def test_source_with_a_tilde_is_expanded(tmp_path, monkeypatch):
 
 
 def test_compile_settings_are_checked_before_loading():
-    from svdbatch.models import compile_problems
+    from svdbatch.models.loading import compile_problems
 
     assert compile_problems(MemoryConfig(compile=False, compile_mode="fast")) == []  # not compiling: not looked at
     problems = compile_problems(MemoryConfig(compile=True, compile_mode="fast", compile_backend="inductor"))
@@ -132,9 +133,9 @@ def test_a_folder_with_only_the_fp16_variant_runs_on_a_cpu_upcast(tmp_path, imag
     weights: on a CPU (float32) it must load those files, upcast, not fail for want of others."""
     import json
 
-    from svdbatch.driver import run
-    from svdbatch.models import only_variant_weights
-    from svdbatch.tiny import build_tiny_pipeline
+    from svdbatch.engine.driver import run
+    from svdbatch.models.loading import only_variant_weights
+    from svdbatch.models.tiny import build_tiny_pipeline
     from tests.conftest import write_csv
 
     local = tmp_path / "svd-fp16-only"

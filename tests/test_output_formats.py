@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from svdbatch.config import OutputConfig, OutputFormat
-from svdbatch.driver import run
-from svdbatch.outputs import (
+from svdbatch.core.config import OutputConfig, OutputFormat
+from svdbatch.engine.driver import run
+from svdbatch.rundir.outputs import (
     EncoderError,
     OutputCheckError,
     frames_sha256,
@@ -152,7 +152,7 @@ def test_a_file_that_does_not_decode_never_gets_its_name(tmp_path, monkeypatch):
     def torn(frames, target, fps, settings):
         target.write_bytes(good.read_bytes()[:4096])
 
-    monkeypatch.setattr("svdbatch.outputs.encode_mp4", torn)
+    monkeypatch.setattr("svdbatch.rundir.outputs.encode_mp4", torn)
     with pytest.raises(OutputCheckError, match="does not decode|decodes to"):
         write_video(noise(), tmp_path / "x.mp4", OutputConfig(), fps=7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.mp4"]
@@ -179,7 +179,7 @@ def test_changing_output_settings_redoes_the_items_and_only_those_that_shape_the
     assert [json.loads(line)["file_name"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["videos/a.gif"]
     assert run(make_cfg(*base, "output=gif")).skipped == 1
     # verify: intact, and it would say if config.yaml claimed settings the file was not written with.
-    from svdbatch.verify import verify_run_dir
+    from svdbatch.rundir.verify import verify_run_dir
 
     (report,) = verify_run_dir(run_dir)
     assert not report.problems and not report.notes

@@ -1,6 +1,6 @@
 import pytest
 
-from svdbatch.params import ValueProblem, check_conditioning, coerce, resolve_params
+from svdbatch.core.params import ValueProblem, check_conditioning, coerce, resolve_params
 from tests.conftest import make_cfg
 
 

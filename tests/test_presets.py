@@ -6,11 +6,11 @@ import logging
 
 import pytest
 
-from svdbatch.config import plain
-from svdbatch.driver import run
-from svdbatch.manifest import read_manifest
-from svdbatch.plan import fixed_conditioning_warning, plan_run
-from svdbatch.store import RunStore
+from svdbatch.core.config import plain
+from svdbatch.engine.driver import run
+from svdbatch.engine.plan import fixed_conditioning_warning, plan_run
+from svdbatch.inputs.manifest import read_manifest
+from svdbatch.rundir.store import RunStore
 from tests.conftest import make_cfg, write_csv
 
 

@@ -21,10 +21,10 @@ import ray
 import torch
 
 from svdbatch.cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, exit_code
-from svdbatch.config import ConfigError
-from svdbatch.driver import load_manifest, run
-from svdbatch.ray_engine import ACTOR_NAME, actor_devices, batch_task_name, forwarded_env
-from svdbatch.store import read_jsonl_fast
+from svdbatch.core.errors import ConfigError
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.engine.driver import load_manifest, run
+from svdbatch.engine.ray_engine import ACTOR_NAME, actor_devices, batch_task_name, forwarded_env
 from tests.conftest import FAST, REPO, make_cfg, make_image, write_csv
 
 STEPS = "conditioning.num_inference_steps=4"  # slow enough to kill an actor mid-run

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import logging
 
-from svdbatch.driver import run
-from svdbatch.plan import Replacement, describe_replacements
-from svdbatch.store import read_jsonl_fast
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.engine.driver import run
+from svdbatch.engine.plan import Replacement, describe_replacements
 from tests.conftest import SAMPLE_CSV, make_cfg
 
 BASE = [f"manifest={SAMPLE_CSV}", "run.num_threads=1", "run.progress=false", "run.gallery=false"]

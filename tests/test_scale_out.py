@@ -14,12 +14,13 @@ import psutil
 import pytest
 import torch
 
-from svdbatch.config import ConfigError, sweep_subdir
-from svdbatch.driver import run
-from svdbatch.manifest import read_manifest
-from svdbatch.models import ModelLoadError, resolve_devices
-from svdbatch.plan import Shard, resolve_shard, select_shard, shard_from_env
-from svdbatch.store import read_jsonl_fast
+from svdbatch.core.config import sweep_subdir
+from svdbatch.core.errors import ConfigError, ModelLoadError
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.engine.driver import run
+from svdbatch.engine.plan import Shard, resolve_shard, select_shard, shard_from_env
+from svdbatch.inputs.manifest import read_manifest
+from svdbatch.models.loading import resolve_devices
 from tests.conftest import FAST, REPO, make_cfg, make_image, run_cli, write_csv
 
 
@@ -122,8 +123,8 @@ def test_batched_rows_match_single_calls_closely(tmp_path, manifest8, monkeypatc
     """Batching is opt-in: diffusers' batched path is not bit-identical to single calls."""
     import numpy as np
 
-    from svdbatch.outputs import read_video
-    from svdbatch.worker import Worker
+    from svdbatch.engine.worker import Worker
+    from svdbatch.rundir.outputs import read_video
 
     calls = []
     generate = Worker.generate
@@ -327,10 +328,10 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
     schema in turn and check that those which change an item's key are in it."""
     from omegaconf import OmegaConf
 
-    from svdbatch.config import changes_outputs, plain
-    from svdbatch.models import model_identity
-    from svdbatch.plan import plan_run
-    from svdbatch.store import RunStore
+    from svdbatch.core.config import changes_outputs, plain
+    from svdbatch.engine.plan import plan_run
+    from svdbatch.models.loading import model_identity
+    from svdbatch.rundir.store import RunStore
 
     base = make_cfg(f"manifest={manifest8}", f"run.dir={tmp_path / 'run'}", "run.limit=1")
     (item,) = read_manifest(manifest8).items[:1]
@@ -340,7 +341,7 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
         identity = model_identity(cfg.model, torch.device("cpu")).as_dict()
         from dataclasses import replace as dc_replace
 
-        from svdbatch.manifest import derive_seed
+        from svdbatch.inputs.manifest import derive_seed
 
         planned = dc_replace(item, seed=derive_seed(cfg.run.seed, item.id), seed_derived=True)
         (entry,) = plan_run([planned], cfg.conditioning, cfg.model, cfg.memory, identity, store).all

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from svdbatch.driver import run
-from svdbatch.gallery import write_gallery
-from svdbatch.sidecar import Sidecar, SidecarError
-from svdbatch.store import RunStore, latest_by_id, read_jsonl_fast
-from svdbatch.verify import check_item, item_files
+from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.engine.driver import run
+from svdbatch.reports.gallery import write_gallery
+from svdbatch.rundir.sidecar import Sidecar, SidecarError
+from svdbatch.rundir.store import RunStore
+from svdbatch.rundir.verify import check_item, item_files
 from tests.conftest import make_cfg, make_image, write_csv
 
 

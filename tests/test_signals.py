@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from svdbatch.atomic import TEMP_MARKER
 from svdbatch.cli import exit_code_for_signal
-from svdbatch.store import read_jsonl_fast
+from svdbatch.core.atomic import TEMP_MARKER
+from svdbatch.core.jsonl import read_jsonl_fast
 from tests.conftest import FAST, REPO, make_image, write_csv
 
 N_ITEMS = 6

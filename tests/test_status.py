@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from svdbatch.status import (
+from svdbatch.reports.status import (
     claim_is_held,
     classify,
     collect,

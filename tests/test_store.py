@@ -8,8 +8,10 @@ import os
 
 import pytest
 
-from svdbatch.atomic import atomic_path, atomic_write_bytes
-from svdbatch.store import RunDirError, RunStore, append_jsonl, item_key, read_jsonl_fast, repair_jsonl
+from svdbatch.core.atomic import atomic_path, atomic_write_bytes
+from svdbatch.core.errors import RunDirError
+from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.rundir.store import RunStore, append_jsonl, item_key, repair_jsonl
 
 
 def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
@@ -75,8 +77,8 @@ def test_finished_index_skips_an_unreadable_line_and_keeps_the_rest(tmp_path):
 
 
 def test_deleting_only_a_sidecar_redoes_the_item_and_status_does_not_count_it(tmp_path, images):
-    from svdbatch.driver import run
-    from svdbatch.status import collect
+    from svdbatch.engine.driver import run
+    from svdbatch.reports.status import collect
 
     from .conftest import make_cfg, write_csv
 

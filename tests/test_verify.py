@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from svdbatch.driver import run
-from svdbatch.status import collect
+from svdbatch.engine.driver import run
+from svdbatch.reports.status import collect
 
 from .conftest import make_cfg, run_cli, write_csv
 

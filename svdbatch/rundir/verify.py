@@ -29,11 +29,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK
-from .config import OutputConfig
-from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_settings, output_sha256, written_fps
-from .sidecar import Sidecar, SidecarError, named_output
-from .store import (
+from svdbatch.core.atomic import atomic_write_bytes
+from svdbatch.core.config import OutputConfig
+from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK
+from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.rundir.dataset import write_metadata
+from svdbatch.rundir.outputs import (
+    OutputCheckError,
+    check_decodes,
+    output_bytes,
+    output_key,
+    output_settings,
+    output_sha256,
+    written_fps,
+)
+from svdbatch.rundir.sidecar import Sidecar, SidecarError, named_output
+from svdbatch.rundir.store import (
     CONFIG,
     DAMAGED_DIR,
     RESULTS,
@@ -43,9 +54,7 @@ from .store import (
     VIDEOS_DIR,
     RunStore,
     is_run_dir,
-    latest_by_id,
     not_a_run_dir_message,
-    read_jsonl_fast,
     sidecar_relpath,
 )
 
@@ -209,7 +218,6 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
     """Move each damaged item's sidecar and output under damaged/<time>/ (same relative
     paths), so the next run redoes it. Returns the folder and the ids left alone because
     another process holds their claim (it is redoing them right now)."""
-    from .dataset import write_metadata  # the dataset files must not list what was moved
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     dest = run_dir / DAMAGED_DIR / stamp
@@ -249,7 +257,6 @@ def item_files(run_dir: Path, item_id: str, record: dict[str, Any] | None) -> li
 def drop_shards(run_dir: Path, ids: set[str], dest: Path) -> None:
     """WebDataset shards holding a damaged item move aside too: write_shards keeps a shard
     whose members' keys are unchanged, and a redo keeps the key."""
-    from .atomic import atomic_write_bytes
 
     index_path = run_dir / SHARDS_DIR / SHARD_INDEX
     if not ids or not index_path.is_file():

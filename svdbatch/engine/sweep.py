@@ -25,8 +25,25 @@ from typing import Any
 
 import yaml
 
-from .sidecar import SidecarImage, SidecarRow
-from .store import GALLERY_ASSETS_DIR, RESULTS, latest_by_id, output_intact, read_jsonl_fast
+from svdbatch.core.atomic import atomic_write_bytes
+from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.reports import gallery, status
+from svdbatch.reports.gallery import (
+    CSS,
+    THUMB_PX,
+    collect_cards,
+    esc,
+    fresh,
+    jpeg_bytes,
+    number,
+    preview_html,
+    read_sidecar,
+    source_thumbnail,
+    url,
+)
+from svdbatch.reports.status import eta_line, read_manifest_view, reason_lines
+from svdbatch.rundir.sidecar import SidecarImage, SidecarRow
+from svdbatch.rundir.store import GALLERY_ASSETS_DIR, RESULTS, RunStore, output_intact
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +267,6 @@ def commit_reused(store: Any, entry: Any, source: ReuseSource) -> bool:
     """Link one planned item's output from `source` and commit it (store.commit_reused),
     under the item's claim. False when it could not be (claimed elsewhere, source gone):
     the caller then generates it as usual."""
-    from .store import RunStore
 
     claim = store.claim(entry.item.id)
     if claim is None:
@@ -320,8 +336,6 @@ def first_frame(path: Path):
 
 def poster(run_dir: Path, item_id: str, output: Path, sidecar_mtime: float) -> str | None:
     """<point>/gallery/<id>.first.jpg (made once per finished item); path relative to the point."""
-    from .atomic import atomic_write_bytes
-    from .gallery import THUMB_PX, fresh, jpeg_bytes
 
     relative = f"{GALLERY_ASSETS_DIR}/{item_id}{POSTER_SUFFIX}"
     target = run_dir / relative
@@ -348,7 +362,6 @@ class Cell:
 
 def item_order(points: list[Point], cards: list[dict[str, Any]]) -> list[str]:
     """Manifest order (from the first point whose manifest can be read), then any other id."""
-    from .status import read_manifest_view
 
     ids: list[str] = []
     for point in points:
@@ -362,7 +375,6 @@ def item_order(points: list[Point], cards: list[dict[str, Any]]) -> list[str]:
 
 
 def cell_html(point: Point, card: Any, titles: dict[str, str]) -> Cell:
-    from .gallery import esc, preview_html, read_sidecar, url
 
     if card is None:
         return Cell("pending", '<div class="na">pending</div>')
@@ -454,7 +466,6 @@ PARAM_LABELS = (
 
 
 def params_line(params: dict[str, Any], varies: set[str]) -> str:
-    from .gallery import esc, number
 
     parts = []
     for name, label in PARAM_LABELS:
@@ -466,7 +477,6 @@ def params_line(params: dict[str, Any], varies: set[str]) -> str:
 
 
 def header_cell(point: Point, rel: str) -> str:
-    from .gallery import esc, url
 
     lines = "".join(f'<div><span class="k">{esc(k.rsplit(".", 1)[-1])}=</span>{esc(v)}</div>' for k, v in point.label.items())
     title = esc(point.title)
@@ -477,9 +487,6 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     """Rewrite <sweep root>/index.html: one row per item, one column per point; the first
     `max_items` items in manifest order (0 = all: every cell costs a poster once)."""
     from datetime import datetime, timezone
-
-    from .atomic import atomic_write_bytes
-    from .gallery import CSS, collect_cards, esc, read_sidecar, source_thumbnail, url
 
     root = Path(root)
     spec = read_sweep_spec(root)
@@ -573,7 +580,6 @@ def cell_html_at(point: Point, rel: str, card: Any, titles: dict[str, str]) -> C
 
 
 def url_prefix(rel: str) -> str:
-    from .gallery import url
 
     return url(rel) + "/"
 
@@ -614,8 +620,6 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
     not started yet count with the rows of the points that have)."""
     from dataclasses import asdict
     from datetime import datetime, timezone
-
-    from . import status
 
     now = now or datetime.now(timezone.utc)
     window = window or status.THROUGHPUT_WINDOW
@@ -659,7 +663,6 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
 
 
 def format_sweep_report(report: dict[str, Any]) -> str:
-    from .status import eta_line, reason_lines
 
     counts = report["counts"]
     lines = [
@@ -718,8 +721,6 @@ def status_command(args: list[str]) -> int:
     import argparse
     import sys
 
-    from . import status
-
     parser = argparse.ArgumentParser(prog="svdbatch status", description="counts of a run dir, or of every point of a sweep root")
     parser.add_argument("path", type=Path, help="a run dir, or a sweep root (every point and the total)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
@@ -738,8 +739,6 @@ def status_command(args: list[str]) -> int:
 def gallery_command(args: list[str]) -> int:
     """`svdbatch gallery PATH`: a sweep root gets its comparison page, a run dir its contact sheet."""
     import argparse
-
-    from . import gallery
 
     parser = argparse.ArgumentParser(prog="svdbatch gallery", description="rewrite <run dir or sweep root>/index.html")
     parser.add_argument("path", type=Path)

@@ -12,9 +12,9 @@ import logging
 from collections import deque
 from collections.abc import Callable, Hashable
 
-from .outcomes import DONE, FAILED, INTERRUPTED, STOPPED, Outcome
-from .plan import PlannedItem
-from .store import RunStore
+from svdbatch.core.outcomes import DONE, FAILED, INTERRUPTED, STOPPED, Outcome
+from svdbatch.engine.plan import PlannedItem
+from svdbatch.rundir.store import RunStore
 
 log = logging.getLogger(__name__)
 

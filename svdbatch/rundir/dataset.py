@@ -26,16 +26,28 @@ import logging
 import os
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .atomic import atomic_path, atomic_write_bytes
-from .config import OutputConfig, OutputFormat
-from .outputs import check_output_config as check_file_settings
-from .plan import PlannedItem
-from .sidecar import Sidecar
-from .store import METADATA_FILE, SHARD_INDEX, SHARDS_DIR, RunStore, output_intact, to_json
+from svdbatch.core.atomic import atomic_path, atomic_write_bytes
+from svdbatch.core.config import OutputConfig, OutputFormat
+from svdbatch.core.jsonl import to_json
+from svdbatch.rundir.outputs import check_output_config as check_file_settings
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.store import METADATA_FILE, SHARD_INDEX, SHARDS_DIR, RunStore, output_intact
 
 log = logging.getLogger(__name__)
+
+
+class _Item(Protocol):
+    id: str
+
+
+class PlannedItem(Protocol):
+    """What the exports read of a planned item (engine.plan.PlannedItem): its id and keys."""
+
+    item: _Item
+    key: str | None
+    output_key: str | None
 
 
 def check_output_config(output: OutputConfig) -> list[str]:

@@ -25,19 +25,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import DISK_FULL_ERRNOS
-from .config import OutputConfig, plain
-from .faults import fault_point
-from .fetch import FetchError
-from .images import pipeline_input
-from .models import LoadedPipeline, lower_memory, pin_threads
-from .outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
-from .outputs import frames_sha256, output_key, output_settings, write_video, written_fps
-from .params import GenParams
-from .plan import PlannedItem
-from .sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
-from .stops import Interrupted
-from .store import RunStore
+from svdbatch.core.atomic import DISK_FULL_ERRNOS
+from svdbatch.core.config import OutputConfig, plain
+from svdbatch.core.faults import fault_point
+from svdbatch.core.outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
+from svdbatch.core.params import GenParams
+from svdbatch.engine.plan import PlannedItem
+from svdbatch.engine.stops import Interrupted
+from svdbatch.inputs.fetch import FetchError
+from svdbatch.inputs.images import pipeline_input
+from svdbatch.models.loading import LoadedPipeline, lower_memory, pin_threads
+from svdbatch.rundir.outputs import frames_sha256, output_key, output_settings, write_video, written_fps
+from svdbatch.rundir.sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
+from svdbatch.rundir.store import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write_bytes
-from .config import ConfigError
-from .dispatch import ASSIGNED_PER_WORKER, Ledger, OnDone
-from .models import parse_device
-from .outcomes import Outcome
-from .plan import PlannedItem
-from .pool import NoWorkersLeft, WorkerSpec
-from .stops import StopRequest
-from .store import RunDirError, RunStore
+from svdbatch.core.atomic import atomic_write_bytes
+from svdbatch.core.errors import ConfigError, RunDirError
+from svdbatch.core.outcomes import Outcome
+from svdbatch.engine.dispatch import ASSIGNED_PER_WORKER, Ledger, OnDone
+from svdbatch.engine.plan import PlannedItem
+from svdbatch.engine.pool import NoWorkersLeft, WorkerSpec
+from svdbatch.engine.stops import StopRequest
+from svdbatch.models.loading import parse_device
+from svdbatch.rundir.store import RunStore
 
 log = logging.getLogger(__name__)
 

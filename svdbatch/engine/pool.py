@@ -36,18 +36,19 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from . import faults
-from .config import ConfigError, MemoryConfig, ModelConfig, OutputConfig
-from .dispatch import Ledger, OnDone
-from .models import ModelLoadError, default_num_threads, resolve_devices
-from .outcomes import Outcome
-from .plan import PlannedItem
-from .stops import StopRequest, die_with_parent, ignore_stop_signals, stop_signals_blocked
-from .store import RunStore
-from .tiny import TINY_SOURCE, ensure_tiny_model
+from svdbatch.core import faults
+from svdbatch.core.config import MemoryConfig, ModelConfig, OutputConfig
+from svdbatch.core.errors import ConfigError, ModelLoadError
+from svdbatch.core.outcomes import Outcome
+from svdbatch.engine.dispatch import Ledger, OnDone
+from svdbatch.engine.plan import PlannedItem
+from svdbatch.engine.stops import StopRequest, die_with_parent, ignore_stop_signals, stop_signals_blocked
+from svdbatch.models.loading import default_num_threads, resolve_devices
+from svdbatch.models.tiny import TINY_SOURCE, ensure_tiny_model
+from svdbatch.rundir.store import RunStore
 
 if TYPE_CHECKING:
-    from .worker import Worker
+    from svdbatch.engine.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,8 @@ class WorkerSpec:
     def build(self, device: Any) -> Worker:
         import torch
 
-        from .models import load_pipeline
-        from .worker import Worker
+        from svdbatch.engine.worker import Worker
+        from svdbatch.models.loading import load_pipeline
 
         device = torch.device(device)
         model = OmegaConf.merge(OmegaConf.structured(ModelConfig), self.model)

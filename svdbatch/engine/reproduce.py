@@ -23,15 +23,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK  # cli owns exit codes (and imports this module lazily)
-from .config import ConfigError, FetchConfig, MemoryConfig, ModelConfig
-from .fetch import FetchError, UrlCache
-from .images import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION, file_sha256, pipeline_input
-from .models import ModelLoadError, load_pipeline, model_identity, pin_threads, resolve_devices
-from .outputs import frames_sha256, output_bytes, output_sha256
-from .sidecar import Sidecar, SidecarError
-from .store import sidecar_relpath
-from .worker import generate_frames, software_versions
+from svdbatch.core.config import FetchConfig, MemoryConfig, ModelConfig
+from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK, ConfigError, ModelLoadError
+from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION
+from svdbatch.engine.worker import generate_frames, software_versions
+from svdbatch.inputs.fetch import FetchError, UrlCache
+from svdbatch.inputs.images import file_sha256, pipeline_input
+from svdbatch.models.loading import load_pipeline, model_identity, pin_threads, resolve_devices
+from svdbatch.rundir.outputs import frames_sha256, output_bytes, output_sha256
+from svdbatch.rundir.sidecar import Sidecar, SidecarError
+from svdbatch.rundir.store import sidecar_relpath
 
 EXIT_MATCH, EXIT_MISMATCH, EXIT_CANNOT = EXIT_OK, EXIT_ITEMS_FAILED, EXIT_BAD_INPUT
 

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from svdbatch.models.quiet import quiet_libraries
+
 TINY_SOURCE = "tiny"
 TINY_BUILD_SEED = 0
 
@@ -123,7 +125,6 @@ def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
     target = root / f"tiny-{tiny_recipe_hash()}"
     if (target / "model_index.json").is_file():
         return target
-    from .models import quiet_libraries  # models imports this module
 
     root.mkdir(parents=True, exist_ok=True)
     quiet_libraries()

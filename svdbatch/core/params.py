@@ -11,8 +11,60 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConditioningConfig, MemoryConfig, ModelConfig
-from .images import parse_color
+from PIL import ImageColor
+
+from svdbatch.core.config import ConditioningConfig, MemoryConfig, ModelConfig, ResizeMode
+
+# Bump when load_rgb/prepare change how they turn the same bytes into pixels.
+PREPROCESS_VERSION = 1
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # run.max_image_pixels
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    """'black', '#202020', 'rgb(0,128,255)' -> an RGB tuple (PIL's colour names and syntax)."""
+    try:
+        return ImageColor.getrgb(str(text).strip())[:3]
+    except ValueError:
+        raise ValueError(f"not a colour: {text!r} (use a name like 'black', '#rrggbb' or 'rgb(r,g,b)')") from None
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a source image becomes the pipeline's input; part of every item's key."""
+
+    resize: ResizeMode = ResizeMode.crop
+    pad_color: tuple[int, int, int] = (0, 0, 0)
+    background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited onto this
+    # run.max_image_pixels: refuses an image, never changes its pixels, so it is neither in
+    # as_dict (the key) nor compared.
+    max_image_pixels: int | None = field(default=DEFAULT_MAX_IMAGE_PIXELS, compare=False)
+
+    @classmethod
+    def from_config(cls, cond: Any, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Preprocess:
+        return cls(
+            resize=ResizeMode(cond.resize),
+            pad_color=parse_color(cond.pad_color),
+            background=parse_color(cond.background),
+            max_image_pixels=max_image_pixels,
+        )
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Preprocess:
+        """The inverse of as_dict (a sidecar's `preprocess`); its `version` is not checked here."""
+        return cls(
+            resize=ResizeMode(record["resize"]),
+            pad_color=tuple(record["pad_color"]),
+            background=tuple(record["background"]),
+            max_image_pixels=max_image_pixels,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": PREPROCESS_VERSION,
+            "resize": self.resize.value,
+            "pad_color": list(self.pad_color),
+            "background": list(self.background),
+        }
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, DType, MemoryConfig, ModelConfig, Offload, plain
-from .tiny import TINY_SOURCE, ensure_tiny_model, weights_fingerprint
+from svdbatch.core.config import DType, MemoryConfig, ModelConfig, Offload, plain
+from svdbatch.core.errors import ConfigError, ModelLoadError
+from svdbatch.models.quiet import quiet_libraries
+from svdbatch.models.tiny import TINY_SOURCE, ensure_tiny_model, weights_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -29,24 +31,6 @@ log = logging.getLogger(__name__)
 
 # A Hugging Face repo id: 'name' or 'owner/name' (letters, digits, '-', '_', '.').
 HUB_REPO_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")
-
-
-class ModelLoadError(RuntimeError):
-    pass
-
-
-def quiet_libraries() -> None:
-    """diffusers/transformers progress bars and advisory warnings would drown the item bar."""
-    import diffusers
-    import transformers
-
-    # Newer diffusers renamed from_pretrained's torch_dtype to dtype; the old name works in
-    # every version we support, so its deprecation notice is noise.
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def parse_device(name: Any) -> torch.device:

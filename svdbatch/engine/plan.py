@@ -13,14 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .config import ConditioningConfig, ConfigError, MemoryConfig, ModelConfig, OutputConfig, ResizeMode
-from .fetch import UrlCache
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCache, Preprocess, file_sha256, parallel_map
-from .manifest import Item
-from .outputs import output_key, output_settings, written_fps
-from .params import GenParams, param_defaults
-from .sidecar import Sidecar
-from .store import KeyMaker, RunStore, output_intact
+from svdbatch.core.config import ConditioningConfig, MemoryConfig, ModelConfig, OutputConfig, ResizeMode
+from svdbatch.core.errors import ConfigError
+from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, GenParams, Preprocess, param_defaults
+from svdbatch.inputs.fetch import UrlCache
+from svdbatch.inputs.images import ImageCache, file_sha256, parallel_map
+from svdbatch.inputs.manifest import Item
+from svdbatch.rundir.outputs import output_key, output_settings, written_fps
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.store import KeyMaker, RunStore, output_intact
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from .atomic import atomic_write_bytes
-from .config import FetchConfig
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageProblem, open_image, pixels_problem
+from svdbatch.core.atomic import atomic_write_bytes
+from svdbatch.core.config import FetchConfig
+from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS
+from svdbatch.inputs.images import ImageProblem, open_image, pixels_problem
 
 log = logging.getLogger(__name__)
 

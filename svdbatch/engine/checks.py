@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from . import sweep
-from .config import ConfigError, check_engine, check_run_and_output
-from .dataset import check_output_config
-from .fetch import check_fetch_config
-from .models import compile_problems, source_problem
-from .params import check_conditioning, check_model_and_memory
+from svdbatch.core.config import check_engine, check_run_and_output
+from svdbatch.core.errors import ConfigError
+from svdbatch.core.params import check_conditioning, check_model_and_memory
+from svdbatch.engine import sweep
+from svdbatch.inputs.fetch import check_fetch_config
+from svdbatch.models.loading import compile_problems, source_problem
+from svdbatch.rundir.dataset import check_output_config
 
 
 def config_problems(cfg: DictConfig) -> list[str]:

@@ -26,19 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import pool, sweep
-from .atomic import DISK_FULL_ERRNOS
-from .checks import check_config
-from .config import Engine, image_check_mode, plain
-from .dataset import write_dataset
-from .fetch import UrlCache
-from .gallery import GalleryUpdater
-from .images import ImageCache
-from .manifest import Item, Manifest, read_manifest
-from .models import default_num_threads, model_identity, resolve_devices
-from .outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
-from .params import PARAM_NAMES
-from .plan import (
+from svdbatch.core.atomic import DISK_FULL_ERRNOS
+from svdbatch.core.config import Engine, image_check_mode, plain
+from svdbatch.core.errors import RunDirError
+from svdbatch.core.outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
+from svdbatch.core.params import PARAM_NAMES
+from svdbatch.engine import pool, sweep
+from svdbatch.engine.checks import check_config
+from svdbatch.engine.plan import (
     Plan,
     Replacement,
     Shard,
@@ -49,10 +44,16 @@ from .plan import (
     select_shard,
     shadowed_knobs_warning,
 )
-from .pool import Crew, WorkerSpec, execute
-from .status import save_manifest_summary
-from .stops import Interrupted, StopRequest, stop_on_signals
-from .store import INVALID_ROW, RunDirError, RunStore, run_dir_problem
+from svdbatch.engine.pool import Crew, WorkerSpec, execute
+from svdbatch.engine.stops import Interrupted, StopRequest, stop_on_signals
+from svdbatch.inputs.fetch import UrlCache
+from svdbatch.inputs.images import ImageCache
+from svdbatch.inputs.manifest import Item, Manifest, read_manifest
+from svdbatch.models.loading import default_num_threads, model_identity, resolve_devices
+from svdbatch.reports.gallery import GalleryUpdater
+from svdbatch.reports.status import save_manifest_summary
+from svdbatch.rundir.dataset import write_dataset
+from svdbatch.rundir.store import INVALID_ROW, RunStore, run_dir_problem
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class _Progress:
 def run(cfg: DictConfig) -> RunSummary:
     cluster = None
     if Engine(cfg.run.engine) is Engine.ray:
-        from .ray_engine import RayCluster  # Ray is optional: imported only when asked for
+        from svdbatch.engine.ray_engine import RayCluster  # Ray is optional: imported only when asked for
 
         cluster = RayCluster(cfg.run)  # joined on first use, after the input is known good
     try:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .faults import fault_point
+from svdbatch.core.faults import fault_point
 
 TEMP_MARKER = ".partial-"
 # errno of a write error that no later write escapes either (the run stops, see worker.py).

@@ -25,6 +25,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from svdbatch.core.params import GenParams, Preprocess
+
 SCHEMA = 1  # bump when a field changes meaning; a reader refuses other schemas
 DONE = "done"  # the only status written today: the item is finished
 
@@ -382,14 +384,12 @@ class Sidecar:
 
     def gen_params(self):
         """The generation parameters as params.GenParams."""
-        from .params import GenParams
 
         return GenParams(**self.params)
 
     def preprocessing(self, max_image_pixels: int | None):
         """The preprocessing as images.Preprocess. run.max_image_pixels is not part of it
         (it refuses images, it never changes pixels): the caller says which limit applies."""
-        from .images import Preprocess
 
         return Preprocess.from_record(self.preprocess, max_image_pixels)
 

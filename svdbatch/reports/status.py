@@ -36,10 +36,11 @@ from typing import Any
 
 import yaml
 
-from .atomic import atomic_write_bytes
-from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
-from .manifest import Manifest, ManifestError, read_manifest
-from .store import (
+from svdbatch.core.atomic import atomic_write_bytes
+from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_OK, ManifestError
+from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.inputs.manifest import Manifest, read_manifest
+from svdbatch.rundir.store import (
     CACHE_DIR,
     CLAIM_SUFFIX,
     CLAIMS_DIR,
@@ -49,11 +50,9 @@ from .store import (
     finished_intact,
     is_invalid_record,
     is_run_dir,
-    latest_by_id,
     not_a_run_dir_message,
     owner_state,
     parse_time,
-    read_jsonl_fast,
     read_owners,
     run_cwd,
 )

@@ -28,12 +28,14 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from .atomic import DISK_FULL_ERRNOS, atomic_write_bytes
-from .config import FetchConfig
-from .fetch import UrlCache
-from .images import load_rgb
-from .sidecar import Sidecar, SidecarError
-from .store import (
+from svdbatch.core.atomic import DISK_FULL_ERRNOS, atomic_write_bytes
+from svdbatch.core.config import FetchConfig
+from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_OK
+from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.inputs.fetch import UrlCache
+from svdbatch.inputs.images import load_rgb
+from svdbatch.rundir.sidecar import Sidecar, SidecarError
+from svdbatch.rundir.store import (
     DOWNLOADS_DIR,
     FAILURES,
     GALLERY_ASSETS_DIR,
@@ -42,11 +44,9 @@ from .store import (
     RESULTS,
     is_invalid_record,
     is_run_dir,
-    latest_by_id,
     not_a_run_dir_message,
     output_intact,
     parse_time,
-    read_jsonl_fast,
     run_cwd,
     sidecar_relpath,
 )
@@ -56,8 +56,6 @@ log = logging.getLogger(__name__)
 INDEX = GALLERY_PAGE
 THUMB_PX = 256
 MAX_TRACEBACK_CHARS = 4000
-from .cli import EXIT_BAD_INPUT, EXIT_OK  # cli owns exit codes (and imports this module lazily)
-
 EXIT_NOT_A_RUN_DIR = EXIT_BAD_INPUT
 
 

@@ -13,13 +13,11 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config value that is well-typed but not usable (out of range, inconsistent)."""
+from svdbatch.core.errors import ConfigError
 
 
 class DType(str, Enum):
@@ -67,19 +65,19 @@ class ModelConfig:
     name: str = "tiny"
     # "tiny" (the embedded random-weight model), a Hugging Face repo id, or a local directory.
     source: str = "tiny"
-    revision: Optional[str] = None
+    revision: str | None = None
     # Weight variant to load ("fp16" for the Stability checkpoints): used with float16, and
     # in float32 too when a local source holds only that variant's files (upcast on load).
-    variant: Optional[str] = None
+    variant: str | None = None
     dtype: DType = DType.auto
     # The checkpoint's trained frame count, used when conditioning.num_frames is null.
     num_frames: int = 14
     # Micro-conditioning the checkpoint was trained with at one fixed value (model card),
     # e.g. {fps: 6, motion_bucket_id: 127} for svd_xt_1_1: other values are off its training
     # distribution, so the plan warns about every item that uses them.
-    fixed_conditioning: Dict[str, float] = field(default_factory=dict)
+    fixed_conditioning: dict[str, float] = field(default_factory=dict)
     # Where downloaded weights (hub) or the built tiny model are cached; null = library default.
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -89,7 +87,7 @@ class MemoryConfig:
     # unet.enable_forward_chunking(): feed-forward layers run in a loop over frames.
     forward_chunking: bool = False
     # Upper bound applied to every item's decode_chunk_size (low-VRAM preset sets 2).
-    max_decode_chunk_size: Optional[int] = None
+    max_decode_chunk_size: int | None = None
     # torch.compile the UNet (only meaningful without offload).
     compile: bool = False
     compile_mode: str = "reduce-overhead"
@@ -106,7 +104,7 @@ class ConditioningConfig:
     width: int = 1024
     height: int = 576
     # null = the model's trained frame count (model.num_frames).
-    num_frames: Optional[int] = None
+    num_frames: int | None = None
     num_inference_steps: int = 25
     # diffusers' convention: the pipeline passes fps - 1 to the UNet.
     fps: int = 7
@@ -115,7 +113,7 @@ class ConditioningConfig:
     min_guidance_scale: float = 1.0
     max_guidance_scale: float = 3.0
     # null = decode all frames at once (diffusers' default).
-    decode_chunk_size: Optional[int] = None
+    decode_chunk_size: int | None = None
     # How a source image is fitted to width x height (not a pipeline argument, but part of
     # every item's key): crop | pad | stretch | none.
     resize: ResizeMode = ResizeMode.crop
@@ -131,7 +129,7 @@ class OutputConfig:
     # Frame rate of the written file, 1..1000; null = the item's conditioning fps.
     # fps, quality and loop (where the format uses them) are part of each item's output key:
     # changing them redoes the items, so the files always match the settings (docs/verify.md).
-    fps: Optional[int] = None
+    fps: int | None = None
     # 0 (worst) .. 10 (best): mp4 crf = (1 - quality/10) * 51 as imageio-ffmpeg maps it; WebP quality x10.
     quality: float = 5.0
     # GIF/WebP loop count (0 = forever; GIF stores at most 65535).
@@ -164,8 +162,8 @@ class ShardConfig:
     """This process's slice of the manifest. null/null = from the launcher's environment
     (RANK/WORLD_SIZE of torchrun or accelerate, or a plain Slurm job array), else 0 of 1."""
 
-    index: Optional[int] = None
-    count: Optional[int] = None
+    index: int | None = None
+    count: int | None = None
 
 
 @dataclass
@@ -175,13 +173,13 @@ class RayConfig:
     # Cluster to join: "host:port" of a head node, "ray://host:10001" (Ray Client), "auto".
     # null = Ray's own default: RAY_ADDRESS (set by `ray job submit`), else a cluster started
     # on this machine with `ray start`, else a new local cluster ("local" always starts one).
-    address: Optional[str] = None
+    address: str | None = None
     # Only for a local cluster the driver starts itself: CPUs it offers (null = every core)
     # and its object store (null = Ray's default, 30% of RAM; batches are small, so little is needed).
-    num_cpus: Optional[int] = None
-    object_store_mb: Optional[int] = None
+    num_cpus: int | None = None
+    object_store_mb: int | None = None
     # ... and whether it runs Ray's dashboard (null = when installed, as `ray start` does).
-    include_dashboard: Optional[bool] = None
+    include_dashboard: bool | None = None
     # How long to wait for every actor to be placed and pass the shared-storage check (an
     # autoscaling cluster may take minutes to add nodes) before the run is refused.
     start_timeout_s: float = 600.0
@@ -221,15 +219,15 @@ class RunConfig:
     # default gives every worker all the machine's cores and oversubscribes shared CPUs.
     # Float results depend on it, so it is recorded per item: set it explicitly to compare
     # runs bit for bit across machines or allocations.
-    num_threads: Optional[int] = None
+    num_threads: int | None = None
     # Process at most this many rows (after sharding), handy for a smoke run; 0 = none
     # (validate and prepare the run dir only); null = all.
-    limit: Optional[int] = None
+    limit: int | None = None
     progress: bool = True
     step_progress: bool = False
     # Only images under this folder may be used (relative paths that climb out with '..',
     # absolute paths elsewhere and symlinks pointing outside are rejected); null = any path.
-    image_root: Optional[str] = None
+    image_root: str | None = None
     # Images with more pixels than this are refused before decoding (decompression bombs).
     max_image_pixels: int = 100_000_000
     # Stop cleanly, before loading the model, when the run dir's file system has less free space.
@@ -254,7 +252,7 @@ class RunConfig:
     # generated again (sidecar: reused_from). reuse_from adds earlier run dirs or sweep roots
     # to look in (opt-in: their software versions may differ). reuse=false always generates.
     reuse: bool = True
-    reuse_from: List[str] = field(default_factory=list)
+    reuse_from: list[str] = field(default_factory=list)
     # Write the manifest this run would use (ids, images, seeds: e.g. derived from a folder)
     # to <run.dir>/<run.name>.csv for editing, and stop without generating.
     emit_manifest: bool = False
@@ -281,8 +279,8 @@ GIF_MAX_LOOP = 65535  # the GIF loop count is a 16-bit field
 
 
 def range_problem(
-    name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None, nullable: bool = False
-) -> Optional[str]:
+    name: str, value: Any, low: float | None = None, high: float | None = None, nullable: bool = False
+) -> str | None:
     """'<name>: must be ...' for a numeric setting outside [low, high] (or NaN/inf), else None.
     Typed fields already hold numbers; this is about values that would only fail later."""
     if value is None:

@@ -35,7 +35,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from .atomic import (
+from svdbatch.core.atomic import (
     HOST,
     TEMP_MARKER,
     atomic_write_bytes,
@@ -52,10 +52,21 @@ from .atomic import (
     temp_prefix,
     written_by_dead_process,
 )
-from .config import OutputFormat
-from .faults import fault_point
-from .outputs import link_output, output_bytes, output_name
-from .sidecar import ReusedFrom, Sidecar, SidecarError, SidecarImage, SidecarRow, body_bytes, named_output, result_record
+from svdbatch.core.config import OutputFormat
+from svdbatch.core.errors import RunDirError
+from svdbatch.core.faults import fault_point
+from svdbatch.core.jsonl import latest_by_id, parse_jsonl, read_jsonl_fast, to_json
+from svdbatch.rundir.outputs import link_output, output_bytes, output_name
+from svdbatch.rundir.sidecar import (
+    ReusedFrom,
+    Sidecar,
+    SidecarError,
+    SidecarImage,
+    SidecarRow,
+    body_bytes,
+    named_output,
+    result_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +145,6 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return any((folder / name).is_file() for name in RUN_DIR_MARKERS) or any(folder.glob(SHARD_CONFIG_GLOB))
 
 
-def to_json(record: Any, **kwargs: Any) -> str:
-    """json.dumps that never writes NaN/Infinity (not JSON: other readers refuse the file);
-    manifest validation refuses non-finite meta values, so this raising is a bug, not input."""
-    return json.dumps(record, allow_nan=False, **kwargs)
-
-
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one whole line; the lock keeps lines from several worker processes intact."""
     line = (to_json(record, sort_keys=True, default=str) + "\n").encode()
@@ -164,34 +169,6 @@ def repair_jsonl(path: Path) -> int:
         keep = data.rfind(b"\n") + 1
         handle.truncate(keep)
         return len(data) - keep
-
-
-def read_jsonl_fast(path: Path) -> list[dict[str, Any]]:
-    """All records of a JSONL file (parse_jsonl): unreadable lines are skipped and named."""
-    try:
-        return parse_jsonl(path.read_bytes(), path)
-    except FileNotFoundError:
-        return []
-
-
-def parse_jsonl(data: bytes, path: Path | None = None) -> list[dict[str, Any]]:
-    """The records of JSONL bytes, parsed as one JSON array (2-3x faster than line by line
-    for a 100k-line log); line by line when one is damaged, skipping (and, given the file's
-    `path`, naming) unreadable lines."""
-    lines = data.split(b"\n")
-    try:
-        records = json.loads(b"[" + b",".join(line for line in lines if line.strip()) + b"]")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        records = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if path is not None:
-                    log.warning("%s:%d: skipping unreadable line", path, number)
-    return [record for record in records if isinstance(record, dict)]
 
 
 # A smaller results log is checked in one process: forking would save less than it costs.
@@ -272,15 +249,6 @@ def start_forked(work: Callable[[], Any]) -> Callable[[], Any] | None:
     return result
 
 
-def latest_by_id(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The last record per id (the logs are append-only, so the last line is the newest)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for record in records:
-        if record.get("id") is not None:
-            latest[str(record["id"])] = record
-    return latest
-
-
 def config_files(run_dir: Path) -> list[Path]:
     """config.yaml, or one config.shard-I-of-N.yaml per shard of a sharded run."""
     return sorted(run_dir.glob(CONFIG)) + sorted(run_dir.glob(SHARD_CONFIG_GLOB))
@@ -343,10 +311,6 @@ def output_intact(run_dir: str | os.PathLike, record: dict[str, Any]) -> bool:
         return False
     sidecar_size = output_bytes(f"{root}/{sidecar_relpath(str(record.get('id')))}")
     return sidecar_size == record["sidecar_bytes"] if "sidecar_bytes" in record else sidecar_size >= 0
-
-
-class RunDirError(RuntimeError):
-    pass
 
 
 def run_dir_problem(root: str | os.PathLike, cwd: str | os.PathLike | None = None) -> str | None:

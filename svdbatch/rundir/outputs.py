@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from .atomic import DISK_FULL_ERRNOS, atomic_path, default_mode, fsync_path, temp_prefix
-from .config import OutputConfig, OutputFormat
-from .faults import fault_point
+from svdbatch.core.atomic import DISK_FULL_ERRNOS, atomic_path, default_mode, fsync_path, temp_prefix
+from svdbatch.core.config import OutputConfig, OutputFormat
+from svdbatch.core.faults import fault_point
 
 if TYPE_CHECKING:  # numpy is imported where frames are handled: `svdbatch status` needs none
     import numpy as np

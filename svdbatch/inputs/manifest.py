@@ -26,13 +26,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .atomic import atomic_write_bytes
-from .config import ConfigError, ImageCheck, ResizeMode, image_check_mode
-from .fetch import is_url, url_problem
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageCache, ImageProblem, check_image
-from .images import check_images as check_image_files
-from .params import PARAM_NAMES, ValueProblem, coerce, combination_problems, show_value
-from .store import OUTPUTS_ROOT, is_run_dir
+from svdbatch.core.atomic import atomic_write_bytes
+from svdbatch.core.config import ImageCheck, ResizeMode, image_check_mode
+from svdbatch.core.errors import ConfigError, ManifestError
+from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, PARAM_NAMES, ValueProblem, coerce, combination_problems, show_value
+from svdbatch.inputs.fetch import is_url, url_problem
+from svdbatch.inputs.images import ImageCache, ImageProblem, check_image
+from svdbatch.inputs.images import check_images as check_image_files
+from svdbatch.rundir.store import OUTPUTS_ROOT, is_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +116,6 @@ class Problem:
 def printable(text: str) -> str:
     """Text safe to print or log: a lone surrogate (from a JSONL key) as a \\ud800 escape."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-class ManifestError(Exception):
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        lines = [f"{len(problems)} problem(s) in the manifest:"] + [f"  {p}" for p in problems]
-        super().__init__("\n".join(lines))
 
 
 @dataclass
