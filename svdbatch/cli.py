@@ -16,43 +16,37 @@ Exit codes live in core/errors.py.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
 import signal
 import sys
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from svdbatch.core.config import register_configs
+from svdbatch import api
+from svdbatch.core.config import config_dir
 from svdbatch.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_ITEMS_FAILED,
     EXIT_OK,
     EXIT_STOPPED,
     USER_ERRORS,
+    CannotReproduce,
     ConfigError,
     ManifestError,
+    RunDirError,
     exit_code_for_signal,
 )
+from svdbatch.engine.sweep import format_sweep_report, gallery_command
+from svdbatch.reports.status import format_report
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 log = logging.getLogger("svdbatch")
-
-
-def config_dir() -> str:
-    """conf/ of a source checkout (editable install), else the copy packaged in the wheel.
-    Whoever composes from it asks here first, so the typed schema its config.yaml names
-    (and the resolvers) are registered then: Hydra is imported only by what composes."""
-    register_configs()
-    source_tree = Path(__file__).resolve().parent.parent / "conf"
-    if (source_tree / "config.yaml").is_file():
-        return str(source_tree)
-    return str(resources.files("svdbatch.conf"))
 
 
 _exit_codes: list[int] = []  # one per Hydra job (several in a multirun)
@@ -101,15 +95,12 @@ def hydra_app() -> None:
 def run_job(cfg: DictConfig) -> JobSummary:
     """One Hydra job: a run, or a sweep point (module level: submitit pickles it by name)."""
     _jobs_started.append(True)
-    # torch is imported here, not at module level, so `svdbatch status` and `gallery` start fast.
-    from svdbatch.engine.driver import run
-
     try:
         if cfg.run.emit_manifest:
             code = emit_manifest(cfg)
             _exit_codes.append(code)
             return JobSummary(job_number(), str(cfg.run.dir), f"wrote the manifest into {cfg.run.dir}", code)
-        summary = run(cfg)
+        summary = api.run(cfg)
     except USER_ERRORS as exc:
         log.error("%s", exc)
         _exit_codes.append(EXIT_BAD_INPUT)
@@ -140,11 +131,8 @@ def exit_code(summary) -> int:
 
 def validate(args: list[str]) -> int:
     """check a manifest and the config, generate nothing"""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from svdbatch.engine.driver import load_manifest
 
     parser = argparse.ArgumentParser(
         prog="svdbatch validate",
@@ -154,66 +142,131 @@ def validate(args: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="the same overrides as a run (manifest=... required)")
     overrides = parser.parse_args(args).overrides
     try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+        cfg = api.compose(*overrides)
         cfg.manifest  # noqa: B018  (a missing manifest fails here, with the key's name)
     except (HydraException, OmegaConfBaseException) as exc:
         print(f"svdbatch validate: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        manifest = load_manifest(cfg)
+        result = api.validate(cfg)
     except (ManifestError, ConfigError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
-    for _, _, problems in manifest.bad_rows:
+    for _, _, problems in result.invalid:
         for problem in problems:
             print(f"skipped (run.strict=false): {problem}", file=sys.stderr)
-    print(f"{cfg.manifest}: {len(manifest.items)} valid rows, {len(manifest.bad_rows)} invalid")
-    return EXIT_BAD_INPUT if manifest.bad_rows else 0
+    print(f"{result.manifest}: {result.valid} valid rows, {len(result.invalid)} invalid")
+    return EXIT_OK if result.ok else EXIT_BAD_INPUT
 
 
 def emit_manifest(cfg: DictConfig) -> int:
-    """`run.emit_manifest=true`: write the manifest the run would use (e.g. derived from a
-    folder) as <run.dir>/<run.name>.csv, with explicit ids and seeds, and generate nothing.
-    Running that CSV into the same run dir reproduces (and resumes) the same items."""
-    from svdbatch.engine.driver import load_manifest
-    from svdbatch.inputs.manifest import write_manifest
-
-    manifest = load_manifest(cfg)
-    target = Path(cfg.run.dir) / f"{cfg.run.name}.csv"
-    write_manifest(manifest.items, target)
-    print(f"wrote {target} ({len(manifest.items)} rows); edit it, then: svdbatch manifest={target}")
-    return 0
+    """`run.emit_manifest=true`: write the manifest the run would use and generate nothing."""
+    target, rows = api.emit_manifest(cfg)
+    print(f"wrote {target} ({rows} rows); edit it, then: svdbatch manifest={target}")
+    return EXIT_OK
 
 
-# Subcommands import their module only when called: `status` and `gallery` start fast, and
-# those modules import the exit codes above without an import cycle.
 def reproduce(args: list[str]) -> int:
     """regenerate one item from its sidecar and compare the frames hash"""
-    from svdbatch.engine.reproduce import reproduce_command
-
-    return reproduce_command(args)
+    parser = argparse.ArgumentParser(
+        prog="svdbatch reproduce",
+        description="regenerate one item from its sidecar alone and compare the frames hash",
+        epilog="exit status: 0 the frames match, 1 they differ, 2 the item cannot be re-run as recorded",
+    )
+    parser.add_argument("sidecar", type=Path, help="<run dir>/items/<id>.json")
+    options = parser.parse_args(args)  # a bad command line exits 2, like an item that cannot be re-run
+    try:
+        result = api.reproduce(options.sidecar)
+    except (CannotReproduce, *USER_ERRORS) as exc:
+        print(f"svdbatch reproduce: cannot reproduce: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for note in result.notes:
+        print(f"  note: {note}", file=sys.stderr)
+    if result.matches:
+        print(f"{result.item_id}: frames match the sidecar (sha256 {result.got})")
+    else:
+        print(f"{result.item_id}: frames DIFFER: recorded sha256 {result.recorded}, got {result.got}")
+    print(f"{result.item_id}: {result.file_report}")
+    return EXIT_OK if result.matches and result.file_ok is not False else EXIT_ITEMS_FAILED
 
 
 def status(args: list[str]) -> int:
     """done / in progress / failed / pending counts, failure reasons, throughput, ETA (a run dir or a sweep root)"""
-    from svdbatch.engine.sweep import status_command  # a sweep root, else the run dir's own
-
-    return status_command(args)
+    parser = argparse.ArgumentParser(prog="svdbatch status", description="counts of a run dir, or of every point of a sweep root")
+    parser.add_argument("path", type=Path, help="a run dir, or a sweep root (every point and the total)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    options = parser.parse_args(args)
+    try:
+        report = api.status(options.path)
+    except RunDirError as exc:
+        print(f"svdbatch status: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if options.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(format_sweep_report(report) if "points" in report else format_report(report))
+    return EXIT_OK
 
 
 def gallery(args: list[str]) -> int:
     """rewrite <run dir>/index.html, the contact sheet (a sweep root: the comparison page)"""
-    from svdbatch.engine.sweep import gallery_command  # a sweep root, else the run dir's own
-
-    return gallery_command(args)
+    return gallery_command(args)  # a sweep root, else the run dir's own
 
 
 def verify(args: list[str]) -> int:
     """check every finished file against its sidecar; --repair sets damaged items aside"""
-    from svdbatch.rundir.verify import verify_command
+    parser = argparse.ArgumentParser(prog="svdbatch verify", description="check every finished item of a run dir byte for byte")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    parser.add_argument("--repair", action="store_true", help="set damaged items aside so the next run redoes them")
+    options = parser.parse_args(args)
+    try:
+        report = api.verify(options.run_dir, repair=options.repair)
+    except RunDirError as exc:
+        print(f"svdbatch verify: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(verify_json(report) if options.json else verify_text(report))
+    return EXIT_ITEMS_FAILED if report.damaged else EXIT_OK
 
-    return verify_command(args)
+
+def verify_json(report: api.VerifyReport) -> str:
+    items = report.items
+    return json.dumps(
+        {
+            "run_dir": str(report.run_dir),
+            "checked": len(items),
+            "ok": len(items) - len(report.damaged),
+            "damaged": [{"id": r.item_id, "problems": r.problems} for r in report.damaged],
+            "notes": [{"id": r.item_id, "notes": r.notes} for r in items if r.notes],
+            "set_aside_in": str(report.set_aside_in) if report.set_aside_in else None,
+            "busy": report.busy,
+            "unrecorded_outputs": report.unrecorded_outputs,
+        },
+        ensure_ascii=False,
+    )
+
+
+def verify_text(report: api.VerifyReport) -> str:
+    """One line per damaged item (its reasons), the notes, then the totals."""
+    lines = []
+    for item in report.items:
+        if item.damaged:
+            lines.append(f"DAMAGED {item.item_id}: " + "; ".join(item.problems))
+        lines += [f"  note {item.item_id}: {note}" for note in item.notes]
+    unrecorded, damaged = report.unrecorded_outputs, report.damaged
+    if unrecorded:
+        shown = ", ".join(unrecorded[:5]) + (" ..." if len(unrecorded) > 5 else "")
+        lines.append(f"  note: {len(unrecorded)} file(s) in videos/ that no sidecar describes (other output settings?): {shown}")
+    names = f" ({', '.join(r.item_id for r in damaged[:10])}{' ...' if len(damaged) > 10 else ''})" if damaged else ""
+    checked = len(report.items)
+    lines.append(f"svdbatch verify: {checked} items checked, {checked - len(damaged)} intact, {len(damaged)} damaged{names}")
+    if report.set_aside_in:
+        lines.append(
+            f"set aside {len(damaged) - len(report.busy)} item(s) in {report.set_aside_in}; run the same command again to redo them"
+        )
+    if report.busy:
+        lines.append(f"left alone (another process is generating them now): {', '.join(report.busy)}")
+    return "\n".join(lines)
 
 
 SUBCOMMANDS = {"validate": validate, "reproduce": reproduce, "status": status, "gallery": gallery, "verify": verify}

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from svdbatch.cli import config_dir
+from svdbatch.core.config import config_dir
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CSV = REPO / "manifests" / "sample.csv"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from svdbatch.cli import reproduce as reproduce_command
 from svdbatch.engine.driver import run
-from svdbatch.engine.reproduce import reproduce_command
 from tests.conftest import make_cfg, make_image, run_cli, write_csv
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from svdbatch.cli import status as status_command
 from svdbatch.reports.status import (
     claim_is_held,
     classify,
@@ -19,7 +20,6 @@ from svdbatch.reports.status import (
     group_reasons,
     normalise_error,
     normalise_problem,
-    status_command,
     throughput,
 )
 from tests.conftest import FAST, make_image, run_cli, write_csv, write_jsonl

@@ -17,11 +17,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from svdbatch.cli import status as status_command
 from svdbatch.core.errors import ConfigError
 from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
 from svdbatch.engine.driver import run
 from svdbatch.engine.plan import shadowed_knobs_warning
-from svdbatch.engine.sweep import point_dirs, status_command, sweep_points, write_sweep_page
+from svdbatch.engine.sweep import point_dirs, sweep_points, write_sweep_page
 from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli
 from tests.test_gallery import find_chromium

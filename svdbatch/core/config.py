@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from enum import Enum
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -452,7 +453,7 @@ def hydra_job_dir(_root_: DictConfig) -> str:
 
 
 def register_configs() -> None:
-    """Register the schema and resolvers before composing (cli.config_dir does; idempotent)."""
+    """Register the schema and resolvers before composing (config_dir does; idempotent)."""
     from hydra.core.config_store import ConfigStore  # here: status and gallery never import Hydra
 
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
@@ -466,3 +467,14 @@ def plain(node: Any) -> Any:
     if not isinstance(node, DictConfig):
         node = OmegaConf.structured(node)
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+
+def config_dir() -> str:
+    """conf/ of a source checkout (editable install), else the copy packaged in the wheel.
+    Whoever composes from it asks here first, so the typed schema its config.yaml names
+    (and the resolvers) are registered then: Hydra is imported only by what composes."""
+    register_configs()
+    source_tree = Path(__file__).resolve().parents[2] / "conf"
+    if (source_tree / "config.yaml").is_file():
+        return str(source_tree)
+    return str(resources.files("svdbatch.conf"))

@@ -42,5 +42,9 @@ class ModelLoadError(RuntimeError):
     """The configured model cannot be loaded (missing weights, a bad source or device)."""
 
 
+class CannotReproduce(RuntimeError):
+    """An item that cannot be re-run as its sidecar records it (`svdbatch reproduce`)."""
+
+
 # Errors that are the input's fault: a clear message and exit 2, no traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (ManifestError, ConfigError, ModelLoadError, RunDirError)

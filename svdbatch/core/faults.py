@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 from collections import Counter
 
 FAULT_ENV = "SVDBATCH_FAULT"
@@ -68,7 +69,7 @@ def fault_point(stage: str) -> None:
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {stage})")
     if action == "oom":
-        import torch  # only here: status and other light commands must not pay for importing torch
-
-        raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {stage})")
+        # Only generation points inject an OOM, and torch is loaded there: take its error
+        # class from it rather than importing torch into every module that has a fault point.
+        raise sys.modules["torch"].OutOfMemoryError(f"CUDA out of memory (injected at {stage})")
     raise RuntimeError(f"injected failure at {stage}")

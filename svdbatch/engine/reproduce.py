@@ -14,8 +14,6 @@ differ or the file on disk is missing or changed, 2 the item cannot be re-run as
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -24,7 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from svdbatch.core.config import FetchConfig, MemoryConfig, ModelConfig
-from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK, ConfigError, ModelLoadError
+from svdbatch.core.errors import CannotReproduce
 from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION
 from svdbatch.engine.worker import generate_frames, software_versions
 from svdbatch.inputs.fetch import FetchError, UrlCache
@@ -33,12 +31,6 @@ from svdbatch.models.loading import load_pipeline, model_identity, pin_threads, 
 from svdbatch.rundir.outputs import frames_sha256, output_bytes, output_sha256
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
 from svdbatch.rundir.store import sidecar_relpath
-
-EXIT_MATCH, EXIT_MISMATCH, EXIT_CANNOT = EXIT_OK, EXIT_ITEMS_FAILED, EXIT_BAD_INPUT
-
-
-class CannotReproduce(RuntimeError):
-    pass
 
 
 @dataclass
@@ -146,26 +138,3 @@ def reproduce(sidecar_path: Path) -> Reproduction:
         file_ok=file_ok,
         file_report=file_report,
     )
-
-
-def reproduce_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="svdbatch reproduce",
-        description="regenerate one item from its sidecar alone and compare the frames hash",
-        epilog="exit status: 0 the frames match, 1 they differ, 2 the item cannot be re-run as recorded",
-    )
-    parser.add_argument("sidecar", type=Path, help="<run dir>/items/<id>.json")
-    options = parser.parse_args(args)  # a bad command line exits 2, like EXIT_CANNOT
-    try:
-        result = reproduce(options.sidecar)
-    except (CannotReproduce, ConfigError, ModelLoadError) as exc:
-        print(f"svdbatch reproduce: cannot reproduce: {exc}", file=sys.stderr)
-        return EXIT_CANNOT
-    for note in result.notes:
-        print(f"  note: {note}", file=sys.stderr)
-    if result.matches:
-        print(f"{result.item_id}: frames match the sidecar (sha256 {result.got})")
-    else:
-        print(f"{result.item_id}: frames DIFFER: recorded sha256 {result.recorded}, got {result.got}")
-    print(f"{result.item_id}: {result.file_report}")
-    return EXIT_MATCH if result.matches and result.file_ok is not False else EXIT_MISMATCH

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from svdbatch.core.atomic import atomic_write_bytes
+from svdbatch.core.errors import EXIT_OK
 from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
 from svdbatch.reports import gallery, status
 from svdbatch.reports.gallery import (
@@ -716,26 +717,6 @@ def format_sweep_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def status_command(args: list[str]) -> int:
-    """`svdbatch status PATH`: a sweep root gets the sweep's status, a run dir its own."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="svdbatch status", description="counts of a run dir, or of every point of a sweep root")
-    parser.add_argument("path", type=Path, help="a run dir, or a sweep root (every point and the total)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
-    parser.add_argument(
-        "--window", type=int, default=status.THROUGHPUT_WINDOW, help="finished items the throughput is measured over"
-    )
-    options = parser.parse_args(args)
-    if not is_sweep_root(options.path) or not point_dirs(options.path):
-        return status.status_command(args)
-    report = collect_sweep(options.path, max(1, options.window))
-    print(json.dumps(report, ensure_ascii=False) if options.json else format_sweep_report(report))
-    sys.stdout.flush()
-    return status.EXIT_OK
-
-
 def gallery_command(args: list[str]) -> int:
     """`svdbatch gallery PATH`: a sweep root gets its comparison page, a run dir its contact sheet."""
     import argparse
@@ -747,5 +728,5 @@ def gallery_command(args: list[str]) -> int:
     if is_sweep_root(options.path) and point_dirs(options.path):
         print(write_sweep_page(options.path, options.max_items))
         if not gallery.is_run_dir(options.path):
-            return gallery.EXIT_OK
+            return EXIT_OK
     return gallery.gallery_command(args)  # also when the sweep root is a run dir of its own

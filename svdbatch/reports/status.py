@@ -18,14 +18,12 @@ run redoes it).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -37,7 +35,7 @@ from typing import Any
 import yaml
 
 from svdbatch.core.atomic import atomic_write_bytes
-from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_OK, ManifestError
+from svdbatch.core.errors import ManifestError
 from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
 from svdbatch.inputs.manifest import Manifest, read_manifest
 from svdbatch.rundir.store import (
@@ -49,15 +47,12 @@ from svdbatch.rundir.store import (
     config_files,
     finished_intact,
     is_invalid_record,
-    is_run_dir,
-    not_a_run_dir_message,
     owner_state,
     parse_time,
     read_owners,
     run_cwd,
 )
 
-EXIT_NOT_A_RUN_DIR = EXIT_BAD_INPUT
 THROUGHPUT_WINDOW = 50
 # Finishes further apart than this (or 10 mean items) split a run into sessions: a resumed
 # run must not count yesterday's items, or the rate looks tiny and the ETA huge.
@@ -554,17 +549,3 @@ def live_text(report: dict[str, Any]) -> str:
         return f"unknown (runs on {hosts}; last heartbeat {format_duration(newest)} ago)"
     dead = [f"{o['pid']}@{o['host']}" for o in owners if o["state"] == "dead"]
     return "no" + (f" (pid {', '.join(dead)} is gone: killed or crashed)" if dead else "")
-
-
-def status_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="svdbatch status", description="done / pending / failed counts of a run dir")
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
-    parser.add_argument("--window", type=int, default=THROUGHPUT_WINDOW, help="finished items the throughput is measured over")
-    options = parser.parse_args(args)
-    if not is_run_dir(options.run_dir):
-        print(f"svdbatch status: {not_a_run_dir_message(options.run_dir)}", file=sys.stderr)
-        return EXIT_NOT_A_RUN_DIR
-    report = collect(options.run_dir, max(1, options.window))
-    print(json.dumps(report, ensure_ascii=False) if options.json else format_report(report))
-    return EXIT_OK

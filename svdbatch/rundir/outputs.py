@@ -17,6 +17,7 @@ import errno
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,8 @@ from PIL import Image
 from svdbatch.core.atomic import DISK_FULL_ERRNOS, atomic_path, default_mode, fsync_path, temp_prefix
 from svdbatch.core.config import OutputConfig, OutputFormat
 from svdbatch.core.faults import fault_point
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # numpy is imported where frames are handled: `svdbatch status` needs none
     import numpy as np
@@ -248,12 +251,25 @@ def check_decodes(
         if fps and path.suffix in (".gif", ".webp"):
             count = shown_frames(path, fps)
     except Exception as exc:  # any decoder error: the file is not what it should be
-        raise OutputCheckError(f"{path.name} does not decode: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
+        log.debug("decoding %s failed:\n%s", path, exc)  # the decoder's whole output, for the log only
+        raise OutputCheckError(f"{path.name} does not decode: {type(exc).__name__}: {decoder_reason(str(exc))}") from None
     if decoded.ndim != 4 or count != frames or tuple(decoded.shape[1:3]) != (height, width):
         size = f"{decoded.shape[2]}x{decoded.shape[1]}" if decoded.ndim == 4 else "x".join(map(str, decoded.shape))
         raise OutputCheckError(f"{path.name} decodes to {count} frames of {size}, expected {frames} frames of {width}x{height}")
     if frames_sha is not None and frames_sha256(decoded) != frames_sha:
         raise OutputCheckError(f"{path.name}: the decoded frames differ from the generated ones")
+
+
+# What ffmpeg prints before it says what is wrong: its version, build and library lines.
+_FFMPEG_BANNER = re.compile(r"^\s*(ffmpeg version|built with|configuration:|lib\w+\s+\d|Input #|Duration:|Stream #|Metadata:)")
+
+
+def decoder_reason(text: str) -> str:
+    """One line that says why a file did not decode: a decoder's message (imageio-ffmpeg
+    quotes ffmpeg's whole banner and configuration) without the banner, its last line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip() and not _FFMPEG_BANNER.match(line)]
+    reason = lines[-1] if lines else text.strip()
+    return reason[:200]
 
 
 def shown_frames(path: Path, fps: int) -> int:

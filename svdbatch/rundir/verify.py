@@ -19,11 +19,9 @@ Exit status: 0 every item is intact, 1 some are damaged (also after --repair), 2
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +29,6 @@ from typing import Any
 
 from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.config import OutputConfig
-from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK
 from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
 from svdbatch.rundir.dataset import write_metadata
 from svdbatch.rundir.outputs import (
@@ -53,12 +50,9 @@ from svdbatch.rundir.store import (
     SIDECARS_DIR,
     VIDEOS_DIR,
     RunStore,
-    is_run_dir,
-    not_a_run_dir_message,
     sidecar_relpath,
 )
 
-EXIT_DAMAGED, EXIT_NOT_A_RUN_DIR = EXIT_ITEMS_FAILED, EXIT_BAD_INPUT
 # results.jsonl fields that must equal what the sidecar's own results line says (Sidecar.result_record).
 AGREE = ("key", "output_key", "output", "output_bytes", "output_sha256", "frames_sha256", "seed")
 
@@ -273,51 +267,3 @@ def drop_shards(run_dir: Path, ids: set[str], dest: Path) -> None:
 
 
 # -- command ----------------------------------------------------------------------------
-def verify_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="svdbatch verify", description="check every finished item of a run dir byte for byte")
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
-    parser.add_argument("--repair", action="store_true", help="set damaged items aside so the next run redoes them")
-    options = parser.parse_args(args)
-    run_dir = options.run_dir
-    if not is_run_dir(run_dir):
-        print(f"svdbatch verify: {not_a_run_dir_message(run_dir)}", file=sys.stderr)
-        return EXIT_NOT_A_RUN_DIR
-    reports = verify_run_dir(run_dir)
-    damaged = [r for r in reports if r.damaged]
-    dest, busy = set_aside(run_dir, damaged) if options.repair and damaged else (None, [])
-    unrecorded = unrecorded_outputs(run_dir)
-    if options.json:
-        print(
-            json.dumps(
-                {
-                    "run_dir": str(run_dir),
-                    "checked": len(reports),
-                    "ok": len(reports) - len(damaged),
-                    "damaged": [{"id": r.item_id, "problems": r.problems} for r in damaged],
-                    "notes": [{"id": r.item_id, "notes": r.notes} for r in reports if r.notes],
-                    "set_aside_in": str(dest) if dest else None,
-                    "busy": busy,
-                    "unrecorded_outputs": unrecorded,
-                },
-                ensure_ascii=False,
-            )
-        )
-    else:
-        for report in reports:
-            if report.damaged:
-                print(f"DAMAGED {report.item_id}: " + "; ".join(report.problems))
-            for note in report.notes:
-                print(f"  note {report.item_id}: {note}")
-        if unrecorded:
-            shown = ", ".join(unrecorded[:5]) + (" ..." if len(unrecorded) > 5 else "")
-            print(f"  note: {len(unrecorded)} file(s) in videos/ that no sidecar describes (other output settings?): {shown}")
-        names = f" ({', '.join(r.item_id for r in damaged[:10])}{' ...' if len(damaged) > 10 else ''})" if damaged else ""
-        print(
-            f"svdbatch verify: {len(reports)} items checked, {len(reports) - len(damaged)} intact, {len(damaged)} damaged{names}"
-        )
-        if dest:
-            print(f"set aside {len(damaged) - len(busy)} item(s) in {dest}; run the same command again to redo them")
-        if busy:
-            print(f"left alone (another process is generating them now): {', '.join(busy)}")
-    return EXIT_DAMAGED if damaged else EXIT_OK

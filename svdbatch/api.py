@@ -1,0 +1,205 @@
+"""The public Python API: what the CLI, notebooks, pipelines and the tests call.
+
+    cfg = svdbatch.compose("manifest=manifests/sample.csv", "run.name=demo")
+    svdbatch.validate(cfg)                    # every problem of config and manifest, nothing generated
+    summary = svdbatch.run(cfg)               # RunSummary: run_dir, done / skipped / failed / invalid
+    svdbatch.status(summary.run_dir)          # the dict `svdbatch status --json` prints
+    for item in svdbatch.open_run(summary.run_dir):
+        print(item.id, item.status, item.video, item.seed, item.params)
+    svdbatch.verify(summary.run_dir, repair=False)
+    svdbatch.reproduce(summary.run_dir / "items" / "rocket.json")
+
+Each function returns data and raises the errors of core/errors.py for bad input; printing
+and exit codes are the CLI's business (cli.py). Importing this module imports neither torch
+nor Hydra: a run imports torch in its worker processes, `compose` imports Hydra.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from svdbatch.core.config import config_dir
+from svdbatch.core.errors import RunDirError
+from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.engine import driver, sweep
+from svdbatch.engine.driver import RunSummary
+from svdbatch.inputs.manifest import write_manifest
+from svdbatch.reports import status as run_status
+from svdbatch.rundir.dataset import write_metadata
+from svdbatch.rundir.sidecar import Sidecar, SidecarError
+from svdbatch.rundir.store import (
+    FAILURES,
+    RESULTS,
+    RunStore,
+    is_invalid_record,
+    is_run_dir,
+    not_a_run_dir_message,
+    output_intact,
+    sidecar_relpath,
+)
+from svdbatch.rundir.verify import ItemReport, set_aside, unrecorded_outputs, verify_run_dir
+
+if TYPE_CHECKING:
+    from svdbatch.engine.reproduce import Reproduction
+
+__all__ = [
+    "ItemRecord",
+    "RunSummary",
+    "Validation",
+    "VerifyReport",
+    "compose",
+    "emit_manifest",
+    "open_run",
+    "reproduce",
+    "run",
+    "status",
+    "validate",
+    "verify",
+]
+
+
+def compose(*overrides: str) -> DictConfig:
+    """The run config from conf/ and Hydra-style overrides, as `svdbatch key=value ...` builds it.
+
+    Typed and in struct mode: an unknown key or a value of the wrong type raises. Outside a
+    Hydra job there is no job folder, so `run.dir` defaults to `outputs/<run.name>` (what the
+    CLI's default `hydra.run.dir` gives) unless an override sets it."""
+    from hydra import compose as hydra_compose  # Hydra is imported only by what composes
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    if not any(o.lstrip("+~").startswith("run.dir=") for o in overrides):
+        cfg.run.dir = str(Path("outputs") / str(cfg.run.name))
+    return cfg
+
+
+def run(config: DictConfig) -> RunSummary:
+    """Generate every item of the manifest that is not done yet into `config.run.dir`.
+
+    Returns the summary (counts done / reused / skipped / failed / invalid / busy, why it
+    stopped early if it did). Bad input raises before anything is generated."""
+    return driver.run(config)
+
+
+@dataclass
+class Validation:
+    """What `validate` found: the rows a run would generate and the rows it would refuse."""
+
+    manifest: str
+    valid: int
+    invalid: list[tuple[int, str | None, list[str]]] = field(default_factory=list)  # (line, id, problems)
+
+    @property
+    def ok(self) -> bool:
+        return not self.invalid
+
+
+def validate(config: DictConfig) -> Validation:
+    """Check the config and every manifest row as a run would, generating nothing.
+
+    A strict run's bad rows raise ManifestError (every problem, with file, row and field);
+    with run.strict=false they are returned in `invalid`."""
+    manifest = driver.load_manifest(config)
+    bad = [(line, item_id, [str(p) for p in problems]) for line, item_id, problems in manifest.bad_rows]
+    return Validation(str(config.manifest), len(manifest.items), bad)
+
+
+def emit_manifest(config: DictConfig) -> tuple[Path, int]:
+    """Write the manifest a run would use (e.g. derived from a folder) as
+    <run.dir>/<run.name>.csv, with explicit ids and seeds; returns its path and row count.
+    Running that CSV into the same run dir reproduces (and resumes) the same items."""
+    manifest = driver.load_manifest(config)
+    target = Path(config.run.dir) / f"{config.run.name}.csv"
+    write_manifest(manifest.items, target)
+    return target, len(manifest.items)
+
+
+def status(path: str | os.PathLike) -> dict[str, Any]:
+    """Progress of a run dir (or of every point of a sweep root): the object `svdbatch status
+    --json` prints (counts, failure reasons, throughput, ETA, liveness)."""
+    path = Path(path)
+    if sweep.is_sweep_root(path) and sweep.point_dirs(path):
+        return sweep.collect_sweep(path)
+    _require_run_dir(path)
+    return run_status.collect(path)
+
+
+@dataclass
+class VerifyReport:
+    run_dir: Path
+    items: list[ItemReport]
+    unrecorded_outputs: list[str]
+    set_aside_in: Path | None = None  # repair: where the damaged items went
+    busy: list[str] = field(default_factory=list)  # repair: left alone, another process holds them
+
+    @property
+    def damaged(self) -> list[ItemReport]:
+        return [r for r in self.items if r.damaged]
+
+
+def verify(run_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
+    """Check every finished item byte for byte against its sidecar and results line; with
+    `repair`, set damaged items aside (the next run redoes them) and rewrite metadata.jsonl."""
+    run_dir = Path(run_dir)
+    _require_run_dir(run_dir)
+    items = verify_run_dir(run_dir)
+    report = VerifyReport(run_dir, items, unrecorded_outputs(run_dir))
+    if repair and report.damaged:
+        report.set_aside_in, report.busy = set_aside(run_dir, report.damaged)
+        write_metadata(RunStore(run_dir, "mp4"))  # the dataset index must not list what was moved
+    return report
+
+
+def reproduce(sidecar: str | os.PathLike) -> Reproduction:
+    """Regenerate one item from its sidecar alone and compare the frames hash (`matches`).
+    It loads the model here, in this process: the only function of this module that
+    imports torch, and only when called."""
+    from svdbatch.engine.reproduce import reproduce as reproduce_item
+
+    return reproduce_item(Path(sidecar))
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """One item of a run dir as a typed record."""
+
+    id: str
+    status: str  # "done" or "failed"
+    video: Path | None  # the output (file or frames folder); None unless done
+    seed: int | None
+    params: dict[str, Any]  # the generation parameters it was (or was to be) made with
+    sidecar: Path | None  # items/<id>.json; None unless done
+    error: str | None = None  # why it failed
+
+
+def open_run(path: str | os.PathLike) -> Iterator[ItemRecord]:
+    """Every item of a run dir that is finished or failed, in the order they were recorded:
+    done items (output intact) from their sidecars, failures from failures.jsonl."""
+    run_dir = Path(path)
+    _require_run_dir(run_dir)
+    done = latest_by_id(read_jsonl_fast(run_dir / RESULTS))
+    for item_id, record in done.items():
+        if not output_intact(run_dir, record):
+            continue
+        sidecar_path = run_dir / sidecar_relpath(item_id)
+        try:
+            sidecar = Sidecar.read(sidecar_path)
+        except (OSError, SidecarError):
+            continue
+        yield ItemRecord(item_id, "done", run_dir / sidecar.output.path, sidecar.seed, dict(sidecar.params), sidecar_path)
+    for item_id, record in latest_by_id(read_jsonl_fast(run_dir / FAILURES)).items():
+        if item_id in done or is_invalid_record(record):
+            continue
+        yield ItemRecord(item_id, "failed", None, record.get("seed"), dict(record.get("params") or {}), None, record.get("error"))
+
+
+def _require_run_dir(path: Path) -> None:
+    if not is_run_dir(path):
+        raise RunDirError(not_a_run_dir_message(path))
