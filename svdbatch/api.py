@@ -171,7 +171,7 @@ class ItemRecord:
     """One item of a run dir as a typed record."""
 
     id: str
-    status: str  # "done" or "failed"
+    status: str  # "done", "failed" or "invalid" (a manifest row refused with run.strict=false)
     video: Path | None  # the output (file or frames folder); None unless done
     seed: int | None
     params: dict[str, Any]  # the generation parameters it was (or was to be) made with
@@ -180,8 +180,9 @@ class ItemRecord:
 
 
 def open_run(path: str | os.PathLike) -> Iterator[ItemRecord]:
-    """Every item of a run dir that is finished or failed, in the order they were recorded:
-    done items (output intact) from their sidecars, failures from failures.jsonl."""
+    """Every item of a run dir that is finished, failed or refused, in the order they were
+    recorded: done items (output intact) from their sidecars, then failures and invalid rows
+    from failures.jsonl (an item that failed once and is done now is only listed as done)."""
     run_dir = Path(path)
     _require_run_dir(run_dir)
     done = latest_by_id(read_jsonl_fast(run_dir / RESULTS))
@@ -195,7 +196,10 @@ def open_run(path: str | os.PathLike) -> Iterator[ItemRecord]:
             continue
         yield ItemRecord(item_id, "done", run_dir / sidecar.output.path, sidecar.seed, dict(sidecar.params), sidecar_path)
     for item_id, record in latest_by_id(read_jsonl_fast(run_dir / FAILURES)).items():
-        if item_id in done or is_invalid_record(record):
+        if item_id in done:
+            continue
+        if is_invalid_record(record):  # a manifest row that validation refused (run.strict=false)
+            yield ItemRecord(item_id, "invalid", None, None, {}, None, "; ".join(record.get("problems") or []))
             continue
         yield ItemRecord(item_id, "failed", None, record.get("seed"), dict(record.get("params") or {}), None, record.get("error"))
 
