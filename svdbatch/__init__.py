@@ -19,6 +19,7 @@ def __getattr__(name: str) -> object:
 def __dir__() -> list[str]:
     return [*globals(), *API]
 
+
 # torch's OpenMP threads spin while they wait for their siblings. On a CPU that other jobs
 # share, a descheduled sibling leaves the others spinning: a tiny 64x64 item took ~30 s with
 # 2 spinning threads and ~0.2 s with sleeping ones on a loaded 2-core machine

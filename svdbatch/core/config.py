@@ -303,7 +303,8 @@ def range_problem(
 
 def check_run_and_output(run: Any, output: Any) -> list[str]:
     """Settings that Hydra's typing lets through but that could only fail later (a traceback
-    mid-run, every item failing at write time) or silently mean something else."""
+    mid-run, every item failing at write time) or silently mean something else. The one
+    check of the run and output settings: `validate` and a run both call it."""
     checks = [
         range_problem("run.workers", run.workers, 1),
         range_problem("run.batch_size", run.batch_size, 1),
@@ -317,6 +318,7 @@ def check_run_and_output(run: Any, output: Any) -> list[str]:
         range_problem("output.fps", output.fps, 1, 1000, nullable=True),
         range_problem("output.quality", output.quality, 0, 10),
         range_problem("output.loop", output.loop, 0, GIF_MAX_LOOP),
+        range_problem("output.shard_size", output.shard_size, 1),
     ]
     return [problem for problem in checks if problem]
 

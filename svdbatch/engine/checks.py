@@ -13,13 +13,12 @@ from svdbatch.core.params import check_conditioning, check_model_and_memory
 from svdbatch.engine import sweep
 from svdbatch.inputs.fetch import check_fetch_config
 from svdbatch.models.loading import compile_problems, source_problem
-from svdbatch.rundir.dataset import check_output_config
 
 
 def config_problems(cfg: DictConfig) -> list[str]:
     """Every config value that could only fail later, as '<field>: why'."""
     problems = check_conditioning(cfg.conditioning) + check_model_and_memory(cfg.model, cfg.memory)
-    problems += check_run_and_output(cfg.run, cfg.output) + check_output_config(cfg.output) + check_fetch_config(cfg.fetch)
+    problems += check_run_and_output(cfg.run, cfg.output) + check_fetch_config(cfg.fetch)
     problems += check_engine(cfg.run) + sweep.check_reuse_from(cfg.run.reuse_from)
     missing = source_problem(cfg.model)
     return problems + ([missing] if missing else []) + compile_problems(cfg.memory)

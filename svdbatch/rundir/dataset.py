@@ -31,7 +31,6 @@ from typing import Any, Protocol
 from svdbatch.core.atomic import atomic_path, atomic_write_bytes
 from svdbatch.core.config import OutputConfig, OutputFormat
 from svdbatch.core.jsonl import to_json
-from svdbatch.rundir.outputs import check_output_config as check_file_settings
 from svdbatch.rundir.sidecar import Sidecar
 from svdbatch.rundir.store import METADATA_FILE, SHARD_INDEX, SHARDS_DIR, RunStore, output_intact
 
@@ -48,11 +47,6 @@ class PlannedItem(Protocol):
     item: _Item
     key: str | None
     output_key: str | None
-
-
-def check_output_config(output: OutputConfig) -> list[str]:
-    problems = check_file_settings(output)
-    return problems + ([f"output.shard_size: must be >= 1, got {output.shard_size}"] if output.shard_size < 1 else [])
 
 
 # Bump when metadata_row changes what it writes: rows cached in the run dir are then rebuilt.

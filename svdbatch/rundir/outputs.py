@@ -45,7 +45,6 @@ OUTPUT_VERSION = 1
 # Pinned, never auto-detected: imageio-ffmpeg's probe for "the best H.264 encoder" can fail
 # (e.g. when Ctrl-C reaches it) and silently fall back to another encoder with other pixels.
 MP4_CODEC, MP4_PIX_FMT = "libx264", "yuv420p"
-MAX_FPS = 1000  # the same ceiling as the conditioning fps rule
 
 
 def output_name(item_id: str, fmt: OutputFormat) -> str:
@@ -90,18 +89,6 @@ class Written:
     bytes: int
     sha256: str
     encoder: dict[str, Any]
-
-
-def check_output_config(output: OutputConfig) -> list[str]:
-    """Problems with the output settings, found before any model loads (each names its field)."""
-    problems = []
-    if output.fps is not None and not 1 <= output.fps <= MAX_FPS:
-        problems.append(f"output.fps: must be null (the item's fps) or an integer in [1, {MAX_FPS}], got {output.fps}")
-    if not 0 <= output.quality <= 10:
-        problems.append(f"output.quality: must be a number in [0, 10], got {output.quality}")
-    if not 0 <= output.loop <= 65535:  # GIF stores the loop count in 16 bits
-        problems.append(f"output.loop: must be an integer in [0, 65535] (0 = forever), got {output.loop}")
-    return problems
 
 
 def mp4_crf(quality: float) -> int:
