@@ -16,6 +16,7 @@ Exit codes live in core/errors.py.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from svdbatch.engine.sweep import format_sweep_report, gallery_command
 from svdbatch.reports.status import format_report
 
 if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
     from omegaconf import DictConfig
 
 log = logging.getLogger("svdbatch")
@@ -315,6 +317,8 @@ def show_resolved_hydra_config(argv: list[str]) -> bool:
     import io
 
     import yaml
+
+    # Hydra's own parser of its flags: it has no public equivalent, and a copy would drift.
     from hydra._internal.utils import get_args_parser
     from omegaconf import OmegaConf
 
@@ -347,13 +351,23 @@ def show_resolved_hydra_config(argv: list[str]) -> bool:
     return True
 
 
+def sweep_points(overrides: list[Override]) -> list[list[str]]:
+    """The command lines of a basic sweep's points, in the order Hydra's basic sweeper runs
+    them (the cartesian product, the first override varying slowest)."""
+    choices = [
+        [f"{o.get_key_element()}={value}" for value in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+        for o in overrides
+    ]
+    return [list(point) for point in itertools.product(*choices)]
+
+
 def show_sweep_config(argv: list[str]) -> bool:
     """`svdbatch -m a=1,2 ... --cfg job [--resolve]` (or `--info`): Hydra refuses to combine
     --multirun with --cfg/--info, yet "what will each sweep point run, and where?" is the
     question before a sweep. Print each point's config in turn, as one YAML document per
     point, composed exactly as the sweep would compose it (hydra.mode=MULTIRUN and the
     point's hydra.job.num, so run.dir is that point's folder). False: not such a command."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    # Hydra's own parser of its flags: it has no public equivalent, and a copy would drift.
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -364,7 +378,7 @@ def show_sweep_config(argv: list[str]) -> bool:
     if not args.multirun or not (args.cfg or args.info):
         return False
     flags = [token for token in argv if token not in ("-m", "--multirun") and token not in args.overrides]
-    points = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args.overrides), None)[0]
+    points = sweep_points(OverridesParser.create().parse_overrides(args.overrides))
     program = sys.argv[0]
     for number, point in enumerate(points):
         if args.cfg:
