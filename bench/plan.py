@@ -23,7 +23,8 @@ from hydra import compose, initialize_config_dir
 from svdbatch.core.config import config_dir
 from svdbatch.engine.plan import plan_run
 from svdbatch.inputs.manifest import read_manifest
-from svdbatch.models.loading import model_identity, resolve_devices
+from svdbatch.models.devices import resolve_devices
+from svdbatch.models.identity import model_identity
 from svdbatch.rundir.sidecar import result_record
 from svdbatch.rundir.store import RunStore
 

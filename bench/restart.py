@@ -49,7 +49,8 @@ from svdbatch.core.config import config_dir  # noqa: E402
 from svdbatch.engine.driver import load_manifest  # noqa: E402
 from svdbatch.engine.plan import Shard, plan_run  # noqa: E402
 from svdbatch.inputs.images import ImageCache  # noqa: E402
-from svdbatch.models.loading import model_identity, resolve_devices  # noqa: E402
+from svdbatch.models.devices import resolve_devices
+from svdbatch.models.identity import model_identity
 from svdbatch.rundir.store import RunStore  # noqa: E402
 
 BASES = 200  # distinct encodes; every file is a base plus its own JPEG comment (distinct bytes)

@@ -15,7 +15,7 @@ import sys
 
 CHILD = r"""
 import sys, time, torch
-from svdbatch.engine.driver import default_num_threads
+from svdbatch.models.identity import default_num_threads
 from svdbatch.models.loading import load_pipeline
 from svdbatch.core.config import ModelConfig, MemoryConfig
 from omegaconf import OmegaConf

@@ -10,7 +10,7 @@ from svdbatch.core.outcomes import DONE, FAILED, STOPPED, Outcome
 from svdbatch.engine.dispatch import MAX_ATTEMPTS, Ledger
 from svdbatch.engine.plan import make_batches, plan_run
 from svdbatch.inputs.manifest import read_manifest
-from svdbatch.models.loading import model_identity
+from svdbatch.models.identity import model_identity
 from svdbatch.rundir.store import RunStore
 from tests.conftest import make_cfg, make_image, write_csv
 

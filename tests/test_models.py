@@ -9,7 +9,9 @@ import torch
 
 from svdbatch.core.config import MemoryConfig, ModelConfig
 from svdbatch.core.errors import ModelLoadError
-from svdbatch.models.loading import load_pipeline, model_identity, resolve_dtype
+from svdbatch.models.devices import resolve_dtype
+from svdbatch.models.identity import model_identity
+from svdbatch.models.loading import load_pipeline
 from svdbatch.models.tiny import ensure_tiny_model, weights_fingerprint
 from tests.conftest import make_cfg
 
@@ -114,7 +116,7 @@ def test_source_with_a_tilde_is_expanded(tmp_path, monkeypatch):
 
 
 def test_compile_settings_are_checked_before_loading():
-    from svdbatch.models.loading import compile_problems
+    from svdbatch.models.compile_options import compile_problems
 
     assert compile_problems(MemoryConfig(compile=False, compile_mode="fast")) == []  # not compiling: not looked at
     problems = compile_problems(MemoryConfig(compile=True, compile_mode="fast", compile_backend="inductor"))
@@ -134,12 +136,13 @@ def test_a_folder_with_only_the_fp16_variant_runs_on_a_cpu_upcast(tmp_path, imag
     import json
 
     from svdbatch.engine.driver import run
-    from svdbatch.models.loading import only_variant_weights
-    from svdbatch.models.tiny import build_tiny_pipeline
+    from svdbatch.models.identity import only_variant_weights
+    from svdbatch.models.tiny import TINY_BUILD_SEED, TINY_COMPONENTS
+    from svdbatch.models.tiny_build import build_tiny_pipeline
     from tests.conftest import write_csv
 
     local = tmp_path / "svd-fp16-only"
-    build_tiny_pipeline().to(torch.float16).save_pretrained(local, variant="fp16")
+    build_tiny_pipeline(TINY_COMPONENTS, TINY_BUILD_SEED).to(torch.float16).save_pretrained(local, variant="fp16")
     weights = sorted(p.name for p in local.rglob("*.safetensors"))
     assert weights and all(".fp16." in name for name in weights)  # really only the variant
     assert only_variant_weights(str(local), "fp16") and not only_variant_weights(str(ensure_tiny_model()), "fp16")

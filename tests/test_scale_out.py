@@ -20,7 +20,7 @@ from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import run
 from svdbatch.engine.plan import Shard, resolve_shard, select_shard, shard_from_env
 from svdbatch.inputs.manifest import read_manifest
-from svdbatch.models.loading import resolve_devices
+from svdbatch.models.devices import resolve_devices
 from tests.conftest import FAST, REPO, make_cfg, make_image, run_cli, write_csv
 
 
@@ -330,7 +330,7 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
 
     from svdbatch.core.config import changes_outputs, plain
     from svdbatch.engine.plan import plan_run
-    from svdbatch.models.loading import model_identity
+    from svdbatch.models.identity import model_identity
     from svdbatch.rundir.store import RunStore
 
     base = make_cfg(f"manifest={manifest8}", f"run.dir={tmp_path / 'run'}", "run.limit=1")

@@ -13,7 +13,7 @@ import torch
 
 from svdbatch.core.errors import ConfigError
 from svdbatch.engine.driver import run
-from svdbatch.models.loading import default_num_threads, usable_cores
+from svdbatch.models.identity import default_num_threads, usable_cores
 from tests.conftest import REPO, make_cfg
 
 
@@ -31,7 +31,7 @@ def test_default_is_cores_over_workers_and_stable():
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
 def test_default_follows_the_cpu_affinity_it_is_given():
     """As under taskset or a Slurm allocation of one core: one thread, whatever the machine has."""
-    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from svdbatch.models.loading import usable_cores; print(usable_cores())"
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from svdbatch.models.identity import usable_cores; print(usable_cores())"
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO,

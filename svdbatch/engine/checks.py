@@ -12,7 +12,8 @@ from svdbatch.core.errors import ConfigError
 from svdbatch.core.params import check_conditioning, check_model_and_memory
 from svdbatch.engine import sweep
 from svdbatch.inputs.fetch import check_fetch_config
-from svdbatch.models.loading import compile_problems, source_problem
+from svdbatch.models.compile_options import compile_problems
+from svdbatch.models.identity import source_problem
 
 
 def config_problems(cfg: DictConfig) -> list[str]:

@@ -44,12 +44,13 @@ from svdbatch.engine.plan import (
     select_shard,
     shadowed_knobs_warning,
 )
-from svdbatch.engine.pool import Crew, WorkerSpec, execute
+from svdbatch.engine.pool import Crew, execute
+from svdbatch.engine.spec import WorkerSpec
 from svdbatch.engine.stops import Interrupted, StopRequest, stop_on_signals
 from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import ImageCache
 from svdbatch.inputs.manifest import Item, Manifest, read_manifest
-from svdbatch.models.loading import default_num_threads, model_identity, resolve_devices
+from svdbatch.models.identity import default_num_threads, model_identity
 from svdbatch.reports.gallery import GalleryUpdater
 from svdbatch.reports.status import save_manifest_summary
 from svdbatch.rundir.dataset import write_dataset
@@ -232,7 +233,7 @@ def devices_and_threads(cfg: DictConfig, crew: Crew | None, cluster=None) -> tup
     resolved here (with Ray, by the cluster)."""
     if crew is not None:
         return crew.resolved()
-    devices = [str(d) for d in (cluster.devices() if cluster else resolve_devices(cfg.run.devices, cfg.run.workers))]
+    devices = [str(d) for d in cluster.devices()] if cluster else pool.resolve_here(cfg.run.devices, cfg.run.workers)
     return devices, cfg.run.num_threads or default_num_threads(devices)
 
 

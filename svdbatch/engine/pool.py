@@ -19,7 +19,6 @@ its batches go back to the queue once, then are recorded as failed and left for 
 from __future__ import annotations
 
 import atexit
-import importlib
 import json
 import logging
 import logging.handlers
@@ -30,25 +29,15 @@ import queue
 import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from omegaconf import OmegaConf
-
-from svdbatch.core import faults
-from svdbatch.core.config import MemoryConfig, ModelConfig, OutputConfig
 from svdbatch.core.errors import ConfigError, ModelLoadError
 from svdbatch.core.outcomes import Outcome
 from svdbatch.engine.dispatch import Ledger, OnDone
 from svdbatch.engine.plan import PlannedItem
-from svdbatch.engine.stops import StopRequest, die_with_parent, ignore_stop_signals, stop_signals_blocked
-from svdbatch.models.loading import default_num_threads, resolve_devices
-from svdbatch.models.tiny import TINY_SOURCE, ensure_tiny_model
+from svdbatch.engine.spec import WorkerSpec
+from svdbatch.engine.stops import StopRequest, stop_signals_blocked
 from svdbatch.rundir.store import RunStore
-
-if TYPE_CHECKING:
-    from svdbatch.engine.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -64,43 +53,6 @@ MAX_RESTARTS_IN_A_ROW = 3
 
 class NoWorkersLeft(ModelLoadError):
     pass
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs, as plain picklable data."""
-
-    model: dict[str, Any]
-    memory: dict[str, Any]
-    output: dict[str, Any]
-    run_dir: str
-    # None: models.default_num_threads for the resolved devices, worked out by the first
-    # worker of an early crew and then given to every worker (it changes float results).
-    num_threads: int | None
-    step_progress: bool
-    context: dict[str, Any]
-    retry_on_oom: bool = False
-    # run.keep_replaced: where a redone item's older output is moved before the new one is written.
-    keep_replaced_in: str | None = None
-    # run.devices and run.workers as configured: the first worker of an early crew resolves them.
-    devices: Any = "auto"
-    workers: int = 1
-
-    def build(self, device: Any) -> Worker:
-        import torch
-
-        from svdbatch.engine.worker import Worker
-        from svdbatch.models.loading import load_pipeline
-
-        device = torch.device(device)
-        model = OmegaConf.merge(OmegaConf.structured(ModelConfig), self.model)
-        memory = OmegaConf.merge(OmegaConf.structured(MemoryConfig), self.memory)
-        output = OmegaConf.merge(OmegaConf.structured(OutputConfig), self.output)
-        store = RunStore(self.run_dir, output.format)
-        loaded = load_pipeline(model, memory, device)
-        worker = Worker(loaded, store, output, self.context, self.num_threads, self.step_progress, self.retry_on_oom)
-        worker.keep_replaced_in = self.keep_replaced_in
-        return worker
 
 
 def torch_is_loaded() -> bool:
@@ -146,98 +98,29 @@ def execute(
             with lock:
                 on_done(outcomes)
 
+        from svdbatch.engine.worker_process import build_worker  # torch is loaded here already
+
         with stop.nothing_in_flight():  # a signal while the model loads need not wait for it
-            worker = spec.build(devices[0])
+            worker = build_worker(spec, devices[0])
         worker.run(enumerate(batches), report, stop=stop.is_requested, abandon=stop.abandon)
     else:
         Pool(batches, spec, crew or crew_for(spec, devices), on_done, stop, keep).run()
 
 
-class ForwardLogs(logging.handlers.QueueHandler):
-    """In a worker process: log records go to the driver (events queue), which hands them
-    to its own handlers: svdbatch.log and the console, above the progress bar."""
+def worker_main(*args: Any) -> None:
+    """Entry point of a worker process (engine/worker_process.py): imported there, in the
+    worker, so that this module (the driver's side) never imports torch."""
+    from svdbatch.engine.worker_process import worker_main as main
 
-    def __init__(self, events: mp.Queue, number: int):
-        super().__init__(events)
-        self.number = number
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        self.queue.put(("log", self.number, record))
+    main(*args)
 
 
-def resolve_for_driver(spec: WorkerSpec, setup: mp.Queue) -> tuple[str, WorkerSpec] | None:
-    """The first worker of an early crew: resolve run.devices (this needs torch, which the
-    driver does without) and the thread count, and report both on `setup`; the embedded
-    tiny model is built first if it is not cached yet, so that the driver, which hashes it
-    into every key, need not build it (with torch) at the same time. Returns this
-    worker's device and its spec with the thread count filled in; None if it failed."""
-    try:
-        devices = [str(device) for device in resolve_devices(spec.devices, spec.workers)]
-        spec = replace(spec, num_threads=spec.num_threads or default_num_threads(devices))
-        if spec.model.get("source") == TINY_SOURCE:  # built here on first use: the driver hashes it
-            ensure_tiny_model(spec.model.get("cache_dir"))
-    except ConfigError as exc:
-        setup.put(("config_error", str(exc)))
-        return None
-    except BaseException as exc:
-        setup.put(("error", f"{type(exc).__name__}: {exc}"))
-        return None
-    setup.put(("devices", devices, spec.num_threads))
-    return devices[0], spec
+def resolve_here(devices: Any, workers: int) -> list[str]:
+    """run.devices resolved in this process: only for a caller that has imported torch
+    already (a single in-process worker), or a cluster's nodes."""
+    from svdbatch.engine.worker_process import resolve_device_names
 
-
-def worker_main(
-    spec: WorkerSpec | None,
-    device: str | None,
-    number: int,
-    inbox: mp.Queue,
-    events: mp.Queue,
-    stop: Any,
-    driver_pid: int,
-    setup: mp.Queue | None = None,
-) -> None:
-    """Entry point of a worker process: one run (a sweep point) per spec. After a point's
-    last batch (None) it reports idle and waits for the next point's spec (None: exit); the
-    pipeline stays loaded in between (models.load_pipeline keeps it). `stop` (an Event) is
-    set by the driver after a signal: no new batch starts. `device` None: the first worker
-    of an early crew, which resolves the devices first (resolve_for_driver); with `spec`
-    None too, a spare (prestart) that imports torch and then waits for its spec."""
-    ignore_stop_signals()
-    die_with_parent(driver_pid)
-    faults.set_driver(driver_pid)
-    root = logging.getLogger()
-    root.handlers[:] = [ForwardLogs(events, number)]
-    root.setLevel(logging.INFO)
-    # tqdm (diffusers' step bars) would create a cross-process lock, registered with the
-    # driver's resource tracker; a worker killed after a stop's grace would leave it
-    # registered, and the tracker warns at exit. A worker needs no lock across processes.
-    from tqdm import tqdm
-
-    tqdm.set_lock(threading.RLock())
-    if spec is None and device is None:  # a spare (prestart): torch now, the spec meanwhile
-        importlib.import_module("torch")  # resolving the devices needs it, and the driver waits for that
-        spec = inbox.get()
-    if device is None and spec is not None:
-        resolved = resolve_for_driver(spec, setup)
-        if resolved is None:
-            return
-        device, spec = resolved
-    while spec is not None:
-        try:
-            worker = spec.build(device)
-        except BaseException as exc:
-            events.put(("load_failed", number, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-            return
-
-        def batches():
-            while not stop.is_set() and (task := inbox.get()) is not None:
-                yield task
-
-        worker.run(batches(), lambda batch_id, outcomes: events.put(("done", number, batch_id, outcomes)), stop=stop.is_set)
-        events.put(("idle", number))
-        if stop.is_set():
-            return
-        spec = inbox.get()
+    return resolve_device_names(devices, workers)
 
 
 class Crew:

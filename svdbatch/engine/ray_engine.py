@@ -33,9 +33,11 @@ from svdbatch.core.errors import ConfigError, RunDirError
 from svdbatch.core.outcomes import Outcome
 from svdbatch.engine.dispatch import ASSIGNED_PER_WORKER, Ledger, OnDone
 from svdbatch.engine.plan import PlannedItem
-from svdbatch.engine.pool import NoWorkersLeft, WorkerSpec
+from svdbatch.engine.pool import NoWorkersLeft
+from svdbatch.engine.spec import WorkerSpec
 from svdbatch.engine.stops import StopRequest
-from svdbatch.models.loading import parse_device
+from svdbatch.engine.worker_process import build_worker
+from svdbatch.models.devices import parse_device
 from svdbatch.rundir.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -136,7 +138,7 @@ class SvdbatchWorker:
 
     def start(self) -> dict[str, Any]:
         """Load the pipeline (once) and start serving batches."""
-        worker = self.spec.build(torch.device(self.device))
+        worker = build_worker(self.spec, torch.device(self.device))
         threading.Thread(target=self._serve, args=(worker,), name="svdbatch-run", daemon=True).start()
         return self.node()
 

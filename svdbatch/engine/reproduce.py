@@ -27,7 +27,9 @@ from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION
 from svdbatch.engine.worker import generate_frames, software_versions
 from svdbatch.inputs.fetch import FetchError, UrlCache
 from svdbatch.inputs.images import file_sha256, pipeline_input
-from svdbatch.models.loading import load_pipeline, model_identity, pin_threads, resolve_devices
+from svdbatch.models.devices import pin_threads, resolve_devices
+from svdbatch.models.identity import model_identity
+from svdbatch.models.loading import load_pipeline
 from svdbatch.rundir.outputs import frames_sha256, output_bytes, output_sha256
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
 from svdbatch.rundir.store import sidecar_relpath

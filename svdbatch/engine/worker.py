@@ -34,7 +34,8 @@ from svdbatch.engine.plan import PlannedItem
 from svdbatch.engine.stops import Interrupted
 from svdbatch.inputs.fetch import FetchError
 from svdbatch.inputs.images import pipeline_input
-from svdbatch.models.loading import LoadedPipeline, lower_memory, pin_threads
+from svdbatch.models.devices import pin_threads
+from svdbatch.models.loading import LoadedPipeline, lower_memory
 from svdbatch.rundir.outputs import frames_sha256, output_key, output_settings, write_video, written_fps
 from svdbatch.rundir.sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
 from svdbatch.rundir.store import RunStore

@@ -17,8 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from svdbatch.models.quiet import quiet_libraries
-
 TINY_SOURCE = "tiny"
 TINY_BUILD_SEED = 0
 
@@ -88,33 +86,6 @@ def tiny_recipe_hash() -> str:
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
-def build_tiny_pipeline():
-    """Deterministically build the random-weight tiny pipeline (no download, no GPU)."""
-    import torch
-    from diffusers import (
-        AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
-        StableVideoDiffusionPipeline,
-        UNetSpatioTemporalConditionModel,
-    )
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    c = TINY_COMPONENTS
-    # A private generator state: building the model must not disturb anyone's global RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_BUILD_SEED)
-        unet = UNetSpatioTemporalConditionModel(**c["unet"])
-        vae = AutoencoderKLTemporalDecoder(**c["vae"])
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**c["image_encoder"]))
-    return StableVideoDiffusionPipeline(
-        vae=vae,
-        image_encoder=image_encoder,
-        unet=unet,
-        scheduler=EulerDiscreteScheduler(**c["scheduler"]),
-        feature_extractor=CLIPImageProcessor(**c["feature_extractor"]),
-    )
-
-
 def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
     """Path of the saved tiny model, building it on first use.
 
@@ -127,10 +98,12 @@ def ensure_tiny_model(cache_dir: str | Path | None = None) -> Path:
         return target
 
     root.mkdir(parents=True, exist_ok=True)
-    quiet_libraries()
     staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
     try:
-        build_tiny_pipeline().save_pretrained(staging)
+        # The build imports torch and diffusers: in a CLI run the first worker process does it.
+        from svdbatch.models.tiny_build import build_tiny_pipeline
+
+        build_tiny_pipeline(TINY_COMPONENTS, TINY_BUILD_SEED).save_pretrained(staging)
         try:
             os.rename(staging, target)
         except OSError:
