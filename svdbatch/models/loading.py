@@ -12,6 +12,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +44,7 @@ def parse_device(name: Any) -> torch.device:
         raise ConfigError(f"run.devices: {name!r} is not a device ({exc})") from None
 
 
-def resolve_devices(devices: Any, workers: int = 1, environ: dict[str, str] | None = None) -> list[torch.device]:
+def resolve_devices(devices: Any, workers: int = 1, environ: Mapping[str, str] | None = None) -> list[torch.device]:
     """One entry per worker process.
 
     "auto": every visible GPU (or, under torchrun/accelerate, the GPU of this LOCAL_RANK);
@@ -270,7 +271,7 @@ def compile_problems(memory: MemoryConfig) -> list[str]:
     return problems
 
 
-def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
+def _from_pretrained(model: ModelConfig, dtype: torch.dtype) -> Any:  # a diffusers pipeline (see LoadedPipeline.pipe)
     from diffusers import StableVideoDiffusionPipeline
 
     if model.source == TINY_SOURCE:
@@ -301,7 +302,7 @@ def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
         ) from exc
 
 
-def apply_memory_preset(pipe, memory: MemoryConfig, device: torch.device) -> tuple[Any, bool]:
+def apply_memory_preset(pipe: Any, memory: MemoryConfig, device: torch.device) -> tuple[Any, bool]:
     """Place the pipeline per the memory preset; returns (pipe, whether the UNet was compiled)."""
     offload = Offload(memory.offload)
     if offload is not Offload.none and device.type != "cuda":
@@ -333,7 +334,7 @@ def apply_memory_preset(pipe, memory: MemoryConfig, device: torch.device) -> tup
 
 @dataclass
 class LoadedPipeline:
-    pipe: Any
+    pipe: Any  # StableVideoDiffusionPipeline: its components (pipe.unet, ...) are registered at run time, unseen by mypy
     device: torch.device
     dtype: torch.dtype
     identity: ModelIdentity
@@ -365,7 +366,8 @@ def lower_memory(loaded: LoadedPipeline, decode_chunk_size: int) -> str | None:
     nothing is left to lower. Offload does not change the maths; feed-forward chunking
     (other matrix shapes) and a smaller decode chunk may change the frames slightly,
     which is why every step is recorded in the sidecar."""
-    _loaded.pop(loaded.cache_key, None)  # no longer the configured preset: never reuse it
+    if loaded.cache_key is not None:
+        _loaded.pop(loaded.cache_key, None)  # no longer the configured preset: never reuse it
     if loaded.device.type == "cuda":
         import torch
 

@@ -88,7 +88,7 @@ def tiny_recipe_hash() -> str:
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
-def build_tiny_pipeline():
+def build_tiny_pipeline() -> Any:  # a StableVideoDiffusionPipeline (see loading.LoadedPipeline.pipe)
     """Deterministically build the random-weight tiny pipeline (no download, no GPU)."""
     import torch
     from diffusers import (

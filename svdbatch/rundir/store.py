@@ -376,7 +376,7 @@ class Owner:
             except OSError:
                 pass  # a full or vanished disk: status just sees an older heartbeat
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -417,7 +417,7 @@ def owner_state(owner: dict[str, Any]) -> str:
 
 
 class RunStore:
-    def __init__(self, root: Path, fmt: OutputFormat):
+    def __init__(self, root: str | os.PathLike[str], fmt: OutputFormat | str) -> None:
         self.root = Path(root)
         self._root_text = os.fspath(self.root)  # is_done runs per row: Path -> str costs 2 us each time
         self.format = OutputFormat(fmt)
@@ -608,7 +608,7 @@ class RunStore:
             return False
         named = sidecar.output.path if sidecar is not None else named_output(sidecar_file)
         inside = named is not None and not os.path.isabs(named) and ".." not in Path(named).parts
-        output = self.root / named if inside else self.root
+        output = self.root / named if inside and named is not None else self.root
         moved = False
         # The video first: if the run dies in between, the expensive part is already safe.
         for source in (output, sidecar_file):
