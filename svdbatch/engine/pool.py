@@ -31,8 +31,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import OmegaConf
 
@@ -93,9 +94,10 @@ class WorkerSpec:
         from svdbatch.models.loading import load_pipeline
 
         device = torch.device(device)
-        model = OmegaConf.merge(OmegaConf.structured(ModelConfig), self.model)
-        memory = OmegaConf.merge(OmegaConf.structured(MemoryConfig), self.memory)
-        output = OmegaConf.merge(OmegaConf.structured(OutputConfig), self.output)
+        # DictConfigs checked against the schemas: they have those dataclasses' fields.
+        model = cast(ModelConfig, OmegaConf.merge(OmegaConf.structured(ModelConfig), self.model))
+        memory = cast(MemoryConfig, OmegaConf.merge(OmegaConf.structured(MemoryConfig), self.memory))
+        output = cast(OutputConfig, OmegaConf.merge(OmegaConf.structured(OutputConfig), self.output))
         store = RunStore(self.run_dir, output.format)
         loaded = load_pipeline(model, memory, device)
         worker = Worker(loaded, store, output, self.context, self.num_threads, self.step_progress, self.retry_on_oom)
@@ -156,6 +158,8 @@ def execute(
 class ForwardLogs(logging.handlers.QueueHandler):
     """In a worker process: log records go to the driver (events queue), which hands them
     to its own handlers: svdbatch.log and the console, above the progress bar."""
+
+    queue: mp.Queue  # the events queue given below (QueueHandler types it as any queue-like)
 
     def __init__(self, events: mp.Queue, number: int):
         super().__init__(events)
@@ -218,6 +222,7 @@ def worker_main(
         importlib.import_module("torch")  # resolving the devices needs it, and the driver waits for that
         spec = inbox.get()
     if device is None and spec is not None:
+        assert setup is not None  # Crew.start gives every worker the setup queue
         resolved = resolve_for_driver(spec, setup)
         if resolved is None:
             return
@@ -229,7 +234,7 @@ def worker_main(
             events.put(("load_failed", number, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             return
 
-        def batches():
+        def batches() -> Iterator[tuple[int, list[PlannedItem]]]:
             while not stop.is_set() and (task := inbox.get()) is not None:
                 yield task
 
@@ -263,7 +268,7 @@ class Crew:
         # Workers started for the coming point, with its spec: begin() leaves them be.
         self.fresh: set[int] = set()
 
-    def start(self, number: int, spec: WorkerSpec, device: str | None) -> None:
+    def start(self, number: int, spec: WorkerSpec | None, device: str | None) -> None:
         self.inboxes[number] = self.context.Queue()
         self.procs[number] = self.context.Process(
             target=worker_main,
@@ -280,7 +285,7 @@ class Crew:
         self.start(0, spec, None)
         self.fresh.add(0)
 
-    def resolved(self) -> tuple[list[str], int]:
+    def resolved(self) -> tuple[list[str], int | None]:
         """The devices (one per worker) and thread count, once the first worker reports
         them; a run.devices it refused is a ConfigError here, as in the driver."""
         while self.devices is None:
@@ -304,6 +309,7 @@ class Crew:
     def begin(self, spec: WorkerSpec) -> None:
         """Hand the point's spec to every worker: idle live ones get it by message, missing
         or dead ones are (re)started with it."""
+        assert self.devices is not None  # known from the start, or resolved() first
         for number, device in enumerate(self.devices):
             proc = self.procs[number]
             if number in self.fresh:  # if it died, its report says why (load_failed) or the pool sees it dead
@@ -458,7 +464,7 @@ class Pool:
         self.spec = spec
         self.crew = crew
         self.keep = keep
-        self.ledger = Ledger(batches, RunStore(spec.run_dir, spec.output["format"]), on_done)
+        self.ledger: Ledger[int] = Ledger(batches, RunStore(spec.run_dir, spec.output["format"]), on_done)
         # A signal asked the run to stop (stops.py): nothing new is handed out.
         self.stop = stop or StopRequest(0)
         self.deaths_in_a_row = 0
@@ -519,6 +525,7 @@ class Pool:
         log.warning(
             "restarting worker %d (%d of at most %d deaths in a row)", number, self.deaths_in_a_row, MAX_RESTARTS_IN_A_ROW
         )
+        assert self.crew.devices is not None  # a running pool's crew knows its devices
         self.crew.start(number, self.spec, self.crew.devices[number])
         ledger.join(number)
 

@@ -12,7 +12,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,7 +119,7 @@ def usable_cores() -> int:
     return max(1, count)
 
 
-def default_num_threads(devices: list[torch.device]) -> int:
+def default_num_threads(devices: Sequence[torch.device | str]) -> int:
     """Intra-op threads per worker when run.num_threads is null: the usable physical cores
     shared out between the workers (torch's own default takes every core the machine has
     for each worker, ignoring quotas and the other workers). It changes float results, so

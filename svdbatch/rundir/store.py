@@ -516,7 +516,7 @@ class RunStore:
         """Latest results.jsonl record per item id."""
         return latest_by_id(read_jsonl_fast(self.results))
 
-    def is_done(self, item_id: str, key: str, out_key: str, index: dict[str, dict[str, Any]]) -> bool:
+    def is_done(self, item_id: str, key: str | None, out_key: str | None, index: dict[str, dict[str, Any]]) -> bool:
         """Done with this key (frames) and output key (file settings); see the module doc."""
         record = index.get(item_id)
         if record is None:
@@ -529,7 +529,7 @@ class RunStore:
         # line vouches for the sidecar; both files are checked because users delete them.
         return output_intact(self._root_text, record)
 
-    def _recover_from_sidecar(self, item_id: str, key: str, out_key: str) -> dict[str, Any] | None:
+    def _recover_from_sidecar(self, item_id: str, key: str | None, out_key: str | None) -> dict[str, Any] | None:
         """A run killed between the sidecar rename and the results line: trust the sidecar.
         Only under the item's claim: a live process may be about to append that line itself."""
         if not self.sidecar_path(item_id).is_file():
@@ -552,7 +552,7 @@ class RunStore:
         except (OSError, SidecarError):
             return None
 
-    def done_record(self, item_id: str, key: str, out_key: str) -> dict[str, Any] | None:
+    def done_record(self, item_id: str, key: str | None, out_key: str | None) -> dict[str, Any] | None:
         """The results record an item's sidecar vouches for, if the sidecar is there, has
         these keys, and its output is complete; else None."""
         try:
