@@ -25,7 +25,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from svdbatch import api
 from svdbatch.core.config import config_dir
@@ -83,7 +83,8 @@ _remote_jobs: dict[tuple[int | None, str], JobSummary] = {}  # jobs another proc
 def job_number() -> int | None:
     from hydra.core.hydra_config import HydraConfig
 
-    return HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
+    # Hydra annotates JobConf as a dataclass; it is a DictConfig at run time.
+    return cast("DictConfig", HydraConfig.get().job).get("num") if HydraConfig.initialized() else None
 
 
 def hydra_app() -> None:
@@ -111,6 +112,7 @@ def run_job(cfg: DictConfig) -> JobSummary:
     if summary.interrupted_by is not None:
         # Under submitit this checkpoints and requeues the job (and exits); otherwise it is
         # a no-op. Then end the whole process, sweep included: the user asked to stop.
+        assert summary.pass_on is not None  # set with interrupted_by (driver.settle_interrupted)
         summary.pass_on()
         sys.exit(exit_code(summary))
     _exit_codes.append(exit_code(summary))
@@ -123,7 +125,7 @@ def print_remote_jobs() -> None:
         print(f"job {summary.job}: {summary.line}", flush=True)
 
 
-def exit_code(summary) -> int:
+def exit_code(summary: api.RunSummary) -> int:
     if summary.interrupted_by is not None:
         return exit_code_for_signal(summary.interrupted_by)
     if summary.stop_reason:
@@ -179,7 +181,7 @@ def reproduce(args: list[str]) -> int:
     options = parser.parse_args(args)  # a bad command line exits 2, like an item that cannot be re-run
     try:
         result = api.reproduce(options.sidecar)
-    except (CannotReproduce, *USER_ERRORS) as exc:
+    except (CannotReproduce,) + USER_ERRORS as exc:  # the same tuple; mypy rejects *unpacking in except
         print(f"svdbatch reproduce: cannot reproduce: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for note in result.notes:

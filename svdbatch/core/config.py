@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -441,7 +441,7 @@ def hydra_job_dir(_root_: DictConfig) -> str:
 
     if not HydraConfig.initialized():
         raise ConfigError("run.dir: no Hydra job to take it from; set run.dir=... explicitly")
-    hydra_cfg = HydraConfig.get()
+    hydra_cfg = cast(DictConfig, HydraConfig.get())  # annotated as the HydraConf dataclass, a DictConfig at run time
     output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
     if output_dir:
         return str(output_dir)

@@ -222,7 +222,8 @@ def check_conditioning(cond: ConditioningConfig) -> list[str]:
         except ValueProblem as exc:
             problems.append(f"conditioning.{name}: {exc}")
     if not problems:
-        problems += [f"conditioning.{name}: {why}" for name, why in combination_problems(cond)]
+        guidance = {"min_guidance_scale": cond.min_guidance_scale, "max_guidance_scale": cond.max_guidance_scale}
+        problems += [f"conditioning.{name}: {why}" for name, why in combination_problems(guidance)]
     for name in ("pad_color", "background"):
         try:
             parse_color(getattr(cond, name))
@@ -235,7 +236,7 @@ def check_model_and_memory(model: ModelConfig, memory: MemoryConfig) -> list[str
     """The model's trained frame count stands in for a null conditioning.num_frames, and the
     memory preset caps decode_chunk_size, so they obey the same rules."""
     problems = []
-    checks = [
+    checks: list[tuple[str, str, float | None]] = [
         ("model.num_frames", "num_frames", model.num_frames),
         ("memory.max_decode_chunk_size", "decode_chunk_size", memory.max_decode_chunk_size),
     ]

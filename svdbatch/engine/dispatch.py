@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 from svdbatch.core.outcomes import DONE, FAILED, INTERRUPTED, STOPPED, Outcome
 from svdbatch.engine.plan import PlannedItem
@@ -24,9 +25,11 @@ ASSIGNED_PER_WORKER = 2
 MAX_ATTEMPTS = 2
 
 OnDone = Callable[[list[Outcome]], None]
+# How the engine names a worker: its number (pool.Pool) or its actor name (ray_engine).
+WorkerId = TypeVar("WorkerId", bound=Hashable)
 
 
-class Ledger:
+class Ledger(Generic[WorkerId]):
     def __init__(self, batches: list[list[PlannedItem]], store: RunStore, on_done: OnDone, per_worker: int = ASSIGNED_PER_WORKER):
         self.batches = batches
         self.store = store
@@ -36,7 +39,7 @@ class Ledger:
         self.attempts = [0] * len(batches)
         self.finished = 0
         # Live workers and the batches each holds, in the order they were handed out.
-        self.held: dict[Hashable, list[int]] = {}
+        self.held: dict[WorkerId, list[int]] = {}
         self.load_errors: list[str] = []
         # Set when a worker stopped the run (disk full): nothing new is handed out.
         self.stop_reason: str | None = None
@@ -46,7 +49,7 @@ class Ledger:
 
     # -- state ------------------------------------------------------------------------
     @property
-    def workers(self) -> list[Hashable]:
+    def workers(self) -> list[WorkerId]:
         return list(self.held)
 
     @property
@@ -64,10 +67,10 @@ class Ledger:
     def interrupt(self) -> None:
         self.interrupted = True
 
-    def join(self, worker: Hashable) -> None:
+    def join(self, worker: WorkerId) -> None:
         self.held[worker] = []
 
-    def hand_out(self, worker: Hashable) -> list[int]:
+    def hand_out(self, worker: WorkerId) -> list[int]:
         """Batch ids the worker gets now (it holds up to per_worker); the engine sends them."""
         given: list[int] = []
         held = self.held.get(worker)
@@ -78,7 +81,7 @@ class Ledger:
             given.append(batch_id)
         return given
 
-    def done(self, worker: Hashable, batch_id: int, outcomes: list[Outcome]) -> None:
+    def done(self, worker: WorkerId, batch_id: int, outcomes: list[Outcome]) -> None:
         held = self.held.get(worker)
         if held is None or batch_id not in held:
             return  # a late report from a worker already given up on: its batch was settled
@@ -90,7 +93,7 @@ class Ledger:
             log.error("worker %s stopped the run: %s", worker, self.stop_reason)
         self.on_done(outcomes)
 
-    def load_failed(self, worker: Hashable, error: str) -> None:
+    def load_failed(self, worker: WorkerId, error: str) -> None:
         """The worker never started: what it held was not an attempt, so it goes back as is."""
         log.error("worker %s could not start: %s", worker, error)
         self.load_errors.append(error)
@@ -99,7 +102,7 @@ class Ledger:
             self.attempts[batch_id] -= 1
         self.waiting.extendleft(reversed(held))
 
-    def died(self, worker: Hashable, reason: str) -> None:
+    def died(self, worker: WorkerId, reason: str) -> None:
         held = self.held.pop(worker, None)
         if held is None:
             return  # already accounted for

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -55,6 +56,9 @@ from svdbatch.reports.gallery import GalleryUpdater
 from svdbatch.reports.status import save_manifest_summary
 from svdbatch.rundir.dataset import write_dataset
 from svdbatch.rundir.store import INVALID_ROW, RunStore, run_dir_problem
+
+if TYPE_CHECKING:
+    from svdbatch.engine.ray_engine import RayCluster
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +179,7 @@ def run(cfg: DictConfig) -> RunSummary:
             cluster.close()
 
 
-def run_on(cfg: DictConfig, cluster=None) -> RunSummary:
+def run_on(cfg: DictConfig, cluster: RayCluster | None = None) -> RunSummary:
     """The run; `cluster` (run.engine=ray) has the actors do the work instead of local
     processes. A signal stops it cleanly at any point (stops.py)."""
     started = time.perf_counter()
@@ -192,7 +196,7 @@ def run_on(cfg: DictConfig, cluster=None) -> RunSummary:
     return summary
 
 
-def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, cluster=None) -> RunSummary:
+def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, cluster: RayCluster | None = None) -> RunSummary:
     # Absolute for a cluster: actors on other nodes do not share this working directory.
     store = RunStore(Path(cfg.run.dir).absolute() if cluster else Path(cfg.run.dir), cfg.output.format)
     shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
@@ -227,7 +231,7 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
     return summary
 
 
-def devices_and_threads(cfg: DictConfig, crew: Crew | None, cluster=None) -> tuple[list[str], int]:
+def devices_and_threads(cfg: DictConfig, crew: Crew | None, cluster: RayCluster | None = None) -> tuple[list[str], int | None]:
     """One device name per worker, and the intra-op thread count all of them compute with:
     as the early crew's first worker resolved them (this process has no torch), else
     resolved here (with Ray, by the cluster)."""
@@ -248,7 +252,7 @@ def run_prepared(
     stop: StopRequest,
     progress: _Progress,
     image_cache: ImageCache,
-    cluster=None,
+    cluster: RayCluster | None = None,
     crew: Crew | None = None,
 ) -> None:
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
@@ -396,7 +400,7 @@ def worker_spec(cfg: DictConfig, store: RunStore, keep_in: Path | None = None) -
     )
 
 
-def warn_shadowed(items, sweep_root: Path) -> None:
+def warn_shadowed(items: list[Item], sweep_root: Path) -> None:
     """Once per sweep (its first job): rows whose own values override a swept knob."""
     from hydra.core.hydra_config import HydraConfig
 

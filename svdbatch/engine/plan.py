@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from svdbatch.core.config import ConditioningConfig, MemoryConfig, ModelConfig, OutputConfig, ResizeMode
 from svdbatch.core.errors import ConfigError
@@ -31,7 +31,7 @@ class Shard:
     index: int = 0
     count: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.count < 1 or not 0 <= self.index < self.count:
             raise ConfigError(f"run.shard: index must be in [0, count), got index={self.index} count={self.count}")
 
@@ -154,7 +154,7 @@ def plan_run(
     urls = [item.url for item in selected if item.image is None and item.url]  # image is None only for a URL
     if urls and fetcher is None:
         raise ValueError("the manifest has image URLs but no fetcher (download cache) was given")
-    fetched = fetcher.fetch_many(urls) if urls else {}
+    fetched = fetcher.fetch_many(urls) if urls and fetcher is not None else {}
     cache = image_cache or ImageCache(None)
     index = store.finished_index()
     defaults = param_defaults(cond, model, memory)
@@ -164,7 +164,7 @@ def plan_run(
     sources: list[tuple[Item, Any]] = []  # (item, local file or fetch error)
     hashes: dict[str, Any] = {}  # source -> sha256, None (to hash) or why it cannot be read
     for item in selected:
-        source = item.image if item.image is not None else fetched[item.url]
+        source = item.image if item.image is not None else fetched[cast(str, item.url)]  # no local image: a URL
         if isinstance(source, Exception):
             sources.append((item, source))
             continue

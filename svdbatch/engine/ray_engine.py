@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -76,7 +77,7 @@ def actor_devices(devices: Any, workers: int, cluster_gpus: int) -> list[torch.d
     return resolved
 
 
-def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     return {name: value for name, value in environ.items() if name.startswith(FORWARDED_ENV_PREFIX)}
 
@@ -211,7 +212,8 @@ class RayCluster:
         log.info(
             "ray: %s %s (%s)",
             "joined" if joining else "started a local cluster at",
-            context.address_info.get("gcs_address"),
+            # ray.init returns a RayContext here (a Ray Client ClientContext, for ray://, has no address_info).
+            context.address_info.get("gcs_address"),  # type: ignore[attr-defined]
             resources_line(),
         )
 
@@ -239,7 +241,7 @@ class RayCluster:
 
         spec = replace(spec, run_dir=os.path.abspath(spec.run_dir))  # other nodes have another cwd
         store = RunStore(spec.run_dir, spec.output["format"])
-        ledger = Ledger(batches, store, on_done, ASSIGNED_PER_WORKER)
+        ledger: Ledger[str] = Ledger(batches, store, on_done, ASSIGNED_PER_WORKER)
         devices = self.devices()
         actors: list[Any] = []
         try:
@@ -324,7 +326,7 @@ class RayCluster:
                     raise ConfigError(f"run.engine=ray: {ACTOR_NAME.format(refs[ref])} could not start: {cause(exc)}") from exc
         return results
 
-    def serve(self, actors: list[Any], ledger: Ledger, stop: StopRequest) -> None:
+    def serve(self, actors: list[Any], ledger: Ledger[str], stop: StopRequest) -> None:
         """Load the pipeline in every actor, then hand out batches as actors report them done.
         After a signal nothing more is handed out; the batches out are awaited until the grace
         is over (then the caller kills the actors, abandoning them)."""
@@ -383,7 +385,8 @@ def cluster_to_join(address: str | None) -> str | None:
     except ImportError:  # moved in some Ray version: fall back on what the address says
         return address or os.environ.get("RAY_ADDRESS") or None
     try:
-        return canonicalize_bootstrap_address(address)
+        # Ray annotates addr as str, but documents and handles None (RAY_ADDRESS, else a new cluster).
+        return canonicalize_bootstrap_address(address)  # type: ignore[arg-type]
     except ConnectionError:
         return "auto"  # "auto" without a cluster: ray.init says so
 

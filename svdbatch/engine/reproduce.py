@@ -17,7 +17,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from omegaconf import OmegaConf
 
@@ -67,8 +67,12 @@ def check_file_on_disk(sidecar_path: Path, sidecar: Sidecar) -> tuple[bool | Non
     return True, f"file on disk matches the sidecar (sha256 {got})"
 
 
-def _structured(schema: type, recorded: dict[str, Any]):
-    return OmegaConf.merge(OmegaConf.structured(schema), recorded)
+_Schema = TypeVar("_Schema")
+
+
+def _structured(schema: type[_Schema], recorded: dict[str, Any]) -> _Schema:
+    # A DictConfig checked against `schema`: it has that dataclass's fields.
+    return cast(_Schema, OmegaConf.merge(OmegaConf.structured(schema), recorded))
 
 
 def source_image(sidecar: Sidecar, scratch: Path) -> Path:

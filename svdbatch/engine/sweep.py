@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -45,6 +45,9 @@ from svdbatch.reports.gallery import (
 from svdbatch.reports.status import eta_line, read_manifest_view, reason_lines
 from svdbatch.rundir.sidecar import SidecarImage, SidecarRow
 from svdbatch.rundir.store import GALLERY_ASSETS_DIR, RESULTS, RunStore, output_intact
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +315,7 @@ POSTER_SUFFIX = ".first.jpg"  # <point>/gallery/<id>.first.jpg: the video's firs
 POSTER_THREADS = 4  # ffmpeg processes making posters at once
 
 
-def first_frame(path: Path):
+def first_frame(path: Path) -> Image.Image:
     """The first frame of an output (mp4, gif, webp, or a folder of PNG frames) as a PIL image."""
     from PIL import Image
 
@@ -506,7 +509,8 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
 
     jobs = [(p, rel, by_id.get(item_id)) for item_id in ids for p, rel, by_id in zip(points, rels, by_point)]
     with ThreadPoolExecutor(POSTER_THREADS, thread_name_prefix="svdbatch-poster") as pool:
-        all_cells = list(pool.map(lambda job: cell_html_at(*job, titles), jobs))
+        # Not *job: mypy types a lambda's job as Any here, and takes *Any to fill every parameter.
+        all_cells = list(pool.map(lambda job: cell_html_at(job[0], job[1], job[2], titles), jobs))
     for row, item_id in enumerate(ids):
         cells = all_cells[row * len(points) : (row + 1) * len(points)]
         values: dict[str, set] = {}
@@ -641,7 +645,8 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
         totals[name] = None if any(v is None for v in values) else sum(values)
     unstarted = unstarted_points(spec, points)
     rows = max((r["counts"]["total"] or 0 for r in reports), default=0) or None
-    remaining = None if totals["pending"] is None else totals["pending"] + totals["in_progress"]
+    pending, in_progress = totals["pending"], totals["in_progress"]
+    remaining = None if pending is None or in_progress is None else pending + in_progress
     if remaining is not None and unstarted:
         remaining = None if rows is None else remaining + rows * len(unstarted)
         if totals["total"] is not None and rows is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from svdbatch.models.loading import LoadedPipeline, lower_memory
 from svdbatch.rundir.outputs import frames_sha256, output_key, output_settings, write_video, written_fps
 from svdbatch.rundir.sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
 from svdbatch.rundir.store import RunStore
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,7 @@ def load_entry(entry: PlannedItem) -> Loaded:
     try:
         if entry.fetch_error:
             raise FetchError(entry.fetch_error)
+        assert entry.source is not None  # planned with a local file unless its fetch failed
         image, size = pipeline_input(entry.source, entry.preprocess, entry.params.width, entry.params.height)
         return Loaded(entry, image, size, time.perf_counter() - start)
     except Exception as exc:  # recorded per item by the worker
@@ -205,6 +209,7 @@ class Worker:
     def _write_and_commit(self, generated: Generated) -> Outcome:
         ready, frames, generate_s = generated.ready, generated.frames, generated.generate_s
         entry, item = ready.entry, ready.entry.item
+        assert entry.key is not None  # only an item whose image could be read has a key and gets generated
         start = time.perf_counter()
         fps = written_fps(self.output, entry.params.fps)
         settings = output_settings(self.output, fps)
@@ -411,7 +416,7 @@ def report_when_written(batch_id: int, failed: list[Outcome], writes: list[Futur
         future.add_done_callback(one_done)
 
 
-def load_blank(width: int, height: int):
+def load_blank(width: int, height: int) -> Image.Image:
     from PIL import Image
 
     return Image.new("RGB", (width, height), (127, 127, 127))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -47,7 +47,7 @@ def pixels_problem(size: tuple[int, int], max_pixels: int | None) -> str | None:
     )
 
 
-def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(path: str | os.PathLike | IO[bytes], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Image.open, refusing more than max_pixels from the header alone (a decompression
     bomb would otherwise fill memory while decoding)."""
     image = Image.open(path)

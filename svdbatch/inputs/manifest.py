@@ -23,7 +23,7 @@ import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from svdbatch.core.atomic import atomic_write_bytes
@@ -135,8 +135,8 @@ def derive_seed(run_seed: int, item_id: str) -> int:
 def derive_id(image_ref: str) -> str:
     """An id from the image path: 'a/b/cat.png' -> 'a__b__cat', 'https://host/x/cat.jpg' -> 'host__x__cat'."""
     if is_url(image_ref):
-        parts = urlsplit(image_ref)
-        image_ref = f"{(parts.hostname or '')}/{unquote(parts.path)}"
+        split = urlsplit(image_ref)
+        image_ref = f"{(split.hostname or '')}/{unquote(split.path)}"
     parts = [p for p in PurePosixPath(image_ref.replace("\\", "/")).with_suffix("").parts if p not in ("", ".", "..", "/")]
     return "__".join(parts)
 
@@ -476,8 +476,8 @@ def read_manifest(
         def bad(field_name: str | None, message: str) -> None:
             problems.append(Problem(shown, line, field_name, message))
 
-        for field_name, why in row_value_problems(row):
-            bad(field_name, why)
+        for field_name, message in row_value_problems(row):
+            bad(field_name, message)
 
         image_ref = row.get("image")
         if not isinstance(image_ref, str) or not image_ref.strip():
@@ -575,6 +575,7 @@ def read_manifest(
             continue
         if seed_derived:
             seed = derive_seed(run_seed, item_id)
+        assert image_ref is not None  # a row without a usable image has a problem: skipped above
         manifest.items.append(
             Item(
                 id=item_id,
@@ -592,7 +593,8 @@ def read_manifest(
 
     row_problems += _check_item_images(manifest, select, image_level, max_image_pixels, image_cache)
     if row_problems and (strict or not manifest.items):
-        raise ManifestError(sorted(row_problems, key=lambda p: p.line or 0))
+        row_problems.sort(key=lambda p: p.line or 0)
+        raise ManifestError(row_problems)
     return manifest
 
 
@@ -612,6 +614,7 @@ def _check_item_images(
         return []
     problems = []
     for item in bad.values():
+        assert item.image is not None  # bad holds only rows with a local image
         problem = Problem(item.manifest, item.line, "image", f"{found[item.image]} ({item.image_ref})")
         problems.append(problem)
         manifest.bad_rows.append((item.line, item.id, [problem]))
@@ -630,7 +633,8 @@ def write_manifest(items: list[Item], target: Path) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["id", "image", "seed", *resize, *overrides, *meta])
     for item in items:
-        image = item.url or os.path.relpath(item.image, target.parent.resolve()).replace(os.sep, "/")
+        # An item has a local image path unless its image is a URL (Item.image).
+        image = item.url or os.path.relpath(cast(str, item.image), target.parent.resolve()).replace(os.sep, "/")
         extra = [item.overrides.get(name, "") for name in overrides] + [item.meta.get(key, "") for key in meta]
         writer.writerow([item.id, image, item.seed, *([item.resize or ""] if resize else []), *extra])
     target.parent.mkdir(parents=True, exist_ok=True)

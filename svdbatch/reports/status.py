@@ -316,7 +316,7 @@ class Reason:
     example: str  # the first example's own message, particulars included
 
 
-def group_reasons(examples: Iterable[tuple[str, str]], normalise=normalise_error) -> list[Reason]:
+def group_reasons(examples: Iterable[tuple[str, str]], normalise: Callable[[str], str] = normalise_error) -> list[Reason]:
     """(id, message) pairs -> one Reason per normalised message, most frequent first
     (ties: first seen first)."""
     counter: Counter[str] = Counter()

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,16 +38,21 @@ from svdbatch.rundir.store import METADATA_FILE, SHARD_INDEX, SHARDS_DIR, RunSto
 log = logging.getLogger(__name__)
 
 
+# Read-only members (properties): engine.plan's PlannedItem is a frozen dataclass.
 class _Item(Protocol):
-    id: str
+    @property
+    def id(self) -> str: ...
 
 
 class PlannedItem(Protocol):
     """What the exports read of a planned item (engine.plan.PlannedItem): its id and keys."""
 
-    item: _Item
-    key: str | None
-    output_key: str | None
+    @property
+    def item(self) -> _Item: ...
+    @property
+    def key(self) -> str | None: ...
+    @property
+    def output_key(self) -> str | None: ...
 
 
 # Bump when metadata_row changes what it writes: rows cached in the run dir are then rebuilt.
@@ -161,7 +167,7 @@ def _drop_shard(shards: Path, index: dict[str, list], name: str) -> None:
 
 def write_shards(
     store: RunStore,
-    planned: list[PlannedItem],
+    planned: Sequence[PlannedItem],
     finished: dict[str, tuple[dict[str, Any], dict[str, Any]]],
     shard_size: int,
 ) -> list[Path]:
@@ -206,7 +212,7 @@ def write_shards(
     return written
 
 
-def write_dataset(store: RunStore, planned: list[PlannedItem], output: OutputConfig) -> None:
+def write_dataset(store: RunStore, planned: Sequence[PlannedItem], output: OutputConfig) -> None:
     """Called once at the end of a run: metadata.jsonl, and WebDataset shards if asked for."""
     finished = write_metadata(store)
     if output.webdataset:

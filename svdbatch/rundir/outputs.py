@@ -228,7 +228,7 @@ def encoder_record(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_decodes(
-    path: Path, frames: int, height: int, width: int, frames_sha: str | None = None, fps: int | None = None
+    path: Path, frames: int, height: int, width: int, frames_sha: str | None = None, fps: float | None = None
 ) -> None:
     """Decode a written output once: it must give `frames` frames of width x height (and,
     when given, for lossless PNG frames, exactly the frames with that hash)."""
@@ -259,7 +259,7 @@ def decoder_reason(text: str) -> str:
     return reason[:200]
 
 
-def shown_frames(path: Path, fps: int) -> int:
+def shown_frames(path: Path, fps: float) -> int:
     """Frames an animated GIF/WebP shows: Pillow merges identical consecutive frames into
     one that lasts longer, so count by duration (at least one per stored frame)."""
     nominal = 1000 / fps
@@ -337,7 +337,7 @@ def _link_or_copy(source: Path, target: Path) -> str:
     return "copy"
 
 
-def output_bytes(path: str | os.PathLike) -> int:
+def output_bytes(path: str | os.PathLike[str]) -> int:
     """Size of a written output (file, or folder of frames); -1 if it is missing."""
     try:
         info = os.stat(path)

@@ -382,12 +382,12 @@ class Sidecar:
         """Finished with exactly these keys (frames and file settings)."""
         return self.done and self.key == key and self.output_key == output_key
 
-    def gen_params(self):
+    def gen_params(self) -> GenParams:
         """The generation parameters as params.GenParams."""
 
         return GenParams(**self.params)
 
-    def preprocessing(self, max_image_pixels: int | None):
+    def preprocessing(self, max_image_pixels: int | None) -> Preprocess:
         """The preprocessing as images.Preprocess. run.max_image_pixels is not part of it
         (it refuses images, it never changes pixels): the caller says which limit applies."""
 

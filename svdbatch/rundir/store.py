@@ -376,7 +376,7 @@ class Owner:
             except OSError:
                 pass  # a full or vanished disk: status just sees an older heartbeat
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -417,7 +417,7 @@ def owner_state(owner: dict[str, Any]) -> str:
 
 
 class RunStore:
-    def __init__(self, root: Path, fmt: OutputFormat):
+    def __init__(self, root: str | os.PathLike[str], fmt: OutputFormat | str) -> None:
         self.root = Path(root)
         self._root_text = os.fspath(self.root)  # is_done runs per row: Path -> str costs 2 us each time
         self.format = OutputFormat(fmt)
@@ -516,7 +516,7 @@ class RunStore:
         """Latest results.jsonl record per item id."""
         return latest_by_id(read_jsonl_fast(self.results))
 
-    def is_done(self, item_id: str, key: str, out_key: str, index: dict[str, dict[str, Any]]) -> bool:
+    def is_done(self, item_id: str, key: str | None, out_key: str | None, index: dict[str, dict[str, Any]]) -> bool:
         """Done with this key (frames) and output key (file settings); see the module doc."""
         record = index.get(item_id)
         if record is None:
@@ -529,7 +529,7 @@ class RunStore:
         # line vouches for the sidecar; both files are checked because users delete them.
         return output_intact(self._root_text, record)
 
-    def _recover_from_sidecar(self, item_id: str, key: str, out_key: str) -> dict[str, Any] | None:
+    def _recover_from_sidecar(self, item_id: str, key: str | None, out_key: str | None) -> dict[str, Any] | None:
         """A run killed between the sidecar rename and the results line: trust the sidecar.
         Only under the item's claim: a live process may be about to append that line itself."""
         if not self.sidecar_path(item_id).is_file():
@@ -552,7 +552,7 @@ class RunStore:
         except (OSError, SidecarError):
             return None
 
-    def done_record(self, item_id: str, key: str, out_key: str) -> dict[str, Any] | None:
+    def done_record(self, item_id: str, key: str | None, out_key: str | None) -> dict[str, Any] | None:
         """The results record an item's sidecar vouches for, if the sidecar is there, has
         these keys, and its output is complete; else None."""
         try:
@@ -608,7 +608,7 @@ class RunStore:
             return False
         named = sidecar.output.path if sidecar is not None else named_output(sidecar_file)
         inside = named is not None and not os.path.isabs(named) and ".." not in Path(named).parts
-        output = self.root / named if inside else self.root
+        output = self.root / named if inside and named is not None else self.root
         moved = False
         # The video first: if the run dies in between, the expensive part is already safe.
         for source in (output, sidecar_file):

@@ -25,7 +25,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.config import OutputConfig
@@ -139,7 +139,8 @@ def config_output(run_dir: Path) -> OutputConfig | None:
         from omegaconf import OmegaConf
 
         section = (yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}).get("output") or {}
-        return OmegaConf.merge(OmegaConf.structured(OutputConfig), section)
+        # A DictConfig checked against the OutputConfig schema: it has that dataclass's fields.
+        return cast(OutputConfig, OmegaConf.merge(OmegaConf.structured(OutputConfig), section))
     except Exception:  # no config.yaml (a sharded run), or one from another version: nothing to compare
         return None
 
@@ -240,8 +241,8 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
 
 def item_files(run_dir: Path, item_id: str, record: dict[str, Any] | None) -> list[str]:
     """The item's sidecar and every output path its sidecar or results line names, that exist."""
-    names = [sidecar_relpath(item_id)]
-    names.append(named_output(run_dir / names[0]))
+    sidecar = sidecar_relpath(item_id)
+    names: list[object] = [sidecar, named_output(run_dir / sidecar)]  # JSON values too: only safe paths are kept below
     if record and record.get("output"):
         names.append(record["output"])
     safe = [n for n in dict.fromkeys(names) if isinstance(n, str) and not os.path.isabs(n) and ".." not in Path(n).parts]
