@@ -357,7 +357,9 @@ def sweep_points(overrides: list[Override]) -> list[list[str]]:
     """The command lines of a basic sweep's points, in the order Hydra's basic sweeper runs
     them (the cartesian product, the first override varying slowest)."""
     choices = [
-        [f"{o.get_key_element()}={value}" for value in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+        [f"{o.get_key_element()}={value}" for value in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [str(o.input_line)]
         for o in overrides
     ]
     return [list(point) for point in itertools.product(*choices)]

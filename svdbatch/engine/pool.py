@@ -146,7 +146,7 @@ class Crew:
         # Workers started for the coming point, with its spec: begin() leaves them be.
         self.fresh: set[int] = set()
 
-    def start(self, number: int, spec: WorkerSpec, device: str | None) -> None:
+    def start(self, number: int, spec: WorkerSpec | None, device: str | None) -> None:
         self.inboxes[number] = self.context.Queue()
         self.procs[number] = self.context.Process(
             target=worker_main,
@@ -163,7 +163,7 @@ class Crew:
         self.start(0, spec, None)
         self.fresh.add(0)
 
-    def resolved(self) -> tuple[list[str], int]:
+    def resolved(self) -> tuple[list[str], int | None]:
         """The devices (one per worker) and thread count, once the first worker reports
         them; a run.devices it refused is a ConfigError here, as in the driver."""
         while self.devices is None:
@@ -187,6 +187,7 @@ class Crew:
     def begin(self, spec: WorkerSpec) -> None:
         """Hand the point's spec to every worker: idle live ones get it by message, missing
         or dead ones are (re)started with it."""
+        assert self.devices is not None  # known from the start, or resolved() first
         for number, device in enumerate(self.devices):
             proc = self.procs[number]
             if number in self.fresh:  # if it died, its report says why (load_failed) or the pool sees it dead
@@ -341,7 +342,7 @@ class Pool:
         self.spec = spec
         self.crew = crew
         self.keep = keep
-        self.ledger = Ledger(batches, RunStore(spec.run_dir, spec.output["format"]), on_done)
+        self.ledger: Ledger[int] = Ledger(batches, RunStore(spec.run_dir, spec.output["format"]), on_done)
         # A signal asked the run to stop (stops.py): nothing new is handed out.
         self.stop = stop or StopRequest(0)
         self.deaths_in_a_row = 0
@@ -402,6 +403,7 @@ class Pool:
         log.warning(
             "restarting worker %d (%d of at most %d deaths in a row)", number, self.deaths_in_a_row, MAX_RESTARTS_IN_A_ROW
         )
+        assert self.crew.devices is not None  # a running pool's crew knows its devices
         self.crew.start(number, self.spec, self.crew.devices[number])
         ledger.join(number)
 

@@ -12,8 +12,9 @@ import logging.handlers
 import multiprocessing as mp
 import threading
 import traceback
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 from svdbatch.core import faults
 from svdbatch.core.config import MemoryConfig, ModelConfig, OutputConfig
 from svdbatch.core.errors import ConfigError
+from svdbatch.engine.plan import PlannedItem
 from svdbatch.engine.spec import WorkerSpec
 from svdbatch.engine.stops import die_with_parent, ignore_stop_signals
 from svdbatch.engine.worker import Worker
@@ -34,9 +36,10 @@ from svdbatch.rundir.store import RunStore
 def build_worker(spec: WorkerSpec, device: Any) -> Worker:
     """The Worker a spec describes, with its pipeline loaded on `device`."""
     device = torch.device(device)
-    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), spec.model)
-    memory = OmegaConf.merge(OmegaConf.structured(MemoryConfig), spec.memory)
-    output = OmegaConf.merge(OmegaConf.structured(OutputConfig), spec.output)
+    # DictConfigs checked against the schemas: they have those dataclasses' fields.
+    model = cast(ModelConfig, OmegaConf.merge(OmegaConf.structured(ModelConfig), spec.model))
+    memory = cast(MemoryConfig, OmegaConf.merge(OmegaConf.structured(MemoryConfig), spec.memory))
+    output = cast(OutputConfig, OmegaConf.merge(OmegaConf.structured(OutputConfig), spec.output))
     store = RunStore(spec.run_dir, output.format)
     loaded = load_pipeline(model, memory, device)
     worker = Worker(loaded, store, output, spec.context, spec.num_threads, spec.step_progress, spec.retry_on_oom)
@@ -51,6 +54,8 @@ def resolve_device_names(devices: Any, workers: int) -> list[str]:
 class ForwardLogs(logging.handlers.QueueHandler):
     """In a worker process: log records go to the driver (events queue), which hands them
     to its own handlers: svdbatch.log and the console, above the progress bar."""
+
+    queue: mp.Queue  # the events queue given below (QueueHandler types it as any queue-like)
 
     def __init__(self, events: mp.Queue, number: int):
         super().__init__(events)
@@ -112,6 +117,7 @@ def worker_main(
     if spec is None and device is None:  # a spare (prestart): torch now, the spec meanwhile
         spec = inbox.get()
     if device is None and spec is not None:
+        assert setup is not None  # Crew.start gives every worker the setup queue
         resolved = resolve_for_driver(spec, setup)
         if resolved is None:
             return
@@ -123,7 +129,7 @@ def worker_main(
             events.put(("load_failed", number, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             return
 
-        def batches():
+        def batches() -> Iterator[tuple[int, list[PlannedItem]]]:
             while not stop.is_set() and (task := inbox.get()) is not None:
                 yield task
 

@@ -7,6 +7,7 @@ worker in-process (the test suite, notebooks).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ def parse_device(name: Any) -> torch.device:
         raise ConfigError(f"run.devices: {name!r} is not a device ({exc})") from None
 
 
-def resolve_devices(devices: Any, workers: int = 1, environ: dict[str, str] | None = None) -> list[torch.device]:
+def resolve_devices(devices: Any, workers: int = 1, environ: Mapping[str, str] | None = None) -> list[torch.device]:
     """One entry per worker process.
 
     "auto": every visible GPU (or, under torchrun/accelerate, the GPU of this LOCAL_RANK);

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def usable_cores() -> int:
     return max(1, count)
 
 
-def default_num_threads(devices: list[Device]) -> int:
+def default_num_threads(devices: Sequence[Device]) -> int:
     """Intra-op threads per worker when run.num_threads is null: the usable physical cores
     shared out between the workers (torch's own default takes every core the machine has
     for each worker, ignoring quotas and the other workers). It changes float results, so

@@ -29,7 +29,7 @@ from svdbatch.models.tiny import TINY_SOURCE, ensure_tiny_model
 log = logging.getLogger(__name__)
 
 
-def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
+def _from_pretrained(model: ModelConfig, dtype: torch.dtype) -> Any:  # a diffusers pipeline (see LoadedPipeline.pipe)
     # diffusers after quiet_libraries() (load_pipeline): importing it prints transformers' notices.
     from diffusers import StableVideoDiffusionPipeline
 
@@ -61,7 +61,7 @@ def _from_pretrained(model: ModelConfig, dtype: torch.dtype):
         ) from exc
 
 
-def apply_memory_preset(pipe, memory: MemoryConfig, device: torch.device) -> tuple[Any, bool]:
+def apply_memory_preset(pipe: Any, memory: MemoryConfig, device: torch.device) -> tuple[Any, bool]:
     """Place the pipeline per the memory preset; returns (pipe, whether the UNet was compiled)."""
     offload = Offload(memory.offload)
     if offload is not Offload.none and device.type != "cuda":
@@ -91,7 +91,7 @@ def apply_memory_preset(pipe, memory: MemoryConfig, device: torch.device) -> tup
 
 @dataclass
 class LoadedPipeline:
-    pipe: Any
+    pipe: Any  # StableVideoDiffusionPipeline: its components (pipe.unet, ...) are registered at run time, unseen by mypy
     device: torch.device
     dtype: torch.dtype
     identity: ModelIdentity
@@ -123,7 +123,8 @@ def lower_memory(loaded: LoadedPipeline, decode_chunk_size: int) -> str | None:
     nothing is left to lower. Offload does not change the maths; feed-forward chunking
     (other matrix shapes) and a smaller decode chunk may change the frames slightly,
     which is why every step is recorded in the sidecar."""
-    _loaded.pop(loaded.cache_key, None)  # no longer the configured preset: never reuse it
+    if loaded.cache_key is not None:
+        _loaded.pop(loaded.cache_key, None)  # no longer the configured preset: never reuse it
     if loaded.device.type == "cuda":
         torch.cuda.empty_cache()
     if loaded.memory != "balanced" and not loaded.offloaded and not loaded.forward_chunking:

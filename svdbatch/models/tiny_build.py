@@ -16,7 +16,9 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 from svdbatch.models.quiet import quiet_libraries
 
 
-def build_tiny_pipeline(components: dict[str, Any], seed: int) -> StableVideoDiffusionPipeline:
+def build_tiny_pipeline(
+    components: dict[str, Any], seed: int
+) -> Any:  # a StableVideoDiffusionPipeline (see loading.LoadedPipeline.pipe)
     """Deterministically build the random-weight tiny pipeline (no download, no GPU)."""
     quiet_libraries()
     c = components
