@@ -146,26 +146,7 @@ def coerce(name: str, value: Any) -> Any:
         if rule.nullable:
             return None
         raise ValueProblem(f"must be {rule.describe()}, got an empty value")
-    if isinstance(value, bool):
-        raise ValueProblem(f"must be {rule.describe()}, got {show_value(value)}")
-    if isinstance(value, str):
-        try:
-            number: Any = _parse_number(value.strip(), rule.kind)
-        except ValueError:
-            raise ValueProblem(f"must be {rule.describe()}, got {show_value(value)}") from None
-    elif isinstance(value, (int, float)):
-        number = value
-    else:
-        raise ValueProblem(f"must be {rule.describe()}, got {show_value(value)}")
-    if isinstance(number, float) and not math.isfinite(number):
-        raise ValueProblem(f"must be {rule.describe()}, got {value!r} (not a finite number)")
-    if rule.kind is int:
-        if isinstance(number, float):
-            if not number.is_integer():
-                raise ValueProblem(f"must be {rule.describe()}, got {value!r}")
-            number = int(number)
-    else:
-        number = float(number)
+    number = _as_number(rule, value)
     if (rule.low is not None and number < rule.low) or (rule.high is not None and number > rule.high):
         raise ValueProblem(f"must be {rule.describe()}, got {value!r}")
     if rule.multiple_of and number % rule.multiple_of:
@@ -177,6 +158,26 @@ def coerce(name: str, value: Any) -> Any:
             f"to {low:g} in the model's precision after deciding to guide, and every item fails"
         )
     return number
+
+
+def _as_number(rule: Rule, value: Any) -> int | float:
+    """A given (not empty) value as the rule's kind: a finite number, an int only if whole."""
+    if isinstance(value, str):
+        try:
+            number: Any = _parse_number(value.strip(), rule.kind)
+        except ValueError:
+            raise ValueProblem(f"must be {rule.describe()}, got {show_value(value)}") from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    else:
+        raise ValueProblem(f"must be {rule.describe()}, got {show_value(value)}")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ValueProblem(f"must be {rule.describe()}, got {value!r} (not a finite number)")
+    if rule.kind is not int:
+        return float(number)
+    if isinstance(number, float) and not number.is_integer():
+        raise ValueProblem(f"must be {rule.describe()}, got {value!r}")
+    return int(number)
 
 
 def combination_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
