@@ -19,6 +19,7 @@ its batches go back to the queue once, then are recorded as failed and left for 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -348,47 +349,60 @@ class Pool:
         self.deaths_in_a_row = 0
 
     def run(self) -> None:
-        ledger, stop = self.ledger, self.stop
-        crew = self.crew
+        """Hand out batches as workers finish them until all are done, a signal stops the
+        run, or no worker is left; then settle what the ledger holds."""
+        ledger, crew = self.ledger, self.crew
         crew.begin(self.spec)
-        events, inboxes, procs = crew.events, crew.inboxes, crew.procs
-        for number in range(len(procs)):
+        for number in range(len(crew.procs)):
             ledger.join(number)
         clean = False
         try:
-            self.hand_out(inboxes)
+            self.hand_out(crew.inboxes)
             while ledger.keep_going():
-                if stop.requested and not ledger.interrupted:
-                    ledger.interrupt()  # hand out nothing more; the workers finish what they hold
-                    crew.stop.set()
-                    for number in ledger.workers:
-                        inboxes[number].put(None)  # wakes a worker waiting for work
-                if ledger.interrupted and stop.abandon():
+                if self.stop_requested_now():
                     break
-                try:
-                    event = events.get(timeout=0.25)
-                except queue.Empty:
-                    event = None
-                if event is not None:
-                    self.handle(event)
-                dead = [number for number in ledger.workers if not procs[number].is_alive()]
-                if dead:
-                    self.drain(events)  # what they reported before dying counts
-                for number in dead:
-                    ledger.died(number, f"exit code {procs[number].exitcode}")
-                    self.replace(number)
-                self.hand_out(inboxes)
+                self.step()
             clean = not ledger.interrupted
         finally:
-            if clean:
-                crew.end_point(ledger.workers, self.keep)
-            else:  # a signal or an error: no next point; after the grace, abandon what is left
-                crew.close(0 if stop.abandon() else EXIT_WAIT_AFTER_STOP_S)
-            if not (clean and self.keep):
-                _crews.pop(crew.key, None)
+            self.release_crew(clean)
         ledger.settle()  # after the workers are idle or gone: what they committed is on disk
-        if ledger.load_errors and len(ledger.load_errors) == len(procs):
+        if ledger.load_errors and len(ledger.load_errors) == len(crew.procs):
             raise NoWorkersLeft("no worker could load the model:\n" + "\n".join(ledger.load_errors))
+
+    def stop_requested_now(self) -> bool:
+        """After a signal: hand out nothing more and let the workers finish what they hold;
+        True once the grace is over (what is left is abandoned)."""
+        ledger = self.ledger
+        if self.stop.requested and not ledger.interrupted:
+            ledger.interrupt()
+            self.crew.stop.set()
+            for number in ledger.workers:
+                self.crew.inboxes[number].put(None)  # wakes a worker waiting for work
+        return ledger.interrupted and self.stop.abandon()
+
+    def step(self) -> None:
+        """One turn: take a worker's report, replace workers that died, hand out more."""
+        crew, ledger = self.crew, self.ledger
+        with contextlib.suppress(queue.Empty):
+            self.handle(crew.events.get(timeout=0.25))
+        dead = [number for number in ledger.workers if not crew.procs[number].is_alive()]
+        if dead:
+            self.drain(crew.events)  # what they reported before dying counts
+        for number in dead:
+            ledger.died(number, f"exit code {crew.procs[number].exitcode}")
+            self.replace(number)
+        self.hand_out(crew.inboxes)
+
+    def release_crew(self, clean: bool) -> None:
+        """A clean end keeps the workers for the next point (keep); a signal or an error
+        closes them, after the grace at once."""
+        crew = self.crew
+        if clean:
+            crew.end_point(self.ledger.workers, self.keep)
+        else:
+            crew.close(0 if self.stop.abandon() else EXIT_WAIT_AFTER_STOP_S)
+        if not (clean and self.keep):
+            _crews.pop(crew.key, None)
 
     def replace(self, number: int) -> None:
         """Start a new worker in a dead one's place, while work is waiting and deaths are not

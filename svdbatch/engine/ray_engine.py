@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 from svdbatch.core.atomic import atomic_write_bytes
@@ -111,8 +112,6 @@ class SvdbatchWorker:
         self.broken: str | None = None
 
     def node(self) -> dict[str, Any]:
-        import ray
-
         return {"hostname": socket.gethostname(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
     def probe(self, driver_probe: str, token: str, image: str | None) -> dict[str, Any]:
@@ -185,8 +184,6 @@ class RayCluster:
 
     # -- connection -------------------------------------------------------------------
     def connect(self) -> None:
-        import ray
-
         if ray.is_initialized():  # e.g. a notebook or test that called ray.init itself: use it, keep it
             return
         kwargs: dict[str, Any] = {"address": self.cfg.address, "log_to_driver": True}
@@ -220,16 +217,12 @@ class RayCluster:
     def close(self) -> None:
         """Leave the cluster; a local cluster this driver started is shut down with it."""
         if self.connected_here:
-            import ray
-
             ray.shutdown()
             self.connected_here = False
 
     def devices(self) -> list[torch.device]:
         """What each actor will run on (the driver plans item keys with the first one's dtype)."""
         if self._devices is None:
-            import ray
-
             self.connect()
             gpus = int(ray.cluster_resources().get("GPU", 0))
             self._devices = actor_devices(self.devices_setting, self.workers, gpus)
@@ -237,8 +230,6 @@ class RayCluster:
 
     # -- the run ----------------------------------------------------------------------
     def execute(self, batches: list[list[PlannedItem]], spec: WorkerSpec, on_done: OnDone, stop: StopRequest) -> None:
-        import ray
-
         spec = replace(spec, run_dir=os.path.abspath(spec.run_dir))  # other nodes have another cwd
         store = RunStore(spec.run_dir, spec.output["format"])
         ledger: Ledger[str] = Ledger(batches, store, on_done, ASSIGNED_PER_WORKER)
@@ -305,8 +296,6 @@ class RayCluster:
 
     def wait_all(self, refs: dict[Any, int], what: str) -> dict[int, Any]:
         """ray.get of every ref, bounded by run.ray.start_timeout_s (actors waiting for a node)."""
-        import ray
-
         deadline = time.monotonic() + self.cfg.start_timeout_s
         results: dict[int, Any] = {}
         pending = list(refs)
@@ -330,8 +319,6 @@ class RayCluster:
         """Load the pipeline in every actor, then hand out batches as actors report them done.
         After a signal nothing more is handed out; the batches out are awaited until the grace
         is over (then the caller kills the actors, abandoning them)."""
-        import ray
-
         starting = {actor.start.remote(): number for number, actor in enumerate(actors)}
         numbers = {ACTOR_NAME.format(number): number for number in range(len(actors))}  # the ledger knows names
         running: dict[Any, tuple[int, int]] = {}  # ref -> (actor, batch id)
@@ -345,25 +332,9 @@ class RayCluster:
             ready, _ = ray.wait([*starting, *running], num_returns=1, timeout=POLL_S)
             for ref in ready:
                 if ref in starting:
-                    number = starting.pop(ref)
-                    try:
-                        info = ray.get(ref)
-                    except ray.exceptions.RayError as exc:
-                        ledger.load_failed(ACTOR_NAME.format(number), cause(exc))
-                        ray.kill(actors[number], no_restart=True)
-                        continue
-                    log.info("%s on %s (%s) loaded the model", ACTOR_NAME.format(number), info["ip"], info["hostname"])
-                    ledger.join(ACTOR_NAME.format(number))
-                    continue
-                number, batch_id = running.pop(ref)
-                name = ACTOR_NAME.format(number)
-                try:
-                    outcomes = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    ledger.died(name, cause(exc))  # a second failed call of the same actor is a no-op
-                    ray.kill(actors[number], no_restart=True)
-                    continue
-                ledger.done(name, batch_id, outcomes)
+                    self.started(actors, starting.pop(ref), ref, ledger)
+                else:
+                    self.finished(actors, *running.pop(ref), ref, ledger)
             for name in ledger.workers:
                 number = numbers[name]
                 for batch_id in ledger.hand_out(name):
@@ -371,6 +342,30 @@ class RayCluster:
                     ref = actors[number].run_batch.options(name=batch_task_name(batch)).remote(batch_id, batch)
                     running[ref] = (number, batch_id)
         ledger.settle()
+
+    @staticmethod
+    def started(actors: list[Any], number: int, ref: Any, ledger: Ledger[str]) -> None:
+        """An actor finished loading the pipeline (it joins the ledger), or failed to."""
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            ledger.load_failed(ACTOR_NAME.format(number), cause(exc))
+            ray.kill(actors[number], no_restart=True)
+            return
+        log.info("%s on %s (%s) loaded the model", ACTOR_NAME.format(number), info["ip"], info["hostname"])
+        ledger.join(ACTOR_NAME.format(number))
+
+    @staticmethod
+    def finished(actors: list[Any], number: int, batch_id: int, ref: Any, ledger: Ledger[str]) -> None:
+        """An actor's batch came back: its outcomes, or the actor died with it."""
+        name = ACTOR_NAME.format(number)
+        try:
+            outcomes = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            ledger.died(name, cause(exc))  # a second failed call of the same actor is a no-op
+            ray.kill(actors[number], no_restart=True)
+            return
+        ledger.done(name, batch_id, outcomes)
 
 
 def cluster_to_join(address: str | None) -> str | None:
@@ -406,8 +401,6 @@ def check_reachable(address: str, given: str | None, timeout_s: float = 10.0) ->
 
 
 def resources_line() -> str:
-    import ray
-
     total = ray.cluster_resources()
     return f"{len(ray.nodes())} nodes, {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
 
@@ -431,8 +424,6 @@ def stop_actors(actors: list[Any], wait_s: float = 30.0) -> None:
     """Kill every actor of this run and wait until Ray has them as dead, so none outlives the
     run (also after Ctrl+C or SIGTERM). Their items are committed or left claimable: a kill
     mid-write leaves only a temporary that the next run removes."""
-    import ray
-
     for actor in actors:
         try:
             ray.kill(actor, no_restart=True)
