@@ -334,7 +334,7 @@ def run_prepared(
         return  # no time for dataset files and gallery: the next run writes them
 
     if summary.stop_reason is None:
-        write_dataset(store, plan.all, cfg.output)  # metadata.jsonl (+ shards): only what is done now
+        write_dataset(store, cfg.output)  # metadata.jsonl (+ shards): what the run dir holds now
     if gallery:
         gallery.update(raise_disk_full=True)
     if sweep_root is not None and cfg.run.gallery:

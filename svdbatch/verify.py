@@ -11,8 +11,8 @@ restored or left on a failing disk. For each item with a results line or a sidec
 
 Every damaged item is named with its problems. `--repair` sets each one aside under
 <run dir>/damaged/<UTC time>/ (its sidecar and output, moved, never deleted, with a
-report.json), drops the WebDataset shards that hold it, and rewrites metadata.jsonl, so the
-next run of the same command redoes exactly those items.
+report.json) and rebuilds metadata.jsonl and the WebDataset shards without it, so the next
+run of the same command redoes exactly those items.
 
 Exit status: 0 every item is intact, 1 some are damaged (also after --repair), 2 not a run dir.
 """
@@ -31,14 +31,13 @@ from typing import Any
 
 from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK
 from .config import OutputConfig
+from .dataset import write_dataset
 from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_settings, output_sha256, written_fps
 from .sidecar import Sidecar, SidecarError, named_output
 from .store import (
     CONFIG,
     DAMAGED_DIR,
     RESULTS,
-    SHARD_INDEX,
-    SHARDS_DIR,
     SIDECARS_DIR,
     VIDEOS_DIR,
     RunStore,
@@ -209,8 +208,6 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
     """Move each damaged item's sidecar and output under damaged/<time>/ (same relative
     paths), so the next run redoes it. Returns the folder and the ids left alone because
     another process holds their claim (it is redoing them right now)."""
-    from .dataset import write_metadata  # the dataset files must not list what was moved
-
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     dest = run_dir / DAMAGED_DIR / stamp
     store = RunStore(run_dir, "mp4")  # the format is not used: paths come from the records
@@ -231,8 +228,7 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
     dest.mkdir(parents=True, exist_ok=True)
     moved = [asdict(r) for r in damaged if r.item_id not in busy]
     (dest / "report.json").write_text(json.dumps({"set_aside": moved, "busy": busy}, indent=1) + "\n")
-    drop_shards(run_dir, {r.item_id for r in damaged if r.item_id not in busy}, dest)
-    write_metadata(store)
+    write_dataset(store)  # the dataset files must not list what was moved
     return dest, busy
 
 
@@ -244,25 +240,6 @@ def item_files(run_dir: Path, item_id: str, record: dict[str, Any] | None) -> li
         names.append(record["output"])
     safe = [n for n in dict.fromkeys(names) if isinstance(n, str) and not os.path.isabs(n) and ".." not in Path(n).parts]
     return [n for n in safe if os.path.lexists(run_dir / n)]
-
-
-def drop_shards(run_dir: Path, ids: set[str], dest: Path) -> None:
-    """WebDataset shards holding a damaged item move aside too: write_shards keeps a shard
-    whose members' keys are unchanged, and a redo keeps the key."""
-    from .atomic import atomic_write_bytes
-
-    index_path = run_dir / SHARDS_DIR / SHARD_INDEX
-    if not ids or not index_path.is_file():
-        return
-    index = json.loads(index_path.read_text())
-    hit = [name for name, members in index.items() if any(member[0] in ids for member in members)]
-    for name in hit:
-        index.pop(name)
-        if (run_dir / SHARDS_DIR / name).exists():
-            (dest / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-            shutil.move(str(run_dir / SHARDS_DIR / name), str(dest / SHARDS_DIR / name))
-    if hit:
-        atomic_write_bytes(index_path, json.dumps(index, indent=1, sort_keys=True).encode())
 
 
 # -- command ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from svdbatch.driver import run
 from svdbatch.status import collect
 
 from .conftest import make_cfg, run_cli, write_csv
+from .test_exports import samples
 
 
 def flip_last_byte(path: Path) -> None:
@@ -42,7 +43,7 @@ def test_verify_names_damaged_items_and_repair_makes_the_next_run_redo_exactly_t
     (aside,) = (run_dir / "damaged").iterdir()
     assert (aside / "videos" / "a.mp4").is_file() and (aside / "items" / "a.json").is_file()
     assert (aside / "videos" / "b.mp4").is_file()  # moved, not deleted
-    assert (aside / "webdataset" / "shard-000000.tar").is_file()  # held a and b
+    assert sorted(samples(run_dir)) == ["c"]  # the shards are rebuilt without what was set aside
     assert not (run_dir / "videos" / "a.mp4").exists()
     assert [json.loads(line)["id"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["c"]
     assert sorted(json.loads((aside / "report.json").read_text())["set_aside"][i]["item_id"] for i in range(2)) == ["a", "b"]
@@ -52,7 +53,7 @@ def test_verify_names_damaged_items_and_repair_makes_the_next_run_redo_exactly_t
     again = run(cfg)  # the same command
     assert (again.done, again.skipped, again.failed) == (2, 1, 0)
     assert (run_dir / "videos" / "c.mp4").read_bytes() == intact_c
-    assert (run_dir / "webdataset" / "shard-000000.tar").is_file()
+    assert sorted(samples(run_dir)) == ["a", "b", "c"]
     final = run_cli("verify", str(run_dir))
     assert final.returncode == 0 and "3 intact, 0 damaged" in final.stdout, final.stdout
 
