@@ -185,16 +185,25 @@ def validate(args: list[str]) -> int:
 
 def emit_manifest(cfg: DictConfig) -> int:
     """`run.emit_manifest=true`: write the manifest the run would use (e.g. derived from a
-    folder) as <run.dir>/<run.name>.csv, with explicit ids and seeds, and generate nothing.
-    Running that CSV into the same run dir reproduces (and resumes) the same items."""
+    folder) as <run.dir>/<run.name>.csv, with explicit ids and seeds, and generate nothing
+    (.jsonl when a meta_* value is not plain text: a CSV cell would lose its type). Every
+    valid row comes out: image paths whose derived ids collide get unique ids. Running the
+    emitted file into the same run dir reproduces (and resumes) the same items."""
     from .driver import load_manifest
-    from .manifest import write_manifest
+    from .manifest import csv_holds, write_manifest
 
-    manifest = load_manifest(cfg)
-    target = Path(cfg.run.dir) / f"{cfg.run.name}.csv"
+    manifest = load_manifest(cfg, unique_ids=True)
+    suffix = ".csv" if csv_holds(manifest.items) else ".jsonl"
+    target = Path(cfg.run.dir) / f"{cfg.run.name}{suffix}"
     write_manifest(manifest.items, target)
-    print(f"wrote {target} ({len(manifest.items)} rows); edit it, then: svdbatch manifest={target}")
-    return 0
+    for line, image, new_id in manifest.renamed:
+        print(f"  line {line}: {image}: its derived id collides with an earlier row's; written with id {new_id!r}")
+    for _, _, problems in manifest.bad_rows:
+        for problem in problems:
+            print(f"left out (run.strict=false): {problem}", file=sys.stderr)
+    renamed = f", {len(manifest.renamed)} rows given new ids" if manifest.renamed else ""
+    print(f"wrote {target} ({len(manifest.items)} rows{renamed}); edit it, then: svdbatch manifest={target}")
+    return EXIT_BAD_INPUT if manifest.bad_rows else 0
 
 
 # Subcommands import their module only when called: `status` and `gallery` start fast, and

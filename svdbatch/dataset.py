@@ -53,7 +53,7 @@ METADATA_ROW_VERSION = 1
 # Rows of metadata.jsonl by item, with the results line each was made from (in store.CACHE_DIR).
 ROWS_CACHE = "metadata-rows.json"
 # The results-line fields that change whenever an item's sidecar does (a new commit).
-COMMIT_FIELDS = ("key", "output_key", "output", "output_bytes", "sidecar_bytes", "finished_at")
+COMMIT_FIELDS = ("key", "output_key", "output", "output_bytes", "sidecar_bytes", "finished_at", "meta_sha256")
 
 
 def metadata_row(sidecar: Sidecar) -> dict[str, Any]:

@@ -8,13 +8,17 @@ import json
 import tarfile
 import threading
 from collections import Counter
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
 from svdbatch.dataset import sample_key, write_dataset
 from svdbatch.driver import run
+from svdbatch.status import collect
 from svdbatch.store import RunStore, output_intact
+from svdbatch.verify import verify_run_dir
 from tests.conftest import make_cfg, make_image, write_csv
 
 HEADER = ["id", "image", "seed", "meta_caption"]
@@ -153,3 +157,136 @@ def test_concurrent_builders_do_not_corrupt_each_other(tmp_path, six):
     assert errors == []
     assert_exports_match_run_dir(run_dir)
     assert not [p for p in run_dir.rglob("*") if ".partial-" in p.name]
+
+
+@pytest.mark.parametrize("fault", ["encode:1:error", "video:1:enospc", "sidecar:1:enospc", "sidecar:1:error"])
+def test_a_failed_redo_moves_nothing_and_the_exports_stay_true(tmp_path, six, monkeypatch, fault):
+    """docs/resume.md: a redo that fails keeps the old output in place (and listed)."""
+    manifest, rows = six
+    rows = rows[:2]
+    write_csv(manifest, HEADER, rows)
+    run_dir = tmp_path / "run"
+    assert run(cfg_for(manifest, run_dir, "output.webdataset=true")).done == 2
+    before = {p.relative_to(run_dir): p.read_bytes() for p in (*run_dir.glob("videos/*"), *run_dir.glob("items/*"))}
+
+    rows[0][2] = 99  # a new seed for a: a redo
+    write_csv(manifest, HEADER, rows)
+    monkeypatch.setenv("SVDBATCH_FAULT", fault)
+    monkeypatch.setattr("svdbatch.faults._reached", Counter())
+    redo = run(cfg_for(manifest, run_dir, "output.webdataset=true"))
+    assert redo.done == 0 and (redo.failed == 1 or redo.stop_reason)
+    monkeypatch.delenv("SVDBATCH_FAULT")
+    after = {p.relative_to(run_dir): p.read_bytes() for p in (*run_dir.glob("videos/*"), *run_dir.glob("items/*"))}
+    assert after == before  # the old video and sidecar, in place
+    assert not [p for p in run_dir.rglob("replaced/**/*") if p.is_file()]
+    write_dataset(RunStore(run_dir, "mp4"))  # what any later process would write (a stopped run writes none)
+    assert metadata(run_dir)["a"]["seed"] == 1
+    assert_exports_match_run_dir(run_dir)
+    assert verify_run_dir(run_dir) and not [r for r in verify_run_dir(run_dir) if r.damaged or r.notes]
+
+    again = run(cfg_for(manifest, run_dir, "output.webdataset=true"))  # and the redo then goes through
+    assert (again.done, again.failed) == (1, 0)
+    assert metadata(run_dir)["a"]["seed"] == 99
+    assert_exports_match_run_dir(run_dir)
+    [kept] = (run_dir / "replaced").iterdir()
+    assert (kept / "videos" / "a.mp4").read_bytes() == before[Path("videos/a.mp4")]
+
+
+def test_meta_edits_update_sidecars_and_exports_without_regenerating(tmp_path, six):
+    manifest, rows = six
+    rows = rows[:3]
+    write_csv(manifest, HEADER, rows)
+    run_dir = tmp_path / "run"
+    assert run(cfg_for(manifest, run_dir, "output.webdataset=true")).done == 3
+    videos = {p.name: p.read_bytes() for p in (run_dir / "videos").iterdir()}
+
+    rows[0][3] = "a new caption"  # same length as before or not: both must be seen
+    rows[2][3] = "caption X"
+    write_csv(manifest, HEADER, rows)
+    edited = run(cfg_for(manifest, run_dir))  # without output.webdataset: the shards follow anyway
+    assert (edited.done, edited.skipped, edited.meta_updated) == (0, 1, 2)
+    assert "2 metadata updated" in edited.line()
+    assert {p.name: p.read_bytes() for p in (run_dir / "videos").iterdir()} == videos  # nothing regenerated
+    assert [metadata(run_dir)[i]["meta_caption"] for i in ("a", "b.v2", "c")] == ["a new caption", "caption 1", "caption X"]
+    assert RunStore(run_dir, "mp4").read_sidecar("a").row.meta == {"meta_caption": "a new caption"}
+    assert samples(run_dir)["a"]["json"]["meta_caption"] == "a new caption"
+    assert_exports_match_run_dir(run_dir)
+    assert not [r for r in verify_run_dir(run_dir) if r.damaged]
+
+    again = run(cfg_for(manifest, run_dir))  # nothing left to update
+    assert (again.done, again.skipped, again.meta_updated) == (0, 3, 0)
+    # A removed meta value is an edit too.
+    rows[1][3] = None
+    write_csv(manifest, HEADER, rows)
+    assert run(cfg_for(manifest, run_dir)).meta_updated == 1
+    assert metadata(run_dir)["b.v2"]["meta_caption"] is None
+    assert_exports_match_run_dir(run_dir)
+
+
+class Links(HTMLParser):
+    """The relative src/data-src URLs of a page, and its card classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.cards: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        found = dict(attrs)
+        for name in ("src", "data-src", "poster"):
+            if found.get(name):
+                self.urls.append(unquote(found[name]))
+        if tag == "article":
+            self.cards.append(found.get("class", ""))
+
+
+def assert_every_derived_output_is_true(run_dir: Path) -> None:
+    """metadata.jsonl, shards, gallery and status agree with what is done in the run dir."""
+    assert_exports_match_run_dir(run_dir)
+    done = set(metadata(run_dir))
+    page = Links()
+    page.feed((run_dir / "index.html").read_text(encoding="utf-8"))
+    assert page.cards.count("card done") == len(done)
+    assert [u for u in page.urls if not (run_dir / u).exists()] == []  # no link to a missing file
+    assert collect(run_dir)["counts"]["done"] == len(done)
+    assert not [r for r in verify_run_dir(run_dir) if r.damaged and r.item_id in done]  # a deleted video is not listed
+
+
+def test_derived_outputs_stay_true_through_shards_limits_redos_edits_and_faults(tmp_path, six, monkeypatch):
+    manifest, rows = six
+    run_dir = tmp_path / "run"
+    exports = ("output.webdataset=true", "output.shard_size=2", "run.gallery=true")
+
+    def step(*extra: str, fault: str | None = None):
+        if fault:
+            monkeypatch.setenv("SVDBATCH_FAULT", fault)
+            monkeypatch.setattr("svdbatch.faults._reached", Counter())
+        summary = run(cfg_for(manifest, run_dir, *exports, *extra))
+        monkeypatch.delenv("SVDBATCH_FAULT", raising=False)
+        assert_every_derived_output_is_true(run_dir)
+        return summary
+
+    step("run.shard.index=1", "run.shard.count=2")
+    step("run.limit=2")
+    step("run.shard.index=0", "run.shard.count=2")
+    assert len(metadata(run_dir)) == 6
+
+    rows[2][2] = 30  # c redone: the disk fills while its video is written
+    write_csv(manifest, HEADER, rows)
+    stopped = step(fault="video:1:enospc")
+    assert stopped.stop_reason and metadata(run_dir)["c"]["seed"] == 3
+
+    rows[0][3] = "edited"  # a's caption, c again, and d redone, in one run whose d fails at its sidecar
+    rows[3][2] = 40
+    write_csv(manifest, HEADER, rows)
+    mixed = step(fault="sidecar:2:error")
+    assert (mixed.done, mixed.failed, mixed.meta_updated) == (1, 1, 1)
+    assert [metadata(run_dir)[i]["seed"] for i in ("c", "d")] == [30, 4]
+    assert metadata(run_dir)["a"]["meta_caption"] == "edited"
+
+    (run_dir / "videos" / "f.mp4").unlink()  # a user deletes a video; a one-item smoke run follows
+    step("run.limit=1")
+    assert "f" not in metadata(run_dir) and sample_key("f") not in samples(run_dir)
+
+    final = step()  # everything catches up
+    assert (final.done, final.failed) == (2, 0) and len(metadata(run_dir)) == 6
