@@ -286,3 +286,36 @@ def write_dataset(store: RunStore, output: OutputConfig | None = None) -> None:
         written = write_shards(store, finished, shard_size)
         if written:
             log.info("wrote %d WebDataset shard(s) into %s", len(written), store.root / SHARDS_DIR)
+
+
+def stale_exports(store: RunStore) -> list[str]:
+    """What metadata.jsonl and the WebDataset shards list that the run dir does not hold as
+    finished (a video since deleted or set aside, by a user or a run stopped before it could
+    rewrite them): each problem names the file and up to 5 ids. `svdbatch verify` reports
+    these; write_dataset fixes them."""
+    finished = {item_id for item_id, record in store.finished_index().items() if output_intact(store.root, record)}
+    problems = []
+    listed: dict[str, str] = {}
+    try:
+        for row in map(json.loads, (store.root / METADATA_FILE).read_bytes().splitlines()):
+            listed[str(row.get("id"))] = str(row.get("file_name"))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError) as exc:
+        problems.append(f"{METADATA_FILE} cannot be read ({exc})")
+    gone = sorted(i for i, name in listed.items() if i not in finished or not (store.root / name).exists())
+    if gone:
+        problems.append(
+            f"{METADATA_FILE} lists {len(gone)} item(s) that are not finished or whose file is missing: {_some(gone)}"
+        )
+    shards = _read_shard_index(store.root / SHARDS_DIR / SHARD_INDEX).get("shards", {})
+    packed = {m[0] for members in shards.values() for m in members if isinstance(m, list) and m}
+    if packed - finished:
+        problems.append(
+            f"{SHARDS_DIR}/ holds {len(packed - finished)} item(s) that are not finished: {_some(sorted(packed - finished))}"
+        )
+    return problems
+
+
+def _some(ids: list[str]) -> str:
+    return ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")

@@ -14,7 +14,11 @@ Every damaged item is named with its problems. `--repair` sets each one aside un
 report.json) and rebuilds metadata.jsonl and the WebDataset shards without it, so the next
 run of the same command redoes exactly those items.
 
-Exit status: 0 every item is intact, 1 some are damaged (also after --repair), 2 not a run dir.
+It also checks that metadata.jsonl and the WebDataset shards list nothing the run dir does
+not hold as finished (dataset.stale_exports); --repair rewrites them.
+
+Exit status: 0 every item is intact, 1 some are damaged (also after --repair) or the dataset
+files are stale, 2 not a run dir.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 from .cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, EXIT_OK
 from .config import OutputConfig
-from .dataset import write_dataset
+from .dataset import stale_exports, write_dataset
 from .outputs import OutputCheckError, check_decodes, output_bytes, output_key, output_settings, output_sha256, written_fps
 from .sidecar import Sidecar, SidecarError, named_output
 from .store import (
@@ -242,6 +246,23 @@ def item_files(run_dir: Path, item_id: str, record: dict[str, Any] | None) -> li
     return [n for n in safe if os.path.lexists(run_dir / n)]
 
 
+def check_exports(run_dir: Path, repair: bool) -> tuple[list[str], list[str]]:
+    """(what the dataset files list that is not finished, what --repair found and rewrote)."""
+    store = RunStore(run_dir, "mp4")  # the format is not used: paths come from the records
+    stale = stale_exports(store)
+    if not (stale and repair):
+        return stale, []
+    write_dataset(store)
+    return stale_exports(store), stale
+
+
+def print_exports(stale: list[str], rewritten: list[str]) -> None:
+    for problem in stale:
+        print(f"STALE {problem} (svdbatch verify --repair or the next run rewrites it)")
+    if rewritten:
+        print(f"rewrote metadata.jsonl and the WebDataset shards, which were stale: {'; '.join(rewritten)}")
+
+
 # -- command ----------------------------------------------------------------------------
 def verify_command(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="svdbatch verify", description="check every finished item of a run dir byte for byte")
@@ -256,6 +277,7 @@ def verify_command(args: list[str]) -> int:
     reports = verify_run_dir(run_dir)
     damaged = [r for r in reports if r.damaged]
     dest, busy = set_aside(run_dir, damaged) if options.repair and damaged else (None, [])
+    stale, rewritten = check_exports(run_dir, options.repair)
     unrecorded = unrecorded_outputs(run_dir)
     if options.json:
         print(
@@ -269,6 +291,8 @@ def verify_command(args: list[str]) -> int:
                     "set_aside_in": str(dest) if dest else None,
                     "busy": busy,
                     "unrecorded_outputs": unrecorded,
+                    "stale_exports": stale,
+                    "exports_rewritten": rewritten,
                 },
                 ensure_ascii=False,
             )
@@ -286,8 +310,9 @@ def verify_command(args: list[str]) -> int:
         print(
             f"svdbatch verify: {len(reports)} items checked, {len(reports) - len(damaged)} intact, {len(damaged)} damaged{names}"
         )
+        print_exports(stale, rewritten)
         if dest:
             print(f"set aside {len(damaged) - len(busy)} item(s) in {dest}; run the same command again to redo them")
         if busy:
             print(f"left alone (another process is generating them now): {', '.join(busy)}")
-    return EXIT_DAMAGED if damaged else EXIT_OK
+    return EXIT_DAMAGED if damaged or stale else EXIT_OK

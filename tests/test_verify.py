@@ -76,3 +76,22 @@ def test_a_truncated_sidecar_and_a_wrong_decode_are_damage(tmp_path, images):
 def test_not_a_run_dir_exits_2(tmp_path):
     result = run_cli("verify", str(tmp_path / "nowhere"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_dataset_files_that_list_a_missing_item_are_not_all_intact(tmp_path, images):
+    """Both files of an item gone (as a failed redo once left it): verify must not call the
+    run dir intact while metadata.jsonl and a shard still list the item; --repair rewrites them."""
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [["a", "img/a.png", 1], ["b", "img/b.png", 2]])
+    run_dir = tmp_path / "run"
+    assert run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "output.webdataset=true")).done == 2
+    (run_dir / "videos" / "a.mp4").unlink()
+    (run_dir / "items" / "a.json").unlink()
+    stale = run_cli("verify", str(run_dir))
+    assert stale.returncode == 1, stale.stdout
+    assert "STALE metadata.jsonl lists 1 item(s) that are not finished or whose file is missing: a" in stale.stdout
+    assert "STALE webdataset/ holds 1 item(s) that are not finished: a" in stale.stdout
+    repaired = run_cli("verify", str(run_dir), "--repair", "--json")
+    assert repaired.returncode == 0, repaired.stdout
+    assert json.loads(repaired.stdout)["stale_exports"] == []
+    assert [json.loads(line)["id"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["b"]
+    assert sorted(samples(run_dir)) == ["b"]
