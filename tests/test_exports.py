@@ -16,8 +16,9 @@ import pytest
 
 from svdbatch.dataset import sample_key, write_dataset
 from svdbatch.driver import run
-from svdbatch.status import collect
+from svdbatch.status import collect, throughput
 from svdbatch.store import RunStore, output_intact
+from svdbatch.sweep import write_sweep_page
 from svdbatch.verify import verify_run_dir
 from tests.conftest import make_cfg, make_image, write_csv
 
@@ -35,7 +36,7 @@ def six(tmp_path) -> tuple[Path, list[list]]:
 
 
 def cfg_for(manifest: Path, run_dir: Path, *extra: str):
-    return make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.num_threads=1", "run.gallery=false", *extra)
+    return make_cfg(f"manifest={manifest}", f"run.dir='{run_dir}'", "run.num_threads=1", "run.gallery=false", *extra)
 
 
 def metadata(run_dir: Path) -> dict[str, dict]:
@@ -290,3 +291,56 @@ def test_derived_outputs_stay_true_through_shards_limits_redos_edits_and_faults(
 
     final = step()  # everything catches up
     assert (final.done, final.failed) == (2, 0) and len(metadata(run_dir)) == 6
+
+
+class Cells(Links):
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        super().handle_starttag(tag, attrs)
+        if tag == "td":
+            self.cards.append(dict(attrs).get("class", ""))
+
+
+def test_the_sweep_page_shows_what_each_point_holds_after_shards_redos_edits_and_faults(tmp_path, six, monkeypatch):
+    """A sweep root of two points (as Hydra lays it out), each run by hand through shards, a
+    failed redo and a meta edit: the comparison page has one done cell per finished item of
+    each point, and links only files that exist."""
+    manifest, rows = six
+    rows = rows[:4]
+    write_csv(manifest, HEADER, rows)
+    root = tmp_path / "sweep"
+    points = {"60": root / "conditioning.motion_bucket_id=60", "180": root / "conditioning.motion_bucket_id=180"}
+    for value, point in points.items():
+        (point / ".hydra").mkdir(parents=True)
+        (point / ".hydra" / "overrides.yaml").write_text(f"- conditioning.motion_bucket_id={value}\n")
+
+    def run_point(value: str, *extra: str) -> None:
+        run(cfg_for(manifest, points[value], f"conditioning.motion_bucket_id={value}", "run.reuse=false", *extra))
+
+    def check() -> None:
+        page = Cells()
+        page.feed(write_sweep_page(root).read_text(encoding="utf-8"))
+        done = sum(len(metadata(point)) for point in points.values() if (point / "metadata.jsonl").exists())
+        assert page.cards.count("cell done") == done
+        assert [u for u in page.urls if not (root / u).exists()] == []
+
+    run_point("60", "run.shard.index=0", "run.shard.count=2")
+    run_point("180", "run.limit=1")
+    check()
+    run_point("60", "run.shard.index=1", "run.shard.count=2")
+    rows[1][2] = 20  # b.v2 redone at 60; its video write fails
+    rows[0][3] = "edited"
+    write_csv(manifest, HEADER, rows)
+    monkeypatch.setenv("SVDBATCH_FAULT", "encode:1:error")
+    monkeypatch.setattr("svdbatch.faults._reached", Counter())
+    run_point("60")
+    monkeypatch.delenv("SVDBATCH_FAULT")
+    check()
+    assert metadata(points["60"])["a"]["meta_caption"] == "edited" and metadata(points["60"])["b.v2"]["seed"] == 2
+    run_point("180")
+    check()
+
+
+def test_a_metadata_update_line_is_not_counted_as_a_finish():
+    finishes = [{"id": f"i{n}", "finished_at": f"2026-12-01T10:00:{n:02d}+00:00", "seconds": 1.0} for n in range(4)]
+    edit = {**finishes[0], "meta_updated_at": "2026-12-02T00:00:00+00:00"}  # a later line of i0, same finish
+    assert throughput([*finishes, edit]) == throughput(finishes)
