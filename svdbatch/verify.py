@@ -54,7 +54,7 @@ from .store import (
 
 EXIT_DAMAGED, EXIT_NOT_A_RUN_DIR = EXIT_ITEMS_FAILED, EXIT_BAD_INPUT
 # results.jsonl fields that must equal what the sidecar's own results line says (Sidecar.result_record).
-AGREE = ("key", "output_key", "output", "output_bytes", "output_sha256", "frames_sha256", "seed")
+AGREE = ("key", "output_key", "output", "output_bytes", "output_sha256", "frames_sha256", "seed", "meta_sha256")
 
 
 @dataclass
