@@ -3,11 +3,11 @@
     cfg = svdbatch.compose("manifest=manifests/sample.csv", "run.name=demo")
     svdbatch.validate(cfg)                    # every problem of config and manifest, nothing generated
     summary = svdbatch.run(cfg)               # RunSummary: run_dir, done / skipped / failed / invalid
-    svdbatch.status(summary.run_dir)          # the dict `svdbatch status --json` prints
+    svdbatch.reports.status(summary.run_dir)          # the dict `svdbatch status --json` prints
     for item in svdbatch.open_run(summary.run_dir):
         print(item.id, item.status, item.video, item.seed, item.params)
-    svdbatch.verify(summary.run_dir, repair=False)
-    svdbatch.reproduce(summary.run_dir / "items" / "rocket.json")
+    svdbatch.rundir.verify(summary.run_dir, repair=False)
+    svdbatch.engine.reproduce(summary.run_dir / "items" / "rocket.json")
 
 Each function returns data and raises the errors of core/errors.py for bad input; printing
 and exit codes are the CLI's business (cli.py). Importing this module imports neither torch
@@ -29,21 +29,19 @@ from svdbatch.core.errors import RunDirError
 from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
 from svdbatch.engine import driver, sweep
 from svdbatch.engine.driver import RunSummary
-from svdbatch.inputs.manifest import write_manifest
+from svdbatch.inputs.manifest import csv_holds, write_manifest
 from svdbatch.reports import status as run_status
-from svdbatch.rundir.dataset import write_metadata
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
 from svdbatch.rundir.store import (
     FAILURES,
     RESULTS,
-    RunStore,
     is_invalid_record,
     is_run_dir,
     not_a_run_dir_message,
     output_intact,
     sidecar_relpath,
 )
-from svdbatch.rundir.verify import ItemReport, set_aside, unrecorded_outputs, verify_run_dir
+from svdbatch.rundir.verify import ItemReport, check_exports, set_aside, unrecorded_outputs, verify_run_dir
 
 if TYPE_CHECKING:
     from svdbatch.engine.reproduce import Reproduction
@@ -53,6 +51,7 @@ __all__ = [
     "RunSummary",
     "Validation",
     "VerifyReport",
+    "Emitted",
     "compose",
     "emit_manifest",
     "open_run",
@@ -111,14 +110,28 @@ def validate(config: DictConfig) -> Validation:
     return Validation(str(config.manifest), len(manifest.items), bad)
 
 
-def emit_manifest(config: DictConfig) -> tuple[Path, int]:
+@dataclass
+class Emitted:
+    """What `emit_manifest` wrote."""
+
+    path: Path
+    rows: int
+    renamed: list[tuple[int, str, str]]  # (line, image, new id): derived ids that collided
+    left_out: list[str]  # problems of the invalid rows left out (run.strict=false)
+
+
+def emit_manifest(config: DictConfig) -> Emitted:
     """Write the manifest a run would use (e.g. derived from a folder) as
-    <run.dir>/<run.name>.csv, with explicit ids and seeds; returns its path and row count.
-    Running that CSV into the same run dir reproduces (and resumes) the same items."""
-    manifest = driver.load_manifest(config)
-    target = Path(config.run.dir) / f"{config.run.name}.csv"
+    <run.dir>/<run.name>.csv with explicit ids and seeds (.jsonl when a meta_* value is not
+    plain text: a CSV cell would lose its type). Every valid row comes out: image paths whose
+    derived ids collide get unique ids. Running the emitted file into the same run dir
+    reproduces (and resumes) the same items."""
+    manifest = driver.load_manifest(config, unique_ids=True)
+    suffix = ".csv" if csv_holds(manifest.items) else ".jsonl"
+    target = Path(config.run.dir) / f"{config.run.name}{suffix}"
     write_manifest(manifest.items, target)
-    return target, len(manifest.items)
+    left_out = [str(problem) for _, _, problems in manifest.bad_rows for problem in problems]
+    return Emitted(target, len(manifest.items), list(manifest.renamed), left_out)
 
 
 def status(path: str | os.PathLike) -> dict[str, Any]:
@@ -136,6 +149,8 @@ class VerifyReport:
     run_dir: Path
     items: list[ItemReport]
     unrecorded_outputs: list[str]
+    stale_exports: list[str] = field(default_factory=list)  # what metadata.jsonl / the shards list that is not finished
+    exports_rewritten: list[str] = field(default_factory=list)  # repair: the stale exports it rewrote
     set_aside_in: Path | None = None  # repair: where the damaged items went
     busy: list[str] = field(default_factory=list)  # repair: left alone, another process holds them
 
@@ -146,14 +161,16 @@ class VerifyReport:
 
 def verify(run_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
     """Check every finished item byte for byte against its sidecar and results line; with
-    `repair`, set damaged items aside (the next run redoes them) and rewrite metadata.jsonl."""
+    `repair`, set damaged items aside (the next run redoes them). Also checks that
+    metadata.jsonl and the WebDataset shards list only finished items (`stale_exports`);
+    `repair` rewrites them."""
     run_dir = Path(run_dir)
     _require_run_dir(run_dir)
     items = verify_run_dir(run_dir)
     report = VerifyReport(run_dir, items, unrecorded_outputs(run_dir))
     if repair and report.damaged:
-        report.set_aside_in, report.busy = set_aside(run_dir, report.damaged)
-        write_metadata(RunStore(run_dir, "mp4"))  # the dataset index must not list what was moved
+        report.set_aside_in, report.busy = set_aside(run_dir, report.damaged)  # rewrites the exports too
+    report.stale_exports, report.exports_rewritten = check_exports(run_dir, repair)
     return report
 
 

@@ -164,10 +164,15 @@ def validate(args: list[str]) -> int:
 
 
 def emit_manifest(cfg: DictConfig) -> int:
-    """`run.emit_manifest=true`: write the manifest the run would use and generate nothing."""
-    target, rows = api.emit_manifest(cfg)
-    print(f"wrote {target} ({rows} rows); edit it, then: svdbatch manifest={target}")
-    return EXIT_OK
+    """`run.emit_manifest=true`: write the manifest the run would use, generate nothing."""
+    emitted = api.emit_manifest(cfg)
+    for line, image, new_id in emitted.renamed:
+        print(f"  line {line}: {image}: its derived id collides with an earlier row's; written with id {new_id!r}")
+    for problem in emitted.left_out:
+        print(f"left out (run.strict=false): {problem}", file=sys.stderr)
+    renamed = f", {len(emitted.renamed)} rows given new ids" if emitted.renamed else ""
+    print(f"wrote {emitted.path} ({emitted.rows} rows{renamed}); edit it, then: svdbatch manifest={emitted.path}")
+    return EXIT_BAD_INPUT if emitted.left_out else EXIT_OK
 
 
 def reproduce(args: list[str]) -> int:
@@ -230,7 +235,7 @@ def verify(args: list[str]) -> int:
         print(f"svdbatch verify: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(verify_json(report) if options.json else verify_text(report))
-    return EXIT_ITEMS_FAILED if report.damaged else EXIT_OK
+    return EXIT_ITEMS_FAILED if report.damaged or report.stale_exports else EXIT_OK
 
 
 def verify_json(report: api.VerifyReport) -> str:
@@ -245,6 +250,8 @@ def verify_json(report: api.VerifyReport) -> str:
             "set_aside_in": str(report.set_aside_in) if report.set_aside_in else None,
             "busy": report.busy,
             "unrecorded_outputs": report.unrecorded_outputs,
+            "stale_exports": report.stale_exports,
+            "exports_rewritten": report.exports_rewritten,
         },
         ensure_ascii=False,
     )
@@ -264,6 +271,10 @@ def verify_text(report: api.VerifyReport) -> str:
     names = f" ({', '.join(r.item_id for r in damaged[:10])}{' ...' if len(damaged) > 10 else ''})" if damaged else ""
     checked = len(report.items)
     lines.append(f"svdbatch verify: {checked} items checked, {checked - len(damaged)} intact, {len(damaged)} damaged{names}")
+    lines += [f"STALE {problem} (svdbatch verify --repair or the next run rewrites it)" for problem in report.stale_exports]
+    if report.exports_rewritten:
+        rewritten = "; ".join(report.exports_rewritten)
+        lines.append(f"rewrote metadata.jsonl and the WebDataset shards, which were stale: {rewritten}")
     if report.set_aside_in:
         lines.append(
             f"set aside {len(damaged) - len(report.busy)} item(s) in {report.set_aside_in}; run the same command again to redo them"

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from svdbatch.cli import EXIT_BAD_INPUT, SUBCOMMANDS
+from svdbatch.cli import SUBCOMMANDS
+from svdbatch.core.errors import EXIT_BAD_INPUT
 from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.rundir.outputs import read_video
 from tests.conftest import FAST, REPO, SAMPLE_CSV, make_image, run_cli, write_csv

@@ -136,7 +136,8 @@ def test_folder_manifest_refuses_ids_that_collide_on_macos_and_windows(tmp_path)
     problems = sorted(str(p) for p in info.value.problems)
     assert problems[0].endswith(
         ":2: field 'id': id 'cat' and 'Cat' on line 1 differ only by case or Unicode normalisation: "
-        "they would name the same file on macOS and Windows"
+        "they would name the same file on macOS and Windows; "
+        "give an id column, or let run.emit_manifest=true write a manifest with unique ids"
     )
     assert ":3: field 'image': the id derived from it is a reserved device name on Windows" in problems[1]
 

@@ -48,13 +48,13 @@ def test_metadata_and_shards_list_only_finished_items_and_follow_resumes(tmp_pat
     first = loaded[0]
     assert first["id"] == "a" and first["video"]["path"] == str(run_dir / "videos" / "a.mp4")
 
-    # Shard 0 (a, b.v2) is complete; shard 1 waits for `broken`.
+    # Shard 0 holds the finished a and b.v2 (keys from ids, the dot escaped); `broken` is not finished.
     shards = run_dir / "webdataset"
     assert sorted(p.name for p in shards.glob("*.tar")) == ["shard-000000.tar"]
     with tarfile.open(shards / "shard-000000.tar") as archive:
-        assert archive.getnames() == ["000000000.mp4", "000000000.json", "000000001.mp4", "000000001.json"]
-        assert archive.extractfile("000000000.mp4").read() == (run_dir / "videos" / "a.mp4").read_bytes()
-        assert json.loads(archive.extractfile("000000001.json").read())["id"] == "b.v2"
+        assert archive.getnames() == ["a.mp4", "a.json", "b%2Ev2.mp4", "b%2Ev2.json"]
+        assert archive.extractfile("a.mp4").read() == (run_dir / "videos" / "a.mp4").read_bytes()
+        assert json.loads(archive.extractfile("b%2Ev2.json").read())["id"] == "b.v2"
     shard0 = (shards / "shard-000000.tar").stat().st_mtime_ns
 
     # Resume after fixing the broken image: metadata and the last shard catch up; shard 0 stays.
@@ -71,21 +71,23 @@ def test_metadata_and_shards_list_only_finished_items_and_follow_resumes(tmp_pat
     assert run(cfg).done == 1
     assert [row["seed"] for row in metadata(run_dir)] == [1, 22, 3]
     with tarfile.open(shards / "shard-000000.tar") as archive:
-        assert json.loads(archive.extractfile("000000001.json").read())["seed"] == 22
-        assert archive.extractfile("000000001.mp4").read() == (run_dir / "videos" / "b.v2.mp4").read_bytes()
+        assert json.loads(archive.extractfile("b%2Ev2.json").read())["seed"] == 22
+        assert archive.extractfile("b%2Ev2.mp4").read() == (run_dir / "videos" / "b.v2.mp4").read_bytes()
 
     # A smoke run over part of the manifest (or one shard of it) still lists the whole run dir.
     limited = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.check_images=false", "run.limit=1"))
     assert (limited.done, limited.skipped) == (0, 1)
     assert [row["id"] for row in metadata(run_dir)] == ["a", "b.v2", "broken"]
 
-    # a's image changes and its redo fails: its shard goes (it would hold an outdated sample);
-    # metadata.jsonl still lists the old video, described by the old sidecar.
+    # a's image changes and its redo fails: its old video stays finished, so metadata.jsonl
+    # and its shard keep it, described by the old sidecar.
     images["a"].write_bytes(images["a"].read_bytes()[:60])
+    old_a = (run_dir / "videos" / "a.mp4").read_bytes()
     assert run(cfg).failed == 1
-    assert sorted(p.name for p in shards.glob("*.tar")) == ["shard-000001.tar"]
-    assert "shard-000000.tar" not in json.loads((shards / "index.json").read_text())
+    assert sorted(p.name for p in shards.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
     assert [row["id"] for row in metadata(run_dir)] == ["a", "b.v2", "broken"]
+    with tarfile.open(shards / "shard-000000.tar") as archive:
+        assert archive.extractfile("a.mp4").read() == old_a
 
 
 def test_bad_shard_size_and_fetch_settings_are_config_errors(tmp_path, images):

@@ -20,8 +20,8 @@ import pytest
 import ray
 import torch
 
-from svdbatch.cli import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, exit_code
-from svdbatch.core.errors import ConfigError
+from svdbatch.cli import exit_code
+from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, ConfigError
 from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import load_manifest, run
 from svdbatch.engine.ray_engine import ACTOR_NAME, actor_devices, batch_task_name, forwarded_env

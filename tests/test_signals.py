@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from svdbatch.cli import exit_code_for_signal
 from svdbatch.core.atomic import TEMP_MARKER
+from svdbatch.core.errors import exit_code_for_signal
 from svdbatch.core.jsonl import read_jsonl_fast
 from tests.conftest import FAST, REPO, make_image, write_csv
 

@@ -10,6 +10,7 @@ from svdbatch.engine.driver import run
 from svdbatch.reports.status import collect
 
 from .conftest import make_cfg, run_cli, write_csv
+from .test_exports import samples
 
 
 def flip_last_byte(path: Path) -> None:
@@ -42,7 +43,7 @@ def test_verify_names_damaged_items_and_repair_makes_the_next_run_redo_exactly_t
     (aside,) = (run_dir / "damaged").iterdir()
     assert (aside / "videos" / "a.mp4").is_file() and (aside / "items" / "a.json").is_file()
     assert (aside / "videos" / "b.mp4").is_file()  # moved, not deleted
-    assert (aside / "webdataset" / "shard-000000.tar").is_file()  # held a and b
+    assert sorted(samples(run_dir)) == ["c"]  # the shards are rebuilt without what was set aside
     assert not (run_dir / "videos" / "a.mp4").exists()
     assert [json.loads(line)["id"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["c"]
     assert sorted(json.loads((aside / "report.json").read_text())["set_aside"][i]["item_id"] for i in range(2)) == ["a", "b"]
@@ -52,7 +53,7 @@ def test_verify_names_damaged_items_and_repair_makes_the_next_run_redo_exactly_t
     again = run(cfg)  # the same command
     assert (again.done, again.skipped, again.failed) == (2, 1, 0)
     assert (run_dir / "videos" / "c.mp4").read_bytes() == intact_c
-    assert (run_dir / "webdataset" / "shard-000000.tar").is_file()
+    assert sorted(samples(run_dir)) == ["a", "b", "c"]
     final = run_cli("verify", str(run_dir))
     assert final.returncode == 0 and "3 intact, 0 damaged" in final.stdout, final.stdout
 
@@ -75,3 +76,22 @@ def test_a_truncated_sidecar_and_a_wrong_decode_are_damage(tmp_path, images):
 def test_not_a_run_dir_exits_2(tmp_path):
     result = run_cli("verify", str(tmp_path / "nowhere"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_dataset_files_that_list_a_missing_item_are_not_all_intact(tmp_path, images):
+    """Both files of an item gone (as a failed redo once left it): verify must not call the
+    run dir intact while metadata.jsonl and a shard still list the item; --repair rewrites them."""
+    manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [["a", "img/a.png", 1], ["b", "img/b.png", 2]])
+    run_dir = tmp_path / "run"
+    assert run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "output.webdataset=true")).done == 2
+    (run_dir / "videos" / "a.mp4").unlink()
+    (run_dir / "items" / "a.json").unlink()
+    stale = run_cli("verify", str(run_dir))
+    assert stale.returncode == 1, stale.stdout
+    assert "STALE metadata.jsonl lists 1 item(s) that are not finished or whose file is missing: a" in stale.stdout
+    assert "STALE webdataset/ holds 1 item(s) that are not finished: a" in stale.stdout
+    repaired = run_cli("verify", str(run_dir), "--repair", "--json")
+    assert repaired.returncode == 0, repaired.stdout
+    assert json.loads(repaired.stdout)["stale_exports"] == []
+    assert [json.loads(line)["id"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["b"]
+    assert sorted(samples(run_dir)) == ["b"]

@@ -20,7 +20,7 @@ from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import ImageCache, file_sha256, parallel_map
 from svdbatch.inputs.manifest import Item
 from svdbatch.rundir.outputs import output_key, output_settings, written_fps
-from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar import Sidecar, meta_digest
 from svdbatch.rundir.store import KeyMaker, RunStore, output_intact
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ class Plan:
     reuse: list[tuple[PlannedItem, Any]] = field(default_factory=list)
     all: list[PlannedItem] = field(default_factory=list)  # manifest order
     replaced: list[Replacement] = field(default_factory=list)  # to-do items that overwrite a finished output
+    # Done items whose row's meta_* values changed since: their sidecar is updated, not regenerated.
+    meta_changed: list[PlannedItem] = field(default_factory=list)
 
 
 def plan_run(
@@ -214,6 +216,8 @@ def plan_run(
         )
         if store.is_done(item.id, key, out_key, index):
             plan.done.append(entry)
+            if meta_edited(item, index.get(item.id), store):
+                plan.meta_changed.append(entry)
         else:
             reused = reuse.lookup(key, out_key) if reuse is not None else None
             if reused is not None:
@@ -228,6 +232,17 @@ def plan_run(
     if warning:
         log.warning("%s", warning)
     return plan
+
+
+def meta_edited(item: Item, record: dict[str, Any] | None, store: RunStore) -> bool:
+    """Whether a done item's meta_* values differ from what its sidecar records: from the
+    results line's digest, or (a line from before it was recorded, or recovered from the
+    sidecar) from the sidecar itself."""
+    recorded = record.get("meta_sha256") if record is not None else None
+    if recorded is not None:
+        return recorded != meta_digest(item.meta)
+    sidecar = store.read_sidecar(item.id)
+    return sidecar is not None and sidecar.row.meta != item.meta
 
 
 def hash_or_error(path: str) -> str | OSError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import threading
 import time
 import traceback
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from svdbatch.core.atomic import DISK_FULL_ERRNOS
+from svdbatch.core.atomic import DISK_FULL_ERRNOS, temp_prefix
 from svdbatch.core.config import OutputConfig, plain
 from svdbatch.core.faults import fault_point
 from svdbatch.core.outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
@@ -36,7 +37,16 @@ from svdbatch.inputs.fetch import FetchError
 from svdbatch.inputs.images import pipeline_input
 from svdbatch.models.devices import pin_threads
 from svdbatch.models.loading import LoadedPipeline, lower_memory
-from svdbatch.rundir.outputs import frames_sha256, output_key, output_settings, write_video, written_fps
+from svdbatch.rundir.outputs import (
+    Written,
+    frames_sha256,
+    output_key,
+    output_settings,
+    place_output,
+    remove_output,
+    write_video,
+    written_fps,
+)
 from svdbatch.rundir.sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
 from svdbatch.rundir.store import RunStore
 
@@ -214,11 +224,40 @@ class Worker:
         fps = written_fps(self.output, entry.params.fps)
         settings = output_settings(self.output, fps)
         video = self.store.video_path(item.id)
-        if self.keep_replaced_in:  # under the item's claim, after its frames were generated
-            self.store.set_aside(item.id, entry.key, entry.output_key, Path(self.keep_replaced_in))
-        # Raises unless the encoder succeeded and the file decodes to these frames.
-        written = write_video(frames, video, self.output, fps)
-        timings = Timings.generated(ready.load_s, generate_s, time.perf_counter() - start)
+        # Written and checked under a temporary name first (raises unless the encoder
+        # succeeded and the file decodes to these frames): a redo that fails here has
+        # touched nothing of the item's finished output.
+        staged = video.with_name(f"{temp_prefix(video.name)}staged{video.suffix}")
+        # The old output of a redo is set aside (run.keep_replaced: for good; else into a
+        # temporary folder, deleted once the new sidecar is in place) only now, with the new
+        # file ready, and put back if the redo fails before its sidecar is in place.
+        keep = Path(self.keep_replaced_in) if self.keep_replaced_in else None
+        aside = keep or self.store.root / f"{temp_prefix('replacing')}{item.id}"
+        try:
+            written = write_video(frames, staged, self.output, fps)
+            moved = self.store.set_aside(item.id, entry.key, entry.output_key, aside)  # under the item's claim
+            try:
+                place_output(staged, video)
+                timings = Timings.generated(ready.load_s, generate_s, time.perf_counter() - start)
+                self._commit(generated, video, fps, settings, written, timings)
+            except BaseException:
+                committed = self.store.read_sidecar(item.id)
+                if moved and not (committed and committed.done_with(entry.key, output_key(settings))):
+                    self.store.restore(moved)  # the item stays done with its old output
+                raise
+        finally:
+            remove_output(staged)
+            if keep is None:
+                shutil.rmtree(aside, ignore_errors=True)
+        return Outcome(item.id, DONE, generate_s)
+
+    def _commit(
+        self, generated: Generated, video: Path, fps: int, settings: dict[str, Any], written: Written, timings: Timings
+    ) -> None:
+        """The sidecar of a generated item whose video is in place (store.commit)."""
+        ready, frames = generated.ready, generated.frames
+        entry, item = ready.entry, ready.entry.item
+        assert entry.key is not None  # only an item whose image could be read has a key and gets generated
         self.store.commit(
             Sidecar(
                 id=item.id,
@@ -249,7 +288,6 @@ class Worker:
                 **self.context,
             )
         )
-        return Outcome(item.id, DONE, generate_s)
 
     def fail(self, entry: PlannedItem, exc: BaseException, trace: str) -> Outcome:
         """Record one item's failure; the batch goes on."""

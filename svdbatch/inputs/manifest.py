@@ -23,7 +23,7 @@ import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, cast
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from svdbatch.core.atomic import atomic_write_bytes
@@ -124,6 +124,9 @@ class Manifest:
     items: list[Item] = field(default_factory=list)
     # Rows that failed validation (only non-empty when not strict): (line, id or None, problems).
     bad_rows: list[tuple[int, str | None, list[Problem]]] = field(default_factory=list)
+    # Rows whose derived id collided with an earlier one's and was made unique (unique_ids=True):
+    # (line, image as written, the new id).
+    renamed: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 def derive_seed(run_seed: int, item_id: str) -> int:
@@ -166,6 +169,20 @@ def id_fold(item_id: str) -> str:
     """What an id names on a case-insensitive, normalisation-insensitive file system (macOS,
     Windows): 'Case'/'case' and NFC/NFD 'café' are one file there."""
     return unicodedata.normalize("NFC", unicodedata.normalize("NFC", item_id).casefold())
+
+
+def unique_id(item_id: str, image_ref: str, taken: Mapping[str, Any]) -> str:
+    """An id for a row whose derived id is `taken` (by id_fold) already: the id with the
+    image's extension ('a' from a.png -> 'a.png'), else with a number ('a-2', 'a-3', ...)."""
+    suffix = PurePosixPath(image_ref.replace("\\", "/")).suffix
+    candidates = [f"{item_id}{suffix}"] if suffix else []
+    number = 2
+    while True:
+        for candidate in candidates:
+            if id_problem(candidate) is None and id_fold(candidate) not in taken:
+                return candidate
+        candidates = [f"{item_id}-{number}"]
+        number += 1
 
 
 def row_value_problems(row: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -421,6 +438,7 @@ def read_manifest(
     config_params: Mapping[str, Any] | None = None,
     select: Callable[[list[Item]], list[Item]] | None = None,
     image_cache: ImageCache | None = None,
+    unique_ids: bool = False,
 ) -> Manifest:
     """Parse and validate a manifest. Raises ManifestError listing every problem found.
 
@@ -431,7 +449,10 @@ def read_manifest(
     (min <= max guidance) when a row overrides one of them.
     select: the items whose images this process checks (its shard); all rows are still
     parsed, so ids and duplicates are checked across the whole manifest.
-    image_cache: checks already done on unchanged files (the run dir's cache)."""
+    image_cache: checks already done on unchanged files (the run dir's cache).
+    unique_ids: an id derived from the image path (no id column, a folder) that collides with
+    an earlier row's is made unique (unique_id) instead of refusing the row: for
+    run.emit_manifest, which writes every row out with explicit ids."""
     image_level = image_check_mode(check_images)
     path = Path(path)
     shown = str(path)
@@ -513,16 +534,26 @@ def read_manifest(
             else:
                 folded = id_fold(item_id)
                 first = first_of.get(folded)
+                if first is not None and unique_ids and not id_field_given and image_ref:
+                    item_id = unique_id(item_id, image_ref, first_of)
+                    manifest.renamed.append((line, image_ref, item_id))
+                    folded, first = id_fold(item_id), None
                 if first is None:
                     first_of[folded] = (item_id, line)
-                elif first[0] == item_id:
-                    bad("id", f"duplicate id {item_id!r} (first used on line {first[1]})")
                 else:
-                    bad(
-                        "id",
-                        f"id {item_id!r} and {first[0]!r} on line {first[1]} differ only by case or Unicode "
-                        "normalisation: they would name the same file on macOS and Windows",
+                    why = (
+                        f"duplicate id {item_id!r} (first used on line {first[1]})"
+                        if first[0] == item_id
+                        else f"id {item_id!r} and {first[0]!r} on line {first[1]} differ only by case or Unicode "
+                        "normalisation: they would name the same file on macOS and Windows"
                     )
+                    # Derived from two image paths: run.emit_manifest writes them out with unique ids.
+                    hint = (
+                        ""
+                        if id_field_given
+                        else "; give an id column, or let run.emit_manifest=true write a manifest with unique ids"
+                    )
+                    bad("id", why + hint)
 
         seed_derived = "seed" not in row
         seed = 0
@@ -623,19 +654,37 @@ def _check_item_images(
     return problems
 
 
+def csv_holds(items: list[Item]) -> bool:
+    """Whether a CSV gives these items back exactly: its cells are text, and an empty or blank
+    cell means 'not given', so every meta_* value must be non-blank text (JSONL otherwise)."""
+    return all(isinstance(value, str) and value.strip() for item in items for value in item.meta.values())
+
+
+def manifest_row(item: Item, folder: Path) -> dict[str, Any]:
+    """A row that gives `item` again: explicit id and seed, the image relative to `folder`
+    (a URL as it is), the row's resize, overrides and meta_* values, typed."""
+    image = item.url or os.path.relpath(item.image or "", folder).replace(os.sep, "/")
+    row: dict[str, Any] = {"id": item.id, "image": image, "seed": item.seed}
+    if item.resize:
+        row["resize"] = item.resize
+    return {**row, **item.overrides, **item.meta}
+
+
 def write_manifest(items: list[Item], target: Path) -> None:
-    """A CSV that gives exactly these items again (explicit ids and seeds, the rows'
-    overrides and meta columns), image paths relative to the CSV, for editing."""
-    overrides = [name for name in PARAM_NAMES if any(name in item.overrides for item in items)]
-    resize = ["resize"] if any(item.resize for item in items) else []
-    meta = sorted({key for item in items for key in item.meta})
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", "image", "seed", *resize, *overrides, *meta])
-    for item in items:
-        # An item has a local image path unless its image is a URL (Item.image).
-        image = item.url or os.path.relpath(cast(str, item.image), target.parent.resolve()).replace(os.sep, "/")
-        extra = [item.overrides.get(name, "") for name in overrides] + [item.meta.get(key, "") for key in meta]
-        writer.writerow([item.id, image, item.seed, *([item.resize or ""] if resize else []), *extra])
+    """A manifest that gives exactly these items again, for editing: a CSV (target .csv; only
+    when csv_holds) or JSONL (.jsonl), image paths relative to the file."""
+    folder = target.parent.resolve()
+    rows = [manifest_row(item, folder) for item in items]
+    if target.suffix == ".jsonl":
+        body = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    else:
+        columns = list(dict.fromkeys(["id", "image", "seed", "resize", *PARAM_NAMES]))
+        columns = [c for c in columns if any(c in row for row in rows)]
+        columns += sorted({key for item in items for key in item.meta})
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([row.get(column, "") for column in columns] for row in rows)
+        body = buffer.getvalue()
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target, buffer.getvalue().encode())
+    atomic_write_bytes(target, body.encode())

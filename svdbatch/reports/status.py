@@ -372,7 +372,9 @@ def throughput(records: Iterable[dict[str, Any]], window: int = THROUGHPUT_WINDO
     # times of a generous tail, not of a 100k-line log, gives the same window.
     records = list(records)[-throughput_lines(window) :]
     finished = sorted(
-        (stamp, float(r.get("seconds") or 0.0)) for r in records if (stamp := parse_time(r.get("finished_at"))) is not None
+        (stamp, float(r.get("seconds") or 0.0))
+        for r in records
+        if not r.get("meta_updated_at") and (stamp := parse_time(r.get("finished_at"))) is not None  # an edit is no finish
     )
     if not finished:
         return Throughput(0, 0.0, None, None, None)

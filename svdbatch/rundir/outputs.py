@@ -304,6 +304,23 @@ def write_video(frames: np.ndarray, target: Path, output: OutputConfig, fps: int
     return written
 
 
+def place_output(staged: Path, target: Path) -> None:
+    """Rename a written and checked output (write_video to a temporary name) into place,
+    replacing what is there (a folder of PNG frames cannot be renamed over a folder)."""
+    if staged.is_dir() and target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)  # the sidecar, written last, is what marks an item done
+    os.replace(staged, target)
+    fsync_path(target.parent)
+
+
+def remove_output(path: Path) -> None:
+    """Delete an output file or frames folder if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def link_output(source: Path, target: Path) -> str:
     """Make `target` the very output `source` is (a file, or a folder of frames): hard links
     when both are on one file system, else a copy; atomic like every writer here. Returns

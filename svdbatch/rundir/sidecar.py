@@ -18,6 +18,7 @@ Sub-records other modules own stay plain JSON objects here: ``params``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -446,7 +447,22 @@ def result_record(sidecar: Mapping[str, Any], sidecar_bytes: int) -> Json:
         "frames_sha256": sidecar["frames_sha256"],
         "seconds": sidecar["timings"]["total_s"],
         "finished_at": sidecar["finished_at"],
+        # Lets the next plan see a meta_* edit without opening the sidecar.
+        "meta_sha256": meta_digest((sidecar.get("row") or {}).get("meta") or {}),
     }
+
+
+EMPTY_META_SHA256 = hashlib.sha256(b"{}").hexdigest()
+# One encoder for every digest: json.dumps with options builds a new one per call (3x slower,
+# and a resume digests every done row's meta_* values).
+_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False).encode
+
+
+def meta_digest(meta: Mapping[str, Any]) -> str:
+    """sha256 of a row's meta_* values (canonical JSON): most rows have none, hashed once."""
+    if not meta:
+        return EMPTY_META_SHA256
+    return hashlib.sha256(_canonical_json(meta).encode()).hexdigest()
 
 
 def named_output(path: str | os.PathLike) -> str | None:

@@ -590,26 +590,27 @@ class RunStore:
         """Where this run keeps the outputs it replaces: replaced/<UTC start time>/."""
         return self.root / REPLACED_DIR / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
 
-    def set_aside(self, item_id: str, new_key: str, new_output_key: str | None, folder: Path) -> bool:
+    def set_aside(self, item_id: str, new_key: str, new_output_key: str | None, folder: Path) -> list[tuple[Path, Path]]:
         """Before an item's new output is written: move its finished output of another key
         (or other output settings), then that sidecar, to `folder` (same relative paths), so
         nothing generated is overwritten. A sidecar this version cannot read (damaged, or of
         another schema) is moved too, with the output it names. The caller holds the item's
         claim and has generated the new frames: a redo that fails keeps the old output in
-        place. False if nothing was moved."""
+        place, and one that fails after the move puts them back (restore). Returns the
+        (source, target) pairs moved, empty if nothing was."""
         sidecar_file = self.sidecar_path(item_id)
         try:
             sidecar: Sidecar | None = Sidecar.read(sidecar_file)
         except FileNotFoundError:
-            return False
+            return []
         except (OSError, SidecarError):
             sidecar = None
         if sidecar is not None and (not sidecar.done or sidecar.done_with(new_key, new_output_key)):
-            return False
+            return []
         named = sidecar.output.path if sidecar is not None else named_output(sidecar_file)
         inside = named is not None and not os.path.isabs(named) and ".." not in Path(named).parts
         output = self.root / named if inside and named is not None else self.root
-        moved = False
+        moved: list[tuple[Path, Path]] = []
         # The video first: if the run dies in between, the expensive part is already safe.
         for source in (output, sidecar_file):
             if source == self.root or not os.path.lexists(source):
@@ -621,8 +622,27 @@ class RunStore:
             except OSError as exc:  # e.g. videos/ linked to another file system
                 log.warning("could not keep %s in %s (%s); it will be overwritten", source, folder, exc)
                 return moved
-            moved = True
+            moved.append((source, target))
         return moved
+
+    @staticmethod
+    def restore(moved: list[tuple[Path, Path]]) -> None:
+        """Undo set_aside: a redo failed before its sidecar was in place, so the old output
+        and sidecar go back and the item stays done with its old key. Sidecar first, then
+        the output: os.replace puts the old video over whatever the redo left there."""
+        for source, target in reversed(moved):
+            try:
+                if source.is_dir() and not source.is_symlink():
+                    shutil.rmtree(source)  # a frames folder the failed redo left
+                os.replace(target, source)
+            except OSError as exc:
+                log.error("could not put %s back after a failed redo (%s); it is in %s", source, exc, target)
+                continue
+            for folder in list(target.parents)[:3]:  # items/, <stamp>/, replaced/ if left empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # not empty: other items were replaced there
 
     # -- writing ----------------------------------------------------------------------
     def commit(self, sidecar: Sidecar) -> None:
@@ -632,6 +652,28 @@ class RunStore:
         atomic_write_bytes(self.sidecar_path(sidecar.id), body, fault="sidecar")
         fault_point("results")
         append_jsonl(self.results, result_record(record, len(body)))
+
+    def update_row(self, item_id: str, key: str, out_key: str, row: SidecarRow) -> bool:
+        """A finished item whose manifest row changed only outside its key (meta_* values):
+        its sidecar is rewritten with the new row and a results line appended (marked
+        `meta_updated_at`: not a finish, for throughput), so metadata.jsonl and the shards
+        follow; the video is not touched. Under the item's claim; False if another process
+        holds it, or the item is not done with these keys any more."""
+        claim = self.claim(item_id)
+        if claim is None:
+            return False
+        try:
+            sidecar = self.read_sidecar(item_id)
+            if sidecar is None or not sidecar.done_with(key, out_key):
+                return False
+            record = replace(sidecar, row=row).to_dict()
+            body = body_bytes(record)
+            atomic_write_bytes(self.sidecar_path(item_id), body)
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            append_jsonl(self.results, {**result_record(record, len(body)), "meta_updated_at": now})
+            return True
+        finally:
+            self.release(claim)
 
     def commit_reused(
         self, item_id: str, key: str, source: RunStore, source_id: str, row: SidecarRow, image: SidecarImage

@@ -11,10 +11,14 @@ restored or left on a failing disk. For each item with a results line or a sidec
 
 Every damaged item is named with its problems. `--repair` sets each one aside under
 <run dir>/damaged/<UTC time>/ (its sidecar and output, moved, never deleted, with a
-report.json), drops the WebDataset shards that hold it, and rewrites metadata.jsonl, so the
-next run of the same command redoes exactly those items.
+report.json) and rebuilds metadata.jsonl and the WebDataset shards without it, so the next
+run of the same command redoes exactly those items.
 
-Exit status: 0 every item is intact, 1 some are damaged (also after --repair), 2 not a run dir.
+It also checks that metadata.jsonl and the WebDataset shards list nothing the run dir does
+not hold as finished (dataset.stale_exports); --repair rewrites them.
+
+Exit status: 0 every item is intact, 1 some are damaged (also after --repair) or the dataset
+files are stale, 2 not a run dir.
 """
 
 from __future__ import annotations
@@ -27,10 +31,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
-from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.config import OutputConfig
 from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
-from svdbatch.rundir.dataset import write_metadata
+from svdbatch.rundir.dataset import stale_exports, write_dataset
 from svdbatch.rundir.outputs import (
     OutputCheckError,
     check_decodes,
@@ -45,8 +48,6 @@ from svdbatch.rundir.store import (
     CONFIG,
     DAMAGED_DIR,
     RESULTS,
-    SHARD_INDEX,
-    SHARDS_DIR,
     SIDECARS_DIR,
     VIDEOS_DIR,
     RunStore,
@@ -54,7 +55,7 @@ from svdbatch.rundir.store import (
 )
 
 # results.jsonl fields that must equal what the sidecar's own results line says (Sidecar.result_record).
-AGREE = ("key", "output_key", "output", "output_bytes", "output_sha256", "frames_sha256", "seed")
+AGREE = ("key", "output_key", "output", "output_bytes", "output_sha256", "frames_sha256", "seed", "meta_sha256")
 
 
 @dataclass
@@ -213,7 +214,6 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
     """Move each damaged item's sidecar and output under damaged/<time>/ (same relative
     paths), so the next run redoes it. Returns the folder and the ids left alone because
     another process holds their claim (it is redoing them right now)."""
-
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     dest = run_dir / DAMAGED_DIR / stamp
     store = RunStore(run_dir, "mp4")  # the format is not used: paths come from the records
@@ -234,8 +234,7 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
     dest.mkdir(parents=True, exist_ok=True)
     moved = [asdict(r) for r in damaged if r.item_id not in busy]
     (dest / "report.json").write_text(json.dumps({"set_aside": moved, "busy": busy}, indent=1) + "\n")
-    drop_shards(run_dir, {r.item_id for r in damaged if r.item_id not in busy}, dest)
-    write_metadata(store)
+    write_dataset(store)  # the dataset files must not list what was moved
     return dest, busy
 
 
@@ -249,22 +248,14 @@ def item_files(run_dir: Path, item_id: str, record: dict[str, Any] | None) -> li
     return [n for n in safe if os.path.lexists(run_dir / n)]
 
 
-def drop_shards(run_dir: Path, ids: set[str], dest: Path) -> None:
-    """WebDataset shards holding a damaged item move aside too: write_shards keeps a shard
-    whose members' keys are unchanged, and a redo keeps the key."""
-
-    index_path = run_dir / SHARDS_DIR / SHARD_INDEX
-    if not ids or not index_path.is_file():
-        return
-    index = json.loads(index_path.read_text())
-    hit = [name for name, members in index.items() if any(member[0] in ids for member in members)]
-    for name in hit:
-        index.pop(name)
-        if (run_dir / SHARDS_DIR / name).exists():
-            (dest / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-            shutil.move(str(run_dir / SHARDS_DIR / name), str(dest / SHARDS_DIR / name))
-    if hit:
-        atomic_write_bytes(index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+def check_exports(run_dir: Path, repair: bool) -> tuple[list[str], list[str]]:
+    """(what the dataset files list that is not finished, what --repair found and rewrote)."""
+    store = RunStore(run_dir, "mp4")  # the format is not used: paths come from the records
+    stale = stale_exports(store)
+    if not (stale and repair):
+        return stale, []
+    write_dataset(store)
+    return stale_exports(store), stale
 
 
 # -- command ----------------------------------------------------------------------------
