@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, register_configs
+from .config import ConfigError, check_schema, register_configs
 from .manifest import ManifestError
 from .store import RunDirError
 
@@ -64,6 +64,18 @@ def config_dir() -> str:
     if (source_tree / "config.yaml").is_file():
         return str(source_tree)
     return str(resources.files("svdbatch.conf"))
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config a run with these overrides gets, composed in Python (`validate`, tests, a
+    library caller) and checked against the schema as a run's is: an unknown key added with
+    `+`/`++` raises ConfigError naming it. Hydra's own composition errors pass through."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    check_schema(cfg)
+    return cfg
 
 
 _exit_codes: list[int] = []  # one per Hydra job (several in a multirun)
@@ -116,6 +128,7 @@ def run_job(cfg: DictConfig) -> JobSummary:
     from .driver import run
 
     try:
+        check_schema(cfg)  # before any key is read: `+run.seeed=1` is refused, not ignored
         if cfg.run.emit_manifest:
             code = emit_manifest(cfg)
             _exit_codes.append(code)
@@ -151,7 +164,6 @@ def exit_code(summary) -> int:
 
 def validate(args: list[str]) -> int:
     """check a manifest and the config, generate nothing"""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -165,10 +177,9 @@ def validate(args: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="the same overrides as a run (manifest=... required)")
     overrides = parser.parse_args(args).overrides
     try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+        cfg = compose_config(overrides)
         cfg.manifest  # noqa: B018  (a missing manifest fails here, with the key's name)
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"svdbatch validate: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
