@@ -27,7 +27,6 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import pool, sweep
-from .atomic import DISK_FULL_ERRNOS
 from .checks import check_config
 from .config import Engine, image_check_mode, plain
 from .dataset import write_dataset
@@ -52,7 +51,7 @@ from .plan import (
 from .pool import Crew, WorkerSpec, execute
 from .status import save_manifest_summary
 from .stops import Interrupted, StopRequest, stop_on_signals
-from .store import INVALID_ROW, RunDirError, RunStore, run_dir_problem
+from .store import INVALID_ROW, WRITE_STOP_HINT, RunDirError, RunStore, run_dir_problem
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +212,14 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
             try:
                 run_prepared(cfg, manifest, store, shard, devices, spec, summary, stop, progress, image_cache, cluster, crew)
             except OSError as exc:
-                # A full disk at any stage the workers do not handle themselves (config, planning,
-                # metadata.jsonl, shards, gallery): stop with the summary, like a stop mid-run.
-                if exc.errno not in DISK_FULL_ERRNOS:
+                # A full, read-only or vanished run dir at any stage the workers do not handle
+                # themselves (config, planning, metadata.jsonl, shards, gallery): stop with the
+                # summary, like a stop mid-run.
+                why = store.write_stop(exc)
+                if why is None:
                     raise
-                summary.stop_reason = summary.stop_reason or f"{type(exc).__name__}: {exc}"
-                log.error("stopping: %s (finished items are intact; free space and run again to resume)", summary.stop_reason)
+                summary.stop_reason = summary.stop_reason or why
+                log.error("stopping: %s (finished items are intact; %s)", summary.stop_reason, WRITE_STOP_HINT)
     finally:
         if crew is not None:
             pool.discard_unused(crew)  # bad input, nothing to do, or a stop before any work
@@ -333,8 +334,9 @@ def run_prepared(
     if stop.requested:
         return  # no time for dataset files and gallery: the next run writes them
 
-    if summary.stop_reason is None:
-        write_dataset(store, plan.all, cfg.output)  # metadata.jsonl (+ shards): only what is done now
+    if summary.stop_reason is not None:
+        return  # the run dir cannot be written (full, read-only, gone): the next run writes them
+    write_dataset(store, plan.all, cfg.output)  # metadata.jsonl (+ shards): only what is done now
     if gallery:
         gallery.update(raise_disk_full=True)
     if sweep_root is not None and cfg.run.gallery:
