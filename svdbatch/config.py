@@ -149,6 +149,9 @@ class FetchConfig:
 
     # Seconds allowed for connecting and for each read; a stalled server fails the attempt.
     timeout_s: float = 20.0
+    # Seconds one URL may take in all: every attempt, and the waits between them. A server
+    # that trickles bytes (never idle for timeout_s) is given up when it runs out.
+    deadline_s: float = 120.0
     # Extra attempts after a connection error, a timeout, HTTP 408/429 or 5xx (never on other 4xx).
     retries: int = 2
     # Wait before retry n: backoff_s * 2**(n-1).
