@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from .config import ConfigError, check_schema, register_configs
 from .manifest import ManifestError
+from .process import own_process
 from .store import RunDirError
 
 if TYPE_CHECKING:
@@ -344,6 +345,7 @@ def show_sweep_config(argv: list[str]) -> bool:
 
 
 def main() -> None:
+    own_process()  # this process is svdbatch's: its environment defaults, before torch loads anywhere
     args = sys.argv[1:]
     if args and args[0] in SUBCOMMANDS:
         try:

@@ -33,11 +33,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
-from PIL import Image
-
 from .atomic import atomic_write_bytes
 from .config import FetchConfig
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageProblem, open_image, pixels_problem
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageProblem, open_header, open_image, pixels_problem
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +362,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the start of an image file, or None while the header is incomplete
     (or not an image). Image.open reads headers only; nothing is decoded here."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_header(io.BytesIO(data)) as image:  # without Pillow's global limit, as open_image
             return image.size
     except Exception:  # incomplete header, not an image yet: keep reading
         return None

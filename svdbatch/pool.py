@@ -42,6 +42,7 @@ from .dispatch import Ledger, OnDone
 from .models import ModelLoadError, default_num_threads, resolve_devices
 from .outcomes import Outcome
 from .plan import PlannedItem
+from .process import own_process
 from .stops import StopRequest, die_with_parent, ignore_stop_signals, stop_signals_blocked
 from .store import RunStore
 from .tiny import TINY_SOURCE, ensure_tiny_model
@@ -201,6 +202,7 @@ def worker_main(
     set by the driver after a signal: no new batch starts. `device` None: the first worker
     of an early crew, which resolves the devices first (resolve_for_driver); with `spec`
     None too, a spare (prestart) that imports torch and then waits for its spec."""
+    own_process()  # before torch loads: a library caller's own environment lacks our defaults
     ignore_stop_signals()
     die_with_parent(driver_pid)
     faults.set_driver(driver_pid)

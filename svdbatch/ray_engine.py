@@ -35,6 +35,7 @@ from .models import parse_device
 from .outcomes import Outcome
 from .plan import PlannedItem
 from .pool import NoWorkersLeft, WorkerSpec
+from .process import worker_env
 from .stops import StopRequest
 from .store import RunDirError, RunStore
 
@@ -242,7 +243,9 @@ class RayCluster:
         actors: list[Any] = []
         try:
             remote = ray.remote(SvdbatchWorker)
-            env = {"env_vars": forwarded_env()} if forwarded_env() else None
+            # svdbatch's worker defaults too: an actor imports torch with this module, so
+            # they must be in its environment from the start (process.worker_env).
+            env = {"env_vars": {**worker_env(), **forwarded_env()}}
             for number, device in enumerate(devices):
                 gpu = device.type == "cuda"
                 actors.append(
