@@ -127,6 +127,7 @@ def open_header(source: str | os.PathLike | IO[bytes]) -> Image.Image:
         register()
         for name in [name for name in Image.ID if name not in tried]:
             tried.add(name)
+            factory: Any  # a plugin class, or a function (JPEG: JPEG or MPO); typed for streams only
             factory, accept = Image.OPEN[name]
             try:
                 verdict = accept(prefix) if accept else True
