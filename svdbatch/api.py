@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from svdbatch.core.config import config_dir
+from svdbatch.core.config import check_schema, config_dir
 from svdbatch.core.errors import RunDirError
 from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
 from svdbatch.engine import driver, sweep
@@ -66,7 +66,8 @@ __all__ = [
 def compose(*overrides: str) -> DictConfig:
     """The run config from conf/ and Hydra-style overrides, as `svdbatch key=value ...` builds it.
 
-    Typed and in struct mode: an unknown key or a value of the wrong type raises. Outside a
+    Typed and checked against the schema as a run's is: an unknown key (also one added with
+    `+`/`++`) raises ConfigError naming it, a value of the wrong type Hydra's error. Outside a
     Hydra job there is no job folder, so `run.dir` defaults to `outputs/<run.name>` (what the
     CLI's default `hydra.run.dir` gives) unless an override sets it."""
     from hydra import compose as hydra_compose  # Hydra is imported only by what composes
@@ -74,7 +75,8 @@ def compose(*overrides: str) -> DictConfig:
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    if not any(o.lstrip("+~").startswith("run.dir=") for o in overrides):
+    check_schema(cfg)
+    if not OmegaConf.is_missing(cfg, "manifest") and not any(o.lstrip("+~").startswith("run.dir=") for o in overrides):
         cfg.run.dir = str(Path("outputs") / str(cfg.run.name))
     return cfg
 

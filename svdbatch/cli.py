@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from svdbatch import api
-from svdbatch.core.config import config_dir
+from svdbatch.core.config import check_schema, config_dir
 from svdbatch.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_ITEMS_FAILED,
@@ -41,6 +41,7 @@ from svdbatch.core.errors import (
     RunDirError,
     exit_code_for_signal,
 )
+from svdbatch.core.process import own_process
 from svdbatch.engine.sweep import format_sweep_report, gallery_command
 from svdbatch.reports.status import format_report
 
@@ -99,6 +100,7 @@ def run_job(cfg: DictConfig) -> JobSummary:
     """One Hydra job: a run, or a sweep point (module level: submitit pickles it by name)."""
     _jobs_started.append(True)
     try:
+        check_schema(cfg)  # before any key is read: `+run.seeed=1` is refused, not ignored
         if cfg.run.emit_manifest:
             code = emit_manifest(cfg)
             _exit_codes.append(code)
@@ -148,7 +150,7 @@ def validate(args: list[str]) -> int:
     try:
         cfg = api.compose(*overrides)
         cfg.manifest  # noqa: B018  (a missing manifest fails here, with the key's name)
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, ConfigError) as exc:
         print(f"svdbatch validate: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
@@ -404,6 +406,7 @@ def show_sweep_config(argv: list[str]) -> bool:
 
 
 def main() -> None:
+    own_process()  # this process is svdbatch's: its environment defaults, before torch loads anywhere
     args = sys.argv[1:]
     if args and args[0] in SUBCOMMANDS:
         try:

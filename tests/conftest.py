@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from svdbatch.core.config import config_dir
+import svdbatch
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CSV = REPO / "manifests" / "sample.csv"
@@ -76,9 +75,9 @@ def manifest4(tmp_path, images) -> Path:
 
 
 def make_cfg(*overrides: str, fast: bool = True):
-    """The composed config exactly as the CLI would build it (minus hydra's own keys)."""
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="config", overrides=[*(FAST if fast else []), *overrides])
+    """The composed config exactly as the CLI would build it (minus hydra's own keys); an
+    unknown key (`+run.seeed=1`) raises ConfigError, as a run refuses it."""
+    return svdbatch.compose(*(FAST if fast else []), *overrides)
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -702,6 +702,7 @@ CONFIG_CATALOGUE = [
     (["output.shard_size=0"], "output.shard_size: must be >= 1, got 0"),
     (["fetch.backoff_s=nan"], "fetch.backoff_s: must be >= 0 and finite, got nan"),
     (["fetch.timeout_s=inf"], "fetch.timeout_s: must be > 0 and finite, got inf"),
+    (["fetch.deadline_s=0"], "fetch.deadline_s: must be > 0 and finite, got 0.0"),
     (["fetch.workers=0"], "fetch.workers: must be >= 1, got 0"),
     (["model=svd", "model.source=/no/such/dir"], "model.source: no such directory: /no/such/dir"),
 ]

@@ -7,10 +7,11 @@ silently ignored.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -147,6 +148,9 @@ class FetchConfig:
 
     # Seconds allowed for connecting and for each read; a stalled server fails the attempt.
     timeout_s: float = 20.0
+    # Seconds one URL may take in all: every attempt, and the waits between them. A server
+    # that trickles bytes (never idle for timeout_s) is given up when it runs out.
+    deadline_s: float = 120.0
     # Extra attempts after a connection error, a timeout, HTTP 408/429 or 5xx (never on other 4xx).
     retries: int = 2
     # Wait before retry n: backoff_s * 2**(n-1).
@@ -277,6 +281,42 @@ class Config:
 
 SCHEMA_NAME = "svdbatch_schema"
 GIF_MAX_LOOP = 65535  # the GIF loop count is a 16-bit field
+
+
+def schema_problems(cfg: DictConfig) -> list[str]:
+    """Keys of a composed config that the typed schema (Config) lacks. Hydra merges
+    `+key=value` and `++key=value` into a struct config on purpose (force_add), so a
+    misspelt key would be silently ignored (and recorded as if it applied). `~section`
+    deletes a whole section (Hydra refuses `~key` inside one). Hydra's own node is not
+    part of the schema."""
+    container = OmegaConf.to_container(cfg, resolve=False)  # resolving is for later (run.dir needs Hydra)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    return _schema_diff(Config, container, "")
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Raise ConfigError (exit 2) naming every key the schema does not know (`+run.seeed=1`)."""
+    problems = schema_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _schema_diff(schema: Any, values: dict, prefix: str) -> list[str]:
+    known = {f.name: f for f in fields(schema)}
+    problems = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            problems.append(f"{name}: unknown key{hint}; svdbatch --help lists every key")
+            continue
+        nested = known[key].default_factory
+        if is_dataclass(nested) and isinstance(value, dict):  # a typed section; a Dict field takes any key
+            problems += _schema_diff(nested, value, f"{name}.")
+    problems += [f"{prefix}{key}: removed (~{prefix}{key}), but every run needs it" for key in known if key not in values]
+    return problems
 
 
 def range_problem(

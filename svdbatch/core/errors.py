@@ -11,7 +11,7 @@ from collections.abc import Sequence
 EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1  # some items failed (failures.jsonl); `reproduce`: the frames differ
 EXIT_BAD_INPUT = 2  # bad config, manifest, run dir or command line: nothing generated
-EXIT_STOPPED = 3  # disk full / read-only mid-run: finished items are intact, run again to resume
+EXIT_STOPPED = 3  # disk full, run dir read-only or deleted mid-run: finished items are intact, run again to resume
 # Stopped by a signal (clean stop, run again to resume): 128 + the signal's number, as a
 # shell reports a process killed by it: SIGINT 130, SIGUSR2 140, SIGTERM 143.
 EXIT_SIGNAL_BASE = 128

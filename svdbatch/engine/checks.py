@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from svdbatch.core.config import check_engine, check_run_and_output
+from svdbatch.core.config import check_engine, check_run_and_output, check_schema
 from svdbatch.core.errors import ConfigError
 from svdbatch.core.params import check_conditioning, check_model_and_memory
 from svdbatch.engine import sweep
+from svdbatch.engine.plan import shard_problem
 from svdbatch.inputs.fetch import check_fetch_config
 from svdbatch.models.compile_options import compile_problems
 from svdbatch.models.identity import source_problem
@@ -21,12 +22,15 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems = check_conditioning(cfg.conditioning) + check_model_and_memory(cfg.model, cfg.memory)
     problems += check_run_and_output(cfg.run, cfg.output) + check_fetch_config(cfg.fetch)
     problems += check_engine(cfg.run) + sweep.check_reuse_from(cfg.run.reuse_from)
+    # The very call the run makes to pick its shard (environment included).
+    shard = shard_problem(cfg.run.shard.index, cfg.run.shard.count, sweep.current_sweep_root() is not None)
     missing = source_problem(cfg.model)
-    return problems + ([missing] if missing else []) + compile_problems(cfg.memory)
+    return problems + [p for p in (shard, missing) if p] + compile_problems(cfg.memory)
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError (exit 2) listing every problem of `cfg`, if it has any."""
+    check_schema(cfg)  # first, and alone: the checks below read keys a removed section lacks
     problems = config_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

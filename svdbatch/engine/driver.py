@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from svdbatch.core.atomic import DISK_FULL_ERRNOS
 from svdbatch.core.config import Engine, image_check_mode, plain
 from svdbatch.core.errors import RunDirError
 from svdbatch.core.outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
@@ -56,7 +55,7 @@ from svdbatch.reports.gallery import GalleryUpdater
 from svdbatch.reports.status import save_manifest_summary
 from svdbatch.rundir.dataset import write_dataset
 from svdbatch.rundir.sidecar import SidecarRow
-from svdbatch.rundir.store import INVALID_ROW, RunStore, run_dir_problem
+from svdbatch.rundir.store import INVALID_ROW, WRITE_STOP_HINT, RunStore, run_dir_problem
 
 if TYPE_CHECKING:
     from svdbatch.engine.ray_engine import RayCluster
@@ -225,12 +224,14 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
             try:
                 run_prepared(cfg, manifest, store, shard, devices, spec, summary, stop, progress, image_cache, cluster, crew)
             except OSError as exc:
-                # A full disk at any stage the workers do not handle themselves (config, planning,
-                # metadata.jsonl, shards, gallery): stop with the summary, like a stop mid-run.
-                if exc.errno not in DISK_FULL_ERRNOS:
+                # A full, read-only or vanished run dir at any stage the workers do not handle
+                # themselves (config, planning, metadata.jsonl, shards, gallery): stop with the
+                # summary, like a stop mid-run.
+                why = store.write_stop(exc)
+                if why is None:
                     raise
-                summary.stop_reason = summary.stop_reason or f"{type(exc).__name__}: {exc}"
-                log.error("stopping: %s (finished items are intact; free space and run again to resume)", summary.stop_reason)
+                summary.stop_reason = summary.stop_reason or why
+                log.error("stopping: %s (finished items are intact; %s)", summary.stop_reason, WRITE_STOP_HINT)
     finally:
         if crew is not None:
             pool.discard_unused(crew)  # bad input, nothing to do, or a stop before any work
@@ -351,8 +352,9 @@ def run_prepared(
     if stop.requested:
         return  # no time for dataset files and gallery: the next run writes them
 
-    if summary.stop_reason is None:
-        write_dataset(store, cfg.output)  # metadata.jsonl (+ shards): what the run dir holds now
+    if summary.stop_reason is not None:
+        return  # the run dir cannot be written (full, read-only, gone): the next run writes them
+    write_dataset(store, cfg.output)  # metadata.jsonl (+ shards): what the run dir holds now
     if gallery:
         gallery.update(raise_disk_full=True)
     if sweep_root is not None and cfg.run.gallery:

@@ -44,13 +44,23 @@ def shard_from_env(environ: Mapping[str, str], in_hydra_sweep: bool = False) -> 
     rather than shards, so they are not read (shard there with run.shard.index=0,1,...).
     """
     if "RANK" in environ and "WORLD_SIZE" in environ:
-        return Shard(int(environ["RANK"]), int(environ["WORLD_SIZE"]))
+        return Shard(env_int(environ, "RANK"), env_int(environ, "WORLD_SIZE"))
     if "SLURM_ARRAY_TASK_ID" in environ and "SUBMITIT_EXECUTOR" not in environ and not in_hydra_sweep:
-        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        last = int(environ.get("SLURM_ARRAY_TASK_MAX", environ["SLURM_ARRAY_TASK_ID"]))
-        count = int(environ.get("SLURM_ARRAY_TASK_COUNT", last - first + 1))
-        return Shard(int(environ["SLURM_ARRAY_TASK_ID"]) - first, count)
+        task = env_int(environ, "SLURM_ARRAY_TASK_ID")
+        first = env_int(environ, "SLURM_ARRAY_TASK_MIN", 0)
+        last = env_int(environ, "SLURM_ARRAY_TASK_MAX", task)
+        return Shard(task - first, env_int(environ, "SLURM_ARRAY_TASK_COUNT", last - first + 1))
     return Shard()
+
+
+def env_int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
+    """An integer a launcher set; a bad value is the input's fault (exit 2), not a traceback."""
+    if name not in environ and default is not None:
+        return default
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise ConfigError(f"run.shard: from the environment, {name}={environ[name]!r} is not an integer") from None
 
 
 def resolve_shard(index: int | None, count: int | None, in_hydra_sweep: bool = False) -> Shard:
@@ -59,6 +69,16 @@ def resolve_shard(index: int | None, count: int | None, in_hydra_sweep: bool = F
     if index is None or count is None:
         raise ConfigError("run.shard: set both index and count, or neither")
     return Shard(index, count)
+
+
+def shard_problem(index: int | None, count: int | None, in_hydra_sweep: bool = False) -> str | None:
+    """What resolve_shard would refuse, as '<field>: why' (the config check asks this, so
+    `validate` refuses exactly the shard settings a run refuses)."""
+    try:
+        resolve_shard(index, count, in_hydra_sweep)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def shard_of(item_id: str, count: int) -> int:

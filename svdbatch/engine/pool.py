@@ -34,6 +34,7 @@ from typing import Any
 
 from svdbatch.core.errors import ConfigError, ModelLoadError
 from svdbatch.core.outcomes import Outcome
+from svdbatch.core.process import own_process
 from svdbatch.engine.dispatch import Ledger, OnDone
 from svdbatch.engine.plan import PlannedItem
 from svdbatch.engine.spec import WorkerSpec
@@ -111,6 +112,7 @@ def execute(
 def worker_main(*args: Any) -> None:
     """Entry point of a worker process (engine/worker_process.py): imported there, in the
     worker, so that this module (the driver's side) never imports torch."""
+    own_process()  # before torch loads: a library caller's own environment lacks our defaults
     from svdbatch.engine.worker_process import worker_main as main
 
     main(*args)

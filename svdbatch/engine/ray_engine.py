@@ -33,6 +33,7 @@ import torch
 from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.errors import ConfigError, RunDirError
 from svdbatch.core.outcomes import Outcome
+from svdbatch.core.process import worker_env
 from svdbatch.engine.dispatch import ASSIGNED_PER_WORKER, Ledger, OnDone
 from svdbatch.engine.plan import PlannedItem
 from svdbatch.engine.pool import NoWorkersLeft
@@ -237,7 +238,9 @@ class RayCluster:
         actors: list[Any] = []
         try:
             remote = ray.remote(SvdbatchWorker)
-            env = {"env_vars": forwarded_env()} if forwarded_env() else None
+            # svdbatch's worker defaults too: an actor imports torch with this module, so
+            # they must be in its environment from the start (process.worker_env).
+            env = {"env_vars": {**worker_env(), **forwarded_env()}}
             for number, device in enumerate(devices):
                 gpu = device.type == "cuda"
                 actors.append(

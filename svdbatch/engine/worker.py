@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from svdbatch.core.atomic import DISK_FULL_ERRNOS, temp_prefix
+from svdbatch.core.atomic import temp_prefix
 from svdbatch.core.config import OutputConfig, plain
 from svdbatch.core.faults import fault_point
 from svdbatch.core.outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
@@ -52,14 +52,12 @@ from svdbatch.rundir.store import RunStore
 
 if TYPE_CHECKING:
     from PIL import Image
+from svdbatch.rundir.store import WRITE_STOP_HINT
 
 log = logging.getLogger(__name__)
 
 # Batches whose videos may still be encoding while the next one generates.
 MAX_PENDING_WRITES = 2
-# Write errors that no other item can escape either: the run stops cleanly instead of
-# failing every remaining item one by one.
-STOP_ERRNOS = DISK_FULL_ERRNOS
 
 
 class GenerationError(RuntimeError):
@@ -208,9 +206,10 @@ class Worker:
         try:
             return self._write_and_commit(generated)
         except OSError as exc:
-            if exc.errno not in STOP_ERRNOS:
+            why = self.store.write_stop(exc)
+            if why is None:
                 return self.fail(generated.ready.entry, exc, traceback.format_exc())
-            return self.stop(generated.ready.entry, exc)
+            return self.stop(generated.ready.entry, why)
         except Exception as exc:
             return self.fail(generated.ready.entry, exc, traceback.format_exc())
         finally:
@@ -297,18 +296,19 @@ class Worker:
         log.error("item %s failed: %s", entry.item.id, error)
         try:
             self.store.record_failure(entry.item.id, entry.key, error, {"line": entry.item.line, "traceback": trace})
-        except OSError as record_error:  # the disk filled up: that stops the run, not just this item
-            if record_error.errno not in STOP_ERRNOS:
+        except OSError as record_error:  # the disk filled up (or the run dir is gone): that stops the run
+            why = self.store.write_stop(record_error)
+            if why is None:
                 raise
-            return self.stop(entry, record_error)
+            return self.stop(entry, why)
         return Outcome(entry.item.id, FAILED, error=error)
 
-    def stop(self, entry: PlannedItem, exc: OSError) -> Outcome:
+    def stop(self, entry: PlannedItem, why: str) -> Outcome:
         """Nothing can be written: stop cleanly (done items are intact) instead of failing
         every item that follows. Not recorded per item: failures.jsonl lives on the same
-        full disk, and the item is not at fault."""
-        self.stop_reason = self.stop_reason or f"{type(exc).__name__}: {exc}"
-        log.error("stopping: %s (finished items are intact; free space and run again to resume)", self.stop_reason)
+        full (or lost) disk, and the item is not at fault."""
+        self.stop_reason = self.stop_reason or why
+        log.error("stopping: %s (finished items are intact; %s)", self.stop_reason, WRITE_STOP_HINT)
         return Outcome(entry.item.id, STOPPED, error=self.stop_reason)
 
     def generate_batch(self, batch: list[Loaded]) -> tuple[list[Outcome], list[Generated]]:
@@ -367,7 +367,13 @@ class Worker:
         the claim makes sure exactly one of them generates each item."""
         if self.stop_reason:
             return Loaded(entry, settled=Outcome(entry.item.id, STOPPED, error=self.stop_reason))
-        claim = self.store.claim(entry.item.id)
+        try:
+            claim = self.store.claim(entry.item.id)
+        except OSError as exc:  # claims/ is in the run dir: gone or read-only stops the run
+            why = self.store.write_stop(exc)
+            if why is None:
+                return Loaded(entry, error=exc, error_trace=traceback.format_exc())
+            return Loaded(entry, settled=self.stop(entry, why))
         if claim is None:
             return Loaded(entry, settled=Outcome(entry.item.id, BUSY))
         if self.store.done_record(entry.item.id, entry.key, entry.output_key) is not None:

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,11 +27,6 @@ from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, Preprocess
 
 RESAMPLE = Image.Resampling.BICUBIC
-
-# Every open below checks run.max_image_pixels from the header, before decoding. PIL's own
-# process-wide check would otherwise warn, or fail with its own limit and message, before
-# ours (and would refuse images a user allowed by raising run.max_image_pixels).
-Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageProblem(ValueError):
@@ -50,12 +46,50 @@ def pixels_problem(size: tuple[int, int], max_pixels: int | None) -> str | None:
 def open_image(path: str | os.PathLike | IO[bytes], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Image.open, refusing more than max_pixels from the header alone (a decompression
     bomb would otherwise fill memory while decoding)."""
-    image = Image.open(path)
+    try:
+        image = open_header(path)
+    except Image.DecompressionBombError as exc:  # a plugin's own check (WebP, GIF frames)
+        raise ImageProblem(f"refused by Pillow's limit in this process (PIL.Image.MAX_IMAGE_PIXELS): {exc}") from None
     why = pixels_problem(image.size, max_pixels)
     if why:
         image.close()
         raise ImageProblem(why)
     return image
+
+
+SKIP_FORMAT = (SyntaxError, IndexError, TypeError, struct.error)  # "not this format" (as Image.open)
+
+
+def open_header(source: str | os.PathLike | IO[bytes]) -> Image.Image:
+    """Image.open without Pillow's process-wide decompression-bomb check (the global
+    PIL.Image.MAX_IMAGE_PIXELS): its format plugins are asked directly, in Image.open's
+    order. run.max_image_pixels is then checked per open (open_image) with our message, and
+    a program that imports svdbatch keeps its own Pillow setting (setting the global, even
+    for a moment, would change it for every thread of that program)."""
+    is_path = isinstance(source, (str, os.PathLike))
+    if is_path:
+        with open(source, "rb") as handle:  # type: ignore[arg-type]
+            prefix = handle.read(16)
+    else:
+        source.seek(0)  # type: ignore[union-attr]
+        prefix = source.read(16)  # type: ignore[union-attr]
+    tried: set[str] = set()
+    for register in (Image.preinit, Image.init):  # the common plugins first, then all
+        register()
+        for name in [name for name in Image.ID if name not in tried]:
+            tried.add(name)
+            factory: Any  # a plugin class, or a function (JPEG: JPEG or MPO); typed for streams only
+            factory, accept = Image.OPEN[name]
+            try:
+                verdict = accept(prefix) if accept else True
+                if not verdict or isinstance(verdict, str):
+                    continue
+                if not is_path:
+                    source.seek(0)  # type: ignore[union-attr]
+                return factory(source)  # a path: the plugin opens (and on close, closes) it
+            except SKIP_FORMAT:
+                continue
+    raise UnidentifiedImageError(f"cannot identify image file {source!r}")
 
 
 LEVELS = {ImageCheck.none: 0, ImageCheck.header: 1, ImageCheck.full: 2}  # a deeper check vouches for a shallower one

@@ -21,6 +21,7 @@ import re
 import sys
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -238,7 +239,8 @@ def _csv_rows(reader: Any, shown: str, problems: list[Problem], path: Path | Non
     while True:
         start = reader.line_num + 1
         try:
-            values = next(reader)
+            with csv_field_limit(CSV_FIELD_LIMIT):
+                values = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
@@ -258,9 +260,8 @@ def _csv_rows(reader: Any, shown: str, problems: list[Problem], path: Path | Non
 def _oversized_column(path: Path, start: int) -> str | None:
     """The header name of the column whose cell overflowed, read again without the limit;
     None when it cannot be told (the header itself, or other broken quoting)."""
-    csv.field_size_limit(sys.maxsize)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        with csv_field_limit(sys.maxsize), open(path, newline="", encoding="utf-8-sig") as handle:
             again = csv.reader(handle, strict=True)
             header = None
             while True:
@@ -275,8 +276,17 @@ def _oversized_column(path: Path, start: int) -> str | None:
                     header = [v.strip() for v in values]
     except (csv.Error, StopIteration, UnicodeDecodeError, OSError):
         return None
+
+
+@contextmanager
+def csv_field_limit(limit: int) -> Iterator[None]:
+    """csv's field limit is process-wide (csv.field_size_limit): ours is set for one read
+    at a time and the previous one put back, so a program importing svdbatch keeps its own."""
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
     finally:
-        csv.field_size_limit(CSV_FIELD_LIMIT)
+        csv.field_size_limit(previous)
 
 
 def _check_header(header: list[str], shown_path: str, line: int, problems: list[Problem]) -> None:
@@ -294,7 +304,6 @@ def _check_header(header: list[str], shown_path: str, line: int, problems: list[
 
 def _read_csv(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row]:
     """Header problems go to `problems` (fatal); each row comes with its own."""
-    csv.field_size_limit(CSV_FIELD_LIMIT)  # process-wide; nothing else here reads CSV
     with path.open(newline="", encoding="utf-8-sig") as handle:
         records = _csv_rows(csv.reader(handle, strict=True), shown, problems, path)
         first = next(records, None)

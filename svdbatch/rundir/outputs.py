@@ -278,7 +278,8 @@ def write_video(frames: np.ndarray, target: Path, output: OutputConfig, fps: int
     OutputCheckError (the item fails) or OSError (a full disk stops the run)."""
     settings = output_settings(output, fps)
     fmt = OutputFormat(settings["format"])
-    target.parent.mkdir(parents=True, exist_ok=True)
+    # Not its parents: a run dir deleted mid-run must stop the run, not come back as a husk.
+    target.parent.mkdir(exist_ok=True)
     count, height, width = (int(n) for n in frames.shape[:3])
     if fmt is OutputFormat.frames:
         return _write_frames_dir(frames, target, settings)
@@ -325,7 +326,7 @@ def link_output(source: Path, target: Path) -> str:
     """Make `target` the very output `source` is (a file, or a folder of frames): hard links
     when both are on one file system, else a copy; atomic like every writer here. Returns
     'link' or 'copy'. Safe to share inodes: outputs are only ever replaced, never edited."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(exist_ok=True)  # as in write_video
     if source.is_dir():
         staging = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
         try:

@@ -26,6 +26,7 @@ outputs.output_settings). Resume checks this with two stats per item; `svdbatch 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -44,6 +45,7 @@ from typing import Any
 import yaml
 
 from svdbatch.core.atomic import (
+    DISK_FULL_ERRNOS,
     HOST,
     TEMP_MARKER,
     atomic_write_bytes,
@@ -99,6 +101,8 @@ DAMAGED_DIR = "damaged"  # damaged/<stamp>/: what `svdbatch verify --repair` set
 HEARTBEAT_S = 30.0  # an owner file's mtime is refreshed this often while its run is alive
 KEY_VERSION = 2  # bump when what goes into a key changes meaning (2: preprocessing)
 STALE_TEMP_SECONDS = 600.0
+# Said when a run stops because its run dir cannot be written (RunStore.write_stop).
+WRITE_STOP_HINT = "free space and run again to resume; a read-only or vanished run dir must be writable again first"
 
 
 class KeyMaker:
@@ -380,7 +384,8 @@ class Owner:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only run dir: the next run removes it (its pid is gone)
+            self.path.unlink(missing_ok=True)
 
 
 def read_owners(run_dir: Path) -> list[dict[str, Any]]:
@@ -490,6 +495,26 @@ class RunStore:
                     Path(entry.path).unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    def lost(self) -> str | None:
+        """Why nothing can be written into the run dir any more (it was deleted, a folder
+        of its layout is gone, it turned read-only or unwritable), or None while it can."""
+        if not self.root.is_dir():
+            return f"run dir {self.root} vanished"
+        for folder in (self.videos, self.sidecars, self.claims):
+            if not folder.is_dir():
+                return f"run dir {self.root} vanished in part ({self.relative(folder)}/ is gone)"
+        if not os.access(self.root, os.W_OK):  # also false on a read-only file system
+            return f"run dir {self.root} is no longer writable"
+        return None
+
+    def write_stop(self, exc: OSError) -> str | None:
+        """The reason to stop the whole run for this write error, or None when it is one
+        item's: a full or read-only disk (errno), or a run dir that is gone or unwritable,
+        which every later write would meet too."""
+        if exc.errno in DISK_FULL_ERRNOS:
+            return f"{type(exc).__name__}: {exc}"
+        return self.lost()
 
     def write_config(self, text: str, shard_index: int = 0, shard_count: int = 1) -> None:
         name = CONFIG if shard_count == 1 else f"config.shard-{shard_index}-of-{shard_count}.yaml"
