@@ -123,7 +123,7 @@ class UrlCache:
         if not unique:
             return {}
         with ThreadPoolExecutor(max_workers=max(1, min(self.config.workers, len(unique)))) as pool:
-            return dict(zip(unique, pool.map(one, unique)))
+            return dict(zip(unique, pool.map(one, unique), strict=False))
 
     def _download(self, url: str) -> bytes:
         attempts = 1 + max(0, self.config.retries)
