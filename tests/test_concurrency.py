@@ -79,7 +79,7 @@ def test_two_runs_on_one_run_dir_share_the_work(tmp_path):
         for _ in range(2)
     ]
     outputs = [proc.communicate(timeout=300) for proc in procs]
-    for proc, (_, err) in zip(procs, outputs):
+    for proc, (_, err) in zip(procs, outputs, strict=False):
         assert proc.returncode == 0, err[-2000:]
     done = [int(re.search(r"(\d+) done", out).group(1)) for out, _ in outputs]
     assert sum(done) == n  # nobody generated an item twice, nothing was left out

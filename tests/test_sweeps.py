@@ -63,7 +63,7 @@ def test_identical_items_are_generated_once_and_linked_elsewhere(sweep):
     points = points_by_label(root)
     assert sorted(points) == sorted(LABELS)
     generated: dict[str, int] = {}
-    for label, point in points.items():
+    for _label, point in points.items():
         records = results(point)
         assert sorted(records) == ["rocket", "sunset", "waves"]  # every point is complete
         for item_id, record in records.items():

@@ -211,7 +211,7 @@ def plan_run(
                 cache.learn(source, info, sha256=known)
         hashes[source] = known
     unknown = [source for source, known in hashes.items() if known is None]
-    for source, digest in zip(unknown, parallel_map(hash_or_error, unknown)):
+    for source, digest in zip(unknown, parallel_map(hash_or_error, unknown), strict=False):
         hashes[source] = digest
         if isinstance(digest, str):
             cache.learn(source, cache.stat(source), sha256=digest)

@@ -134,7 +134,7 @@ def read_sweep_spec(root: Path) -> SweepSpec:
             values.append(list(override.sweep_string_iterator()))
     from itertools import product
 
-    spec.points = [dict(zip(spec.swept, combo)) for combo in product(*values)] if spec.swept else []
+    spec.points = [dict(zip(spec.swept, combo, strict=False)) for combo in product(*values)] if spec.swept else []
     return spec
 
 
@@ -507,7 +507,7 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     # Cells in parallel: a new cell's poster is an ffmpeg call (~0.1 s), made once per item.
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = [(p, rel, by_id.get(item_id)) for item_id in ids for p, rel, by_id in zip(points, rels, by_point)]
+    jobs = [(p, rel, by_id.get(item_id)) for item_id in ids for p, rel, by_id in zip(points, rels, by_point, strict=False)]
     with ThreadPoolExecutor(POSTER_THREADS, thread_name_prefix="svdbatch-poster") as pool:
         # Not *job: mypy types a lambda's job as Any here, and takes *Any to fill every parameter.
         all_cells = list(pool.map(lambda job: cell_html_at(job[0], job[1], job[2], titles), jobs))
@@ -519,7 +519,7 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
                 values.setdefault(name, set()).add(json.dumps(value))
         varies = {name for name, seen in values.items() if len(seen) > 1}
         thumb_html, seed = '<div class="na">no source</div>', None
-        for point, rel, by_id in zip(points, rels, by_point):
+        for point, rel, by_id in zip(points, rels, by_point, strict=False):
             card = by_id.get(item_id)
             if card is not None and card.kind in ("done", "missing"):
                 sidecar, mtime = read_sidecar(point.run_dir, item_id)
@@ -560,7 +560,7 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
         summary.append(f"{len(unstarted)} points not started")
     summary.append(f"updated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S')} UTC")
     title = esc(root.resolve().name)
-    headers = "".join(header_cell(p, rel) for p, rel in zip(points, rels))
+    headers = "".join(header_cell(p, rel) for p, rel in zip(points, rels, strict=False))
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -659,8 +659,8 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
         "points": reports,
         "unstarted_points": unstarted,
         "counts": totals,
-        "reasons": merge_reasons([(p, r["reasons"]) for p, r in zip(points, reports)]),
-        "invalid_reasons": merge_reasons([(p, r["invalid_reasons"]) for p, r in zip(points, reports)]),
+        "reasons": merge_reasons([(p, r["reasons"]) for p, r in zip(points, reports, strict=False)]),
+        "invalid_reasons": merge_reasons([(p, r["invalid_reasons"]) for p, r in zip(points, reports, strict=False)]),
         "throughput": asdict(rate),
         "live": live,
         "remaining": remaining,
@@ -696,7 +696,7 @@ def format_sweep_report(report: dict[str, Any]) -> str:
     def cut(label: str) -> str:
         return label if len(label) <= width - 2 else label[: width - 3] + "…"
 
-    for label, point in zip(labels, report["points"]):
+    for label, point in zip(labels, report["points"], strict=False):
         lines.append(f"  {cut(label):<{width}}{cells(point['counts'])}")
     for label in waiting:
         lines.append(f"  {cut(label):<{width}}{'(not started)':>16}")

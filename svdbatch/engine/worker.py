@@ -329,7 +329,9 @@ class Worker:
         except Exception as exc:
             trace = traceback.format_exc()
             return settled + failed + [self.fail_loaded(r, exc, trace) for r in ready], []
-        return settled + failed, [Generated(r, frames, per_item, used, fallback) for r, frames in zip(ready, videos)]
+        return settled + failed, [
+            Generated(r, frames, per_item, used, fallback) for r, frames in zip(ready, videos, strict=False)
+        ]
 
     def generate_with_fallback(
         self, images: list, params: GenParams, seeds: list[int]

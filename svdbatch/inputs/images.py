@@ -242,7 +242,7 @@ def check_images(
         cache.learn(path, stat, checked=level.value, size=list(size))
         return None
 
-    for (path, _), why in zip(to_read, parallel_map(read, to_read)):
+    for (path, _), why in zip(to_read, parallel_map(read, to_read), strict=False):
         problems[path] = why
     return problems
 

@@ -317,7 +317,7 @@ def _read_csv(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row]:
                 yield line, {}, [Problem(shown, line, None, f"row has {len(values)} fields but the header has {len(header)}")]
                 continue
             # Empty cells mean "not given": fall back to the config.
-            yield line, {k: v for k, v in zip(header, values) if v.strip() != ""}, []
+            yield line, {k: v for k, v in zip(header, values, strict=False) if v.strip() != ""}, []
 
 
 def _read_jsonl(path: Path, shown: str, problems: list[Problem]) -> Iterator[Row]:
