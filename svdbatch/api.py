@@ -3,11 +3,11 @@
     cfg = svdbatch.compose("manifest=manifests/sample.csv", "run.name=demo")
     svdbatch.validate(cfg)                    # every problem of config and manifest, nothing generated
     summary = svdbatch.run(cfg)               # RunSummary: run_dir, done / skipped / failed / invalid
-    svdbatch.reports.status(summary.run_dir)          # the dict `svdbatch status --json` prints
+    svdbatch.status(summary.run_dir)          # the dict `svdbatch status --json` prints
     for item in svdbatch.open_run(summary.run_dir):
         print(item.id, item.status, item.video, item.seed, item.params)
-    svdbatch.rundir.verify(summary.run_dir, repair=False)
-    svdbatch.engine.reproduce(summary.run_dir / "items" / "rocket.json")
+    svdbatch.verify(summary.run_dir, repair=False)
+    svdbatch.reproduce(summary.run_dir / "items" / "rocket.json")
 
 Each function returns data and raises the errors of core/errors.py for bad input; printing
 and exit codes are the CLI's business (cli.py). Importing this module imports neither torch

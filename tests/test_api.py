@@ -17,7 +17,7 @@ def test_import_svdbatch_is_light_and_the_api_loads_on_first_use():
     code = (
         "import sys, svdbatch; "
         "assert not {'torch', 'diffusers', 'hydra', 'svdbatch.api'} & set(sys.modules), sorted(sys.modules); "
-        "svdbatch.reports.status; assert 'svdbatch.api' in sys.modules; "
+        "svdbatch.status; assert 'svdbatch.api' in sys.modules; "
         "assert not {'torch', 'diffusers', 'hydra'} & set(sys.modules), 'the API imported torch or hydra'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -35,13 +35,13 @@ def test_compose_run_status_open_run_verify(tmp_path, manifest4):
     assert all(item.status == "done" and item.video is not None and item.video.is_file() for item in items.values())
     assert items["a"].seed == 1 and items["b"].params["motion_bucket_id"] == 30 and items["d"].params["fps"] == 5
 
-    report = svdbatch.reports.status(run_dir)
+    report = svdbatch.status(run_dir)
     assert report["counts"]["done"] == 4
-    checked = svdbatch.rundir.verify(run_dir)
+    checked = svdbatch.verify(run_dir)
     assert len(checked.items) == 4 and checked.damaged == []
 
     items["b"].video.write_bytes(b"not a video")
-    damaged = svdbatch.rundir.verify(run_dir, repair=True)
+    damaged = svdbatch.verify(run_dir, repair=True)
     assert [r.item_id for r in damaged.damaged] == ["b"] and damaged.set_aside_in is not None
     assert sorted(i.id for i in svdbatch.open_run(run_dir)) == ["a", "c", "d"]
     again = svdbatch.run(cfg)
@@ -64,7 +64,7 @@ def test_bad_input_raises_the_documented_errors(tmp_path):
     with pytest.raises(ConfigCompositionException, match="motion_bukcet_id"):
         svdbatch.compose("manifest=x.csv", "conditioning.motion_bukcet_id=3")
     with pytest.raises(RunDirError):
-        svdbatch.reports.status(tmp_path)
+        svdbatch.status(tmp_path)
     with pytest.raises(RunDirError):
         list(svdbatch.open_run(tmp_path))
     missing = write_csv(tmp_path / "m.csv", ["id", "image"], [["a", "nope.png"]])
