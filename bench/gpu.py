@@ -28,8 +28,8 @@ from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0
 
 from svdbatch.core.config import config_dir
 from svdbatch.engine.driver import run
-from svdbatch.models.loading import loading as models
-from svdbatch.models.loading import tiny
+from svdbatch.models import loading as models
+from svdbatch.models import tiny
 
 PRESETS = {
     "full": [],

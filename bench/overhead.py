@@ -29,8 +29,8 @@ from svdbatch.core.config import config_dir
 from svdbatch.core.params import resolve_params
 from svdbatch.engine.driver import run
 from svdbatch.inputs.manifest import read_manifest
-from svdbatch.models.loading import loading as models
-from svdbatch.models.loading import tiny
+from svdbatch.models import loading as models
+from svdbatch.models import tiny
 
 
 def make_manifest(root: Path, count: int, size: tuple[int, int] = (160, 120), first_seed: int = 1000) -> Path:

@@ -11,7 +11,7 @@ import torch
 
 from svdbatch.engine.driver import run
 from svdbatch.engine.worker import Worker
-from svdbatch.models.loading import loading as models
+from svdbatch.models import loading as models
 from svdbatch.rundir.outputs import read_video
 from tests.conftest import make_cfg, write_csv
 
