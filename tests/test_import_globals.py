@@ -31,7 +31,7 @@ IMPORT_ALL = (
 import importlib, pkgutil
 # The libraries svdbatch builds on set their own warning filters on import: imported first,
 # so only what svdbatch itself changes shows.
-import diffusers, hydra, imageio, numpy, omegaconf, ray, torch, transformers  # noqa: F401
+import accelerate, diffusers, hydra, imageio, numpy, omegaconf, ray, torch, transformers  # noqa: F401
 csv.field_size_limit(1000)  # a caller's own settings, which must survive
 PIL.Image.MAX_IMAGE_PIXELS = 12345
 before = snapshot()
