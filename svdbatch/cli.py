@@ -290,7 +290,6 @@ SUBCOMMANDS = {"validate": validate, "reproduce": reproduce, "status": status, "
 
 HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i"}
 # A command line with one of these runs nothing here (or runs its jobs in other processes).
-NO_RUN_FLAGS = HELP_FLAGS | {"--cfg", "-c", "-m", "--multirun", "--shell-completion", "-sc"}
 # Options that can bring in a config that sets `manifest` (so its absence is not an error yet).
 CONFIG_OPTIONS = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c"}
 
@@ -428,10 +427,6 @@ def main() -> None:
         print("svdbatch: missing manifest=PATH (a CSV/JSONL manifest, an image or a folder of images)\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    if not NO_RUN_FLAGS & set(args):
-        from svdbatch.engine.pool import prestart
-
-        prestart()  # the first worker imports torch and diffusers while Hydra composes
     try:
         hydra_app()
     except SystemExit as exc:

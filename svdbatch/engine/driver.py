@@ -211,8 +211,6 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
     # A driver without torch (the CLI) starts its first worker now: it imports torch and
     # loads the model on the other core while this one checks the input and plans.
     crew = pool.start_early(spec) if cluster is None and pool.runs_in_processes(spec) else None
-    if crew is None:
-        pool.discard_spare()  # a worker the CLI started for a local run: not needed
     try:
         manifest = load_manifest(cfg, shard, image_cache)  # the config is checked first
         devices, num_threads = devices_and_threads(cfg, crew, cluster)  # a bad run.devices fails here

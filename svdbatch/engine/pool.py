@@ -149,7 +149,7 @@ class Crew:
         # Workers started for the coming point, with its spec: begin() leaves them be.
         self.fresh: set[int] = set()
 
-    def start(self, number: int, spec: WorkerSpec | None, device: str | None) -> None:
+    def start(self, number: int, spec: WorkerSpec, device: str | None) -> None:
         self.inboxes[number] = self.context.Queue()
         self.procs[number] = self.context.Process(
             target=worker_main,
@@ -270,42 +270,10 @@ def crew_for(spec: WorkerSpec, devices: list[str] | None = None) -> Crew:
     return crew
 
 
-_spare: Crew | None = None  # prestart's worker, until a run adopts it (start_early)
-
-
-def prestart() -> None:
-    """Start the first worker before the config is composed (the CLI, about to run): it
-    imports torch meanwhile, then takes the run's spec (start_early), reports the devices
-    the driver plans with, and imports diffusers and loads the model.
-    Not adopted (no run after all, another engine): killed (discard_spare, or at exit)."""
-    global _spare
-    if _spare is None and not torch_is_loaded():
-        _spare = Crew("")
-        _spare.start(0, None, None)
-
-
-def discard_spare() -> None:
-    global _spare
-    if _spare is not None:
-        _spare.close(0)
-        _spare = None
-
-
 def start_early(spec: WorkerSpec) -> Crew:
     """The crew for a run whose driver has not imported torch: the kept one of the last
-    sweep point with the same settings, else the prestarted spare (given the spec now), else
-    a new one whose first worker starts now."""
-    global _spare
-    key = crew_key(spec)
-    if key not in _crews and _spare is not None:
-        crew, _spare = _spare, None
-        close_crews()  # another model or device set: free the devices first
-        crew.key, crew.num_threads = key, spec.num_threads
-        _crews[key] = crew
-        crew.inboxes[0].put(spec)
-        crew.fresh.add(0)
-        return crew
-    discard_spare()
+    sweep point with the same settings, else a new one whose first worker starts now (it
+    resolves the devices and loads the model while the driver checks the input and plans)."""
     crew = crew_for(spec)
     if crew.devices is None and crew.procs[0] is None:
         crew.start_first(spec)
@@ -329,7 +297,6 @@ def close_crews() -> None:
     while _crews:
         _, crew = _crews.popitem()
         crew.close()
-    discard_spare()
 
 
 class Pool:

@@ -87,7 +87,7 @@ def resolve_for_driver(spec: WorkerSpec, setup: mp.Queue) -> tuple[str, WorkerSp
 
 
 def worker_main(
-    spec: WorkerSpec | None,
+    spec: WorkerSpec,
     device: str | None,
     number: int,
     inbox: mp.Queue,
@@ -100,8 +100,7 @@ def worker_main(
     last batch (None) it reports idle and waits for the next point's spec (None: exit); the
     pipeline stays loaded in between (models.load_pipeline keeps it). `stop` (an Event) is
     set by the driver after a signal: no new batch starts. `device` None: the first worker
-    of an early crew, which resolves the devices first (resolve_for_driver); with `spec`
-    None too, a spare (prestart) that imports torch and then waits for its spec."""
+    of an early crew, which resolves the devices first (resolve_for_driver)."""
     ignore_stop_signals()
     die_with_parent(driver_pid)
     faults.set_driver(driver_pid)
@@ -114,9 +113,7 @@ def worker_main(
     from tqdm import tqdm
 
     tqdm.set_lock(threading.RLock())
-    if spec is None and device is None:  # a spare (prestart): torch now, the spec meanwhile
-        spec = inbox.get()
-    if device is None and spec is not None:
+    if device is None:
         assert setup is not None  # Crew.start gives every worker the setup queue
         resolved = resolve_for_driver(spec, setup)
         if resolved is None:
