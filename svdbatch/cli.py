@@ -15,19 +15,17 @@ Exit codes live in core/errors.py.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import logging
 import os
 import re
 import signal
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from svdbatch import api
+from svdbatch.commands import SUBCOMMANDS
 from svdbatch.core.config import check_schema, config_dir
 from svdbatch.core.errors import (
     EXIT_BAD_INPUT,
@@ -35,15 +33,9 @@ from svdbatch.core.errors import (
     EXIT_OK,
     EXIT_STOPPED,
     USER_ERRORS,
-    CannotReproduce,
-    ConfigError,
-    ManifestError,
-    RunDirError,
     exit_code_for_signal,
 )
 from svdbatch.core.process import own_process
-from svdbatch.engine.sweep import format_sweep_report, gallery_command
-from svdbatch.reports.status import format_report
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
@@ -135,36 +127,6 @@ def exit_code(summary: api.RunSummary) -> int:
     return 0 if summary.ok else EXIT_ITEMS_FAILED
 
 
-def validate(args: list[str]) -> int:
-    """check a manifest and the config, generate nothing"""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    parser = argparse.ArgumentParser(
-        prog="svdbatch validate",
-        description=validate.__doc__,
-        epilog="example: svdbatch validate manifest=manifests/sample.csv conditioning=svd_xt",
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="the same overrides as a run (manifest=... required)")
-    overrides = parser.parse_args(args).overrides
-    try:
-        cfg = api.compose(*overrides)
-        cfg.manifest  # noqa: B018  (a missing manifest fails here, with the key's name)
-    except (HydraException, OmegaConfBaseException, ConfigError) as exc:
-        print(f"svdbatch validate: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        result = api.validate(cfg)
-    except (ManifestError, ConfigError) as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_BAD_INPUT
-    for _, _, problems in result.invalid:
-        for problem in problems:
-            print(f"skipped (run.strict=false): {problem}", file=sys.stderr)
-    print(f"{result.manifest}: {result.valid} valid rows, {len(result.invalid)} invalid")
-    return EXIT_OK if result.ok else EXIT_BAD_INPUT
-
-
 def emit_manifest(cfg: DictConfig) -> int:
     """`run.emit_manifest=true`: write the manifest the run would use, generate nothing."""
     emitted = api.emit_manifest(cfg)
@@ -176,117 +138,6 @@ def emit_manifest(cfg: DictConfig) -> int:
     print(f"wrote {emitted.path} ({emitted.rows} rows{renamed}); edit it, then: svdbatch manifest={emitted.path}")
     return EXIT_BAD_INPUT if emitted.left_out else EXIT_OK
 
-
-def reproduce(args: list[str]) -> int:
-    """regenerate one item from its sidecar and compare the frames hash"""
-    parser = argparse.ArgumentParser(
-        prog="svdbatch reproduce",
-        description="regenerate one item from its sidecar alone and compare the frames hash",
-        epilog="exit status: 0 the frames match, 1 they differ, 2 the item cannot be re-run as recorded",
-    )
-    parser.add_argument("sidecar", type=Path, help="<run dir>/items/<id>.json")
-    options = parser.parse_args(args)  # a bad command line exits 2, like an item that cannot be re-run
-    try:
-        result = api.reproduce(options.sidecar)
-    except (CannotReproduce,) + USER_ERRORS as exc:  # the same tuple; mypy rejects *unpacking in except
-        print(f"svdbatch reproduce: cannot reproduce: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    for note in result.notes:
-        print(f"  note: {note}", file=sys.stderr)
-    if result.matches:
-        print(f"{result.item_id}: frames match the sidecar (sha256 {result.got})")
-    else:
-        print(f"{result.item_id}: frames DIFFER: recorded sha256 {result.recorded}, got {result.got}")
-    print(f"{result.item_id}: {result.file_report}")
-    return EXIT_OK if result.matches and result.file_ok is not False else EXIT_ITEMS_FAILED
-
-
-def status(args: list[str]) -> int:
-    """done / in progress / failed / pending counts, failure reasons, throughput, ETA (a run dir or a sweep root)"""
-    parser = argparse.ArgumentParser(prog="svdbatch status", description="counts of a run dir, or of every point of a sweep root")
-    parser.add_argument("path", type=Path, help="a run dir, or a sweep root (every point and the total)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
-    options = parser.parse_args(args)
-    try:
-        report = api.status(options.path)
-    except RunDirError as exc:
-        print(f"svdbatch status: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if options.json:
-        print(json.dumps(report, ensure_ascii=False))
-    else:
-        print(format_sweep_report(report) if "points" in report else format_report(report))
-    return EXIT_OK
-
-
-def gallery(args: list[str]) -> int:
-    """rewrite <run dir>/index.html, the contact sheet (a sweep root: the comparison page)"""
-    return gallery_command(args)  # a sweep root, else the run dir's own
-
-
-def verify(args: list[str]) -> int:
-    """check every finished file against its sidecar; --repair sets damaged items aside"""
-    parser = argparse.ArgumentParser(prog="svdbatch verify", description="check every finished item of a run dir byte for byte")
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
-    parser.add_argument("--repair", action="store_true", help="set damaged items aside so the next run redoes them")
-    options = parser.parse_args(args)
-    try:
-        report = api.verify(options.run_dir, repair=options.repair)
-    except RunDirError as exc:
-        print(f"svdbatch verify: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(verify_json(report) if options.json else verify_text(report))
-    return EXIT_ITEMS_FAILED if report.damaged or report.stale_exports else EXIT_OK
-
-
-def verify_json(report: api.VerifyReport) -> str:
-    items = report.items
-    return json.dumps(
-        {
-            "run_dir": str(report.run_dir),
-            "checked": len(items),
-            "ok": len(items) - len(report.damaged),
-            "damaged": [{"id": r.item_id, "problems": r.problems} for r in report.damaged],
-            "notes": [{"id": r.item_id, "notes": r.notes} for r in items if r.notes],
-            "set_aside_in": str(report.set_aside_in) if report.set_aside_in else None,
-            "busy": report.busy,
-            "unrecorded_outputs": report.unrecorded_outputs,
-            "stale_exports": report.stale_exports,
-            "exports_rewritten": report.exports_rewritten,
-        },
-        ensure_ascii=False,
-    )
-
-
-def verify_text(report: api.VerifyReport) -> str:
-    """One line per damaged item (its reasons), the notes, then the totals."""
-    lines = []
-    for item in report.items:
-        if item.damaged:
-            lines.append(f"DAMAGED {item.item_id}: " + "; ".join(item.problems))
-        lines += [f"  note {item.item_id}: {note}" for note in item.notes]
-    unrecorded, damaged = report.unrecorded_outputs, report.damaged
-    if unrecorded:
-        shown = ", ".join(unrecorded[:5]) + (" ..." if len(unrecorded) > 5 else "")
-        lines.append(f"  note: {len(unrecorded)} file(s) in videos/ that no sidecar describes (other output settings?): {shown}")
-    names = f" ({', '.join(r.item_id for r in damaged[:10])}{' ...' if len(damaged) > 10 else ''})" if damaged else ""
-    checked = len(report.items)
-    lines.append(f"svdbatch verify: {checked} items checked, {checked - len(damaged)} intact, {len(damaged)} damaged{names}")
-    lines += [f"STALE {problem} (svdbatch verify --repair or the next run rewrites it)" for problem in report.stale_exports]
-    if report.exports_rewritten:
-        rewritten = "; ".join(report.exports_rewritten)
-        lines.append(f"rewrote metadata.jsonl and the WebDataset shards, which were stale: {rewritten}")
-    if report.set_aside_in:
-        lines.append(
-            f"set aside {len(damaged) - len(report.busy)} item(s) in {report.set_aside_in}; run the same command again to redo them"
-        )
-    if report.busy:
-        lines.append(f"left alone (another process is generating them now): {', '.join(report.busy)}")
-    return "\n".join(lines)
-
-
-SUBCOMMANDS = {"validate": validate, "reproduce": reproduce, "status": status, "gallery": gallery, "verify": verify}
 
 HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i"}
 # A command line with one of these runs nothing here (or runs its jobs in other processes).

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from svdbatch.cli import validate
+from svdbatch.commands import validate
 from svdbatch.core.errors import ConfigError, ManifestError
 from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.core.params import Preprocess

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from svdbatch.cli import validate
+from svdbatch.commands import validate
 from svdbatch.core.errors import EXIT_BAD_INPUT, ConfigError
 from svdbatch.engine.driver import run
 from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli

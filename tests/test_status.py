@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from svdbatch.cli import status as status_command
+from svdbatch.commands import status as status_command
 from svdbatch.reports.status import (
     claim_is_held,
     classify,
