@@ -360,6 +360,8 @@ class Pool:
         for number in dead:
             ledger.died(number, f"exit code {crew.procs[number].exitcode}")
             self.replace(number)
+        if dead:  # what they were writing (a video being encoded while the next item generated)
+            ledger.store.remove_stale_temporaries()
         self.hand_out(crew.inboxes)
 
     def release_crew(self, clean: bool) -> None:
