@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from svdbatch.cli import reproduce as reproduce_command
+from svdbatch.commands import reproduce as reproduce_command
 from svdbatch.engine.driver import run
 from tests.conftest import make_cfg, make_image, run_cli, write_csv
 

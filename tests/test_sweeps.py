@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from svdbatch.cli import status as status_command
+from svdbatch.commands import status as status_command
 from svdbatch.core.errors import ConfigError
 from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
 from svdbatch.engine.driver import run
