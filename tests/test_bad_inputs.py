@@ -16,12 +16,13 @@ from PIL import Image
 
 from svdbatch.cli import validate
 from svdbatch.core.errors import ConfigError, ManifestError
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.core.params import Preprocess
 from svdbatch.engine.driver import run
 from svdbatch.inputs.images import ImageProblem, check_image, load_rgb
 from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import FAST, make_cfg, make_image, run_cli, write_csv
+
+from .runfiles import failures_of, sidecar_file, video_file
 
 TOO_LONG = "東" * 70  # 70 characters, 210 bytes in UTF-8
 
@@ -627,7 +628,7 @@ def test_pixel_limit_fails_the_item_at_load_time_when_validation_skips_decoding(
         )
     )
     assert (summary.done, summary.failed) == (0, 1)
-    (failure,) = read_jsonl_fast(tmp_path / "run" / "failures.jsonl")
+    (failure,) = failures_of(tmp_path / "run")
     assert failure["id"] == "a" and "more than run.max_image_pixels (1,000)" in failure["error"]
 
 
@@ -646,7 +647,7 @@ def test_a_bad_rerun_keeps_finished_work_and_unicode_ids_name_files(data, tmp_pa
     settings = [f"run.dir={run_dir}", "run.num_threads=1", "run.progress=false", "run.gallery=false"]
     first = run(make_cfg(f"manifest={good}", *settings))
     assert (first.done, first.failed) == (2, 0)
-    assert (run_dir / "videos" / "café-東京.mp4").is_file() and (run_dir / "items" / "café-東京.json").is_file()
+    assert (video_file(run_dir, "café-東京", ".mp4")).is_file() and (sidecar_file(run_dir, "café-東京")).is_file()
     before = snapshot(run_dir)
 
     # Strict: the bad row stops the run before anything in the run dir is touched.
@@ -666,7 +667,7 @@ def test_a_bad_rerun_keeps_finished_work_and_unicode_ids_name_files(data, tmp_pa
         n: b for n, b in before.items() if n != "results.jsonl"
     }
     assert after["results.jsonl"].startswith(before["results.jsonl"])  # only appended to
-    (failure,) = read_jsonl_fast(run_dir / "failures.jsonl")
+    (failure,) = failures_of(run_dir)
     assert (failure["id"], failure["line"]) == ("bad", 4) and "field 'seed'" in failure["problems"][0]
 
 

@@ -19,6 +19,8 @@ from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.rundir.outputs import read_video
 from tests.conftest import FAST, REPO, SAMPLE_CSV, make_image, run_cli, write_csv
 
+from .runfiles import results_of, sidecar_file
+
 
 def test_readme_command_runs_the_sample_manifest(tmp_path):
     """`svdbatch manifest=manifests/sample.csv` with the default (tiny) config, via the console script."""
@@ -186,11 +188,11 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
 
     killed_records = list(read_jsonl_fast(results))
     assert len(killed_records) == len({r["id"] for r in killed_records}) == 8  # each item once
-    clean_hashes = {r["id"]: r["frames_sha256"] for r in read_jsonl_fast(tmp_path / "clean" / "results.jsonl")}
+    clean_hashes = {r["id"]: r["frames_sha256"] for r in results_of(tmp_path / "clean")}
     assert {r["id"]: r["frames_sha256"] for r in killed_records} == clean_hashes
     for n in range(8):
         assert (killed_dir / "videos" / f"i{n}.mp4").read_bytes() == (tmp_path / "clean" / "videos" / f"i{n}.mp4").read_bytes()
-        assert json.loads((killed_dir / "items" / f"i{n}.json").read_text())["status"] == "done"
+        assert json.loads((sidecar_file(killed_dir, f"i{n}")).read_text())["status"] == "done"
 
 
 def test_driver_side_modules_do_not_import_torch():

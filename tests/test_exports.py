@@ -22,6 +22,8 @@ from svdbatch.rundir.store import RunStore, output_intact
 from svdbatch.rundir.verify import verify_run_dir
 from tests.conftest import make_cfg, make_image, write_csv
 
+from .runfiles import video_file
+
 HEADER = ["id", "image", "seed", "meta_caption"]
 
 
@@ -190,7 +192,7 @@ def test_a_failed_redo_moves_nothing_and_the_exports_stay_true(tmp_path, six, mo
     assert metadata(run_dir)["a"]["seed"] == 99
     assert_exports_match_run_dir(run_dir)
     [kept] = (run_dir / "replaced").iterdir()
-    assert (kept / "videos" / "a.mp4").read_bytes() == before[Path("videos/a.mp4")]
+    assert (video_file(kept, "a", ".mp4")).read_bytes() == before[Path("videos/a.mp4")]
 
 
 def test_meta_edits_update_sidecars_and_exports_without_regenerating(tmp_path, six):
@@ -285,7 +287,7 @@ def test_derived_outputs_stay_true_through_shards_limits_redos_edits_and_faults(
     assert [metadata(run_dir)[i]["seed"] for i in ("c", "d")] == [30, 4]
     assert metadata(run_dir)["a"]["meta_caption"] == "edited"
 
-    (run_dir / "videos" / "f.mp4").unlink()  # a user deletes a video; a one-item smoke run follows
+    (video_file(run_dir, "f", ".mp4")).unlink()  # a user deletes a video; a one-item smoke run follows
     step("run.limit=1")
     assert "f" not in metadata(run_dir) and sample_key("f") not in samples(run_dir)
 

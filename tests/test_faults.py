@@ -21,6 +21,7 @@ from svdbatch.engine.pool import MAX_RESTARTS_IN_A_ROW
 from svdbatch.engine.reproduce import reproduce
 
 from .conftest import FAST, REPO, make_cfg, make_image, write_csv
+from .runfiles import sidecar_file, video_file
 
 THREADS = "run.num_threads=1"  # the same in every run compared here
 
@@ -80,7 +81,7 @@ def test_sigkill_at_any_stage_then_resume_gives_the_uninterrupted_result(tmp_pat
     if stage in ("video", "sidecar"):
         assert leftovers(run_dir), "the kill should have left a temporary behind"
     if stage == "results":  # item 2's sidecar is in place, its results line is not
-        assert (run_dir / "items" / "i1.json").exists() and results_ids(run_dir)["i1"] == 0
+        assert (sidecar_file(run_dir, "i1")).exists() and results_ids(run_dir)["i1"] == 0
 
     resumed = run_with_fault(manifest3, run_dir, None)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -207,7 +208,7 @@ def test_retry_on_oom_steps_down_the_memory_ladder_and_records_it(tmp_path, mani
         )
     )
     assert (summary.done, summary.failed) == (3, 0)
-    first = json.loads((tmp_path / "run" / "items" / "i0.json").read_text())
+    first = json.loads((sidecar_file(tmp_path / "run", "i0")).read_text())
     assert [step.split(" (")[0] for step in first["oom_fallback"]] == [
         "memory -> balanced",
         "memory -> low",
@@ -215,10 +216,10 @@ def test_retry_on_oom_steps_down_the_memory_ladder_and_records_it(tmp_path, mani
     ]
     assert first["memory"]["preset"] == "low" and first["memory"]["forward_chunking"] is True
     assert first["params"]["decode_chunk_size"] == 1  # what was really used, so reproduce uses it too
-    later = json.loads((tmp_path / "run" / "items" / "i2.json").read_text())
+    later = json.loads((sidecar_file(tmp_path / "run", "i2")).read_text())
     assert later["oom_fallback"] == [] and later["memory"]["decode_cap"] == 1  # the worker stays lowered
     # The sidecar alone (lowered params, forward chunking in effect) regenerates the same frames.
-    assert reproduce(tmp_path / "run" / "items" / "i0.json").matches
+    assert reproduce(sidecar_file(tmp_path / "run", "i0")).matches
 
 
 def test_nan_frames_fail_only_that_item(tmp_path, manifest3, monkeypatch):
@@ -237,7 +238,7 @@ def test_nan_frames_fail_only_that_item(tmp_path, manifest3, monkeypatch):
     assert (summary.done, summary.failed) == (2, 1)
     failure = json.loads((tmp_path / "run" / "failures.jsonl").read_text())
     assert failure["id"] == "i1" and "NaN" in failure["error"]
-    assert not (tmp_path / "run" / "videos" / "i1.mp4").exists()
+    assert not (video_file(tmp_path / "run", "i1", ".mp4")).exists()
 
 
 def test_temporaries_of_the_longest_ids_fit_a_file_name(tmp_path):
@@ -298,7 +299,7 @@ def test_ffmpeg_running_out_of_space_stops_the_run_and_commits_nothing(tmp_path,
     assert "1 done, 0 skipped" in resumed.stdout
     from svdbatch.rundir.outputs import read_video
 
-    assert read_video(run_dir / "videos" / "i0.mp4").shape == (4, 128, 128, 3)
+    assert read_video(video_file(run_dir, "i0", ".mp4")).shape == (4, 128, 128, 3)
 
 
 def test_injected_enospc_in_the_encoder_stops_with_exit_3(tmp_path, manifest1, monkeypatch):

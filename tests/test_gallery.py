@@ -17,6 +17,8 @@ from PIL import Image
 from svdbatch.reports.gallery import GalleryUpdater, gallery_command, write_gallery
 from tests.conftest import FAST, make_image, run_cli, write_csv
 
+from .runfiles import failures_of, results_of, sidecar_file
+
 GOOD = ["a&b 'q'", "ünï cødé 100%"]  # characters an id may hold that HTML and URLs must escape
 BAD = "bad #1"
 
@@ -107,12 +109,10 @@ def test_the_run_itself_writes_a_gallery_of_what_it_did(mp4_run):
     its video, and the failed item is shown with its error."""
     import json
 
-    from svdbatch.core.jsonl import read_jsonl_fast
-
     cards = Cards((mp4_run.parent / "index-as-written-by-the-run.html").read_text(encoding="utf-8")).cards
     by_title = {card["title"]: card for card in cards}
     assert len(by_title) == len(cards) == 3
-    done = {record["id"]: record for record in read_jsonl_fast(mp4_run / "results.jsonl")}
+    done = {record["id"]: record for record in results_of(mp4_run)}
     assert sorted(done) == sorted(GOOD)
     for item_id, record in done.items():
         card = by_title[item_id]
@@ -121,9 +121,9 @@ def test_the_run_itself_writes_a_gallery_of_what_it_did(mp4_run):
         assert videos == [record["output"]], card  # this item's own video...
         assert (mp4_run / videos[0]).resolve() == (mp4_run / "videos" / f"{item_id}.mp4").resolve()
         assert (mp4_run / videos[0]).stat().st_size == record["output_bytes"]  # ...which is there, complete
-        sidecar = json.loads((mp4_run / "items" / f"{item_id}.json").read_text())
+        sidecar = json.loads((sidecar_file(mp4_run, f"{item_id}")).read_text())
         assert f"seed{sidecar['seed']}" in card["text"].replace(" ", "")
-    (failure,) = read_jsonl_fast(mp4_run / "failures.jsonl")
+    (failure,) = failures_of(mp4_run)
     failed = by_title[BAD]
     assert failed["class"] == "card failed" and not [tag for tag, _ in failed["sources"] if tag == "video"]
     assert failure["error"] in failed["text"]
@@ -168,7 +168,7 @@ def test_a_deleted_source_or_video_still_gives_a_page(mp4_run, tmp_path):
     (copy / "videos" / f"{GOOD[0]}.mp4").unlink()
     sources = {}
     for item_id in GOOD:  # the sources are gone too (the run dir was copied elsewhere)
-        sidecar = copy / "items" / f"{item_id}.json"
+        sidecar = sidecar_file(copy, f"{item_id}")
         sources[item_id] = sidecar.read_text(encoding="utf-8")
         # A path of the same length: a sidecar of another size than committed is not trusted as done.
         sidecar.write_text(sources[item_id].replace(str(mp4_run.parent / "img"), str(mp4_run.parent / "gon")), encoding="utf-8")

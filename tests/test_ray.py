@@ -22,10 +22,11 @@ import torch
 
 from svdbatch.cli import exit_code
 from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, ConfigError
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import load_manifest, run
 from svdbatch.engine.ray_engine import ACTOR_NAME, actor_devices, batch_task_name, forwarded_env
 from tests.conftest import FAST, REPO, make_cfg, make_image, write_csv
+
+from .runfiles import failures_of, results_of, sidecar_file
 
 STEPS = "conditioning.num_inference_steps=4"  # slow enough to kill an actor mid-run
 SETTINGS = [*FAST, STEPS, "run.num_threads=1", "fetch.retries=0"]
@@ -61,11 +62,11 @@ def reference(tmp_path_factory, manifest) -> dict[str, str]:
 
 
 def frame_hashes(run_dir: Path) -> dict[str, str]:
-    return {r["id"]: r["frames_sha256"] for r in read_jsonl_fast(run_dir / "results.jsonl")}
+    return {r["id"]: r["frames_sha256"] for r in results_of(run_dir)}
 
 
 def result_ids(run_dir: Path) -> list[str]:
-    return sorted(r["id"] for r in read_jsonl_fast(run_dir / "results.jsonl"))
+    return sorted(r["id"] for r in results_of(run_dir))
 
 
 GOOD = [f"i{n}" for n in range(8)]
@@ -194,8 +195,8 @@ def test_ctrl_c_stops_every_actor_and_a_rerun_finishes_like_a_local_run(tmp_path
     assert exit_code(summary) == EXIT_ITEMS_FAILED  # as a local run with a failed item
     assert frame_hashes(run_dir) == reference
     assert result_ids(run_dir) == GOOD  # each item exactly once
-    assert {f["id"] for f in read_jsonl_fast(run_dir / "failures.jsonl")} == {"unreachable"}
-    sidecar = json.loads((run_dir / "items" / "i0.json").read_text())
+    assert {f["id"] for f in failures_of(run_dir)} == {"unreachable"}
+    sidecar = json.loads((sidecar_file(run_dir, "i0")).read_text())
     assert sidecar["num_threads"] == 1 and sidecar["config"]["run"]["engine"] == "ray"
     # Dataset index, gallery and status read the run dir as for a local run.
     metadata = [json.loads(line)["file_name"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()]

@@ -15,10 +15,11 @@ import pytest
 
 from svdbatch.cli import exit_code
 from svdbatch.core.errors import EXIT_STOPPED
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import run
 from tests.conftest import make_cfg, make_image, write_csv
 from tests.test_signals import WAIT_S, command, start, wait_for_results
+
+from .runfiles import results_of
 
 N_ITEMS = 8
 
@@ -84,7 +85,7 @@ def test_a_run_dir_turning_read_only_mid_run_stops_with_exit_3_and_resumes(tmp_p
     subprocess.run(["umount", "-l", str(run_dir)], check=True)
     again = subprocess.run(args, capture_output=True, text=True, timeout=WAIT_S)
     assert again.returncode == 0, again.stderr[-3000:]
-    ids = Counter(record["id"] for record in read_jsonl_fast(run_dir / "results.jsonl"))
+    ids = Counter(record["id"] for record in results_of(run_dir))
     assert sorted(ids) == [f"i{n}" for n in range(N_ITEMS)] and set(ids.values()) == {1}  # each exactly once
 
 

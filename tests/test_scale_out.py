@@ -23,6 +23,8 @@ from svdbatch.inputs.manifest import read_manifest
 from svdbatch.models.devices import resolve_devices
 from tests.conftest import FAST, REPO, make_cfg, make_image, run_cli, write_csv
 
+from .runfiles import failures_of, results_of
+
 
 @pytest.fixture
 def manifest8(tmp_path) -> Path:
@@ -32,7 +34,7 @@ def manifest8(tmp_path) -> Path:
 
 
 def frame_hashes(run_dir: Path) -> dict[str, str]:
-    return {r["id"]: r["frames_sha256"] for r in read_jsonl_fast(run_dir / "results.jsonl")}
+    return {r["id"]: r["frames_sha256"] for r in results_of(run_dir)}
 
 
 def test_shards_partition_the_manifest_and_are_stable_under_reordering(manifest8):
@@ -115,7 +117,7 @@ def test_two_workers_two_shards_and_one_worker_give_identical_frames(tmp_path, m
     assert len(set(reference.values())) == 8
     assert frame_hashes(tmp_path / "two") == reference
     assert frame_hashes(tmp_path / "shards") == reference
-    records = list(read_jsonl_fast(tmp_path / "two" / "results.jsonl"))
+    records = list(results_of(tmp_path / "two"))
     assert len(records) == 8  # no duplicates, no torn lines with two writers
 
 
@@ -250,7 +252,7 @@ def test_basic_launcher_shards_share_the_run_dir(tmp_path):
     sample = cwd / "outputs" / "sample"
     fast_dir = sample / ",".join(sorted(FAST))  # FAST's settings change outputs: they name the folder
     assert {p.parent for p in (cwd / "outputs").rglob("results.jsonl")} == {fast_dir}
-    assert sorted(r["id"] for r in read_jsonl_fast(fast_dir / "results.jsonl")) == ["rocket", "sunset", "waves"]
+    assert sorted(r["id"] for r in results_of(fast_dir)) == ["rocket", "sunset", "waves"]
     assert sorted(p.name for p in fast_dir.glob("config.shard-*")) == ["config.shard-0-of-2.yaml", "config.shard-1-of-2.yaml"]
     again = run_cli(*args, cwd=cwd, timeout=900)
     assert again.stdout.count(" 0 done, ") == 2 and "3 skipped" not in again.stdout  # each shard skips its own
@@ -271,7 +273,7 @@ def test_torchrun_ranks_share_the_run_dir(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     sample = cwd / "outputs" / "sample"
     assert {p.parent for p in (cwd / "outputs").rglob("results.jsonl")} == {sample}
-    assert sorted(r["id"] for r in read_jsonl_fast(sample / "results.jsonl")) == ["rocket", "sunset", "waves"]
+    assert sorted(r["id"] for r in results_of(sample)) == ["rocket", "sunset", "waves"]
 
 
 @pytest.mark.parametrize(
@@ -387,5 +389,5 @@ def test_workers_that_cannot_load_the_model_fail_the_run_clearly(tmp_path, manif
     )
     with pytest.raises(ModelLoadError, match="no worker could load the model"):
         run(cfg)
-    failures = list(read_jsonl_fast(tmp_path / "run" / "failures.jsonl"))
+    failures = list(failures_of(tmp_path / "run"))
     assert len(failures) == 8 and all("left for the next run" in f["error"] for f in failures)

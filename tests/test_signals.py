@@ -17,8 +17,9 @@ import pytest
 
 from svdbatch.core.atomic import TEMP_MARKER
 from svdbatch.core.errors import exit_code_for_signal
-from svdbatch.core.jsonl import read_jsonl_fast
 from tests.conftest import FAST, REPO, make_image, write_csv
+
+from .runfiles import results_of, sidecar_file
 
 N_ITEMS = 6
 WAIT_S = 300  # generous: the test machine is shared
@@ -77,9 +78,9 @@ def assert_all_gone(procs: list[psutil.Process], within_s: float = 15) -> None:
 
 def assert_nothing_half_committed(run_dir: Path) -> list[str]:
     """Every results line has its sidecar and video; no temporary is left anywhere."""
-    ids = [record["id"] for record in read_jsonl_fast(run_dir / "results.jsonl")]
+    ids = [record["id"] for record in results_of(run_dir)]
     for item_id in ids:
-        assert (run_dir / "items" / f"{item_id}.json").is_file()
+        assert (sidecar_file(run_dir, f"{item_id}")).is_file()
         assert (run_dir / "videos" / f"{item_id}.mp4").stat().st_size > 0
     leftovers = [p for p in run_dir.rglob("*") if TEMP_MARKER in p.name]
     assert not leftovers, leftovers
@@ -217,7 +218,7 @@ def test_written_files_follow_the_umask(tmp_path, manifest, umask, file_mode, di
     assert proc.returncode == 0, proc.stderr
     video = run_dir / "videos" / ("i0.mp4" if output == "mp4" else "i0")
     files = [
-        run_dir / "items" / "i0.json",
+        sidecar_file(run_dir, "i0"),
         run_dir / "results.jsonl",
         run_dir / "metadata.jsonl",
         run_dir / "index.html",

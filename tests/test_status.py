@@ -24,6 +24,8 @@ from svdbatch.reports.status import (
 )
 from tests.conftest import FAST, make_image, run_cli, write_csv, write_jsonl
 
+from .runfiles import video_file
+
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 
 
@@ -48,7 +50,7 @@ def run_dir(tmp_path_factory, tiny_cache) -> Path:
         cwd=root,
     )
     assert proc.returncode == 1, proc.stderr  # one item failed
-    (run / "videos" / "d.mp4").unlink()
+    (video_file(run, "d", ".mp4")).unlink()
     return run
 
 

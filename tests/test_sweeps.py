@@ -19,13 +19,15 @@ from PIL import Image
 
 from svdbatch.cli import status as status_command
 from svdbatch.core.errors import ConfigError
-from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.core.jsonl import latest_by_id
 from svdbatch.engine.driver import run
 from svdbatch.engine.plan import shadowed_knobs_warning
 from svdbatch.engine.sweep import point_dirs, sweep_points, write_sweep_page
 from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli
 from tests.test_gallery import find_chromium
+
+from .runfiles import results_of, sidecar_file, video_file
 
 # The README's sweep, as written there, plus two CPU workers and the small test sizes.
 README_SWEEP = [
@@ -48,7 +50,7 @@ def sweep(tmp_path_factory, tiny_cache) -> tuple[Path, subprocess.CompletedProce
 
 
 def results(point: Path) -> dict[str, dict]:
-    return latest_by_id(read_jsonl_fast(point / "results.jsonl"))
+    return latest_by_id(results_of(point))
 
 
 def points_by_label(root: Path) -> dict[tuple[str, str], Path]:
@@ -76,14 +78,14 @@ def test_identical_items_are_generated_once_and_linked_elsewhere(sweep):
 
     origin = points[("60", "0.02")]
     reused_rocket = points[("180", "0.1")]
-    sidecar = json.loads((reused_rocket / "items" / "rocket.json").read_text())
+    sidecar = json.loads((sidecar_file(reused_rocket, "rocket")).read_text())
     assert sidecar["reused_from"]["run_dir"] == str(origin.resolve()) and sidecar["reused_from"]["id"] == "rocket"
     assert sidecar["row"]["overrides"] == {"motion_bucket_id": 180, "noise_aug_strength": 0.05}
-    original = json.loads((origin / "items" / "rocket.json").read_text())
+    original = json.loads((sidecar_file(origin, "rocket")).read_text())
     assert sidecar["key"] == original["key"] and sidecar["frames_sha256"] == original["frames_sha256"]
     assert sidecar["params"] == original["params"] and sidecar["output"]["path"] == "videos/rocket.mp4"
     # A hard link: the same bytes, no second copy on disk.
-    assert os.stat(reused_rocket / "videos" / "rocket.mp4").st_ino == os.stat(origin / "videos" / "rocket.mp4").st_ino
+    assert os.stat(video_file(reused_rocket, "rocket", ".mp4")).st_ino == os.stat(video_file(origin, "rocket", ".mp4")).st_ino
 
 
 def test_one_load_per_worker_for_the_whole_sweep(sweep):

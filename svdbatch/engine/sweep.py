@@ -27,11 +27,11 @@ import yaml
 
 from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.errors import EXIT_OK
-from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
 from svdbatch.reports import gallery, status
 from svdbatch.reports.gallery import (
     CSS,
     THUMB_PX,
+    cards_of,
     collect_cards,
     esc,
     fresh,
@@ -43,8 +43,9 @@ from svdbatch.reports.gallery import (
     url,
 )
 from svdbatch.reports.status import eta_line, read_manifest_view, reason_lines
+from svdbatch.rundir import records
 from svdbatch.rundir.sidecar import SidecarImage, SidecarRow
-from svdbatch.rundir.store import GALLERY_ASSETS_DIR, RESULTS, RunStore, output_intact
+from svdbatch.rundir.store import GALLERY_ASSETS_DIR, RunStore, output_intact
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -85,7 +86,7 @@ def point_dirs(root: Path) -> list[Path]:
             path = Path(entry.path)
             if (path / POINT_RECORD).is_file():
                 found.append(path)
-            elif depth < MAX_POINT_DEPTH and not (path / RESULTS).exists():  # never into a run dir's own folders
+            elif depth < MAX_POINT_DEPTH and not records.has_records(path):  # never into a run dir's own folders
                 walk(path, depth + 1)
 
     walk(root, 1)
@@ -223,7 +224,7 @@ class ReuseIndex:
         self.by_key: dict[tuple[str, str | None], ReuseSource] = {}
         self.sources: list[Path] = list(run_dirs)
         for run_dir in self.sources:
-            for record in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).values():
+            for record in records.latest_results(run_dir).values():
                 if not record.get("key") or "output" not in record:
                     continue
                 found = (record["key"], record.get("output_key"))
@@ -249,7 +250,7 @@ def expand_run_dirs(paths: Iterable[Any]) -> list[Path]:
         path = Path(str(ref)).expanduser()
         if is_sweep_root(path):
             found += point_dirs(path)
-        if (path / RESULTS).is_file():
+        if records.has_records(path):
             found.append(path)
     return found
 
@@ -296,7 +297,7 @@ def check_reuse_from(paths: Iterable[Any]) -> list[str]:
         path = Path(str(ref)).expanduser()
         if not path.is_dir():
             problems.append(f"run.reuse_from: {ref} does not exist")
-        elif not is_sweep_root(path) and not (path / RESULTS).is_file():
+        elif not is_sweep_root(path) and not records.has_records(path):
             problems.append(f"run.reuse_from: {ref} is neither a run dir (results.jsonl) nor a sweep root ({MULTIRUN_RECORD})")
     return problems
 
@@ -308,7 +309,7 @@ PAGE_BESIDE_RUN = "sweep.html"  # when the sweep root is also a plain run's dir,
 
 def page_path(root: Path) -> Path:
     root = Path(root)
-    return root / (PAGE_BESIDE_RUN if (root / RESULTS).is_file() else PAGE)
+    return root / (PAGE_BESIDE_RUN if records.has_records(root) else PAGE)
 
 
 POSTER_SUFFIX = ".first.jpg"  # <point>/gallery/<id>.first.jpg: the video's first frame, small
@@ -364,15 +365,24 @@ class Cell:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def item_order(points: list[Point], cards: list[dict[str, Any]]) -> list[str]:
-    """Manifest order (from the first point whose manifest can be read), then any other id."""
-
-    ids: list[str] = []
+def manifest_order(points: list[Point]) -> list[str] | None:
+    """The ids of the first point whose manifest can be read, in its order."""
     for point in points:
         view = read_manifest_view(point.run_dir)
         if view.known:
-            ids = list(view.ids)
-            break
+            return list(view.ids)
+    return None
+
+
+def big_run(run_dir: Path) -> bool:
+    """A run dir with so many results that reading them all would cost the page seconds."""
+    return records.totals(run_dir).commits >= status.FAST_FROM
+
+
+def item_order(points: list[Point], cards: list[dict[str, Any]], manifest_ids: list[str] | None = None) -> list[str]:
+    """Manifest order (from the first point whose manifest can be read), then any other id."""
+
+    ids = list(manifest_ids) if manifest_ids is not None else manifest_order(points) or []
     known = set(ids)
     extra = sorted({item_id for by_id in cards for item_id in by_id} - known)
     return ids + extra
@@ -495,11 +505,19 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     root = Path(root)
     spec = read_sweep_spec(root)
     points = sweep_points(root, spec)
-    by_point = [
-        {c.item_id: c for c in collect_cards(p.run_dir) if c.kind != "invalid" or c.record.get("id") is not None} for p in points
-    ]
-    all_ids = item_order(points, by_point)
-    ids = all_ids if max_items <= 0 else all_ids[:max_items]
+    manifest_ids = manifest_order(points)
+    if manifest_ids is not None and max_items > 0 and any(big_run(p.run_dir) for p in points):
+        # A big sweep: only the shown items' cards, from their sidecars (gallery.cards_of).
+        all_ids = manifest_ids
+        ids = all_ids[:max_items]
+        by_point = [cards_of(p.run_dir, ids) for p in points]
+    else:
+        by_point = [
+            {c.item_id: c for c in collect_cards(p.run_dir) if c.kind != "invalid" or c.record.get("id") is not None}
+            for p in points
+        ]
+        all_ids = item_order(points, by_point, manifest_ids)
+        ids = all_ids if max_items <= 0 else all_ids[:max_items]
     rels = [p.run_dir.relative_to(root).as_posix() for p in points]
     titles = {str(p.run_dir.resolve()): p.short_title for p in points}
     rows = []
@@ -602,10 +620,12 @@ def update_sweep_page(root: Path, max_items: int = 500) -> Path | None:
 
 # -- the sweep's status -------------------------------------------------------------------
 def reused_count(run_dir: Path) -> int:
-    """Finished items of a point that were linked from elsewhere, not generated."""
-    return sum(
-        1 for r in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).values() if r.get("reused_from") and output_intact(run_dir, r)
-    )
+    """Finished items of a point that were linked from elsewhere, not generated (in a big
+    point: the summaries' count, records.py)."""
+    totals = records.totals(run_dir)
+    if totals.commits >= status.FAST_FROM:
+        return totals.reused
+    return sum(1 for r in records.latest_results(run_dir).values() if r.get("reused_from") and output_intact(run_dir, r))
 
 
 def merge_reasons(per_point: list[tuple[Point, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
@@ -637,7 +657,7 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
         report["label"] = point.label
         report["counts"]["reused"] = reused_count(point.run_dir)
         reports.append(report)
-        generated += [r for r in read_jsonl_fast(point.run_dir / RESULTS) if not r.get("reused_from")]
+        generated += [r for r in records.totals(point.run_dir).recent if not r.get("reused_from")]
     names = ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
     totals: dict[str, int | None] = {}
     for name in names:
