@@ -10,7 +10,7 @@ from svdbatch.engine.driver import run
 from svdbatch.reports.status import collect
 
 from .conftest import make_cfg, run_cli, write_csv
-from .runfiles import sidecar_file, video_file
+from .runfiles import sidecar_file, sidecar_rel, video_file, video_rel
 from .test_exports import samples
 
 
@@ -37,13 +37,13 @@ def test_verify_names_damaged_items_and_repair_makes_the_next_run_redo_exactly_t
     report = json.loads(damaged.stdout)
     problems = {entry["id"]: " ".join(entry["problems"]) for entry in report["damaged"]}
     assert sorted(problems) == ["a", "b"] and report["ok"] == 1
-    assert "sha256" in problems["a"] and "sidecar items/b.json is missing" in problems["b"]
+    assert "sha256" in problems["a"] and f"sidecar {sidecar_rel(run_dir, 'b')} is missing" in problems["b"]
 
     repaired = run_cli("verify", str(run_dir), "--repair")
     assert repaired.returncode == 1 and "set aside 2 item(s)" in repaired.stdout, repaired.stdout + repaired.stderr
     (aside,) = (run_dir / "damaged").iterdir()
-    assert (video_file(aside, "a", ".mp4")).is_file() and (sidecar_file(aside, "a")).is_file()
-    assert (video_file(aside, "b", ".mp4")).is_file()  # moved, not deleted
+    assert (aside / video_rel(run_dir, "a")).is_file() and (aside / sidecar_rel(run_dir, "a")).is_file()
+    assert (aside / video_rel(run_dir, "b")).is_file()  # moved, not deleted
     assert sorted(samples(run_dir)) == ["c"]  # the shards are rebuilt without what was set aside
     assert not (video_file(run_dir, "a", ".mp4")).exists()
     assert [json.loads(line)["id"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["c"]
@@ -65,7 +65,7 @@ def test_a_truncated_sidecar_and_a_wrong_decode_are_damage(tmp_path, images):
     assert run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "output=frames")).done == 2
     sidecar = sidecar_file(run_dir, "a")
     sidecar.write_bytes(sidecar.read_bytes()[:-40])
-    (run_dir / "videos" / "b" / "00003.png").unlink()  # one PNG frame lost
+    (video_file(run_dir, "b", "") / "00003.png").unlink()  # one PNG frame lost
     result = run_cli("verify", str(run_dir))
     assert result.returncode == 1
     assert "DAMAGED a: sidecar does not parse" in result.stdout
