@@ -15,7 +15,7 @@ from svdbatch.rundir.dataset import write_metadata
 from svdbatch.rundir.store import RunStore
 from tests.conftest import make_cfg, make_image, write_csv
 
-from .runfiles import video_file
+from .runfiles import video_file, video_rel
 
 
 def metadata(run_dir):
@@ -37,7 +37,7 @@ def test_metadata_and_shards_list_only_finished_items_and_follow_resumes(tmp_pat
 
     listed = metadata(run_dir)
     assert [row["id"] for row in listed] == ["a", "b.v2"]  # the failed item is not listed
-    assert listed[0]["file_name"] == "videos/a.mp4" and (run_dir / listed[0]["file_name"]).is_file()
+    assert listed[0]["file_name"] == video_rel(run_dir, "a") and (run_dir / listed[0]["file_name"]).is_file()
     assert listed[0]["seed"] == 1 and listed[0]["image"] == "img/a.png" and listed[0]["motion_bucket_id"] == 127
     assert listed[0]["meta_caption"] == "a red kite" and listed[1]["meta_caption"] is None
     assert not [p for p in run_dir.iterdir() if ".partial-" in p.name]
