@@ -84,10 +84,10 @@ def cli(args: list[str], cwd: Path = REPO, **popen) -> subprocess.Popen:
     )
 
 
-def wait_for_results(results: Path, lines: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_results(run_dir: Path, lines: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if results.exists() and results.read_bytes().count(b"\n") >= lines:
+        if len(results_of(run_dir)) >= lines:
             return
         time.sleep(0.05)
     out, err = proc.communicate(timeout=60) if proc.poll() is not None else ("", "")
@@ -164,7 +164,7 @@ def test_a_sigkilled_actor_loses_and_duplicates_nothing(tmp_path, ray_address, m
     """The README's command with run.engine=ray, joining the cluster by address."""
     run_dir = tmp_path / "run"
     proc = cli([f"manifest={manifest}", *SETTINGS, *RAY_RUN, f"run.ray.address={ray_address}", f"hydra.run.dir={run_dir}"])
-    wait_for_results(run_dir / "results.jsonl", 2, proc)
+    wait_for_results(run_dir, 2, proc)
     actors = actor_processes(os.getpid())
     assert len(actors) == 2, [a.cmdline() for a in actors]
     os.kill(actors[0].pid, signal.SIGKILL)
@@ -180,7 +180,7 @@ def test_a_sigkilled_actor_loses_and_duplicates_nothing(tmp_path, ray_address, m
 def test_ctrl_c_stops_every_actor_and_a_rerun_finishes_like_a_local_run(tmp_path, ray_address, manifest, reference):
     run_dir = tmp_path / "run"
     proc = cli([f"manifest={manifest}", *SETTINGS, *RAY_RUN, f"run.ray.address={ray_address}", f"hydra.run.dir={run_dir}"])
-    wait_for_results(run_dir / "results.jsonl", 1, proc)
+    wait_for_results(run_dir, 1, proc)
     # Both actors run (the second may still be starting on a busy machine when the first commits).
     assert wait_until(lambda: len(actor_processes(os.getpid())) == 2, timeout=60), actor_processes(os.getpid())
     proc.send_signal(signal.SIGINT)

@@ -16,14 +16,13 @@ import torch
 
 from svdbatch.core.config import sweep_subdir
 from svdbatch.core.errors import ConfigError, ModelLoadError
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import run
 from svdbatch.engine.plan import Shard, resolve_shard, select_shard, shard_from_env
 from svdbatch.inputs.manifest import read_manifest
 from svdbatch.models.devices import resolve_devices
 from tests.conftest import FAST, REPO, make_cfg, make_image, run_cli, write_csv
 
-from .runfiles import failures_of, results_of
+from .runfiles import failures_of, results_of, video_file
 
 
 @pytest.fixture
@@ -144,8 +143,8 @@ def test_batched_rows_match_single_calls_closely(tmp_path, manifest8, monkeypatc
     assert batched.done == 4
     assert calls == [[100, 101, 102, 103]]  # the four rows in one pipeline call
     for n in range(4):
-        a = read_video(tmp_path / "single" / "videos" / f"i{n}").astype(int)
-        b = read_video(tmp_path / "batched" / "videos" / f"i{n}").astype(int)
+        a = read_video(video_file(tmp_path / "single", f"i{n}", "")).astype(int)
+        b = read_video(video_file(tmp_path / "batched", f"i{n}", "")).astype(int)
         assert np.abs(a - b).max() <= 1  # at most one quantisation step apart
 
 
@@ -180,9 +179,8 @@ def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, manifest8):
         stderr=subprocess.PIPE,
         text=True,
     )
-    results = run_dir / "results.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and (not results.exists() or results.read_bytes().count(b"\n") < 2):
+    while time.time() < deadline and len(results_of(run_dir)) < 2:
         time.sleep(0.05)
     workers = spawned_workers(proc.pid)
     assert len(workers) == 2
@@ -191,7 +189,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, manifest8):
     assert proc.returncode == 0, err
     assert "8 done" in out
     assert "died" in err
-    records = list(read_jsonl_fast(results))
+    records = results_of(run_dir)
     assert sorted(r["id"] for r in records) == [f"i{n}" for n in range(8)]  # each exactly once
     clean = run(
         make_cfg(
@@ -224,16 +222,16 @@ def test_readme_submitit_local_command_gives_one_run_dir_equal_to_one_worker(tmp
     cwd = readme_cwd(tmp_path / "sharded")
     proc = run_cli(*README_SUBMITIT, cwd=cwd, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dirs = {p.parent for p in (cwd / "outputs").rglob("results.jsonl")}
+    run_dirs = {p.parent for p in (cwd / "outputs").rglob("layout.json")}
     assert run_dirs == {cwd / "outputs" / "sample"}, "both shards must write into outputs/sample/"
-    records = list(read_jsonl_fast(cwd / "outputs" / "sample" / "results.jsonl"))
+    records = results_of(cwd / "outputs" / "sample")
     assert sorted(r["id"] for r in records) == ["rocket", "sunset", "waves"]  # each exactly once
     plain_run = run_cli("manifest=manifests/sample.csv", cwd=readme_cwd(tmp_path / "plain"), timeout=900)
     assert plain_run.returncode == 0, plain_run.stderr[-3000:]
     assert frame_hashes(cwd / "outputs" / "sample") == frame_hashes(tmp_path / "plain" / "outputs" / "sample")
     again = run_cli(*README_SUBMITIT, cwd=cwd, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(list(read_jsonl_fast(cwd / "outputs" / "sample" / "results.jsonl"))) == 3
+    assert len(results_of(cwd / "outputs" / "sample")) == 3
     # submitit's jobs print into their own logs; the summaries say what each shard did.
     summaries = [
         line
@@ -251,7 +249,7 @@ def test_basic_launcher_shards_share_the_run_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     sample = cwd / "outputs" / "sample"
     fast_dir = sample / ",".join(sorted(FAST))  # FAST's settings change outputs: they name the folder
-    assert {p.parent for p in (cwd / "outputs").rglob("results.jsonl")} == {fast_dir}
+    assert {p.parent for p in (cwd / "outputs").rglob("layout.json")} == {fast_dir}
     assert sorted(r["id"] for r in results_of(fast_dir)) == ["rocket", "sunset", "waves"]
     assert sorted(p.name for p in fast_dir.glob("config.shard-*")) == ["config.shard-0-of-2.yaml", "config.shard-1-of-2.yaml"]
     again = run_cli(*args, cwd=cwd, timeout=900)
@@ -272,7 +270,7 @@ def test_torchrun_ranks_share_the_run_dir(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
     sample = cwd / "outputs" / "sample"
-    assert {p.parent for p in (cwd / "outputs").rglob("results.jsonl")} == {sample}
+    assert {p.parent for p in (cwd / "outputs").rglob("layout.json")} == {sample}
     assert sorted(r["id"] for r in results_of(sample)) == ["rocket", "sunset", "waves"]
 
 

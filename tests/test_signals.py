@@ -59,9 +59,9 @@ def start(args: list[str], cwd: Path = REPO) -> subprocess.Popen:
     )
 
 
-def wait_for_results(results: Path, proc: subprocess.Popen, lines: int = 1) -> None:
+def wait_for_results(run_dir: Path, proc: subprocess.Popen, lines: int = 1) -> None:
     deadline = time.monotonic() + WAIT_S
-    while not (results.exists() and results.read_bytes().count(b"\n") >= lines):
+    while len(results_of(run_dir)) < lines:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the run never committed an item"
         time.sleep(0.05)
@@ -113,7 +113,7 @@ def test_ctrl_c_to_the_group_stops_two_workers_cleanly_and_the_same_command_resu
     # after the first commit, still leaves work that has not started.
     args = command(manifest, run_dir, "run.workers=2", "run.stop_grace_s=600", steps=16)
     proc = start(args)
-    wait_for_results(run_dir / "results.jsonl", proc)
+    wait_for_results(run_dir, proc)
     workers = descendants(proc.pid)
     assert len([p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]) == 2
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
@@ -132,7 +132,7 @@ def test_sigterm_to_the_driver_past_the_grace_abandons_the_items_in_flight(tmp_p
     run_dir = tmp_path / "run"
     args = command(manifest, run_dir, "run.workers=2", "run.stop_grace_s=0", steps=16)  # see the Ctrl-C test
     proc = start(args)
-    wait_for_results(run_dir / "results.jsonl", proc)
+    wait_for_results(run_dir, proc)
     workers = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
 
@@ -146,7 +146,7 @@ def test_sigterm_in_process_worker_finishes_the_item_in_flight(tmp_path, manifes
     run_dir = tmp_path / "run"
     args = command(manifest, run_dir, "run.stop_grace_s=600")
     proc = start(args)
-    wait_for_results(run_dir / "results.jsonl", proc)
+    wait_for_results(run_dir, proc)
     proc.send_signal(signal.SIGTERM)
 
     _, done = assert_stopped_cleanly(proc, run_dir, 143)
@@ -156,7 +156,7 @@ def test_sigterm_in_process_worker_finishes_the_item_in_flight(tmp_path, manifes
 def test_workers_die_when_the_driver_is_sigkilled(tmp_path, manifest):
     run_dir = tmp_path / "run"
     proc = start(command(manifest, run_dir, "run.workers=2"))
-    wait_for_results(run_dir / "results.jsonl", proc)
+    wait_for_results(run_dir, proc)
     workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
     assert len(workers) == 2
     everything = descendants(proc.pid)

@@ -27,7 +27,7 @@ from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli
 from tests.test_gallery import find_chromium
 
-from .runfiles import results_of, sidecar_file, video_file
+from .runfiles import results_of, sidecar_file, video_file, video_rel
 
 # The README's sweep, as written there, plus two CPU workers and the small test sizes.
 README_SWEEP = [
@@ -83,7 +83,7 @@ def test_identical_items_are_generated_once_and_linked_elsewhere(sweep):
     assert sidecar["row"]["overrides"] == {"motion_bucket_id": 180, "noise_aug_strength": 0.05}
     original = json.loads((sidecar_file(origin, "rocket")).read_text())
     assert sidecar["key"] == original["key"] and sidecar["frames_sha256"] == original["frames_sha256"]
-    assert sidecar["params"] == original["params"] and sidecar["output"]["path"] == "videos/rocket.mp4"
+    assert sidecar["params"] == original["params"] and sidecar["output"]["path"] == video_rel(reused_rocket, "rocket")
     # A hard link: the same bytes, no second copy on disk.
     assert os.stat(video_file(reused_rocket, "rocket", ".mp4")).st_ino == os.stat(video_file(origin, "rocket", ".mp4")).st_ino
 
@@ -241,8 +241,9 @@ def test_status_of_a_sweep_root(sweep, tmp_path, capsys):
     shutil.copytree(root, copy)
     # One point has a failure instead of sunset; another point was never started.
     failing = points_by_label(copy)[("60", "0.1")]
-    kept = [line for line in (failing / "results.jsonl").read_text().splitlines() if '"id": "sunset"' not in line]
-    (failing / "results.jsonl").write_text("\n".join(kept) + "\n")
+    for results in (failing / "records").glob("*.results.jsonl"):
+        kept = [line for line in results.read_text().splitlines() if '"id": "sunset"' not in line]
+        results.write_text("".join(line + "\n" for line in kept))
     (failing / "failures.jsonl").write_text(
         json.dumps({"id": "sunset", "key": "k", "error": "RuntimeError: boom at step 3", "time": "2026-01-01T00:00:00+0000"})
         + "\n"

@@ -212,6 +212,8 @@ def _fold(summary: Summary, results: Path, failures: Path | None) -> Summary:
         size = results.stat().st_size
     except FileNotFoundError:
         size = 0
+    if size < summary.results_bytes or (failures is not None and _size(failures) < summary.failures_bytes):
+        summary = Summary()  # the file was cut or replaced (by hand): rebuilt from what it holds
     if size > summary.results_bytes:
         data = _read(results, summary.results_bytes)
         for record in parse_jsonl(data, results):
@@ -227,6 +229,13 @@ def _fold(summary: Summary, results: Path, failures: Path | None) -> Summary:
             summary.failures += len(parse_jsonl(data, failures))
             summary.failures_bytes += len(data)
     return summary
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def legacy_summary(root: Path) -> Summary | None:
