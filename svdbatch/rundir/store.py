@@ -359,13 +359,13 @@ class RunStore:
         self.remove_stale_claims()
 
     def remove_stale_claims(self) -> int:
-        """Claims of dead holders (claims.py); in a run dir of an older version also its
-        flock files, one per item ever claimed: empty, and never held by this version."""
+        """Claims (and takeover locks) of dead holders (claims.py); in a run dir of an older
+        version also its flock files, one per item ever claimed: empty, never held by this version."""
         removed = 0
         for folder, _, files in os.walk(self.claims):
             for name in files:
                 path = Path(folder, name)
-                if name.endswith(CLAIM_SUFFIX) and leases.is_stale(path):
+                if name.endswith((CLAIM_SUFFIX, leases.TAKEOVER_SUFFIX)) and leases.is_stale(path):
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
