@@ -199,7 +199,7 @@ class ItemRecord:
 def open_run(path: str | os.PathLike) -> Iterator[ItemRecord]:
     """Every item of a run dir that is finished, failed or refused, in the order they were
     recorded: done items (output intact) from their sidecars, then failures and invalid rows
-    from failures.jsonl (an item that failed once and is done now is only listed as done)."""
+    from the failure records (an item that failed once and is done now is only listed as done)."""
     run_dir = Path(path)
     _require_run_dir(run_dir)
     done = records.latest_results(run_dir)

@@ -298,7 +298,9 @@ def check_reuse_from(paths: Iterable[Any]) -> list[str]:
         if not path.is_dir():
             problems.append(f"run.reuse_from: {ref} does not exist")
         elif not is_sweep_root(path) and not records.has_records(path):
-            problems.append(f"run.reuse_from: {ref} is neither a run dir (results.jsonl) nor a sweep root ({MULTIRUN_RECORD})")
+            problems.append(
+                f"run.reuse_from: {ref} is neither a run dir (records/ or results.jsonl) nor a sweep root ({MULTIRUN_RECORD})"
+            )
     return problems
 
 

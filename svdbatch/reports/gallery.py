@@ -7,7 +7,7 @@ self-contained (inline CSS, no scripts, no network) and uses relative URLs only,
 copied or served run dir still works. Thumbnails and previews go to <run dir>/gallery/,
 made once per item: the source may live elsewhere, or be a URL download.
 
-Everything is read from the run dir (results.jsonl, failures.jsonl, the sidecars), so any
+Everything is read from the run dir (its records, records.py, and the sidecars), so any
 process sharing the run dir may rewrite the page; it is replaced atomically.
 """
 

@@ -56,6 +56,11 @@ def layout_version(root: str | os.PathLike[str]) -> int:
     return version
 
 
+def forget_layouts() -> None:
+    """Drop what this process learnt of run dirs' layouts (a test that rewrites one by hand)."""
+    _known.clear()
+
+
 def write_layout(root: Path, version: int) -> None:
     """Record the layout (once: an existing file is left alone)."""
     path = root / LAYOUT_FILE
