@@ -3,8 +3,8 @@
 Builds the run dirs' bookkeeping as runs would leave it, fast and fake (no model, no
 videos for the million: status never opens them): a manifest of N rows with the summary a
 run saves (cache/manifest-*.json), N results lines of the usual size spread over 16 writer
-files with their summaries (records.py; the last writer's summary left behind by 1000
-lines, as a killed writer leaves it), 1% failures, layout 2. Then times, each in a fresh
+files with their summaries (records.py; the last writer's summary left behind by 64 lines,
+the most a killed writer leaves), 1% failures, layout 2. Then times, each in a fresh
 process (wall, CPU, peak RSS):
 
   * `svdbatch status <run dir>` and `--json`
@@ -33,7 +33,7 @@ from svdbatch.rundir.layout import GROUPED, LAYOUT_FILE, item_relpath, sidecar_r
 from svdbatch.rundir.sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
 
 WRITERS = 16
-STALE_TAIL = 1000  # lines of the last writer its summary does not cover yet
+STALE_TAIL = 64  # lines of the last writer its summary does not cover yet (records.SUMMARY_EVERY: the most a kill leaves)
 PAD = "p" * 180  # brings a line to the ~535 bytes of a real results line
 
 

@@ -621,10 +621,10 @@ def update_sweep_page(root: Path, max_items: int = 500) -> Path | None:
 
 
 # -- the sweep's status -------------------------------------------------------------------
-def reused_count(run_dir: Path) -> int:
+def reused_count(run_dir: Path, totals: records.RunTotals | None = None) -> int:
     """Finished items of a point that were linked from elsewhere, not generated (in a big
     point: the summaries' count, records.py)."""
-    totals = records.totals(run_dir)
+    totals = totals or records.totals(run_dir)
     if totals.commits >= status.FAST_FROM:
         return totals.reused
     return sum(1 for r in records.latest_results(run_dir).values() if r.get("reused_from") and output_intact(run_dir, r))
@@ -655,11 +655,13 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
     reports = []
     generated: list[dict[str, Any]] = []
     for point in points:
-        report = status.collect(point.run_dir, window, now)
+        point_totals = records.totals(point.run_dir)  # the writers' summaries, read once per point
+        report = status.collect(point.run_dir, window, now, point_totals)
         report["label"] = point.label
-        report["counts"]["reused"] = reused_count(point.run_dir)
+        report["counts"]["reused"] = reused_count(point.run_dir, point_totals)
         reports.append(report)
-        generated += [r for r in records.totals(point.run_dir).recent if not r.get("reused_from")]
+        generated += [r for r in point_totals.recent if not r.get("reused_from")]
+    generated.sort(key=lambda r: str(r.get("finished_at")))  # the latest finishes of every point
     names = ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
     totals: dict[str, int | None] = {}
     for name in names:

@@ -272,8 +272,10 @@ def classify_counted(
     def listed(item_id: str) -> bool:
         return ids is None or item_id in ids
 
+    root = os.fspath(run_dir)
+
     def done(item_id: str) -> bool:
-        return os.path.lexists(run_dir / sidecar_relpath(item_id, layout))
+        return os.path.lexists(f"{root}/{sidecar_relpath(item_id, layout)}")
 
     if manifest_ids is None:
         counts.invalid += sorted({f"line {r.get('line')}" for r in idless_failures})
@@ -468,8 +470,11 @@ def eta_seconds(remaining: int | None, rate: float | None, live: bool = True) ->
 
 
 # -- the report -------------------------------------------------------------------------
-def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: datetime | None = None) -> dict[str, Any]:
-    """Everything `svdbatch status` prints, as one JSON-friendly dict."""
+def collect(
+    run_dir: Path, window: int = THROUGHPUT_WINDOW, now: datetime | None = None, totals: records.RunTotals | None = None
+) -> dict[str, Any]:
+    """Everything `svdbatch status` prints, as one JSON-friendly dict (`totals`: the run
+    dir's records.totals, if the caller has them already)."""
     now = now or datetime.now(timezone.utc)
     failures_log = records.read_failures(run_dir)
     failures = latest_by_id(failures_log)
@@ -477,7 +482,7 @@ def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: datetime | None
     idless = list({r.get("line"): r for r in failures_log if r.get("id") is None}.values())
     view = read_manifest_view(run_dir)
     ids = view.ids if view.known else None
-    totals = records.totals(run_dir)
+    totals = totals or records.totals(run_dir)
     if totals.commits >= FAST_FROM:  # a big run: the summaries' counts, no per-item stats
         counts = classify_counted(run_dir, ids, view.bad_rows, totals.done, failures, claimed_ids(run_dir), idless)
         recent = totals.recent

@@ -51,7 +51,7 @@ LEGACY_NAME = "legacy"  # records/legacy.summary.json: the summary of an old res
 SUMMARY_VERSION = 1
 SUMMARY_EVERY = 64  # commits between summary rewrites
 SUMMARY_EVERY_S = 5.0  # or seconds
-RECENT = 200  # finishes a summary keeps for the throughput window
+RECENT = 64  # finishes a summary keeps: the throughput window (status.THROUGHPUT_WINDOW, 50) and some
 
 
 # -- reading ----------------------------------------------------------------------------
@@ -315,6 +315,7 @@ def totals(root: Path) -> RunTotals:
             for at, seconds, reused in summary.recent[-RECENT:]
         ]
     total.recent.sort(key=lambda r: str(r["finished_at"]))
+    del total.recent[:-RECENT]  # the latest finishes of all writers are among each one's latest
     return total
 
 
