@@ -24,6 +24,7 @@ from svdbatch.engine.driver import run
 from svdbatch.engine.plan import shadowed_knobs_warning
 from svdbatch.engine.sweep import point_dirs, sweep_points, write_sweep_page
 from svdbatch.inputs.manifest import read_manifest
+from svdbatch.reports import status
 from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli
 from tests.test_gallery import find_chromium
 
@@ -308,3 +309,26 @@ def test_reuse_from_an_earlier_run_and_only_with_equal_output_settings(sweep, tm
 def test_presets_pair_model_and_conditioning(overrides, model, frames):
     cfg = make_cfg("manifest=x.csv", *overrides, fast=False)
     assert (cfg.model.name, cfg.conditioning.num_frames) == (model, frames)
+
+
+def test_a_big_sweeps_page_is_the_same_from_sidecars_and_from_its_cell_cache(sweep, tmp_path, monkeypatch):
+    """Points with status.FAST_FROM results or more: the page reads only the shown items'
+    sidecars once, then rewrites from <point>/cache/page-cells.json; it must not differ."""
+    root, _ = sweep
+    copy = tmp_path / "big"
+    shutil.copytree(root, copy)
+
+    def table(path: Path) -> str:
+        text = path.read_text(encoding="utf-8")
+        return text[text.index("<table>") :]
+
+    small = table(write_sweep_page(copy))
+    monkeypatch.setattr(status, "FAST_FROM", 0)
+    first = table(write_sweep_page(copy))
+    caches = list(copy.glob("*/cache/page-cells.json"))
+    assert len(caches) == 4 and all(json.loads(c.read_text())["cells"] for c in caches)
+    again = table(write_sweep_page(copy))
+    assert small == first == again
+    point = points_by_label(copy)[("60", "0.1")]
+    video_file(point, "sunset").unlink()  # an output deleted: the cached cell is not trusted
+    assert "video missing" in table(write_sweep_page(copy))

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +44,9 @@ from svdbatch.reports.gallery import (
 )
 from svdbatch.reports.status import eta_line, read_manifest_view, reason_lines
 from svdbatch.rundir import records
+from svdbatch.rundir.layout import layout_version, sidecar_relpath
 from svdbatch.rundir.sidecar import SidecarImage, SidecarRow
-from svdbatch.rundir.store import GALLERY_ASSETS_DIR, RunStore, output_intact
+from svdbatch.rundir.store import CACHE_DIR, GALLERY_ASSETS_DIR, RunStore, output_intact
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -508,11 +509,16 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     spec = read_sweep_spec(root)
     points = sweep_points(root, spec)
     manifest_ids = manifest_order(points)
-    if manifest_ids is not None and max_items > 0 and any(big_run(p.run_dir) for p in points):
-        # A big sweep: only the shown items' cards, from their sidecars (gallery.cards_of).
+    rels = [p.run_dir.relative_to(root).as_posix() for p in points]
+    titles = {str(p.run_dir.resolve()): p.short_title for p in points}
+    big = manifest_ids is not None and max_items > 0 and any(big_run(p.run_dir) for p in points)
+    infos: dict[tuple[int, str], CellSource] = {}
+    if big and manifest_ids is not None:
+        # A big sweep: only the shown items, each cell from the point's cell cache while its
+        # sidecar is unchanged, else from its sidecar (gallery.cards_of): no results records read.
         all_ids = manifest_ids
         ids = all_ids[:max_items]
-        by_point = [cards_of(p.run_dir, ids) for p in points]
+        all_cells, infos = cached_cells(points, rels, ids, titles)
     else:
         by_point = [
             {c.item_id: c for c in collect_cards(p.run_dir) if c.kind != "invalid" or c.record.get("id") is not None}
@@ -520,17 +526,14 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
         ]
         all_ids = item_order(points, by_point, manifest_ids)
         ids = all_ids if max_items <= 0 else all_ids[:max_items]
-    rels = [p.run_dir.relative_to(root).as_posix() for p in points]
-    titles = {str(p.run_dir.resolve()): p.short_title for p in points}
+        jobs = [(p, rel, by_id.get(item_id)) for item_id in ids for p, rel, by_id in zip(points, rels, by_point, strict=False)]
+        all_cells = cells_in_parallel(jobs, titles)
+        for k, by_id in enumerate(by_point):
+            for item_id, card in by_id.items():
+                if card.kind in ("done", "missing"):
+                    infos[(k, item_id)] = CellSource(None, (None, None), 0.0, from_sidecar=True)
     rows = []
     counts = {"done": 0, "reused": 0, "failed": 0, "pending": 0}
-    # Cells in parallel: a new cell's poster is an ffmpeg call (~0.1 s), made once per item.
-    from concurrent.futures import ThreadPoolExecutor
-
-    jobs = [(p, rel, by_id.get(item_id)) for item_id in ids for p, rel, by_id in zip(points, rels, by_point, strict=False)]
-    with ThreadPoolExecutor(POSTER_THREADS, thread_name_prefix="svdbatch-poster") as pool:
-        # Not *job: mypy types a lambda's job as Any here, and takes *Any to fill every parameter.
-        all_cells = list(pool.map(lambda job: cell_html_at(job[0], job[1], job[2], titles), jobs))
     for row, item_id in enumerate(ids):
         cells = all_cells[row * len(points) : (row + 1) * len(points)]
         values: dict[str, set] = {}
@@ -539,12 +542,14 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
                 values.setdefault(name, set()).add(json.dumps(value))
         varies = {name for name, seen in values.items() if len(seen) > 1}
         thumb_html, seed = '<div class="na">no source</div>', None
-        for point, rel, by_id in zip(points, rels, by_point, strict=False):
-            card = by_id.get(item_id)
-            if card is not None and card.kind in ("done", "missing"):
-                sidecar, mtime = read_sidecar(point.run_dir, item_id)
-                seed = sidecar.seed if sidecar is not None else None
-                image = (sidecar.image.path, sidecar.image.url) if sidecar is not None else (None, None)
+        for k, (point, rel) in enumerate(zip(points, rels, strict=False)):
+            source = infos.get((k, item_id))
+            if source is not None:
+                seed, image, mtime = source.seed, source.image, source.mtime
+                if source.from_sidecar:
+                    sidecar, mtime = read_sidecar(point.run_dir, item_id)
+                    seed = sidecar.seed if sidecar is not None else None
+                    image = (sidecar.image.path, sidecar.image.url) if sidecar is not None else (None, None)
                 thumb = source_thumbnail(point.run_dir, item_id, image, mtime)
                 if thumb:
                     thumb_html = f'<img src="{url(rel + "/" + thumb)}" alt="source" loading="lazy">'
@@ -593,6 +598,105 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     target = page_path(root)
     atomic_write_bytes(target, page.encode("utf-8"))
     return target
+
+
+def cells_in_parallel(jobs: list[tuple[Point, str, Any]], titles: dict[str, str]) -> list[Cell]:
+    """cell_html_at of each (point, rel, card), on a few threads: a new cell's poster is an
+    ffmpeg call (~0.1 s), made once per item."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(jobs) < 2:
+        return [cell_html_at(point, rel, card, titles) for point, rel, card in jobs]
+    with ThreadPoolExecutor(POSTER_THREADS, thread_name_prefix="svdbatch-poster") as pool:
+        # Not *job: mypy types a lambda's job as Any here, and takes *Any to fill every parameter.
+        return list(pool.map(lambda job: cell_html_at(job[0], job[1], job[2], titles), jobs))
+
+
+@dataclass
+class CellSource:
+    """What the item column needs of a done cell: its seed and source image, the sidecar's mtime."""
+
+    seed: int | None
+    image: tuple[str | None, str | None]
+    mtime: float
+    from_sidecar: bool = False  # not known yet: read the sidecar
+
+
+CELL_CACHE = "page-cells.json"  # <point>/cache/: the page's done cells, by sidecar (mtime, size)
+CELL_CACHE_VERSION = 1
+
+
+def _read_cell_cache(path: Path, rel: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CELL_CACHE_VERSION or data.get("rel") != rel:
+        return {}
+    cells = data.get("cells")
+    return cells if isinstance(cells, dict) else {}
+
+
+def cached_cells(
+    points: list[Point], rels: list[str], ids: list[str], titles: dict[str, str]
+) -> tuple[list[Cell], dict[tuple[int, str], CellSource]]:
+    """The cells of a big sweep's page (row by row, a point per column), and what the item
+    column needs. A done cell is kept in <point>/cache/page-cells.json with its sidecar's
+    mtime and size: while those and its output are unchanged, the page is rewritten from the
+    cache with two stats per cell instead of parsing 25k sidecars (bench/status_scale.py)."""
+    width = len(points)
+    cells: list[Cell | None] = [None] * (len(ids) * width)
+    infos: dict[tuple[int, str], CellSource] = {}
+    for k, (point, rel) in enumerate(zip(points, rels, strict=False)):
+        cache_file = point.run_dir / CACHE_DIR / CELL_CACHE
+        cache = _read_cell_cache(cache_file, rel)
+        kept: dict[str, Any] = {}
+        layout = layout_version(point.run_dir)
+        root = os.fspath(point.run_dir)
+        misses: list[tuple[int, str, os.stat_result | None]] = []
+        for row, item_id in enumerate(ids):
+            try:
+                info: os.stat_result | None = os.stat(f"{root}/{sidecar_relpath(item_id, layout)}")
+            except OSError:
+                info = None
+            hit = cache.get(item_id) if info is not None else None
+            if (
+                info is not None
+                and isinstance(hit, dict)
+                and hit.get("stamp") == [info.st_mtime_ns, info.st_size]
+                and os.path.lexists(f"{root}/{hit.get('output')}")
+            ):
+                cells[row * width + k] = Cell(**hit["cell"])
+                infos[(k, item_id)] = CellSource(hit.get("seed"), tuple(hit.get("image") or (None, None)), info.st_mtime)
+                kept[item_id] = hit
+            else:
+                misses.append((row, item_id, info))
+        cards = cards_of(point.run_dir, [item_id for _, item_id, _ in misses]) if misses else {}
+        made = cells_in_parallel([(point, rel, cards.get(item_id)) for _, item_id, _ in misses], titles)
+        for (row, item_id, info), cell in zip(misses, made, strict=True):
+            cells[row * width + k] = cell
+            card = cards.get(item_id)
+            sidecar = card.sidecar if card is not None else None
+            if sidecar is None or info is None:
+                continue
+            image = (sidecar.image.path, sidecar.image.url)
+            infos[(k, item_id)] = CellSource(sidecar.seed, image, info.st_mtime)
+            if card is not None and card.kind == "done":
+                kept[item_id] = {
+                    "stamp": [info.st_mtime_ns, info.st_size],
+                    "output": sidecar.output.path,
+                    "cell": asdict(cell),
+                    "seed": sidecar.seed,
+                    "image": list(image),
+                }
+        if kept != cache:
+            try:
+                cache_file.parent.mkdir(exist_ok=True)
+                body = {"version": CELL_CACHE_VERSION, "rel": rel, "cells": kept}
+                atomic_write_bytes(cache_file, json.dumps(body, separators=(",", ":")).encode())
+            except OSError as exc:  # a cache: the page is right without it
+                log.debug("sweep page: cannot write %s: %s", cache_file, exc)
+    return [cell if cell is not None else Cell("pending", '<div class="na">pending</div>') for cell in cells], infos
 
 
 def cell_html_at(point: Point, rel: str, card: Any, titles: dict[str, str]) -> Cell:
