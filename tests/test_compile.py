@@ -15,7 +15,7 @@ from svdbatch.models import loading as models
 from svdbatch.rundir.outputs import read_video
 from tests.conftest import make_cfg, write_csv
 
-from .runfiles import sidecar_file
+from .runfiles import sidecar_file, video_file
 
 SMALL = ["conditioning.num_frames=2", "conditioning.num_inference_steps=1", "output=frames"]
 
@@ -51,6 +51,6 @@ def test_compiled_unet_warms_up_once_and_gives_the_eager_frames(tmp_path, images
     assert [call[0] for call in calls] == [False, False]  # no warm-up without compile
     assert "warmup_s" not in json.loads((sidecar_file(eager_dir, "a")).read_text())
     for item_id in "ab":
-        compiled = read_video(compiled_dir / "videos" / item_id).astype(int)
-        eager = read_video(eager_dir / "videos" / item_id).astype(int)
+        compiled = read_video(video_file(compiled_dir, item_id, "")).astype(int)
+        eager = read_video(video_file(eager_dir, item_id, "")).astype(int)
         assert np.abs(compiled - eager).max() <= 1  # same model, same maths

@@ -65,7 +65,7 @@ def test_run_name_dotdot_is_refused_with_a_hint(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "is the working directory; give the run a folder of its own, e.g. run.name=myrun" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not {"videos", "items", "results.jsonl", "failures.jsonl", "config.yaml"} & listing(tmp_path)
+    assert not {"videos", "items", "records", "layout.json", "config.yaml"} & listing(tmp_path)
 
 
 @pytest.mark.parametrize(

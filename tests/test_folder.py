@@ -45,7 +45,7 @@ def test_folder_runs_and_its_emitted_manifest_resumes_the_same_items(tmp_path):
     assert proc.returncode == 0, proc.stderr
     emitted = run_dir / "photos.csv"
     assert f"wrote {emitted} (2 rows)" in proc.stdout
-    assert not (run_dir / "results.jsonl").exists()  # emitting generates nothing
+    assert not results_of(run_dir)  # emitting generates nothing
     lines = emitted.read_text().splitlines()
     assert lines[0] == "id,image,seed" and lines[2].startswith("trips__2024__c,../../photos/trips/2024/c.webp,")
 

@@ -20,7 +20,7 @@ from svdbatch.inputs.manifest import read_manifest
 from svdbatch.reports.status import collect
 from tests.conftest import make_cfg, make_image, write_csv
 
-from .runfiles import failures_of
+from .runfiles import failures_of, results_of
 
 SETTINGS = ["run.num_threads=1", "run.progress=false", "run.gallery=false"]
 
@@ -53,7 +53,7 @@ def test_by_default_a_file_that_only_fails_to_decode_fails_just_its_item(tmp_pat
 def test_a_strict_full_check_still_refuses_it_before_anything_runs(tmp_path, truncated_manifest):
     with pytest.raises(ManifestError, match=r"m.csv:5: field 'image': not a readable image"):
         run(make_cfg(f"manifest={truncated_manifest}", f"run.dir={tmp_path / 'run'}", "run.check_images=full", *SETTINGS))
-    assert not (tmp_path / "run" / "results.jsonl").exists()
+    assert not results_of(tmp_path / "run")
 
 
 def test_header_check_refuses_what_the_header_shows(tmp_path):

@@ -138,7 +138,7 @@ def test_crop_is_the_default_and_equals_diffusers_on_the_centre_crop(tmp_path, i
         assert record["image"]["size"] == [80, 64] and record["preprocess"]["resize"] == resize
         image = fitted(Image.open(images[item_id]).convert("RGB"))
         expected = pipe(image, generator=torch.Generator("cpu").manual_seed(record["seed"]), **record["params"]).frames[0]
-        np.testing.assert_array_equal(read_video(run_dir / "videos" / item_id), np.stack([np.asarray(f) for f in expected]))
+        np.testing.assert_array_equal(read_video(video_file(run_dir, item_id, "")), np.stack([np.asarray(f) for f in expected]))
     crop_frames = json.loads((sidecar_file(run_dir, "a")).read_text())["frames_sha256"]
 
     # The policy is part of the key: switching the config to pad redoes a (not b, which says stretch).
@@ -165,7 +165,7 @@ def test_a_messy_set_of_modes_and_shapes_runs_end_to_end(tmp_path):
     cfg = make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "conditioning.resize=pad", "conditioning.pad_color='#336699'")
     summary = run(cfg)
     assert (summary.done, summary.failed) == (4, 0)
-    sidecars = {p.stem: json.loads(p.read_text()) for p in (run_dir / "items").glob("*.json")}
+    sidecars = {p.stem: json.loads(p.read_text()) for p in (run_dir / "items").glob("*/*.json")}
     sizes = {item_id: record["image"]["size"] for item_id, record in sidecars.items()}
     assert sizes == {"wide": [200, 50], "tall": [40, 120], "deep": [80, 64], "rotated": [60, 100]}
     assert sidecars["wide"]["preprocess"]["pad_color"] == [0x33, 0x66, 0x99]

@@ -27,7 +27,7 @@ from svdbatch.rundir.outputs import (
 )
 
 from .conftest import make_cfg, run_cli, write_csv
-from .runfiles import sidecar_file, video_file
+from .runfiles import sidecar_file, video_file, video_rel
 
 
 def probe(path) -> str:
@@ -64,9 +64,9 @@ TOLERANCE = {"gif": 6.0, "webp": 12.0}
 @pytest.mark.parametrize("fmt", ["gif", "webp"])
 def test_gif_and_webp_hold_the_generated_frames_at_the_item_fps(tmp_path, one_row, fmt):
     run(make_cfg(f"manifest={one_row}", f"run.dir={tmp_path / 'png'}", "output=frames"))
-    reference = read_video(tmp_path / "png" / "videos" / "a").astype(int)  # the same item, lossless
+    reference = read_video(video_file(tmp_path / "png", "a", "")).astype(int)  # the same item, lossless
     run(make_cfg(f"manifest={one_row}", f"run.dir={tmp_path / 'run'}", f"output={fmt}"))
-    path = tmp_path / "run" / "videos" / f"a.{fmt}"
+    path = video_file(tmp_path / "run", "a", f".{fmt}")
     durations = []
     with Image.open(path) as image:
         assert image.n_frames == 4 and image.is_animated
@@ -89,7 +89,7 @@ def test_gif_and_webp_hold_the_generated_frames_at_the_item_fps(tmp_path, one_ro
 
 def test_png_frames_are_lossless(tmp_path, one_row):
     run(make_cfg(f"manifest={one_row}", f"run.dir={tmp_path / 'run'}", "output=frames"))
-    frames = read_video(tmp_path / "run" / "videos" / "a")
+    frames = read_video(video_file(tmp_path / "run", "a", ""))
     sidecar = json.loads((sidecar_file(tmp_path / "run", "a")).read_text())
     assert frames.dtype == np.uint8 and frames.shape == (4, 64, 64, 3)
     assert frames_sha256(frames) == sidecar["frames_sha256"]  # exactly the generated frames
@@ -177,8 +177,10 @@ def test_changing_output_settings_redoes_the_items_and_only_those_that_shape_the
     assert first["output"]["settings"]["crf"] == 5 and first["output"]["encoder"]["name"] == "libx264"
     assert run(make_cfg(*base, "output=gif")).done == 1
     sidecar = json.loads((sidecar_file(run_dir, "a")).read_text())
-    assert sidecar["output"]["path"] == "videos/a.gif" and sidecar["frames_sha256"] == first["frames_sha256"]
-    assert [json.loads(line)["file_name"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["videos/a.gif"]
+    assert sidecar["output"]["path"] == video_rel(run_dir, "a", ".gif") and sidecar["frames_sha256"] == first["frames_sha256"]
+    assert [json.loads(line)["file_name"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == [
+        video_rel(run_dir, "a", ".gif")
+    ]
     assert run(make_cfg(*base, "output=gif")).skipped == 1
     # verify: intact, and it would say if config.yaml claimed settings the file was not written with.
     from svdbatch.rundir.verify import verify_run_dir

@@ -26,7 +26,7 @@ from svdbatch.engine.driver import load_manifest, run
 from svdbatch.engine.ray_engine import ACTOR_NAME, actor_devices, batch_task_name, forwarded_env
 from tests.conftest import FAST, REPO, make_cfg, make_image, write_csv
 
-from .runfiles import failures_of, results_of, sidecar_file
+from .runfiles import failures_of, results_of, sidecar_file, video_rel
 
 STEPS = "conditioning.num_inference_steps=4"  # slow enough to kill an actor mid-run
 SETTINGS = [*FAST, STEPS, "run.num_threads=1", "fetch.retries=0"]
@@ -200,7 +200,7 @@ def test_ctrl_c_stops_every_actor_and_a_rerun_finishes_like_a_local_run(tmp_path
     assert sidecar["num_threads"] == 1 and sidecar["config"]["run"]["engine"] == "ray"
     # Dataset index, gallery and status read the run dir as for a local run.
     metadata = [json.loads(line)["file_name"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()]
-    assert sorted(metadata) == [f"videos/i{n}.mp4" for n in range(8)]
+    assert sorted(metadata) == sorted(video_rel(run_dir, f"i{n}") for n in range(8))
     assert all(f"i{n}" in (run_dir / "index.html").read_text() for n in range(8))
     status = subprocess.run(
         [sys.executable, "-m", "svdbatch", "status", str(run_dir), "--json"],
@@ -264,7 +264,7 @@ def test_a_run_dir_that_a_node_does_not_see_is_refused(tmp_path, ray_address, ma
     assert f"svdbatch-worker-0 on node {node_ip}" in err and "shared file system" in err and "ReadWriteMany" in err
     assert "Traceback" not in err
     run_dir = driver_cwd / "not-shared"
-    assert not (run_dir / "results.jsonl").exists()  # nothing generated
+    assert not results_of(run_dir)  # nothing generated
     assert not list(run_dir.glob(".node-probe*"))
     assert wait_until(lambda: not svdbatch_actors_in_cluster())
 

@@ -11,7 +11,7 @@ from svdbatch.engine.driver import run
 from svdbatch.engine.plan import Replacement, describe_replacements
 from tests.conftest import SAMPLE_CSV, make_cfg
 
-from .runfiles import results_of, sidecar_file
+from .runfiles import results_of, sidecar_file, sidecar_rel, video_file, video_rel
 
 BASE = [f"manifest={SAMPLE_CSV}", "run.num_threads=1", "run.progress=false", "run.gallery=false"]
 IDS = ("sunset", "rocket", "waves")
@@ -25,7 +25,7 @@ def test_readme_pad_recipe_reports_and_keeps_what_it_replaces(tmp_path, caplog):
     run_dir = tmp_path / "sample"
     base = [*BASE, f"run.dir={run_dir}"]
     assert run(make_cfg(*base)).done == 3
-    before = {i: ((run_dir / "videos" / f"{i}.mp4").read_bytes(), (sidecar_file(run_dir, f"{i}")).read_bytes()) for i in IDS}
+    before = {i: (video_file(run_dir, i).read_bytes(), (sidecar_file(run_dir, f"{i}")).read_bytes()) for i in IDS}
 
     caplog.set_level(logging.INFO)
     # The README's recipe, into the same run dir.
@@ -37,8 +37,8 @@ def test_readme_pad_recipe_reports_and_keeps_what_it_replaces(tmp_path, caplog):
     [kept] = list((run_dir / "replaced").iterdir())
     assert str(kept) in message
     for item_id, (video, sidecar) in before.items():
-        assert (kept / "videos" / f"{item_id}.mp4").read_bytes() == video
-        assert (sidecar_file(kept, f"{item_id}")).read_bytes() == sidecar
+        assert (kept / video_rel(run_dir, item_id)).read_bytes() == video
+        assert (kept / sidecar_rel(run_dir, item_id)).read_bytes() == sidecar
         assert json.loads((sidecar_file(run_dir, f"{item_id}")).read_text())["preprocess"]["resize"] == "pad"  # really redone
 
     # Unchanged settings, or a change that does not touch the frames: no report, all skipped.

@@ -19,7 +19,7 @@ from svdbatch.rundir.store import RunStore
 from svdbatch.rundir.verify import check_item, item_files
 from tests.conftest import make_cfg, make_image, write_csv
 
-from .runfiles import results_of, sidecar_file, video_file
+from .runfiles import results_of, sidecar_file, sidecar_rel, video_file, video_rel
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ NESTED = {
 
 def test_the_files_keep_the_format_they_always_had(runs):
     first, again, _ = runs
-    for path in [*first.glob("items/*.json"), *again.glob("items/*.json")]:
+    for path in [*first.glob("items/*/*.json"), *again.glob("items/*/*.json")]:
         body = path.read_bytes()
         record = json.loads(body)
         assert body == json.dumps(record, indent=2, sort_keys=True).encode() + b"\n"
@@ -98,7 +98,7 @@ def test_every_sidecar_a_run_writes_reads_back_byte_identical_and_makes_its_resu
     first, again, frames = runs
     for run_dir in runs:
         lines = latest_by_id(results_of(run_dir))
-        paths = sorted((run_dir / "items").glob("*.json"))
+        paths = sorted((run_dir / "items").glob("*/*.json"), key=lambda p: p.stem)
         assert [p.stem for p in paths] == (["a"] if run_dir == frames else ["a", "b"])
         for path in paths:
             body = path.read_bytes()
@@ -110,7 +110,7 @@ def test_every_sidecar_a_run_writes_reads_back_byte_identical_and_makes_its_resu
     assert made.reused_from is None and made.timings.generate_s is not None and made.image.size == (80, 64)
     assert reused.reused_from.run_dir == str(first.resolve()) and reused.reused_from.id == "a"
     assert reused.timings.source == made.timings and reused.timings.reuse_s == reused.timings.total_s
-    assert reused.frames_sha256 == made.frames_sha256 and reused.output.path == "videos/a.mp4"
+    assert reused.frames_sha256 == made.frames_sha256 and reused.output.path == video_rel(again, "a")
     assert reused.row.meta == {"meta_caption": "a cat"} and reused.image.size == made.image.size
     assert Sidecar.read(sidecar_file(first, "b")).row.seed_derived is True
     assert Sidecar.read(sidecar_file(frames, "a")).output.format == "frames"
@@ -141,7 +141,7 @@ BAD = [
 
 @pytest.mark.parametrize("name, edit, message", BAD, ids=[b[0] for b in BAD])
 def test_a_foreign_or_older_record_is_refused_naming_the_file_and_field(runs, tmp_path, name, edit, message):
-    record = json.loads((runs[0] / "items" / "a.json").read_bytes())
+    record = json.loads(sidecar_file(runs[0], "a").read_bytes())
     path = tmp_path / "a.json"
     path.write_text(json.dumps(_edited(record, edit)))
     with pytest.raises(SidecarError) as caught:
@@ -152,7 +152,7 @@ def test_a_foreign_or_older_record_is_refused_naming_the_file_and_field(runs, tm
 
 def test_a_truncated_sidecar_does_not_parse(runs, tmp_path):
     path = tmp_path / "a.json"
-    path.write_bytes((runs[0] / "items" / "a.json").read_bytes()[:-40])
+    path.write_bytes(sidecar_file(runs[0], "a").read_bytes()[:-40])
     with pytest.raises(SidecarError, match=f"^{path}: does not parse: ") as caught:
         Sidecar.read(path)
     assert caught.value.parse
@@ -183,7 +183,10 @@ def test_verify_reports_a_foreign_sidecar_and_repair_still_finds_the_output_it_n
     record = latest_by_id(results_of(run_dir))["a"]
     report = check_item(run_dir, "a", record)
     assert report.problems == ["sidecar is not an svdbatch item record (field 'row.line' is missing)"]
-    assert item_files(run_dir, "a", None) == ["items/a.json", "videos/a.mp4"]  # from the damaged sidecar alone
+    assert item_files(run_dir, "a", None) == [
+        sidecar_rel(run_dir, "a"),
+        video_rel(run_dir, "a"),
+    ]  # from the damaged sidecar alone
     store = RunStore(run_dir, "mp4")
     assert store.read_sidecar("a") is None and store.done_record("a", record["key"], record["output_key"]) is None
 
@@ -196,7 +199,7 @@ def test_the_gallery_shows_a_done_item_whose_sidecar_is_unreadable_from_its_resu
     path.write_bytes(body.replace(b'"schema": 1', b'"schema": 7'))  # same size: still done by its results line
     assert len(path.read_bytes()) == len(body)
     text = write_gallery(run_dir).read_text(encoding="utf-8")
-    assert text.count("<article") == 2 and 'src="videos/a.mp4"' in text and "video missing" not in text
+    assert text.count("<article") == 2 and f'src="{video_rel(run_dir, "a")}"' in text and "video missing" not in text
 
 
 def test_a_redo_keeps_the_output_of_a_sidecar_of_another_schema(runs, tmp_path):

@@ -19,7 +19,7 @@ from svdbatch.core.atomic import TEMP_MARKER
 from svdbatch.core.errors import exit_code_for_signal
 from tests.conftest import FAST, REPO, make_image, write_csv
 
-from .runfiles import results_of, sidecar_file
+from .runfiles import results_of, sidecar_file, video_file
 
 N_ITEMS = 6
 WAIT_S = 300  # generous: the test machine is shared
@@ -81,7 +81,7 @@ def assert_nothing_half_committed(run_dir: Path) -> list[str]:
     ids = [record["id"] for record in results_of(run_dir)]
     for item_id in ids:
         assert (sidecar_file(run_dir, f"{item_id}")).is_file()
-        assert (run_dir / "videos" / f"{item_id}.mp4").stat().st_size > 0
+        assert video_file(run_dir, item_id).stat().st_size > 0
     leftovers = [p for p in run_dir.rglob("*") if TEMP_MARKER in p.name]
     assert not leftovers, leftovers
     return ids
@@ -184,7 +184,7 @@ def test_sigusr2_under_submitit_stops_cleanly_requeues_and_the_requeued_job_fini
     ]
     proc = start(args)
     deadline = time.monotonic() + WAIT_S
-    while not list(sweep.glob("*/results.jsonl")) or not list(sweep.glob("*/results.jsonl"))[0].read_bytes().count(b"\n"):
+    while not [p for p in sweep.glob("*/layout.json") if results_of(p.parent)]:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -194,7 +194,7 @@ def test_sigusr2_under_submitit_stops_cleanly_requeues_and_the_requeued_job_fini
     out, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0, err
 
-    (run_dir,) = [p.parent for p in sweep.glob("*/results.jsonl")]
+    (run_dir,) = [p.parent for p in sweep.glob("*/layout.json")]
     log = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
     assert "interrupted: " in log and "left; run the same command to resume" in log
     assert "Requeued job" in log
@@ -216,10 +216,10 @@ def test_written_files_follow_the_umask(tmp_path, manifest, umask, file_mode, di
         preexec_fn=lambda: os.umask(umask),
     )
     assert proc.returncode == 0, proc.stderr
-    video = run_dir / "videos" / ("i0.mp4" if output == "mp4" else "i0")
+    video = video_file(run_dir, "i0", ".mp4" if output == "mp4" else "")
     files = [
         sidecar_file(run_dir, "i0"),
-        run_dir / "results.jsonl",
+        *run_dir.glob("records/*.results.jsonl"),
         run_dir / "metadata.jsonl",
         run_dir / "index.html",
         run_dir / "config.yaml",
@@ -230,6 +230,7 @@ def test_written_files_follow_the_umask(tmp_path, manifest, umask, file_mode, di
     assert len(files) >= 7
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
-    folders = [run_dir, run_dir / "videos", run_dir / "items"] + ([video] if output == "frames" else [])
+    folders = [run_dir, run_dir / "videos", run_dir / "items", video.parent, run_dir / "records"]
+    folders += [video] if output == "frames" else []
     for path in folders:
         assert stat.S_IMODE(path.stat().st_mode) == dir_mode, path

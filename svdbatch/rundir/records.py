@@ -351,8 +351,11 @@ class Writer:
         line = (to_json(record, sort_keys=True, default=str) + "\n").encode()
         path.parent.mkdir(parents=True, exist_ok=True)
         # Only this process writes this file: O_APPEND is a convenience, not a lock.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # a torn last line (a kill mid-write): never glue a record to it
             os.write(fd, line)
             os.fsync(fd)
         finally:
