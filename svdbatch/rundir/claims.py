@@ -100,7 +100,7 @@ def read_claim(path: Path) -> tuple[dict[str, Any], float] | None:
     try:
         data = path.read_bytes()
         updated = path.stat().st_mtime
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         holder = json.loads(data) if data else {}
@@ -235,9 +235,12 @@ def release(claim: Claim | None) -> None:
     if claim is None:
         return
     _heartbeat().remove(claim)
-    found = read_claim(claim.path)
-    if found is not None and found[0].get("token") == claim.token:
-        claim.path.unlink(missing_ok=True)
+    # Never raises: a release runs in `finally` blocks, also when the run dir just turned
+    # read-only or vanished (the claim then goes stale and the next run takes it over).
+    with contextlib.suppress(OSError):
+        found = read_claim(claim.path)
+        if found is not None and found[0].get("token") == claim.token:
+            claim.path.unlink(missing_ok=True)
 
 
 def held_claims(claims_dir: Path, now: float | None = None) -> dict[str, dict[str, Any]]:
