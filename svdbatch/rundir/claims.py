@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from svdbatch.core.atomic import HOST, proc_stat_fields, process_alive, temp_prefix
+from svdbatch.rundir.layout import make_parents
 
 CLAIM_SUFFIX = ".claim"
 TAKEOVER_SUFFIX = ".takeover"
@@ -187,7 +188,7 @@ def take(claims_dir: Path, item_id: str) -> Claim | None:
     """The item's claim for this process, or None while another live process holds it."""
     path = claim_path(claims_dir, item_id)
     if "/" in item_id:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_parents(claims_dir, path)
     token = secrets.token_hex(8)
     body = json.dumps({**my_identity(), "token": token, "taken_at": time.time()}).encode()
     for _ in range(3):

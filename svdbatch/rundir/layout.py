@@ -77,6 +77,19 @@ def item_relpath(folder: str, name: str, item_id: str, version: int) -> str:
     return f"{folder}/{name}" if version == FLAT else f"{folder}/{bucket(item_id)}/{name}"
 
 
+def make_parents(base: Path, path: Path) -> None:
+    """Create the folders between `base` and `path` (a bucket, an id's own subfolders),
+    never `base` or anything above it: a write still in flight must not re-create a run
+    dir (or its items/, videos/) deleted meanwhile. FileNotFoundError if `base` is gone."""
+    missing = []
+    parent = path.parent
+    while parent != base and base in parent.parents and not parent.is_dir():
+        missing.append(parent)
+        parent = parent.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+
+
 def sidecar_relpath(item_id: str, version: int = CURRENT) -> str:
     return item_relpath(SIDECARS_DIR, f"{item_id}.json", item_id, version)
 

@@ -321,7 +321,7 @@ def totals(root: Path) -> RunTotals:
 
 # -- writing -----------------------------------------------------------------------------
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)  # records/, never the run dir: a vanished one stays gone
     tmp = path.with_name(f"{temp_prefix(path.stem)}{threading.get_ident()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -349,7 +349,7 @@ class Writer:
 
     def _append(self, path: Path, record: dict[str, Any]) -> int:
         line = (to_json(record, sort_keys=True, default=str) + "\n").encode()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(exist_ok=True)  # records/, never the run dir: a vanished one stays gone
         # Only this process writes this file: O_APPEND is a convenience, not a lock.
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:

@@ -69,6 +69,7 @@ from svdbatch.rundir.layout import (
     VIDEOS_DIR,
     item_relpath,
     layout_version,
+    make_parents,
     sidecar_relpath,
     write_layout,
 )
@@ -436,7 +437,7 @@ class RunStore:
         """Where the item's output goes (its bucket folder is created: writers put a
         temporary next to it)."""
         path = self.root / item_relpath(VIDEOS_DIR, output_name(item_id, self.format), item_id, self.layout)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_parents(self.videos, path)
         return path
 
     def sidecar_path(self, item_id: str) -> Path:
@@ -585,7 +586,7 @@ class RunStore:
         path = self.sidecar_path(sidecar.id)
         redo = sidecar.id in self._replacing or self._done_before(path)
         self._replacing.discard(sidecar.id)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_parents(self.sidecars, path)
         atomic_write_bytes(path, body, fault="sidecar")
         fault_point("results")
         line = result_record(record, len(body))
