@@ -38,7 +38,9 @@ from svdbatch.rundir.layout import make_parents
 
 CLAIM_SUFFIX = ".claim"
 TAKEOVER_SUFFIX = ".takeover"
-HEARTBEAT_S = float(os.environ.get("SVDBATCH_CLAIM_HEARTBEAT_S", "20"))
+# A minute between heartbeats, stale after 3 missed: well above what NFS clients cache file
+# attributes for (acregmax, 60 s by default), so a live holder never looks stale elsewhere.
+HEARTBEAT_S = float(os.environ.get("SVDBATCH_CLAIM_HEARTBEAT_S", "60"))
 MISSED_BEATS = 3
 STALE_AFTER_S = MISSED_BEATS * HEARTBEAT_S
 # errno of a file system without hard links: fall back to O_EXCL creation.

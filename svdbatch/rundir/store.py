@@ -376,7 +376,8 @@ class RunStore:
         long (another host)."""
         cutoff = time.time() - older_than_s
         for owner in read_owners(self.root):
-            if owner_state(owner) == "dead" or owner["updated"] < cutoff:
+            here = owner.get("host") == HOST
+            if (here and owner_state(owner) == "dead") or owner["updated"] < cutoff:
                 Path(owner["file"]).unlink(missing_ok=True)
 
     def owner(self) -> Owner:
