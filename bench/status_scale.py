@@ -29,7 +29,7 @@ from pathlib import Path
 
 from svdbatch.reports.status import save_manifest_summary
 from svdbatch.rundir import records
-from svdbatch.rundir.layout import GROUPED, LAYOUT_FILE, item_relpath, sidecar_relpath
+from svdbatch.rundir.layout import GROUPED, LAYOUT_FILE, asset_relpath, item_relpath, sidecar_relpath
 from svdbatch.rundir.sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
 
 WRITERS = 16
@@ -151,9 +151,10 @@ def build_sweep(root: Path, points: int, point_items: int, shown: int = 500) -> 
             sidecar = point / sidecar_relpath(item_id, GROUPED)
             sidecar.parent.mkdir(exist_ok=True)
             sidecar.write_bytes(fake_sidecar(item_id, n, video.relative_to(point).as_posix()).to_json())
-            (gallery / f"{item_id}.first.jpg").write_bytes(b"jpeg")  # posters made by an earlier page
-            if p == 1:
-                (gallery / f"{item_id}.jpg").write_bytes(b"jpeg")
+            for suffix in (".first.jpg", ".jpg") if p == 1 else (".first.jpg",):  # made by an earlier page
+                asset = point / asset_relpath(item_id, suffix)
+                asset.parent.mkdir(parents=True, exist_ok=True)
+                asset.write_bytes(b"jpeg")
 
 
 MEASURE = """

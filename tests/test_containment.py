@@ -36,7 +36,7 @@ def test_manifest_dot_runs_into_its_own_folder_and_a_rerun_reads_no_thumbnails(t
     assert first.returncode == 0, first.stderr
     run_dir = photos / "outputs" / "photos"  # run.name is the folder's real name, not ''
     assert "1 done" in first.stdout and first.stdout.rstrip().endswith(str(run_dir.relative_to(photos)))
-    assert (video_file(run_dir, "a", ".mp4")).is_file() and any((run_dir / "gallery").glob("*.jpg"))
+    assert (video_file(run_dir, "a", ".mp4")).is_file() and any((run_dir / "gallery").rglob("*.jpg"))
     assert listing(photos) == {"a.png", "outputs"}
     # Before, outputs/photos/gallery/a.jpg came back as a new input on every re-run.
     again = run_cli("manifest=.", *QUIET, cwd=photos)

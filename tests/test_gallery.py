@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from svdbatch.reports.gallery import GalleryUpdater, gallery_command, write_gallery
+from svdbatch.rundir.layout import asset_relpath
 from tests.conftest import FAST, make_image, run_cli, write_csv
 
 from .runfiles import failures_of, results_of, sidecar_file, video_file, video_rel
@@ -141,7 +142,7 @@ def test_gallery_lists_every_item_with_previews_and_the_failure(mp4_run):
     for _, src in page.sources:  # every relative URL resolves to a file in the run dir
         assert (mp4_run / unquote(src)).is_file(), src
     thumbs = [unquote(src) for tag, src in page.sources if tag == "img"]
-    assert sorted(thumbs) == sorted(f"gallery/{item_id}.jpg" for item_id in GOOD)
+    assert sorted(thumbs) == sorted(asset_relpath(item_id, ".jpg") for item_id in GOOD)
     assert max(Image.open(mp4_run / thumbs[0]).size) <= 256
     assert "OSError: image file is truncated" in text and "traceback" in text
     assert "seed</dt><dd>1</dd>" in text and "motion</dt><dd>127</dd>" in text and "64×64" in text
@@ -186,8 +187,8 @@ def test_gif_and_frames_outputs_preview_as_images(images_dir, tiny_cache, tmp_pa
     assert ("img", quote(video_rel(gif_dir, "a&b 'q'", ".gif"))) in gif_page.sources
     assert not [tag for tag, _ in gif_page.sources if tag == "video"]
     frames_page = Page(write_gallery(frames_dir).read_text(encoding="utf-8"))
-    assert ("img", "gallery/a%26b%20%27q%27.webp") in frames_page.sources
-    with Image.open(frames_dir / "gallery" / f"{GOOD[0]}.webp") as preview:
+    assert ("img", quote(asset_relpath("a&b 'q'", ".webp"))) in frames_page.sources
+    with Image.open(frames_dir / asset_relpath(GOOD[0], ".webp")) as preview:
         assert preview.n_frames == 4  # animated: every frame
 
 

@@ -224,7 +224,7 @@ def test_written_files_follow_the_umask(tmp_path, manifest, umask, file_mode, di
         run_dir / "index.html",
         run_dir / "config.yaml",
         *run_dir.glob("webdataset/*"),
-        *run_dir.glob("gallery/*"),
+        *(p for p in (run_dir / "gallery").rglob("*") if p.is_file()),
     ]
     files += [video] if output == "mp4" else list(video.iterdir())
     assert len(files) >= 7

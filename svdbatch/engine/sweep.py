@@ -44,9 +44,9 @@ from svdbatch.reports.gallery import (
 )
 from svdbatch.reports.status import eta_line, read_manifest_view, reason_lines
 from svdbatch.rundir import records
-from svdbatch.rundir.layout import layout_version, sidecar_relpath
+from svdbatch.rundir.layout import asset_relpath, layout_version, make_parents, sidecar_relpath
 from svdbatch.rundir.sidecar import SidecarImage, SidecarRow
-from svdbatch.rundir.store import CACHE_DIR, GALLERY_ASSETS_DIR, RunStore, output_intact
+from svdbatch.rundir.store import CACHE_DIR, RunStore, output_intact
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -343,16 +343,16 @@ def first_frame(path: Path) -> Image.Image:
 
 
 def poster(run_dir: Path, item_id: str, output: Path, sidecar_mtime: float) -> str | None:
-    """<point>/gallery/<id>.first.jpg (made once per finished item); path relative to the point."""
+    """<point>/gallery/<bucket>/<id>.first.jpg (made once per finished item); path relative to the point."""
 
-    relative = f"{GALLERY_ASSETS_DIR}/{item_id}{POSTER_SUFFIX}"
+    relative = asset_relpath(item_id, POSTER_SUFFIX)
     target = run_dir / relative
     if fresh(target, sidecar_mtime):
         return relative
     try:
         image = first_frame(output)
         image.thumbnail((THUMB_PX, THUMB_PX))
-        target.parent.mkdir(exist_ok=True)
+        make_parents(run_dir, target)
         atomic_write_bytes(target, jpeg_bytes(image))
         return relative
     except Exception as exc:  # a poster is a nicety: never cost the page

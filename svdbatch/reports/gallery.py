@@ -36,11 +36,10 @@ from svdbatch.core.jsonl import latest_by_id
 from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import load_rgb
 from svdbatch.rundir import records
-from svdbatch.rundir.layout import layout_version, sidecar_path_in, sidecar_relpath
+from svdbatch.rundir.layout import asset_relpath, layout_version, make_parents, sidecar_path_in, sidecar_relpath
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
 from svdbatch.rundir.store import (
     DOWNLOADS_DIR,
-    GALLERY_ASSETS_DIR,
     GALLERY_PAGE,
     INVALID_ROW,
     is_invalid_record,
@@ -158,30 +157,32 @@ def jpeg_bytes(image: Image.Image) -> bytes:
 
 
 def source_thumbnail(run_dir: Path, item_id: str, image: tuple[str | None, str | None], sidecar_mtime: float) -> str | None:
-    """gallery/<id>.jpg (made now if missing or older than the sidecar) of the source image
-    at `image` (path, url: source_of); None if the source cannot be found or read."""
-    target = run_dir / GALLERY_ASSETS_DIR / f"{item_id}.jpg"
+    """gallery/<bucket>/<id>.jpg (made now if missing or older than the sidecar) of the source
+    image at `image` (path, url: source_of); None if the source cannot be found or read."""
+    relative = asset_relpath(item_id, ".jpg")
+    target = run_dir / relative
     if fresh(target, sidecar_mtime):
-        return f"{GALLERY_ASSETS_DIR}/{item_id}.jpg"
+        return relative
     for source in source_candidates(run_dir, *image):
         if not source.is_file():
             continue
         try:
             thumb = load_rgb(source)  # EXIF orientation and alpha handled as for generation
             thumb.thumbnail((THUMB_PX, THUMB_PX))
-            target.parent.mkdir(exist_ok=True)
+            make_parents(run_dir, target)
             atomic_write_bytes(target, jpeg_bytes(thumb))
-            return f"{GALLERY_ASSETS_DIR}/{item_id}.jpg"
+            return relative
         except Exception as exc:  # a bad source must not cost the page
             log.debug("gallery: no thumbnail for %s from %s: %s", item_id, source, exc)
-    return f"{GALLERY_ASSETS_DIR}/{item_id}.jpg" if target.is_file() else None
+    return relative if target.is_file() else None
 
 
 def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, sidecar_mtime: float) -> str | None:
-    """gallery/<id>.webp: a small animated preview of a folder of PNG frames."""
-    target = run_dir / GALLERY_ASSETS_DIR / f"{item_id}.webp"
+    """gallery/<bucket>/<id>.webp: a small animated preview of a folder of PNG frames."""
+    relative = asset_relpath(item_id, ".webp")
+    target = run_dir / relative
     if fresh(target, sidecar_mtime):
-        return f"{GALLERY_ASSETS_DIR}/{item_id}.webp"
+        return relative
     paths = sorted(frames_dir.glob("*.png"))
     if not paths:
         return None
@@ -196,9 +197,9 @@ def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, si
         frames[0].save(
             buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / (fps or 7)), loop=0, quality=80
         )
-        target.parent.mkdir(exist_ok=True)
+        make_parents(run_dir, target)
         atomic_write_bytes(target, buffer.getvalue())
-        return f"{GALLERY_ASSETS_DIR}/{item_id}.webp"
+        return relative
     except Exception as exc:
         log.debug("gallery: no preview for %s: %s", item_id, exc)
         middle = paths[len(paths) // 2]

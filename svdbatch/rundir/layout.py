@@ -90,6 +90,16 @@ def make_parents(base: Path, path: Path) -> None:
         folder.mkdir(exist_ok=True)
 
 
+GALLERY_DIR = "gallery"  # thumbnails, previews and posters of the pages (gallery.py, sweep.py)
+
+
+def asset_relpath(item_id: str, suffix: str) -> str:
+    """gallery/<bucket>/<id><suffix>: a page's thumbnail, preview or poster of an item,
+    grouped like the items in every layout (they are a cache: an old run dir's flat ones
+    are simply made again)."""
+    return f"{GALLERY_DIR}/{bucket(item_id)}/{item_id}{suffix}"
+
+
 def sidecar_relpath(item_id: str, version: int = CURRENT) -> str:
     return item_relpath(SIDECARS_DIR, f"{item_id}.json", item_id, version)
 

@@ -396,6 +396,7 @@ class RunStore:
             if folder.is_dir()
         ]
         grouped = [] if self.layout == FLAT else [Path(e.path) for f in (self.videos, self.sidecars) for e in _subfolders(f)]
+        grouped += [Path(e.path) for e in _subfolders(self.root / GALLERY_ASSETS_DIR)]  # gallery/<bucket>/ (layout.asset_relpath)
         for folder in (self.videos, self.sidecars, self.root, self.records, self.claims, *grouped, *extra):
             for entry in os.scandir(folder):
                 if TEMP_MARKER not in entry.name or not entry.name.startswith("."):
