@@ -106,7 +106,7 @@ def test_fetch_retries_only_what_may_pass_and_caches_by_url(tmp_path, server, im
     assert server.hits["/slow.png"] == 2  # retries are bounded
     with pytest.raises(FetchError, match="not a readable image"):
         cache.fetch(server.url("/page.html"))
-    assert not (tmp_path / "downloads" / cache.path_for(server.url("/page.html")).name).exists()
+    assert not cache.path_for(server.url("/page.html")).exists()
 
 
 def test_validation_checks_url_syntax_without_the_network(tmp_path, images):
@@ -136,7 +136,7 @@ def test_url_rows_run_like_local_files_and_bad_urls_fail_only_their_item(tmp_pat
     assert records["remote"]["frames_sha256"] == records["local"]["frames_sha256"]  # same bytes, same frames
     sidecar = json.loads((sidecar_file(run_dir, "remote")).read_text())
     assert sidecar["image"]["url"] == server.url("/a.png") and sidecar["image"]["sha256"] == file_sha256(images["a"])
-    assert Path(sidecar["image"]["path"]).parent == run_dir / "downloads"
+    assert Path(sidecar["image"]["path"]).parent.parent == run_dir / "downloads"
     failures = {f["id"]: f["error"] for f in failures_of(run_dir)}
     assert "HTTP 404" in failures["missing"] and "timed out" in failures["slow"] and "not a readable image" in failures["html"]
 

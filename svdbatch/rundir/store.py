@@ -396,7 +396,8 @@ class RunStore:
             if folder.is_dir()
         ]
         grouped = [] if self.layout == FLAT else [Path(e.path) for f in (self.videos, self.sidecars) for e in _subfolders(f)]
-        grouped += [Path(e.path) for e in _subfolders(self.root / GALLERY_ASSETS_DIR)]  # gallery/<bucket>/ (layout.asset_relpath)
+        # gallery/<bucket>/ (layout.asset_relpath) and downloads/<bucket>/ (fetch.UrlCache.path_for)
+        grouped += [Path(e.path) for name in (GALLERY_ASSETS_DIR, DOWNLOADS_DIR) for e in _subfolders(self.root / name)]
         for folder in (self.videos, self.sidecars, self.root, self.records, self.claims, *grouped, *extra):
             for entry in os.scandir(folder):
                 if TEMP_MARKER not in entry.name or not entry.name.startswith("."):
