@@ -215,5 +215,6 @@ def test_a_redo_keeps_the_output_of_a_sidecar_of_another_schema(runs, tmp_path):
     )
     assert run(cfg).done == 1
     [kept] = (run_dir / "replaced").iterdir()
-    assert (sidecar_file(kept, "a")).read_bytes() == old_sidecar and (video_file(kept, "a", ".mp4")).read_bytes() == old_video
+    assert (kept / sidecar_rel(run_dir, "a")).read_bytes() == old_sidecar
+    assert (kept / video_rel(run_dir, "a")).read_bytes() == old_video
     assert Sidecar.read(path).params["num_inference_steps"] == 1
