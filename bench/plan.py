@@ -25,6 +25,7 @@ from svdbatch.engine.plan import plan_run
 from svdbatch.inputs.manifest import read_manifest
 from svdbatch.models.devices import resolve_devices
 from svdbatch.models.identity import model_identity
+from svdbatch.rundir import records
 from svdbatch.rundir.sidecar import result_record
 from svdbatch.rundir.store import RunStore
 
@@ -47,7 +48,8 @@ def main() -> None:
 def fake_done(store: RunStore, entries) -> None:
     """Mark planned entries finished as a run would have (10-byte videos, minimal sidecars,
     results lines), so a resume can be planned and timed without generating anything."""
-    with store.results.open("w") as results:
+    # One records file, as one writer process would have left it (rundir/records.py).
+    with (store.records / f"0000000000000-bench-0{records.RESULTS_SUFFIX}").open("w") as results:
         for entry in entries:
             video = store.video_path(entry.item.id)
             video.write_bytes(b"v" * 10)
@@ -64,7 +66,9 @@ def fake_done(store: RunStore, entries) -> None:
                 "timings": {"total_s": 1.0},
             }
             body = json.dumps(sidecar).encode()
-            store.sidecar_path(entry.item.id).write_bytes(body)
+            sidecar_path = store.sidecar_path(entry.item.id)
+            sidecar_path.parent.mkdir(exist_ok=True)
+            sidecar_path.write_bytes(body)
             results.write(json.dumps(result_record(sidecar, len(body))) + "\n")
 
 

@@ -26,20 +26,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from svdbatch.core.config import check_schema, config_dir
 from svdbatch.core.errors import RunDirError
-from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
 from svdbatch.engine import driver, sweep
 from svdbatch.engine.driver import RunSummary
 from svdbatch.inputs.manifest import csv_holds, write_manifest
 from svdbatch.reports import status as run_status
+from svdbatch.rundir import records
+from svdbatch.rundir.layout import sidecar_path_in
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
 from svdbatch.rundir.store import (
-    FAILURES,
-    RESULTS,
     is_invalid_record,
     is_run_dir,
     not_a_run_dir_message,
     output_intact,
-    sidecar_relpath,
 )
 from svdbatch.rundir.verify import ItemReport, check_exports, set_aside, unrecorded_outputs, verify_run_dir
 
@@ -201,20 +199,20 @@ class ItemRecord:
 def open_run(path: str | os.PathLike) -> Iterator[ItemRecord]:
     """Every item of a run dir that is finished, failed or refused, in the order they were
     recorded: done items (output intact) from their sidecars, then failures and invalid rows
-    from failures.jsonl (an item that failed once and is done now is only listed as done)."""
+    from the failure records (an item that failed once and is done now is only listed as done)."""
     run_dir = Path(path)
     _require_run_dir(run_dir)
-    done = latest_by_id(read_jsonl_fast(run_dir / RESULTS))
+    done = records.latest_results(run_dir)
     for item_id, record in done.items():
         if not output_intact(run_dir, record):
             continue
-        sidecar_path = run_dir / sidecar_relpath(item_id)
+        sidecar_path = sidecar_path_in(run_dir, item_id)
         try:
             sidecar = Sidecar.read(sidecar_path)
         except (OSError, SidecarError):
             continue
         yield ItemRecord(item_id, "done", run_dir / sidecar.output.path, sidecar.seed, dict(sidecar.params), sidecar_path)
-    for item_id, record in latest_by_id(read_jsonl_fast(run_dir / FAILURES)).items():
+    for item_id, record in records.latest_failures(run_dir).items():
         if item_id in done:
             continue
         if is_invalid_record(record):  # a manifest row that validation refused (run.strict=false)

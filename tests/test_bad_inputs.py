@@ -16,12 +16,13 @@ from PIL import Image
 
 from svdbatch.commands import validate
 from svdbatch.core.errors import ConfigError, ManifestError
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.core.params import Preprocess
 from svdbatch.engine.driver import run
 from svdbatch.inputs.images import ImageProblem, check_image, load_rgb
 from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import FAST, make_cfg, make_image, run_cli, write_csv
+
+from .runfiles import failures_of, sidecar_file, video_file
 
 TOO_LONG = "東" * 70  # 70 characters, 210 bytes in UTF-8
 
@@ -627,7 +628,7 @@ def test_pixel_limit_fails_the_item_at_load_time_when_validation_skips_decoding(
         )
     )
     assert (summary.done, summary.failed) == (0, 1)
-    (failure,) = read_jsonl_fast(tmp_path / "run" / "failures.jsonl")
+    (failure,) = failures_of(tmp_path / "run")
     assert failure["id"] == "a" and "more than run.max_image_pixels (1,000)" in failure["error"]
 
 
@@ -635,8 +636,8 @@ def test_pixel_limit_fails_the_item_at_load_time_when_validation_skips_decoding(
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
-    """Every finished output: videos, sidecars and the results log."""
-    files = [*run_dir.glob("videos/**/*"), *run_dir.glob("items/*"), run_dir / "results.jsonl"]
+    """Every finished output: videos, sidecars and the results records."""
+    files = [*run_dir.glob("videos/**/*"), *run_dir.glob("items/**/*"), *run_dir.glob("records/*.results.jsonl")]
     return {str(f.relative_to(run_dir)): f.read_bytes() for f in files if f.is_file()}
 
 
@@ -646,7 +647,7 @@ def test_a_bad_rerun_keeps_finished_work_and_unicode_ids_name_files(data, tmp_pa
     settings = [f"run.dir={run_dir}", "run.num_threads=1", "run.progress=false", "run.gallery=false"]
     first = run(make_cfg(f"manifest={good}", *settings))
     assert (first.done, first.failed) == (2, 0)
-    assert (run_dir / "videos" / "café-東京.mp4").is_file() and (run_dir / "items" / "café-東京.json").is_file()
+    assert (video_file(run_dir, "café-東京", ".mp4")).is_file() and (sidecar_file(run_dir, "café-東京")).is_file()
     before = snapshot(run_dir)
 
     # Strict: the bad row stops the run before anything in the run dir is touched.
@@ -656,17 +657,18 @@ def test_a_bad_rerun_keeps_finished_work_and_unicode_ids_name_files(data, tmp_pa
     assert proc.returncode == 2, proc.stderr
     assert f"{bad}:4: field 'seed': must be an integer in [0, 2**64), got -5" in proc.stderr
     assert snapshot(run_dir) == before
-    assert not (run_dir / "failures.jsonl").exists()
+    assert not failures_of(run_dir)
 
     # Not strict: the bad row is recorded, finished items are kept, the new good row runs.
     second = run(make_cfg(f"manifest={bad}", *settings, "run.strict=false"))
     assert (second.done, second.skipped, second.invalid) == (1, 2, 1)
     after = snapshot(run_dir)
-    assert {name: after[name] for name in before if name != "results.jsonl"} == {
-        n: b for n, b in before.items() if n != "results.jsonl"
-    }
-    assert after["results.jsonl"].startswith(before["results.jsonl"])  # only appended to
-    (failure,) = read_jsonl_fast(run_dir / "failures.jsonl")
+    for name, data in before.items():
+        if name.startswith("records/"):
+            assert after[name].startswith(data), name  # only appended to
+        else:
+            assert after[name] == data, name
+    (failure,) = failures_of(run_dir)
     assert (failure["id"], failure["line"]) == ("bad", 4) and "field 'seed'" in failure["problems"][0]
 
 
@@ -764,7 +766,7 @@ def test_bad_config_exits_2_before_the_model_loads(tmp_path, images):
     assert "run.num_threads: must be >= 1 or null, got -1" in proc.stderr
     assert "conditioning.num_frames: must be an integer in [2, 1024], got 1" in proc.stderr
     assert "Traceback" not in proc.stderr and "loaded tiny" not in proc.stderr
-    assert not (run_dir / "failures.jsonl").exists() and not (run_dir / "items").exists()
+    assert not failures_of(run_dir) and not (run_dir / "items").exists()
 
 
 def test_a_row_overriding_guidance_is_checked_against_the_config(data):

@@ -15,9 +15,10 @@ import pytest
 
 from svdbatch.cli import SUBCOMMANDS
 from svdbatch.core.errors import EXIT_BAD_INPUT
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.rundir.outputs import read_video
 from tests.conftest import FAST, REPO, SAMPLE_CSV, make_image, run_cli, write_csv
+
+from .runfiles import results_of, sidecar_file, video_file
 
 
 def test_readme_command_runs_the_sample_manifest(tmp_path):
@@ -35,7 +36,7 @@ def test_readme_command_runs_the_sample_manifest(tmp_path):
     assert "3 done, 0 skipped, 0 failed" in proc.stdout
     run_dir = tmp_path / "sample"
     for item_id in ("sunset", "rocket", "waves"):
-        frames = read_video(run_dir / "videos" / f"{item_id}.mp4")
+        frames = read_video(video_file(run_dir, item_id))
         assert frames.shape == (8, 64, 96, 3)  # conditioning=tiny: 8 frames of 96x64
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "config.yaml").is_file()
 
@@ -44,7 +45,7 @@ def test_default_run_dir_is_stable_and_named_after_the_manifest(tmp_path):
     shutil.copytree(REPO / "manifests", tmp_path / "manifests")
     proc = run_cli("manifest=manifests/sample.jsonl", "run.limit=1", *FAST, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "outputs" / "sample" / "results.jsonl").is_file()
+    assert results_of(tmp_path / "outputs" / "sample")
     again = run_cli("manifest=manifests/sample.jsonl", "run.limit=1", *FAST, cwd=tmp_path)
     assert "0 done, 1 skipped" in again.stdout
 
@@ -57,7 +58,7 @@ def test_multirun_gives_each_sweep_point_its_own_resumable_dir(tmp_path):
     assert dirs == sorted(",".join(sorted([f"conditioning.motion_bucket_id={m}", *FAST])) for m in (60, 180))
     hashes = []
     for name in dirs:
-        records = list(read_jsonl_fast(tmp_path / name / "results.jsonl"))
+        records = results_of(tmp_path / name)
         assert len(records) == 3
         hashes.append({r["id"]: r["frames_sha256"] for r in records})
     assert hashes[0]["sunset"] != hashes[1]["sunset"]  # motion_bucket_id reached the model
@@ -169,13 +170,12 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    results = killed_dir / "results.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and (not results.exists() or results.read_bytes().count(b"\n") < 3):
+    while time.time() < deadline and len(results_of(killed_dir)) < 3:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished_before = results.read_bytes().count(b"\n")
+    finished_before = len(results_of(killed_dir))
     assert 3 <= finished_before < 8, "the kill should land mid-run"
 
     resumed = run_cli(*args, f"hydra.run.dir={killed_dir}")
@@ -184,13 +184,13 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     clean = run_cli(*args, f"hydra.run.dir={tmp_path / 'clean'}")
     assert clean.returncode == 0
 
-    killed_records = list(read_jsonl_fast(results))
+    killed_records = results_of(killed_dir)
     assert len(killed_records) == len({r["id"] for r in killed_records}) == 8  # each item once
-    clean_hashes = {r["id"]: r["frames_sha256"] for r in read_jsonl_fast(tmp_path / "clean" / "results.jsonl")}
+    clean_hashes = {r["id"]: r["frames_sha256"] for r in results_of(tmp_path / "clean")}
     assert {r["id"]: r["frames_sha256"] for r in killed_records} == clean_hashes
     for n in range(8):
-        assert (killed_dir / "videos" / f"i{n}.mp4").read_bytes() == (tmp_path / "clean" / "videos" / f"i{n}.mp4").read_bytes()
-        assert json.loads((killed_dir / "items" / f"i{n}.json").read_text())["status"] == "done"
+        assert video_file(killed_dir, f"i{n}").read_bytes() == video_file(tmp_path / "clean", f"i{n}").read_bytes()
+        assert json.loads((sidecar_file(killed_dir, f"i{n}")).read_text())["status"] == "done"
 
 
 def test_driver_side_modules_do_not_import_torch():

@@ -15,6 +15,8 @@ from svdbatch.models import loading as models
 from svdbatch.rundir.outputs import read_video
 from tests.conftest import make_cfg, write_csv
 
+from .runfiles import sidecar_file, video_file
+
 SMALL = ["conditioning.num_frames=2", "conditioning.num_inference_steps=1", "output=frames"]
 
 
@@ -40,15 +42,15 @@ def test_compiled_unet_warms_up_once_and_gives_the_eager_frames(tmp_path, images
     assert [call[0] for call in calls] == [True, True, True]
     assert calls[0][1:] == ([0.0], [0])
     assert sorted(seed for call in calls[1:] for seed in call[2]) == [1, 2]
-    a, b = (json.loads((compiled_dir / "items" / f"{i}.json").read_text()) for i in "ab")
+    a, b = (json.loads((sidecar_file(compiled_dir, f"{i}")).read_text()) for i in "ab")
     assert a["compiled"] is True and b["compiled"] is True
     assert a["warmup_s"] > 0 and a["warmup_s"] == b["warmup_s"]  # the worker's one warm-up, recorded
 
     calls.clear()
     assert run(make_cfg(f"manifest={manifest}", f"run.dir={eager_dir}", *SMALL)).done == 2
     assert [call[0] for call in calls] == [False, False]  # no warm-up without compile
-    assert "warmup_s" not in json.loads((eager_dir / "items" / "a.json").read_text())
+    assert "warmup_s" not in json.loads((sidecar_file(eager_dir, "a")).read_text())
     for item_id in "ab":
-        compiled = read_video(compiled_dir / "videos" / item_id).astype(int)
-        eager = read_video(eager_dir / "videos" / item_id).astype(int)
+        compiled = read_video(video_file(compiled_dir, item_id, "")).astype(int)
+        eager = read_video(video_file(eager_dir, item_id, "")).astype(int)
         assert np.abs(compiled - eager).max() <= 1  # same model, same maths

@@ -48,7 +48,7 @@ def test_a_sweep_with_an_added_unknown_key_exits_2_at_every_point(tmp_path):
     proc = run_cli("-m", f"manifest={SAMPLE_CSV}", "+run.seeed=3", "conditioning.fps=6,7", *FAST, f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == EXIT_BAD_INPUT, proc.stdout + proc.stderr
     assert proc.stderr.count("run.seeed: unknown key") == 2 and "Traceback" not in proc.stderr
-    assert not list(tmp_path.rglob("results.jsonl")) and not list(tmp_path.rglob("videos"))
+    assert not list(tmp_path.rglob("records")) and not list(tmp_path.rglob("videos"))
 
 
 def test_validate_refuses_an_added_unknown_key(capsys):

@@ -9,7 +9,6 @@ import pytest
 
 from svdbatch.core.config import FetchConfig
 from svdbatch.core.errors import ManifestError, RunDirError
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import run
 from svdbatch.inputs import fetch
 from svdbatch.inputs.fetch import FetchError, UrlCache
@@ -17,6 +16,8 @@ from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import FAST, make_cfg, make_image, run_cli, write_csv
 from tests.test_bad_inputs import png_header_only
 from tests.test_fetch import serving
+
+from .runfiles import failures_of, results_of, video_file
 
 QUIET = [*FAST, "run.num_threads=1", "run.progress=false"]
 
@@ -35,13 +36,13 @@ def test_manifest_dot_runs_into_its_own_folder_and_a_rerun_reads_no_thumbnails(t
     assert first.returncode == 0, first.stderr
     run_dir = photos / "outputs" / "photos"  # run.name is the folder's real name, not ''
     assert "1 done" in first.stdout and first.stdout.rstrip().endswith(str(run_dir.relative_to(photos)))
-    assert (run_dir / "videos" / "a.mp4").is_file() and any((run_dir / "gallery").glob("*.jpg"))
+    assert (video_file(run_dir, "a", ".mp4")).is_file() and any((run_dir / "gallery").rglob("*.jpg"))
     assert listing(photos) == {"a.png", "outputs"}
     # Before, outputs/photos/gallery/a.jpg came back as a new input on every re-run.
     again = run_cli("manifest=.", *QUIET, cwd=photos)
     assert again.returncode == 0, again.stderr
     assert "0 done, 1 skipped, 0 failed" in again.stdout
-    assert [r["id"] for r in read_jsonl_fast(run_dir / "results.jsonl")] == ["a"]
+    assert [r["id"] for r in results_of(run_dir)] == ["a"]
 
 
 def test_manifest_dotdot_does_not_make_the_working_directory_the_run_dir(tmp_path):
@@ -64,7 +65,7 @@ def test_run_name_dotdot_is_refused_with_a_hint(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "is the working directory; give the run a folder of its own, e.g. run.name=myrun" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not {"videos", "items", "results.jsonl", "failures.jsonl", "config.yaml"} & listing(tmp_path)
+    assert not {"videos", "items", "records", "layout.json", "config.yaml"} & listing(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -193,5 +194,5 @@ def test_run_max_image_pixels_applies_to_urls(tmp_path, bomb_server):
         )
     )
     assert (summary.done, summary.failed) == (0, 1)
-    (failure,) = read_jsonl_fast(tmp_path / "run" / "failures.jsonl")
+    (failure,) = failures_of(tmp_path / "run")
     assert "image is 80x64 = 5,120 pixels, more than run.max_image_pixels (5,000)" in failure["error"]

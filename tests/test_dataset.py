@@ -15,6 +15,8 @@ from svdbatch.rundir.dataset import write_metadata
 from svdbatch.rundir.store import RunStore
 from tests.conftest import make_cfg, make_image, write_csv
 
+from .runfiles import video_file, video_rel
+
 
 def metadata(run_dir):
     return [json.loads(line) for line in (run_dir / "metadata.jsonl").read_text().splitlines()]
@@ -35,7 +37,7 @@ def test_metadata_and_shards_list_only_finished_items_and_follow_resumes(tmp_pat
 
     listed = metadata(run_dir)
     assert [row["id"] for row in listed] == ["a", "b.v2"]  # the failed item is not listed
-    assert listed[0]["file_name"] == "videos/a.mp4" and (run_dir / listed[0]["file_name"]).is_file()
+    assert listed[0]["file_name"] == video_rel(run_dir, "a") and (run_dir / listed[0]["file_name"]).is_file()
     assert listed[0]["seed"] == 1 and listed[0]["image"] == "img/a.png" and listed[0]["motion_bucket_id"] == 127
     assert listed[0]["meta_caption"] == "a red kite" and listed[1]["meta_caption"] is None
     assert not [p for p in run_dir.iterdir() if ".partial-" in p.name]
@@ -46,14 +48,14 @@ def test_metadata_and_shards_list_only_finished_items_and_follow_resumes(tmp_pat
     assert loaded.num_rows == 2
     assert {"video", "id", "seed", "image", "fps", "motion_bucket_id", "noise_aug_strength", "resize"} <= set(loaded.column_names)
     first = loaded[0]
-    assert first["id"] == "a" and first["video"]["path"] == str(run_dir / "videos" / "a.mp4")
+    assert first["id"] == "a" and first["video"]["path"] == str(video_file(run_dir, "a", ".mp4"))
 
     # Shard 0 holds the finished a and b.v2 (keys from ids, the dot escaped); `broken` is not finished.
     shards = run_dir / "webdataset"
     assert sorted(p.name for p in shards.glob("*.tar")) == ["shard-000000.tar"]
     with tarfile.open(shards / "shard-000000.tar") as archive:
         assert archive.getnames() == ["a.mp4", "a.json", "b%2Ev2.mp4", "b%2Ev2.json"]
-        assert archive.extractfile("a.mp4").read() == (run_dir / "videos" / "a.mp4").read_bytes()
+        assert archive.extractfile("a.mp4").read() == (video_file(run_dir, "a", ".mp4")).read_bytes()
         assert json.loads(archive.extractfile("b%2Ev2.json").read())["id"] == "b.v2"
     shard0 = (shards / "shard-000000.tar").stat().st_mtime_ns
 
@@ -72,7 +74,7 @@ def test_metadata_and_shards_list_only_finished_items_and_follow_resumes(tmp_pat
     assert [row["seed"] for row in metadata(run_dir)] == [1, 22, 3]
     with tarfile.open(shards / "shard-000000.tar") as archive:
         assert json.loads(archive.extractfile("b%2Ev2.json").read())["seed"] == 22
-        assert archive.extractfile("b%2Ev2.mp4").read() == (run_dir / "videos" / "b.v2.mp4").read_bytes()
+        assert archive.extractfile("b%2Ev2.mp4").read() == (video_file(run_dir, "b.v2", ".mp4")).read_bytes()
 
     # A smoke run over part of the manifest (or one shard of it) still lists the whole run dir.
     limited = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.check_images=false", "run.limit=1"))
@@ -82,7 +84,7 @@ def test_metadata_and_shards_list_only_finished_items_and_follow_resumes(tmp_pat
     # a's image changes and its redo fails: its old video stays finished, so metadata.jsonl
     # and its shard keep it, described by the old sidecar.
     images["a"].write_bytes(images["a"].read_bytes()[:60])
-    old_a = (run_dir / "videos" / "a.mp4").read_bytes()
+    old_a = (video_file(run_dir, "a", ".mp4")).read_bytes()
     assert run(cfg).failed == 1
     assert sorted(p.name for p in shards.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
     assert [row["id"] for row in metadata(run_dir)] == ["a", "b.v2", "broken"]
@@ -150,6 +152,6 @@ def test_metadata_rows_are_rebuilt_only_for_items_committed_since_the_last_run(t
 
     # An item whose video is deleted leaves the list without its sidecar being read.
     reads.clear()
-    (run_dir / "videos" / "a.mp4").unlink()
+    (video_file(run_dir, "a", ".mp4")).unlink()
     write_metadata(store)
     assert reads == [] and [r["id"] for r in metadata(run_dir)] == ["b"]

@@ -14,19 +14,20 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import run
 from svdbatch.models.tiny import ensure_tiny_model
 from svdbatch.rundir.outputs import read_video
 from tests.conftest import make_cfg, write_csv
 
+from .runfiles import failures_of, results_of, sidecar_file, video_file, video_rel
+
 
 def results(run_dir: Path) -> dict[str, dict]:
-    return {r["id"]: r for r in read_jsonl_fast(run_dir / "results.jsonl")}
+    return {r["id"]: r for r in results_of(run_dir)}
 
 
 def sidecar(run_dir: Path, item_id: str) -> dict:
-    return json.loads((run_dir / "items" / f"{item_id}.json").read_text())
+    return json.loads((sidecar_file(run_dir, f"{item_id}")).read_text())
 
 
 # What manifest4 + the FAST tiny config must reach the pipeline as, written out by hand from
@@ -71,7 +72,7 @@ def test_frames_equal_a_plain_diffusers_call(tmp_path, manifest4):
         image = Image.open(tmp_path / "img" / f"{item_id}.png").convert("RGB").resize((64, 64))
         # decode_chunk_size left at diffusers' default (all frames at once), as conditioning.decode_chunk_size=null means.
         expected = pipe(image, generator=torch.Generator("cpu").manual_seed(expected_seed(item_id)), **params).frames[0]
-        got = read_video(run_dir / "videos" / item_id)
+        got = read_video(video_file(run_dir, item_id, ""))
         assert got.shape == (4, 64, 64, 3)
         np.testing.assert_array_equal(got, np.stack([np.asarray(f) for f in expected]), err_msg=item_id)
 
@@ -110,7 +111,7 @@ def test_sidecar_records_what_is_needed_to_reproduce(tmp_path, manifest4):
         output = dict(record["output"])
         encoder, settings = output.pop("encoder"), output.pop("settings")
         assert output == {
-            "path": f"videos/{item_id}.mp4",
+            "path": video_rel(run_dir, item_id),
             "format": "mp4",
             "fps": record["params"]["fps"],
             "bytes": video.stat().st_size,
@@ -147,14 +148,14 @@ def test_resume_skips_done_items_and_redoes_changed_or_deleted_ones(tmp_path, im
     run_dir = tmp_path / "run"
     cfg = make_cfg(f"manifest={manifest}", f"run.dir={run_dir}")
     assert run(cfg).done == 3
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (run_dir / "videos").iterdir()}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (run_dir / "videos").glob("*/*")}
 
     again = run(cfg)
     assert (again.done, again.skipped) == (0, 3)
-    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (run_dir / "videos").iterdir()}
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (run_dir / "videos").glob("*/*")}
 
     write_csv(manifest, ["id", "image", "seed"], [["a", "img/a.png", 1], ["b", "img/b.png", 99], ["c", "img/c.png", 3]])
-    (run_dir / "videos" / "c.mp4").unlink()
+    (video_file(run_dir, "c", ".mp4")).unlink()
     changed = run(cfg)
     assert (changed.done, changed.skipped) == (2, 1)
     assert sidecar(run_dir, "b")["seed"] == 99
@@ -172,29 +173,30 @@ def test_leftovers_of_a_killed_run_are_never_taken_as_done(tmp_path, manifest4):
     run(cfg)
     # Killed while encoding a: a stale temporary next to a video that was never renamed in.
     old = time.time() - 3600
-    stale = run_dir / "videos" / ".a.partial-x1y2.mp4"
+    stale = video_file(run_dir, "a").with_name(".a.partial-x1y2.mp4")
     stale.write_bytes(b"\x00" * 10)
     os.utime(stale, (old, old))
-    (run_dir / "items" / "a.json").unlink()  # the sidecar (commit marker) never landed
-    (run_dir / "videos" / "a.mp4").write_bytes(b"half a video")
-    # Killed while appending to results.jsonl: a torn last line.
-    with (run_dir / "results.jsonl").open("ab") as handle:
-        handle.write(b'{"id": "b", "key": "tor')
+    (sidecar_file(run_dir, "a")).unlink()  # the sidecar (commit marker) never landed
+    (video_file(run_dir, "a", ".mp4")).write_bytes(b"half a video")
     # Killed after the sidecar of d, before its results line.
-    kept = [line for line in (run_dir / "results.jsonl").read_text().splitlines(keepends=True) if '"id": "d"' not in line]
-    (run_dir / "results.jsonl").write_text("".join(kept))
+    (records_file,) = (run_dir / "records").glob("*.results.jsonl")
+    kept = [line for line in records_file.read_text().splitlines(keepends=True) if '"id": "d"' not in line]
+    records_file.write_text("".join(kept))
+    # Killed while appending a results line: a torn last line.
+    with records_file.open("ab") as handle:
+        handle.write(b'{"id": "b", "key": "tor')
     # A truncated video of c behind a complete sidecar.
-    video_c = run_dir / "videos" / "c.mp4"
+    video_c = video_file(run_dir, "c", ".mp4")
     video_c.write_bytes(video_c.read_bytes()[:100])
 
     summary = run(cfg)
     assert (summary.done, summary.skipped) == (2, 2)  # a and c redone; b and d kept
     assert not stale.exists()
-    lines = (run_dir / "results.jsonl").read_text().splitlines()
-    assert all(json.loads(line) for line in lines)  # no torn line left
+    lines = records_file.read_text().splitlines()
+    assert lines[-1] != '{"id": "b", "key": "tor' and all(json.loads(line) for line in lines if "tor" not in line)
     assert sorted(results(run_dir)) == ["a", "b", "c", "d"]
     for item_id in "abcd":
-        frames = read_video(run_dir / "videos" / f"{item_id}.mp4")
+        frames = read_video(video_file(run_dir, item_id))
         assert frames.shape == (4, 64, 64, 3)
 
 
@@ -206,10 +208,10 @@ def test_a_failing_item_is_recorded_and_the_batch_goes_on(tmp_path, images):
     run_dir = tmp_path / "run"
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.check_images=false"))
     assert (summary.done, summary.failed) == (2, 1) and not summary.ok
-    (failure,) = read_jsonl_fast(run_dir / "failures.jsonl")
+    (failure,) = failures_of(run_dir)
     assert failure["id"] == "broken" and failure["line"] == 3
     assert "Traceback" in failure["traceback"] and failure["error"]
-    assert not (run_dir / "items" / "broken.json").exists()
+    assert not (sidecar_file(run_dir, "broken")).exists()
 
 
 def test_not_strict_runs_good_rows_and_records_bad_ones(tmp_path, images):
@@ -219,5 +221,5 @@ def test_not_strict_runs_good_rows_and_records_bad_ones(tmp_path, images):
     run_dir = tmp_path / "run"
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "run.strict=false"))
     assert (summary.done, summary.invalid) == (1, 1) and not summary.ok
-    (failure,) = read_jsonl_fast(run_dir / "failures.jsonl")
+    (failure,) = failures_of(run_dir)
     assert failure["id"] == "b" and "motion_bucket_id" in failure["problems"][0]

@@ -22,6 +22,8 @@ from svdbatch.rundir.store import RunStore, output_intact
 from svdbatch.rundir.verify import verify_run_dir
 from tests.conftest import make_cfg, make_image, write_csv
 
+from .runfiles import video_file, video_rel
+
 HEADER = ["id", "image", "seed", "meta_caption"]
 
 
@@ -168,7 +170,7 @@ def test_a_failed_redo_moves_nothing_and_the_exports_stay_true(tmp_path, six, mo
     write_csv(manifest, HEADER, rows)
     run_dir = tmp_path / "run"
     assert run(cfg_for(manifest, run_dir, "output.webdataset=true")).done == 2
-    before = {p.relative_to(run_dir): p.read_bytes() for p in (*run_dir.glob("videos/*"), *run_dir.glob("items/*"))}
+    before = {p.relative_to(run_dir): p.read_bytes() for p in (*run_dir.glob("videos/*/*"), *run_dir.glob("items/*/*"))}
 
     rows[0][2] = 99  # a new seed for a: a redo
     write_csv(manifest, HEADER, rows)
@@ -177,7 +179,7 @@ def test_a_failed_redo_moves_nothing_and_the_exports_stay_true(tmp_path, six, mo
     redo = run(cfg_for(manifest, run_dir, "output.webdataset=true"))
     assert redo.done == 0 and (redo.failed == 1 or redo.stop_reason)
     monkeypatch.delenv("SVDBATCH_FAULT")
-    after = {p.relative_to(run_dir): p.read_bytes() for p in (*run_dir.glob("videos/*"), *run_dir.glob("items/*"))}
+    after = {p.relative_to(run_dir): p.read_bytes() for p in (*run_dir.glob("videos/*/*"), *run_dir.glob("items/*/*"))}
     assert after == before  # the old video and sidecar, in place
     assert not [p for p in run_dir.rglob("replaced/**/*") if p.is_file()]
     write_dataset(RunStore(run_dir, "mp4"))  # what any later process would write (a stopped run writes none)
@@ -190,7 +192,7 @@ def test_a_failed_redo_moves_nothing_and_the_exports_stay_true(tmp_path, six, mo
     assert metadata(run_dir)["a"]["seed"] == 99
     assert_exports_match_run_dir(run_dir)
     [kept] = (run_dir / "replaced").iterdir()
-    assert (kept / "videos" / "a.mp4").read_bytes() == before[Path("videos/a.mp4")]
+    assert (kept / video_rel(run_dir, "a")).read_bytes() == before[Path(video_rel(run_dir, "a"))]
 
 
 def test_meta_edits_update_sidecars_and_exports_without_regenerating(tmp_path, six):
@@ -199,7 +201,7 @@ def test_meta_edits_update_sidecars_and_exports_without_regenerating(tmp_path, s
     write_csv(manifest, HEADER, rows)
     run_dir = tmp_path / "run"
     assert run(cfg_for(manifest, run_dir, "output.webdataset=true")).done == 3
-    videos = {p.name: p.read_bytes() for p in (run_dir / "videos").iterdir()}
+    videos = {p.name: p.read_bytes() for p in (run_dir / "videos").glob("*/*")}
 
     rows[0][3] = "a new caption"  # same length as before or not: both must be seen
     rows[2][3] = "caption X"
@@ -207,7 +209,7 @@ def test_meta_edits_update_sidecars_and_exports_without_regenerating(tmp_path, s
     edited = run(cfg_for(manifest, run_dir))  # without output.webdataset: the shards follow anyway
     assert (edited.done, edited.skipped, edited.meta_updated) == (0, 1, 2)
     assert "2 metadata updated" in edited.line()
-    assert {p.name: p.read_bytes() for p in (run_dir / "videos").iterdir()} == videos  # nothing regenerated
+    assert {p.name: p.read_bytes() for p in (run_dir / "videos").glob("*/*")} == videos  # nothing regenerated
     assert [metadata(run_dir)[i]["meta_caption"] for i in ("a", "b.v2", "c")] == ["a new caption", "caption 1", "caption X"]
     assert RunStore(run_dir, "mp4").read_sidecar("a").row.meta == {"meta_caption": "a new caption"}
     assert samples(run_dir)["a"]["json"]["meta_caption"] == "a new caption"
@@ -285,7 +287,7 @@ def test_derived_outputs_stay_true_through_shards_limits_redos_edits_and_faults(
     assert [metadata(run_dir)[i]["seed"] for i in ("c", "d")] == [30, 4]
     assert metadata(run_dir)["a"]["meta_caption"] == "edited"
 
-    (run_dir / "videos" / "f.mp4").unlink()  # a user deletes a video; a one-item smoke run follows
+    (video_file(run_dir, "f", ".mp4")).unlink()  # a user deletes a video; a one-item smoke run follows
     step("run.limit=1")
     assert "f" not in metadata(run_dir) and sample_key("f") not in samples(run_dir)
 

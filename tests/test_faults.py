@@ -21,6 +21,7 @@ from svdbatch.engine.pool import MAX_RESTARTS_IN_A_ROW
 from svdbatch.engine.reproduce import reproduce
 
 from .conftest import FAST, REPO, make_cfg, make_image, write_csv
+from .runfiles import failures_of, results_of, sidecar_file, video_file
 
 THREADS = "run.num_threads=1"  # the same in every run compared here
 
@@ -56,8 +57,7 @@ def run_with_fault(manifest: Path, run_dir: Path, fault: str | None, *extra: str
 
 
 def results_ids(run_dir: Path) -> Counter:
-    lines = (run_dir / "results.jsonl").read_bytes().splitlines()
-    return Counter(json.loads(line)["id"] for line in lines)  # every line must parse
+    return Counter(r["id"] for r in results_of(run_dir))
 
 
 def leftovers(run_dir: Path) -> list[Path]:
@@ -65,11 +65,11 @@ def leftovers(run_dir: Path) -> list[Path]:
 
 
 def outputs_of(run_dir: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((run_dir / "videos").iterdir())}
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "videos").glob("*/*"))}
 
 
 def frame_hashes(run_dir: Path) -> dict[str, str]:
-    return {p.stem: json.loads(p.read_text())["frames_sha256"] for p in (run_dir / "items").glob("*.json")}
+    return {p.stem: json.loads(p.read_text())["frames_sha256"] for p in (run_dir / "items").glob("*/*.json")}
 
 
 @pytest.mark.parametrize("stage", ["generate", "video", "sidecar", "results"])
@@ -80,7 +80,7 @@ def test_sigkill_at_any_stage_then_resume_gives_the_uninterrupted_result(tmp_pat
     if stage in ("video", "sidecar"):
         assert leftovers(run_dir), "the kill should have left a temporary behind"
     if stage == "results":  # item 2's sidecar is in place, its results line is not
-        assert (run_dir / "items" / "i1.json").exists() and results_ids(run_dir)["i1"] == 0
+        assert (sidecar_file(run_dir, "i1")).exists() and results_ids(run_dir)["i1"] == 0
 
     resumed = run_with_fault(manifest3, run_dir, None)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -122,7 +122,7 @@ def test_a_worker_that_dies_on_every_item_fails_them_and_the_run_ends(tmp_path, 
     assert "0 done, 0 skipped, 5 failed" in result.stdout and "Traceback" not in result.stderr
     assert result.stderr.count("restarting worker 0") == MAX_RESTARTS_IN_A_ROW
     assert f"{MAX_RESTARTS_IN_A_ROW + 1} workers died in a row without finishing a batch" in result.stderr
-    failures = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    failures = failures_of(run_dir)
     assert sorted(f["id"] for f in failures) == ids
     reasons = {f["error"] for f in failures}
     assert "worker 0 died (exit code -9), 2 attempts" in reasons
@@ -141,7 +141,7 @@ def test_disk_full_mid_run_stops_cleanly_and_resumes(tmp_path, manifest3, clean_
     # generated already and written: the injected error happens once, a real full disk would not.)
     finished = results_ids(run_dir)
     assert finished["i0"] == 1 and finished["i1"] == 0
-    assert not (run_dir / "failures.jsonl").exists()  # not the items' fault: nothing recorded as failed
+    assert not failures_of(run_dir)  # not the items' fault: nothing recorded as failed
     assert outputs_of(run_dir)["i0.mp4"] == outputs_of(clean_run)["i0.mp4"]
 
     resumed = run_with_fault(manifest3, run_dir, None)
@@ -178,7 +178,7 @@ def test_out_of_memory_is_recorded_with_a_hint_and_the_batch_goes_on(tmp_path, m
     monkeypatch.setattr("svdbatch.core.faults._reached", Counter())
     summary = run(make_cfg(f"manifest={manifest3}", THREADS, f"run.dir={tmp_path / 'run'}"))
     assert (summary.done, summary.failed) == (2, 1)
-    failure = json.loads((tmp_path / "run" / "failures.jsonl").read_text())
+    (failure,) = failures_of(tmp_path / "run")
     assert failure["id"] == "i0" and "OutOfMemoryError" in failure["error"] and "run.retry_on_oom=true" in failure["error"]
     assert "Traceback" in failure["traceback"]
 
@@ -207,7 +207,7 @@ def test_retry_on_oom_steps_down_the_memory_ladder_and_records_it(tmp_path, mani
         )
     )
     assert (summary.done, summary.failed) == (3, 0)
-    first = json.loads((tmp_path / "run" / "items" / "i0.json").read_text())
+    first = json.loads((sidecar_file(tmp_path / "run", "i0")).read_text())
     assert [step.split(" (")[0] for step in first["oom_fallback"]] == [
         "memory -> balanced",
         "memory -> low",
@@ -215,10 +215,10 @@ def test_retry_on_oom_steps_down_the_memory_ladder_and_records_it(tmp_path, mani
     ]
     assert first["memory"]["preset"] == "low" and first["memory"]["forward_chunking"] is True
     assert first["params"]["decode_chunk_size"] == 1  # what was really used, so reproduce uses it too
-    later = json.loads((tmp_path / "run" / "items" / "i2.json").read_text())
+    later = json.loads((sidecar_file(tmp_path / "run", "i2")).read_text())
     assert later["oom_fallback"] == [] and later["memory"]["decode_cap"] == 1  # the worker stays lowered
     # The sidecar alone (lowered params, forward chunking in effect) regenerates the same frames.
-    assert reproduce(tmp_path / "run" / "items" / "i0.json").matches
+    assert reproduce(sidecar_file(tmp_path / "run", "i0")).matches
 
 
 def test_nan_frames_fail_only_that_item(tmp_path, manifest3, monkeypatch):
@@ -235,9 +235,9 @@ def test_nan_frames_fail_only_that_item(tmp_path, manifest3, monkeypatch):
     monkeypatch.setattr(StableVideoDiffusionPipeline, "decode_latents", decode_latents)
     summary = run(make_cfg(f"manifest={manifest3}", THREADS, f"run.dir={tmp_path / 'run'}"))
     assert (summary.done, summary.failed) == (2, 1)
-    failure = json.loads((tmp_path / "run" / "failures.jsonl").read_text())
+    (failure,) = failures_of(tmp_path / "run")
     assert failure["id"] == "i1" and "NaN" in failure["error"]
-    assert not (tmp_path / "run" / "videos" / "i1.mp4").exists()
+    assert not (video_file(tmp_path / "run", "i1", ".mp4")).exists()
 
 
 def test_temporaries_of_the_longest_ids_fit_a_file_name(tmp_path):
@@ -289,8 +289,8 @@ def test_ffmpeg_running_out_of_space_stops_the_run_and_commits_nothing(tmp_path,
     assert stopped.returncode == 3, stopped.stdout + stopped.stderr[-2000:]
     assert "0 done" in stopped.stdout and "STOPPED" in stopped.stdout and "No space left on device" in stopped.stdout
     assert "ffmpeg writing" in stopped.stdout  # the encoder's own failure, not a later write
-    assert list((run_dir / "videos").iterdir()) == [] and list((run_dir / "items").iterdir()) == []
-    assert not (run_dir / "results.jsonl").exists() and not (run_dir / "failures.jsonl").exists()
+    assert not [p for p in (run_dir / "videos").rglob("*") if p.is_file()] and not list((run_dir / "items").rglob("*.json"))
+    assert not results_of(run_dir) and not failures_of(run_dir)
 
     filler.unlink()  # space freed: the same command finishes the item
     resumed = run_with_fault(manifest1, tmp_path / "hydra", None, *big)
@@ -298,7 +298,7 @@ def test_ffmpeg_running_out_of_space_stops_the_run_and_commits_nothing(tmp_path,
     assert "1 done, 0 skipped" in resumed.stdout
     from svdbatch.rundir.outputs import read_video
 
-    assert read_video(run_dir / "videos" / "i0.mp4").shape == (4, 128, 128, 3)
+    assert read_video(video_file(run_dir, "i0", ".mp4")).shape == (4, 128, 128, 3)
 
 
 def test_injected_enospc_in_the_encoder_stops_with_exit_3(tmp_path, manifest1, monkeypatch):
@@ -310,8 +310,8 @@ def test_injected_enospc_in_the_encoder_stops_with_exit_3(tmp_path, manifest1, m
     summary = run(make_cfg(f"manifest={manifest1}", THREADS, f"run.dir={run_dir}"))
     assert exit_code(summary) == 3 and (summary.done, summary.not_run) == (0, 1)
     assert "STOPPED (OSError: [Errno 28] No space left on device (injected at encode))" in summary.line()
-    assert not leftovers(run_dir) and not (run_dir / "results.jsonl").exists()
-    assert list((run_dir / "videos").iterdir()) == []
+    assert not leftovers(run_dir) and not results_of(run_dir)
+    assert not [p for p in (run_dir / "videos").rglob("*") if p.is_file()]
 
 
 def test_disk_full_writing_metadata_at_the_end_stops_with_exit_3_and_the_summary(tmp_path, manifest1, monkeypatch):

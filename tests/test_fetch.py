@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from svdbatch.core.config import FetchConfig
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import run
 from svdbatch.inputs.fetch import FetchError, UrlCache
 from svdbatch.inputs.images import file_sha256
 from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import make_cfg, write_csv
+
+from .runfiles import failures_of, results_of, sidecar_file
 
 SLOW_SECONDS = 3.0
 
@@ -105,7 +106,7 @@ def test_fetch_retries_only_what_may_pass_and_caches_by_url(tmp_path, server, im
     assert server.hits["/slow.png"] == 2  # retries are bounded
     with pytest.raises(FetchError, match="not a readable image"):
         cache.fetch(server.url("/page.html"))
-    assert not (tmp_path / "downloads" / cache.path_for(server.url("/page.html")).name).exists()
+    assert not cache.path_for(server.url("/page.html")).exists()
 
 
 def test_validation_checks_url_syntax_without_the_network(tmp_path, images):
@@ -131,12 +132,12 @@ def test_url_rows_run_like_local_files_and_bad_urls_fail_only_their_item(tmp_pat
     cfg = make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "fetch.timeout_s=0.5", "fetch.retries=1", "fetch.backoff_s=0")
     summary = run(cfg)
     assert (summary.done, summary.failed) == (2, 3)
-    records = {r["id"]: r for r in read_jsonl_fast(run_dir / "results.jsonl")}
+    records = {r["id"]: r for r in results_of(run_dir)}
     assert records["remote"]["frames_sha256"] == records["local"]["frames_sha256"]  # same bytes, same frames
-    sidecar = json.loads((run_dir / "items" / "remote.json").read_text())
+    sidecar = json.loads((sidecar_file(run_dir, "remote")).read_text())
     assert sidecar["image"]["url"] == server.url("/a.png") and sidecar["image"]["sha256"] == file_sha256(images["a"])
-    assert Path(sidecar["image"]["path"]).parent == run_dir / "downloads"
-    failures = {f["id"]: f["error"] for f in read_jsonl_fast(run_dir / "failures.jsonl")}
+    assert Path(sidecar["image"]["path"]).parent.parent == run_dir / "downloads"
+    failures = {f["id"]: f["error"] for f in failures_of(run_dir)}
     assert "HTTP 404" in failures["missing"] and "timed out" in failures["slow"] and "not a readable image" in failures["html"]
 
     # Resume: finished URL items come from the cache, without a single new request.

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from svdbatch.core.errors import ManifestError
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import run
 from svdbatch.inputs.manifest import derive_seed, read_manifest
 from tests.conftest import FAST, make_cfg, make_image, run_cli
+
+from .runfiles import results_of, video_file
 
 
 def photo_folder(root, with_b=True):
@@ -44,7 +45,7 @@ def test_folder_runs_and_its_emitted_manifest_resumes_the_same_items(tmp_path):
     assert proc.returncode == 0, proc.stderr
     emitted = run_dir / "photos.csv"
     assert f"wrote {emitted} (2 rows)" in proc.stdout
-    assert not (run_dir / "results.jsonl").exists()  # emitting generates nothing
+    assert not results_of(run_dir)  # emitting generates nothing
     lines = emitted.read_text().splitlines()
     assert lines[0] == "id,image,seed" and lines[2].startswith("trips__2024__c,../../photos/trips/2024/c.webp,")
 
@@ -52,7 +53,7 @@ def test_folder_runs_and_its_emitted_manifest_resumes_the_same_items(tmp_path):
     assert first.done == 2
     again = run(make_cfg(f"manifest={emitted}", f"run.dir={run_dir}"))
     assert (again.done, again.skipped) == (0, 2)
-    assert sorted(r["id"] for r in read_jsonl_fast(run_dir / "results.jsonl")) == ["a", "trips__2024__c"]
+    assert sorted(r["id"] for r in results_of(run_dir)) == ["a", "trips__2024__c"]
 
 
 def test_an_image_file_is_a_one_row_manifest(tmp_path):
@@ -61,4 +62,4 @@ def test_an_image_file_is_a_one_row_manifest(tmp_path):
     (item,) = manifest.items
     assert (item.id, item.image, item.seed) == ("cat", str(image), derive_seed(0, "cat"))
     summary = run(make_cfg(f"manifest={image}", f"run.dir={tmp_path / 'run'}", "run.num_threads=1"))
-    assert summary.done == 1 and (tmp_path / "run" / "videos" / "cat.mp4").is_file()
+    assert summary.done == 1 and (video_file(tmp_path / "run", "cat", ".mp4")).is_file()

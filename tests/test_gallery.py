@@ -9,13 +9,16 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 from PIL import Image
 
 from svdbatch.reports.gallery import GalleryUpdater, gallery_command, write_gallery
+from svdbatch.rundir.layout import asset_relpath
 from tests.conftest import FAST, make_image, run_cli, write_csv
+
+from .runfiles import failures_of, results_of, sidecar_file, video_file, video_rel
 
 GOOD = ["a&b 'q'", "ünï cødé 100%"]  # characters an id may hold that HTML and URLs must escape
 BAD = "bad #1"
@@ -107,23 +110,21 @@ def test_the_run_itself_writes_a_gallery_of_what_it_did(mp4_run):
     its video, and the failed item is shown with its error."""
     import json
 
-    from svdbatch.core.jsonl import read_jsonl_fast
-
     cards = Cards((mp4_run.parent / "index-as-written-by-the-run.html").read_text(encoding="utf-8")).cards
     by_title = {card["title"]: card for card in cards}
     assert len(by_title) == len(cards) == 3
-    done = {record["id"]: record for record in read_jsonl_fast(mp4_run / "results.jsonl")}
+    done = {record["id"]: record for record in results_of(mp4_run)}
     assert sorted(done) == sorted(GOOD)
     for item_id, record in done.items():
         card = by_title[item_id]
         assert card["class"] == "card done"
         videos = [unquote(src) for tag, src in card["sources"] if tag == "video"]
         assert videos == [record["output"]], card  # this item's own video...
-        assert (mp4_run / videos[0]).resolve() == (mp4_run / "videos" / f"{item_id}.mp4").resolve()
+        assert (mp4_run / videos[0]).resolve() == video_file(mp4_run, item_id).resolve()
         assert (mp4_run / videos[0]).stat().st_size == record["output_bytes"]  # ...which is there, complete
-        sidecar = json.loads((mp4_run / "items" / f"{item_id}.json").read_text())
+        sidecar = json.loads((sidecar_file(mp4_run, f"{item_id}")).read_text())
         assert f"seed{sidecar['seed']}" in card["text"].replace(" ", "")
-    (failure,) = read_jsonl_fast(mp4_run / "failures.jsonl")
+    (failure,) = failures_of(mp4_run)
     failed = by_title[BAD]
     assert failed["class"] == "card failed" and not [tag for tag, _ in failed["sources"] if tag == "video"]
     assert failure["error"] in failed["text"]
@@ -137,11 +138,11 @@ def test_gallery_lists_every_item_with_previews_and_the_failure(mp4_run):
     assert sorted(page.titles) == sorted([*GOOD, BAD])
     assert sorted(page.cards) == ["card done", "card done", "card failed"]
     videos = [unquote(src) for tag, src in page.sources if tag == "video"]
-    assert sorted(videos) == sorted(f"videos/{item_id}.mp4" for item_id in GOOD)
+    assert sorted(videos) == sorted(video_rel(mp4_run, item_id) for item_id in GOOD)
     for _, src in page.sources:  # every relative URL resolves to a file in the run dir
         assert (mp4_run / unquote(src)).is_file(), src
     thumbs = [unquote(src) for tag, src in page.sources if tag == "img"]
-    assert sorted(thumbs) == sorted(f"gallery/{item_id}.jpg" for item_id in GOOD)
+    assert sorted(thumbs) == sorted(asset_relpath(item_id, ".jpg") for item_id in GOOD)
     assert max(Image.open(mp4_run / thumbs[0]).size) <= 256
     assert "OSError: image file is truncated" in text and "traceback" in text
     assert "seed</dt><dd>1</dd>" in text and "motion</dt><dd>127</dd>" in text and "64×64" in text
@@ -150,7 +151,7 @@ def test_gallery_lists_every_item_with_previews_and_the_failure(mp4_run):
 def test_gallery_escapes_ids_in_text_and_urls(mp4_run):
     text = write_gallery(mp4_run).read_text(encoding="utf-8")
     assert "a&amp;b &#x27;q&#x27;" in text  # as text
-    assert 'src="videos/a%26b%20%27q%27.mp4"' in text  # as a URL
+    assert 'src="' + quote(video_rel(mp4_run, "a&b 'q'")) + '"' in text  # as a URL
     assert "%C3%BCn%C3%AF%20c%C3%B8d%C3%A9%20100%25.mp4" in text
     assert "a&b 'q'" not in text and "bad #1.mp4" not in text
     assert "<script" not in text and "http" not in text  # self-contained
@@ -165,10 +166,10 @@ def test_max_items(mp4_run):
 def test_a_deleted_source_or_video_still_gives_a_page(mp4_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(mp4_run, copy, ignore=shutil.ignore_patterns("gallery", ".hydra"))
-    (copy / "videos" / f"{GOOD[0]}.mp4").unlink()
+    video_file(copy, GOOD[0]).unlink()
     sources = {}
     for item_id in GOOD:  # the sources are gone too (the run dir was copied elsewhere)
-        sidecar = copy / "items" / f"{item_id}.json"
+        sidecar = sidecar_file(copy, f"{item_id}")
         sources[item_id] = sidecar.read_text(encoding="utf-8")
         # A path of the same length: a sidecar of another size than committed is not trusted as done.
         sidecar.write_text(sources[item_id].replace(str(mp4_run.parent / "img"), str(mp4_run.parent / "gon")), encoding="utf-8")
@@ -183,11 +184,11 @@ def test_gif_and_frames_outputs_preview_as_images(images_dir, tiny_cache, tmp_pa
     (gif_dir,) = tmp_path.glob("*output=gif*")
     (frames_dir,) = tmp_path.glob("*output=frames*")
     gif_page = Page(write_gallery(gif_dir).read_text(encoding="utf-8"))
-    assert ("img", "videos/a%26b%20%27q%27.gif") in gif_page.sources
+    assert ("img", quote(video_rel(gif_dir, "a&b 'q'", ".gif"))) in gif_page.sources
     assert not [tag for tag, _ in gif_page.sources if tag == "video"]
     frames_page = Page(write_gallery(frames_dir).read_text(encoding="utf-8"))
-    assert ("img", "gallery/a%26b%20%27q%27.webp") in frames_page.sources
-    with Image.open(frames_dir / "gallery" / f"{GOOD[0]}.webp") as preview:
+    assert ("img", quote(asset_relpath("a&b 'q'", ".webp"))) in frames_page.sources
+    with Image.open(frames_dir / asset_relpath(GOOD[0], ".webp")) as preview:
         assert preview.n_frames == 4  # animated: every frame
 
 

@@ -20,6 +20,8 @@ from svdbatch.inputs.manifest import read_manifest
 from svdbatch.reports.status import collect
 from tests.conftest import make_cfg, make_image, write_csv
 
+from .runfiles import failures_of, results_of
+
 SETTINGS = ["run.num_threads=1", "run.progress=false", "run.gallery=false"]
 
 
@@ -44,14 +46,14 @@ def test_check_images_setting_accepts_modes_and_the_old_booleans():
 def test_by_default_a_file_that_only_fails_to_decode_fails_just_its_item(tmp_path, truncated_manifest):
     summary = run(make_cfg(f"manifest={truncated_manifest}", f"run.dir={tmp_path / 'run'}", *SETTINGS))
     assert (summary.done, summary.failed, summary.invalid) == (3, 1, 0)  # exit code 1, the rest done
-    (failure,) = read_jsonl_fast(tmp_path / "run" / "failures.jsonl")
+    (failure,) = failures_of(tmp_path / "run")
     assert failure["id"] == "cut" and "image" in failure["error"].lower()
 
 
 def test_a_strict_full_check_still_refuses_it_before_anything_runs(tmp_path, truncated_manifest):
     with pytest.raises(ManifestError, match=r"m.csv:5: field 'image': not a readable image"):
         run(make_cfg(f"manifest={truncated_manifest}", f"run.dir={tmp_path / 'run'}", "run.check_images=full", *SETTINGS))
-    assert not (tmp_path / "run" / "results.jsonl").exists()
+    assert not results_of(tmp_path / "run")
 
 
 def test_header_check_refuses_what_the_header_shows(tmp_path):
@@ -167,5 +169,5 @@ def test_an_image_no_check_saw_fails_only_its_item(tmp_path):
     manifest = write_csv(tmp_path / "m.csv", ["id", "image"], rows)
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={tmp_path / 'run'}", "run.strict=false", "run.limit=2", *SETTINGS))
     assert (summary.done, summary.failed, summary.invalid) == (1, 1, 1)
-    failures = {f["id"]: f for f in read_jsonl_fast(tmp_path / "run" / "failures.jsonl")}
+    failures = {f["id"]: f for f in failures_of(tmp_path / "run")}
     assert "image file not readable" in failures["c"]["error"] and "none-c.png" in failures["c"]["error"]

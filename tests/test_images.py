@@ -9,13 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.core.params import Preprocess, check_conditioning, parse_color
 from svdbatch.engine.driver import run
 from svdbatch.inputs.images import ImageProblem, load_rgb, prepare
 from svdbatch.models.tiny import ensure_tiny_model
 from svdbatch.rundir.outputs import read_video
 from tests.conftest import make_cfg, make_image, write_csv
+
+from .runfiles import failures_of, sidecar_file, video_file
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -133,17 +134,17 @@ def test_crop_is_the_default_and_equals_diffusers_on_the_centre_crop(tmp_path, i
         ("a", "crop", lambda im: im.crop((8, 0, 72, 64))),
         ("b", "stretch", lambda im: im.resize((64, 64))),
     ]:
-        record = json.loads((run_dir / "items" / f"{item_id}.json").read_text())
+        record = json.loads((sidecar_file(run_dir, f"{item_id}")).read_text())
         assert record["image"]["size"] == [80, 64] and record["preprocess"]["resize"] == resize
         image = fitted(Image.open(images[item_id]).convert("RGB"))
         expected = pipe(image, generator=torch.Generator("cpu").manual_seed(record["seed"]), **record["params"]).frames[0]
-        np.testing.assert_array_equal(read_video(run_dir / "videos" / item_id), np.stack([np.asarray(f) for f in expected]))
-    crop_frames = json.loads((run_dir / "items" / "a.json").read_text())["frames_sha256"]
+        np.testing.assert_array_equal(read_video(video_file(run_dir, item_id, "")), np.stack([np.asarray(f) for f in expected]))
+    crop_frames = json.loads((sidecar_file(run_dir, "a")).read_text())["frames_sha256"]
 
     # The policy is part of the key: switching the config to pad redoes a (not b, which says stretch).
     padded = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "output=frames", "conditioning.resize=pad"))
     assert (padded.done, padded.skipped) == (1, 1)
-    record = json.loads((run_dir / "items" / "a.json").read_text())
+    record = json.loads((sidecar_file(run_dir, "a")).read_text())
     assert record["preprocess"]["resize"] == "pad" and record["frames_sha256"] != crop_frames
 
 
@@ -164,11 +165,11 @@ def test_a_messy_set_of_modes_and_shapes_runs_end_to_end(tmp_path):
     cfg = make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "conditioning.resize=pad", "conditioning.pad_color='#336699'")
     summary = run(cfg)
     assert (summary.done, summary.failed) == (4, 0)
-    sidecars = {p.stem: json.loads(p.read_text()) for p in (run_dir / "items").glob("*.json")}
+    sidecars = {p.stem: json.loads(p.read_text()) for p in (run_dir / "items").glob("*/*.json")}
     sizes = {item_id: record["image"]["size"] for item_id, record in sidecars.items()}
     assert sizes == {"wide": [200, 50], "tall": [40, 120], "deep": [80, 64], "rotated": [60, 100]}
     assert sidecars["wide"]["preprocess"]["pad_color"] == [0x33, 0x66, 0x99]
-    frames = read_video(run_dir / "videos" / "wide.mp4")
+    frames = read_video(video_file(run_dir, "wide", ".mp4"))
     assert frames.shape == (4, 64, 64, 3)
 
 
@@ -179,5 +180,5 @@ def test_resize_none_fails_only_the_items_of_another_size(tmp_path):
     run_dir = tmp_path / "run"
     summary = run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "conditioning.resize=none"))
     assert (summary.done, summary.failed) == (1, 1)
-    (failure,) = read_jsonl_fast(run_dir / "failures.jsonl")
+    (failure,) = failures_of(run_dir)
     assert failure["id"] == "img__other" and "80x64 but conditioning.resize=none needs exactly 64x64" in failure["error"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from svdbatch.core.config import OutputFormat
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.core.outcomes import DONE, FAILED, STOPPED, Outcome
 from svdbatch.engine.dispatch import MAX_ATTEMPTS, Ledger
 from svdbatch.engine.plan import make_batches, plan_run
@@ -13,6 +12,8 @@ from svdbatch.inputs.manifest import read_manifest
 from svdbatch.models.identity import model_identity
 from svdbatch.rundir.store import RunStore
 from tests.conftest import make_cfg, make_image, write_csv
+
+from .runfiles import failures_of
 
 
 def planned(tmp_path, count: int):
@@ -42,7 +43,7 @@ def test_a_dead_workers_batches_go_elsewhere_once_then_to_failures(tmp_path):
     assert not ledger.keep_going() and ledger.complete
     failed = {o.item_id for o in seen if o.status == FAILED}
     assert failed == {"i0", "i1"} and MAX_ATTEMPTS == 2
-    records = list(read_jsonl_fast(store.failures))
+    records = failures_of(store.root)
     assert sorted(r["id"] for r in records) == ["i0", "i1"]
     assert all("died (SIGKILL), 2 attempts" in r["error"] for r in records)
     ledger.died("b", "again")  # a second report of the same death changes nothing

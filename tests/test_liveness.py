@@ -17,6 +17,8 @@ from svdbatch.reports.status import collect, format_report
 from svdbatch.rundir.store import OWNERS_DIR, Owner, owner_state, process_start_ticks, read_owners
 from tests.conftest import FAST, REPO, make_image, run_cli, write_csv
 
+from .runfiles import results_of
+
 
 def test_a_killed_run_is_not_live_and_has_no_eta(tmp_path):
     for n in range(10):
@@ -40,9 +42,8 @@ def test_a_killed_run_is_not_live_and_has_no_eta(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        results = run_dir / "results.jsonl"
         deadline = time.time() + 300
-        while time.time() < deadline and (not results.exists() or results.read_bytes().count(b"\n") < 1):
+        while time.time() < deadline and len(results_of(run_dir)) < 1:
             assert proc.poll() is None, "the run ended before finishing an item"
             time.sleep(0.05)
         alive = collect(run_dir)
@@ -52,7 +53,7 @@ def test_a_killed_run_is_not_live_and_has_no_eta(tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert 1 <= results.read_bytes().count(b"\n") < 10, "the kill should land mid-run"
+    assert 1 <= len(results_of(run_dir)) < 10, "the kill should land mid-run"
 
     status = run_cli("status", str(run_dir), "--json")
     assert status.returncode == 0, status.stderr
@@ -63,13 +64,19 @@ def test_a_killed_run_is_not_live_and_has_no_eta(tmp_path):
     text = run_cli("status", str(run_dir))
     assert "live         no" in text.stdout and "no run is active" in text.stdout
 
-    # A run on another host (shared file system): unknown, with the age of its heartbeat.
+    # A run on another host (shared file system): its pid means nothing here; unknown while
+    # its heartbeat is fresh, with the heartbeat's age, and gone after missed heartbeats.
     (run_dir / OWNERS_DIR / "1@elsewhere.json").write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
+    recent = time.time() - 60
+    os.utime(run_dir / OWNERS_DIR / "1@elsewhere.json", (recent, recent))
+    report = collect(run_dir)
+    assert report["live"] is None and report["eta_s"] is not None  # a fresh heartbeat: the ETA holds
+    assert "unknown (runs on elsewhere; last heartbeat 1 min 00 s ago)" in format_report(report)
     stale = time.time() - 3600
     os.utime(run_dir / OWNERS_DIR / "1@elsewhere.json", (stale, stale))
     report = collect(run_dir)
-    assert report["live"] is None and report["eta_s"] is None  # an hour without a heartbeat: no ETA
-    assert "unknown (runs on elsewhere; last heartbeat 1 h 00 min ago)" in format_report(report)
+    assert report["live"] is False and report["eta_s"] is None  # an hour without a heartbeat: gone
+    assert {o["host"]: o["state"] for o in report["owners"]}["elsewhere"] == "dead"
 
     # The next run clears both (dead pid; heartbeat older than 10 min) and removes its own on exit.
     resumed = run_cli(

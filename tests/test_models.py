@@ -15,6 +15,8 @@ from svdbatch.models.loading import load_pipeline
 from svdbatch.models.tiny import ensure_tiny_model, weights_fingerprint
 from tests.conftest import make_cfg
 
+from .runfiles import sidecar_file
+
 
 def test_tiny_model_is_built_deterministically_and_cached(tmp_path):
     first = ensure_tiny_model(tmp_path / "one")
@@ -154,5 +156,5 @@ def test_a_folder_with_only_the_fp16_variant_runs_on_a_cpu_upcast(tmp_path, imag
     assert {p.dtype for p in loaded.pipe.unet.parameters()} == {torch.float32}
     summary = run(cfg)
     assert (summary.done, summary.failed) == (1, 0)
-    sidecar = json.loads((tmp_path / "run" / "items" / "a.json").read_text())
+    sidecar = json.loads((sidecar_file(tmp_path / "run", "a")).read_text())
     assert sidecar["model"]["variant"] == "fp16" and sidecar["model"]["dtype"] == "float32"

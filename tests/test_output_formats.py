@@ -27,6 +27,7 @@ from svdbatch.rundir.outputs import (
 )
 
 from .conftest import make_cfg, run_cli, write_csv
+from .runfiles import sidecar_file, video_file, video_rel
 
 
 def probe(path) -> str:
@@ -43,15 +44,15 @@ def one_row(tmp_path, images):
 def test_mp4_is_h264_yuv420p_at_the_generated_size_and_item_fps(tmp_path, one_row):
     # 72 is a multiple of 8 but not of 16: it must not be rescaled.
     run(make_cfg(f"manifest={one_row}", f"run.dir={tmp_path / 'run'}", "conditioning.height=72"))
-    stream = probe(tmp_path / "run" / "videos" / "a.mp4")
+    stream = probe(video_file(tmp_path / "run", "a", ".mp4"))
     assert "h264" in stream and "yuv420p" in stream and "64x72" in stream, stream
     assert re.search(r"\b9 fps\b", stream), stream
-    assert read_video(tmp_path / "run" / "videos" / "a.mp4").shape == (4, 72, 64, 3)
+    assert read_video(video_file(tmp_path / "run", "a", ".mp4")).shape == (4, 72, 64, 3)
 
 
 def test_output_fps_overrides_the_items(tmp_path, one_row):
     run(make_cfg(f"manifest={one_row}", f"run.dir={tmp_path / 'run'}", "output.fps=12"))
-    assert re.search(r"\b12 fps\b", probe(tmp_path / "run" / "videos" / "a.mp4"))
+    assert re.search(r"\b12 fps\b", probe(video_file(tmp_path / "run", "a", ".mp4")))
 
 
 # Mean absolute error (8-bit levels) a decoded frame may have against the lossless PNG frame:
@@ -63,9 +64,9 @@ TOLERANCE = {"gif": 6.0, "webp": 12.0}
 @pytest.mark.parametrize("fmt", ["gif", "webp"])
 def test_gif_and_webp_hold_the_generated_frames_at_the_item_fps(tmp_path, one_row, fmt):
     run(make_cfg(f"manifest={one_row}", f"run.dir={tmp_path / 'png'}", "output=frames"))
-    reference = read_video(tmp_path / "png" / "videos" / "a").astype(int)  # the same item, lossless
+    reference = read_video(video_file(tmp_path / "png", "a", "")).astype(int)  # the same item, lossless
     run(make_cfg(f"manifest={one_row}", f"run.dir={tmp_path / 'run'}", f"output={fmt}"))
-    path = tmp_path / "run" / "videos" / f"a.{fmt}"
+    path = video_file(tmp_path / "run", "a", f".{fmt}")
     durations = []
     with Image.open(path) as image:
         assert image.n_frames == 4 and image.is_animated
@@ -88,8 +89,8 @@ def test_gif_and_webp_hold_the_generated_frames_at_the_item_fps(tmp_path, one_ro
 
 def test_png_frames_are_lossless(tmp_path, one_row):
     run(make_cfg(f"manifest={one_row}", f"run.dir={tmp_path / 'run'}", "output=frames"))
-    frames = read_video(tmp_path / "run" / "videos" / "a")
-    sidecar = json.loads((tmp_path / "run" / "items" / "a.json").read_text())
+    frames = read_video(video_file(tmp_path / "run", "a", ""))
+    sidecar = json.loads((sidecar_file(tmp_path / "run", "a")).read_text())
     assert frames.dtype == np.uint8 and frames.shape == (4, 64, 64, 3)
     assert frames_sha256(frames) == sidecar["frames_sha256"]  # exactly the generated frames
 
@@ -99,7 +100,7 @@ def test_quality_setting_changes_the_mp4(tmp_path, one_row):
     for quality in (2, 9):
         run_dir = tmp_path / f"q{quality}"
         run(make_cfg(f"manifest={one_row}", f"run.dir={run_dir}", f"output.quality={quality}"))
-        sizes[quality] = (run_dir / "videos" / "a.mp4").stat().st_size
+        sizes[quality] = (video_file(run_dir, "a", ".mp4")).stat().st_size
     assert sizes[9] > sizes[2]
 
 
@@ -172,12 +173,14 @@ def test_changing_output_settings_redoes_the_items_and_only_those_that_shape_the
     assert run(make_cfg(*base)).done == 1
     assert run(make_cfg(*base, "output.loop=3")).skipped == 1  # a loop count does not touch an mp4
     assert run(make_cfg(*base, "output.quality=9")).done == 1
-    first = json.loads((run_dir / "items" / "a.json").read_text())
+    first = json.loads((sidecar_file(run_dir, "a")).read_text())
     assert first["output"]["settings"]["crf"] == 5 and first["output"]["encoder"]["name"] == "libx264"
     assert run(make_cfg(*base, "output=gif")).done == 1
-    sidecar = json.loads((run_dir / "items" / "a.json").read_text())
-    assert sidecar["output"]["path"] == "videos/a.gif" and sidecar["frames_sha256"] == first["frames_sha256"]
-    assert [json.loads(line)["file_name"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["videos/a.gif"]
+    sidecar = json.loads((sidecar_file(run_dir, "a")).read_text())
+    assert sidecar["output"]["path"] == video_rel(run_dir, "a", ".gif") and sidecar["frames_sha256"] == first["frames_sha256"]
+    assert [json.loads(line)["file_name"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == [
+        video_rel(run_dir, "a", ".gif")
+    ]
     assert run(make_cfg(*base, "output=gif")).skipped == 1
     # verify: intact, and it would say if config.yaml claimed settings the file was not written with.
     from svdbatch.rundir.verify import verify_run_dir

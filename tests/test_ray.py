@@ -22,10 +22,11 @@ import torch
 
 from svdbatch.cli import exit_code
 from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, ConfigError
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import load_manifest, run
 from svdbatch.engine.ray_engine import ACTOR_NAME, actor_devices, batch_task_name, forwarded_env
 from tests.conftest import FAST, REPO, make_cfg, make_image, write_csv
+
+from .runfiles import failures_of, results_of, sidecar_file, video_rel
 
 STEPS = "conditioning.num_inference_steps=4"  # slow enough to kill an actor mid-run
 SETTINGS = [*FAST, STEPS, "run.num_threads=1", "fetch.retries=0"]
@@ -61,11 +62,11 @@ def reference(tmp_path_factory, manifest) -> dict[str, str]:
 
 
 def frame_hashes(run_dir: Path) -> dict[str, str]:
-    return {r["id"]: r["frames_sha256"] for r in read_jsonl_fast(run_dir / "results.jsonl")}
+    return {r["id"]: r["frames_sha256"] for r in results_of(run_dir)}
 
 
 def result_ids(run_dir: Path) -> list[str]:
-    return sorted(r["id"] for r in read_jsonl_fast(run_dir / "results.jsonl"))
+    return sorted(r["id"] for r in results_of(run_dir))
 
 
 GOOD = [f"i{n}" for n in range(8)]
@@ -83,10 +84,10 @@ def cli(args: list[str], cwd: Path = REPO, **popen) -> subprocess.Popen:
     )
 
 
-def wait_for_results(results: Path, lines: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_results(run_dir: Path, lines: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if results.exists() and results.read_bytes().count(b"\n") >= lines:
+        if len(results_of(run_dir)) >= lines:
             return
         time.sleep(0.05)
     out, err = proc.communicate(timeout=60) if proc.poll() is not None else ("", "")
@@ -163,7 +164,7 @@ def test_a_sigkilled_actor_loses_and_duplicates_nothing(tmp_path, ray_address, m
     """The README's command with run.engine=ray, joining the cluster by address."""
     run_dir = tmp_path / "run"
     proc = cli([f"manifest={manifest}", *SETTINGS, *RAY_RUN, f"run.ray.address={ray_address}", f"hydra.run.dir={run_dir}"])
-    wait_for_results(run_dir / "results.jsonl", 2, proc)
+    wait_for_results(run_dir, 2, proc)
     actors = actor_processes(os.getpid())
     assert len(actors) == 2, [a.cmdline() for a in actors]
     os.kill(actors[0].pid, signal.SIGKILL)
@@ -179,7 +180,7 @@ def test_a_sigkilled_actor_loses_and_duplicates_nothing(tmp_path, ray_address, m
 def test_ctrl_c_stops_every_actor_and_a_rerun_finishes_like_a_local_run(tmp_path, ray_address, manifest, reference):
     run_dir = tmp_path / "run"
     proc = cli([f"manifest={manifest}", *SETTINGS, *RAY_RUN, f"run.ray.address={ray_address}", f"hydra.run.dir={run_dir}"])
-    wait_for_results(run_dir / "results.jsonl", 1, proc)
+    wait_for_results(run_dir, 1, proc)
     # Both actors run (the second may still be starting on a busy machine when the first commits).
     assert wait_until(lambda: len(actor_processes(os.getpid())) == 2, timeout=60), actor_processes(os.getpid())
     proc.send_signal(signal.SIGINT)
@@ -194,12 +195,12 @@ def test_ctrl_c_stops_every_actor_and_a_rerun_finishes_like_a_local_run(tmp_path
     assert exit_code(summary) == EXIT_ITEMS_FAILED  # as a local run with a failed item
     assert frame_hashes(run_dir) == reference
     assert result_ids(run_dir) == GOOD  # each item exactly once
-    assert {f["id"] for f in read_jsonl_fast(run_dir / "failures.jsonl")} == {"unreachable"}
-    sidecar = json.loads((run_dir / "items" / "i0.json").read_text())
+    assert {f["id"] for f in failures_of(run_dir)} == {"unreachable"}
+    sidecar = json.loads((sidecar_file(run_dir, "i0")).read_text())
     assert sidecar["num_threads"] == 1 and sidecar["config"]["run"]["engine"] == "ray"
     # Dataset index, gallery and status read the run dir as for a local run.
     metadata = [json.loads(line)["file_name"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()]
-    assert sorted(metadata) == [f"videos/i{n}.mp4" for n in range(8)]
+    assert sorted(metadata) == sorted(video_rel(run_dir, f"i{n}") for n in range(8))
     assert all(f"i{n}" in (run_dir / "index.html").read_text() for n in range(8))
     status = subprocess.run(
         [sys.executable, "-m", "svdbatch", "status", str(run_dir), "--json"],
@@ -263,7 +264,7 @@ def test_a_run_dir_that_a_node_does_not_see_is_refused(tmp_path, ray_address, ma
     assert f"svdbatch-worker-0 on node {node_ip}" in err and "shared file system" in err and "ReadWriteMany" in err
     assert "Traceback" not in err
     run_dir = driver_cwd / "not-shared"
-    assert not (run_dir / "results.jsonl").exists()  # nothing generated
+    assert not results_of(run_dir)  # nothing generated
     assert not list(run_dir.glob(".node-probe*"))
     assert wait_until(lambda: not svdbatch_actors_in_cluster())
 

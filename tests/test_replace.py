@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import logging
 
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import run
 from svdbatch.engine.plan import Replacement, describe_replacements
 from tests.conftest import SAMPLE_CSV, make_cfg
+
+from .runfiles import results_of, sidecar_file, sidecar_rel, video_file, video_rel
 
 BASE = [f"manifest={SAMPLE_CSV}", "run.num_threads=1", "run.progress=false", "run.gallery=false"]
 IDS = ("sunset", "rocket", "waves")
@@ -24,7 +25,7 @@ def test_readme_pad_recipe_reports_and_keeps_what_it_replaces(tmp_path, caplog):
     run_dir = tmp_path / "sample"
     base = [*BASE, f"run.dir={run_dir}"]
     assert run(make_cfg(*base)).done == 3
-    before = {i: ((run_dir / "videos" / f"{i}.mp4").read_bytes(), (run_dir / "items" / f"{i}.json").read_bytes()) for i in IDS}
+    before = {i: (video_file(run_dir, i).read_bytes(), (sidecar_file(run_dir, f"{i}")).read_bytes()) for i in IDS}
 
     caplog.set_level(logging.INFO)
     # The README's recipe, into the same run dir.
@@ -36,9 +37,9 @@ def test_readme_pad_recipe_reports_and_keeps_what_it_replaces(tmp_path, caplog):
     [kept] = list((run_dir / "replaced").iterdir())
     assert str(kept) in message
     for item_id, (video, sidecar) in before.items():
-        assert (kept / "videos" / f"{item_id}.mp4").read_bytes() == video
-        assert (kept / "items" / f"{item_id}.json").read_bytes() == sidecar
-        assert json.loads((run_dir / "items" / f"{item_id}.json").read_text())["preprocess"]["resize"] == "pad"  # really redone
+        assert (kept / video_rel(run_dir, item_id)).read_bytes() == video
+        assert (kept / sidecar_rel(run_dir, item_id)).read_bytes() == sidecar
+        assert json.loads((sidecar_file(run_dir, f"{item_id}")).read_text())["preprocess"]["resize"] == "pad"  # really redone
 
     # Unchanged settings, or a change that does not touch the frames: no report, all skipped.
     caplog.clear()
@@ -59,7 +60,7 @@ def test_readme_pad_recipe_reports_and_keeps_what_it_replaces(tmp_path, caplog):
     assert "1 item redone: resize pad -> stretch, pad_color #202020 -> #000000 (sunset)" in message
     assert "overwritten" in message
     assert len(list((run_dir / "replaced").iterdir())) == 1
-    assert len(list(read_jsonl_fast(run_dir / "results.jsonl"))) == 7
+    assert len(list(results_of(run_dir))) == 7
 
 
 def test_each_changed_field_is_named():

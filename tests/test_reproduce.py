@@ -8,6 +8,8 @@ from svdbatch.commands import reproduce as reproduce_command
 from svdbatch.engine.driver import run
 from tests.conftest import make_cfg, make_image, run_cli, write_csv
 
+from .runfiles import sidecar_file, video_file
+
 
 def test_reproduce_matches_and_reports_differences(tmp_path, images, capsys):
     manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed", "motion_bucket_id"], [["a", "img/a.png", 11, 40]])
@@ -18,7 +20,7 @@ def test_reproduce_matches_and_reports_differences(tmp_path, images, capsys):
         ).done
         == 1
     )
-    sidecar_path = run_dir / "items" / "a.json"
+    sidecar_path = sidecar_file(run_dir, "a")
 
     # From another directory, in a fresh process: only the sidecar is given.
     proc = run_cli("reproduce", str(sidecar_path), cwd=tmp_path)
@@ -29,7 +31,7 @@ def test_reproduce_matches_and_reports_differences(tmp_path, images, capsys):
     assert f"a: file on disk matches the sidecar (sha256 {written})" in proc.stdout
 
     # The same frames, but the video on disk was damaged after the run: said, and exit 1.
-    video = run_dir / "videos" / "a.mp4"
+    video = video_file(run_dir, "a", ".mp4")
     intact = video.read_bytes()
     video.write_bytes(intact[:-1] + bytes([intact[-1] ^ 0xFF]))
     assert reproduce_command([str(sidecar_path)]) == 1

@@ -15,10 +15,11 @@ import pytest
 
 from svdbatch.cli import exit_code
 from svdbatch.core.errors import EXIT_STOPPED
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import run
 from tests.conftest import make_cfg, make_image, write_csv
 from tests.test_signals import WAIT_S, command, start, wait_for_results
+
+from .runfiles import results_of
 
 N_ITEMS = 8
 
@@ -77,21 +78,21 @@ def test_a_run_dir_turning_read_only_mid_run_stops_with_exit_3_and_resumes(tmp_p
     run_dir = tmp_path / "run"
     args = command(manifest, run_dir, steps=6)
     proc = start(args)
-    wait_for_results(run_dir / "results.jsonl", proc)
+    wait_for_results(run_dir, proc)
     read_only_later(run_dir)
     assert_stopped_with_summary(proc, "Read-only file system")
 
     subprocess.run(["umount", "-l", str(run_dir)], check=True)
     again = subprocess.run(args, capture_output=True, text=True, timeout=WAIT_S)
     assert again.returncode == 0, again.stderr[-3000:]
-    ids = Counter(record["id"] for record in read_jsonl_fast(run_dir / "results.jsonl"))
+    ids = Counter(record["id"] for record in results_of(run_dir))
     assert sorted(ids) == [f"i{n}" for n in range(N_ITEMS)] and set(ids.values()) == {1}  # each exactly once
 
 
 def test_a_run_dir_deleted_mid_run_stops_with_exit_3_and_is_not_recreated(tmp_path, manifest):
     run_dir = tmp_path / "run"
     proc = start(command(manifest, run_dir, steps=6))
-    wait_for_results(run_dir / "results.jsonl", proc)
+    wait_for_results(run_dir, proc)
     started = time.monotonic()
     vanish(run_dir)
     assert_stopped_with_summary(proc, f"run dir {run_dir} vanished")
@@ -106,7 +107,7 @@ def test_a_python_callers_run_whose_dir_is_deleted_stops_too(tmp_path, manifest)
 
     def delete_after_first_commit() -> None:
         deadline = time.monotonic() + WAIT_S
-        while not (run_dir / "results.jsonl").exists() and time.monotonic() < deadline:
+        while not results_of(run_dir) and time.monotonic() < deadline:
             time.sleep(0.02)
         vanish(run_dir)
 

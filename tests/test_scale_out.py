@@ -16,12 +16,13 @@ import torch
 
 from svdbatch.core.config import sweep_subdir
 from svdbatch.core.errors import ConfigError, ModelLoadError
-from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import run
 from svdbatch.engine.plan import Shard, resolve_shard, select_shard, shard_from_env
 from svdbatch.inputs.manifest import read_manifest
 from svdbatch.models.devices import resolve_devices
 from tests.conftest import FAST, REPO, make_cfg, make_image, run_cli, write_csv
+
+from .runfiles import failures_of, results_of, video_file
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def manifest8(tmp_path) -> Path:
 
 
 def frame_hashes(run_dir: Path) -> dict[str, str]:
-    return {r["id"]: r["frames_sha256"] for r in read_jsonl_fast(run_dir / "results.jsonl")}
+    return {r["id"]: r["frames_sha256"] for r in results_of(run_dir)}
 
 
 def test_shards_partition_the_manifest_and_are_stable_under_reordering(manifest8):
@@ -115,7 +116,7 @@ def test_two_workers_two_shards_and_one_worker_give_identical_frames(tmp_path, m
     assert len(set(reference.values())) == 8
     assert frame_hashes(tmp_path / "two") == reference
     assert frame_hashes(tmp_path / "shards") == reference
-    records = list(read_jsonl_fast(tmp_path / "two" / "results.jsonl"))
+    records = list(results_of(tmp_path / "two"))
     assert len(records) == 8  # no duplicates, no torn lines with two writers
 
 
@@ -142,8 +143,8 @@ def test_batched_rows_match_single_calls_closely(tmp_path, manifest8, monkeypatc
     assert batched.done == 4
     assert calls == [[100, 101, 102, 103]]  # the four rows in one pipeline call
     for n in range(4):
-        a = read_video(tmp_path / "single" / "videos" / f"i{n}").astype(int)
-        b = read_video(tmp_path / "batched" / "videos" / f"i{n}").astype(int)
+        a = read_video(video_file(tmp_path / "single", f"i{n}", "")).astype(int)
+        b = read_video(video_file(tmp_path / "batched", f"i{n}", "")).astype(int)
         assert np.abs(a - b).max() <= 1  # at most one quantisation step apart
 
 
@@ -178,9 +179,8 @@ def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, manifest8):
         stderr=subprocess.PIPE,
         text=True,
     )
-    results = run_dir / "results.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and (not results.exists() or results.read_bytes().count(b"\n") < 2):
+    while time.time() < deadline and len(results_of(run_dir)) < 2:
         time.sleep(0.05)
     workers = spawned_workers(proc.pid)
     assert len(workers) == 2
@@ -189,7 +189,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, manifest8):
     assert proc.returncode == 0, err
     assert "8 done" in out
     assert "died" in err
-    records = list(read_jsonl_fast(results))
+    records = results_of(run_dir)
     assert sorted(r["id"] for r in records) == [f"i{n}" for n in range(8)]  # each exactly once
     clean = run(
         make_cfg(
@@ -222,16 +222,16 @@ def test_readme_submitit_local_command_gives_one_run_dir_equal_to_one_worker(tmp
     cwd = readme_cwd(tmp_path / "sharded")
     proc = run_cli(*README_SUBMITIT, cwd=cwd, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dirs = {p.parent for p in (cwd / "outputs").rglob("results.jsonl")}
+    run_dirs = {p.parent for p in (cwd / "outputs").rglob("layout.json")}
     assert run_dirs == {cwd / "outputs" / "sample"}, "both shards must write into outputs/sample/"
-    records = list(read_jsonl_fast(cwd / "outputs" / "sample" / "results.jsonl"))
+    records = results_of(cwd / "outputs" / "sample")
     assert sorted(r["id"] for r in records) == ["rocket", "sunset", "waves"]  # each exactly once
     plain_run = run_cli("manifest=manifests/sample.csv", cwd=readme_cwd(tmp_path / "plain"), timeout=900)
     assert plain_run.returncode == 0, plain_run.stderr[-3000:]
     assert frame_hashes(cwd / "outputs" / "sample") == frame_hashes(tmp_path / "plain" / "outputs" / "sample")
     again = run_cli(*README_SUBMITIT, cwd=cwd, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert len(list(read_jsonl_fast(cwd / "outputs" / "sample" / "results.jsonl"))) == 3
+    assert len(results_of(cwd / "outputs" / "sample")) == 3
     # submitit's jobs print into their own logs; the summaries say what each shard did.
     summaries = [
         line
@@ -249,8 +249,8 @@ def test_basic_launcher_shards_share_the_run_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     sample = cwd / "outputs" / "sample"
     fast_dir = sample / ",".join(sorted(FAST))  # FAST's settings change outputs: they name the folder
-    assert {p.parent for p in (cwd / "outputs").rglob("results.jsonl")} == {fast_dir}
-    assert sorted(r["id"] for r in read_jsonl_fast(fast_dir / "results.jsonl")) == ["rocket", "sunset", "waves"]
+    assert {p.parent for p in (cwd / "outputs").rglob("layout.json")} == {fast_dir}
+    assert sorted(r["id"] for r in results_of(fast_dir)) == ["rocket", "sunset", "waves"]
     assert sorted(p.name for p in fast_dir.glob("config.shard-*")) == ["config.shard-0-of-2.yaml", "config.shard-1-of-2.yaml"]
     again = run_cli(*args, cwd=cwd, timeout=900)
     assert again.stdout.count(" 0 done, ") == 2 and "3 skipped" not in again.stdout  # each shard skips its own
@@ -270,8 +270,8 @@ def test_torchrun_ranks_share_the_run_dir(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
     sample = cwd / "outputs" / "sample"
-    assert {p.parent for p in (cwd / "outputs").rglob("results.jsonl")} == {sample}
-    assert sorted(r["id"] for r in read_jsonl_fast(sample / "results.jsonl")) == ["rocket", "sunset", "waves"]
+    assert {p.parent for p in (cwd / "outputs").rglob("layout.json")} == {sample}
+    assert sorted(r["id"] for r in results_of(sample)) == ["rocket", "sunset", "waves"]
 
 
 @pytest.mark.parametrize(
@@ -387,5 +387,5 @@ def test_workers_that_cannot_load_the_model_fail_the_run_clearly(tmp_path, manif
     )
     with pytest.raises(ModelLoadError, match="no worker could load the model"):
         run(cfg)
-    failures = list(read_jsonl_fast(tmp_path / "run" / "failures.jsonl"))
+    failures = list(failures_of(tmp_path / "run"))
     assert len(failures) == 8 and all("left for the next run" in f["error"] for f in failures)

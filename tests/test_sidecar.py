@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.core.jsonl import latest_by_id
 from svdbatch.engine.driver import run
 from svdbatch.reports.gallery import write_gallery
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
 from svdbatch.rundir.store import RunStore
 from svdbatch.rundir.verify import check_item, item_files
 from tests.conftest import make_cfg, make_image, write_csv
+
+from .runfiles import results_of, sidecar_file, sidecar_rel, video_file, video_rel
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ NESTED = {
 
 def test_the_files_keep_the_format_they_always_had(runs):
     first, again, _ = runs
-    for path in [*first.glob("items/*.json"), *again.glob("items/*.json")]:
+    for path in [*first.glob("items/*/*.json"), *again.glob("items/*/*.json")]:
         body = path.read_bytes()
         record = json.loads(body)
         assert body == json.dumps(record, indent=2, sort_keys=True).encode() + b"\n"
@@ -95,8 +97,8 @@ def test_the_files_keep_the_format_they_always_had(runs):
 def test_every_sidecar_a_run_writes_reads_back_byte_identical_and_makes_its_results_line(runs):
     first, again, frames = runs
     for run_dir in runs:
-        lines = latest_by_id(read_jsonl_fast(run_dir / "results.jsonl"))
-        paths = sorted((run_dir / "items").glob("*.json"))
+        lines = latest_by_id(results_of(run_dir))
+        paths = sorted((run_dir / "items").glob("*/*.json"), key=lambda p: p.stem)
         assert [p.stem for p in paths] == (["a"] if run_dir == frames else ["a", "b"])
         for path in paths:
             body = path.read_bytes()
@@ -104,14 +106,14 @@ def test_every_sidecar_a_run_writes_reads_back_byte_identical_and_makes_its_resu
             assert sidecar.to_json() == body
             assert Sidecar.from_json(body.decode()) == sidecar
             assert sidecar.result_record(len(body)) == lines[sidecar.id]
-    made, reused = Sidecar.read(first / "items" / "a.json"), Sidecar.read(again / "items" / "a.json")
+    made, reused = Sidecar.read(sidecar_file(first, "a")), Sidecar.read(sidecar_file(again, "a"))
     assert made.reused_from is None and made.timings.generate_s is not None and made.image.size == (80, 64)
     assert reused.reused_from.run_dir == str(first.resolve()) and reused.reused_from.id == "a"
     assert reused.timings.source == made.timings and reused.timings.reuse_s == reused.timings.total_s
-    assert reused.frames_sha256 == made.frames_sha256 and reused.output.path == "videos/a.mp4"
+    assert reused.frames_sha256 == made.frames_sha256 and reused.output.path == video_rel(again, "a")
     assert reused.row.meta == {"meta_caption": "a cat"} and reused.image.size == made.image.size
-    assert Sidecar.read(first / "items" / "b.json").row.seed_derived is True
-    assert Sidecar.read(frames / "items" / "a.json").output.format == "frames"
+    assert Sidecar.read(sidecar_file(first, "b")).row.seed_derived is True
+    assert Sidecar.read(sidecar_file(frames, "a")).output.format == "frames"
     # Optional fields round-trip too, and are written only when set.
     warmed = replace(made, warmup_s=1.5)
     assert Sidecar.from_json(warmed.to_json()) == warmed and b'"warmup_s": 1.5' in warmed.to_json()
@@ -139,7 +141,7 @@ BAD = [
 
 @pytest.mark.parametrize("name, edit, message", BAD, ids=[b[0] for b in BAD])
 def test_a_foreign_or_older_record_is_refused_naming_the_file_and_field(runs, tmp_path, name, edit, message):
-    record = json.loads((runs[0] / "items" / "a.json").read_bytes())
+    record = json.loads(sidecar_file(runs[0], "a").read_bytes())
     path = tmp_path / "a.json"
     path.write_text(json.dumps(_edited(record, edit)))
     with pytest.raises(SidecarError) as caught:
@@ -150,7 +152,7 @@ def test_a_foreign_or_older_record_is_refused_naming_the_file_and_field(runs, tm
 
 def test_a_truncated_sidecar_does_not_parse(runs, tmp_path):
     path = tmp_path / "a.json"
-    path.write_bytes((runs[0] / "items" / "a.json").read_bytes()[:-40])
+    path.write_bytes(sidecar_file(runs[0], "a").read_bytes()[:-40])
     with pytest.raises(SidecarError, match=f"^{path}: does not parse: ") as caught:
         Sidecar.read(path)
     assert caught.value.parse
@@ -163,7 +165,7 @@ def test_a_truncated_sidecar_does_not_parse(runs, tmp_path):
 def test_a_record_of_an_older_svdbatch_without_file_hash_reads_and_verify_says_so(runs, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(runs[0], run_dir)
-    path = run_dir / "items" / "a.json"
+    path = sidecar_file(run_dir, "a")
     path.write_text(
         json.dumps(_edited(json.loads(path.read_bytes()), lambda r: (r["output"].pop("sha256"), r.pop("output_key"))))
     )
@@ -176,12 +178,15 @@ def test_a_record_of_an_older_svdbatch_without_file_hash_reads_and_verify_says_s
 def test_verify_reports_a_foreign_sidecar_and_repair_still_finds_the_output_it_names(runs, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(runs[0], run_dir)
-    path = run_dir / "items" / "a.json"
+    path = sidecar_file(run_dir, "a")
     path.write_text(json.dumps(_edited(json.loads(path.read_bytes()), lambda r: r["row"].pop("line"))))
-    record = latest_by_id(read_jsonl_fast(run_dir / "results.jsonl"))["a"]
+    record = latest_by_id(results_of(run_dir))["a"]
     report = check_item(run_dir, "a", record)
     assert report.problems == ["sidecar is not an svdbatch item record (field 'row.line' is missing)"]
-    assert item_files(run_dir, "a", None) == ["items/a.json", "videos/a.mp4"]  # from the damaged sidecar alone
+    assert item_files(run_dir, "a", None) == [
+        sidecar_rel(run_dir, "a"),
+        video_rel(run_dir, "a"),
+    ]  # from the damaged sidecar alone
     store = RunStore(run_dir, "mp4")
     assert store.read_sidecar("a") is None and store.done_record("a", record["key"], record["output_key"]) is None
 
@@ -189,12 +194,12 @@ def test_verify_reports_a_foreign_sidecar_and_repair_still_finds_the_output_it_n
 def test_the_gallery_shows_a_done_item_whose_sidecar_is_unreadable_from_its_results_line(runs, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(runs[0], run_dir, ignore=shutil.ignore_patterns("gallery", "index.html"))
-    path = run_dir / "items" / "a.json"
+    path = sidecar_file(run_dir, "a")
     body = path.read_bytes()
     path.write_bytes(body.replace(b'"schema": 1', b'"schema": 7'))  # same size: still done by its results line
     assert len(path.read_bytes()) == len(body)
     text = write_gallery(run_dir).read_text(encoding="utf-8")
-    assert text.count("<article") == 2 and 'src="videos/a.mp4"' in text and "video missing" not in text
+    assert text.count("<article") == 2 and f'src="{video_rel(run_dir, "a")}"' in text and "video missing" not in text
 
 
 def test_a_redo_keeps_the_output_of_a_sidecar_of_another_schema(runs, tmp_path):
@@ -202,13 +207,14 @@ def test_a_redo_keeps_the_output_of_a_sidecar_of_another_schema(runs, tmp_path):
     records, but a redo with run.keep_replaced still moves their outputs aside, never over."""
     run_dir = tmp_path / "run"
     shutil.copytree(runs[0], run_dir, ignore=shutil.ignore_patterns("gallery", "index.html"))
-    path = run_dir / "items" / "a.json"
+    path = sidecar_file(run_dir, "a")
     path.write_text(json.dumps(_edited(json.loads(path.read_bytes()), lambda r: r.update(schema=2))))
-    old_sidecar, old_video = path.read_bytes(), (run_dir / "videos" / "a.mp4").read_bytes()
+    old_sidecar, old_video = path.read_bytes(), (video_file(run_dir, "a", ".mp4")).read_bytes()
     cfg = make_cfg(
         f"manifest={runs[0].parent / 'm.csv'}", f"run.dir={run_dir}", "conditioning.num_inference_steps=1", "run.limit=1"
     )
     assert run(cfg).done == 1
     [kept] = (run_dir / "replaced").iterdir()
-    assert (kept / "items" / "a.json").read_bytes() == old_sidecar and (kept / "videos" / "a.mp4").read_bytes() == old_video
+    assert (kept / sidecar_rel(run_dir, "a")).read_bytes() == old_sidecar
+    assert (kept / video_rel(run_dir, "a")).read_bytes() == old_video
     assert Sidecar.read(path).params["num_inference_steps"] == 1

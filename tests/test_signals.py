@@ -17,8 +17,9 @@ import pytest
 
 from svdbatch.core.atomic import TEMP_MARKER
 from svdbatch.core.errors import exit_code_for_signal
-from svdbatch.core.jsonl import read_jsonl_fast
 from tests.conftest import FAST, REPO, make_image, write_csv
+
+from .runfiles import results_of, sidecar_file, video_file
 
 N_ITEMS = 6
 WAIT_S = 300  # generous: the test machine is shared
@@ -58,9 +59,9 @@ def start(args: list[str], cwd: Path = REPO) -> subprocess.Popen:
     )
 
 
-def wait_for_results(results: Path, proc: subprocess.Popen, lines: int = 1) -> None:
+def wait_for_results(run_dir: Path, proc: subprocess.Popen, lines: int = 1) -> None:
     deadline = time.monotonic() + WAIT_S
-    while not (results.exists() and results.read_bytes().count(b"\n") >= lines):
+    while len(results_of(run_dir)) < lines:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the run never committed an item"
         time.sleep(0.05)
@@ -77,10 +78,10 @@ def assert_all_gone(procs: list[psutil.Process], within_s: float = 15) -> None:
 
 def assert_nothing_half_committed(run_dir: Path) -> list[str]:
     """Every results line has its sidecar and video; no temporary is left anywhere."""
-    ids = [record["id"] for record in read_jsonl_fast(run_dir / "results.jsonl")]
+    ids = [record["id"] for record in results_of(run_dir)]
     for item_id in ids:
-        assert (run_dir / "items" / f"{item_id}.json").is_file()
-        assert (run_dir / "videos" / f"{item_id}.mp4").stat().st_size > 0
+        assert (sidecar_file(run_dir, f"{item_id}")).is_file()
+        assert video_file(run_dir, item_id).stat().st_size > 0
     leftovers = [p for p in run_dir.rglob("*") if TEMP_MARKER in p.name]
     assert not leftovers, leftovers
     return ids
@@ -112,7 +113,7 @@ def test_ctrl_c_to_the_group_stops_two_workers_cleanly_and_the_same_command_resu
     # after the first commit, still leaves work that has not started.
     args = command(manifest, run_dir, "run.workers=2", "run.stop_grace_s=600", steps=16)
     proc = start(args)
-    wait_for_results(run_dir / "results.jsonl", proc)
+    wait_for_results(run_dir, proc)
     workers = descendants(proc.pid)
     assert len([p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]) == 2
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
@@ -131,7 +132,7 @@ def test_sigterm_to_the_driver_past_the_grace_abandons_the_items_in_flight(tmp_p
     run_dir = tmp_path / "run"
     args = command(manifest, run_dir, "run.workers=2", "run.stop_grace_s=0", steps=16)  # see the Ctrl-C test
     proc = start(args)
-    wait_for_results(run_dir / "results.jsonl", proc)
+    wait_for_results(run_dir, proc)
     workers = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
 
@@ -145,7 +146,7 @@ def test_sigterm_in_process_worker_finishes_the_item_in_flight(tmp_path, manifes
     run_dir = tmp_path / "run"
     args = command(manifest, run_dir, "run.stop_grace_s=600")
     proc = start(args)
-    wait_for_results(run_dir / "results.jsonl", proc)
+    wait_for_results(run_dir, proc)
     proc.send_signal(signal.SIGTERM)
 
     _, done = assert_stopped_cleanly(proc, run_dir, 143)
@@ -155,7 +156,7 @@ def test_sigterm_in_process_worker_finishes_the_item_in_flight(tmp_path, manifes
 def test_workers_die_when_the_driver_is_sigkilled(tmp_path, manifest):
     run_dir = tmp_path / "run"
     proc = start(command(manifest, run_dir, "run.workers=2"))
-    wait_for_results(run_dir / "results.jsonl", proc)
+    wait_for_results(run_dir, proc)
     workers = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
     assert len(workers) == 2
     everything = descendants(proc.pid)
@@ -183,7 +184,7 @@ def test_sigusr2_under_submitit_stops_cleanly_requeues_and_the_requeued_job_fini
     ]
     proc = start(args)
     deadline = time.monotonic() + WAIT_S
-    while not list(sweep.glob("*/results.jsonl")) or not list(sweep.glob("*/results.jsonl"))[0].read_bytes().count(b"\n"):
+    while not [p for p in sweep.glob("*/layout.json") if results_of(p.parent)]:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -193,7 +194,7 @@ def test_sigusr2_under_submitit_stops_cleanly_requeues_and_the_requeued_job_fini
     out, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0, err
 
-    (run_dir,) = [p.parent for p in sweep.glob("*/results.jsonl")]
+    (run_dir,) = [p.parent for p in sweep.glob("*/layout.json")]
     log = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
     assert "interrupted: " in log and "left; run the same command to resume" in log
     assert "Requeued job" in log
@@ -215,20 +216,21 @@ def test_written_files_follow_the_umask(tmp_path, manifest, umask, file_mode, di
         preexec_fn=lambda: os.umask(umask),
     )
     assert proc.returncode == 0, proc.stderr
-    video = run_dir / "videos" / ("i0.mp4" if output == "mp4" else "i0")
+    video = video_file(run_dir, "i0", ".mp4" if output == "mp4" else "")
     files = [
-        run_dir / "items" / "i0.json",
-        run_dir / "results.jsonl",
+        sidecar_file(run_dir, "i0"),
+        *run_dir.glob("records/*.results.jsonl"),
         run_dir / "metadata.jsonl",
         run_dir / "index.html",
         run_dir / "config.yaml",
         *run_dir.glob("webdataset/*"),
-        *run_dir.glob("gallery/*"),
+        *(p for p in (run_dir / "gallery").rglob("*") if p.is_file()),
     ]
     files += [video] if output == "mp4" else list(video.iterdir())
     assert len(files) >= 7
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
-    folders = [run_dir, run_dir / "videos", run_dir / "items"] + ([video] if output == "frames" else [])
+    folders = [run_dir, run_dir / "videos", run_dir / "items", video.parent, run_dir / "records"]
+    folders += [video] if output == "frames" else []
     for path in folders:
         assert stat.S_IMODE(path.stat().st_mode) == dir_mode, path

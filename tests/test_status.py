@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ import pytest
 
 from svdbatch.commands import status as status_command
 from svdbatch.reports.status import (
-    claim_is_held,
+    claimed_ids,
     classify,
     collect,
     eta_seconds,
@@ -22,7 +21,11 @@ from svdbatch.reports.status import (
     normalise_problem,
     throughput,
 )
+from svdbatch.rundir.claims import STALE_AFTER_S, release, take
+from svdbatch.rundir.store import RunStore
 from tests.conftest import FAST, make_image, run_cli, write_csv, write_jsonl
+
+from .runfiles import video_file
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -48,7 +51,7 @@ def run_dir(tmp_path_factory, tiny_cache) -> Path:
         cwd=root,
     )
     assert proc.returncode == 1, proc.stderr  # one item failed
-    (run / "videos" / "d.mp4").unlink()
+    (video_file(run, "d", ".mp4")).unlink()
     return run
 
 
@@ -64,14 +67,12 @@ def test_status_of_a_real_run(run_dir):
 
 
 def test_status_json_counts_a_held_claim_as_in_progress(run_dir):
-    claims = run_dir / "claims"
-    claims.mkdir(exist_ok=True)
-    fd = os.open(claims / "d.claim", os.O_RDWR | os.O_CREAT)
+    store = RunStore(run_dir, "mp4")
+    claim = store.claim("d")  # as a worker generating d would
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # as a worker generating d would
         proc = run_cli("status", str(run_dir), "--json")
     finally:
-        os.close(fd)
+        store.release(claim)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["counts"] == {
@@ -142,15 +143,22 @@ def test_missing_manifest_leaves_pending_unknown_and_counts_invalid_rows_from_th
 
 
 # -- pure parts -----------------------------------------------------------------------
-def test_claim_is_held_only_while_locked(tmp_path):
-    claim = tmp_path / "x.claim"
-    assert not claim_is_held(claim)  # no file: never claimed
-    fd = os.open(claim, os.O_RDWR | os.O_CREAT)
-    assert not claim_is_held(claim)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    assert claim_is_held(claim) and claim_is_held(claim)  # probing does not take it over
-    os.close(fd)
-    assert not claim_is_held(claim)
+def test_a_claim_is_in_progress_while_its_holder_lives_here_or_beats_elsewhere(tmp_path):
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    claim = take(claims, "x")
+    assert claim is not None and set(claimed_ids(tmp_path)) == {"x"}
+    assert take(claims, "x") is None  # held by a live process: busy
+    release(claim)
+    assert claimed_ids(tmp_path) == set() and not list(claims.iterdir())  # released claims are deleted
+    far = {"host": "elsewhere", "pid": 1, "token": "t"}
+    (claims / "y.claim").write_text(json.dumps(far))
+    assert claimed_ids(tmp_path) == {"y"}  # another host's pid means nothing here: its heartbeat is fresh
+    old = datetime.now().timestamp() - STALE_AFTER_S - 1
+    os.utime(claims / "y.claim", (old, old))
+    assert claimed_ids(tmp_path) == set()  # missed heartbeats: stale
+    taken = take(claims, "y")
+    assert taken is not None and json.loads((claims / "y.claim").read_text())["token"] == taken.token
 
 
 def test_classify_puts_every_row_in_one_class():

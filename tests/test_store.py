@@ -10,8 +10,10 @@ import pytest
 
 from svdbatch.core.atomic import atomic_path, atomic_write_bytes
 from svdbatch.core.errors import RunDirError
-from svdbatch.core.jsonl import read_jsonl_fast
-from svdbatch.rundir.store import RunStore, append_jsonl, item_key, repair_jsonl
+from svdbatch.rundir import records
+from svdbatch.rundir.store import RunStore, item_key
+
+from .runfiles import sidecar_file
 
 
 def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
@@ -24,28 +26,31 @@ def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
     assert os.listdir(tmp_path) == ["x.json"]
 
 
-def test_repair_cuts_only_a_torn_last_line(tmp_path):
-    path = tmp_path / "r.jsonl"
-    path.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a": ')
-    assert repair_jsonl(path) == 6
-    assert [r["a"] for r in read_jsonl_fast(path)] == [1, 2]
-    assert repair_jsonl(path) == 0
+def test_a_torn_last_line_of_a_killed_writer_is_not_a_record(tmp_path):
+    folder = tmp_path / records.RECORDS_DIR
+    folder.mkdir()
+    (folder / f"0001-h-1{records.RESULTS_SUFFIX}").write_bytes(b'{"id": "a"}\n{"id": "b"}\n{"id": ')
+    assert [r["id"] for r in records.read_results(tmp_path)] == ["a", "b"]
+    summary = dict(records.summaries(tmp_path))["0001-h-1"]
+    assert summary.commits == 2 and summary.results_bytes == len(b'{"id": "a"}\n{"id": "b"}\n')
 
 
-def _append_many(path, worker, count):
+def _append_many(root, worker, count):
     for n in range(count):
-        append_jsonl(path, {"worker": worker, "n": n, "pad": "x" * 5000})
+        records.writer(root).append_result({"id": f"{worker}-{n}", "worker": worker, "n": n, "pad": "x" * 5000})
+    records.flush_all()
 
 
-def test_concurrent_appends_stay_valid_jsonl(tmp_path):
-    path = tmp_path / "results.jsonl"
-    procs = [multiprocessing.Process(target=_append_many, args=(path, w, 50)) for w in range(4)]
+def test_concurrent_writers_append_to_files_of_their_own(tmp_path):
+    procs = [multiprocessing.Process(target=_append_many, args=(tmp_path, w, 50)) for w in range(4)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(records) == 200 and len({(r["worker"], r["n"]) for r in records}) == 200
+    found = records.read_results(tmp_path)
+    assert len(found) == 200 and len({(r["worker"], r["n"]) for r in found}) == 200
+    assert len(list((tmp_path / records.RECORDS_DIR).glob("*" + records.RESULTS_SUFFIX))) == 4
+    assert records.totals(tmp_path).done == 200
 
 
 def test_key_depends_on_everything_that_changes_frames():
@@ -72,7 +77,7 @@ def test_unwritable_run_dir_fails_early(tmp_path):
 def test_finished_index_skips_an_unreadable_line_and_keeps_the_rest(tmp_path):
     store = RunStore(tmp_path, "mp4")
     store.prepare()
-    store.results.write_text('{"id": "a", "key": "1"}\n{"id": "b", "ke\n{"id": "c", "key": "3"}\n[1, 2]\n')
+    (tmp_path / "results.jsonl").write_text('{"id": "a", "key": "1"}\n{"id": "b", "ke\n{"id": "c", "key": "3"}\n[1, 2]\n')
     assert sorted(store.finished_index()) == ["a", "c"]
 
 
@@ -86,12 +91,12 @@ def test_deleting_only_a_sidecar_redoes_the_item_and_status_does_not_count_it(tm
     run_dir = tmp_path / "run"
     cfg = make_cfg(f"manifest={manifest}", f"run.dir={run_dir}")
     assert run(cfg).done == 2
-    (run_dir / "items" / "a.json").unlink()  # the video and its results line are still there
+    (sidecar_file(run_dir, "a")).unlink()  # the video and its results line are still there
     assert collect(run_dir)["counts"]["done"] == 1
 
     again = run(cfg)
     assert (again.done, again.skipped) == (1, 1)
-    assert json.loads((run_dir / "items" / "a.json").read_text())["status"] == "done"
+    assert json.loads((sidecar_file(run_dir, "a")).read_text())["status"] == "done"
     assert sorted(json.loads(line)["id"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()) == ["a", "b"]
     assert collect(run_dir)["counts"]["done"] == 2
 
@@ -99,9 +104,11 @@ def test_deleting_only_a_sidecar_redoes_the_item_and_status_does_not_count_it(tm
 def test_a_sidecar_of_another_size_than_committed_is_not_trusted(tmp_path):
     store = RunStore(tmp_path, "mp4")
     store.prepare()
-    (store.videos / "a.mp4").write_bytes(b"v" * 10)
+    store.video_path("a").write_bytes(b"v" * 10)
+    store.sidecar_path("a").parent.mkdir(parents=True, exist_ok=True)
     store.sidecar_path("a").write_bytes(b"{}")
-    record = {"id": "a", "key": "k", "output_key": "o", "output": "videos/a.mp4", "output_bytes": 10, "sidecar_bytes": 2}
+    output = store.relative(store.video_path("a"))
+    record = {"id": "a", "key": "k", "output_key": "o", "output": output, "output_bytes": 10, "sidecar_bytes": 2}
     assert store.is_done("a", "k", "o", {"a": record})
     assert not store.is_done("a", "k", "other output settings", {"a": record})
     store.sidecar_path("a").write_bytes(b"{ }")

@@ -19,13 +19,16 @@ from PIL import Image
 
 from svdbatch.commands import status as status_command
 from svdbatch.core.errors import ConfigError
-from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.core.jsonl import latest_by_id
 from svdbatch.engine.driver import run
 from svdbatch.engine.plan import shadowed_knobs_warning
 from svdbatch.engine.sweep import point_dirs, sweep_points, write_sweep_page
 from svdbatch.inputs.manifest import read_manifest
+from svdbatch.reports import status
 from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli
 from tests.test_gallery import find_chromium
+
+from .runfiles import results_of, sidecar_file, video_file, video_rel
 
 # The README's sweep, as written there, plus two CPU workers and the small test sizes.
 README_SWEEP = [
@@ -48,7 +51,7 @@ def sweep(tmp_path_factory, tiny_cache) -> tuple[Path, subprocess.CompletedProce
 
 
 def results(point: Path) -> dict[str, dict]:
-    return latest_by_id(read_jsonl_fast(point / "results.jsonl"))
+    return latest_by_id(results_of(point))
 
 
 def points_by_label(root: Path) -> dict[tuple[str, str], Path]:
@@ -76,14 +79,14 @@ def test_identical_items_are_generated_once_and_linked_elsewhere(sweep):
 
     origin = points[("60", "0.02")]
     reused_rocket = points[("180", "0.1")]
-    sidecar = json.loads((reused_rocket / "items" / "rocket.json").read_text())
+    sidecar = json.loads((sidecar_file(reused_rocket, "rocket")).read_text())
     assert sidecar["reused_from"]["run_dir"] == str(origin.resolve()) and sidecar["reused_from"]["id"] == "rocket"
     assert sidecar["row"]["overrides"] == {"motion_bucket_id": 180, "noise_aug_strength": 0.05}
-    original = json.loads((origin / "items" / "rocket.json").read_text())
+    original = json.loads((sidecar_file(origin, "rocket")).read_text())
     assert sidecar["key"] == original["key"] and sidecar["frames_sha256"] == original["frames_sha256"]
-    assert sidecar["params"] == original["params"] and sidecar["output"]["path"] == "videos/rocket.mp4"
+    assert sidecar["params"] == original["params"] and sidecar["output"]["path"] == video_rel(reused_rocket, "rocket")
     # A hard link: the same bytes, no second copy on disk.
-    assert os.stat(reused_rocket / "videos" / "rocket.mp4").st_ino == os.stat(origin / "videos" / "rocket.mp4").st_ino
+    assert os.stat(video_file(reused_rocket, "rocket", ".mp4")).st_ino == os.stat(video_file(origin, "rocket", ".mp4")).st_ino
 
 
 def test_one_load_per_worker_for_the_whole_sweep(sweep):
@@ -239,8 +242,9 @@ def test_status_of_a_sweep_root(sweep, tmp_path, capsys):
     shutil.copytree(root, copy)
     # One point has a failure instead of sunset; another point was never started.
     failing = points_by_label(copy)[("60", "0.1")]
-    kept = [line for line in (failing / "results.jsonl").read_text().splitlines() if '"id": "sunset"' not in line]
-    (failing / "results.jsonl").write_text("\n".join(kept) + "\n")
+    for results in (failing / "records").glob("*.results.jsonl"):
+        kept = [line for line in results.read_text().splitlines() if '"id": "sunset"' not in line]
+        results.write_text("".join(line + "\n" for line in kept))
     (failing / "failures.jsonl").write_text(
         json.dumps({"id": "sunset", "key": "k", "error": "RuntimeError: boom at step 3", "time": "2026-01-01T00:00:00+0000"})
         + "\n"
@@ -305,3 +309,26 @@ def test_reuse_from_an_earlier_run_and_only_with_equal_output_settings(sweep, tm
 def test_presets_pair_model_and_conditioning(overrides, model, frames):
     cfg = make_cfg("manifest=x.csv", *overrides, fast=False)
     assert (cfg.model.name, cfg.conditioning.num_frames) == (model, frames)
+
+
+def test_a_big_sweeps_page_is_the_same_from_sidecars_and_from_its_cell_cache(sweep, tmp_path, monkeypatch):
+    """Points with status.FAST_FROM results or more: the page reads only the shown items'
+    sidecars once, then rewrites from <point>/cache/page-cells.json; it must not differ."""
+    root, _ = sweep
+    copy = tmp_path / "big"
+    shutil.copytree(root, copy)
+
+    def table(path: Path) -> str:
+        text = path.read_text(encoding="utf-8")
+        return text[text.index("<table>") :]
+
+    small = table(write_sweep_page(copy))
+    monkeypatch.setattr(status, "FAST_FROM", 0)
+    first = table(write_sweep_page(copy))
+    caches = list(copy.glob("*/cache/page-cells.json"))
+    assert len(caches) == 4 and all(json.loads(c.read_text())["cells"] for c in caches)
+    again = table(write_sweep_page(copy))
+    assert small == first == again
+    point = points_by_label(copy)[("60", "0.1")]
+    video_file(point, "sunset").unlink()  # an output deleted: the cached cell is not trusted
+    assert "video missing" in table(write_sweep_page(copy))

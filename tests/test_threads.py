@@ -46,7 +46,7 @@ def test_default_follows_the_cpu_affinity_it_is_given():
 def test_the_resolved_default_is_recorded_in_the_sidecar(tmp_path, manifest4):
     summary = run(make_cfg(f"manifest={manifest4}", f"run.dir={tmp_path / 'run'}", "run.limit=1", "run.progress=false"))
     assert summary.done == 1
-    sidecar = json.loads(next((tmp_path / "run" / "items").glob("*.json")).read_text())
+    sidecar = json.loads(next((tmp_path / "run" / "items").glob("*/*.json")).read_text())
     assert sidecar["num_threads"] == default_num_threads([torch.device("cpu")])
 
 

@@ -10,6 +10,7 @@ from svdbatch.engine.driver import run
 from svdbatch.reports.status import collect
 
 from .conftest import make_cfg, run_cli, write_csv
+from .runfiles import sidecar_file, sidecar_rel, video_file, video_rel
 from .test_exports import samples
 
 
@@ -27,24 +28,24 @@ def test_verify_names_damaged_items_and_repair_makes_the_next_run_redo_exactly_t
     good = run_cli("verify", str(run_dir))
     assert good.returncode == 0, good.stdout + good.stderr
     assert "3 items checked, 3 intact, 0 damaged" in good.stdout
-    intact_c = (run_dir / "videos" / "c.mp4").read_bytes()
+    intact_c = (video_file(run_dir, "c", ".mp4")).read_bytes()
 
-    flip_last_byte(run_dir / "videos" / "a.mp4")  # bit rot in a video
-    (run_dir / "items" / "b.json").unlink()  # a lost sidecar
+    flip_last_byte(video_file(run_dir, "a", ".mp4"))  # bit rot in a video
+    (sidecar_file(run_dir, "b")).unlink()  # a lost sidecar
     damaged = run_cli("verify", str(run_dir), "--json")
     assert damaged.returncode == 1, damaged.stderr
     report = json.loads(damaged.stdout)
     problems = {entry["id"]: " ".join(entry["problems"]) for entry in report["damaged"]}
     assert sorted(problems) == ["a", "b"] and report["ok"] == 1
-    assert "sha256" in problems["a"] and "sidecar items/b.json is missing" in problems["b"]
+    assert "sha256" in problems["a"] and f"sidecar {sidecar_rel(run_dir, 'b')} is missing" in problems["b"]
 
     repaired = run_cli("verify", str(run_dir), "--repair")
     assert repaired.returncode == 1 and "set aside 2 item(s)" in repaired.stdout, repaired.stdout + repaired.stderr
     (aside,) = (run_dir / "damaged").iterdir()
-    assert (aside / "videos" / "a.mp4").is_file() and (aside / "items" / "a.json").is_file()
-    assert (aside / "videos" / "b.mp4").is_file()  # moved, not deleted
+    assert (aside / video_rel(run_dir, "a")).is_file() and (aside / sidecar_rel(run_dir, "a")).is_file()
+    assert (aside / video_rel(run_dir, "b")).is_file()  # moved, not deleted
     assert sorted(samples(run_dir)) == ["c"]  # the shards are rebuilt without what was set aside
-    assert not (run_dir / "videos" / "a.mp4").exists()
+    assert not (video_file(run_dir, "a", ".mp4")).exists()
     assert [json.loads(line)["id"] for line in (run_dir / "metadata.jsonl").read_text().splitlines()] == ["c"]
     assert sorted(json.loads((aside / "report.json").read_text())["set_aside"][i]["item_id"] for i in range(2)) == ["a", "b"]
     after = run_cli("verify", str(run_dir))  # set aside = not done, no longer damage
@@ -52,7 +53,7 @@ def test_verify_names_damaged_items_and_repair_makes_the_next_run_redo_exactly_t
 
     again = run(cfg)  # the same command
     assert (again.done, again.skipped, again.failed) == (2, 1, 0)
-    assert (run_dir / "videos" / "c.mp4").read_bytes() == intact_c
+    assert (video_file(run_dir, "c", ".mp4")).read_bytes() == intact_c
     assert sorted(samples(run_dir)) == ["a", "b", "c"]
     final = run_cli("verify", str(run_dir))
     assert final.returncode == 0 and "3 intact, 0 damaged" in final.stdout, final.stdout
@@ -62,9 +63,9 @@ def test_a_truncated_sidecar_and_a_wrong_decode_are_damage(tmp_path, images):
     manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [["a", "img/a.png", 1], ["b", "img/b.png", 2]])
     run_dir = tmp_path / "run"
     assert run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "output=frames")).done == 2
-    sidecar = run_dir / "items" / "a.json"
+    sidecar = sidecar_file(run_dir, "a")
     sidecar.write_bytes(sidecar.read_bytes()[:-40])
-    (run_dir / "videos" / "b" / "00003.png").unlink()  # one PNG frame lost
+    (video_file(run_dir, "b", "") / "00003.png").unlink()  # one PNG frame lost
     result = run_cli("verify", str(run_dir))
     assert result.returncode == 1
     assert "DAMAGED a: sidecar does not parse" in result.stdout
@@ -84,8 +85,8 @@ def test_dataset_files_that_list_a_missing_item_are_not_all_intact(tmp_path, ima
     manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [["a", "img/a.png", 1], ["b", "img/b.png", 2]])
     run_dir = tmp_path / "run"
     assert run(make_cfg(f"manifest={manifest}", f"run.dir={run_dir}", "output.webdataset=true")).done == 2
-    (run_dir / "videos" / "a.mp4").unlink()
-    (run_dir / "items" / "a.json").unlink()
+    (video_file(run_dir, "a", ".mp4")).unlink()
+    (sidecar_file(run_dir, "a")).unlink()
     stale = run_cli("verify", str(run_dir))
     assert stale.returncode == 1, stale.stdout
     assert "STALE metadata.jsonl lists 1 item(s) that are not finished or whose file is missing: a" in stale.stdout

@@ -30,9 +30,9 @@ from svdbatch.inputs.images import file_sha256, pipeline_input
 from svdbatch.models.devices import pin_threads, resolve_devices
 from svdbatch.models.identity import model_identity
 from svdbatch.models.loading import load_pipeline
+from svdbatch.rundir.layout import FLAT, GROUPED, sidecar_relpath
 from svdbatch.rundir.outputs import frames_sha256, output_bytes, output_sha256
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
-from svdbatch.rundir.store import sidecar_relpath
 
 
 @dataclass
@@ -55,9 +55,17 @@ def check_file_on_disk(sidecar_path: Path, sidecar: Sidecar) -> tuple[bool | Non
     if not recorded:
         return None, "file on disk not checked: the sidecar records no file sha256 (written by an older svdbatch)"
     sidecar_path = Path(sidecar_path).resolve()
-    run_dir = sidecar_path.parents[len(PurePosixPath(sidecar.id).parts)]
-    if run_dir / sidecar_relpath(sidecar.id) != sidecar_path:
-        return None, "file on disk not checked: the sidecar is not inside a run dir (<run dir>/items/<id>.json)"
+    depth = len(PurePosixPath(sidecar.id).parts)
+    # items/<bucket>/<id>.json (layout 2) or items/<id>.json (run dirs of older versions)
+    parents = sidecar_path.parents
+    found = [
+        parents[up]
+        for layout, up in ((GROUPED, depth + 1), (FLAT, depth))
+        if up < len(parents) and parents[up] / sidecar_relpath(sidecar.id, layout) == sidecar_path
+    ]
+    if not found:
+        return None, "file on disk not checked: the sidecar is not inside a run dir (<run dir>/items/<bucket>/<id>.json)"
+    run_dir = found[0]
     path = run_dir / sidecar.output.path
     if output_bytes(path) < 0:
         return False, f"file on disk is MISSING: {path}"

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +27,11 @@ import yaml
 
 from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.errors import EXIT_OK
-from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
 from svdbatch.reports import gallery, status
 from svdbatch.reports.gallery import (
     CSS,
     THUMB_PX,
+    cards_of,
     collect_cards,
     esc,
     fresh,
@@ -43,8 +43,10 @@ from svdbatch.reports.gallery import (
     url,
 )
 from svdbatch.reports.status import eta_line, read_manifest_view, reason_lines
+from svdbatch.rundir import records
+from svdbatch.rundir.layout import asset_relpath, layout_version, make_parents, sidecar_relpath
 from svdbatch.rundir.sidecar import SidecarImage, SidecarRow
-from svdbatch.rundir.store import GALLERY_ASSETS_DIR, RESULTS, RunStore, output_intact
+from svdbatch.rundir.store import CACHE_DIR, RunStore, output_intact
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -85,7 +87,7 @@ def point_dirs(root: Path) -> list[Path]:
             path = Path(entry.path)
             if (path / POINT_RECORD).is_file():
                 found.append(path)
-            elif depth < MAX_POINT_DEPTH and not (path / RESULTS).exists():  # never into a run dir's own folders
+            elif depth < MAX_POINT_DEPTH and not records.has_records(path):  # never into a run dir's own folders
                 walk(path, depth + 1)
 
     walk(root, 1)
@@ -223,7 +225,7 @@ class ReuseIndex:
         self.by_key: dict[tuple[str, str | None], ReuseSource] = {}
         self.sources: list[Path] = list(run_dirs)
         for run_dir in self.sources:
-            for record in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).values():
+            for record in records.latest_results(run_dir).values():
                 if not record.get("key") or "output" not in record:
                     continue
                 found = (record["key"], record.get("output_key"))
@@ -249,7 +251,7 @@ def expand_run_dirs(paths: Iterable[Any]) -> list[Path]:
         path = Path(str(ref)).expanduser()
         if is_sweep_root(path):
             found += point_dirs(path)
-        if (path / RESULTS).is_file():
+        if records.has_records(path):
             found.append(path)
     return found
 
@@ -296,8 +298,10 @@ def check_reuse_from(paths: Iterable[Any]) -> list[str]:
         path = Path(str(ref)).expanduser()
         if not path.is_dir():
             problems.append(f"run.reuse_from: {ref} does not exist")
-        elif not is_sweep_root(path) and not (path / RESULTS).is_file():
-            problems.append(f"run.reuse_from: {ref} is neither a run dir (results.jsonl) nor a sweep root ({MULTIRUN_RECORD})")
+        elif not is_sweep_root(path) and not records.has_records(path):
+            problems.append(
+                f"run.reuse_from: {ref} is neither a run dir (records/ or results.jsonl) nor a sweep root ({MULTIRUN_RECORD})"
+            )
     return problems
 
 
@@ -308,7 +312,7 @@ PAGE_BESIDE_RUN = "sweep.html"  # when the sweep root is also a plain run's dir,
 
 def page_path(root: Path) -> Path:
     root = Path(root)
-    return root / (PAGE_BESIDE_RUN if (root / RESULTS).is_file() else PAGE)
+    return root / (PAGE_BESIDE_RUN if records.has_records(root) else PAGE)
 
 
 POSTER_SUFFIX = ".first.jpg"  # <point>/gallery/<id>.first.jpg: the video's first frame, small
@@ -339,16 +343,16 @@ def first_frame(path: Path) -> Image.Image:
 
 
 def poster(run_dir: Path, item_id: str, output: Path, sidecar_mtime: float) -> str | None:
-    """<point>/gallery/<id>.first.jpg (made once per finished item); path relative to the point."""
+    """<point>/gallery/<bucket>/<id>.first.jpg (made once per finished item); path relative to the point."""
 
-    relative = f"{GALLERY_ASSETS_DIR}/{item_id}{POSTER_SUFFIX}"
+    relative = asset_relpath(item_id, POSTER_SUFFIX)
     target = run_dir / relative
     if fresh(target, sidecar_mtime):
         return relative
     try:
         image = first_frame(output)
         image.thumbnail((THUMB_PX, THUMB_PX))
-        target.parent.mkdir(exist_ok=True)
+        make_parents(run_dir, target)
         atomic_write_bytes(target, jpeg_bytes(image))
         return relative
     except Exception as exc:  # a poster is a nicety: never cost the page
@@ -364,15 +368,24 @@ class Cell:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def item_order(points: list[Point], cards: list[dict[str, Any]]) -> list[str]:
-    """Manifest order (from the first point whose manifest can be read), then any other id."""
-
-    ids: list[str] = []
+def manifest_order(points: list[Point]) -> list[str] | None:
+    """The ids of the first point whose manifest can be read, in its order."""
     for point in points:
         view = read_manifest_view(point.run_dir)
         if view.known:
-            ids = list(view.ids)
-            break
+            return list(view.ids)
+    return None
+
+
+def big_run(run_dir: Path) -> bool:
+    """A run dir with so many results that reading them all would cost the page seconds."""
+    return records.totals(run_dir).commits >= status.FAST_FROM
+
+
+def item_order(points: list[Point], cards: list[dict[str, Any]], manifest_ids: list[str] | None = None) -> list[str]:
+    """Manifest order (from the first point whose manifest can be read), then any other id."""
+
+    ids = list(manifest_ids) if manifest_ids is not None else manifest_order(points) or []
     known = set(ids)
     extra = sorted({item_id for by_id in cards for item_id in by_id} - known)
     return ids + extra
@@ -495,22 +508,32 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     root = Path(root)
     spec = read_sweep_spec(root)
     points = sweep_points(root, spec)
-    by_point = [
-        {c.item_id: c for c in collect_cards(p.run_dir) if c.kind != "invalid" or c.record.get("id") is not None} for p in points
-    ]
-    all_ids = item_order(points, by_point)
-    ids = all_ids if max_items <= 0 else all_ids[:max_items]
+    manifest_ids = manifest_order(points)
     rels = [p.run_dir.relative_to(root).as_posix() for p in points]
     titles = {str(p.run_dir.resolve()): p.short_title for p in points}
+    big = manifest_ids is not None and max_items > 0 and any(big_run(p.run_dir) for p in points)
+    infos: dict[tuple[int, str], CellSource] = {}
+    if big and manifest_ids is not None:
+        # A big sweep: only the shown items, each cell from the point's cell cache while its
+        # sidecar is unchanged, else from its sidecar (gallery.cards_of): no results records read.
+        all_ids = manifest_ids
+        ids = all_ids[:max_items]
+        all_cells, infos = cached_cells(points, rels, ids, titles)
+    else:
+        by_point = [
+            {c.item_id: c for c in collect_cards(p.run_dir) if c.kind != "invalid" or c.record.get("id") is not None}
+            for p in points
+        ]
+        all_ids = item_order(points, by_point, manifest_ids)
+        ids = all_ids if max_items <= 0 else all_ids[:max_items]
+        jobs = [(p, rel, by_id.get(item_id)) for item_id in ids for p, rel, by_id in zip(points, rels, by_point, strict=False)]
+        all_cells = cells_in_parallel(jobs, titles)
+        for k, by_id in enumerate(by_point):
+            for item_id, card in by_id.items():
+                if card.kind in ("done", "missing"):
+                    infos[(k, item_id)] = CellSource(None, (None, None), 0.0, from_sidecar=True)
     rows = []
     counts = {"done": 0, "reused": 0, "failed": 0, "pending": 0}
-    # Cells in parallel: a new cell's poster is an ffmpeg call (~0.1 s), made once per item.
-    from concurrent.futures import ThreadPoolExecutor
-
-    jobs = [(p, rel, by_id.get(item_id)) for item_id in ids for p, rel, by_id in zip(points, rels, by_point, strict=False)]
-    with ThreadPoolExecutor(POSTER_THREADS, thread_name_prefix="svdbatch-poster") as pool:
-        # Not *job: mypy types a lambda's job as Any here, and takes *Any to fill every parameter.
-        all_cells = list(pool.map(lambda job: cell_html_at(job[0], job[1], job[2], titles), jobs))
     for row, item_id in enumerate(ids):
         cells = all_cells[row * len(points) : (row + 1) * len(points)]
         values: dict[str, set] = {}
@@ -519,12 +542,14 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
                 values.setdefault(name, set()).add(json.dumps(value))
         varies = {name for name, seen in values.items() if len(seen) > 1}
         thumb_html, seed = '<div class="na">no source</div>', None
-        for point, rel, by_id in zip(points, rels, by_point, strict=False):
-            card = by_id.get(item_id)
-            if card is not None and card.kind in ("done", "missing"):
-                sidecar, mtime = read_sidecar(point.run_dir, item_id)
-                seed = sidecar.seed if sidecar is not None else None
-                image = (sidecar.image.path, sidecar.image.url) if sidecar is not None else (None, None)
+        for k, (point, rel) in enumerate(zip(points, rels, strict=False)):
+            source = infos.get((k, item_id))
+            if source is not None:
+                seed, image, mtime = source.seed, source.image, source.mtime
+                if source.from_sidecar:
+                    sidecar, mtime = read_sidecar(point.run_dir, item_id)
+                    seed = sidecar.seed if sidecar is not None else None
+                    image = (sidecar.image.path, sidecar.image.url) if sidecar is not None else (None, None)
                 thumb = source_thumbnail(point.run_dir, item_id, image, mtime)
                 if thumb:
                     thumb_html = f'<img src="{url(rel + "/" + thumb)}" alt="source" loading="lazy">'
@@ -575,6 +600,105 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     return target
 
 
+def cells_in_parallel(jobs: list[tuple[Point, str, Any]], titles: dict[str, str]) -> list[Cell]:
+    """cell_html_at of each (point, rel, card), on a few threads: a new cell's poster is an
+    ffmpeg call (~0.1 s), made once per item."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(jobs) < 2:
+        return [cell_html_at(point, rel, card, titles) for point, rel, card in jobs]
+    with ThreadPoolExecutor(POSTER_THREADS, thread_name_prefix="svdbatch-poster") as pool:
+        # Not *job: mypy types a lambda's job as Any here, and takes *Any to fill every parameter.
+        return list(pool.map(lambda job: cell_html_at(job[0], job[1], job[2], titles), jobs))
+
+
+@dataclass
+class CellSource:
+    """What the item column needs of a done cell: its seed and source image, the sidecar's mtime."""
+
+    seed: int | None
+    image: tuple[str | None, str | None]
+    mtime: float
+    from_sidecar: bool = False  # not known yet: read the sidecar
+
+
+CELL_CACHE = "page-cells.json"  # <point>/cache/: the page's done cells, by sidecar (mtime, size)
+CELL_CACHE_VERSION = 1
+
+
+def _read_cell_cache(path: Path, rel: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CELL_CACHE_VERSION or data.get("rel") != rel:
+        return {}
+    cells = data.get("cells")
+    return cells if isinstance(cells, dict) else {}
+
+
+def cached_cells(
+    points: list[Point], rels: list[str], ids: list[str], titles: dict[str, str]
+) -> tuple[list[Cell], dict[tuple[int, str], CellSource]]:
+    """The cells of a big sweep's page (row by row, a point per column), and what the item
+    column needs. A done cell is kept in <point>/cache/page-cells.json with its sidecar's
+    mtime and size: while those and its output are unchanged, the page is rewritten from the
+    cache with two stats per cell instead of parsing 25k sidecars (bench/status_scale.py)."""
+    width = len(points)
+    cells: list[Cell | None] = [None] * (len(ids) * width)
+    infos: dict[tuple[int, str], CellSource] = {}
+    for k, (point, rel) in enumerate(zip(points, rels, strict=False)):
+        cache_file = point.run_dir / CACHE_DIR / CELL_CACHE
+        cache = _read_cell_cache(cache_file, rel)
+        kept: dict[str, Any] = {}
+        layout = layout_version(point.run_dir)
+        root = os.fspath(point.run_dir)
+        misses: list[tuple[int, str, os.stat_result | None]] = []
+        for row, item_id in enumerate(ids):
+            try:
+                info: os.stat_result | None = os.stat(f"{root}/{sidecar_relpath(item_id, layout)}")
+            except OSError:
+                info = None
+            hit = cache.get(item_id) if info is not None else None
+            if (
+                info is not None
+                and isinstance(hit, dict)
+                and hit.get("stamp") == [info.st_mtime_ns, info.st_size]
+                and os.path.lexists(f"{root}/{hit.get('output')}")
+            ):
+                cells[row * width + k] = Cell(**hit["cell"])
+                infos[(k, item_id)] = CellSource(hit.get("seed"), tuple(hit.get("image") or (None, None)), info.st_mtime)
+                kept[item_id] = hit
+            else:
+                misses.append((row, item_id, info))
+        cards = cards_of(point.run_dir, [item_id for _, item_id, _ in misses]) if misses else {}
+        made = cells_in_parallel([(point, rel, cards.get(item_id)) for _, item_id, _ in misses], titles)
+        for (row, item_id, info), cell in zip(misses, made, strict=True):
+            cells[row * width + k] = cell
+            card = cards.get(item_id)
+            sidecar = card.sidecar if card is not None else None
+            if sidecar is None or info is None:
+                continue
+            image = (sidecar.image.path, sidecar.image.url)
+            infos[(k, item_id)] = CellSource(sidecar.seed, image, info.st_mtime)
+            if card is not None and card.kind == "done":
+                kept[item_id] = {
+                    "stamp": [info.st_mtime_ns, info.st_size],
+                    "output": sidecar.output.path,
+                    "cell": asdict(cell),
+                    "seed": sidecar.seed,
+                    "image": list(image),
+                }
+        if kept != cache:
+            try:
+                cache_file.parent.mkdir(exist_ok=True)
+                body = {"version": CELL_CACHE_VERSION, "rel": rel, "cells": kept}
+                atomic_write_bytes(cache_file, json.dumps(body, separators=(",", ":")).encode())
+            except OSError as exc:  # a cache: the page is right without it
+                log.debug("sweep page: cannot write %s: %s", cache_file, exc)
+    return [cell if cell is not None else Cell("pending", '<div class="na">pending</div>') for cell in cells], infos
+
+
 def cell_html_at(point: Point, rel: str, card: Any, titles: dict[str, str]) -> Cell:
     """cell_html with the point's media paths (relative to the point) made relative to the sweep root."""
     cell = cell_html(point, card, titles)
@@ -601,11 +725,13 @@ def update_sweep_page(root: Path, max_items: int = 500) -> Path | None:
 
 
 # -- the sweep's status -------------------------------------------------------------------
-def reused_count(run_dir: Path) -> int:
-    """Finished items of a point that were linked from elsewhere, not generated."""
-    return sum(
-        1 for r in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).values() if r.get("reused_from") and output_intact(run_dir, r)
-    )
+def reused_count(run_dir: Path, totals: records.RunTotals | None = None) -> int:
+    """Finished items of a point that were linked from elsewhere, not generated (in a big
+    point: the summaries' count, records.py)."""
+    totals = totals or records.totals(run_dir)
+    if totals.commits >= status.FAST_FROM:
+        return totals.reused
+    return sum(1 for r in records.latest_results(run_dir).values() if r.get("reused_from") and output_intact(run_dir, r))
 
 
 def merge_reasons(per_point: list[tuple[Point, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
@@ -633,11 +759,13 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
     reports = []
     generated: list[dict[str, Any]] = []
     for point in points:
-        report = status.collect(point.run_dir, window, now)
+        point_totals = records.totals(point.run_dir)  # the writers' summaries, read once per point
+        report = status.collect(point.run_dir, window, now, point_totals)
         report["label"] = point.label
-        report["counts"]["reused"] = reused_count(point.run_dir)
+        report["counts"]["reused"] = reused_count(point.run_dir, point_totals)
         reports.append(report)
-        generated += [r for r in read_jsonl_fast(point.run_dir / RESULTS) if not r.get("reused_from")]
+        generated += [r for r in point_totals.recent if not r.get("reused_from")]
+    generated.sort(key=lambda r: str(r.get("finished_at")))  # the latest finishes of every point
     names = ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
     totals: dict[str, int | None] = {}
     for name in names:

@@ -37,6 +37,7 @@ from svdbatch.inputs.fetch import FetchError
 from svdbatch.inputs.images import pipeline_input
 from svdbatch.models.devices import pin_threads
 from svdbatch.models.loading import LoadedPipeline, lower_memory
+from svdbatch.rundir.claims import Claim
 from svdbatch.rundir.outputs import (
     Written,
     frames_sha256,
@@ -90,7 +91,7 @@ class Loaded:
     load_s: float = 0.0
     error: BaseException | None = None
     error_trace: str = ""
-    claim: int | None = None  # this process's claim on the item (store.claim)
+    claim: Claim | None = None  # this process's claim on the item (store.claim)
     settled: Outcome | None = None  # nothing to generate: busy, done elsewhere or stopped
 
 

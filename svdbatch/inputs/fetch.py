@@ -37,6 +37,7 @@ from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.config import FetchConfig
 from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS
 from svdbatch.inputs.images import ImageProblem, open_header, open_image, pixels_problem
+from svdbatch.rundir.layout import BUCKET_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +195,15 @@ class UrlCache:
         self._lock = threading.Lock()
 
     def path_for(self, url: str) -> Path:
+        """downloads/<3 hex>/<sha256 of the url>.<ext>: grouped like a run dir's items
+        (rundir/layout.py), so a million URLs never make one folder of a million files."""
+        name = self._name(url)
+        return self.root / name[:BUCKET_CHARS] / name
+
+    @staticmethod
+    def _name(url: str) -> str:
         suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
-        name = hashlib.sha256(url.encode()).hexdigest()[:40]
-        return self.root / (name + (suffix if suffix in CACHED_SUFFIXES else ".img"))
+        return hashlib.sha256(url.encode()).hexdigest()[:40] + (suffix if suffix in CACHED_SUFFIXES else ".img")
 
     def fetch(self, url: str) -> Path:
         """The cached file for `url`, downloading it first if needed. Raises FetchError."""
@@ -261,6 +268,9 @@ class UrlCache:
         target = self.path_for(url)
         if target.is_file():
             return target
+        flat = self.root / self._name(url)  # where run dirs of older versions kept it
+        if flat.is_file():
+            return flat
         data = self._download(url)
         try:
             with open_image(io.BytesIO(data), self.max_pixels) as image:  # the size again, before decoding
@@ -271,7 +281,7 @@ class UrlCache:
             raise FetchError(f"{url}: not a readable image ({len(data)} bytes): {exc}") from None
         if self._cancelled.is_set():
             raise Cancelled()
-        self.root.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(target, data)
         return target
 

@@ -9,7 +9,6 @@ the configured resize policy. Everything that changes the pixels here is part of
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from svdbatch.core.config import ImageCheck, ResizeMode
 from svdbatch.core.jsonl import read_jsonl_fast
+from svdbatch.core.locks import lock_or_go_on
 from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, Preprocess
 
 RESAMPLE = Image.Resampling.BICUBIC
@@ -193,7 +193,7 @@ class ImageCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            lock_or_go_on(fd, str(self.path))  # a cache: a line two hosts interleave is skipped on read
             end = os.lseek(fd, 0, os.SEEK_END)
             if end and os.pread(fd, 1, end - 1) != b"\n":  # a writer killed mid-line: start a fresh line
                 body = b"\n" + body

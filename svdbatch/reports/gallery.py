@@ -7,7 +7,7 @@ self-contained (inline CSS, no scripts, no network) and uses relative URLs only,
 copied or served run dir still works. Thumbnails and previews go to <run dir>/gallery/,
 made once per item: the source may live elsewhere, or be a URL download.
 
-Everything is read from the run dir (results.jsonl, failures.jsonl, the sidecars), so any
+Everything is read from the run dir (its records, records.py, and the sidecars), so any
 process sharing the run dir may rewrite the page; it is replaced atomically.
 """
 
@@ -20,6 +20,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,24 +32,22 @@ from PIL import Image
 from svdbatch.core.atomic import DISK_FULL_ERRNOS, atomic_write_bytes
 from svdbatch.core.config import FetchConfig
 from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_OK
-from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.core.jsonl import latest_by_id
 from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import load_rgb
+from svdbatch.rundir import records
+from svdbatch.rundir.layout import asset_relpath, layout_version, make_parents, sidecar_path_in, sidecar_relpath
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
 from svdbatch.rundir.store import (
     DOWNLOADS_DIR,
-    FAILURES,
-    GALLERY_ASSETS_DIR,
     GALLERY_PAGE,
     INVALID_ROW,
-    RESULTS,
     is_invalid_record,
     is_run_dir,
     not_a_run_dir_message,
     output_intact,
     parse_time,
     run_cwd,
-    sidecar_relpath,
 )
 
 log = logging.getLogger(__name__)
@@ -72,9 +71,9 @@ class Card:
 def collect_cards(run_dir: Path) -> list[Card]:
     """One card per item id (its latest state), plus one per invalid row without an id;
     newest first."""
-    failures_log = read_jsonl_fast(run_dir / FAILURES)
+    failures_log = records.read_failures(run_dir)
     cards: dict[str, Card] = {}
-    for item_id, record in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).items():
+    for item_id, record in records.latest_results(run_dir).items():
         present = output_intact(run_dir, record)
         cards[item_id] = Card(item_id, "done" if present else "missing", parse_time(record.get("finished_at")), record)
     for item_id, record in latest_by_id(failures_log).items():
@@ -89,9 +88,32 @@ def collect_cards(run_dir: Path) -> list[Card]:
     return sorted(listed, key=lambda c: c.when or oldest, reverse=True)
 
 
+def cards_of(run_dir: Path, ids: Iterable[str]) -> dict[str, Card]:
+    """The cards of these ids only, from their sidecars and the failure records, without
+    reading the results records: a big sweep's page shows a few hundred of its items."""
+    failures = records.latest_failures(run_dir)
+    layout = layout_version(run_dir)
+    cards: dict[str, Card] = {}
+    for item_id in ids:
+        try:
+            sidecar, size = Sidecar.read_with_size(run_dir / sidecar_relpath(item_id, layout))
+        except (OSError, SidecarError):
+            sidecar = None
+        if sidecar is not None and sidecar.done:
+            record = sidecar.result_record(size)
+            kind = "done" if output_intact(run_dir, record, layout) else "missing"
+            cards[item_id] = Card(item_id, kind, parse_time(sidecar.finished_at), record, sidecar)
+            continue
+        failure = failures.get(item_id)
+        if failure is not None:
+            kind = "invalid" if is_invalid_record(failure) else "failed"
+            cards[item_id] = Card(item_id, kind, parse_time(failure.get("time")), failure)
+    return cards
+
+
 def read_sidecar(run_dir: Path, item_id: str) -> tuple[Sidecar | None, float]:
     """(sidecar, its mtime); (None, 0) if missing or unreadable."""
-    path = run_dir / sidecar_relpath(item_id)
+    path = sidecar_path_in(run_dir, item_id)
     try:
         return Sidecar.read(path), path.stat().st_mtime
     except (OSError, SidecarError):
@@ -135,30 +157,32 @@ def jpeg_bytes(image: Image.Image) -> bytes:
 
 
 def source_thumbnail(run_dir: Path, item_id: str, image: tuple[str | None, str | None], sidecar_mtime: float) -> str | None:
-    """gallery/<id>.jpg (made now if missing or older than the sidecar) of the source image
-    at `image` (path, url: source_of); None if the source cannot be found or read."""
-    target = run_dir / GALLERY_ASSETS_DIR / f"{item_id}.jpg"
+    """gallery/<bucket>/<id>.jpg (made now if missing or older than the sidecar) of the source
+    image at `image` (path, url: source_of); None if the source cannot be found or read."""
+    relative = asset_relpath(item_id, ".jpg")
+    target = run_dir / relative
     if fresh(target, sidecar_mtime):
-        return f"{GALLERY_ASSETS_DIR}/{item_id}.jpg"
+        return relative
     for source in source_candidates(run_dir, *image):
         if not source.is_file():
             continue
         try:
             thumb = load_rgb(source)  # EXIF orientation and alpha handled as for generation
             thumb.thumbnail((THUMB_PX, THUMB_PX))
-            target.parent.mkdir(exist_ok=True)
+            make_parents(run_dir, target)
             atomic_write_bytes(target, jpeg_bytes(thumb))
-            return f"{GALLERY_ASSETS_DIR}/{item_id}.jpg"
+            return relative
         except Exception as exc:  # a bad source must not cost the page
             log.debug("gallery: no thumbnail for %s from %s: %s", item_id, source, exc)
-    return f"{GALLERY_ASSETS_DIR}/{item_id}.jpg" if target.is_file() else None
+    return relative if target.is_file() else None
 
 
 def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, sidecar_mtime: float) -> str | None:
-    """gallery/<id>.webp: a small animated preview of a folder of PNG frames."""
-    target = run_dir / GALLERY_ASSETS_DIR / f"{item_id}.webp"
+    """gallery/<bucket>/<id>.webp: a small animated preview of a folder of PNG frames."""
+    relative = asset_relpath(item_id, ".webp")
+    target = run_dir / relative
     if fresh(target, sidecar_mtime):
-        return f"{GALLERY_ASSETS_DIR}/{item_id}.webp"
+        return relative
     paths = sorted(frames_dir.glob("*.png"))
     if not paths:
         return None
@@ -173,9 +197,9 @@ def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, si
         frames[0].save(
             buffer, format="WEBP", save_all=True, append_images=frames[1:], duration=round(1000 / (fps or 7)), loop=0, quality=80
         )
-        target.parent.mkdir(exist_ok=True)
+        make_parents(run_dir, target)
         atomic_write_bytes(target, buffer.getvalue())
-        return f"{GALLERY_ASSETS_DIR}/{item_id}.webp"
+        return relative
     except Exception as exc:
         log.debug("gallery: no preview for %s: %s", item_id, exc)
         middle = paths[len(paths) // 2]

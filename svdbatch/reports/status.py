@@ -1,15 +1,19 @@
 """`svdbatch status <run dir> [--json]`: how far a run is, read from its run dir alone.
 
-    done         the latest results.jsonl record's output and sidecar are still there (sizes match)
-    in progress  another process holds the item's claim (claims/<id>.claim, flock)
-    failed       the latest failures.jsonl record is a generation error, and not done
+    done         the latest results record's output and sidecar are still there (sizes match);
+                 in a run of FAST_FROM or more results lines: the count the writers' summaries
+                 keep (records.py), trusted without stats (`svdbatch verify` checks every file)
+    in progress  a live process holds the item's claim (claims/<id>.claim, claims.py)
+    failed       the latest failure record is a generation error, and not done
     invalid      the manifest row does not validate (now, or when the run read it)
     pending      every other manifest row
     live         a process of the run still exists: an item's claim is held, or an owner
                  file (owners/<pid>@<host>.json) names a process of this host that is alive;
                  unknown when the only owners are on other hosts (then: heartbeat age)
 
-Nothing is re-hashed and no model is loaded: two stats per finished item (output and sidecar), and the manifest's
+Nothing is re-hashed and no model is loaded: two stats per finished item (output and sidecar)
+in a small run, the writers' summaries plus the tails they do not cover yet in a big one
+(a million items in under a second, bench/status_scale.py), and the manifest's
 rows come from the summary the run saved (cache/manifest-*.json) while the manifest file is
 unchanged, so a 100k-row run answers without parsing it. Keys are not recomputed either,
 so an item whose parameters changed since it finished still counts as done here (the next
@@ -18,8 +22,6 @@ run redoes it).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -36,17 +38,18 @@ import yaml
 
 from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.errors import ManifestError
-from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.core.jsonl import latest_by_id
 from svdbatch.inputs.manifest import Manifest, read_manifest
+from svdbatch.rundir import records
+from svdbatch.rundir.claims import held_claims
+from svdbatch.rundir.layout import layout_version, sidecar_relpath
 from svdbatch.rundir.store import (
     CACHE_DIR,
-    CLAIM_SUFFIX,
     CLAIMS_DIR,
-    FAILURES,
     HEARTBEAT_S,
     config_files,
-    finished_intact,
     is_invalid_record,
+    output_intact,
     owner_state,
     parse_time,
     read_owners,
@@ -57,6 +60,9 @@ THROUGHPUT_WINDOW = 50
 # Finishes further apart than this (or 10 mean items) split a run into sessions: a resumed
 # run must not count yesterday's items, or the rate looks tiny and the ETA huge.
 SESSION_GAP_S = 600.0
+# From this many results lines on, done is counted from the writers' summaries (records.py)
+# instead of two stats per item: a million stats alone take seconds on a shared file system.
+FAST_FROM = 5_000
 
 
 # -- the run dir ----------------------------------------------------------------------
@@ -176,38 +182,11 @@ def read_manifest_view(run_dir: Path) -> ManifestView:
 
 
 # -- logs -------------------------------------------------------------------------------
-def claim_is_held(path: str | os.PathLike) -> bool:
-    """True while another process holds the claim's flock (it is generating that item).
-
-    Probes with a shared lock, dropped at once: probes from two status commands do not
-    see each other, while a worker's exclusive claim still blocks them. Opened read-only
-    and never created: status writes nothing into the run dir."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False  # no claim file: nobody ever claimed it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-    finally:
-        os.close(fd)  # closing drops our probe lock
-    return False
-
-
-def claimed_ids(run_dir: Path, skip: set[str]) -> set[str]:
-    """Ids with a live claim; ids in `skip` (done) are not probed: claim files stay after
-    their item finishes, so most of a big run's files need no lock probe."""
-    claims = run_dir / CLAIMS_DIR
-    if not claims.is_dir():
-        return set()
-    held = set()
-    for entry in os.scandir(claims):
-        if entry.name.endswith(CLAIM_SUFFIX):
-            item_id = entry.name[: -len(CLAIM_SUFFIX)]
-            if item_id not in skip and claim_is_held(entry.path):
-                held.add(item_id)
-    return held
+def claimed_ids(run_dir: Path, skip: set[str] | None = None) -> set[str]:
+    """Ids with a live claim (claims.held_claims: released claims are deleted, so claims/
+    holds only the few being generated); ids in `skip` (done) are left out."""
+    held = set(held_claims(run_dir / CLAIMS_DIR))
+    return held - skip if skip else held
 
 
 # -- counting ---------------------------------------------------------------------------
@@ -219,21 +198,23 @@ class Counts:
     invalid: list[str] = field(default_factory=list)  # ids, or 'line N' for rows without one
     pending: set[str] | None = None  # None: the manifest is not known
     extra_done: set[str] = field(default_factory=set)  # done, but not a valid row of the manifest now
+    # Counted, not listed (a big run, classify_counted): these override the sets' sizes.
+    done_count: int | None = None
+    pending_count: int | None = None
+    extra_done_count: int | None = None
 
     def as_dict(self) -> dict[str, int | None]:
-        total = (
-            None
-            if self.pending is None
-            else len(self.done) + len(self.in_progress) + len(self.failed) + len(self.invalid) + len(self.pending)
-        )
+        done = len(self.done) if self.done_count is None else self.done_count
+        pending = self.pending_count if self.pending_count is not None else None if self.pending is None else len(self.pending)
+        total = None if pending is None else done + len(self.in_progress) + len(self.failed) + len(self.invalid) + pending
         return {
-            "done": len(self.done),
+            "done": done,
             "in_progress": len(self.in_progress),
             "failed": len(self.failed),
             "invalid": len(self.invalid),
-            "pending": None if self.pending is None else len(self.pending),
+            "pending": pending,
             "total": total,
-            "done_not_in_manifest": len(self.extra_done),
+            "done_not_in_manifest": len(self.extra_done) if self.extra_done_count is None else self.extra_done_count,
         }
 
 
@@ -269,6 +250,51 @@ def classify(
                 counts.failed.add(item_id)
         elif counts.pending is not None:
             counts.pending.add(item_id)
+    return counts
+
+
+def classify_counted(
+    run_dir: Path,
+    manifest_ids: list[str] | None,
+    bad_rows: list[tuple[int, str | None, list[str]]],
+    done_count: int,
+    failures: dict[str, dict[str, Any]],
+    claimed: set[str],
+    idless_failures: Iterable[dict[str, Any]] = (),
+) -> Counts:
+    """classify for a big run: done is the summaries' count, not a set; a failed or claimed
+    item is not done while its sidecar is missing (one stat each: failures are few); the
+    rest of the manifest's valid rows are pending."""
+    counts = Counts(done_count=done_count)
+    layout = layout_version(run_dir)
+    ids = set(manifest_ids) if manifest_ids is not None and (failures or claimed) else None
+
+    def listed(item_id: str) -> bool:
+        return ids is None or item_id in ids
+
+    root = os.fspath(run_dir)
+
+    def done(item_id: str) -> bool:
+        return os.path.lexists(f"{root}/{sidecar_relpath(item_id, layout)}")
+
+    if manifest_ids is None:
+        counts.invalid += sorted({f"line {r.get('line')}" for r in idless_failures})
+    else:
+        counts.invalid += [item_id if item_id else f"line {line}" for line, item_id, _ in bad_rows]
+    counts.in_progress = {item_id for item_id in claimed if listed(item_id) and not done(item_id)}
+    for item_id, record in failures.items():
+        if item_id in counts.in_progress or not listed(item_id) or done(item_id):
+            continue
+        if is_invalid_record(record):
+            counts.invalid.append(item_id)
+        else:
+            counts.failed.add(item_id)
+    if manifest_ids is not None:
+        invalid_ids = len(counts.invalid) - len(bad_rows)
+        left = len(manifest_ids) - done_count - len(counts.in_progress) - len(counts.failed) - invalid_ids
+        counts.pending_count = max(0, left)
+        counts.extra_done_count = max(0, -left)
+        counts.done_count = done_count - counts.extra_done_count
     return counts
 
 
@@ -389,6 +415,13 @@ def throughput(records: Iterable[dict[str, Any]], window: int = THROUGHPUT_WINDO
     return Throughput(len(tail), span, rate, fmean(s for _, s in tail), tail[-1][0].isoformat())
 
 
+def by_finish(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Results records in the order they finished (every writer's, merged), updates and
+    removals left out."""
+    finished = [r for r in results if isinstance(r.get("finished_at"), str) and not r.get("meta_updated_at")]
+    return sorted(finished, key=lambda r: str(r["finished_at"]))
+
+
 def throughput_lines(window: int = THROUGHPUT_WINDOW) -> int:
     """How many of the log's last lines throughput reads (a generous tail around the window)."""
     return max(40 * window, 2000)
@@ -437,19 +470,32 @@ def eta_seconds(remaining: int | None, rate: float | None, live: bool = True) ->
 
 
 # -- the report -------------------------------------------------------------------------
-def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: datetime | None = None) -> dict[str, Any]:
-    """Everything `svdbatch status` prints, as one JSON-friendly dict."""
+def collect(
+    run_dir: Path, window: int = THROUGHPUT_WINDOW, now: datetime | None = None, totals: records.RunTotals | None = None
+) -> dict[str, Any]:
+    """Everything `svdbatch status` prints, as one JSON-friendly dict (`totals`: the run
+    dir's records.totals, if the caller has them already)."""
     now = now or datetime.now(timezone.utc)
-    done, recent = finished_intact(run_dir, recent=throughput_lines(window))
-    failures_log = read_jsonl_fast(run_dir / FAILURES)
+    failures_log = records.read_failures(run_dir)
     failures = latest_by_id(failures_log)
     # Rows rejected before they had an id: one per manifest line, the latest record.
     idless = list({r.get("line"): r for r in failures_log if r.get("id") is None}.values())
     view = read_manifest_view(run_dir)
-    counts = classify(view.ids if view.known else None, view.bad_rows, done, failures, claimed_ids(run_dir, done), idless)
+    ids = view.ids if view.known else None
+    totals = totals or records.totals(run_dir)
+    if totals.commits >= FAST_FROM:  # a big run: the summaries' counts, no per-item stats
+        counts = classify_counted(run_dir, ids, view.bad_rows, totals.done, failures, claimed_ids(run_dir), idless)
+        recent = totals.recent
+    else:
+        results = records.read_results(run_dir)
+        layout = layout_version(run_dir)
+        done = {item_id for item_id, record in latest_by_id(results).items() if output_intact(run_dir, record, layout)}
+        counts = classify(ids, view.bad_rows, done, failures, claimed_ids(run_dir, done), idless)
+        recent = by_finish(results)
     rate = throughput(recent, window)
     summary = counts.as_dict()
-    remaining = None if counts.pending is None else len(counts.pending) + len(counts.in_progress)
+    pending = summary["pending"]
+    remaining = None if pending is None else pending + len(counts.in_progress)
     live, owners = liveness(run_dir, len(counts.in_progress), now)
     return {
         "run_dir": str(run_dir),

@@ -6,7 +6,7 @@
 
 one row per finished item: ``file_name`` (the video, relative to the run dir) plus the
 item's id, seed, source image and conditioning. It is regenerated at the end of every run
-from results.jsonl and the sidecars (every item in the run dir whose video and sidecar are
+from the results records (records.py) and the sidecars (every item in the run dir whose video and sidecar are
 complete, described by its own sidecar) and replaced atomically, so it never lists a
 half-written or failed item, also after a resume or from several processes.
 
@@ -22,7 +22,6 @@ longer finished), so a resume rewrites the shards it touched, not all of them.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -37,6 +36,7 @@ from typing import Any, Protocol
 from svdbatch.core.atomic import atomic_path, atomic_write_bytes
 from svdbatch.core.config import OutputConfig, OutputFormat
 from svdbatch.core.jsonl import to_json
+from svdbatch.core.locks import lock_or_go_on
 from svdbatch.rundir.sidecar import Sidecar
 from svdbatch.rundir.store import METADATA_FILE, SHARD_INDEX, SHARDS_DIR, RunStore, output_intact
 
@@ -101,7 +101,7 @@ def finished_rows(store: RunStore) -> dict[str, tuple[dict[str, Any], dict[str, 
     cached = _read_rows_cache(cache_path)
     rows, kept = {}, {}
     for item_id, record in sorted(store.finished_index().items()):
-        if not output_intact(store.root, record):
+        if not output_intact(store.root, record, store.layout):
             continue
         commit = [record.get(name) for name in COMMIT_FIELDS]
         hit = cached.get(item_id)
@@ -146,7 +146,7 @@ def export_lock(store: RunStore) -> Iterator[None]:
     take turns, so the later one builds on the earlier one's files, never half of them."""
     fd = os.open(store.root / EXPORT_LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        lock_or_go_on(fd, str(store.root / EXPORT_LOCK))  # without it two finishers may both rebuild: same result
         yield
     finally:
         os.close(fd)  # closing releases the lock
@@ -162,7 +162,7 @@ def write_metadata_rows(store: RunStore, finished: Finished) -> None:
 
 
 def write_metadata(store: RunStore) -> Finished:
-    """Regenerate metadata.jsonl from results.jsonl and the sidecars, atomically; returns
+    """Regenerate metadata.jsonl from the results records (records.py) and the sidecars, atomically; returns
     what it listed (finished_rows)."""
     with export_lock(store):
         finished = finished_rows(store)

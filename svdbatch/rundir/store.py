@@ -1,13 +1,15 @@
-"""The run directory: item keys, what is done, atomic writes, results/failures logs, sidecars.
+"""The run directory: item keys, what is done, commits, claims, owners.
 
 Layout of a run dir::
 
     config.yaml          resolved config of the run (without hydra's own settings)
-    videos/<id>.mp4      one output per item (or videos/<id>/ with PNG frames)
-    items/<id>.json      sidecar: row, params, seed, input hash, model, versions, timings (sidecar.py)
-    results.jsonl        one line per finished item
-    failures.jsonl       one line per failed attempt (error + traceback)
-    claims/<id>.claim    flock'ed while a process generates the item (shared run dirs)
+    layout.json          the layout version (layout.py): 2 groups items in subfolders
+    videos/<bucket>/<id>.mp4   one output per item (or videos/<bucket>/<id>/ with PNG frames)
+    items/<bucket>/<id>.json   sidecar: row, params, seed, input hash, model, versions, timings (sidecar.py)
+    records/<writer>.results.jsonl   one line per finished item, one file per writing process (records.py)
+    records/<writer>.failures.jsonl  one line per failed attempt (error + traceback)
+    records/<writer>.summary.json    counts and recent finishes, what `svdbatch status` reads
+    claims/<id>.claim    lease of the process generating the item (claims.py), deleted on release
     cache/               image checks and hashes by (path, size, mtime), manifest summaries
     owners/<pid>@<host>.json  one per process running on the dir (pid, host, start time),
                          touched every HEARTBEAT_S, removed on exit: what makes it "live"
@@ -15,6 +17,10 @@ Layout of a run dir::
                          settings (run.keep_replaced), one folder per run, UTC time it started
     index.html, gallery/ contact sheet and its thumbnails (gallery.py)
     metadata.jsonl       dataset index of finished items (dataset.py)
+
+<bucket> is layout.bucket(id) (3 hex digits of sha1(id)). Run dirs of older versions
+(layout 1: flat videos/<id>.mp4 and items/<id>.json, one shared results.jsonl and
+failures.jsonl) are read and resumed as they are (layout.py, records.py).
 
 An item is done when its video and then its sidecar have been renamed into place, its
 results line vouches for both (their byte sizes), and the line's two keys match what the
@@ -27,7 +33,6 @@ outputs.output_settings). Resume checks this with two stats per item; `svdbatch 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -36,7 +41,6 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,15 +53,26 @@ from svdbatch.core.atomic import (
     HOST,
     TEMP_MARKER,
     atomic_write_bytes,
-    proc_stat_fields,
-    process_alive,
     temp_prefix,
     written_by_dead_process,
 )
 from svdbatch.core.config import OutputFormat
 from svdbatch.core.errors import RunDirError
 from svdbatch.core.faults import fault_point
-from svdbatch.core.jsonl import latest_by_id, parse_jsonl, read_jsonl_fast, to_json
+from svdbatch.rundir import claims as leases
+from svdbatch.rundir import records
+from svdbatch.rundir.claims import CLAIM_SUFFIX, Claim, holder_state, process_start_ticks
+from svdbatch.rundir.layout import (
+    FLAT,
+    LAYOUT_FILE,
+    SIDECARS_DIR,
+    VIDEOS_DIR,
+    item_relpath,
+    layout_version,
+    make_parents,
+    sidecar_relpath,
+    write_layout,
+)
 from svdbatch.rundir.outputs import link_output, output_bytes, output_name
 from svdbatch.rundir.sidecar import (
     ReusedFrom,
@@ -73,18 +88,18 @@ from svdbatch.rundir.sidecar import (
 log = logging.getLogger(__name__)
 
 # The run dir's layout: every other module asks these names instead of spelling them out.
-RESULTS = "results.jsonl"  # one line per committed item (commit)
-FAILURES = "failures.jsonl"  # one line per failed item or invalid manifest row
+# The shared logs of run dirs written before per-writer records (read, never written: records.py).
+RESULTS = records.LEGACY_RESULTS
+FAILURES = records.LEGACY_FAILURES
+RECORDS_DIR = records.RECORDS_DIR  # records/<writer>.{results,failures}.jsonl, <writer>.summary.json
 CONFIG = "config.yaml"  # the resolved config of an unsharded run (write_config)
 SHARD_CONFIG_GLOB = "config.shard-*-of-*.yaml"  # a sharded run's config files (write_config)
-VIDEOS_DIR = "videos"  # videos/<id>.<format> (or videos/<id>/ of PNG frames)
-SIDECARS_DIR = "items"  # items/<id>.json: the sidecar that makes an item done
-CLAIMS_DIR = "claims"  # claims/<id>.claim
-CLAIM_SUFFIX = ".claim"
+# VIDEOS_DIR, SIDECARS_DIR: videos/ and items/ (grouped per layout.py)
+CLAIMS_DIR = "claims"  # claims/<id>.claim (claims.py)
 GALLERY_PAGE = "index.html"  # the contact sheet (gallery.py)
 # What marks a folder as a run dir (status refuses other folders; folder manifests skip
 # these, so a re-run never reads its own gallery thumbnails as new inputs).
-RUN_DIR_MARKERS = (RESULTS, FAILURES, CONFIG)
+RUN_DIR_MARKERS = (LAYOUT_FILE, RESULTS, FAILURES, CONFIG)
 # The error recorded in failures.jsonl for a manifest row that fails validation.
 INVALID_ROW = "invalid manifest row"
 # Where run dirs go by default: hydra.run.dir in conf/config.yaml is outputs/<run.name>.
@@ -99,6 +114,7 @@ SHARD_INDEX = "index.json"  # inside SHARDS_DIR: which items each shard holds
 GALLERY_ASSETS_DIR = "gallery"  # the gallery's thumbnails and previews (gallery.py, sweep.py)
 DAMAGED_DIR = "damaged"  # damaged/<stamp>/: what `svdbatch verify --repair` set aside
 HEARTBEAT_S = 30.0  # an owner file's mtime is refreshed this often while its run is alive
+OWNER_STALE_AFTER_S = leases.MISSED_BEATS * HEARTBEAT_S  # another host's owner without a heartbeat for this long is gone
 KEY_VERSION = 2  # bump when what goes into a key changes meaning (2: preprocessing)
 STALE_TEMP_SECONDS = 600.0
 # Said when a run stops because its run dir cannot be written (RunStore.write_stop).
@@ -146,111 +162,11 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     folder = Path(path)
     if not folder.is_dir():
         return False
-    return any((folder / name).is_file() for name in RUN_DIR_MARKERS) or any(folder.glob(SHARD_CONFIG_GLOB))
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one whole line; the lock keeps lines from several worker processes intact."""
-    line = (to_json(record, sort_keys=True, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def repair_jsonl(path: Path) -> int:
-    """Cut a torn last line left by a killed writer; returns the bytes removed."""
-    if not path.exists():
-        return 0
-    with path.open("rb+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # another shard may be appending right now
-        data = handle.read()
-        if not data or data.endswith(b"\n"):
-            return 0
-        keep = data.rfind(b"\n") + 1
-        handle.truncate(keep)
-        return len(data) - keep
-
-
-# A smaller results log is checked in one process: forking would save less than it costs.
-FORK_FROM_BYTES = 8 << 20
-
-
-def finished_intact(run_dir: Path, recent: int = 0) -> tuple[set[str], list[dict[str, Any]]]:
-    """Ids whose latest results line still has its output and sidecar intact (output_intact),
-    and the log's last `recent` records. For `svdbatch status` of a big run: parsing a
-    100k-line log and two stats per item take about 1 s, so the second half of the log is
-    parsed and checked in a forked process while this one does the first half (threads
-    would take turns on the GIL). An id with a line in the second half is decided there,
-    by its later line."""
-    try:
-        data = (Path(run_dir) / RESULTS).read_bytes()
-    except FileNotFoundError:
-        return set(), []
-    root = os.fspath(run_dir)
-    cut = data.find(b"\n", len(data) // 2) + 1 if len(data) >= FORK_FROM_BYTES else 0
-    result_of_later = start_forked(lambda: _check_part(root, data[cut:])) if cut else None
-    _, first_intact = _check_part(root, data[:cut])  # meanwhile, in this process
-    later = result_of_later() if result_of_later else None
-    if later is None:  # a small log, no fork here, or the child failed: this process does it
-        later = _check_part(root, data[cut:])
-    later_ids, later_intact = set(later[0]), later[1]
-    done = {item_id for item_id in first_intact if item_id not in later_ids}.union(later_intact)
-    return done, parse_jsonl(data[last_lines_start(data, recent) :]) if recent else []
-
-
-def last_lines_start(data: bytes, count: int) -> int:
-    """Where the last `count` lines of JSONL bytes begin."""
-    end = len(data.rstrip(b"\n"))
-    for _ in range(count):
-        end = data.rfind(b"\n", 0, end)
-        if end < 0:
-            return 0
-    return end + 1
-
-
-def _check_part(root: str, data: bytes) -> tuple[list[str], list[str]]:
-    """(ids with a line in this part of the log, those whose latest line here is intact)."""
-    latest = latest_by_id(parse_jsonl(data))
-    return list(latest), [item_id for item_id, record in latest.items() if output_intact(root, record)]
-
-
-def start_forked(work: Callable[[], Any]) -> Callable[[], Any] | None:
-    """Start work() in a forked child; returns a function that waits for its (picklable)
-    result, None if the child failed. None instead where fork is not available or not safe
-    (other threads running: they may hold locks the child would inherit)."""
-    if not hasattr(os, "fork") or threading.active_count() > 1:
-        return None
-    import pickle
-
-    read_end, write_end = os.pipe()
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(read_end)
-        os.close(write_end)
-        return None
-    if pid == 0:  # the child: never returns into the caller's code
-        code = 1
-        try:
-            os.close(read_end)
-            with os.fdopen(write_end, "wb") as pipe:
-                pipe.write(pickle.dumps(work()))
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-
-    def result() -> Any:
-        with os.fdopen(read_end, "rb") as pipe:
-            data = pipe.read()
-        _, status = os.waitpid(pid, 0)
-        return pickle.loads(data) if status == 0 and data else None
-
-    return result
+    return (
+        any((folder / name).is_file() for name in RUN_DIR_MARKERS)
+        or (folder / RECORDS_DIR).is_dir()
+        or any(folder.glob(SHARD_CONFIG_GLOB))
+    )
 
 
 def config_files(run_dir: Path) -> list[Path]:
@@ -301,19 +217,16 @@ def parse_time(text: Any) -> datetime | None:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
-def sidecar_relpath(item_id: str) -> str:
-    return f"{SIDECARS_DIR}/{item_id}.json"
-
-
-def output_intact(run_dir: str | os.PathLike, record: dict[str, Any]) -> bool:
+def output_intact(run_dir: str | os.PathLike, record: dict[str, Any], layout: int | None = None) -> bool:
     """A results record's output and sidecar are still there, with the sizes they were
     committed with (two stats: users delete videos or sidecars, and this runs for every row
     of a resume; verify.py reads every byte). Lines written before sidecar sizes were
-    recorded only need the sidecar to exist."""
+    recorded only need the sidecar to exist. `layout`: the run dir's (layout.py), if known."""
     root = os.fspath(run_dir)
     if "output" not in record or output_bytes(f"{root}/{record['output']}") != record.get("output_bytes"):
         return False
-    sidecar_size = output_bytes(f"{root}/{sidecar_relpath(str(record.get('id')))}")
+    version = layout_version(root) if layout is None else layout
+    sidecar_size = output_bytes(f"{root}/{sidecar_relpath(str(record.get('id')), version)}")
     return sidecar_size == record["sidecar_bytes"] if "sidecar_bytes" in record else sidecar_size >= 0
 
 
@@ -339,16 +252,6 @@ def run_dir_problem(root: str | os.PathLike, cwd: str | os.PathLike | None = Non
 
 
 # -- owners: which processes are running on a run dir ------------------------------------
-def process_start_ticks(pid: int) -> int | None:
-    """When a process started (clock ticks since boot, /proc/<pid>/stat field 22), so a
-    recycled pid is not taken for the run that died; None where /proc is not available."""
-    fields = proc_stat_fields(pid)
-    try:
-        return int(fields[19]) if fields else None
-    except (ValueError, IndexError):
-        return None
-
-
 class Owner:
     """While a run works on a run dir: owners/<pid>@<host>.json (pid, host, start time),
     its mtime refreshed every HEARTBEAT_S by a daemon thread, removed on a clean exit. A
@@ -407,18 +310,11 @@ def read_owners(run_dir: Path) -> list[dict[str, Any]]:
     return owners
 
 
-def owner_state(owner: dict[str, Any]) -> str:
+def owner_state(owner: dict[str, Any], now: float | None = None) -> str:
     """'running' or 'dead' for a process on this host (its pid, and the pid's start time
-    where known); 'unknown' for another host's: only its heartbeat's age tells."""
-    if owner.get("host") != HOST:
-        return "unknown"
-    pid = int(owner["pid"])
-    if not process_alive(pid):
-        return "dead"
-    recorded, now = owner.get("process_start"), process_start_ticks(pid)
-    if recorded is not None and now is not None and recorded != now:
-        return "dead"  # the pid was reused by another process
-    return "running"
+    where known); for another host's, 'unknown' while its heartbeat is fresh and 'dead'
+    after MISSED_BEATS heartbeats (claims.holder_state: claims are judged the same way)."""
+    return holder_state(owner, float(owner.get("updated", 0.0)), now, OWNER_STALE_AFTER_S)
 
 
 class RunStore:
@@ -426,11 +322,12 @@ class RunStore:
         self.root = Path(root)
         self._root_text = os.fspath(self.root)  # is_done runs per row: Path -> str costs 2 us each time
         self.format = OutputFormat(fmt)
+        self.layout = layout_version(self.root)  # FLAT for a run dir of an older version (layout.py)
         self.videos = self.root / VIDEOS_DIR
         self.sidecars = self.root / SIDECARS_DIR
-        self.results = self.root / RESULTS
-        self.failures = self.root / FAILURES
+        self.records = self.root / RECORDS_DIR
         self.claims = self.root / CLAIMS_DIR
+        self._replacing: set[str] = set()  # items set aside for a redo (commit marks their line)
         self.cache = self.root / CACHE_DIR
         self.downloads = self.root / DOWNLOADS_DIR
         self.image_cache = self.cache / "images.jsonl"
@@ -440,7 +337,9 @@ class RunStore:
         """Create the layout, prove it is writable and has room, and clean up after a
         killed run. Runs before the model loads, so a bad run dir costs seconds, not minutes."""
         try:
-            for folder in (self.root, self.videos, self.sidecars, self.claims):
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_layout(self.root, self.layout)  # before items/ exists: a new run dir is grouped
+            for folder in (self.videos, self.sidecars, self.claims, self.records):
                 folder.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-probe-{os.getpid()}"
             probe.write_bytes(b"ok")
@@ -452,20 +351,33 @@ class RunStore:
             raise RunDirError(
                 f"run dir {self.root}: only {free_mb:.0f} MB free, run.min_free_mb={min_free_mb}; free some space or lower the setting"
             )
-        for log_file in (self.results, self.failures):
-            removed = repair_jsonl(log_file)
-            if removed:
-                log.warning("%s: removed a torn last line (%d bytes) left by a killed run", log_file, removed)
+        # Torn last lines of killed writers are skipped by every reader (records.py): each
+        # writer's file is its own, nobody appends to a dead writer's file again.
+        if (self.root / RESULTS).is_file() and not (self.records / f"{records.LEGACY_NAME}{records.SUMMARY_SUFFIX}").is_file():
+            records.save_legacy_summary(self.root)  # an old run dir: status reads this, not the old log
         self.remove_stale_temporaries()
         self.remove_dead_owners()
+        self.remove_stale_claims()
+
+    def remove_stale_claims(self) -> int:
+        """Claims (and takeover locks) of dead holders (claims.py); in a run dir of an older
+        version also its flock files, one per item ever claimed: empty, never held by this version."""
+        removed = 0
+        for folder, _, files in os.walk(self.claims):
+            for name in files:
+                path = Path(folder, name)
+                if name.endswith((CLAIM_SUFFIX, leases.TAKEOVER_SUFFIX)) and leases.is_stale(path):
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def remove_dead_owners(self, older_than_s: float = STALE_TEMP_SECONDS) -> None:
         """Owner files a killed run left: its pid is gone (this host), or no heartbeat for
         long (another host)."""
         cutoff = time.time() - older_than_s
         for owner in read_owners(self.root):
-            state = owner_state(owner)
-            if state == "dead" or (state == "unknown" and owner["updated"] < cutoff):
+            here = owner.get("host") == HOST
+            if (here and owner_state(owner) == "dead") or owner["updated"] < cutoff:
                 Path(owner["file"]).unlink(missing_ok=True)
 
     def owner(self) -> Owner:
@@ -483,7 +395,10 @@ class RunStore:
             for folder in (self.root / name for name in (DOWNLOADS_DIR, SHARDS_DIR, GALLERY_ASSETS_DIR, CACHE_DIR))
             if folder.is_dir()
         ]
-        for folder in (self.videos, self.sidecars, self.root, *extra):
+        grouped = [] if self.layout == FLAT else [Path(e.path) for f in (self.videos, self.sidecars) for e in _subfolders(f)]
+        # gallery/<bucket>/ (layout.asset_relpath) and downloads/<bucket>/ (fetch.UrlCache.path_for)
+        grouped += [Path(e.path) for name in (GALLERY_ASSETS_DIR, DOWNLOADS_DIR) for e in _subfolders(self.root / name)]
+        for folder in (self.videos, self.sidecars, self.root, self.records, self.claims, *grouped, *extra):
             for entry in os.scandir(folder):
                 if TEMP_MARKER not in entry.name or not entry.name.startswith("."):
                     continue
@@ -522,10 +437,14 @@ class RunStore:
 
     # -- paths ------------------------------------------------------------------------
     def video_path(self, item_id: str) -> Path:
-        return self.videos / output_name(item_id, self.format)
+        """Where the item's output goes (its bucket folder is created: writers put a
+        temporary next to it)."""
+        path = self.root / item_relpath(VIDEOS_DIR, output_name(item_id, self.format), item_id, self.layout)
+        make_parents(self.videos, path)
+        return path
 
     def sidecar_path(self, item_id: str) -> Path:
-        return self.root / sidecar_relpath(item_id)
+        return self.root / sidecar_relpath(item_id, self.layout)
 
     def probe_path(self, tag: str) -> Path:
         """A small file a process writes to prove it sees this run dir (the Ray engine checks
@@ -538,8 +457,9 @@ class RunStore:
 
     # -- what is done -----------------------------------------------------------------
     def finished_index(self) -> dict[str, dict[str, Any]]:
-        """Latest results.jsonl record per item id."""
-        return latest_by_id(read_jsonl_fast(self.results))
+        """Latest results record per item id (records.py: every writer's, and an old run
+        dir's results.jsonl)."""
+        return records.latest_results(self.root)
 
     def is_done(self, item_id: str, key: str | None, out_key: str | None, index: dict[str, dict[str, Any]]) -> bool:
         """Done with this key (frames) and output key (file settings); see the module doc."""
@@ -552,7 +472,7 @@ class RunStore:
             return False  # lines from before output keys were recorded: redone (encoder unknown)
         # A results line is appended only after the sidecar was renamed into place, so the
         # line vouches for the sidecar; both files are checked because users delete them.
-        return output_intact(self._root_text, record)
+        return output_intact(self._root_text, record, self.layout)
 
     def _recover_from_sidecar(self, item_id: str, key: str | None, out_key: str | None) -> dict[str, Any] | None:
         """A run killed between the sidecar rename and the results line: trust the sidecar.
@@ -565,7 +485,7 @@ class RunStore:
         try:
             record = self.done_record(item_id, key, out_key)
             if record is not None:
-                append_jsonl(self.results, record)
+                records.writer(self.root).append_result(record)
             return record
         finally:
             self.release(claim)
@@ -587,28 +507,18 @@ class RunStore:
         if not sidecar.done_with(key, out_key):
             return None
         record = sidecar.result_record(size)
-        return record if output_intact(self.root, record) else None
+        return record if output_intact(self.root, record, self.layout) else None
 
     # -- claims: several processes sharing one run dir ------------------------------------
-    def claim(self, item_id: str) -> int | None:
-        """Take the item's claim (an exclusive flock on claims/<id>.claim), or None if another
-        process holds it. The kernel drops the lock when its holder dies, so a killed run
-        never leaves a stale claim; the files stay (deleting a lock file races with openers)."""
-        fd = os.open(self.claims / f"{item_id}{CLAIM_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
-        for attempt in range(2):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if attempt == 0:
-                    time.sleep(0.02)  # `svdbatch status` probes claims for an instant: not a holder
-        os.close(fd)
-        return None
+    def claim(self, item_id: str) -> Claim | None:
+        """Take the item's claim (a lease file, claims.py), or None while another live
+        process holds it. A dead holder's claim (its pid gone on this host, or no heartbeat
+        for claims.STALE_AFTER_S on any host) is taken over."""
+        return leases.take(self.claims, item_id)
 
     @staticmethod
-    def release(claim: int | None) -> None:
-        if claim is not None:
-            os.close(claim)  # closing drops the flock
+    def release(claim: Claim | None) -> None:
+        leases.release(claim)
 
     # -- replacing finished items ------------------------------------------------------
     def replaced_dir(self, started: float) -> Path:
@@ -636,6 +546,8 @@ class RunStore:
         inside = named is not None and not os.path.isabs(named) and ".." not in Path(named).parts
         output = self.root / named if inside and named is not None else self.root
         moved: list[tuple[Path, Path]] = []
+        if sidecar is not None and sidecar.done:
+            self._replacing.add(item_id)  # its commit is a redo: done already (records.py counts)
         # The video first: if the run dies in between, the expensive part is already safe.
         for source in (output, sidecar_file):
             if source == self.root or not os.path.lexists(source):
@@ -650,8 +562,7 @@ class RunStore:
             moved.append((source, target))
         return moved
 
-    @staticmethod
-    def restore(moved: list[tuple[Path, Path]]) -> None:
+    def restore(self, moved: list[tuple[Path, Path]]) -> None:
         """Undo set_aside: a redo failed before its sidecar was in place, so the old output
         and sidecar go back and the item stays done with its old key. Sidecar first, then
         the output: os.replace puts the old video over whatever the redo left there."""
@@ -663,7 +574,7 @@ class RunStore:
             except OSError as exc:
                 log.error("could not put %s back after a failed redo (%s); it is in %s", source, exc, target)
                 continue
-            for folder in list(target.parents)[:3]:  # items/, <stamp>/, replaced/ if left empty
+            for folder in list(target.parents)[:4]:  # <bucket>/, items/, <stamp>/, replaced/ if left empty
                 try:
                     folder.rmdir()
                 except OSError:
@@ -671,12 +582,33 @@ class RunStore:
 
     # -- writing ----------------------------------------------------------------------
     def commit(self, sidecar: Sidecar) -> None:
-        """Called after the video is in place: the sidecar rename is what makes an item done."""
+        """Called after the video is in place: the sidecar rename is what makes an item done.
+        A commit over a done item (a redo) is marked so, for the summaries' counts."""
         record = sidecar.to_dict()
         body = body_bytes(record)
-        atomic_write_bytes(self.sidecar_path(sidecar.id), body, fault="sidecar")
+        path = self.sidecar_path(sidecar.id)
+        redo = sidecar.id in self._replacing or self._done_before(path)
+        self._replacing.discard(sidecar.id)
+        make_parents(self.sidecars, path)
+        atomic_write_bytes(path, body, fault="sidecar")
         fault_point("results")
-        append_jsonl(self.results, result_record(record, len(body)))
+        line = result_record(record, len(body))
+        records.writer(self.root).append_result({**line, "redo": True} if redo else line)
+
+    @staticmethod
+    def _done_before(path: Path) -> bool:
+        if not os.path.lexists(path):
+            return False
+        try:
+            return Sidecar.read(path).done
+        except (OSError, SidecarError):
+            return False
+
+    def record_removed(self, item_id: str) -> None:
+        """An item is not done any more (verify --repair set it aside): a results line
+        without an output, so readers see it not done and the summaries count it out."""
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        records.writer(self.root).append_result({"id": item_id, "removed": True, "removed_at": now})
 
     def update_row(self, item_id: str, key: str, out_key: str, row: SidecarRow) -> bool:
         """A finished item whose manifest row changed only outside its key (meta_* values):
@@ -695,7 +627,7 @@ class RunStore:
             body = body_bytes(record)
             atomic_write_bytes(self.sidecar_path(item_id), body)
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            append_jsonl(self.results, {**result_record(record, len(body)), "meta_updated_at": now})
+            records.writer(self.root).append_result({**result_record(record, len(body)), "meta_updated_at": now})
             return True
         finally:
             self.release(claim)
@@ -729,7 +661,13 @@ class RunStore:
         return sidecar
 
     def record_failure(self, item_id: str | None, key: str | None, error: str, details: dict[str, Any]) -> None:
-        append_jsonl(
-            self.failures,
+        records.writer(self.root).append_failure(
             {"id": item_id, "key": key, "error": error, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **details},
         )
+
+
+def _subfolders(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        return [entry for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")]
+    except FileNotFoundError:
+        return []

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from svdbatch.core.config import OutputConfig
-from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.rundir import records as run_records
 from svdbatch.rundir.dataset import stale_exports, write_dataset
+from svdbatch.rundir.layout import FLAT, id_from_relpath, layout_version
 from svdbatch.rundir.outputs import (
     OutputCheckError,
     check_decodes,
@@ -47,7 +48,6 @@ from svdbatch.rundir.sidecar import Sidecar, SidecarError, named_output
 from svdbatch.rundir.store import (
     CONFIG,
     DAMAGED_DIR,
-    RESULTS,
     SIDECARS_DIR,
     VIDEOS_DIR,
     RunStore,
@@ -69,12 +69,17 @@ class ItemReport:
         return bool(self.problems)
 
 
+def sidecar_of(run_dir: Path, item_id: str) -> str:
+    """The item's sidecar path relative to the run dir, in the run dir's layout."""
+    return sidecar_relpath(item_id, layout_version(run_dir))
+
+
 def read_sidecar(run_dir: Path, item_id: str, report: ItemReport) -> tuple[Sidecar | None, int]:
     """(sidecar, its size); (None, -1) with a problem noted if it is missing or unreadable."""
     try:
-        body = (run_dir / sidecar_relpath(item_id)).read_bytes()
+        body = (run_dir / sidecar_of(run_dir, item_id)).read_bytes()
     except FileNotFoundError:
-        report.problems.append(f"sidecar {sidecar_relpath(item_id)} is missing")
+        report.problems.append(f"sidecar {sidecar_of(run_dir, item_id)} is missing")
         return None, -1
     except OSError as exc:
         report.problems.append(f"sidecar unreadable: {exc}")
@@ -163,7 +168,7 @@ def check_item(run_dir: Path, item_id: str, record: dict[str, Any] | None, state
     report = ItemReport(item_id)
     if (
         record is not None
-        and not os.path.lexists(run_dir / sidecar_relpath(item_id))
+        and not os.path.lexists(run_dir / sidecar_of(run_dir, item_id))
         and output_bytes(run_dir / str(record.get("output"))) < 0
     ):
         # Both files removed on purpose (a user forcing a redo, or `--repair`): not done, not damage.
@@ -184,7 +189,8 @@ def sidecar_ids(run_dir: Path) -> list[str]:
     items = run_dir / SIDECARS_DIR
     if not items.is_dir():
         return []
-    return [p.relative_to(items).as_posix()[: -len(".json")] for p in items.rglob("*.json") if not p.name.startswith(".")]
+    layout = layout_version(run_dir)
+    return [id_from_relpath(p.relative_to(items).as_posix(), layout) for p in items.rglob("*.json") if not p.name.startswith(".")]
 
 
 def unrecorded_outputs(run_dir: Path) -> list[str]:
@@ -195,15 +201,16 @@ def unrecorded_outputs(run_dir: Path) -> list[str]:
         return []
     named = set()
     for item_id in sidecar_ids(run_dir):
-        named.add(named_output(run_dir / sidecar_relpath(item_id)))
-    return sorted(
-        f"{VIDEOS_DIR}/{p.name}" for p in videos.iterdir() if not p.name.startswith(".") and f"{VIDEOS_DIR}/{p.name}" not in named
-    )
+        named.add(named_output(run_dir / sidecar_of(run_dir, item_id)))
+    # Outputs lie in videos/ (layout 1) or one level down, in its bucket folders (layout 2).
+    folders = [videos] if layout_version(run_dir) == FLAT else [p for p in videos.iterdir() if p.is_dir()]
+    found = [p for folder in folders for p in folder.iterdir() if not p.name.startswith(".")]
+    return sorted(name for p in found if (name := p.relative_to(run_dir).as_posix()) not in named)
 
 
 def verify_run_dir(run_dir: Path) -> list[ItemReport]:
     """One report per item that has a results line or a sidecar, by id."""
-    records = latest_by_id(read_jsonl_fast(run_dir / RESULTS))
+    records = run_records.latest_results(run_dir)
     ids = sorted(set(records) | set(sidecar_ids(run_dir)))
     stated = config_output(run_dir)
     return [check_item(run_dir, item_id, records.get(item_id), stated) for item_id in ids]
@@ -217,7 +224,7 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     dest = run_dir / DAMAGED_DIR / stamp
     store = RunStore(run_dir, "mp4")  # the format is not used: paths come from the records
-    records = latest_by_id(read_jsonl_fast(store.results))
+    records = run_records.latest_results(run_dir)
     busy = []
     for report in damaged:
         claim = store.claim(report.item_id)
@@ -229,6 +236,9 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
                 target = dest / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(run_dir / relative), str(target))
+            record = records.get(report.item_id)
+            if record is not None and not record.get("removed"):
+                store.record_removed(report.item_id)  # the summaries count it out of done
         finally:
             store.release(claim)
     dest.mkdir(parents=True, exist_ok=True)
@@ -240,7 +250,7 @@ def set_aside(run_dir: Path, damaged: list[ItemReport]) -> tuple[Path, list[str]
 
 def item_files(run_dir: Path, item_id: str, record: dict[str, Any] | None) -> list[str]:
     """The item's sidecar and every output path its sidecar or results line names, that exist."""
-    sidecar = sidecar_relpath(item_id)
+    sidecar = sidecar_of(run_dir, item_id)
     names: list[object] = [sidecar, named_output(run_dir / sidecar)]  # JSON values too: only safe paths are kept below
     if record and record.get("output"):
         names.append(record["output"])
