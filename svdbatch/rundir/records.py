@@ -407,6 +407,8 @@ def writer(root: Path) -> Writer:
     with _writers_lock:
         found = _writers.get(key)
         if found is None:
+            if not _writers:
+                atexit.register(flush_all)  # at the first writer, not on import: a caller's process is its own
             found = _writers[key] = Writer(Path(root))
         return found
 
@@ -417,6 +419,3 @@ def flush_all() -> None:
         mine = [w for (_, pid), w in _writers.items() if pid == os.getpid()]
     for each in mine:
         each.flush()
-
-
-atexit.register(flush_all)
