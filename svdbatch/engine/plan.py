@@ -158,6 +158,7 @@ def plan_run(
     output: OutputConfig | None = None,
     image_cache: ImageCache | None = None,
     reuse: Any = None,
+    key_extra: dict[str, Any] | None = None,
 ) -> Plan:
     """Resolve each item's parameters and key, and split done from to-do.
 
@@ -169,6 +170,8 @@ def plan_run(
     hashed on a few threads, and learnt by the cache.
     `output` (default: the run dir's format with default settings) gives the output keys.
     `reuse` (sweep.ReuseIndex) finds to-do items another run dir finished with the same key.
+    `key_extra` is hashed into every key besides the model (quality.key_part: the rules, while
+    duds are redone).
     """
     output = output if output is not None else OutputConfig(format=store.format)
     out_keys: dict[int, str] = {}  # per item fps: a run has few
@@ -181,7 +184,7 @@ def plan_run(
     index = store.finished_index()
     defaults = param_defaults(cond, model, memory)
     run_preprocess = Preprocess.from_config(cond, max_image_pixels)  # a refusal limit: not in the key
-    make_key = KeyMaker(model_identity)
+    make_key = KeyMaker({**model_identity, **(key_extra or {})})
 
     sources: list[tuple[Item, Any]] = []  # (item, local file or fetch error)
     hashes: dict[str, Any] = {}  # source -> sha256, None (to hash) or why it cannot be read

@@ -433,6 +433,10 @@ td.pending .na { color: #aab1bf; }
 .reused { display: inline-block; margin-top: 2px; padding: 0 6px; border-radius: 8px; background: #e3ecfa; color: #1a4c9c; }
 .varies { color: #1d2330; font-weight: 600; }
 header button { margin-left: 12px; }
+tr.quality th { position: static; font-weight: 400; font-variant-numeric: tabular-nums; background: #fbfbfc; }
+tr.quality .k { color: #6b7385; }
+tr.quality .rate { font-weight: 600; }
+tr.quality .rate.bad { color: #b71c1c; }
 """
 
 SWEEP_JS = """
@@ -503,7 +507,7 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
     rels = [p.run_dir.relative_to(root).as_posix() for p in points]
     titles = {str(p.run_dir.resolve()): p.short_title for p in points}
     rows = []
-    counts = {"done": 0, "reused": 0, "failed": 0, "pending": 0}
+    counts = {"done": 0, "reused": 0, "failed": 0, "pending": 0, "duds": 0}
     # Cells in parallel: a new cell's poster is an ffmpeg call (~0.1 s), made once per item.
     from concurrent.futures import ThreadPoolExecutor
 
@@ -552,6 +556,10 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
         f"{counts['done']} generated",
         f"{counts['reused']} reused",
     ]
+    qualities = [point_quality(p.run_dir) for p in points]
+    counts["duds"] = sum(q["duds"] for q in qualities)
+    if counts["duds"]:
+        summary.append(f'<span class="bad">{counts["duds"]} duds</span>')
     if counts["failed"]:
         summary.append(f'<span class="bad">{counts["failed"]} failed</span>')
     if counts["pending"]:
@@ -567,12 +575,41 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
         f"<title>{title} · sweep · svdbatch</title><style>{CSS}{SWEEP_CSS}</style></head><body>"
         f"<header><h1>{title} <small>sweep</small></h1><p>{' · '.join(summary)}"
         '<button id="sync" type="button">restart visible videos together</button></p></header>'
-        f'<main><div class="wrap"><table><thead><tr><th class="item">item</th>{headers}</tr></thead>'
+        f'<main><div class="wrap"><table><thead><tr><th class="item">item</th>{headers}</tr>'
+        f"{quality_row(qualities)}</thead>"
         f"<tbody>{''.join(rows)}</tbody></table></div></main><script>{SWEEP_JS}</script></body></html>\n"
     )
     target = page_path(root)
     atomic_write_bytes(target, page.encode("utf-8"))
     return target
+
+
+def point_quality(run_dir: Path) -> dict[str, Any]:
+    """status.quality_summary of a point's finished items (their results lines)."""
+    done = [r for r in latest_by_id(read_jsonl_fast(run_dir / RESULTS)).values() if output_intact(run_dir, r)]
+    return status.quality_summary(done)
+
+
+def quality_row(qualities: list[dict[str, Any]]) -> str:
+    """The page's row under the point headers: each point's dud rate and every signal's
+    mean ± spread (standard deviation) over its finished items: what a motion_bucket_id
+    sweep is for. Empty when no point has signals (items made before svdbatch measured them)."""
+    if not any(q["items"] for q in qualities):
+        return ""
+    cells = []
+    for q in qualities:
+        if not q["items"]:
+            cells.append('<th class="quality"><div class="p">no signals</div></th>')
+            continue
+        rate = f"{100 * q['dud_rate']:.0f}% duds ({q['duds']}/{q['items']})"
+        lines = "".join(
+            f'<div><span class="k">{esc(name)}</span> {number(v["mean"], 3)} ± {number(v["sd"], 3)}</div>'
+            for name, v in q["signals"].items()
+        )
+        bad = " bad" if q["duds"] else ""
+        cells.append(f'<th class="quality"><div class="rate{bad}">{esc(rate)}</div>{lines}</th>')
+    title = "quality: dud rate, signal mean ± sd (docs/quality.md)"
+    return f'<tr class="quality"><th class="item" title="{esc(title)}">quality<div class="p">mean ± sd</div></th>{"".join(cells)}</tr>'
 
 
 def cell_html_at(point: Point, rel: str, card: Any, titles: dict[str, str]) -> Cell:
@@ -636,9 +673,10 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
         report = status.collect(point.run_dir, window, now)
         report["label"] = point.label
         report["counts"]["reused"] = reused_count(point.run_dir)
+        report["quality"] = point_quality(point.run_dir)
         reports.append(report)
         generated += [r for r in read_jsonl_fast(point.run_dir / RESULTS) if not r.get("reused_from")]
-    names = ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
+    names = ("done", "duds", "reused", "in_progress", "failed", "invalid", "pending", "total")
     totals: dict[str, int | None] = {}
     for name in names:
         values = [r["counts"][name] for r in reports]
@@ -684,13 +722,13 @@ def format_sweep_report(report: dict[str, Any]) -> str:
     waiting = [short(values, "?") for values in report["unstarted_points"]]
     width = min(max([len(x) for x in labels + waiting] + [12]), 70) + 2
     lines.append(
-        f"  {'point':<{width}}{'done':>8}{'reused':>8}{'running':>8}{'failed':>8}{'invalid':>8}{'pending':>8}{'total':>8}"
+        f"  {'point':<{width}}{'done':>8}{'duds':>8}{'reused':>8}{'running':>8}{'failed':>8}{'invalid':>8}{'pending':>8}{'total':>8}"
     )
 
     def cells(c: dict[str, Any]) -> str:
         return "".join(
             f"{'?' if c[k] is None else c[k]:>8}"
-            for k in ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
+            for k in ("done", "duds", "reused", "in_progress", "failed", "invalid", "pending", "total")
         )
 
     def cut(label: str) -> str:

@@ -1,6 +1,7 @@
 """`svdbatch status <run dir> [--json]`: how far a run is, read from its run dir alone.
 
     done         the latest results.jsonl record's output and sidecar are still there (sizes match)
+    duds         done items whose kept attempt broke a quality rule (docs/quality.md)
     in progress  another process holds the item's claim (claims/<id>.claim, flock)
     failed       the latest failures.jsonl record is a generation error, and not done
     invalid      the manifest row does not validate (now, or when the run read it)
@@ -37,6 +38,7 @@ import yaml
 from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.errors import ManifestError
 from svdbatch.core.jsonl import latest_by_id, read_jsonl_fast
+from svdbatch.core.quality import SIGNALS
 from svdbatch.inputs.manifest import Manifest, read_manifest
 from svdbatch.rundir.store import (
     CACHE_DIR,
@@ -45,6 +47,7 @@ from svdbatch.rundir.store import (
     FAILURES,
     HEARTBEAT_S,
     config_files,
+    dud_ids,
     finished_intact,
     is_invalid_record,
     owner_state,
@@ -436,6 +439,28 @@ def eta_seconds(remaining: int | None, rate: float | None, live: bool = True) ->
     return remaining * 3600.0 / rate if rate and live else None
 
 
+# -- quality ----------------------------------------------------------------------------
+def quality_summary(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Over finished items' results lines: how many carry quality signals, how many are duds
+    (and the rate), and each signal's mean, standard deviation (population), min and max.
+    What the sweep page compares across points (docs/quality.md)."""
+    judged = [r for r in records if isinstance(r.get("signals"), dict)]
+    duds = sum(1 for r in judged if r.get("dud") is True)
+    signals: dict[str, dict[str, float]] = {}
+    for name in SIGNALS:
+        values = [float(v) for r in judged if isinstance(v := r["signals"].get(name), (int, float))]
+        if values:
+            mean = fmean(values)
+            sd = (fmean([(v - mean) ** 2 for v in values])) ** 0.5
+            signals[name] = {"mean": round(mean, 4), "sd": round(sd, 4), "min": min(values), "max": max(values)}
+    return {
+        "items": len(judged),
+        "duds": duds,
+        "dud_rate": round(duds / len(judged), 4) if judged else None,
+        "signals": signals,
+    }
+
+
 # -- the report -------------------------------------------------------------------------
 def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: datetime | None = None) -> dict[str, Any]:
     """Everything `svdbatch status` prints, as one JSON-friendly dict."""
@@ -449,6 +474,8 @@ def collect(run_dir: Path, window: int = THROUGHPUT_WINDOW, now: datetime | None
     counts = classify(view.ids if view.known else None, view.bad_rows, done, failures, claimed_ids(run_dir, done), idless)
     rate = throughput(recent, window)
     summary = counts.as_dict()
+    # Done items that broke a quality rule (kept and marked, docs/quality.md): part of done.
+    summary["duds"] = len(dud_ids(run_dir) & counts.done)
     remaining = None if counts.pending is None else len(counts.pending) + len(counts.in_progress)
     live, owners = liveness(run_dir, len(counts.in_progress), now)
     return {
@@ -496,6 +523,8 @@ def format_report(report: dict[str, Any], now: datetime | None = None) -> str:
             f"  (+{counts['done_not_in_manifest']} not in the manifest now)" if counts["done_not_in_manifest"] else "",
         )
     )
+    if counts.get("duds"):
+        lines.append(row("duds", counts["duds"], "  of the done: broke a quality rule (svdbatch gallery --duds only)"))
     lines.append(row("in progress", counts["in_progress"]))
     lines.append(row("failed", counts["failed"]))
     lines.append(row("invalid", counts["invalid"]))

@@ -202,6 +202,19 @@ def finished_intact(run_dir: Path, recent: int = 0) -> tuple[set[str], list[dict
     return done, parse_jsonl(data[last_lines_start(data, recent) :]) if recent else []
 
 
+def dud_ids(run_dir: Path) -> set[str]:
+    """Ids whose latest results line marks the item a dud (docs/quality.md); intersect with
+    the done ids. Only lines with a quality verdict are parsed, and none in a run without duds."""
+    try:
+        data = (Path(run_dir) / RESULTS).read_bytes()
+    except FileNotFoundError:
+        return set()
+    if b'"dud": true' not in data:
+        return set()
+    judged = b"\n".join(line for line in data.split(b"\n") if b'"dud": ' in line)
+    return {item_id for item_id, record in latest_by_id(parse_jsonl(judged)).items() if record.get("dud") is True}
+
+
 def last_lines_start(data: bytes, count: int) -> int:
     """Where the last `count` lines of JSONL bytes begin."""
     end = len(data.rstrip(b"\n"))
