@@ -766,7 +766,7 @@ def gallery_command(args: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="svdbatch gallery", description="rewrite <run dir or sweep root>/index.html")
     parser.add_argument("path", type=Path)
-    parser.add_argument("--max-items", type=int, default=500, help="cards (items, rows of a sweep page) shown (0 = all)")
+    gallery.add_view_options(parser)  # a run dir's page takes them; a sweep page shows every cell
     options = parser.parse_args(args)
     if is_sweep_root(options.path) and point_dirs(options.path):
         print(write_sweep_page(options.path, options.max_items))
