@@ -433,7 +433,7 @@ td.pending .na { color: #aab1bf; }
 .reused { display: inline-block; margin-top: 2px; padding: 0 6px; border-radius: 8px; background: #e3ecfa; color: #1a4c9c; }
 .varies { color: #1d2330; font-weight: 600; }
 header button { margin-left: 12px; }
-tr.quality th { position: static; font-weight: 400; font-variant-numeric: tabular-nums; background: #fbfbfc; }
+tr.quality td { font-variant-numeric: tabular-nums; background: #fbfbfc; }
 tr.quality .k { color: #6b7385; }
 tr.quality .rate { font-weight: 600; }
 tr.quality .rate.bad { color: #b71c1c; }
@@ -599,7 +599,7 @@ def quality_row(qualities: list[dict[str, Any]]) -> str:
     cells = []
     for q in qualities:
         if not q["items"]:
-            cells.append('<th class="quality"><div class="p">no signals</div></th>')
+            cells.append('<td class="quality"><div class="p">no signals</div></td>')
             continue
         rate = f"{100 * q['dud_rate']:.0f}% duds ({q['duds']}/{q['items']})"
         lines = "".join(
@@ -607,9 +607,10 @@ def quality_row(qualities: list[dict[str, Any]]) -> str:
             for name, v in q["signals"].items()
         )
         bad = " bad" if q["duds"] else ""
-        cells.append(f'<th class="quality"><div class="rate{bad}">{esc(rate)}</div>{lines}</th>')
+        cells.append(f'<td class="quality"><div class="rate{bad}">{esc(rate)}</div>{lines}</td>')
     title = "quality: dud rate, signal mean ± sd (docs/quality.md)"
-    return f'<tr class="quality"><th class="item" title="{esc(title)}">quality<div class="p">mean ± sd</div></th>{"".join(cells)}</tr>'
+    # Cells, not headers: the row scrolls away under the sticky point headers.
+    return f'<tr class="quality"><td class="item" title="{esc(title)}">quality<div class="p">mean ± sd</div></td>{"".join(cells)}</tr>'
 
 
 def cell_html_at(point: Point, rel: str, card: Any, titles: dict[str, str]) -> Cell:
