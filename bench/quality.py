@@ -9,8 +9,9 @@ frame PSNR), and the share of a GPU item's time at that size:
     diffusers, the figure published for the model; --gpu-item-s to use another, e.g. what
     bench/gpu.py measured)
 
-The signals run on the worker's CPU while the GPU waits (the writer thread encodes the
-previous item meanwhile), so this share is what quality measurement adds to a GPU item.
+With redoes on (quality.max_attempts > 1) the signals run on the worker's main thread while
+the GPU waits, so this share is what measuring adds to a GPU item at most; without redoes the
+writer thread measures while the next batch generates.
 
     python bench/quality.py [--repeats 7] [--frames 25] [--width 1024] [--height 576] [--gpu-item-s 22.6]
 """

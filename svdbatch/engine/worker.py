@@ -39,7 +39,7 @@ from svdbatch.inputs.fetch import FetchError
 from svdbatch.inputs.images import pipeline_input
 from svdbatch.models.devices import pin_threads
 from svdbatch.models.loading import LoadedPipeline, lower_memory
-from svdbatch.models.rescue import HINT, all_black, ladder, precision
+from svdbatch.models.rescue import AS_LOADED, HINT, all_black, ladder, precision
 from svdbatch.rundir.outputs import (
     Written,
     frames_sha256,
@@ -108,7 +108,8 @@ class Generated:
     generate_s: float
     params: GenParams  # as actually generated (an OOM fallback may lower decode_chunk_size)
     oom_fallback: list[str] = field(default_factory=list)
-    quality: SidecarQuality | None = None  # the attempts; `frames` are the kept one's
+    quality: SidecarQuality | None = None  # the attempts; `frames` are the kept one's (None: not judged yet)
+    precision: str = AS_LOADED  # the NaN-rescue step that gave these frames (models/rescue.py)
 
 
 def load_entry(entry: PlannedItem) -> Loaded:
@@ -228,6 +229,8 @@ class Worker:
             self.store.release(generated.ready.claim)
 
     def _write_and_commit(self, generated: Generated) -> Outcome:
+        if generated.quality is None:  # no redoes: measured and judged here, off the main thread, before encoding
+            generated = self.judge(generated)
         ready, frames, generate_s = generated.ready, generated.frames, generated.generate_s
         entry, item = ready.entry, ready.entry.item
         assert entry.key is not None  # only an item whose image could be read has a key and gets generated
@@ -344,22 +347,27 @@ class Worker:
             return settled + failed + [self.fail_loaded(r, exc, trace) for r in ready], []
         generated = []
         for r, frames in zip(ready, videos, strict=False):
+            made = Generated(r, frames, per_item, used, fallback, precision=step)
+            if not redoes(self.quality):
+                generated.append(made)  # measured and judged on the writer thread, while the next batch generates
+                continue
             try:
-                generated.append(self.judge(Generated(r, frames, per_item, used, fallback), step))
+                generated.append(self.judge(made))
             except Exception as exc:  # a redo that failed fails its item, not the batch
                 failed.append(self.fail_loaded(r, exc, traceback.format_exc()))
         return settled + failed, generated
 
-    def judge(self, first: Generated, step: str) -> Generated:
+    def judge(self, first: Generated) -> Generated:
         """Measure the item's frames (core/measure.py) and judge them by the quality rules;
         a dud is generated again with attempt_seed(row seed, n) up to quality.max_attempts.
         Keeps the attempt that breaks the fewest rules (the earliest of equals), so the kept
-        frames depend only on the row, the config and the software."""
+        frames depend only on the row, the config and the software. Without redoes it only
+        measures and judges (the writer thread does that: no generation)."""
         ready, seed = first.ready, first.ready.entry.item.seed
         limit = int(self.quality.max_attempts) if redoes(self.quality) else 1
         kept, generate_s = first, first.generate_s
         signals = measure(first.frames, ready.image).as_dict()
-        attempts = [Attempt(0, seed, signals, verdict(signals, self.quality), step)]
+        attempts = [Attempt(0, seed, signals, verdict(signals, self.quality), first.precision)]
         while attempts[-1].verdict and len(attempts) < limit:
             number = len(attempts)
             redo_seed = attempt_seed(seed, number)
@@ -377,7 +385,7 @@ class Worker:
             attempts.append(Attempt(number, redo_seed, signals, verdict(signals, self.quality), step))
             best = min(range(len(attempts)), key=lambda n: (len(attempts[n].verdict), n))
             if best == number:
-                kept = Generated(ready, frames, 0.0, used, first.oom_fallback + fallback)
+                kept = Generated(ready, frames, 0.0, used, first.oom_fallback + fallback, precision=step)
         best = min(range(len(attempts)), key=lambda n: (len(attempts[n].verdict), n))
         settings = {f"{bound}_{signal}": value for (signal, bound), value in sorted(rules(self.quality).items())}
         quality = SidecarQuality(attempts, best, bool(attempts[best].verdict), {**settings, "max_attempts": limit})
