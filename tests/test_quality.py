@@ -17,7 +17,7 @@ from svdbatch.core.measure import measure
 from svdbatch.core.quality import SIGNALS, QualityConfig, attempt_seed, check_quality, key_part, verdict
 from svdbatch.engine.checks import check_config
 from svdbatch.engine.sweep import quality_row
-from svdbatch.reports.gallery import write_gallery
+from svdbatch.reports.gallery import parse_condition, write_gallery
 from svdbatch.reports.status import collect, quality_summary
 from svdbatch.rundir.dataset import write_dataset
 from svdbatch.rundir.outputs import write_video
@@ -204,6 +204,11 @@ def test_duds_are_redone_with_derived_seeds_kept_marked_and_left_out_of_the_data
     first, second = sorted(motions, key=motions.__getitem__)
     assert page.index(f'title="{first}"') < page.index(f'title="{second}"')
     assert 'class="card' not in write_gallery(all_duds, duds="hide").read_text()
+    only_first = write_gallery(all_duds, where=(parse_condition(f"motion<={motions[first]}"),)).read_text()
+    assert f'title="{first}"' in only_first and f'title="{second}"' not in only_first and "motion &lt;= " in only_first
+    for bad in ("motion=1", "wobble<1", "motion<abc"):
+        with pytest.raises(ValueError, match="expected|unknown signal|not a number"):
+            parse_condition(bad)
 
 
 def test_redoes_are_deterministic_across_workers_and_reproduce_regenerates_the_kept_attempt(all_duds, manifest2, tmp_path):

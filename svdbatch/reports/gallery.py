@@ -17,6 +17,7 @@ import argparse
 import html
 import io
 import logging
+import re
 import sys
 import threading
 import time
@@ -262,24 +263,52 @@ def quality_html(card: Card) -> str:
     return f'<dl class="params signals">{cells}</dl>{verdict}'
 
 
-def order_cards(cards: list[Card], sort_by: str | None = None, ascending: bool = False, duds: str = "all") -> list[Card]:
-    """`cards` filtered (duds: all | only | hide) and sorted by a signal (largest first unless
+def signal_of(card: Card, name: str) -> float | None:
+    """A done card's recorded signal (its results line), None if it has none."""
+    signals = card.record.get("signals") if card.kind in ("done", "missing") else None
+    found = signals.get(name) if isinstance(signals, dict) else None
+    return float(found) if isinstance(found, (int, float)) and not isinstance(found, bool) else None
+
+
+_CONDITION = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*(-?[0-9.eE+-]+)\s*$")
+_COMPARE = {"<": float.__lt__, "<=": float.__le__, ">": float.__gt__, ">=": float.__ge__}
+
+
+def parse_condition(text: str) -> tuple[str, str, float]:
+    """'motion<0.5' -> ('motion', '<', 0.5); ValueError naming what is wrong."""
+    match = _CONDITION.match(text)
+    if not match:
+        raise ValueError(f"{text!r}: expected SIGNAL<VALUE (or <=, >, >=), e.g. motion<0.5")
+    name, op, value = match.groups()
+    if name not in SIGNALS:
+        raise ValueError(f"{text!r}: unknown signal {name!r}; signals: {', '.join(SIGNALS)}")
+    try:
+        return name, op, float(value)
+    except ValueError:
+        raise ValueError(f"{text!r}: {value!r} is not a number") from None
+
+
+def order_cards(
+    cards: list[Card],
+    sort_by: str | None = None,
+    ascending: bool = False,
+    duds: str = "all",
+    where: tuple[tuple[str, str, float], ...] = (),
+) -> list[Card]:
+    """`cards` filtered (duds: all | only | hide; `where`: conditions on signals, which only
+    done cards with those signals meet) and sorted by a signal (largest first unless
     `ascending`); cards without that signal (failed, made before signals) keep their order after."""
     if duds == "only":
         cards = [c for c in cards if is_dud(c)]
     elif duds == "hide":
         cards = [c for c in cards if not is_dud(c)]
+    for name, op, limit in where:
+        cards = [c for c in cards if (v := signal_of(c, name)) is not None and _COMPARE[op](v, limit)]
     if sort_by is None:
         return cards
-
-    def value(card: Card) -> float | None:
-        signals = card.record.get("signals") if card.kind in ("done", "missing") else None
-        found = signals.get(sort_by) if isinstance(signals, dict) else None
-        return float(found) if isinstance(found, (int, float)) else None
-
-    measured = [c for c in cards if value(c) is not None]
-    measured.sort(key=lambda c: value(c) or 0.0, reverse=not ascending)  # stable: ties keep newest first
-    return measured + [c for c in cards if value(c) is None]
+    measured = [c for c in cards if signal_of(c, sort_by) is not None]
+    measured.sort(key=lambda c: signal_of(c, sort_by) or 0.0, reverse=not ascending)  # stable: ties keep newest first
+    return measured + [c for c in cards if signal_of(c, sort_by) is None]
 
 
 def done_card(run_dir: Path, card: Card) -> str:
@@ -377,19 +406,25 @@ def page_html(run_dir: Path, cards: list[Card], shown: list[str], view: str = ""
 
 
 def write_gallery(
-    run_dir: Path, max_items: int = 500, sort_by: str | None = None, ascending: bool = False, duds: str = "all"
+    run_dir: Path,
+    max_items: int = 500,
+    sort_by: str | None = None,
+    ascending: bool = False,
+    duds: str = "all",
+    where: tuple[tuple[str, str, float], ...] = (),
 ) -> Path:
     """Rewrite <run dir>/index.html from the run dir; newest `max_items` cards (0 = all), or
     filtered and sorted by a quality signal (order_cards; `svdbatch gallery --sort`)."""
     run_dir = Path(run_dir)
     if sort_by is not None and sort_by not in SIGNALS:
         raise ValueError(f"unknown signal {sort_by!r}; signals: {', '.join(SIGNALS)}")
-    cards = order_cards(collect_cards(run_dir), sort_by, ascending, duds)
+    cards = order_cards(collect_cards(run_dir), sort_by, ascending, duds, where)
     chosen = cards if max_items <= 0 else cards[:max_items]
     shown = [done_card(run_dir, c) if c.kind in ("done", "missing") else failed_card(c) for c in chosen]
     view = ", ".join(
         ([f"sorted by {sort_by} ({'ascending' if ascending else 'descending'})"] if sort_by else [])
         + ([f"duds: {duds}"] if duds != "all" else [])
+        + [f"{name} {op} {limit:g}" for name, op, limit in where]
     )
     target = run_dir / INDEX
     atomic_write_bytes(target, page_html(run_dir, cards, shown, view).encode("utf-8"))
@@ -446,7 +481,12 @@ def gallery_command(args: list[str]) -> int:
     if not is_run_dir(options.run_dir):
         print(f"svdbatch gallery: {not_a_run_dir_message(options.run_dir)}", file=sys.stderr)
         return EXIT_NOT_A_RUN_DIR
-    print(write_gallery(options.run_dir, options.max_items, options.sort, options.ascending, options.duds))
+    try:
+        where = tuple(parse_condition(text) for text in options.where)
+    except ValueError as exc:
+        print(f"svdbatch gallery: --where {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(write_gallery(options.run_dir, options.max_items, options.sort, options.ascending, options.duds, where))
     return EXIT_OK
 
 
@@ -457,4 +497,11 @@ def add_view_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ascending", action="store_true", help="with --sort: smallest first")
     parser.add_argument(
         "--duds", choices=("all", "only", "hide"), default="all", help="show every item, only the duds, or hide them"
+    )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="SIGNAL<VALUE",
+        help="only done items whose signal meets this (<, <=, >, >=; repeatable), e.g. --where 'motion<0.5'",
     )
