@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 # The public API (svdbatch/api.py, docs/api.md). Loaded on first use, so that `import
 # svdbatch` stays fast: a worker process or `svdbatch status` need not import the engine.
-API = ("compose", "validate", "run", "status", "verify", "reproduce", "open_run", "emit_manifest")
+API = ("compose", "validate", "run", "status", "verify", "reproduce", "open_run", "emit_manifest", "score")
 
 
 def __getattr__(name: str) -> object:

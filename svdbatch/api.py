@@ -8,6 +8,8 @@
         print(item.id, item.status, item.video, item.seed, item.params)
     svdbatch.verify(summary.run_dir, repair=False)
     svdbatch.reproduce(summary.run_dir / "items" / "rocket.json")
+    for scored in svdbatch.score(["videos/"], rules={"min_motion": 0.5}):
+        print(scored.path, scored.signals, scored.dud)
 
 Each function returns data and raises the errors of core/errors.py for bad input; printing
 and exit codes are the CLI's business (cli.py). Importing this module imports neither torch
@@ -17,15 +19,16 @@ nor Hydra: a run imports torch in its worker processes, `compose` imports Hydra.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from svdbatch.core.config import check_schema, config_dir
-from svdbatch.core.errors import RunDirError
+from svdbatch.core.errors import ConfigError, RunDirError
+from svdbatch.core.quality import QualityConfig, check_quality
 from svdbatch.engine import driver, sweep
 from svdbatch.engine.driver import RunSummary
 from svdbatch.inputs.manifest import csv_holds, write_manifest
@@ -43,6 +46,7 @@ from svdbatch.rundir.verify import ItemReport, check_exports, set_aside, unrecor
 
 if TYPE_CHECKING:
     from svdbatch.engine.reproduce import Reproduction
+    from svdbatch.reports.score import Scored
 
 __all__ = [
     "ItemRecord",
@@ -55,6 +59,7 @@ __all__ = [
     "open_run",
     "reproduce",
     "run",
+    "score",
     "status",
     "validate",
     "verify",
@@ -181,6 +186,34 @@ def reproduce(sidecar: str | os.PathLike) -> Reproduction:
     from svdbatch.engine.reproduce import reproduce as reproduce_item
 
     return reproduce_item(Path(sidecar))
+
+
+def score(paths: Iterable[str | os.PathLike], rules: dict[str, Any] | None = None) -> Iterator[Scored]:
+    """The quality signals of video files and folders (a run dir: its videos), made by
+    svdbatch or not, one `Scored` per video in order (docs/quality.md). `rules`: quality
+    settings (`{"min_motion": 0.5, "max_black_frames": 0}`, the `quality` group's keys) that
+    each video is judged by (`Scored.verdict`, `.dud`); an unknown key or a bad value raises
+    ConfigError naming it. A file that cannot be decoded is yielded with `error` set, and the
+    rest go on. Imports OpenCV when called, never at `import svdbatch`."""
+    quality = quality_rules(rules or {})
+    from svdbatch.reports.score import score_paths  # OpenCV: only for scoring
+
+    return score_paths(paths, quality)
+
+
+def quality_rules(rules: dict[str, Any]) -> QualityConfig | None:
+    """A QualityConfig from `rules` (the quality group's keys), checked as a run checks it."""
+    if not rules:
+        return None
+    known = {f.name for f in fields(QualityConfig)} - {"name"}
+    unknown = sorted(set(rules) - known)
+    if unknown:
+        raise ConfigError(f"invalid rules:\n  quality.{unknown[0]}: unknown key; known: {', '.join(sorted(known))}")
+    quality = QualityConfig(**rules)
+    problems = check_quality(quality)
+    if problems:
+        raise ConfigError("invalid rules:\n  " + "\n  ".join(problems))
+    return quality
 
 
 @dataclass(frozen=True)

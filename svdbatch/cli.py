@@ -8,6 +8,7 @@
     svdbatch status outputs/<run> [--json]                              (done / pending / failed, throughput, ETA)
     svdbatch gallery outputs/<run>                                      (rewrite <run>/index.html)
     svdbatch verify outputs/<run> [--json] [--repair]                   (check every finished file; set damaged ones aside)
+    svdbatch score PATH... [--rule min_motion=0.5 ...]                  (quality signals of any videos, JSON lines)
     (status and gallery of a sweep root: every point, and the comparison page)
 
 Exit codes live in core/errors.py.

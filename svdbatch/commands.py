@@ -1,4 +1,4 @@
-"""The subcommands: `svdbatch validate|reproduce|status|gallery|verify ...`.
+"""The subcommands: `svdbatch validate|reproduce|status|gallery|verify|score ...`.
 
 Each one parses its arguments (argparse), calls the public API (api.py), prints, and returns
 an exit code (core/errors.py); cli.main dispatches to them by name (SUBCOMMANDS).
@@ -119,6 +119,50 @@ def verify(args: list[str]) -> int:
     return EXIT_ITEMS_FAILED if report.damaged or report.stale_exports else EXIT_OK
 
 
+def score(args: list[str]) -> int:
+    """quality signals of video files or folders (any maker), one JSON line per video"""
+    parser = argparse.ArgumentParser(
+        prog="svdbatch score",
+        description="quality signals (docs/quality.md) of video files and folders, made by svdbatch or not: "
+        "one JSON line per video on stdout; a file that is not a readable video gets a line with 'error' "
+        "(and a note on stderr), and the rest go on",
+        epilog="exit status: 0 every video scored, 1 some could not be read, 2 bad arguments or rules",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="a video, a folder of videos, a run dir")
+    parser.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a quality rule, as the quality group's keys (min_motion=0.5, max_black_frames=0, ...): "
+        "each line then has 'dud' and 'verdict'",
+    )
+    options = parser.parse_args(args)
+    rules: dict[str, object] = {}
+    for rule in options.rule:
+        key, sep, value = rule.partition("=")
+        key = key.strip().removeprefix("quality.")
+        try:
+            rules[key] = json.loads(value) if sep else None
+        except ValueError:
+            rules[key] = value  # not a number: check_quality names it
+        if not sep:
+            print(f"svdbatch score: --rule {rule!r}: expected KEY=VALUE", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    try:
+        results = api.score(options.paths, rules)
+    except ConfigError as exc:
+        print(f"svdbatch score: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    unreadable = 0
+    for scored in results:
+        if scored.error is not None:
+            unreadable += 1
+            print(f"svdbatch score: {scored.path}: {scored.error}", file=sys.stderr)
+        print(json.dumps(scored.as_dict(bool(rules)), ensure_ascii=False), flush=True)
+    return EXIT_ITEMS_FAILED if unreadable else EXIT_OK
+
+
 def verify_json(report: api.VerifyReport) -> str:
     items = report.items
     return json.dumps(
@@ -164,4 +208,11 @@ def verify_text(report: api.VerifyReport) -> str:
     return "\n".join(lines)
 
 
-SUBCOMMANDS = {"validate": validate, "reproduce": reproduce, "status": status, "gallery": gallery, "verify": verify}
+SUBCOMMANDS = {
+    "validate": validate,
+    "reproduce": reproduce,
+    "status": status,
+    "gallery": gallery,
+    "verify": verify,
+    "score": score,
+}

@@ -31,7 +31,8 @@ IMPORT_ALL = (
 import importlib, pkgutil
 # The libraries svdbatch builds on set their own warning filters on import: imported first,
 # so only what svdbatch itself changes shows.
-import accelerate, diffusers, hydra, imageio, numpy, omegaconf, ray, torch, transformers  # noqa: F401
+# OpenCV (core/measure.py) points LD_LIBRARY_PATH at its bundled libraries on import.
+import accelerate, cv2, diffusers, hydra, imageio, numpy, omegaconf, ray, torch, transformers  # noqa: F401
 csv.field_size_limit(1000)  # a caller's own settings, which must survive
 PIL.Image.MAX_IMAGE_PIXELS = 12345
 before = snapshot()

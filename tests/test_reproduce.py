@@ -42,6 +42,7 @@ def test_reproduce_matches_and_reports_differences(tmp_path, images, capsys):
     # A sidecar whose recorded frames came from another seed: regenerating gives other frames.
     sidecar = json.loads(sidecar_path.read_text())
     sidecar["seed"] = 12
+    sidecar["quality"]["attempts"][0]["seed"] = 12  # the kept attempt's seed is the one generated with
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps(sidecar))
     assert reproduce_command([str(edited)]) == 1

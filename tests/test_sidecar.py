@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from svdbatch.core.jsonl import latest_by_id
+from svdbatch.core.quality import SIGNALS
 from svdbatch.engine.driver import run
 from svdbatch.reports.gallery import write_gallery
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
@@ -71,12 +72,15 @@ TOP = {
     "num_threads",
     "compiled",
     "versions",
+    "quality",  # docs/quality.md: written for every generated item since signals are measured
 }
 NESTED = {
     "row": {"manifest", "line", "id", "image", "seed", "seed_derived", "overrides", "resize", "meta"},
     "image": {"path", "url", "sha256", "bytes", "mtime_ns", "size"},
     "output": {"path", "format", "fps", "settings", "bytes", "sha256", "encoder", "frames", "height", "width"},
+    "quality": {"attempts", "kept", "dud", "rules"},
 }
+ATTEMPT = {"attempt", "seed", "signals", "verdict", "precision"}
 
 
 def test_the_files_keep_the_format_they_always_had(runs):
@@ -89,6 +93,8 @@ def test_the_files_keep_the_format_they_always_had(runs):
         assert set(record) == TOP | ({"reused_from"} if reused else set())
         for name, keys in NESTED.items():
             assert set(record[name]) == keys, name
+        assert [set(a) for a in record["quality"]["attempts"]] == [ATTEMPT]  # quality off: one attempt, never a dud
+        assert set(record["quality"]["attempts"][0]["signals"]) == set(SIGNALS) and record["quality"]["dud"] is False
         timings = {"reuse_s", "total_s", "source"} if reused else {"load_image_s", "generate_s", "write_s", "total_s"}
         assert set(record["timings"]) == timings
         assert set(record.get("reused_from") or {"run_dir": 1, "id": 1, "how": 1}) == {"run_dir", "id", "how"}

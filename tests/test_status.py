@@ -83,6 +83,7 @@ def test_status_json_counts_a_held_claim_as_in_progress(run_dir):
         "pending": 0,
         "total": 4,
         "done_not_in_manifest": 0,
+        "duds": 0,  # done items that broke a quality rule (docs/quality.md)
     }
     assert report["in_progress_ids"] == ["d"]
     assert report["reasons"] == [

@@ -20,6 +20,7 @@ from typing import Any, cast
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from svdbatch.core.errors import ConfigError
+from svdbatch.core.quality import QualityConfig
 
 
 class DType(str, Enum):
@@ -140,6 +141,9 @@ class OutputConfig:
     # samples each (the last one may be smaller); a shard is written once all its items are done.
     webdataset: bool = False
     shard_size: int = 1000
+    # metadata.jsonl and the WebDataset shards leave duds out (items that broke a quality
+    # rule, docs/quality.md); true lists them too, with their `dud` flag and signals.
+    include_duds: bool = False
 
 
 @dataclass
@@ -277,6 +281,8 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    # Rules on each item's quality signals, and redoes of duds (conf/quality/, docs/quality.md).
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
 
 SCHEMA_NAME = "svdbatch_schema"
@@ -443,6 +449,9 @@ OUTPUT_SETTINGS = (
     "run.seed",
     "run.num_threads",
     "run.batch_size",
+    # Only while duds are redone (quality.max_attempts > 1) do the rules choose the kept frames.
+    "quality",
+    "quality.*",
 )
 MAX_SUBDIR_BYTES = 200  # folder names are limited to 255 bytes
 

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from svdbatch.core.config import check_engine, check_run_and_output, check_schema
 from svdbatch.core.errors import ConfigError
 from svdbatch.core.params import check_conditioning, check_model_and_memory
+from svdbatch.core.quality import check_quality
 from svdbatch.engine import sweep
 from svdbatch.engine.plan import shard_problem
 from svdbatch.inputs.fetch import check_fetch_config
@@ -21,7 +22,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     """Every config value that could only fail later, as '<field>: why'."""
     problems = check_conditioning(cfg.conditioning) + check_model_and_memory(cfg.model, cfg.memory)
     problems += check_run_and_output(cfg.run, cfg.output) + check_fetch_config(cfg.fetch)
-    problems += check_engine(cfg.run) + sweep.check_reuse_from(cfg.run.reuse_from)
+    problems += check_engine(cfg.run) + sweep.check_reuse_from(cfg.run.reuse_from) + check_quality(cfg.quality)
     # The very call the run makes to pick its shard (environment included).
     shard = shard_problem(cfg.run.shard.index, cfg.run.shard.count, sweep.current_sweep_root() is not None)
     missing = source_problem(cfg.model)

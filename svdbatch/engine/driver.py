@@ -31,6 +31,7 @@ from svdbatch.core.config import Engine, image_check_mode, plain
 from svdbatch.core.errors import RunDirError
 from svdbatch.core.outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from svdbatch.core.params import PARAM_NAMES
+from svdbatch.core.quality import key_part as quality_key_part
 from svdbatch.engine import pool, sweep
 from svdbatch.engine.checks import check_config
 from svdbatch.engine.plan import (
@@ -287,6 +288,7 @@ def run_prepared(
         output=cfg.output,
         image_cache=image_cache,
         reuse=reuse,
+        key_extra=quality_key_part(cfg.quality),
     )
     image_cache.flush()
     summary.skipped = len(plan.done)
@@ -409,6 +411,7 @@ def worker_spec(cfg: DictConfig, store: RunStore, keep_in: Path | None = None) -
         keep_replaced_in=str(keep_in) if keep_in else None,
         devices=plain(cfg.run)["devices"],
         workers=cfg.run.workers,
+        quality=plain(cfg.quality),
     )
 
 

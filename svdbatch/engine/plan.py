@@ -158,6 +158,7 @@ def plan_run(
     output: OutputConfig | None = None,
     image_cache: ImageCache | None = None,
     reuse: Any = None,
+    key_extra: dict[str, Any] | None = None,
 ) -> Plan:
     """Resolve each item's parameters and key, and split done from to-do.
 
@@ -169,6 +170,8 @@ def plan_run(
     hashed on a few threads, and learnt by the cache.
     `output` (default: the run dir's format with default settings) gives the output keys.
     `reuse` (sweep.ReuseIndex) finds to-do items another run dir finished with the same key.
+    `key_extra` is hashed into every key besides the model (quality.key_part: the rules, while
+    duds are redone).
     """
     output = output if output is not None else OutputConfig(format=store.format)
     out_keys: dict[int, str] = {}  # per item fps: a run has few
@@ -181,7 +184,7 @@ def plan_run(
     index = store.finished_index()
     defaults = param_defaults(cond, model, memory)
     run_preprocess = Preprocess.from_config(cond, max_image_pixels)  # a refusal limit: not in the key
-    make_key = KeyMaker(model_identity)
+    make_key = KeyMaker({**model_identity, **(key_extra or {})})
 
     sources: list[tuple[Item, Any]] = []  # (item, local file or fetch error)
     hashes: dict[str, Any] = {}  # source -> sha256, None (to hash) or why it cannot be read
@@ -244,7 +247,7 @@ def plan_run(
                 plan.reuse.append((entry, reused))
             else:
                 plan.todo.append(entry)
-                replacement = find_replacement(entry, index.get(item.id), store, model_identity)
+                replacement = find_replacement(entry, index.get(item.id), store, model_identity, key_extra)
                 if replacement is not None:
                     plan.replaced.append(replacement)
         plan.all.append(entry)
@@ -273,7 +276,11 @@ def hash_or_error(path: str) -> str | OSError:
 
 
 def find_replacement(
-    entry: PlannedItem, record: dict[str, Any] | None, store: RunStore, model_identity: dict[str, Any]
+    entry: PlannedItem,
+    record: dict[str, Any] | None,
+    store: RunStore,
+    model_identity: dict[str, Any],
+    key_extra: dict[str, Any] | None = None,
 ) -> Replacement | None:
     """Whether running this to-do item overwrites a finished output of another key, and
     what changed. Reads the item's sidecar only then, so an unchanged resume reads none."""
@@ -285,13 +292,15 @@ def find_replacement(
     if sidecar is None or sidecar.key != record.get("key"):
         changes: tuple = (("sidecar", "missing or from another run", "-"),)
     else:
-        changes = changed_fields(sidecar, entry, model_identity) or (("key", "older key format", "current"),)
+        changes = changed_fields(sidecar, entry, model_identity, key_extra) or (("key", "older key format", "current"),)
     return Replacement(entry, str(record["key"]), changes)
 
 
-def changed_fields(sidecar: Sidecar, entry: PlannedItem, model_identity: dict[str, Any]) -> tuple[tuple[str, Any, Any], ...]:
+def changed_fields(
+    sidecar: Sidecar, entry: PlannedItem, model_identity: dict[str, Any], key_extra: dict[str, Any] | None = None
+) -> tuple[tuple[str, Any, Any], ...]:
     """What differs between a finished item's sidecar and its new plan: the inputs of its key
-    (generation parameters, preprocessing, seed, image bytes, model), by name."""
+    (generation parameters, preprocessing, seed, image bytes, model, quality redoes), by name."""
     recorded: dict[str, Any] = {**sidecar.params, **_without_version(sidecar.preprocess)}
     new: dict[str, Any] = {**entry.params.as_dict(), **_without_version(entry.preprocess.as_dict())}
     recorded["seed"], new["seed"] = sidecar.seed, entry.item.seed
@@ -299,11 +308,28 @@ def changed_fields(sidecar: Sidecar, entry: PlannedItem, model_identity: dict[st
     new["image"] = entry.image_sha256[:12]
     for name, value in model_identity.items():
         recorded[f"model.{name}"], new[f"model.{name}"] = sidecar.model.get(name), value
+    recorded["quality"], new["quality"] = _recorded_redoes(sidecar), _redoes_text((key_extra or {}).get("quality"))
     if sidecar.output_key != entry.output_key:  # same frames, written with other output settings
         settings = sidecar.output.settings
         recorded["output"] = " ".join(f"{k}={v}" for k, v in sorted(settings.items()) if k != "version") or "older format"
         new["output"] = "the config's output settings"
     return tuple((name, recorded.get(name), new.get(name)) for name in new if recorded.get(name) != new.get(name))
+
+
+def _redoes_text(part: dict[str, Any] | None) -> str:
+    """quality.key_part's part of a key as text: the rules and attempts while duds are redone."""
+    if not part:
+        return "no redoes"
+    return " ".join(f"{k}={v}" for k, v in sorted(part["rules"].items())) + f" max_attempts={part['max_attempts']}"
+
+
+def _recorded_redoes(sidecar: Sidecar) -> str:
+    """_redoes_text of what a finished item was made with (its sidecar's quality rules)."""
+    if sidecar.quality is None:
+        return "no redoes"
+    rules = {k: v for k, v in sidecar.quality.rules.items() if k != "max_attempts"}
+    attempts = sidecar.quality.rules.get("max_attempts", 1)
+    return _redoes_text({"rules": rules, "max_attempts": attempts} if rules and attempts > 1 else None)
 
 
 def _without_version(preprocess: dict[str, Any] | None) -> dict[str, Any]:

@@ -7,6 +7,9 @@ item once and compares the sha256 of the frames with the recorded one. It also c
 disk next to the sidecar is the one recorded (sha256 of the written file): the frames
 hash vouches for the generation, this for the video a user actually has.
 
+A dud's redo or a rescued item is regenerated as its kept attempt was: that attempt's seed
+and precision step (docs/quality.md).
+
 Exit status: 0 the frames match (and the file on disk is the recorded one), 1 the frames
 differ or the file on disk is missing or changed, 2 the item cannot be re-run as recorded
 (unreadable sidecar, missing or changed input image, model not loadable).
@@ -30,6 +33,7 @@ from svdbatch.inputs.images import file_sha256, pipeline_input
 from svdbatch.models.devices import pin_threads, resolve_devices
 from svdbatch.models.identity import model_identity
 from svdbatch.models.loading import load_pipeline
+from svdbatch.models.rescue import precision
 from svdbatch.rundir.layout import FLAT, GROUPED, sidecar_relpath
 from svdbatch.rundir.outputs import frames_sha256, output_bytes, output_sha256
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
@@ -142,7 +146,9 @@ def reproduce(sidecar_path: Path) -> Reproduction:
         loaded = load_pipeline(model, memory, device)
         loaded.pipe.set_progress_bar_config(disable=True)  # one item: no bar of denoising steps
         pin_threads(sidecar.num_threads)  # the recorded thread count: float results depend on it
-        (frames,) = generate_frames(loaded.pipe, [image], params, [sidecar.seed])
+        # The kept attempt: a dud's redo has its own seed, a rescued item its precision step.
+        with precision(loaded.pipe, sidecar.precision):
+            (frames,) = generate_frames(loaded.pipe, [image], params, [sidecar.generation_seed])
     file_ok, file_report = check_file_on_disk(sidecar_path, sidecar)
     return Reproduction(
         item_id=sidecar.id,

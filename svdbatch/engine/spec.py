@@ -25,3 +25,5 @@ class WorkerSpec:
     # run.devices and run.workers as configured: the first worker of an early crew resolves them.
     devices: Any = "auto"
     workers: int = 1
+    # The quality group (core/quality.QualityConfig as a dict): rules and redoes of duds.
+    quality: dict[str, Any] | None = None

@@ -446,6 +446,10 @@ td.pending .na { color: #aab1bf; }
 .reused { display: inline-block; margin-top: 2px; padding: 0 6px; border-radius: 8px; background: #e3ecfa; color: #1a4c9c; }
 .varies { color: #1d2330; font-weight: 600; }
 header button { margin-left: 12px; }
+tr.quality td { font-variant-numeric: tabular-nums; background: #fbfbfc; }
+tr.quality .k { color: #6b7385; }
+tr.quality .rate { font-weight: 600; }
+tr.quality .rate.bad { color: #b71c1c; }
 """
 
 SWEEP_JS = """
@@ -533,7 +537,7 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
                 if card.kind in ("done", "missing"):
                     infos[(k, item_id)] = CellSource(None, (None, None), 0.0, from_sidecar=True)
     rows = []
-    counts = {"done": 0, "reused": 0, "failed": 0, "pending": 0}
+    counts = {"done": 0, "reused": 0, "failed": 0, "pending": 0, "duds": 0}
     for row, item_id in enumerate(ids):
         cells = all_cells[row * len(points) : (row + 1) * len(points)]
         values: dict[str, set] = {}
@@ -577,6 +581,10 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
         f"{counts['done']} generated",
         f"{counts['reused']} reused",
     ]
+    qualities = [point_quality(p.run_dir) for p in points]
+    counts["duds"] = sum(q["duds"] for q in qualities)
+    if counts["duds"]:
+        summary.append(f'<span class="bad">{counts["duds"]} duds</span>')
     if counts["failed"]:
         summary.append(f'<span class="bad">{counts["failed"]} failed</span>')
     if counts["pending"]:
@@ -592,7 +600,8 @@ def write_sweep_page(root: Path, max_items: int = 500) -> Path:
         f"<title>{title} · sweep · svdbatch</title><style>{CSS}{SWEEP_CSS}</style></head><body>"
         f"<header><h1>{title} <small>sweep</small></h1><p>{' · '.join(summary)}"
         '<button id="sync" type="button">restart visible videos together</button></p></header>'
-        f'<main><div class="wrap"><table><thead><tr><th class="item">item</th>{headers}</tr></thead>'
+        f'<main><div class="wrap"><table><thead><tr><th class="item">item</th>{headers}</tr>'
+        f"{quality_row(qualities)}</thead>"
         f"<tbody>{''.join(rows)}</tbody></table></div></main><script>{SWEEP_JS}</script></body></html>\n"
     )
     target = page_path(root)
@@ -699,6 +708,34 @@ def cached_cells(
     return [cell if cell is not None else Cell("pending", '<div class="na">pending</div>') for cell in cells], infos
 
 
+def point_quality(run_dir: Path, totals: records.RunTotals | None = None) -> dict[str, Any]:
+    """status.quality_summary of a point's finished items (the writers' summaries keep the sums)."""
+    return status.quality_summary(totals or records.totals(run_dir))
+
+
+def quality_row(qualities: list[dict[str, Any]]) -> str:
+    """The page's row under the point headers: each point's dud rate and every signal's
+    mean ± spread (standard deviation) over its finished items: what a motion_bucket_id
+    sweep is for. Empty when no point has signals (items made before svdbatch measured them)."""
+    if not any(q["items"] for q in qualities):
+        return ""
+    cells = []
+    for q in qualities:
+        if not q["items"]:
+            cells.append('<td class="quality"><div class="p">no signals</div></td>')
+            continue
+        rate = f"{100 * q['dud_rate']:.0f}% duds ({q['duds']}/{q['items']})"
+        lines = "".join(
+            f'<div><span class="k">{esc(name)}</span> {number(v["mean"], 3)} ± {number(v["sd"], 3)}</div>'
+            for name, v in q["signals"].items()
+        )
+        bad = " bad" if q["duds"] else ""
+        cells.append(f'<td class="quality"><div class="rate{bad}">{esc(rate)}</div>{lines}</td>')
+    title = "quality: dud rate, signal mean ± sd (docs/quality.md)"
+    # Cells, not headers: the row scrolls away under the sticky point headers.
+    return f'<tr class="quality"><td class="item" title="{esc(title)}">quality<div class="p">mean ± sd</div></td>{"".join(cells)}</tr>'
+
+
 def cell_html_at(point: Point, rel: str, card: Any, titles: dict[str, str]) -> Cell:
     """cell_html with the point's media paths (relative to the point) made relative to the sweep root."""
     cell = cell_html(point, card, titles)
@@ -763,10 +800,11 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
         report = status.collect(point.run_dir, window, now, point_totals)
         report["label"] = point.label
         report["counts"]["reused"] = reused_count(point.run_dir, point_totals)
+        report["quality"] = point_quality(point.run_dir, point_totals)
         reports.append(report)
         generated += [r for r in point_totals.recent if not r.get("reused_from")]
     generated.sort(key=lambda r: str(r.get("finished_at")))  # the latest finishes of every point
-    names = ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
+    names = ("done", "duds", "reused", "in_progress", "failed", "invalid", "pending", "total")
     totals: dict[str, int | None] = {}
     for name in names:
         values = [r["counts"][name] for r in reports]
@@ -812,13 +850,13 @@ def format_sweep_report(report: dict[str, Any]) -> str:
     waiting = [short(values, "?") for values in report["unstarted_points"]]
     width = min(max([len(x) for x in labels + waiting] + [12]), 70) + 2
     lines.append(
-        f"  {'point':<{width}}{'done':>8}{'reused':>8}{'running':>8}{'failed':>8}{'invalid':>8}{'pending':>8}{'total':>8}"
+        f"  {'point':<{width}}{'done':>8}{'duds':>8}{'reused':>8}{'running':>8}{'failed':>8}{'invalid':>8}{'pending':>8}{'total':>8}"
     )
 
     def cells(c: dict[str, Any]) -> str:
         return "".join(
             f"{'?' if c[k] is None else c[k]:>8}"
-            for k in ("done", "reused", "in_progress", "failed", "invalid", "pending", "total")
+            for k in ("done", "duds", "reused", "in_progress", "failed", "invalid", "pending", "total")
         )
 
     def cut(label: str) -> str:
@@ -856,7 +894,7 @@ def gallery_command(args: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="svdbatch gallery", description="rewrite <run dir or sweep root>/index.html")
     parser.add_argument("path", type=Path)
-    parser.add_argument("--max-items", type=int, default=500, help="cards (items, rows of a sweep page) shown (0 = all)")
+    gallery.add_view_options(parser)  # a run dir's page takes them; a sweep page shows every cell
     options = parser.parse_args(args)
     if is_sweep_root(options.path) and point_dirs(options.path):
         print(write_sweep_page(options.path, options.max_items))

@@ -29,14 +29,17 @@ import torch
 from svdbatch.core.atomic import temp_prefix
 from svdbatch.core.config import OutputConfig, plain
 from svdbatch.core.faults import fault_point
+from svdbatch.core.measure import measure
 from svdbatch.core.outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from svdbatch.core.params import GenParams
+from svdbatch.core.quality import QualityConfig, attempt_seed, redoes, rules, verdict
 from svdbatch.engine.plan import PlannedItem
 from svdbatch.engine.stops import Interrupted
 from svdbatch.inputs.fetch import FetchError
 from svdbatch.inputs.images import pipeline_input
 from svdbatch.models.devices import pin_threads
 from svdbatch.models.loading import LoadedPipeline, lower_memory
+from svdbatch.models.rescue import AS_LOADED, HINT, all_black, ladder, precision
 from svdbatch.rundir.claims import Claim
 from svdbatch.rundir.outputs import (
     Written,
@@ -48,7 +51,7 @@ from svdbatch.rundir.outputs import (
     write_video,
     written_fps,
 )
-from svdbatch.rundir.sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
+from svdbatch.rundir.sidecar import Attempt, Sidecar, SidecarImage, SidecarOutput, SidecarQuality, SidecarRow, Timings
 from svdbatch.rundir.store import RunStore
 
 if TYPE_CHECKING:
@@ -63,6 +66,10 @@ MAX_PENDING_WRITES = 2
 
 class GenerationError(RuntimeError):
     pass
+
+
+class NonFiniteFrames(GenerationError):
+    """The pipeline's output holds NaN/inf (an fp16 overflow): the rescue ladder's cue."""
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -102,6 +109,8 @@ class Generated:
     generate_s: float
     params: GenParams  # as actually generated (an OOM fallback may lower decode_chunk_size)
     oom_fallback: list[str] = field(default_factory=list)
+    quality: SidecarQuality | None = None  # the attempts; `frames` are the kept one's (None: not judged yet)
+    precision: str = AS_LOADED  # the NaN-rescue step that gave these frames (models/rescue.py)
 
 
 def load_entry(entry: PlannedItem) -> Loaded:
@@ -134,8 +143,10 @@ def generate_frames(
     videos = []
     for frames in output.frames:
         frames = np.asarray(frames)
+        if fault_point("frames") == "nan":  # tests: an fp16 overflow, on demand
+            frames = np.full_like(frames, np.nan, dtype=np.float32)
         if not np.isfinite(frames).all():
-            raise GenerationError("the pipeline produced NaN/inf frames (try float32 or a lower guidance scale)")
+            raise NonFiniteFrames("the pipeline produced NaN/inf frames (try float32 or a lower guidance scale)")
         videos.append(to_uint8(frames))
     return videos
 
@@ -150,8 +161,10 @@ class Worker:
         num_threads: int | None = None,
         step_progress: bool = False,
         retry_on_oom: bool = False,
+        quality: QualityConfig | None = None,
     ):
         pin_threads(num_threads)
+        self.quality = quality or QualityConfig()
         self.loaded = loaded
         self.store = store
         self.output = output
@@ -217,6 +230,8 @@ class Worker:
             self.store.release(generated.ready.claim)
 
     def _write_and_commit(self, generated: Generated) -> Outcome:
+        if generated.quality is None:  # no redoes: measured and judged here, off the main thread, before encoding
+            generated = self.judge(generated)
         ready, frames, generate_s = generated.ready, generated.frames, generated.generate_s
         entry, item = ready.entry, ready.entry.item
         assert entry.key is not None  # only an item whose image could be read has a key and gets generated
@@ -270,6 +285,7 @@ class Worker:
                 params=generated.params.as_dict(),
                 memory=self.loaded.memory_record(),
                 oom_fallback=generated.oom_fallback,
+                quality=generated.quality,
                 output=SidecarOutput(
                     path=self.store.relative(video),
                     format=self.output_format,
@@ -323,16 +339,79 @@ class Worker:
         try:
             self.warm_up(params)
             start = time.perf_counter()
-            videos, used, fallback = self.generate_with_fallback(
+            videos, used, fallback, step = self.generate_rescued(
                 [r.image for r in ready], params, [r.entry.item.seed for r in ready]
             )
             per_item = (time.perf_counter() - start) / len(ready)
         except Exception as exc:
             trace = traceback.format_exc()
             return settled + failed + [self.fail_loaded(r, exc, trace) for r in ready], []
-        return settled + failed, [
-            Generated(r, frames, per_item, used, fallback) for r, frames in zip(ready, videos, strict=False)
-        ]
+        generated = []
+        for r, frames in zip(ready, videos, strict=False):
+            made = Generated(r, frames, per_item, used, fallback, precision=step)
+            if not redoes(self.quality):
+                generated.append(made)  # measured and judged on the writer thread, while the next batch generates
+                continue
+            try:
+                generated.append(self.judge(made))
+            except Exception as exc:  # a redo that failed fails its item, not the batch
+                failed.append(self.fail_loaded(r, exc, traceback.format_exc()))
+        return settled + failed, generated
+
+    def judge(self, first: Generated) -> Generated:
+        """Measure the item's frames (core/measure.py) and judge them by the quality rules;
+        a dud is generated again with attempt_seed(row seed, n) up to quality.max_attempts.
+        Keeps the attempt that breaks the fewest rules (the earliest of equals), so the kept
+        frames depend only on the row, the config and the software. Without redoes it only
+        measures and judges (the writer thread does that: no generation)."""
+        ready, seed = first.ready, first.ready.entry.item.seed
+        limit = int(self.quality.max_attempts) if redoes(self.quality) else 1
+        kept, generate_s = first, first.generate_s
+        signals = measure(first.frames, ready.image).as_dict()
+        attempts = [Attempt(0, seed, signals, verdict(signals, self.quality), first.precision)]
+        while attempts[-1].verdict and len(attempts) < limit:
+            number = len(attempts)
+            redo_seed = attempt_seed(seed, number)
+            log.info(
+                "item %s is a dud (%s): attempt %d with seed %d",
+                ready.entry.item.id,
+                "; ".join(attempts[-1].verdict),
+                number + 1,
+                redo_seed,
+            )
+            start = time.perf_counter()
+            (frames,), used, fallback, step = self.generate_rescued([ready.image], ready.entry.params, [redo_seed])
+            generate_s += time.perf_counter() - start
+            signals = measure(frames, ready.image).as_dict()
+            attempts.append(Attempt(number, redo_seed, signals, verdict(signals, self.quality), step))
+            best = min(range(len(attempts)), key=lambda n: (len(attempts[n].verdict), n))
+            if best == number:
+                kept = Generated(ready, frames, 0.0, used, first.oom_fallback + fallback, precision=step)
+        best = min(range(len(attempts)), key=lambda n: (len(attempts[n].verdict), n))
+        settings = {f"{bound}_{signal}": value for (signal, bound), value in sorted(rules(self.quality).items())}
+        quality = SidecarQuality(attempts, best, bool(attempts[best].verdict), {**settings, "max_attempts": limit})
+        return replace(kept, generate_s=generate_s, quality=quality)
+
+    def generate_rescued(
+        self, images: list, params: GenParams, seeds: list[int]
+    ) -> tuple[list[np.ndarray], GenParams, list[str], str]:
+        """generate_with_fallback, and when it yields NaN/inf (or, from a half-precision
+        pipeline, all-black) frames, again one step up the rescue ladder (models/rescue.py):
+        the VAE decode in float32, then the whole pipeline in bf16/fp32. Returns the step
+        used too; fails with the hint once every step did."""
+        steps = ladder(self.loaded.device)
+        for number, step in enumerate(steps):
+            try:
+                with precision(self.loaded.pipe, step):
+                    videos, used, fallback = self.generate_with_fallback(images, params, seeds)
+                if not all_black(videos, self.loaded.dtype):
+                    return videos, used, fallback, step
+                why = "all-black frames"
+            except NonFiniteFrames:
+                why = "NaN/inf frames"
+            if number + 1 < len(steps):
+                log.warning("%s at precision %s; retrying with %s", why, step, steps[number + 1])
+        raise GenerationError(HINT.format(whole=steps[-1]))
 
     def generate_with_fallback(
         self, images: list, params: GenParams, seeds: list[int]

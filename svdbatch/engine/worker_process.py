@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from svdbatch.core import faults
 from svdbatch.core.config import MemoryConfig, ModelConfig, OutputConfig
 from svdbatch.core.errors import ConfigError
+from svdbatch.core.quality import QualityConfig
 from svdbatch.engine.plan import PlannedItem
 from svdbatch.engine.spec import WorkerSpec
 from svdbatch.engine.stops import die_with_parent, ignore_stop_signals
@@ -42,7 +43,8 @@ def build_worker(spec: WorkerSpec, device: Any) -> Worker:
     output = cast(OutputConfig, OmegaConf.merge(OmegaConf.structured(OutputConfig), spec.output))
     store = RunStore(spec.run_dir, output.format)
     loaded = load_pipeline(model, memory, device)
-    worker = Worker(loaded, store, output, spec.context, spec.num_threads, spec.step_progress, spec.retry_on_oom)
+    quality = QualityConfig(**spec.quality) if spec.quality else None
+    worker = Worker(loaded, store, output, spec.context, spec.num_threads, spec.step_progress, spec.retry_on_oom, quality)
     worker.keep_replaced_in = spec.keep_replaced_in
     return worker
 

@@ -17,6 +17,7 @@ import argparse
 import html
 import io
 import logging
+import re
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ from svdbatch.core.atomic import DISK_FULL_ERRNOS, atomic_write_bytes
 from svdbatch.core.config import FetchConfig
 from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_OK
 from svdbatch.core.jsonl import latest_by_id
+from svdbatch.core.quality import SIGNALS
 from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import load_rgb
 from svdbatch.rundir import records
@@ -262,6 +264,77 @@ def params_html(card: Card) -> str:
     return f'<dl class="params">{cells}</dl>'
 
 
+def is_dud(card: Card) -> bool:
+    return card.kind in ("done", "missing") and card.record.get("dud") is True
+
+
+def quality_html(card: Card) -> str:
+    """The item's main signals, and for a dud the rules its kept attempt broke."""
+    signals = card.record.get("signals")
+    if not isinstance(signals, dict):
+        return ""
+    shown = [("motion", signals.get("motion")), ("first-frame PSNR", signals.get("first_frame_psnr"))]
+    shown += [("flicker", signals.get("flicker"))]
+    shown += [(name, signals.get(name)) for name in ("black_frames", "white_frames", "flat_frames") if signals.get(name)]
+    attempts = card.record.get("attempts")
+    if isinstance(attempts, int) and attempts > 1:
+        shown.append(("attempts", attempts))
+    cells = "".join(f"<div><dt>{esc(n)}</dt><dd>{esc(number(v, 3))}</dd></div>" for n, v in shown if v is not None)
+    verdict = ""
+    if is_dud(card) and card.sidecar is not None and card.sidecar.quality is not None:
+        broken = card.sidecar.quality.kept_attempt.verdict
+        verdict = f'<p class="verdict">{esc("; ".join(broken))}</p>'
+    return f'<dl class="params signals">{cells}</dl>{verdict}'
+
+
+def signal_of(card: Card, name: str) -> float | None:
+    """A done card's recorded signal (its results line), None if it has none."""
+    signals = card.record.get("signals") if card.kind in ("done", "missing") else None
+    found = signals.get(name) if isinstance(signals, dict) else None
+    return float(found) if isinstance(found, (int, float)) and not isinstance(found, bool) else None
+
+
+_CONDITION = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*(-?[0-9.eE+-]+)\s*$")
+_COMPARE = {"<": float.__lt__, "<=": float.__le__, ">": float.__gt__, ">=": float.__ge__}
+
+
+def parse_condition(text: str) -> tuple[str, str, float]:
+    """'motion<0.5' -> ('motion', '<', 0.5); ValueError naming what is wrong."""
+    match = _CONDITION.match(text)
+    if not match:
+        raise ValueError(f"{text!r}: expected SIGNAL<VALUE (or <=, >, >=), e.g. motion<0.5")
+    name, op, value = match.groups()
+    if name not in SIGNALS:
+        raise ValueError(f"{text!r}: unknown signal {name!r}; signals: {', '.join(SIGNALS)}")
+    try:
+        return name, op, float(value)
+    except ValueError:
+        raise ValueError(f"{text!r}: {value!r} is not a number") from None
+
+
+def order_cards(
+    cards: list[Card],
+    sort_by: str | None = None,
+    ascending: bool = False,
+    duds: str = "all",
+    where: tuple[tuple[str, str, float], ...] = (),
+) -> list[Card]:
+    """`cards` filtered (duds: all | only | hide; `where`: conditions on signals, which only
+    done cards with those signals meet) and sorted by a signal (largest first unless
+    `ascending`); cards without that signal (failed, made before signals) keep their order after."""
+    if duds == "only":
+        cards = [c for c in cards if is_dud(c)]
+    elif duds == "hide":
+        cards = [c for c in cards if not is_dud(c)]
+    for name, op, limit in where:
+        cards = [c for c in cards if (v := signal_of(c, name)) is not None and _COMPARE[op](v, limit)]
+    if sort_by is None:
+        return cards
+    measured = [c for c in cards if signal_of(c, sort_by) is not None]
+    measured.sort(key=lambda c: signal_of(c, sort_by) or 0.0, reverse=not ascending)  # stable: ties keep newest first
+    return measured + [c for c in cards if signal_of(c, sort_by) is None]
+
+
 def done_card(run_dir: Path, card: Card) -> str:
     card.sidecar, mtime = read_sidecar(run_dir, card.item_id)
     thumb = source_thumbnail(run_dir, card.item_id, source_of(card), mtime)
@@ -270,9 +343,11 @@ def done_card(run_dir: Path, card: Card) -> str:
     shape = (card.sidecar.output.width, card.sidecar.output.height) if card.sidecar is not None else (None, None)
     boxes = media_box(source, "source", *shape) + media_box(preview_html(run_dir, card, mtime), "video", *shape)
     note = '<p class="note">video missing (deleted?): the next run redoes it</p>' if card.kind == "missing" else ""
+    dud = is_dud(card)
+    badge = '<p class="badge dud" title="broke a quality rule (docs/quality.md)">dud</p>' if dud else ""
     return (
-        f'<article class="card {card.kind}"><div class="media">{boxes}</div>'
-        f'<h2 title="{esc(card.item_id)}">{esc(card.item_id)}</h2>{params_html(card)}{note}</article>'
+        f'<article class="card {card.kind}{" dud" if dud else ""}"><div class="media">{boxes}</div>'
+        f'{badge}<h2 title="{esc(card.item_id)}">{esc(card.item_id)}</h2>{params_html(card)}{quality_html(card)}{note}</article>'
     )
 
 
@@ -325,16 +400,24 @@ figcaption { position: absolute; left: 4px; top: 4px; padding: 0 5px; border-rad
 ul.error { padding-left: 16px; }
 details pre { max-height: 220px; overflow: auto; font-size: 11px; background: #fff; padding: 6px; border: 1px solid #f0c4c4; }
 .meta, .note { margin: 4px 0 0; color: #6b7385; font-size: 12px; }
+.card.dud { border: 2px solid #ef6c00; background: #fffaf3; }
+.badge.dud { background: #ef6c00; margin-top: 6px; }
+.signals { margin-top: 4px; grid-template-columns: repeat(3, auto); }
+.verdict { margin: 4px 0 0; color: #b45300; font-size: 12px; }
 """
 
 
-def page_html(run_dir: Path, cards: list[Card], shown: list[str]) -> str:
+def page_html(run_dir: Path, cards: list[Card], shown: list[str], view: str = "") -> str:
     counts = {kind: sum(c.kind == kind for c in cards) for kind in ("done", "missing", "failed", "invalid")}
+    duds = sum(is_dud(c) for c in cards)
     parts = [f"{counts['done']} done"]
+    parts += [f'<span class="bad">{duds} duds</span>'] if duds else []
     parts += [f'<span class="bad">{counts[k]} {k}</span>' for k in ("failed", "invalid") if counts[k]]
     parts += [f"{counts['missing']} video missing"] if counts["missing"] else []
+    if view:
+        parts.append(esc(view))
     if len(shown) < len(cards):
-        parts.append(f"showing the newest {len(shown)} of {len(cards)}")
+        parts.append(f"showing {'the first' if view else 'the newest'} {len(shown)} of {len(cards)}")
     parts.append(f"updated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S')} UTC")
     title = esc(run_dir.resolve().name)
     return (
@@ -346,14 +429,29 @@ def page_html(run_dir: Path, cards: list[Card], shown: list[str]) -> str:
     )
 
 
-def write_gallery(run_dir: Path, max_items: int = 500) -> Path:
-    """Rewrite <run dir>/index.html from the run dir; newest `max_items` cards (0 = all)."""
+def write_gallery(
+    run_dir: Path,
+    max_items: int = 500,
+    sort_by: str | None = None,
+    ascending: bool = False,
+    duds: str = "all",
+    where: tuple[tuple[str, str, float], ...] = (),
+) -> Path:
+    """Rewrite <run dir>/index.html from the run dir; newest `max_items` cards (0 = all), or
+    filtered and sorted by a quality signal (order_cards; `svdbatch gallery --sort`)."""
     run_dir = Path(run_dir)
-    cards = collect_cards(run_dir)
+    if sort_by is not None and sort_by not in SIGNALS:
+        raise ValueError(f"unknown signal {sort_by!r}; signals: {', '.join(SIGNALS)}")
+    cards = order_cards(collect_cards(run_dir), sort_by, ascending, duds, where)
     chosen = cards if max_items <= 0 else cards[:max_items]
     shown = [done_card(run_dir, c) if c.kind in ("done", "missing") else failed_card(c) for c in chosen]
+    view = ", ".join(
+        ([f"sorted by {sort_by} ({'ascending' if ascending else 'descending'})"] if sort_by else [])
+        + ([f"duds: {duds}"] if duds != "all" else [])
+        + [f"{name} {op} {limit:g}" for name, op, limit in where]
+    )
     target = run_dir / INDEX
-    atomic_write_bytes(target, page_html(run_dir, cards, shown).encode("utf-8"))
+    atomic_write_bytes(target, page_html(run_dir, cards, shown, view).encode("utf-8"))
     return target
 
 
@@ -402,10 +500,32 @@ class GalleryUpdater:
 def gallery_command(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="svdbatch gallery", description="rewrite <run dir>/index.html")
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--max-items", type=int, default=500, help="newest cards shown (0 = all)")
+    add_view_options(parser)
     options = parser.parse_args(args)
     if not is_run_dir(options.run_dir):
         print(f"svdbatch gallery: {not_a_run_dir_message(options.run_dir)}", file=sys.stderr)
         return EXIT_NOT_A_RUN_DIR
-    print(write_gallery(options.run_dir, options.max_items))
+    try:
+        where = tuple(parse_condition(text) for text in options.where)
+    except ValueError as exc:
+        print(f"svdbatch gallery: --where {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(write_gallery(options.run_dir, options.max_items, options.sort, options.ascending, options.duds, where))
     return EXIT_OK
+
+
+def add_view_options(parser: argparse.ArgumentParser) -> None:
+    """--max-items, and the quality view (sort by a signal, filter duds): shared with the sweep's command."""
+    parser.add_argument("--max-items", type=int, default=500, help="cards shown (0 = all): the newest, or the first sorted")
+    parser.add_argument("--sort", choices=SIGNALS, help="sort done items by this quality signal, largest first (docs/quality.md)")
+    parser.add_argument("--ascending", action="store_true", help="with --sort: smallest first")
+    parser.add_argument(
+        "--duds", choices=("all", "only", "hide"), default="all", help="show every item, only the duds, or hide them"
+    )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="SIGNAL<VALUE",
+        help="only done items whose signal meets this (<, <=, >, >=; repeatable), e.g. --where 'motion<0.5'",
+    )

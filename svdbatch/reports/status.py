@@ -5,6 +5,8 @@
                  keep (records.py), trusted without stats (`svdbatch verify` checks every file)
     in progress  a live process holds the item's claim (claims/<id>.claim, claims.py)
     failed       the latest failure record is a generation error, and not done
+    duds         done items whose kept attempt broke a quality rule (docs/quality.md): in a big
+                 run, the count the writers' summaries keep
     invalid      the manifest row does not validate (now, or when the run read it)
     pending      every other manifest row
     live         a process of the run still exists: an item's claim is held, or an owner
@@ -39,6 +41,7 @@ import yaml
 from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.errors import ManifestError
 from svdbatch.core.jsonl import latest_by_id
+from svdbatch.core.quality import SIGNALS
 from svdbatch.inputs.manifest import Manifest, read_manifest
 from svdbatch.rundir import records
 from svdbatch.rundir.claims import held_claims
@@ -469,6 +472,30 @@ def eta_seconds(remaining: int | None, rate: float | None, live: bool = True) ->
     return remaining * 3600.0 / rate if rate and live else None
 
 
+# -- quality ----------------------------------------------------------------------------
+def quality_summary(totals: records.RunTotals) -> dict[str, Any]:
+    """Over the finished items' results records (the writers' summaries keep the sums): how
+    many carry quality signals, how many are duds (and the rate), and each signal's mean,
+    standard deviation (population), min and max. What the sweep page compares across points
+    (docs/quality.md)."""
+    judged = totals.judged
+    signals: dict[str, dict[str, float]] = {}
+    for name in SIGNALS:
+        stats = totals.signals.get(name)
+        if not stats or not stats[0]:
+            continue
+        n, total, squares, low, high = stats
+        mean = total / n
+        sd = max(squares / n - mean * mean, 0.0) ** 0.5
+        signals[name] = {"mean": round(mean, 4), "sd": round(sd, 4), "min": low, "max": high}
+    return {
+        "items": judged,
+        "duds": totals.duds,
+        "dud_rate": round(totals.duds / judged, 4) if judged else None,
+        "signals": signals,
+    }
+
+
 # -- the report -------------------------------------------------------------------------
 def collect(
     run_dir: Path, window: int = THROUGHPUT_WINDOW, now: datetime | None = None, totals: records.RunTotals | None = None
@@ -494,6 +521,8 @@ def collect(
         recent = by_finish(results)
     rate = throughput(recent, window)
     summary = counts.as_dict()
+    # Done items that broke a quality rule (kept and marked, docs/quality.md): part of done.
+    summary["duds"] = totals.duds if totals.commits >= FAST_FROM else len(records.dud_ids(run_dir) & counts.done)
     pending = summary["pending"]
     remaining = None if pending is None else pending + len(counts.in_progress)
     live, owners = liveness(run_dir, len(counts.in_progress), now)
@@ -542,6 +571,8 @@ def format_report(report: dict[str, Any], now: datetime | None = None) -> str:
             f"  (+{counts['done_not_in_manifest']} not in the manifest now)" if counts["done_not_in_manifest"] else "",
         )
     )
+    if counts.get("duds"):
+        lines.append(row("duds", counts["duds"], "  of the done: broke a quality rule (svdbatch gallery --duds only)"))
     lines.append(row("in progress", counts["in_progress"]))
     lines.append(row("failed", counts["failed"]))
     lines.append(row("invalid", counts["invalid"]))

@@ -61,7 +61,8 @@ class PlannedItem(Protocol):
 
 
 # Bump when metadata_row changes what it writes: rows cached in the run dir are then rebuilt.
-METADATA_ROW_VERSION = 1
+# 2: the quality signals, `dud` and `attempts` (docs/quality.md).
+METADATA_ROW_VERSION = 2
 # Rows of metadata.jsonl by item, with the results line each was made from (in store.CACHE_DIR).
 ROWS_CACHE = "metadata-rows.json"
 # The results-line fields that change whenever an item's sidecar does (a new commit).
@@ -84,8 +85,22 @@ def metadata_row(sidecar: Sidecar) -> dict[str, Any]:
         "model": sidecar.model["name"],
         "frames_sha256": sidecar.frames_sha256,
     }
+    quality = sidecar.quality
+    if quality is not None:  # older records have none: no columns (null in a mixed file)
+        kept = quality.kept_attempt
+        row.update({"dud": quality.dud, "attempts": len(quality.attempts), "generation_seed": kept.seed})
+        row.update({"quality_verdict": kept.verdict, "precision": kept.precision})
+        row.update(kept.signals)
     row.update(sidecar.row.meta)
     return row
+
+
+def without_duds(finished: Finished, include_duds: bool) -> Finished:
+    """What the dataset files list: every finished item, less the duds unless asked for
+    (output.include_duds). A dud stays done in the run dir: only the exports leave it out."""
+    if include_duds:
+        return finished
+    return {item_id: pair for item_id, pair in finished.items() if not pair[1].get("dud")}
 
 
 def finished_rows(store: RunStore) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -165,7 +180,7 @@ def write_metadata(store: RunStore) -> Finished:
     """Regenerate metadata.jsonl from the results records (records.py) and the sidecars, atomically; returns
     what it listed (finished_rows)."""
     with export_lock(store):
-        finished = finished_rows(store)
+        finished = without_duds(finished_rows(store), False)
         write_metadata_rows(store, finished)
     return finished
 
@@ -282,7 +297,7 @@ def write_dataset(store: RunStore, output: OutputConfig | None = None) -> None:
     WebDataset shards, from what the run dir holds now. At the end of every run, after
     `verify --repair`: any process may call it, at any time."""
     with export_lock(store):
-        finished = finished_rows(store)
+        finished = without_duds(finished_rows(store), output is not None and bool(output.include_duds))
         write_metadata_rows(store, finished)
         if output is not None and output.webdataset:
             if OutputFormat(output.format) is OutputFormat.frames:

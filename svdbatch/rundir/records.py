@@ -48,7 +48,7 @@ RESULTS_SUFFIX = ".results.jsonl"
 FAILURES_SUFFIX = ".failures.jsonl"
 SUMMARY_SUFFIX = ".summary.json"
 LEGACY_NAME = "legacy"  # records/legacy.summary.json: the summary of an old results.jsonl
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2  # 2: quality (duds, signal sums); an older summary is rebuilt from its records
 SUMMARY_EVERY = 64  # commits between summary rewrites
 SUMMARY_EVERY_S = 5.0  # or seconds
 RECENT = 64  # finishes a summary keeps: the throughput window (status.THROUGHPUT_WINDOW, 50) and some
@@ -128,6 +128,12 @@ def latest_failures(root: Path) -> dict[str, dict[str, Any]]:
     return latest_by_id(read_failures(root))
 
 
+def dud_ids(root: Path) -> set[str]:
+    """Ids whose latest results record marks the item a dud (docs/quality.md); intersect
+    with the done ids."""
+    return {item_id for item_id, record in latest_results(root).items() if record.get("dud") is True}
+
+
 def has_records(root: Path) -> bool:
     root = Path(root)
     return (root / LEGACY_RESULTS).is_file() or (root / LEGACY_FAILURES).is_file() or bool(writer_names(root))
@@ -154,6 +160,13 @@ class Summary:
     failures_bytes: int = 0
     # [finished_at, seconds, reused] of the latest finishes (not updates, not removals)
     recent: list[list[Any]] = field(default_factory=list)
+    # Quality (docs/quality.md) of the items this writer finished: how many carry signals,
+    # how many are duds, and per signal [n, sum, sum of squares, min, max]. A redo adds its
+    # new record without taking out the old one's: exact for a run whose items are done
+    # once, which is every sweep point's case (bench/status_scale.py).
+    judged: int = 0
+    duds: int = 0
+    signals: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, record: dict[str, Any]) -> None:
         self.commits += 1
@@ -170,6 +183,7 @@ class Summary:
             self.done += 1
         reused = bool(record.get("reused_from"))
         self.reused += reused
+        self.add_quality(record)
         self.output_bytes += int(record.get("output_bytes") or 0)
         finished = record.get("finished_at")
         if isinstance(finished, str):
@@ -179,6 +193,16 @@ class Summary:
             self.recent.append([finished, float(record.get("seconds") or 0.0), reused])
             if len(self.recent) > 2 * RECENT:
                 del self.recent[:-RECENT]
+
+    def add_quality(self, record: dict[str, Any]) -> None:
+        signals = record.get("signals")
+        if not isinstance(signals, dict):
+            return
+        self.judged += 1
+        self.duds += record.get("dud") is True
+        for name, value in signals.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                add_value(self.signals, name, float(value))
 
     def add_failure(self, record: dict[str, Any]) -> None:
         self.failures += 1
@@ -197,6 +221,28 @@ class Summary:
             return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
         except (ValueError, TypeError):
             return None
+
+
+def add_value(sums: dict[str, list[float]], name: str, value: float) -> None:
+    """Fold one value into [n, sum, sum of squares, min, max]."""
+    stats = sums.get(name)
+    if stats is None:
+        sums[name] = [1, value, value * value, value, value]
+        return
+    stats[0] += 1
+    stats[1] += value
+    stats[2] += value * value
+    stats[3] = min(stats[3], value)
+    stats[4] = max(stats[4], value)
+
+
+def merge_sums(into: dict[str, list[float]], other: dict[str, list[float]]) -> None:
+    for name, (n, total, squares, low, high) in other.items():
+        stats = into.get(name)
+        if stats is None:
+            into[name] = [n, total, squares, low, high]
+        else:
+            into[name] = [stats[0] + n, stats[1] + total, stats[2] + squares, min(stats[3], low), max(stats[4], high)]
 
 
 def _load_summary(path: Path) -> Summary | None:
@@ -297,6 +343,9 @@ class RunTotals:
     last_id: str | None = None
     recent: list[dict[str, Any]] = field(default_factory=list)  # records throughput() reads
     writers: int = 0
+    judged: int = 0
+    duds: int = 0
+    signals: dict[str, list[float]] = field(default_factory=dict)
 
 
 def totals(root: Path) -> RunTotals:
@@ -308,6 +357,9 @@ def totals(root: Path) -> RunTotals:
         total.reused += summary.reused
         total.output_bytes += summary.output_bytes
         total.failures += summary.failures
+        total.judged += summary.judged
+        total.duds += summary.duds
+        merge_sums(total.signals, summary.signals)
         if summary.last_finished_at and (total.last_finished_at or "") <= summary.last_finished_at:
             total.last_finished_at, total.last_id = summary.last_finished_at, summary.last_id
         total.recent += [

@@ -244,6 +244,60 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """One generation of an item (core/quality.py): its seed (attempt_seed of the row seed),
+    its signals, the rules it broke (empty: not a dud) and the rescue step it ran at."""
+
+    attempt: int
+    seed: int
+    signals: Json
+    verdict: list[str]
+    precision: str
+
+    def to_dict(self) -> Json:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any, name: str = "attempt") -> Attempt:
+        r = _Reader(data, name)
+        return cls(
+            attempt=r.integer("attempt"),
+            seed=r.integer("seed"),
+            signals=r.obj("signals"),
+            verdict=r.get("verdict", (list,)),
+            precision=r.text("precision"),
+        )
+
+
+@dataclass(frozen=True)
+class SidecarQuality:
+    """The item's quality (docs/quality.md): every attempt in order, which one was kept (its
+    frames are the output), whether the kept one still breaks a rule (a dud), and the rules."""
+
+    attempts: list[Attempt]
+    kept: int  # index into attempts
+    dud: bool
+    rules: Json  # the quality config's rules in effect (min_*/max_* set), and max_attempts
+
+    @property
+    def kept_attempt(self) -> Attempt:
+        return self.attempts[self.kept]
+
+    def to_dict(self) -> Json:
+        return {"attempts": [a.to_dict() for a in self.attempts], "kept": self.kept, "dud": self.dud, "rules": self.rules}
+
+    @classmethod
+    def from_dict(cls, data: Any, name: str = "quality") -> SidecarQuality:
+        r = _Reader(data, name)
+        raw = r.get("attempts", (list,))
+        attempts = [Attempt.from_dict(a, f"{name}.attempts[{n}]") for n, a in enumerate(raw)]
+        kept = r.integer("kept")
+        if not 0 <= kept < len(attempts):
+            raise SidecarError(None, f"field '{name}.kept' is {kept}, but there are {len(attempts)} attempts")
+        return cls(attempts=attempts, kept=kept, dud=r.get("dud", (bool,)), rules=r.obj("rules"))
+
+
+@dataclass(frozen=True)
 class ReusedFrom:
     """Where an item's output was linked from instead of generated (sweep.py): another
     run dir's item with the same key, and how (store.link_output: hardlink, symlink, copy)."""
@@ -293,6 +347,8 @@ class Sidecar:
     versions: dict[str, str]
     warmup_s: float | None = None  # the compiled UNet's warm-up (once per load); written when set
     reused_from: ReusedFrom | None = None  # written when the output was linked, not generated
+    # Quality signals, attempts and dud verdict (docs/quality.md); absent in older records.
+    quality: SidecarQuality | None = None
     status: str = DONE
     schema: int = SCHEMA
 
@@ -301,7 +357,7 @@ class Sidecar:
         out: Json = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name in ("warmup_s", "reused_from"):
+            if value is None and f.name in ("warmup_s", "reused_from", "quality"):
                 continue  # present only when they apply
             out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
         return out
@@ -321,6 +377,7 @@ class Sidecar:
         if schema != SCHEMA:
             raise SidecarError(None, f"schema {schema}; this svdbatch reads schema {SCHEMA}")
         reused = r.get("reused_from", (dict,), required=False)
+        quality = r.get("quality", (dict,), required=False)
         return cls(
             schema=schema,
             status=r.text("status"),
@@ -347,6 +404,7 @@ class Sidecar:
             versions=r.obj("versions"),
             warmup_s=r.number("warmup_s", False),
             reused_from=ReusedFrom.from_dict(reused) if reused is not None else None,
+            quality=SidecarQuality.from_dict(quality) if quality is not None else None,
         )
 
     @classmethod
@@ -382,6 +440,16 @@ class Sidecar:
     def done_with(self, key: str | None, output_key: str | None) -> bool:
         """Finished with exactly these keys (frames and file settings)."""
         return self.done and self.key == key and self.output_key == output_key
+
+    @property
+    def generation_seed(self) -> int:
+        """The seed the kept frames were generated with: the row's seed, or a redo's."""
+        return self.quality.kept_attempt.seed if self.quality is not None else self.seed
+
+    @property
+    def precision(self) -> str | None:
+        """The NaN-rescue step the kept frames were generated at (models/rescue.py); None: as loaded."""
+        return self.quality.kept_attempt.precision if self.quality is not None else None
 
     def gen_params(self) -> GenParams:
         """The generation parameters as params.GenParams."""
@@ -431,6 +499,7 @@ def result_record(sidecar: Mapping[str, Any], sidecar_bytes: int) -> Json:
     reused = {"reused_from": sidecar["reused_from"]} if sidecar.get("reused_from") else {}
     return {
         **reused,
+        **quality_fields(sidecar.get("quality")),
         "id": sidecar["id"],
         "key": sidecar["key"],
         "output_key": sidecar.get("output_key"),
@@ -450,6 +519,15 @@ def result_record(sidecar: Mapping[str, Any], sidecar_bytes: int) -> Json:
         # Lets the next plan see a meta_* edit without opening the sidecar.
         "meta_sha256": meta_digest((sidecar.get("row") or {}).get("meta") or {}),
     }
+
+
+def quality_fields(quality: Mapping[str, Any] | None) -> Json:
+    """What a results line carries of the item's quality, so status, the gallery and the
+    sweep page need not open sidecars: dud, the kept attempt's signals, the attempt count."""
+    if not quality:
+        return {}
+    kept = quality["attempts"][quality["kept"]]
+    return {"dud": quality["dud"], "signals": kept["signals"], "attempts": len(quality["attempts"])}
 
 
 EMPTY_META_SHA256 = hashlib.sha256(b"{}").hexdigest()
