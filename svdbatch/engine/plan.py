@@ -6,7 +6,6 @@ Pure bookkeeping, no model: it runs before anything heavy loads.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from svdbatch.core.errors import ConfigError
 from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, GenParams, Preprocess, param_defaults
 from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import ImageCache, file_sha256, parallel_map
-from svdbatch.inputs.manifest import Item
+from svdbatch.inputs.manifest import Item, shard_of
 from svdbatch.rundir.outputs import output_key, output_settings, written_fps
 from svdbatch.rundir.sidecar import Sidecar, meta_digest
 from svdbatch.rundir.store import KeyMaker, RunStore, output_intact
@@ -79,13 +78,6 @@ def shard_problem(index: int | None, count: int | None, in_hydra_sweep: bool = F
     except ConfigError as exc:
         return str(exc)
     return None
-
-
-def shard_of(item_id: str, count: int) -> int:
-    """Shard by a hash of the id, not by row position: an item stays in its shard when rows
-    are reordered, inserted or removed, so shards resume cleanly after a manifest edit."""
-    digest = hashlib.sha256(item_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % count
 
 
 def select_shard(items: list[Item], shard: Shard) -> list[Item]:
