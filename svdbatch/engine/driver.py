@@ -295,9 +295,10 @@ def run_prepared(
         output=cfg.output,
         image_cache=image_cache,
         reuse=reuse,
+        keep_done=False,  # counted, not kept: memory grows with what is left to do
     )
     image_cache.flush()
-    summary.skipped = len(plan.done)
+    summary.skipped = plan.done_count
     for entry in plan.meta_changed:  # no model needed: the sidecar gets the new row
         if store.update_row(entry.item.id, str(entry.key), str(entry.output_key), SidecarRow(**entry.item.row_record())):
             summary.meta_updated += 1
@@ -326,8 +327,8 @@ def run_prepared(
             len(items),
             manifest.other_rows,
         )
-    if plan.done:
-        log.info("resuming: %d of %d items already done", len(plan.done), len(plan.done) + len(plan.todo))
+    if plan.done_count:
+        log.info("resuming: %d of %d items already done", plan.done_count, plan.done_count + len(plan.todo))
     if plan.replaced:
         keep_in = spec.keep_replaced_in
         log.warning("%s", replace_report(plan.replaced, Path(keep_in) if keep_in else None))
@@ -402,9 +403,12 @@ def settle_interrupted(summary: RunSummary, stop: StopRequest, progress: _Progre
     if store is None or plan is None:
         return
     store.remove_stale_temporaries()
-    index = store.finished_index()
-    summary.done_total = sum(1 for entry in plan.all if store.is_done(entry.item.id, entry.key, entry.output_key, index))
-    summary.left = len(plan.all) - summary.done_total
+    index = store.finished_index(compact=True)
+    # Done before this run and not kept in plan.all: counted as done still.
+    done_before = plan.done_count - len(plan.done)
+    done_now = sum(1 for entry in plan.all if store.is_done(entry.item.id, entry.key, entry.output_key, index))
+    summary.done_total = done_before + done_now
+    summary.left = plan.total - summary.done_total
     if summary.left == 0:
         summary.interrupted_by = summary.pass_on = None
 

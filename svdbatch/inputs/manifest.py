@@ -65,9 +65,11 @@ SEED_TEXT = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Item:
-    """One validated manifest row. Slots: a 1M-row manifest holds a million of them."""
+    """One validated manifest row; read-only by convention. Slots and not frozen: a 1M-row
+    manifest makes a million of them, and a frozen dataclass is built 5x slower (every field
+    set through object.__setattr__). It was never hashable (its dicts are not)."""
 
     id: str
     image: str | None  # absolute, normalised path (a str: cheap for 100k rows); None for a URL
@@ -732,7 +734,7 @@ def _validate_row(
 
 
 # Bump when what the parse cache holds, or how a row is validated, changes meaning.
-PARSE_CACHE_VERSION = 1
+PARSE_CACHE_VERSION = 2
 PARSE_CACHE_PREFIX = "rows-"  # cache/rows-<digest>.json
 
 
@@ -766,7 +768,7 @@ def _save_parse_cache(target: Path, manifest: Manifest, stamp: list[int]) -> Non
         "image": [images.setdefault(item.image, len(images)) for item in items],
         "ref": [refs.setdefault(item.image_ref, len(refs)) for item in items],
         "seed": [item.seed for item in items],
-        "derived": [n for n, item in enumerate(items) if item.seed_derived],
+        "derived": [item.seed_derived for item in items],
         "line": [item.line for item in items],
         "overrides": {n: item.overrides for n, item in enumerate(items) if item.overrides},
         "meta": {n: item.meta for n, item in enumerate(items) if item.meta},
@@ -788,7 +790,15 @@ def _save_parse_cache(target: Path, manifest: Manifest, stamp: list[int]) -> Non
 
 
 def _load_parse_cache(source: Path, path: Path, stamp: list[int]) -> Manifest | None:
-    """The rows validated by an earlier run, if the file and settings are unchanged; else None."""
+    """The rows validated by an earlier run, if the file and settings are unchanged; else None
+    (also for a damaged cache file: the manifest is validated again)."""
+    try:
+        return _read_parse_cache(source, path, stamp)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _read_parse_cache(source: Path, path: Path, stamp: list[int]) -> Manifest | None:
     try:
         body = json.loads(source.read_bytes())
     except (OSError, ValueError):
@@ -797,29 +807,19 @@ def _load_parse_cache(source: Path, path: Path, stamp: list[int]) -> Manifest | 
         return None
     shown = str(path)
     images, refs = body["images"], body["refs"]
-    derived = set(body["derived"])
-    overrides = {int(n): values for n, values in body["overrides"].items()}
-    meta = {int(n): values for n, values in body["meta"].items()}
-    resize = {int(n): value for n, value in body["resize"].items()}
     no_values: dict[str, Any] = {}
     manifest = Manifest(path=path, cached=True, other_rows=body["other_rows"])
-    manifest.items = [
-        Item(
-            item_id,
-            images[image],
-            refs[ref],
-            seed,
-            n in derived,
-            overrides.get(n, no_values),
-            meta.get(n, no_values),
-            shown,
-            line,
-            resize.get(n),
-        )
-        for n, (item_id, image, ref, seed, line) in enumerate(
-            zip(body["ids"], body["image"], body["ref"], body["seed"], body["line"], strict=True)
-        )
+    columns = (body["ids"], body["image"], body["ref"], body["seed"], body["derived"], body["line"])
+    manifest.items = items = [
+        Item(item_id, images[image], refs[ref], seed, derived, no_values, no_values, shown, line)
+        for item_id, image, ref, seed, derived, line in zip(*columns, strict=True)
     ]
+    for n, overrides in body["overrides"].items():  # the few rows with values of their own
+        items[int(n)].overrides = overrides
+    for n, meta in body["meta"].items():
+        items[int(n)].meta = meta
+    for n, resize in body["resize"].items():
+        items[int(n)].resize = resize
     manifest.bad_rows = [
         (line, item_id, [Problem(*problem) for problem in problems]) for line, item_id, problems in body["bad_rows"]
     ]

@@ -36,11 +36,11 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple, overload
 
 import yaml
 
@@ -57,7 +57,7 @@ from svdbatch.core.atomic import (
 from svdbatch.core.config import OutputFormat
 from svdbatch.core.errors import RunDirError
 from svdbatch.core.faults import fault_point
-from svdbatch.core.jsonl import latest_by_id, parse_jsonl, read_jsonl_fast, to_json
+from svdbatch.core.jsonl import latest_by_id, parse_jsonl, read_jsonl_fast, read_jsonl_slices, to_json
 from svdbatch.rundir.outputs import link_output, output_bytes, output_name
 from svdbatch.rundir.sidecar import (
     ReusedFrom,
@@ -120,16 +120,25 @@ class KeyMaker:
     def __call__(self, image_sha256: str, params: Any, seed: int, preprocess: Any) -> str:
         """`params` and `preprocess` are hashable (GenParams, Preprocess): a run has few
         distinct ones, so each is serialised once, not once per row."""
+        return self.key_with(image_sha256, seed, self.tail(params, preprocess))
+
+    def key(self, image_sha256: str, params_text: str, seed: int, preprocess_json: str) -> str:
+        return self.key_with(image_sha256, seed, f"{params_text}|{preprocess_json}")
+
+    def tail(self, params: Any, preprocess: Any) -> str:
+        """What a key shares with every item of these params and preprocessing (key_with)."""
         prep = self._preprocess_json.get(preprocess)
         if prep is None:
             prep = self._preprocess_json[preprocess] = json.dumps(preprocess.as_dict(), sort_keys=True)
         text = self._params_text.get(params)
         if text is None:
             text = self._params_text[params] = params_text(params.as_dict())
-        return self.key(image_sha256, text, seed, prep)
+        return f"{text}|{prep}"
 
-    def key(self, image_sha256: str, params_text: str, seed: int, preprocess_json: str) -> str:
-        return hashlib.sha256(f"{self.prefix}{image_sha256}|{seed}|{params_text}|{preprocess_json}".encode()).hexdigest()
+    def key_with(self, image_sha256: str, seed: int, tail: str) -> str:
+        """The key from its per-item parts and a tail(): planning a million rows of few
+        distinct settings serialises and hashes those settings once, not per row."""
+        return hashlib.sha256(f"{self.prefix}{image_sha256}|{seed}|{tail}".encode()).hexdigest()
 
 
 def params_text(params: dict[str, Any]) -> str:
@@ -305,16 +314,26 @@ def sidecar_relpath(item_id: str) -> str:
     return f"{SIDECARS_DIR}/{item_id}.json"
 
 
-def output_intact(run_dir: str | os.PathLike, record: dict[str, Any]) -> bool:
+def output_intact(run_dir: str | os.PathLike, record: Mapping[str, Any] | ResumeRecord) -> bool:
     """A results record's output and sidecar are still there, with the sizes they were
     committed with (two stats: users delete videos or sidecars, and this runs for every row
     of a resume; verify.py reads every byte). Lines written before sidecar sizes were
     recorded only need the sidecar to exist."""
     root = os.fspath(run_dir)
-    if "output" not in record or output_bytes(f"{root}/{record['output']}") != record.get("output_bytes"):
+    output = record.get("output")  # .get: a record's dict or a ResumeRecord
+    if output is None or output_bytes(f"{root}/{output}") != record.get("output_bytes"):
         return False
     sidecar_size = output_bytes(f"{root}/{sidecar_relpath(str(record.get('id')))}")
-    return sidecar_size == record["sidecar_bytes"] if "sidecar_bytes" in record else sidecar_size >= 0
+    recorded = record.get("sidecar_bytes")
+    return sidecar_size == recorded if recorded is not None else sidecar_size >= 0
+
+
+def resume_intact(root: str, record: ResumeRecord) -> bool:
+    """output_intact for a compact index's record (run for each of a million done rows)."""
+    if record.output is None or output_bytes(f"{root}/{record.output}") != record.output_bytes:
+        return False
+    sidecar_size = output_bytes(f"{root}/{SIDECARS_DIR}/{record.id}.json")
+    return sidecar_size == record.sidecar_bytes if record.sidecar_bytes is not None else sidecar_size >= 0
 
 
 def run_dir_problem(root: str | os.PathLike, cwd: str | os.PathLike | None = None) -> str | None:
@@ -419,6 +438,27 @@ def owner_state(owner: dict[str, Any]) -> str:
     if recorded is not None and now is not None and recorded != now:
         return "dead"  # the pid was reused by another process
     return "running"
+
+
+class ResumeRecord(NamedTuple):
+    """The fields of an item's latest results record that planning a resume reads
+    (finished_index(compact=True)); `get` reads it as the record's dict is read."""
+
+    id: str
+    key: str | None
+    output: str | None
+    output_bytes: int | None
+    sidecar_bytes: int | None
+    output_key: str | None
+    image_path: str | None
+    image_sha256: str | None
+    image_bytes: int | None
+    image_mtime_ns: int | None
+    meta_sha256: str | None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = getattr(self, name) if name in self._fields else None
+        return default if value is None else value
 
 
 class RunStore:
@@ -537,13 +577,40 @@ class RunStore:
         return path.relative_to(self.root).as_posix()
 
     # -- what is done -----------------------------------------------------------------
-    def finished_index(self) -> dict[str, dict[str, Any]]:
-        """Latest results.jsonl record per item id."""
-        return latest_by_id(read_jsonl_fast(self.results))
+    @overload
+    def finished_index(self, compact: Literal[False] = False) -> dict[str, dict[str, Any]]: ...
+    @overload
+    def finished_index(self, compact: Literal[True]) -> dict[str, ResumeRecord]: ...
+    def finished_index(self, compact: bool = False) -> dict[str, dict[str, Any]] | dict[str, ResumeRecord]:
+        """Latest results.jsonl record per item id. `compact` (planning a resume): only what
+        resume reads of each (ResumeRecord), the log read in slices: a million finished items
+        take ~0.4 GB instead of ~3 GB."""
+        if not compact:
+            return latest_by_id(read_jsonl_fast(self.results))
+        latest: dict[str, ResumeRecord] = {}
+        shared: dict[Any, Any] = {}  # values many records repeat (output key, image, meta digest): one object each
+        one = shared.setdefault
+        make = tuple.__new__  # ResumeRecord(...) costs a Python call per record
+        for records in read_jsonl_slices(self.results):
+            for record in records:
+                get = record.get
+                item_id = get("id")
+                if item_id is not None:
+                    item_id = str(item_id)
+                    latest[item_id] = make(ResumeRecord, (
+                        item_id, get("key"), get("output"), get("output_bytes"), get("sidecar_bytes"),
+                        one(get("output_key"), get("output_key")), one(get("image_path"), get("image_path")),
+                        one(get("image_sha256"), get("image_sha256")), one(get("image_bytes"), get("image_bytes")),
+                        one(get("image_mtime_ns"), get("image_mtime_ns")),
+                        one(get("meta_sha256"), get("meta_sha256")),
+                    ))  # fmt: skip
+        return latest
 
-    def is_done(self, item_id: str, key: str | None, out_key: str | None, index: dict[str, dict[str, Any]]) -> bool:
+    def is_done(self, item_id: str, key: str | None, out_key: str | None, index: Mapping[str, Any]) -> bool:
         """Done with this key (frames) and output key (file settings); see the module doc."""
         record = index.get(item_id)
+        if type(record) is ResumeRecord:  # a compact index (a resume's plan): fields, not .get
+            return record.key == key and record.output_key == out_key and resume_intact(self._root_text, record)
         if record is None:
             record = self._recover_from_sidecar(item_id, key, out_key)
             if record is None:
