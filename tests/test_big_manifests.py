@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,7 @@ def test_a_resume_plan_keeps_only_what_is_left_and_agrees_with_the_full_index(tm
     assert full.done_count == len(full.done) == lean.done_count == 28 and not lean.done
     assert [e.item.id for e in lean.todo] == [e.item.id for e in full.todo] == ["i4", "i9"] + [f"i{n}" for n in range(30, N)]
     assert lean.total == full.total == N and lean.all == lean.todo
+    assert pickle.loads(pickle.dumps(lean.todo)) == lean.todo  # slots: still sent to worker processes as before
     compact, index = store.finished_index(compact=True), store.finished_index()
     assert set(compact) == set(index)
     for entry in first.todo:

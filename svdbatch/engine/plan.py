@@ -86,7 +86,7 @@ def select_shard(items: list[Item], shard: Shard) -> list[Item]:
     return [item for item in items if shard_of(item.id, shard.count) == shard.index]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a first run of 1M rows plans a million
 class PlannedItem:
     item: Item
     params: GenParams
