@@ -145,8 +145,10 @@ def test_the_parse_cache_is_used_until_the_manifest_or_settings_change(tmp_path,
     assert read().cached
     os.utime(manifest, ns=(1, 1))  # touched: size unchanged, mtime not
     assert not read().cached and read().cached
-    assert not read(run_seed=7).cached  # other settings: their own cache entry
+    assert not read(run_seed=7).cached and read(run_seed=7).cached  # other settings: validated again...
+    assert not read().cached  # ...and they replace the file of the earlier settings
     assert not read(shard=(0, 2)).cached and read(shard=(0, 2)).cached
+    assert read().cached and len(list(cache.glob("rows-*.json"))) == 2  # one per shard sharing the run dir
     assert read(shard=(0, 2)).items == read_manifest(manifest, check_images="header", shard=(0, 2)).items
 
     (tmp_path / "img" / "a.png").write_bytes(b"broken now")  # images are checked again, never cached

@@ -749,9 +749,17 @@ def _file_stamp(path: Path) -> list[int] | None:
 
 
 def _parse_cache_file(folder: Path, path: Path, settings: list[Any]) -> Path:
-    """One cache file per manifest and settings (a shard, another run.seed: another file)."""
-    what = json.dumps([PARSE_CACHE_VERSION, os.path.realpath(path), str(path), settings], sort_keys=True, default=str)
-    return folder / f"{PARSE_CACHE_PREFIX}{hashlib.sha256(what.encode()).hexdigest()[:24]}.json"
+    """rows-<manifest and shard>-<the other settings>.json: shards sharing the run dir keep
+    one file each; a save removes the same shard's files of other settings (_save_parse_cache)."""
+    *checks, shard = settings
+
+    def digest(what: Any) -> str:
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    return (
+        folder
+        / f"{PARSE_CACHE_PREFIX}{digest([os.path.realpath(path), str(path), shard])}-{digest([PARSE_CACHE_VERSION, checks])}.json"
+    )
 
 
 def _save_parse_cache(target: Path, manifest: Manifest, stamp: list[int]) -> None:
@@ -785,6 +793,10 @@ def _save_parse_cache(target: Path, manifest: Manifest, stamp: list[int]) -> Non
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(target, json.dumps(body, allow_nan=False, separators=(",", ":")).encode())
+        same_rows = target.name.rsplit("-", 1)[0]
+        for stale in target.parent.glob(f"{same_rows}-*.json"):  # this manifest and shard, other settings
+            if stale != target:
+                stale.unlink(missing_ok=True)
     except (OSError, ValueError) as exc:
         log.debug("%s: not cached (%s)", target, exc)
 
