@@ -756,10 +756,8 @@ def _parse_cache_file(folder: Path, path: Path, settings: list[Any]) -> Path:
     def digest(what: Any) -> str:
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    return (
-        folder
-        / f"{PARSE_CACHE_PREFIX}{digest([os.path.realpath(path), str(path), shard])}-{digest([PARSE_CACHE_VERSION, checks])}.json"
-    )
+    rows = digest([os.path.realpath(path), str(path), shard])
+    return folder / f"{PARSE_CACHE_PREFIX}{rows}-{digest([PARSE_CACHE_VERSION, checks])}.json"
 
 
 def _save_parse_cache(target: Path, manifest: Manifest, stamp: list[int]) -> None:
