@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, overload
 
@@ -591,19 +592,33 @@ class RunStore:
         shared: dict[Any, Any] = {}  # values many records repeat (output key, image, meta digest): one object each
         one = shared.setdefault
         make = tuple.__new__  # ResumeRecord(...) costs a Python call per record
+        fields = itemgetter(*ResumeRecord._fields)  # one C call per record, when it has them all
         for records in read_jsonl_slices(self.results):
             for record in records:
-                get = record.get
-                item_id = get("id")
+                try:
+                    item_id, key, output, size, sidecar, out_key, path, sha, image_size, mtime, meta = fields(record)
+                except KeyError:  # an older line, without some fields
+                    item_id, key, output, size, sidecar, out_key, path, sha, image_size, mtime, meta = map(
+                        record.get, ResumeRecord._fields
+                    )
                 if item_id is not None:
                     item_id = str(item_id)
-                    latest[item_id] = make(ResumeRecord, (
-                        item_id, get("key"), get("output"), get("output_bytes"), get("sidecar_bytes"),
-                        one(get("output_key"), get("output_key")), one(get("image_path"), get("image_path")),
-                        one(get("image_sha256"), get("image_sha256")), one(get("image_bytes"), get("image_bytes")),
-                        one(get("image_mtime_ns"), get("image_mtime_ns")),
-                        one(get("meta_sha256"), get("meta_sha256")),
-                    ))  # fmt: skip
+                    latest[item_id] = make(
+                        ResumeRecord,
+                        (
+                            item_id,
+                            key,
+                            output,
+                            size,
+                            sidecar,
+                            one(out_key, out_key),
+                            one(path, path),
+                            one(sha, sha),
+                            image_size,
+                            mtime,
+                            one(meta, meta),
+                        ),
+                    )
         return latest
 
     def is_done(self, item_id: str, key: str | None, out_key: str | None, index: Mapping[str, Any]) -> bool:
