@@ -614,8 +614,8 @@ class RunStore:
                             one(out_key, out_key),
                             one(path, path),
                             one(sha, sha),
-                            image_size,
-                            mtime,
+                            one(image_size, image_size),
+                            one(mtime, mtime),
                             one(meta, meta),
                         ),
                     )
