@@ -25,7 +25,7 @@ def read_jsonl_fast(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-def read_jsonl_slices(path: Path, size: int = 16 << 20) -> Iterator[list[dict[str, Any]]]:
+def read_jsonl_slices(path: Path, size: int = 4 << 20) -> Iterator[list[dict[str, Any]]]:
     """The records of a JSONL file, a slice of about `size` bytes at a time (parse_jsonl):
     a 600 MB log is never held whole, as bytes or as records."""
     try:

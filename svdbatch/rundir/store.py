@@ -610,7 +610,7 @@ class RunStore:
                             key,
                             output,
                             size,
-                            sidecar,
+                            one(sidecar, sidecar),
                             one(out_key, out_key),
                             one(path, path),
                             one(sha, sha),
