@@ -10,10 +10,14 @@ side by side:
             does: outputs with the right keys), from the command to the first item starting
             (a subprocess that SVDBATCH_FAULT kills at its first pipeline call)
   baseline  the same, for a 1-row manifest: the fixed cost (interpreter, torch, hydra, model)
+  whole     the whole manifest on a fresh run dir, command to first item (a subprocess)
   shard     shard 0 of 8 of the same manifest on a fresh run dir, command to first item
   status    `svdbatch status` of the 100k-row run (a subprocess, so it includes start-up)
 
+Each subprocess's driver peak RSS (VmHWM, polled from /proc) is printed with its time.
+
     python bench/restart.py [--rows 100000] [--distinct 20000] [--repeats 3] [--keep DIR] [--drop-caches]
+    python bench/restart.py --million [--keep DIR]     # 1M rows, 1 repeat (issue 22's scale)
 
 --drop-caches (root, Linux) empties the page cache before the first run, so the images are
 read from disk, as a user's own photos usually are; without it they may still be in memory
@@ -92,20 +96,37 @@ def compose_cfg(manifest: Path, run_dir: Path, *extra: str):
 
 
 def first_run(manifest: Path, run_dir: Path):
-    """Validation + plan as driver.run does them, on a fresh run dir."""
+    """Validation + plan as driver.run does them, on a fresh run dir (which keeps its parse
+    cache, as a run's does)."""
     cfg = compose_cfg(manifest, run_dir)
     store = RunStore(run_dir, cfg.output.format)
     identity = model_identity(cfg.model, resolve_devices("auto")[0]).as_dict()
     start = time.perf_counter()
     cache = ImageCache(store.image_cache)
-    items = load_manifest(cfg, Shard(), cache).items
+    items = load_manifest(cfg, Shard(), cache, parse_cache=store.cache).items
     store.prepare()
     plan = plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store, image_cache=cache, output=cfg.output)
     cache.flush()
     return time.perf_counter() - start, cfg, store, plan
 
 
-def to_first_item(manifest: Path, run_dir: Path, *extra: str) -> float:
+def peak_rss_gib(pid: int, proc: subprocess.Popen) -> float:
+    """The process's peak RSS (VmHWM) as last seen before it ended, polled from /proc."""
+    peak = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            break
+        peak = max([peak] + [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")])
+        time.sleep(0.1)
+    return peak / 2**20
+
+
+RSS: dict[str, list[float]] = {}  # driver peak RSS per measurement (GiB)
+
+
+def to_first_item(manifest: Path, run_dir: Path, *extra: str, tag: str = "") -> float:
     """Seconds from starting the command to its first pipeline call (where it is killed)."""
     # The first pipeline call kills the run: the driver and its worker.
     env = {**os.environ, "SVDBATCH_FAULT": "generate:1:killrun", "PYTHONPATH": str(REPO)}
@@ -120,10 +141,15 @@ def to_first_item(manifest: Path, run_dir: Path, *extra: str) -> float:
         *extra,
     ]
     start = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != -signal.SIGKILL:
-        raise RuntimeError(f"expected the first item to be killed, got exit {proc.returncode}:\n{proc.stderr[-2000:]}")
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        peak = peak_rss_gib(proc.pid, proc)
+        proc.wait()
+        seconds = time.perf_counter() - start
+        err.seek(0)
+        if proc.returncode != -signal.SIGKILL:
+            raise RuntimeError(f"expected the first item to be killed, got exit {proc.returncode}:\n{err.read()[-2000:]}")
+    RSS.setdefault(tag, []).append(peak)
     return seconds
 
 
@@ -154,7 +180,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (images are reused)")
     parser.add_argument("--drop-caches", action="store_true", help="empty the page cache before the first run (root)")
+    parser.add_argument("--million", action="store_true", help="1,000,000 rows, 1 repeat (minutes of CPU)")
     args = parser.parse_args()
+    if args.million:
+        args.rows, args.repeats = 1_000_000, 1
     root = args.keep or Path(tempfile.mkdtemp(prefix="svdbatch-bench-restart-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -173,7 +202,7 @@ def bench(root: Path, args) -> None:
         f"{args.distinct} distinct 1024x576 JPEGs (~{images[0].stat().st_size // 1000} kB), {args.rows} rows "
         f"({time.perf_counter() - started:.0f} s to write); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
     )
-    for name in ("run", "shard", "one"):
+    for name in ("run", "shard", "one", "whole"):
         shutil.rmtree(root / name, ignore_errors=True)
 
     if args.drop_caches:
@@ -183,13 +212,15 @@ def bench(root: Path, args) -> None:
     done = int(args.rows * args.done_fraction)
     fake_done(store, plan.todo[:done])
 
-    restart, restarts = median_of(args.repeats, lambda: to_first_item(manifest, root / "run"))
-    baseline, baselines = median_of(args.repeats, lambda: to_first_item(one_row, root / "one"))
-    shard_runs = []
+    restart, restarts = median_of(args.repeats, lambda: to_first_item(manifest, root / "run", tag="restart"))
+    baseline, baselines = median_of(args.repeats, lambda: to_first_item(one_row, root / "one", tag="one"))
+    shard_runs, whole_runs = [], []
     for _ in range(args.repeats):
         shutil.rmtree(root / "shard", ignore_errors=True)  # a first run of the shard each time
-        shard_runs.append(to_first_item(manifest, root / "shard", "run.shard.index=0", "run.shard.count=8"))
-    shard = statistics.median(shard_runs)
+        shard_runs.append(to_first_item(manifest, root / "shard", "run.shard.index=0", "run.shard.count=8", tag="shard"))
+        shutil.rmtree(root / "whole", ignore_errors=True)
+        whole_runs.append(to_first_item(manifest, root / "whole", tag="whole"))
+    shard, whole = statistics.median(shard_runs), statistics.median(whole_runs)
     status, statuses = median_of(args.repeats, lambda: status_seconds(root / "run"))
 
     def show(values: list[float]) -> str:
@@ -200,10 +231,15 @@ def bench(root: Path, args) -> None:
     print(
         f"first validation + plan      {first_s:6.2f} s = {args.rows / first_s:8,.0f} rows/s   (target >= 5,000 rows/s; {cache})"
     )
-    print(f"restart, to first item       {restart:6.2f} s {show(restarts)}   (target < 5 s)")
+
+    def rss(tag: str) -> str:
+        return f"driver peak RSS {max(RSS[tag]):.2f} GiB"
+
+    print(f"restart, to first item       {restart:6.2f} s {show(restarts)}   {rss('restart')}")
     print(f"1-row run, to first item     {baseline:6.2f} s {show(baselines)}   (fixed cost: python, torch, hydra, model)")
-    print(f"  restart - fixed cost       {restart - baseline:6.2f} s   restart / fixed cost {restart / baseline:.2f}x")
-    print(f"shard 0 of 8, first run      {shard:6.2f} s {show(shard_runs)}")
+    print(f"  restart - fixed cost       {restart - baseline:6.2f} s   ratio {restart / baseline:.2f}x (target <= 2x)")
+    print(f"whole, first run             {whole:6.2f} s {show(whole_runs)}   {rss('whole')}")
+    print(f"shard 0 of 8, first run      {shard:6.2f} s {show(shard_runs)}   {rss('shard')}; shard / whole {shard / whole:.2f}")
     print(f"status (subprocess)          {status:6.2f} s {show(statuses)}   (target < 1 s)")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

@@ -31,6 +31,7 @@ from svdbatch.core.errors import ConfigError, RunDirError
 from svdbatch.core.quality import QualityConfig, check_quality
 from svdbatch.engine import driver, sweep
 from svdbatch.engine.driver import RunSummary
+from svdbatch.engine.plan import resolve_shard
 from svdbatch.inputs.manifest import csv_holds, write_manifest
 from svdbatch.reports import status as run_status
 from svdbatch.rundir import records
@@ -99,6 +100,8 @@ class Validation:
     manifest: str
     valid: int
     invalid: list[tuple[int, str | None, list[str]]] = field(default_factory=list)  # (line, id, problems)
+    other_rows: int = 0  # rows of other shards (run.shard or the launcher's): read, not validated, as a run does
+    shard: tuple[int, int] = (0, 1)  # (index, count)
 
     @property
     def ok(self) -> bool:
@@ -109,10 +112,12 @@ def validate(config: DictConfig) -> Validation:
     """Check the config and every manifest row as a run would, generating nothing.
 
     A strict run's bad rows raise ManifestError (every problem, with file, row and field);
-    with run.strict=false they are returned in `invalid`."""
-    manifest = driver.load_manifest(config)
+    with run.strict=false they are returned in `invalid`. Sharded (run.shard, or a launcher's
+    environment), only the shard's rows are validated, exactly as its run does."""
+    shard = resolve_shard(config.run.shard.index, config.run.shard.count, driver.in_hydra_sweep())
+    manifest = driver.load_manifest(config, shard)
     bad = [(line, item_id, [str(p) for p in problems]) for line, item_id, problems in manifest.bad_rows]
-    return Validation(str(config.manifest), len(manifest.items), bad)
+    return Validation(str(config.manifest), len(manifest.items), bad, manifest.other_rows, (shard.index, shard.count))
 
 
 @dataclass

@@ -16,11 +16,13 @@ from svdbatch.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_ITEMS_FAILED,
     EXIT_OK,
+    SHOWN_PROBLEMS,
     USER_ERRORS,
     CannotReproduce,
     ConfigError,
     ManifestError,
     RunDirError,
+    problems_summary,
 )
 from svdbatch.engine.sweep import format_sweep_report, gallery_command
 from svdbatch.reports.status import format_report
@@ -37,7 +39,12 @@ def validate(args: list[str]) -> int:
         epilog="example: svdbatch validate manifest=manifests/sample.csv conditioning=svd_xt",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="the same overrides as a run (manifest=... required)")
-    overrides = parser.parse_args(args).overrides
+    parser.add_argument(
+        "--all", action="store_true", help=f"list every problem (default: the first {SHOWN_PROBLEMS} and a count)"
+    )
+    options = parser.parse_args(args)
+    overrides = options.overrides
+    shown = None if options.all else SHOWN_PROBLEMS
     try:
         cfg = api.compose(*overrides)
         cfg.manifest  # noqa: B018  (a missing manifest fails here, with the key's name)
@@ -46,13 +53,19 @@ def validate(args: list[str]) -> int:
         return EXIT_BAD_INPUT
     try:
         result = api.validate(cfg)
-    except (ManifestError, ConfigError) as exc:
+    except ManifestError as exc:
+        lines = problems_summary(exc.problems, shown, rest="--all lists every one")
+        print("\n".join([f"{len(exc.problems):,} problem(s) in the manifest:", *lines]), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_BAD_INPUT
-    for _, _, problems in result.invalid:
-        for problem in problems:
-            print(f"skipped (run.strict=false): {problem}", file=sys.stderr)
-    print(f"{result.manifest}: {result.valid} valid rows, {len(result.invalid)} invalid")
+    skipped = [f"skipped (run.strict=false): {problem}" for _, _, problems in result.invalid for problem in problems]
+    for line in problems_summary(skipped, shown, rest="--all lists every one"):
+        print(line.strip(), file=sys.stderr)
+    index, count = result.shard
+    shard = f" (shard {index} of {count}; {result.other_rows:,} rows left to the other shards)" if count > 1 else ""
+    print(f"{result.manifest}: {result.valid:,} valid rows, {len(result.invalid):,} invalid{shard}")
     return EXIT_OK if result.ok else EXIT_BAD_INPUT
 
 

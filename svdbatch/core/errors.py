@@ -25,12 +25,28 @@ class ConfigError(ValueError):
     """A config value that is well-typed but not usable (out of range, inconsistent)."""
 
 
+# How many problems a message lists before '... and N more': a 1M-row manifest with 10k
+# bad rows must not print 10k lines (`svdbatch validate --all` lists them all).
+SHOWN_PROBLEMS = 10
+MORE_PROBLEMS_HINT = "`svdbatch validate ... --all` lists every one; run.strict=false records them in failures.jsonl"
+
+
+def problems_summary(problems: Sequence[object], shown: int | None = SHOWN_PROBLEMS, rest: str = "") -> list[str]:
+    """The first `shown` problems (None: all), one indented line each, then '... and N more'
+    (`rest` says where they all are)."""
+    lines = [f"  {p}" for p in (problems if shown is None else problems[:shown])]
+    if shown is not None and len(problems) > shown:
+        lines.append(f"  ... and {len(problems) - shown:,} more{f' ({rest})' if rest else ''}")
+    return lines
+
+
 class ManifestError(Exception):
-    """Rows of a manifest that cannot be used; `problems` name the file, row and field."""
+    """Rows of a manifest that cannot be used; `problems` name the file, row and field (all
+    of them; the message shows the first SHOWN_PROBLEMS and counts the rest)."""
 
     def __init__(self, problems: Sequence[object]):
         self.problems = list(problems)
-        lines = [f"{len(self.problems)} problem(s) in the manifest:"] + [f"  {p}" for p in self.problems]
+        lines = [f"{len(self.problems):,} problem(s) in the manifest:", *problems_summary(self.problems, rest=MORE_PROBLEMS_HINT)]
         super().__init__("\n".join(lines))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,26 @@ def read_jsonl_fast(path: Path) -> list[dict[str, Any]]:
         return parse_jsonl(path.read_bytes(), path)
     except FileNotFoundError:
         return []
+
+
+def read_jsonl_slices(path: Path, size: int = 4 << 20) -> Iterator[list[dict[str, Any]]]:
+    """The records of a JSONL file, a slice of about `size` bytes at a time (parse_jsonl):
+    a 600 MB log is never held whole, as bytes or as records."""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        rest = b""
+        while True:
+            block = handle.read(size)
+            data = rest + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)  # the last slice: a torn line too
+            rest = data[cut:]
+            if cut:
+                yield parse_jsonl(data[:cut], path)
+            if not block:
+                return
 
 
 def parse_jsonl(data: bytes, path: Path | None = None) -> list[dict[str, Any]]:

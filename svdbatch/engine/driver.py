@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from svdbatch.core.config import Engine, image_check_mode, plain
-from svdbatch.core.errors import RunDirError
+from svdbatch.core.errors import RunDirError, problems_summary
 from svdbatch.core.outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from svdbatch.core.params import PARAM_NAMES
 from svdbatch.core.quality import key_part as quality_key_part
@@ -42,7 +42,6 @@ from svdbatch.engine.plan import (
     make_batches,
     plan_run,
     resolve_shard,
-    select_shard,
     shadowed_knobs_warning,
 )
 from svdbatch.engine.pool import Crew, execute
@@ -53,7 +52,7 @@ from svdbatch.inputs.images import ImageCache
 from svdbatch.inputs.manifest import Item, Manifest, read_manifest
 from svdbatch.models.identity import default_num_threads, model_identity
 from svdbatch.reports.gallery import GalleryUpdater
-from svdbatch.reports.status import save_manifest_summary
+from svdbatch.reports.status import save_manifest_summary, summary_path
 from svdbatch.rundir.dataset import write_dataset
 from svdbatch.rundir.sidecar import SidecarRow
 from svdbatch.rundir.store import INVALID_ROW, WRITE_STOP_HINT, RunStore, run_dir_problem
@@ -127,17 +126,21 @@ class RunSummary:
 
 
 def load_manifest(
-    cfg: DictConfig, shard: Shard | None = None, image_cache: ImageCache | None = None, unique_ids: bool = False
+    cfg: DictConfig,
+    shard: Shard | None = None,
+    image_cache: ImageCache | None = None,
+    unique_ids: bool = False,
+    parse_cache: Path | None = None,
 ) -> Manifest:
-    """The validated manifest. Every row is parsed; only `shard`'s rows (up to run.limit)
-    have their images checked, as deep as run.check_images says. `unique_ids`: see read_manifest."""
+    """The validated rows of `shard` (the whole file is read; the other shards' rows are only
+    counted); their images (up to run.limit) checked as deep as run.check_images says.
+    `unique_ids`, `parse_cache` (the run dir's cache/): see read_manifest."""
     check_config(cfg)  # the same check validate runs (checks.py)
     level = image_check_mode(cfg.run.check_images)
     limit = cfg.run.limit
 
     def select(items: list[Item]) -> list[Item]:
-        mine = select_shard(items, shard) if shard else items
-        return mine[:limit] if limit is not None else mine
+        return items[:limit] if limit is not None else items
 
     return read_manifest(
         cfg.manifest,
@@ -150,6 +153,8 @@ def load_manifest(
         select=select,
         image_cache=image_cache,
         unique_ids=unique_ids,
+        shard=(shard.index, shard.count) if shard is not None and shard.count > 1 else None,
+        parse_cache=parse_cache,
     )
 
 
@@ -213,7 +218,7 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
     # loads the model on the other core while this one checks the input and plans.
     crew = pool.start_early(spec) if cluster is None and pool.runs_in_processes(spec) else None
     try:
-        manifest = load_manifest(cfg, shard, image_cache)  # the config is checked first
+        manifest = load_manifest(cfg, shard, image_cache, parse_cache=store.cache)  # the config is checked first
         devices, num_threads = devices_and_threads(cfg, crew, cluster)  # a bad run.devices fails here
         spec = replace(spec, num_threads=num_threads)  # so every worker computes with the same count
         store.prepare(cfg.run.min_free_mb)
@@ -262,13 +267,14 @@ def run_prepared(
     crew: Crew | None = None,
 ) -> None:
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
-    save_manifest_summary(store.cache, manifest)  # lets `svdbatch status` skip re-reading the manifest
-    for line, item_id, problems in manifest.bad_rows:
-        store.record_failure(item_id, None, INVALID_ROW, {"problems": [str(p) for p in problems], "line": line})
-        summary.invalid += 1
+    # Lets `svdbatch status` skip re-reading the manifest; it counts the whole manifest, which
+    # a shard did not validate. A parse read back from the cache was summarised by its run.
+    if shard.count == 1 and not (manifest.cached and summary_path(store.cache, manifest.path).is_file()):
+        save_manifest_summary(store.cache, manifest)
+    record_invalid_rows(store, manifest, summary)
 
     identity = model_identity(cfg.model, devices[0])
-    items = select_shard(manifest.items, shard)
+    items = manifest.items  # this shard's (load_manifest validated no other)
     # Image URLs are cached per run dir, and refused from their header beyond run.max_image_pixels.
     fetcher = UrlCache(store.downloads, cfg.fetch, max_pixels=cfg.run.max_image_pixels)
     sweep_root = sweep.current_sweep_root()
@@ -289,9 +295,10 @@ def run_prepared(
         image_cache=image_cache,
         reuse=reuse,
         key_extra=quality_key_part(cfg.quality),
+        keep_done=False,  # counted, not kept: memory grows with what is left to do
     )
     image_cache.flush()
-    summary.skipped = len(plan.done)
+    summary.skipped = plan.done_count
     for entry in plan.meta_changed:  # no model needed: the sidecar gets the new row
         if store.update_row(entry.item.id, str(entry.key), str(entry.output_key), SidecarRow(**entry.item.row_record())):
             summary.meta_updated += 1
@@ -313,9 +320,15 @@ def run_prepared(
             ", ".join(sorted({str(s.run_dir) for _, s in plan.reuse})[:3]),
         )
     if shard.count > 1:
-        log.info("shard %d of %d: %d of %d items", shard.index, shard.count, len(items), len(manifest.items))
-    if plan.done:
-        log.info("resuming: %d of %d items already done", len(plan.done), len(plan.done) + len(plan.todo))
+        log.info(
+            "shard %d of %d: %d items (%d rows left to the other shards)",
+            shard.index,
+            shard.count,
+            len(items),
+            manifest.other_rows,
+        )
+    if plan.done_count:
+        log.info("resuming: %d of %d items already done", plan.done_count, plan.done_count + len(plan.todo))
     if plan.replaced:
         keep_in = spec.keep_replaced_in
         log.warning("%s", replace_report(plan.replaced, Path(keep_in) if keep_in else None))
@@ -363,6 +376,23 @@ def run_prepared(
         log.warning("%d items are being generated by another process; run again later to pick up any it leaves", summary.busy)
 
 
+def record_invalid_rows(store: RunStore, manifest: Manifest, summary: RunSummary) -> None:
+    """Every invalid row (run.strict=false) into the failure records, in one write; the terminal
+    gets the first few problems and a count, not a line per row."""
+    if not manifest.bad_rows:
+        return
+    store.record_failures(
+        [
+            (item_id, None, INVALID_ROW, {"problems": [str(p) for p in problems], "line": line})
+            for line, item_id, problems in manifest.bad_rows
+        ]
+    )
+    summary.invalid += len(manifest.bad_rows)
+    problems = [problem for _, _, row_problems in manifest.bad_rows for problem in row_problems]
+    lines = problems_summary(problems, rest=f"all recorded in {store.relative(store.records)}/*.failures.jsonl")
+    log.warning("%s invalid manifest row(s) skipped (run.strict=false):\n%s", f"{len(manifest.bad_rows):,}", "\n".join(lines))
+
+
 def settle_interrupted(summary: RunSummary, stop: StopRequest, progress: _Progress) -> None:
     """Count from disk what is done and what is left (killed workers reported nothing), and
     remove the temporaries of abandoned items. A run that finished everything before the
@@ -373,9 +403,12 @@ def settle_interrupted(summary: RunSummary, stop: StopRequest, progress: _Progre
     if store is None or plan is None:
         return
     store.remove_stale_temporaries()
-    index = store.finished_index()
-    summary.done_total = sum(1 for entry in plan.all if store.is_done(entry.item.id, entry.key, entry.output_key, index))
-    summary.left = len(plan.all) - summary.done_total
+    index = store.finished_index(compact=True)
+    # Done before this run and not kept in plan.all: counted as done still.
+    done_before = plan.done_count - len(plan.done)
+    done_now = sum(1 for entry in plan.all if store.is_done(entry.item.id, entry.key, entry.output_key, index))
+    summary.done_total = done_before + done_now
+    summary.left = plan.total - summary.done_total
     if summary.left == 0:
         summary.interrupted_by = summary.pass_on = None
 

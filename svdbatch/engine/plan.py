@@ -6,7 +6,6 @@ Pure bookkeeping, no model: it runs before anything heavy loads.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -18,10 +17,10 @@ from svdbatch.core.errors import ConfigError
 from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, GenParams, Preprocess, param_defaults
 from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import ImageCache, file_sha256, parallel_map
-from svdbatch.inputs.manifest import Item
+from svdbatch.inputs.manifest import Item, shard_of
 from svdbatch.rundir.outputs import output_key, output_settings, written_fps
-from svdbatch.rundir.sidecar import Sidecar, meta_digest
-from svdbatch.rundir.store import KeyMaker, RunStore, output_intact
+from svdbatch.rundir.sidecar import EMPTY_META_SHA256, Sidecar, meta_digest
+from svdbatch.rundir.store import KeyMaker, ResumeRecord, RunStore, output_intact
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +80,13 @@ def shard_problem(index: int | None, count: int | None, in_hydra_sweep: bool = F
     return None
 
 
-def shard_of(item_id: str, count: int) -> int:
-    """Shard by a hash of the id, not by row position: an item stays in its shard when rows
-    are reordered, inserted or removed, so shards resume cleanly after a manifest edit."""
-    digest = hashlib.sha256(item_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % count
-
-
 def select_shard(items: list[Item], shard: Shard) -> list[Item]:
     if shard.count == 1:
         return items
     return [item for item in items if shard_of(item.id, shard.count) == shard.index]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a first run of 1M rows plans a million
 class PlannedItem:
     item: Item
     params: GenParams
@@ -135,11 +127,13 @@ class Replacement:
 @dataclass
 class Plan:
     todo: list[PlannedItem] = field(default_factory=list)
-    done: list[PlannedItem] = field(default_factory=list)
+    done: list[PlannedItem] = field(default_factory=list)  # empty unless plan_run(keep_done=True)
+    done_count: int = 0  # done items, kept in `done` or not
+    total: int = 0  # items planned (done, to do, reused)
     # Not done here, but finished with the same key in another run dir (a sweep's other
     # point, run.reuse_from): linked instead of generated. (entry, sweep.ReuseSource)
     reuse: list[tuple[PlannedItem, Any]] = field(default_factory=list)
-    all: list[PlannedItem] = field(default_factory=list)  # manifest order
+    all: list[PlannedItem] = field(default_factory=list)  # manifest order (done ones only with keep_done)
     replaced: list[Replacement] = field(default_factory=list)  # to-do items that overwrite a finished output
     # Done items whose row's meta_* values changed since: their sidecar is updated, not regenerated.
     meta_changed: list[PlannedItem] = field(default_factory=list)
@@ -159,6 +153,7 @@ def plan_run(
     image_cache: ImageCache | None = None,
     reuse: Any = None,
     key_extra: dict[str, Any] | None = None,
+    keep_done: bool = True,
 ) -> Plan:
     """Resolve each item's parameters and key, and split done from to-do.
 
@@ -172,6 +167,8 @@ def plan_run(
     `reuse` (sweep.ReuseIndex) finds to-do items another run dir finished with the same key.
     `key_extra` is hashed into every key besides the model (quality.key_part: the rules, while
     duds are redone).
+    `keep_done=False` (a run): done items are counted, not kept (except those whose meta_*
+    values changed), so a restart of 1M rows with 99% done holds the 1% it has to do.
     """
     output = output if output is not None else OutputConfig(format=store.format)
     out_keys: dict[int, str] = {}  # per item fps: a run has few
@@ -181,21 +178,22 @@ def plan_run(
         raise ValueError("the manifest has image URLs but no fetcher (download cache) was given")
     fetched = fetcher.fetch_many(urls) if urls and fetcher is not None else {}
     cache = image_cache or ImageCache(None)
-    index = store.finished_index()
+    index = store.finished_index(compact=True)
     defaults = param_defaults(cond, model, memory)
     run_preprocess = Preprocess.from_config(cond, max_image_pixels)  # a refusal limit: not in the key
     make_key = KeyMaker({**model_identity, **(key_extra or {})})
 
-    sources: list[tuple[Item, Any]] = []  # (item, local file or fetch error)
+    def source_of(item: Item) -> str | Exception:
+        """The local file to read, or why a URL could not be fetched."""
+        if item.image is not None:
+            return item.image
+        fetched_file = fetched[cast(str, item.url)]  # no local image: a URL
+        return fetched_file if isinstance(fetched_file, Exception) else str(fetched_file)
+
     hashes: dict[str, Any] = {}  # source -> sha256, None (to hash) or why it cannot be read
     for item in selected:
-        source = item.image if item.image is not None else fetched[cast(str, item.url)]  # no local image: a URL
-        if isinstance(source, Exception):
-            sources.append((item, source))
-            continue
-        source = str(source)
-        sources.append((item, source))
-        if source in hashes:
+        source = source_of(item)
+        if isinstance(source, Exception) or source in hashes:
             continue
         try:
             info = cache.stat(source)
@@ -204,13 +202,13 @@ def plan_run(
             continue
         known = cache.facts(source, info).get("sha256")
         if known is None:
-            record = index.get(item.id, {})
+            record: Mapping[str, Any] | ResumeRecord = index.get(item.id) or {}
             if (record.get("image_path"), record.get("image_bytes"), record.get("image_mtime_ns")) == (
                 source,
                 info.st_size,
                 info.st_mtime_ns,
             ):
-                known = record["image_sha256"]
+                known = record.get("image_sha256")
                 cache.learn(source, info, sha256=known)
         hashes[source] = known
     unknown = [source for source, known in hashes.items() if known is None]
@@ -219,28 +217,42 @@ def plan_run(
         if isinstance(digest, str):
             cache.learn(source, cache.stat(source), sha256=digest)
 
-    plan = Plan()
-    for item, source in sources:
-        params = defaults.resolve(item.overrides)
+    plan = Plan(total=len(selected))
+    base_params = defaults.resolve({})  # most rows override nothing: resolved and serialised once
+    base_tail = make_key.tail(base_params, run_preprocess)
+    for item in selected:
+        source = item.image if item.image is not None else source_of(item)
+        params = defaults.resolve(item.overrides) if item.overrides else base_params
         out_key = out_keys.get(params.fps)
         if out_key is None:  # once per distinct fps: reading `output` (a DictConfig) is slow per row
             out_key = out_keys[params.fps] = output_key(output_settings(output, written_fps(output, params.fps)))
         preprocess = replace(run_preprocess, resize=ResizeMode(item.resize)) if item.resize else run_preprocess
         problem = source if isinstance(source, Exception) else hashes[source]
-        if isinstance(problem, Exception):
+        if isinstance(problem, Exception) or isinstance(source, Exception):
             entry = PlannedItem(item, params, "", 0, 0, None, preprocess, fetch_error=str(problem), output_key=out_key)
             plan.todo.append(entry)
             plan.all.append(entry)
             continue
+        tail = base_tail if params is base_params and preprocess is run_preprocess else make_key.tail(params, preprocess)
+        image_sha256: str = problem  # no problem: the hash
+        key = make_key.key_with(image_sha256, item.seed, tail)
+        done = store.is_done(item.id, key, out_key, index)
+        edited = done and meta_edited(item, index.get(item.id), store)
+        if done and not (keep_done or edited):
+            plan.done_count += 1
+            continue  # no entry: a million done rows cost no objects
         info = cache.stat(source)
-        key = make_key(hashes[source], params, item.seed, preprocess)
         entry = PlannedItem(
-            item, params, hashes[source], info.st_size, info.st_mtime_ns, key, preprocess, source, output_key=out_key
+            item, params, image_sha256, info.st_size, info.st_mtime_ns, key, preprocess, source, output_key=out_key
         )
-        if store.is_done(item.id, key, out_key, index):
-            plan.done.append(entry)
-            if meta_edited(item, index.get(item.id), store):
+        if done:
+            plan.done_count += 1
+            if keep_done:
+                plan.done.append(entry)
+            if edited:
                 plan.meta_changed.append(entry)
+            if not keep_done:
+                continue
         else:
             reused = reuse.lookup(key, out_key) if reuse is not None else None
             if reused is not None:
@@ -257,13 +269,13 @@ def plan_run(
     return plan
 
 
-def meta_edited(item: Item, record: dict[str, Any] | None, store: RunStore) -> bool:
+def meta_edited(item: Item, record: Mapping[str, Any] | ResumeRecord | None, store: RunStore) -> bool:
     """Whether a done item's meta_* values differ from what its sidecar records: from the
     results line's digest, or (a line from before it was recorded, or recovered from the
     sidecar) from the sidecar itself."""
     recorded = record.get("meta_sha256") if record is not None else None
     if recorded is not None:
-        return recorded != meta_digest(item.meta)
+        return recorded != (meta_digest(item.meta) if item.meta else EMPTY_META_SHA256)
     sidecar = store.read_sidecar(item.id)
     return sidecar is not None and sidecar.row.meta != item.meta
 
@@ -277,7 +289,7 @@ def hash_or_error(path: str) -> str | OSError:
 
 def find_replacement(
     entry: PlannedItem,
-    record: dict[str, Any] | None,
+    record: Mapping[str, Any] | ResumeRecord | None,
     store: RunStore,
     model_identity: dict[str, Any],
     key_extra: dict[str, Any] | None = None,
@@ -293,7 +305,7 @@ def find_replacement(
         changes: tuple = (("sidecar", "missing or from another run", "-"),)
     else:
         changes = changed_fields(sidecar, entry, model_identity, key_extra) or (("key", "older key format", "current"),)
-    return Replacement(entry, str(record["key"]), changes)
+    return Replacement(entry, str(record.get("key")), changes)
 
 
 def changed_fields(

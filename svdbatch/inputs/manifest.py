@@ -3,7 +3,7 @@
 Everything is checked before any model loads, and every problem is reported at once as
 ``file:line: field 'x': what is wrong``. File-level problems (unreadable file, unknown
 columns, no rows) are always fatal; row-level problems are fatal in strict mode and
-otherwise skip just that row (the driver records it in failures.jsonl).
+otherwise skip just that row (the driver records it in the failure records).
 """
 
 from __future__ import annotations
@@ -65,9 +65,11 @@ SEED_TEXT = re.compile(r"-?[0-9]+")  # ASCII digits only: int() would also take 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Item:
-    """One validated manifest row."""
+    """One validated manifest row; read-only by convention. Slots and not frozen: a 1M-row
+    manifest makes a million of them, and a frozen dataclass is built 5x slower (every field
+    set through object.__setattr__). It was never hashable (its dicts are not)."""
 
     id: str
     image: str | None  # absolute, normalised path (a str: cheap for 100k rows); None for a URL
@@ -128,6 +130,10 @@ class Manifest:
     # Rows whose derived id collided with an earlier one's and was made unique (unique_ids=True):
     # (line, image as written, the new id).
     renamed: list[tuple[int, str, str]] = field(default_factory=list)
+    # Rows left to other shards (read_manifest's `shard`): read, not validated.
+    other_rows: int = 0
+    # Whether the rows came from the parse cache (the file and settings unchanged since).
+    cached: bool = False
 
 
 def derive_seed(run_seed: int, item_id: str) -> int:
@@ -448,6 +454,8 @@ def read_manifest(
     select: Callable[[list[Item]], list[Item]] | None = None,
     image_cache: ImageCache | None = None,
     unique_ids: bool = False,
+    shard: tuple[int, int] | None = None,
+    parse_cache: Path | None = None,
 ) -> Manifest:
     """Parse and validate a manifest. Raises ManifestError listing every problem found.
 
@@ -456,8 +464,15 @@ def read_manifest(
     max_image_pixels (run.max_image_pixels): checked from the header unless check_images is none.
     config_params: the config's conditioning values, to check knobs that must agree
     (min <= max guidance) when a row overrides one of them.
-    select: the items whose images this process checks (its shard); all rows are still
-    parsed, so ids and duplicates are checked across the whole manifest.
+    shard: (index, count): only the rows whose id hashes to this shard (shard_of) are
+    validated, hashed and kept; the others are read and counted (other_rows). A row whose id
+    cannot be told (an unparseable line, no usable id or image) belongs to shard 0. Duplicate
+    ids always hash to the same shard, so each shard still finds its own.
+    select: the items whose images this process checks (run.limit).
+    parse_cache: a folder (the run dir's cache/) where the validated rows are kept, tied to
+    the manifest file's path, size and mtime and to these settings: a restart with both
+    unchanged reads them back instead of validating every row again (images are still
+    checked, through image_cache).
     image_cache: checks already done on unchanged files (the run dir's cache).
     unique_ids: an id derived from the image path (no id column, a folder) that collides with
     an earlier row's is made unique (unique_id) instead of refusing the row: for
@@ -482,159 +497,343 @@ def read_manifest(
         )
 
     root = _real_root(image_root)
-    file_problems: list[Problem] = []
-    row_problems: list[Problem] = []
-    manifest = Manifest(path=path)
-    base_dir = str(path.resolve() if is_folder else path.resolve().parent)
-    first_of: dict[str, tuple[str, int]] = {}  # id_fold(id) -> (id, line)
-    try:
-        rows = list(read_rows(path, shown, file_problems))
-    except UnicodeDecodeError as exc:
-        raise ManifestError([_encoding_problem(path, shown, exc)]) from None
-    if not rows and not file_problems:
-        empty = f"folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})" if is_folder else "manifest has no rows"
-        file_problems.append(Problem(shown, None, None, empty))
-    if file_problems:
-        raise ManifestError(file_problems)
-
-    for line, row, problems in rows:
-        if problems and not row:  # unparseable line: nothing more to check
-            row_problems.extend(problems)
-            manifest.bad_rows.append((line, None, problems))
-            continue
-
-        def bad(field_name: str | None, message: str) -> None:
-            problems.append(Problem(shown, line, field_name, message))
-
-        for field_name, message in row_value_problems(row):
-            bad(field_name, message)
-
-        image_ref = row.get("image")
-        if not isinstance(image_ref, str) or not image_ref.strip():
-            bad("image", "required" if image_ref is None else f"must be a path string, got {show_value(image_ref)}")
-            image_ref = None
-        elif "\x00" in image_ref:  # os.path would raise on it
-            bad("image", f"contains a NUL character ({image_ref!r})")
-            image_ref = None
-        elif LONE_SURROGATE.search(image_ref):  # no file name can hold it
-            bad("image", f"is not valid Unicode text (a lone surrogate, as JSON's \\ud800 gives): {image_ref!r}")
-            image_ref = None
-        else:
-            image_ref = image_ref.strip()
-
-        raw_id = row.get("id")
-        if raw_id is None:
-            item_id = derive_id(image_ref) if image_ref else ""
-            id_field_given = False
-        else:
-            item_id = str(raw_id).strip() if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else ""
-            id_field_given = True
-            if not item_id:
-                bad("id", f"must be a non-empty string, got {show_value(raw_id)}")
-        if item_id:
-            why = id_problem(item_id)
-            if why:
-                if id_field_given:
-                    bad("id", why)
-                else:
-                    bad("image", f"the id derived from it {why}; give an id column")
-                if LONE_SURROGATE.search(item_id):
-                    item_id = ""  # not even failures.jsonl could record it
-            else:
-                folded = id_fold(item_id)
-                first = first_of.get(folded)
-                if first is not None and unique_ids and not id_field_given and image_ref:
-                    item_id = unique_id(item_id, image_ref, first_of)
-                    manifest.renamed.append((line, image_ref, item_id))
-                    folded, first = id_fold(item_id), None
-                if first is None:
-                    first_of[folded] = (item_id, line)
-                else:
-                    why = (
-                        f"duplicate id {item_id!r} (first used on line {first[1]})"
-                        if first[0] == item_id
-                        else f"id {item_id!r} and {first[0]!r} on line {first[1]} differ only by case or Unicode "
-                        "normalisation: they would name the same file on macOS and Windows"
-                    )
-                    # Derived from two image paths: run.emit_manifest writes them out with unique ids.
-                    hint = (
-                        ""
-                        if id_field_given
-                        else "; give an id column, or let run.emit_manifest=true write a manifest with unique ids"
-                    )
-                    bad("id", why + hint)
-
-        seed_derived = "seed" not in row
-        seed = 0
-        if not seed_derived:
-            try:
-                seed = _coerce_seed(row["seed"])
-            except ValueProblem as exc:
-                bad("seed", str(exc))
-
-        overrides: dict[str, Any] = {}
-        for name in PARAM_NAMES:
-            if name in row:
-                try:
-                    overrides[name] = coerce(name, row[name])
-                except ValueProblem as exc:
-                    bad(name, str(exc))
-        guidance = [name for name in ("min_guidance_scale", "max_guidance_scale") if name in overrides]
-        if config_params is not None and guidance:
-            for _, why in combination_problems({**config_params, **overrides}):
-                other = {"min_guidance_scale", "max_guidance_scale"}.difference(guidance)
-                bad(guidance[0], why + "".join(f" ({name} from the config)" for name in other))
-        resize = row.get("resize")
-        if resize is not None:
-            resize = str(resize).strip()
-            if resize not in RESIZE_MODES:
-                bad("resize", f"must be one of {', '.join(RESIZE_MODES)}, got {row['resize']!r}")
-
-        image_path = None
-        if image_ref:
-            if is_url(image_ref):
-                why = url_problem(image_ref)  # fetched at plan time; a failed fetch fails only this item
-                if why:
-                    bad("image", f"{why} ({image_ref})")
-            else:
-                # normpath, not resolve(): no symlink walk per row (a 100k-row manifest)
-                # unless run.image_root asks for one.
-                image_path = os.path.normpath(os.path.join(base_dir, image_ref))
-                why = _outside_root(image_path, root) if root else None
-                if why is None and problems:  # a bad row: report its image too, now (good rows: below, in bulk)
-                    try:
-                        check_image(image_path, decode=image_level, max_pixels=max_image_pixels)
-                    except ImageProblem as exc:
-                        why = str(exc)
-                if why:
-                    bad("image", f"{why} ({image_ref})")
-
-        if problems:
-            row_problems.extend(problems)
-            manifest.bad_rows.append((line, item_id or None, problems))
-            continue
-        if seed_derived:
-            seed = derive_seed(run_seed, item_id)
-        assert image_ref is not None  # a row without a usable image has a problem: skipped above
-        manifest.items.append(
-            Item(
-                id=item_id,
-                image=image_path,
-                image_ref=image_ref,
-                seed=seed,
-                seed_derived=seed_derived,
-                overrides=overrides,
-                meta={k: v for k, v in row.items() if k.startswith(META_PREFIX)},
-                manifest=shown,
-                line=line,
-                resize=resize,
-            )
+    settings = [run_seed, image_level.value, root, max_image_pixels, dict(config_params or {}), unique_ids, shard]
+    cache_file = _parse_cache_file(parse_cache, path, settings) if parse_cache is not None and not is_folder else None
+    stamp = _file_stamp(path) if cache_file is not None else None
+    manifest = _load_parse_cache(cache_file, path, stamp) if cache_file is not None and stamp is not None else None
+    if manifest is None:
+        manifest = _validate_rows(
+            path, read_rows, run_seed, image_level, root, max_image_pixels, config_params, unique_ids, shard
         )
-
+        refused = manifest.bad_rows and (strict or not manifest.items)  # raised below: nothing worth keeping
+        if cache_file is not None and stamp is not None and not refused and _file_stamp(path) == stamp:  # unchanged while read
+            _save_parse_cache(cache_file, manifest, stamp)
+    row_problems = [problem for _, _, problems in manifest.bad_rows for problem in problems]
     row_problems += _check_item_images(manifest, select, image_level, max_image_pixels, image_cache)
     if row_problems and (strict or not manifest.items):
         row_problems.sort(key=lambda p: p.line or 0)
         raise ManifestError(row_problems)
+    return manifest
+
+
+def _validate_rows(
+    path: Path,
+    read_rows: Callable[[Path, str, list[Problem]], Iterator[Row]],
+    run_seed: int,
+    image_level: ImageCheck,
+    root: str | None,
+    max_image_pixels: int | None,
+    config_params: Mapping[str, Any] | None,
+    unique_ids: bool,
+    shard: tuple[int, int] | None,
+) -> Manifest:
+    """Every row (of this shard) checked: valid ones become items, the rest bad_rows. Rows
+    are streamed, not held: a 1M-row file never exists as 1M row dicts at once."""
+    shown = str(path)
+    is_folder = path.is_dir()
+    file_problems: list[Problem] = []
+    manifest = Manifest(path=path)
+    base_dir = str(path.resolve() if is_folder else path.resolve().parent)
+    first_of: dict[str, tuple[str, int]] = {}  # id_fold(id) -> (id, line)
+    no_values: dict[str, Any] = {}  # shared by the rows without overrides or meta_* values (never mutated)
+    read = 0
+    try:
+        for line, row, problems in read_rows(path, shown, file_problems):
+            read += 1
+            if shard is not None and not _in_shard(row, shard):
+                manifest.other_rows += 1
+                continue
+            _validate_row(
+                manifest, first_of, no_values, shown, base_dir, line, row, problems,
+                run_seed, image_level, root, max_image_pixels, config_params, unique_ids,
+            )  # fmt: skip
+    except UnicodeDecodeError as exc:
+        raise ManifestError([_encoding_problem(path, shown, exc)]) from None
+    if not read and not file_problems:
+        empty = f"folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})" if is_folder else "manifest has no rows"
+        file_problems.append(Problem(shown, None, None, empty))
+    if file_problems:
+        raise ManifestError(file_problems)
+    return manifest
+
+
+def row_id(row: Mapping[str, Any]) -> str:
+    """The id a row will have (as _validate_row gives it), told cheaply before the row is
+    validated, to pick its shard; '' when none can be told."""
+    raw_id = row.get("id")
+    if raw_id is not None:
+        return str(raw_id).strip() if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else ""
+    image_ref = row.get("image")
+    if not isinstance(image_ref, str) or not image_ref.strip() or "\x00" in image_ref or LONE_SURROGATE.search(image_ref):
+        return ""
+    return derive_id(image_ref.strip())
+
+
+def shard_of(item_id: str, count: int) -> int:
+    """Shard by a hash of the id, not by row position: an item stays in its shard when rows
+    are reordered, inserted or removed, so shards resume cleanly after a manifest edit."""
+    digest = hashlib.sha256(item_id.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
+def _in_shard(row: Mapping[str, Any], shard: tuple[int, int]) -> bool:
+    index, count = shard
+    if count == 1:
+        return True
+    item_id = row_id(row) if row else ""
+    return shard_of(item_id, count) == index if item_id else index == 0
+
+
+def _validate_row(
+    manifest: Manifest,
+    first_of: dict[str, tuple[str, int]],
+    no_values: dict[str, Any],
+    shown: str,
+    base_dir: str,
+    line: int,
+    row: dict[str, Any],
+    problems: list[Problem],
+    run_seed: int,
+    image_level: ImageCheck,
+    root: str | None,
+    max_image_pixels: int | None,
+    config_params: Mapping[str, Any] | None,
+    unique_ids: bool,
+) -> None:
+    """One row: an item appended to manifest.items, or its problems to bad_rows."""
+    if problems and not row:  # unparseable line: nothing more to check
+        manifest.bad_rows.append((line, None, problems))
+        return
+
+    def bad(field_name: str | None, message: str) -> None:
+        problems.append(Problem(shown, line, field_name, message))
+
+    for field_name, message in row_value_problems(row):
+        bad(field_name, message)
+
+    image_ref = row.get("image")
+    if not isinstance(image_ref, str) or not image_ref.strip():
+        bad("image", "required" if image_ref is None else f"must be a path string, got {show_value(image_ref)}")
+        image_ref = None
+    elif "\x00" in image_ref:  # os.path would raise on it
+        bad("image", f"contains a NUL character ({image_ref!r})")
+        image_ref = None
+    elif LONE_SURROGATE.search(image_ref):  # no file name can hold it
+        bad("image", f"is not valid Unicode text (a lone surrogate, as JSON's \\ud800 gives): {image_ref!r}")
+        image_ref = None
+    else:
+        image_ref = image_ref.strip()
+
+    raw_id = row.get("id")
+    if raw_id is None:
+        item_id = derive_id(image_ref) if image_ref else ""
+        id_field_given = False
+    else:
+        item_id = str(raw_id).strip() if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else ""
+        id_field_given = True
+        if not item_id:
+            bad("id", f"must be a non-empty string, got {show_value(raw_id)}")
+    if item_id:
+        why = id_problem(item_id)
+        if why:
+            if id_field_given:
+                bad("id", why)
+            else:
+                bad("image", f"the id derived from it {why}; give an id column")
+            if LONE_SURROGATE.search(item_id):
+                item_id = ""  # not even failures.jsonl could record it
+        else:
+            folded = id_fold(item_id)
+            first = first_of.get(folded)
+            if first is not None and unique_ids and not id_field_given and image_ref:
+                item_id = unique_id(item_id, image_ref, first_of)
+                manifest.renamed.append((line, image_ref, item_id))
+                folded, first = id_fold(item_id), None
+            if first is None:
+                first_of[folded] = (item_id, line)
+            else:
+                why = (
+                    f"duplicate id {item_id!r} (first used on line {first[1]})"
+                    if first[0] == item_id
+                    else f"id {item_id!r} and {first[0]!r} on line {first[1]} differ only by case or Unicode "
+                    "normalisation: they would name the same file on macOS and Windows"
+                )
+                # Derived from two image paths: run.emit_manifest writes them out with unique ids.
+                hint = (
+                    ""
+                    if id_field_given
+                    else "; give an id column, or let run.emit_manifest=true write a manifest with unique ids"
+                )
+                bad("id", why + hint)
+
+    seed_derived = "seed" not in row
+    seed = 0
+    if not seed_derived:
+        try:
+            seed = _coerce_seed(row["seed"])
+        except ValueProblem as exc:
+            bad("seed", str(exc))
+
+    overrides: dict[str, Any] = {}
+    for name in PARAM_NAMES:
+        if name in row:
+            try:
+                overrides[name] = coerce(name, row[name])
+            except ValueProblem as exc:
+                bad(name, str(exc))
+    guidance = [name for name in ("min_guidance_scale", "max_guidance_scale") if name in overrides]
+    if config_params is not None and guidance:
+        for _, why in combination_problems({**config_params, **overrides}):
+            other = {"min_guidance_scale", "max_guidance_scale"}.difference(guidance)
+            bad(guidance[0], why + "".join(f" ({name} from the config)" for name in other))
+    resize = row.get("resize")
+    if resize is not None:
+        resize = str(resize).strip()
+        if resize not in RESIZE_MODES:
+            bad("resize", f"must be one of {', '.join(RESIZE_MODES)}, got {row['resize']!r}")
+
+    image_path = None
+    if image_ref:
+        if is_url(image_ref):
+            why = url_problem(image_ref)  # fetched at plan time; a failed fetch fails only this item
+            if why:
+                bad("image", f"{why} ({image_ref})")
+        else:
+            # normpath, not resolve(): no symlink walk per row (a 100k-row manifest)
+            # unless run.image_root asks for one.
+            image_path = os.path.normpath(os.path.join(base_dir, image_ref))
+            why = _outside_root(image_path, root) if root else None
+            if why is None and problems:  # a bad row: report its image too, now (good rows: below, in bulk)
+                try:
+                    check_image(image_path, decode=image_level, max_pixels=max_image_pixels)
+                except ImageProblem as exc:
+                    why = str(exc)
+            if why:
+                bad("image", f"{why} ({image_ref})")
+
+    if problems:
+        manifest.bad_rows.append((line, item_id or None, problems))
+        return
+    if seed_derived:
+        seed = derive_seed(run_seed, item_id)
+    assert image_ref is not None  # a row without a usable image has a problem: skipped above
+    manifest.items.append(
+        Item(
+            id=item_id,
+            image=image_path,
+            image_ref=image_ref,
+            seed=seed,
+            seed_derived=seed_derived,
+            overrides=overrides or no_values,
+            meta={k: v for k, v in row.items() if k.startswith(META_PREFIX)} or no_values,
+            manifest=shown,
+            line=line,
+            resize=resize,
+        )
+    )
+
+
+# Bump when what the parse cache holds, or how a row is validated, changes meaning.
+PARSE_CACHE_VERSION = 2
+PARSE_CACHE_PREFIX = "rows-"  # cache/rows-<digest>.json
+
+
+def _file_stamp(path: Path) -> list[int] | None:
+    """What ties cached rows to the file: size, mtime, inode and ctime (an edit, a `touch`,
+    a replaced file change one of them)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return [info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns]
+
+
+def _parse_cache_file(folder: Path, path: Path, settings: list[Any]) -> Path:
+    """rows-<manifest and shard>-<the other settings>.json: shards sharing the run dir keep
+    one file each; a save removes the same shard's files of other settings (_save_parse_cache)."""
+    *checks, shard = settings
+
+    def digest(what: Any) -> str:
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    rows = digest([os.path.realpath(path), str(path), shard])
+    return folder / f"{PARSE_CACHE_PREFIX}{rows}-{digest([PARSE_CACHE_VERSION, checks])}.json"
+
+
+def _save_parse_cache(target: Path, manifest: Manifest, stamp: list[int]) -> None:
+    """The validated rows as columns (a million small JSON objects would load slowly), with
+    the file's stamp from before it was read; a failed write only costs the next run a full
+    validation."""
+    items = manifest.items
+    images: dict[str | None, int] = {}
+    refs: dict[str, int] = {}
+    body = {
+        "version": PARSE_CACHE_VERSION,
+        "stamp": stamp,
+        "ids": [item.id for item in items],
+        "image": [images.setdefault(item.image, len(images)) for item in items],
+        "ref": [refs.setdefault(item.image_ref, len(refs)) for item in items],
+        "seed": [item.seed for item in items],
+        "derived": [item.seed_derived for item in items],
+        "line": [item.line for item in items],
+        "overrides": {n: item.overrides for n, item in enumerate(items) if item.overrides},
+        "meta": {n: item.meta for n, item in enumerate(items) if item.meta},
+        "resize": {n: item.resize for n, item in enumerate(items) if item.resize is not None},
+        "images": list(images),
+        "refs": list(refs),
+        "bad_rows": [
+            [line, item_id, [[p.file, p.line, p.field, p.message, p.item_id] for p in problems]]
+            for line, item_id, problems in manifest.bad_rows
+        ],
+        "renamed": manifest.renamed,
+        "other_rows": manifest.other_rows,
+    }
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, json.dumps(body, allow_nan=False, separators=(",", ":")).encode())
+        same_rows = target.name.rsplit("-", 1)[0]
+        for stale in target.parent.glob(f"{same_rows}-*.json"):  # this manifest and shard, other settings
+            if stale != target:
+                stale.unlink(missing_ok=True)
+    except (OSError, ValueError) as exc:
+        log.debug("%s: not cached (%s)", target, exc)
+
+
+def _load_parse_cache(source: Path, path: Path, stamp: list[int]) -> Manifest | None:
+    """The rows validated by an earlier run, if the file and settings are unchanged; else None
+    (also for a damaged cache file: the manifest is validated again)."""
+    try:
+        return _read_parse_cache(source, path, stamp)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _read_parse_cache(source: Path, path: Path, stamp: list[int]) -> Manifest | None:
+    try:
+        body = json.loads(source.read_bytes())
+    except (OSError, ValueError):
+        body = None
+    if not isinstance(body, dict) or body.get("version") != PARSE_CACHE_VERSION or body.get("stamp") != stamp:
+        return None
+    shown = str(path)
+    images, refs = body["images"], body["refs"]
+    no_values: dict[str, Any] = {}
+    manifest = Manifest(path=path, cached=True, other_rows=body["other_rows"])
+    columns = (body["ids"], body["image"], body["ref"], body["seed"], body["derived"], body["line"])
+    manifest.items = items = [
+        Item(item_id, images[image], refs[ref], seed, derived, no_values, no_values, shown, line)
+        for item_id, image, ref, seed, derived, line in zip(*columns, strict=True)
+    ]
+    for n, overrides in body["overrides"].items():  # the few rows with values of their own
+        items[int(n)].overrides = overrides
+    for n, meta in body["meta"].items():
+        items[int(n)].meta = meta
+    for n, resize in body["resize"].items():
+        items[int(n)].resize = resize
+    manifest.bad_rows = [
+        (line, item_id, [Problem(*problem) for problem in problems]) for line, item_id, problems in body["bad_rows"]
+    ]
+    manifest.renamed = [(line, image, new_id) for line, image, new_id in body["renamed"]]
     return manifest
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from svdbatch.core.atomic import HOST, temp_prefix
-from svdbatch.core.jsonl import latest_by_id, parse_jsonl, to_json
+from svdbatch.core.jsonl import latest_by_id, parse_jsonl, read_jsonl_slices, to_json
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,13 @@ def _read_all(paths: Iterable[Path]) -> list[dict[str, Any]]:
         if data:
             records += parse_jsonl(data, path)
     return records
+
+
+def results_slices(root: Path) -> Iterator[list[dict[str, Any]]]:
+    """Every results record in read_results' order, about 4 MB of records at a time: a
+    resume's compact index (RunStore.finished_index) never holds a million records whole."""
+    for path in results_files(root):
+        yield from read_jsonl_slices(path)
 
 
 def read_results(root: Path) -> list[dict[str, Any]]:
@@ -399,8 +406,8 @@ class Writer:
         self._dirty = 0
         self._flushed_at = time.monotonic()
 
-    def _append(self, path: Path, record: dict[str, Any]) -> int:
-        line = (to_json(record, sort_keys=True, default=str) + "\n").encode()
+    def _append(self, path: Path, *records: dict[str, Any]) -> int:
+        line = "".join(to_json(record, sort_keys=True, default=str) + "\n" for record in records).encode()
         path.parent.mkdir(exist_ok=True)  # records/, never the run dir: a vanished one stays gone
         # Only this process writes this file: O_APPEND is a convenience, not a lock.
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -423,11 +430,18 @@ class Writer:
             self._maybe_flush()
 
     def append_failure(self, record: dict[str, Any]) -> None:
+        self.append_failures([record])
+
+    def append_failures(self, failures: list[dict[str, Any]]) -> None:
+        """Several failure records in one write and one fsync (a big manifest's invalid rows)."""
+        if not failures:
+            return
         with self._lock:
-            size = self._append(self.failures_path, record)
-            self.summary.add_failure(record)
+            size = self._append(self.failures_path, *failures)
+            for record in failures:
+                self.summary.add_failure(record)
             self.summary.failures_bytes += size
-            self._dirty += 1
+            self._dirty += len(failures)
             self._maybe_flush()
 
     def _maybe_flush(self) -> None:
