@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from svdbatch import api
-from svdbatch.cli import validate
+from svdbatch.commands import validate
 from svdbatch.core.errors import SHOWN_PROBLEMS, ManifestError
 from svdbatch.engine.driver import RunSummary, load_manifest, record_invalid_rows
 from svdbatch.engine.plan import Shard, plan_run
