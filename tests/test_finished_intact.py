@@ -138,6 +138,7 @@ def test_status_counts_the_same_from_summaries_and_from_every_record(root, monke
         == counted["counts"]
         == {
             "done": 8,
+            "duds": 0,
             "in_progress": 1,
             "failed": 1,
             "invalid": 0,

@@ -338,6 +338,7 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
 
     def key_of(cfg) -> str:
         store = RunStore(tmp_path / "run", cfg.output.format)
+        store.prepare()  # item paths lie in bucket folders under videos/, made by prepare
         identity = model_identity(cfg.model, torch.device("cpu")).as_dict()
         from dataclasses import replace as dc_replace
 

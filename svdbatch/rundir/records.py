@@ -47,6 +47,7 @@ LEGACY_FAILURES = "failures.jsonl"
 RESULTS_SUFFIX = ".results.jsonl"
 FAILURES_SUFFIX = ".failures.jsonl"
 SUMMARY_SUFFIX = ".summary.json"
+ORDER_FIELD = "recorded_ns"  # every record written since per-writer files: when (time.time_ns())
 LEGACY_NAME = "legacy"  # records/legacy.summary.json: the summary of an old results.jsonl
 SUMMARY_VERSION = 2  # 2: quality (duds, signal sums); an older summary is rebuilt from its records
 SUMMARY_EVERY = 64  # commits between summary rewrites
@@ -100,24 +101,36 @@ def failures_files(root: Path) -> list[Path]:
     return [root / LEGACY_FAILURES] + [records_dir(root) / f"{name}{FAILURES_SUFFIX}" for name in writer_names(root)]
 
 
+def recorded_ns(record: dict[str, Any]) -> int:
+    """When a record was written (Writer: time.time_ns()); 0 for an old run dir's lines,
+    which come before any writer's."""
+    value = record.get(ORDER_FIELD)
+    return value if isinstance(value, int) else 0
+
+
 def _read_all(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Every record of these files in the order they were written: by their time stamps
+    across files (a long-lived process's file may start before another's and end after it),
+    in file order where equal (a stable sort)."""
     records: list[dict[str, Any]] = []
     for path in paths:
         data = _read(path)
         if data:
             records += parse_jsonl(data, path)
+    records.sort(key=recorded_ns)
     return records
 
 
 def results_slices(root: Path) -> Iterator[list[dict[str, Any]]]:
-    """Every results record in read_results' order, about 4 MB of records at a time: a
-    resume's compact index (RunStore.finished_index) never holds a million records whole."""
+    """Every results record, file by file, about 4 MB of records at a time: a resume's
+    compact index (RunStore.finished_index) never holds a million records whole. Not in
+    time order across files: the reader keeps the record with the latest recorded_ns."""
     for path in results_files(root):
         yield from read_jsonl_slices(path)
 
 
 def read_results(root: Path) -> list[dict[str, Any]]:
-    """Every results record of the run dir, oldest writer first, each writer's in order."""
+    """Every results record of the run dir, in the order they were written (_read_all)."""
     return _read_all(results_files(root))
 
 
@@ -407,7 +420,9 @@ class Writer:
         self._flushed_at = time.monotonic()
 
     def _append(self, path: Path, *records: dict[str, Any]) -> int:
-        line = "".join(to_json(record, sort_keys=True, default=str) + "\n" for record in records).encode()
+        stamp = time.time_ns()  # readers order records of different writers by it (_read_all)
+        text = "".join(to_json({**record, ORDER_FIELD: stamp}, sort_keys=True, default=str) + "\n" for record in records)
+        line = text.encode()
         path.parent.mkdir(exist_ok=True)  # records/, never the run dir: a vanished one stays gone
         # Only this process writes this file: O_APPEND is a convenience, not a lock.
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)

@@ -353,6 +353,7 @@ class ResumeRecord(NamedTuple):
     image_bytes: int | None
     image_mtime_ns: int | None
     meta_sha256: str | None
+    recorded_ns: int | None  # which of an id's records is the latest (records.recorded_ns)
 
     def get(self, name: str, default: Any = None) -> Any:
         value = getattr(self, name) if name in self._fields else None
@@ -517,13 +518,17 @@ class RunStore:
         for part in records.results_slices(self.root):
             for record in part:
                 try:
-                    item_id, key, output, size, sidecar, out_key, path, sha, image_size, mtime, meta = fields(record)
+                    item_id, key, output, size, sidecar, out_key, path, sha, image_size, mtime, meta, at = fields(record)
                 except KeyError:  # an older line, without some fields
-                    item_id, key, output, size, sidecar, out_key, path, sha, image_size, mtime, meta = map(
+                    item_id, key, output, size, sidecar, out_key, path, sha, image_size, mtime, meta, at = map(
                         record.get, ResumeRecord._fields
                     )
                 if item_id is not None:
                     item_id = str(item_id)
+                    at = at or 0
+                    earlier = latest.get(item_id)
+                    if earlier is not None and (earlier.recorded_ns or 0) > at:
+                        continue  # another writer's file holds a later record of this item
                     latest[item_id] = make(
                         ResumeRecord,
                         (
@@ -538,6 +543,7 @@ class RunStore:
                             one(image_size, image_size),
                             one(mtime, mtime),
                             one(meta, meta),
+                            at,
                         ),
                     )
         return latest
