@@ -9,7 +9,7 @@ process (wall, CPU, peak RSS):
 
   * `svdbatch status <run dir>` and `--json`
   * `svdbatch status <sweep root>` of 50 points x 20k items
-  * the sweep's comparison page (sweep.write_sweep_page, 500 rows x 50 points: the shown
+  * the sweep's comparison page (sweep_page.write_sweep_page, 500 rows x 50 points: the shown
     items have sidecars, videos and posters, as a finished sweep has)
 
     python bench/status_scale.py [--items 1000000] [--points 50 --point-items 20000] [--keep DIR]
@@ -205,7 +205,7 @@ def main() -> None:
             measure(f"status --json, {args.items} items", [*svdbatch, "status", str(run_dir), "--json"])
             if args.points:
                 measure(f"status, sweep {args.points} x {args.point_items}", [*svdbatch, "status", str(sweep_root)])
-                page = "import sys; from svdbatch.engine.sweep import write_sweep_page; write_sweep_page(sys.argv[1])"
+                page = "import sys; from svdbatch.reports.sweep_page import write_sweep_page; write_sweep_page(sys.argv[1])"
                 label = f"comparison page, sweep {args.points} x {args.point_items}"
                 measure(label, [sys.executable, "-c", page, str(sweep_root)])
         report = subprocess.run([*svdbatch, "status", str(run_dir), "--json"], capture_output=True, text=True, check=True)

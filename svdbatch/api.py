@@ -29,11 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 from svdbatch.core.config import check_schema, config_dir
 from svdbatch.core.errors import ConfigError, RunDirError
 from svdbatch.core.quality import QualityConfig, check_quality
-from svdbatch.engine import driver, sweep
+from svdbatch.engine import driver
 from svdbatch.engine.driver import RunSummary
 from svdbatch.engine.plan import resolve_shard
 from svdbatch.inputs.manifest import csv_holds, write_manifest
 from svdbatch.reports import status as run_status
+from svdbatch.reports.sweep_root import is_sweep_root, point_dirs
+from svdbatch.reports.sweep_status import collect_sweep
 from svdbatch.rundir import records
 from svdbatch.rundir.layout import sidecar_path_in
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
@@ -148,8 +150,8 @@ def status(path: str | os.PathLike) -> dict[str, Any]:
     """Progress of a run dir (or of every point of a sweep root): the object `svdbatch status
     --json` prints (counts, failure reasons, throughput, ETA, liveness)."""
     path = Path(path)
-    if sweep.is_sweep_root(path) and sweep.point_dirs(path):
-        return sweep.collect_sweep(path)
+    if is_sweep_root(path) and point_dirs(path):
+        return collect_sweep(path)
     _require_run_dir(path)
     return run_status.collect(path)
 

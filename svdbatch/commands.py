@@ -24,8 +24,13 @@ from svdbatch.core.errors import (
     RunDirError,
     problems_summary,
 )
-from svdbatch.engine.sweep import format_sweep_report, gallery_command
+from svdbatch.core.quality import SIGNALS
+from svdbatch.reports import gallery as gallery_page
 from svdbatch.reports.status import format_report
+from svdbatch.reports.sweep_page import write_sweep_page
+from svdbatch.reports.sweep_root import is_sweep_root, point_dirs
+from svdbatch.reports.sweep_status import format_sweep_report
+from svdbatch.rundir.store import is_run_dir, not_a_run_dir_message
 
 
 def validate(args: list[str]) -> int:
@@ -113,7 +118,43 @@ def status(args: list[str]) -> int:
 
 def gallery(args: list[str]) -> int:
     """rewrite <run dir>/index.html, the contact sheet (a sweep root: the comparison page)"""
-    return gallery_command(args)  # a sweep root, else the run dir's own
+    parser = argparse.ArgumentParser(prog="svdbatch gallery", description="rewrite <run dir or sweep root>/index.html")
+    parser.add_argument("path", type=Path, help="a run dir, or a sweep root (its comparison page)")
+    add_view_options(parser)  # a run dir's page takes them; a sweep page shows every cell
+    options = parser.parse_args(args)
+    path = options.path
+    if is_sweep_root(path) and point_dirs(path):
+        print(write_sweep_page(path, options.max_items))
+        if not is_run_dir(path):
+            return EXIT_OK
+    # A run dir (also a sweep root that is a run dir of its own): its contact sheet.
+    if not is_run_dir(path):
+        print(f"svdbatch gallery: {not_a_run_dir_message(path)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        where = tuple(gallery_page.parse_condition(text) for text in options.where)
+    except ValueError as exc:
+        print(f"svdbatch gallery: --where {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(gallery_page.write_gallery(path, options.max_items, options.sort, options.ascending, options.duds, where))
+    return EXIT_OK
+
+
+def add_view_options(parser: argparse.ArgumentParser) -> None:
+    """--max-items, and the quality view (sort by a signal, filter duds): shared with the sweep's command."""
+    parser.add_argument("--max-items", type=int, default=500, help="cards shown (0 = all): the newest, or the first sorted")
+    parser.add_argument("--sort", choices=SIGNALS, help="sort done items by this quality signal, largest first (docs/quality.md)")
+    parser.add_argument("--ascending", action="store_true", help="with --sort: smallest first")
+    parser.add_argument(
+        "--duds", choices=("all", "only", "hide"), default="all", help="show every item, only the duds, or hide them"
+    )
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="SIGNAL<VALUE",
+        help="only done items whose signal meets this (<, <=, >, >=; repeatable), e.g. --where 'motion<0.5'",
+    )
 
 
 def verify(args: list[str]) -> int:

@@ -15,8 +15,8 @@ from urllib.parse import unquote
 import pytest
 
 from svdbatch.engine.driver import run
-from svdbatch.engine.sweep import write_sweep_page
 from svdbatch.reports.status import collect, throughput
+from svdbatch.reports.sweep_page import write_sweep_page
 from svdbatch.rundir.dataset import sample_key, write_dataset
 from svdbatch.rundir.store import RunStore, output_intact
 from svdbatch.rundir.verify import verify_run_dir

@@ -14,7 +14,8 @@ from urllib.parse import quote, unquote
 import pytest
 from PIL import Image
 
-from svdbatch.reports.gallery import GalleryUpdater, gallery_command, write_gallery
+from svdbatch.commands import gallery as gallery_command
+from svdbatch.reports.gallery import GalleryUpdater, write_gallery
 from svdbatch.rundir.layout import asset_relpath
 from tests.conftest import FAST, make_image, run_cli, write_csv
 

@@ -16,9 +16,9 @@ from svdbatch.core.errors import ConfigError
 from svdbatch.core.measure import measure
 from svdbatch.core.quality import SIGNALS, QualityConfig, attempt_seed, check_quality, key_part, verdict
 from svdbatch.engine.checks import check_config
-from svdbatch.engine.sweep import quality_row
 from svdbatch.reports.gallery import parse_condition, write_gallery
 from svdbatch.reports.status import collect, quality_summary
+from svdbatch.reports.sweep_page import quality_row
 from svdbatch.rundir import records
 from svdbatch.rundir.dataset import write_dataset
 from svdbatch.rundir.outputs import write_video

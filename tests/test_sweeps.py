@@ -22,9 +22,10 @@ from svdbatch.core.errors import ConfigError
 from svdbatch.core.jsonl import latest_by_id
 from svdbatch.engine.driver import run
 from svdbatch.engine.plan import shadowed_knobs_warning
-from svdbatch.engine.sweep import point_dirs, sweep_points, write_sweep_page
 from svdbatch.inputs.manifest import read_manifest
 from svdbatch.reports import status
+from svdbatch.reports.sweep_page import write_sweep_page
+from svdbatch.reports.sweep_root import point_dirs, sweep_points
 from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli
 from tests.test_gallery import find_chromium
 

@@ -13,12 +13,9 @@ process sharing the run dir may rewrite the page; it is replaced atomically.
 
 from __future__ import annotations
 
-import argparse
-import html
 import io
 import logging
 import re
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -26,17 +23,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from PIL import Image
 
 from svdbatch.core.atomic import DISK_FULL_ERRNOS, atomic_write_bytes
 from svdbatch.core.config import FetchConfig
-from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_OK
 from svdbatch.core.jsonl import latest_by_id
 from svdbatch.core.quality import SIGNALS
 from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import load_rgb
+from svdbatch.reports.html import CSS, esc, number, url
 from svdbatch.rundir import records
 from svdbatch.rundir.layout import asset_relpath, layout_version, make_parents, sidecar_path_in, sidecar_relpath
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
@@ -45,8 +41,6 @@ from svdbatch.rundir.store import (
     GALLERY_PAGE,
     INVALID_ROW,
     is_invalid_record,
-    is_run_dir,
-    not_a_run_dir_message,
     output_intact,
     parse_time,
     run_cwd,
@@ -57,7 +51,6 @@ log = logging.getLogger(__name__)
 INDEX = GALLERY_PAGE
 THUMB_PX = 256
 MAX_TRACEBACK_CHARS = 4000
-EXIT_NOT_A_RUN_DIR = EXIT_BAD_INPUT
 
 
 @dataclass
@@ -208,22 +201,6 @@ def frames_preview(run_dir: Path, item_id: str, frames_dir: Path, fps: float, si
         return middle.relative_to(run_dir).as_posix()
 
 
-# -- HTML -----------------------------------------------------------------------------
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def url(relative: str) -> str:
-    """A relative URL for a run-dir path: ids may hold spaces, '#', '%', '&', unicode."""
-    return esc(quote(relative, safe="/"))
-
-
-def number(value: Any, digits: int = 2) -> str:
-    if isinstance(value, float):
-        return f"{value:.{digits}f}".rstrip("0").rstrip(".") if value else "0"
-    return "-" if value is None else str(value)
-
-
 def media_box(inner: str, label: str, width: Any, height: Any) -> str:
     ratio = f"aspect-ratio:{int(width)}/{int(height)}" if width and height else ""
     return f'<figure style="{ratio}">{inner}<figcaption>{esc(label)}</figcaption></figure>'
@@ -370,43 +347,6 @@ def failed_card(card: Card) -> str:
     )
 
 
-CSS = """
-:root { color-scheme: light; font: 14px/1.35 system-ui, -apple-system, 'Segoe UI', sans-serif; }
-body { margin: 0; background: #eef0f3; color: #1d2330; }
-header { padding: 14px 20px; background: #1d2330; color: #fff; }
-header h1 { margin: 0 0 4px; font-size: 18px; word-break: break-all; }
-header p { margin: 0; color: #c8cedb; }
-header .bad { color: #ff8a80; font-weight: 600; }
-main { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 14px; padding: 16px 20px; }
-.card { background: #fff; border: 1px solid #d5d9e0; border-radius: 8px; padding: 10px; min-width: 0; }
-.card h2 { margin: 8px 0 6px; font-size: 15px; overflow-wrap: anywhere; }
-.media { display: grid; grid-template-columns: 1fr 1fr; gap: 6px; align-items: start; }
-figure { margin: 0; position: relative; background: #20242c; border-radius: 4px; overflow: hidden; aspect-ratio: 1; }
-figure img, figure video { display: block; width: 100%; height: 100%; object-fit: contain; }
-figcaption { position: absolute; left: 4px; top: 4px; padding: 0 5px; border-radius: 3px; font-size: 11px;
-  background: rgba(0, 0, 0, .55); color: #fff; }
-.na { display: flex; align-items: center; justify-content: center; height: 100%; min-height: 80px;
-  color: #aab1bf; font-size: 12px; text-align: center; }
-.params { display: grid; grid-template-columns: repeat(4, auto); gap: 2px 10px; margin: 0; font-size: 12px; }
-.params div { display: flex; gap: 4px; white-space: nowrap; }
-.params dt { color: #6b7385; }
-.params dd { margin: 0; font-variant-numeric: tabular-nums; }
-.card.failed, .card.invalid { border: 2px solid #d32f2f; background: #fff5f5; }
-.card.missing { border: 2px dashed #9aa1ae; }
-.badge { display: inline-block; margin: 0; padding: 1px 8px; border-radius: 10px; background: #d32f2f; color: #fff;
-  font-size: 12px; font-weight: 600; }
-.card.invalid .badge { background: #ef6c00; }
-.error { margin: 4px 0; color: #b71c1c; font-family: ui-monospace, monospace; font-size: 12px; overflow-wrap: anywhere; }
-ul.error { padding-left: 16px; }
-details pre { max-height: 220px; overflow: auto; font-size: 11px; background: #fff; padding: 6px; border: 1px solid #f0c4c4; }
-.meta, .note { margin: 4px 0 0; color: #6b7385; font-size: 12px; }
-.card.dud { border: 2px solid #ef6c00; background: #fffaf3; }
-.badge.dud { background: #ef6c00; margin-top: 6px; }
-.signals { margin-top: 4px; grid-template-columns: repeat(3, auto); }
-.verdict { margin: 4px 0 0; color: #b45300; font-size: 12px; }
-"""
-
-
 def page_html(run_dir: Path, cards: list[Card], shown: list[str], view: str = "") -> str:
     counts = {kind: sum(c.kind == kind for c in cards) for kind in ("done", "missing", "failed", "invalid")}
     duds = sum(is_dud(c) for c in cards)
@@ -495,37 +435,3 @@ class GalleryUpdater:
         except Exception as exc:
             log.warning("gallery: could not write %s: %s", self.run_dir / INDEX, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return None
-
-
-def gallery_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="svdbatch gallery", description="rewrite <run dir>/index.html")
-    parser.add_argument("run_dir", type=Path)
-    add_view_options(parser)
-    options = parser.parse_args(args)
-    if not is_run_dir(options.run_dir):
-        print(f"svdbatch gallery: {not_a_run_dir_message(options.run_dir)}", file=sys.stderr)
-        return EXIT_NOT_A_RUN_DIR
-    try:
-        where = tuple(parse_condition(text) for text in options.where)
-    except ValueError as exc:
-        print(f"svdbatch gallery: --where {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(write_gallery(options.run_dir, options.max_items, options.sort, options.ascending, options.duds, where))
-    return EXIT_OK
-
-
-def add_view_options(parser: argparse.ArgumentParser) -> None:
-    """--max-items, and the quality view (sort by a signal, filter duds): shared with the sweep's command."""
-    parser.add_argument("--max-items", type=int, default=500, help="cards shown (0 = all): the newest, or the first sorted")
-    parser.add_argument("--sort", choices=SIGNALS, help="sort done items by this quality signal, largest first (docs/quality.md)")
-    parser.add_argument("--ascending", action="store_true", help="with --sort: smallest first")
-    parser.add_argument(
-        "--duds", choices=("all", "only", "hide"), default="all", help="show every item, only the duds, or hide them"
-    )
-    parser.add_argument(
-        "--where",
-        action="append",
-        default=[],
-        metavar="SIGNAL<VALUE",
-        help="only done items whose signal meets this (<, <=, >, >=; repeatable), e.g. --where 'motion<0.5'",
-    )
