@@ -510,19 +510,22 @@ def collect(
     view = read_manifest_view(run_dir)
     ids = view.ids if view.known else None
     totals = totals or records.totals(run_dir)
+    # Done items that broke a quality rule (kept and marked, docs/quality.md): part of done.
     if totals.commits >= FAST_FROM:  # a big run: the summaries' counts, no per-item stats
         counts = classify_counted(run_dir, ids, view.bad_rows, totals.done, failures, claimed_ids(run_dir), idless)
         recent = totals.recent
+        duds = totals.duds
     else:
         results = records.read_results(run_dir)
+        latest = latest_by_id(results)
         layout = layout_version(run_dir)
-        done = {item_id for item_id, record in latest_by_id(results).items() if output_intact(run_dir, record, layout)}
+        done = {item_id for item_id, record in latest.items() if output_intact(run_dir, record, layout)}
         counts = classify(ids, view.bad_rows, done, failures, claimed_ids(run_dir, done), idless)
         recent = by_finish(results)
+        duds = sum(1 for item_id in done if latest[item_id].get("dud") is True)
     rate = throughput(recent, window)
     summary = counts.as_dict()
-    # Done items that broke a quality rule (kept and marked, docs/quality.md): part of done.
-    summary["duds"] = totals.duds if totals.commits >= FAST_FROM else len(records.dud_ids(run_dir) & counts.done)
+    summary["duds"] = duds
     pending = summary["pending"]
     remaining = None if pending is None else pending + len(counts.in_progress)
     live, owners = liveness(run_dir, len(counts.in_progress), now)

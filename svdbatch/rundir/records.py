@@ -148,12 +148,6 @@ def latest_failures(root: Path) -> dict[str, dict[str, Any]]:
     return latest_by_id(read_failures(root))
 
 
-def dud_ids(root: Path) -> set[str]:
-    """Ids whose latest results record marks the item a dud (docs/quality.md); intersect
-    with the done ids."""
-    return {item_id for item_id, record in latest_results(root).items() if record.get("dud") is True}
-
-
 def has_records(root: Path) -> bool:
     root = Path(root)
     return (root / LEGACY_RESULTS).is_file() or (root / LEGACY_FAILURES).is_file() or bool(writer_names(root))

@@ -445,8 +445,11 @@ class RunStore:
             for entry in os.scandir(folder):
                 if TEMP_MARKER not in entry.name or not entry.name.startswith("."):
                     continue
-                if not written_by_dead_process(entry.name) and entry.stat(follow_symlinks=False).st_mtime > cutoff:
-                    continue
+                try:
+                    if not written_by_dead_process(entry.name) and entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue  # a live writer renamed it into place meanwhile (a run's workers go on while the pool cleans up)
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)
                 else:
