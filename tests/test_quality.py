@@ -199,6 +199,9 @@ def test_duds_are_redone_with_derived_seeds_kept_marked_and_left_out_of_the_data
     assert rows[0]["motion"] == records["q0"]["quality"]["attempts"][0]["signals"]["motion"]
     write_dataset(RunStore(all_duds, "mp4"), OutputConfig())
     assert (all_duds / "metadata.jsonl").read_text() == ""
+    # score finds each video's sidecar (in its bucket folder) and so its conditioning image.
+    scored = {s.path: s for s in api.score([all_duds / "videos"])}
+    assert len(scored) == 2 and all(s.source is not None and s.signals["first_frame_psnr"] is not None for s in scored.values())
     # The gallery marks duds, sorts by a signal and filters.
     page = write_gallery(all_duds, sort_by="motion", ascending=True, duds="only").read_text()
     assert page.count('class="card done dud"') == 2 and "sorted by motion (ascending)" in page and "min 1000" in page

@@ -21,9 +21,10 @@ import numpy as np
 from svdbatch.core.measure import measure
 from svdbatch.core.quality import verdict
 from svdbatch.inputs.images import pipeline_input
+from svdbatch.rundir.layout import id_from_relpath, layout_version, sidecar_path_in
 from svdbatch.rundir.outputs import read_video
 from svdbatch.rundir.sidecar import Sidecar, SidecarError
-from svdbatch.rundir.store import GALLERY_ASSETS_DIR, VIDEOS_DIR, is_run_dir, sidecar_relpath
+from svdbatch.rundir.store import GALLERY_ASSETS_DIR, VIDEOS_DIR, is_run_dir
 
 # What a folder walk takes for a video (by suffix); a folder of PNG frames counts as one.
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".webp"})
@@ -119,9 +120,11 @@ def conditioning_image(path: Path, width: int, height: int) -> tuple[Any, str | 
         if parent.name != VIDEOS_DIR or not is_run_dir(parent.parent):
             continue
         relative = path.relative_to(parent)
-        item_id = relative.with_suffix("").as_posix() if path.is_file() else relative.as_posix()
+        run_dir = parent.parent
+        stem = relative.with_suffix("").as_posix() if path.is_file() else relative.as_posix()
+        item_id = id_from_relpath(stem, layout_version(run_dir))  # videos/<bucket>/<id>.mp4 or videos/<id>.mp4
         try:
-            sidecar = Sidecar.read(parent.parent / sidecar_relpath(item_id))
+            sidecar = Sidecar.read(sidecar_path_in(run_dir, item_id))
             image, _ = pipeline_input(sidecar.image.path, sidecar.preprocessing(None), width, height)
         except (OSError, SidecarError, ValueError, KeyError, TypeError):
             return None, None
