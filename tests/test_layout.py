@@ -15,7 +15,7 @@ from svdbatch.engine.driver import run
 from svdbatch.engine.reproduce import check_file_on_disk
 from svdbatch.reports.gallery import write_gallery
 from svdbatch.reports.status import collect
-from svdbatch.rundir import records
+from svdbatch.rundir import layout, records
 from svdbatch.rundir.layout import BUCKET_CHARS, FLAT, GROUPED, LAYOUT_FILE, bucket, forget_layouts, layout_version
 from svdbatch.rundir.sidecar import Sidecar
 
@@ -90,3 +90,22 @@ def test_an_old_flat_run_dir_is_read_and_resumed_as_it_is(tmp_path, images):
     final = run_cli("verify", str(run_dir))
     assert final.returncode == 0 and "3 intact, 0 damaged" in final.stdout, final.stdout + final.stderr
     assert Path(run_dir / "results.jsonl").read_text().count("\n") == 2  # the old log is never written again
+
+
+def test_a_run_dir_prepared_while_its_layout_is_being_looked_up_is_grouped(tmp_path, monkeypatch):
+    """A worker that starts while the driver prepares a new run dir must not take it for an
+    old flat one: the driver writes layout.json, then items/, between the worker's look for
+    the file and its look for the folders (the race seen once under load in CI)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    real_lexists = layout.os.path.lexists
+
+    def prepared_meanwhile(path):  # the driver's prepare lands after the file was looked for
+        if not (run_dir / LAYOUT_FILE).exists():
+            layout.write_layout(run_dir, GROUPED)
+            (run_dir / "items").mkdir()
+        return real_lexists(path)
+
+    monkeypatch.setattr(layout.os.path, "lexists", prepared_meanwhile)
+    forget_layouts()
+    assert layout_version(run_dir) == GROUPED

@@ -48,12 +48,25 @@ def layout_version(root: str | os.PathLike[str]) -> int:
     known = _known.get(key)
     if known is not None:
         return known
-    try:
-        version = int(json.loads(Path(key, LAYOUT_FILE).read_bytes())["version"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return FLAT if any(os.path.lexists(os.path.join(key, name)) for name in _OLD_MARKERS) else CURRENT
+    version = _recorded(key)
+    if version is None:
+        if not any(os.path.lexists(os.path.join(key, name)) for name in _OLD_MARKERS):
+            return CURRENT
+        # Read again after seeing the markers: RunStore.prepare writes layout.json before
+        # items/ and videos/, so a new run dir prepared between the two looks here (a worker
+        # started while the driver prepares) has its file now; only an old one still has none.
+        version = _recorded(key)
+        if version is None:
+            return FLAT
     _known[key] = version
     return version
+
+
+def _recorded(root: str) -> int | None:
+    try:
+        return int(json.loads(Path(root, LAYOUT_FILE).read_bytes())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def forget_layouts() -> None:
