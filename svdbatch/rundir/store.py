@@ -44,9 +44,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
-from operator import itemgetter
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, overload
+from typing import Any, Literal, overload
 
 import yaml
 
@@ -62,7 +61,7 @@ from svdbatch.core.config import OutputFormat
 from svdbatch.core.errors import RunDirError
 from svdbatch.core.faults import fault_point
 from svdbatch.rundir import claims as leases
-from svdbatch.rundir import records
+from svdbatch.rundir import records, resume_index
 from svdbatch.rundir.claims import CLAIM_SUFFIX, Claim, holder_state, process_start_ticks
 from svdbatch.rundir.layout import (
     FLAT,
@@ -76,6 +75,7 @@ from svdbatch.rundir.layout import (
     write_layout,
 )
 from svdbatch.rundir.outputs import link_output, output_bytes, output_name
+from svdbatch.rundir.resume_index import ResumeRecord
 from svdbatch.rundir.sidecar import (
     ReusedFrom,
     Sidecar,
@@ -338,28 +338,6 @@ def owner_state(owner: dict[str, Any], now: float | None = None) -> str:
     return holder_state(owner, float(owner.get("updated", 0.0)), now, OWNER_STALE_AFTER_S)
 
 
-class ResumeRecord(NamedTuple):
-    """The fields of an item's latest results record that planning a resume reads
-    (finished_index(compact=True)); `get` reads it as the record's dict is read."""
-
-    id: str
-    key: str | None
-    output: str | None
-    output_bytes: int | None
-    sidecar_bytes: int | None
-    output_key: str | None
-    image_path: str | None
-    image_sha256: str | None
-    image_bytes: int | None
-    image_mtime_ns: int | None
-    meta_sha256: str | None
-    recorded_ns: int | None  # which of an id's records is the latest (records.recorded_ns)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        value = getattr(self, name) if name in self._fields else None
-        return default if value is None else value
-
-
 class RunStore:
     def __init__(self, root: str | os.PathLike[str], fmt: OutputFormat | str) -> None:
         self.root = Path(root)
@@ -510,46 +488,11 @@ class RunStore:
         """Latest results record per item id (records.py: every writer's, and an old run
         dir's results.jsonl). `compact` (planning a resume): only what resume reads of each
         (ResumeRecord), the records read in slices: a million finished items take ~0.4 GB
-        instead of ~3 GB."""
+        instead of ~3 GB; kept as a snapshot in cache/, so a restart decodes only the
+        records appended since (resume_index.py)."""
         if not compact:
             return records.latest_results(self.root)
-        latest: dict[str, ResumeRecord] = {}
-        shared: dict[Any, Any] = {}  # values many records repeat (output key, image, meta digest): one object each
-        one = shared.setdefault
-        make = tuple.__new__  # ResumeRecord(...) costs a Python call per record
-        fields = itemgetter(*ResumeRecord._fields)  # one C call per record, when it has them all
-        for part in records.results_slices(self.root):
-            for record in part:
-                try:
-                    item_id, key, output, size, sidecar, out_key, path, sha, image_size, mtime, meta, at = fields(record)
-                except KeyError:  # an older line, without some fields
-                    item_id, key, output, size, sidecar, out_key, path, sha, image_size, mtime, meta, at = map(
-                        record.get, ResumeRecord._fields
-                    )
-                if item_id is not None:
-                    item_id = str(item_id)
-                    at = at or 0
-                    earlier = latest.get(item_id)
-                    if earlier is not None and (earlier.recorded_ns or 0) > at:
-                        continue  # another writer's file holds a later record of this item
-                    latest[item_id] = make(
-                        ResumeRecord,
-                        (
-                            item_id,
-                            key,
-                            output,
-                            size,
-                            one(sidecar, sidecar),
-                            one(out_key, out_key),
-                            one(path, path),
-                            one(sha, sha),
-                            one(image_size, image_size),
-                            one(mtime, mtime),
-                            one(meta, meta),
-                            at,
-                        ),
-                    )
-        return latest
+        return resume_index.compact_index(self.root, self.cache)
 
     def is_done(self, item_id: str, key: str | None, out_key: str | None, index: Mapping[str, Any]) -> bool:
         """Done with this key (frames) and output key (file settings); see the module doc."""
