@@ -354,9 +354,12 @@ class RunStore:
         self.image_cache = self.cache / "images.jsonl"
 
     # -- set-up -----------------------------------------------------------------------
-    def prepare(self, min_free_mb: int = 0) -> None:
+    def prepare(self, min_free_mb: int = 0, buckets: bool = True) -> None:
         """Create the layout, prove it is writable and has room, and clean up after a
-        killed run. Runs before the model loads, so a bad run dir costs seconds, not minutes."""
+        killed run. Runs before the model loads, so a bad run dir costs seconds, not minutes.
+        `buckets=False` leaves the temporaries of videos/ and items/ bucket folders (a big
+        run dir's million entries) to remove_stale_temporaries(only_buckets=True), which
+        the driver runs once dispatch has started."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             write_layout(self.root, self.layout)  # before items/ exists: a new run dir is grouped
@@ -376,7 +379,7 @@ class RunStore:
         # writer's file is its own, nobody appends to a dead writer's file again.
         if (self.root / RESULTS).is_file() and not (self.records / f"{records.LEGACY_NAME}{records.SUMMARY_SUFFIX}").is_file():
             records.save_legacy_summary(self.root)  # an old run dir: status reads this, not the old log
-        self.remove_stale_temporaries()
+        self.remove_stale_temporaries(buckets=buckets)
         self.remove_dead_owners()
         self.remove_stale_claims()
 
@@ -404,23 +407,38 @@ class RunStore:
     def owner(self) -> Owner:
         return Owner(self.root)
 
-    def remove_stale_temporaries(self, older_than_s: float = STALE_TEMP_SECONDS) -> int:
+    def remove_stale_temporaries(
+        self, older_than_s: float = STALE_TEMP_SECONDS, buckets: bool = True, only_buckets: bool = False
+    ) -> int:
         """Delete temporaries a killed run left behind: those whose writer (on this host) is
         dead, and old ones from elsewhere. A fresh one may belong to a live process (a
-        second worker, or a shard on another node sharing this dir)."""
-        removed = 0
-        cutoff = time.time() - older_than_s
-        # The URL cache, shards, thumbnails and caches use the same atomic writer.
+        second worker, or a shard on another node sharing this dir). `buckets`: also in the
+        bucket folders of videos/ and items/; `only_buckets`: only there."""
+        grouped = [Path(e.path) for f in (self.videos, self.sidecars) for e in _subfolders(f)] if self.layout != FLAT else []
+        folders = [*grouped] if buckets else []
+        if not only_buckets:
+            folders += [self.videos, self.sidecars, self.root, self.records, self.claims, *self._asset_folders()]
+        return self._remove_temporaries(folders, time.time() - older_than_s)
+
+    def _asset_folders(self) -> list[Path]:
+        """The URL cache, shards, thumbnails and caches: written with the same atomic writer."""
         extra = [
             folder
             for folder in (self.root / name for name in (DOWNLOADS_DIR, SHARDS_DIR, GALLERY_ASSETS_DIR, CACHE_DIR))
             if folder.is_dir()
         ]
-        grouped = [] if self.layout == FLAT else [Path(e.path) for f in (self.videos, self.sidecars) for e in _subfolders(f)]
         # gallery/<bucket>/ (layout.asset_relpath) and downloads/<bucket>/ (fetch.UrlCache.path_for)
-        grouped += [Path(e.path) for name in (GALLERY_ASSETS_DIR, DOWNLOADS_DIR) for e in _subfolders(self.root / name)]
-        for folder in (self.videos, self.sidecars, self.root, self.records, self.claims, *grouped, *extra):
-            for entry in os.scandir(folder):
+        return extra + [Path(e.path) for name in (GALLERY_ASSETS_DIR, DOWNLOADS_DIR) for e in _subfolders(self.root / name)]
+
+    @staticmethod
+    def _remove_temporaries(folders: list[Path], cutoff: float) -> int:
+        removed = 0
+        for folder in folders:
+            try:
+                entries = os.scandir(folder)
+            except FileNotFoundError:
+                continue
+            for entry in entries:
                 if TEMP_MARKER not in entry.name or not entry.name.startswith("."):
                     continue
                 try:
