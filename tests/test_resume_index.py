@@ -146,3 +146,25 @@ def test_many_chunks_load_back(run_dir: Path, monkeypatch):
     expected = snapshot_of(run_dir)
     latest, _ = load(run_dir / "cache" / SNAPSHOT, run_dir)
     assert latest == expected and all(type(r) is resume_index.ResumeRecord for r in latest.values())
+
+
+def test_a_running_driver_keeps_the_snapshot_up_to_date(run_dir: Path, monkeypatch):
+    """SnapshotKeeper: after the records grew enough, the snapshot covers them all, so a
+    run killed now would restart decoding nothing."""
+    import time
+
+    from svdbatch.engine.snapshot_keeper import SnapshotKeeper
+    from svdbatch.rundir.store import RunStore
+
+    store = RunStore(run_dir, "mp4")
+    keeper = SnapshotKeeper(store, every_s=0.01)
+    assert not keeper.refresh() and not (store.cache / SNAPSHOT).exists()  # nothing new yet
+    monkeypatch.setattr(resume_index, "SAVE_AFTER_BYTES", 200)
+    append(results_file(run_dir, "0000000000004-h-4"), *(done(f"n{n}", 700 + n) for n in range(5)))
+    keeper.start()
+    deadline = time.monotonic() + 10
+    while not (store.cache / SNAPSHOT).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    keeper.stop()
+    latest, covered = load(store.cache / SNAPSHOT, run_dir)
+    assert latest == fresh(run_dir) and update(latest, covered, run_dir) == 0

@@ -49,6 +49,7 @@ from svdbatch.engine.plan import (
     shadowed_knobs_warning,
 )
 from svdbatch.engine.pool import Crew, execute
+from svdbatch.engine.snapshot_keeper import SnapshotKeeper
 from svdbatch.engine.spec import WorkerSpec
 from svdbatch.engine.stops import Interrupted, StopRequest, stop_on_signals
 from svdbatch.inputs.fetch import UrlCache
@@ -353,11 +354,17 @@ def run_prepared(
     # outputs are being checked, for the items they may hand back.
     if checks is not None:
         checks.start()  # the first batches are handed out while it works
-    work(plan.todo, cluster=cluster, crew=crew, keep=in_hydra_sweep() or checks is not None)
-    if checks is not None:
-        redo_broken(checks, plan, plan_items, work, summary, stop, cluster, crew)
-        if not in_hydra_sweep():
-            pool.let_go(spec)
+    keeper = SnapshotKeeper(store).start()
+    try:
+        work(plan.todo, cluster=cluster, crew=crew, keep=in_hydra_sweep() or checks is not None)
+        if checks is not None:
+            redo_broken(checks, plan, plan_items, work, summary, stop, cluster, crew)
+            if not in_hydra_sweep():
+                pool.let_go(spec)
+    finally:
+        keeper.stop()
+    if not stop.requested:
+        keeper.refresh()  # the next run over this run dir decodes only what comes after
     if stop.requested:
         return  # no time for dataset files and gallery: the next run writes them
 

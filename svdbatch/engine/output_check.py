@@ -35,13 +35,7 @@ BACKGROUND_FROM_BYTES = 8 << 20
 
 def in_background(store: RunStore) -> bool:
     """Whether this run dir is big enough for its checks to move off the critical path."""
-    total = 0
-    for path in records.results_files(store.root):
-        try:
-            total += os.stat(path).st_size
-        except FileNotFoundError:
-            continue
-    return total >= BACKGROUND_FROM_BYTES
+    return records.results_bytes(store.root) >= BACKGROUND_FROM_BYTES
 
 
 def broken_items(store: RunStore, items: list[Item], index: Mapping[str, Any]) -> list[Item]:
