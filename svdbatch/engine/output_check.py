@@ -35,7 +35,10 @@ BACKGROUND_FROM_BYTES = 8 << 20
 
 def in_background(store: RunStore) -> bool:
     """Whether this run dir is big enough for its checks to move off the critical path."""
-    return records.results_bytes(store.root) >= BACKGROUND_FROM_BYTES
+    try:
+        return records.results_bytes(store.root) >= BACKGROUND_FROM_BYTES
+    except OSError:  # no run dir (yet), or not a folder: prepare() says what is wrong
+        return False
 
 
 def broken_items(store: RunStore, items: list[Item], index: Mapping[str, Any]) -> list[Item]:

@@ -44,10 +44,10 @@ class SnapshotKeeper:
 
     def refresh(self) -> bool:
         """Save the snapshot if the records grew enough since the last save; True if saved."""
-        size = records.results_bytes(self.store.root)
-        if size - self._since < resume_index.SAVE_AFTER_BYTES:
-            return False
         try:
+            size = records.results_bytes(self.store.root)
+            if size - self._since < resume_index.SAVE_AFTER_BYTES:
+                return False
             resume_index.refresh(self.store.root, self.store.cache)
         except Exception as exc:  # a cache: the next restart decodes more, nothing else
             log.debug("could not refresh the resume snapshot: %s", exc)
