@@ -10,7 +10,8 @@ Layout of a run dir::
     records/<writer>.failures.jsonl  one line per failed attempt (error + traceback)
     records/<writer>.summary.json    counts and recent finishes, what `svdbatch status` reads
     claims/<id>.claim    lease of the process generating the item (claims.py), deleted on release
-    cache/               image checks and hashes by (path, size, mtime), manifest summaries
+    cache/               image checks and hashes by (path, size, mtime), manifest summaries,
+                         the resume snapshot (resume_index.py)
     owners/<pid>@<host>.json  one per process running on the dir (pid, host, start time),
                          touched every HEARTBEAT_S, removed on exit: what makes it "live"
     replaced/<stamp>/    videos/ and items/ of finished items a later run redid with other
