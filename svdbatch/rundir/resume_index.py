@@ -231,7 +231,7 @@ def save(snapshot: Path, latest: Index, covered: Covered) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def refresh(root: Path, cache_dir: Path) -> None:
+def refresh(root: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> None:
     """Bring the snapshot up to date with the records (a run's end, or while it runs), so
     the next restart decodes only what comes after."""
-    compact_index(root, cache_dir, save_after=1)
+    compact_index(Path(root), Path(cache_dir), save_after=1)
