@@ -100,3 +100,24 @@ def test_plan_lists_what_it_did_not_check(tmp_path, images, monkeypatch):
     assert not trusting.todo and trusting.done_count == 8 and len(trusting.unchecked) == 8
     broken = output_check.broken_items(store, trusting.unchecked, trusting.index)
     assert [item.id for item in broken] == ["i2", "i5"]
+
+
+def test_a_cli_run_redoes_a_deleted_output_with_the_workers_it_kept(tmp_path, images):
+    """The CLI's driver has no torch: its worker is a process (pool.start_early), kept after
+    the first items for what the checks hand back, then let go. 8 MB of records of other
+    ids make the run dir big (output_check.BACKGROUND_FROM_BYTES)."""
+    from tests.conftest import FAST, run_cli
+
+    manifest = manifest_of(tmp_path, {"a": 1, "b": 2, "c": 3})
+    run_dir = tmp_path / "run"
+    args = (f"manifest={manifest}", f"hydra.run.dir={run_dir}", "run.gallery=false", *FAST)
+    first = run_cli(*args)
+    assert first.returncode == 0 and "3 done, 0 skipped" in first.stdout, first.stderr
+    padding = b"".join(b'{"id": "pad%d", "key": "k", "recorded_ns": 1, "note": "%s"}\n' % (n, b"x" * 600) for n in range(14000))
+    (run_dir / "records" / "0000000000001-pad-1.results.jsonl").write_bytes(padding)
+    assert output_check.in_background(RunStore(run_dir, "mp4"))
+    video_file(run_dir, "b", ".mp4").unlink()
+    again = run_cli(*args)
+    assert again.returncode == 0 and "1 done, 2 skipped, 0 failed" in again.stdout, again.stderr
+    assert video_file(run_dir, "b", ".mp4").is_file()
+    assert (run_dir / "cache" / resume_index.SNAPSHOT).is_file()  # 8 MB decoded: saved

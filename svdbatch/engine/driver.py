@@ -359,10 +359,10 @@ def run_prepared(
         work(plan.todo, cluster=cluster, crew=crew, keep=in_hydra_sweep() or checks is not None)
         if checks is not None:
             redo_broken(checks, plan, plan_items, work, summary, stop, cluster, crew)
-            if not in_hydra_sweep():
-                pool.let_go(spec)
     finally:
         keeper.stop()
+        if checks is not None and not in_hydra_sweep():
+            pool.let_go(spec)  # kept for the items the checks might hand back
     if not stop.requested:
         keeper.refresh()  # the next run over this run dir decodes only what comes after
     if stop.requested:
