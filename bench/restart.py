@@ -8,7 +8,8 @@ side by side:
             sha256 of every distinct image, on threads), in-process: rows/s
   restart   the same command once all but 1% of the items are done (faked, as bench/plan.py
             does: outputs with the right keys), from the command to the first item starting
-            (a subprocess that SVDBATCH_FAULT kills at its first pipeline call)
+            (a subprocess that SVDBATCH_FAULT kills at its first pipeline call); first with
+            no resume snapshot (rundir/resume_index.py), then with the one that restart saved
   baseline  the same, for a 1-row manifest: the fixed cost (interpreter, torch, hydra, model)
   whole     the whole manifest on a fresh run dir, command to first item (a subprocess)
   shard     shard 0 of 8 of the same manifest on a fresh run dir, command to first item
@@ -18,6 +19,11 @@ Each subprocess's driver peak RSS (VmHWM, polled from /proc) is printed with its
 
     python bench/restart.py [--rows 100000] [--distinct 20000] [--repeats 3] [--keep DIR] [--drop-caches]
     python bench/restart.py --million [--keep DIR]     # 1M rows, 1 repeat (issue 22's scale)
+    python bench/restart.py --million --keep DIR --restart-only [--repeats 2]
+
+--restart-only measures only the restart and the 1-row run, reusing DIR/run as the last
+full run left it (built once: minutes at 1M); the first restart after the build has no
+resume snapshot (rundir/resume_index.py) yet, the ones after it read it.
 
 --drop-caches (root, Linux) empties the page cache before the first run, so the images are
 read from disk, as a user's own photos usually are; without it they may still be in memory
@@ -181,13 +187,18 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (images are reused)")
     parser.add_argument("--drop-caches", action="store_true", help="empty the page cache before the first run (root)")
     parser.add_argument("--million", action="store_true", help="1,000,000 rows, 1 repeat (minutes of CPU)")
+    parser.add_argument("--restart-only", action="store_true", help="restart and 1-row run on the kept run dir")
     args = parser.parse_args()
     if args.million:
-        args.rows, args.repeats = 1_000_000, 1
+        args.rows = 1_000_000
+        args.repeats = args.repeats if args.restart_only else 1
     root = args.keep or Path(tempfile.mkdtemp(prefix="svdbatch-bench-restart-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        bench(root, args)
+        if args.restart_only and (root / "run" / "records").is_dir():
+            restart_only(root, args)
+        else:
+            bench(root, args)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -212,6 +223,9 @@ def bench(root: Path, args) -> None:
     done = int(args.rows * args.done_fraction)
     fake_done(store, plan.todo[:done])
 
+    # The faked records came with no resume snapshot (a run keeps one up to date as it goes:
+    # engine/snapshot_keeper.py): the first restart decodes them all and saves it.
+    cold = to_first_item(manifest, root / "run", tag="cold")
     restart, restarts = median_of(args.repeats, lambda: to_first_item(manifest, root / "run", tag="restart"))
     baseline, baselines = median_of(args.repeats, lambda: to_first_item(one_row, root / "one", tag="one"))
     shard_runs, whole_runs = [], []
@@ -235,12 +249,26 @@ def bench(root: Path, args) -> None:
     def rss(tag: str) -> str:
         return f"driver peak RSS {max(RSS[tag]):.2f} GiB"
 
+    print(f"restart, no snapshot yet     {cold:6.2f} s   {rss('cold')}   ratio {cold / baseline:.2f}x")
     print(f"restart, to first item       {restart:6.2f} s {show(restarts)}   {rss('restart')}")
     print(f"1-row run, to first item     {baseline:6.2f} s {show(baselines)}   (fixed cost: python, torch, hydra, model)")
     print(f"  restart - fixed cost       {restart - baseline:6.2f} s   ratio {restart / baseline:.2f}x (target <= 2x)")
     print(f"whole, first run             {whole:6.2f} s {show(whole_runs)}   {rss('whole')}")
     print(f"shard 0 of 8, first run      {shard:6.2f} s {show(shard_runs)}   {rss('shard')}; shard / whole {shard / whole:.2f}")
     print(f"status (subprocess)          {status:6.2f} s {show(statuses)}   (target < 1 s)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+def restart_only(root: Path, args) -> None:
+    """The restart (each repeat in turn, not a median: the first may build the snapshot) and
+    the 1-row run, on the run dir a full bench left in `root`."""
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    restarts = [to_first_item(root / "manifest.csv", root / "run", tag="restart") for _ in range(args.repeats)]
+    baseline = to_first_item(root / "one.csv", root / "one", tag="one")
+    for n, (seconds, peak) in enumerate(zip(restarts, RSS["restart"], strict=True)):
+        ratio = seconds / baseline
+        print(f"restart {n + 1}, to first item   {seconds:6.2f} s   driver peak RSS {peak:.2f} GiB   ratio {ratio:.2f}x")
+    print(f"1-row run, to first item     {baseline:6.2f} s   (fixed cost: python, torch, hydra, model)")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,13 +30,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from svdbatch.core.config import Engine, image_check_mode, plain
 from svdbatch.core.errors import RunDirError, problems_summary
+from svdbatch.core.gc_pause import paused_gc
 from svdbatch.core.outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
 from svdbatch.core.params import PARAM_NAMES
 from svdbatch.core.quality import key_part as quality_key_part
 from svdbatch.engine import pool, sweep
 from svdbatch.engine.checks import check_config
+from svdbatch.engine.output_check import OutputCheck, in_background
 from svdbatch.engine.plan import (
     Plan,
+    PlannedItem,
     Replacement,
     Shard,
     describe_replacements,
@@ -45,6 +49,7 @@ from svdbatch.engine.plan import (
     shadowed_knobs_warning,
 )
 from svdbatch.engine.pool import Crew, execute
+from svdbatch.engine.snapshot_keeper import SnapshotKeeper
 from svdbatch.engine.spec import WorkerSpec
 from svdbatch.engine.stops import Interrupted, StopRequest, stop_on_signals
 from svdbatch.inputs.fetch import UrlCache
@@ -177,6 +182,9 @@ class _Progress:
     summary: RunSummary | None = None
     store: RunStore | None = None
     plan: Plan | None = None
+    # A big run dir: its finished outputs and bucket temporaries are checked once dispatch
+    # has started (output_check.py), not before the first item.
+    background: bool = False
 
 
 def run(cfg: DictConfig) -> RunSummary:
@@ -220,10 +228,12 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
     # loads the model on the other core while this one checks the input and plans.
     crew = pool.start_early(spec) if cluster is None and pool.runs_in_processes(spec) else None
     try:
-        manifest = load_manifest(cfg, shard, image_cache, parse_cache=store.cache)  # the config is checked first
+        with paused_gc():  # a million rows: gc_pause.py
+            manifest = load_manifest(cfg, shard, image_cache, parse_cache=store.cache)  # the config is checked first
         devices, num_threads = devices_and_threads(cfg, crew, cluster)  # a bad run.devices fails here
         spec = replace(spec, num_threads=num_threads)  # so every worker computes with the same count
-        store.prepare(cfg.run.min_free_mb)
+        progress.background = in_background(store)
+        store.prepare(cfg.run.min_free_mb, buckets=not progress.background)
         summary = progress.summary = RunSummary(run_dir=store.root)
         progress.store = store
         with store.owner():  # `svdbatch status` asks it whether the run is live
@@ -283,15 +293,14 @@ def run_prepared(
     if sweep_root is not None:
         warn_shadowed(items, sweep_root)
     reuse = sweep.reuse_index(store.root, sweep_root, cfg.run.reuse_from) if cfg.run.reuse else None
-    plan = progress.plan = plan_run(
-        items,
-        cfg.conditioning,
-        cfg.model,
-        cfg.memory,
-        identity.as_dict(),
-        store,
-        cfg.run.limit,
-        fetcher,
+    plan_items = partial(
+        plan_run,
+        cond=cfg.conditioning,
+        model=cfg.model,
+        memory=cfg.memory,
+        model_identity=identity.as_dict(),
+        store=store,
+        fetcher=fetcher,
         max_image_pixels=cfg.run.max_image_pixels,
         output=cfg.output,
         image_cache=image_cache,
@@ -299,6 +308,10 @@ def run_prepared(
         key_extra=quality_key_part(cfg.quality),
         keep_done=False,  # counted, not kept: memory grows with what is left to do
     )
+    with paused_gc():
+        plan = progress.plan = plan_items(items, limit=cfg.run.limit, check_outputs=not progress.background)
+    checks = OutputCheck(store, plan.unchecked, plan.index) if progress.background else None
+    plan.unchecked, plan.index = [], None  # the checks hold them until they are done
     image_cache.flush()
     summary.skipped = plan.done_count
     for entry in plan.meta_changed:  # no model needed: the sidecar gets the new row
@@ -336,34 +349,22 @@ def run_prepared(
         log.warning("%s", replace_report(plan.replaced, Path(keep_in) if keep_in else None))
 
     gallery = GalleryUpdater(store.root, cfg.run.gallery_every_s, cfg.run.gallery_max_items) if cfg.run.gallery else None
-    if plan.todo:
-        bar = tqdm(total=len(plan.todo), desc=store.root.name, unit="item", disable=not cfg.run.progress, dynamic_ncols=True)
-
-        def on_done(outcomes: list[Outcome]) -> None:
-            for outcome in outcomes:
-                summary.count(outcome)
-            bar.update(len(outcomes))
-            bar.set_postfix(done=summary.done, failed=summary.failed, refresh=False)
-            if gallery and not stop.requested:
-                gallery.maybe_update()
-
-        # While the bar is drawn, log lines go through tqdm.write: printed above the bar on
-        # their own line, not glued onto it (the bar writes no newline).
-        with logging_redirect_tqdm() if cfg.run.progress else nullcontext():
-            try:
-                # In a sweep, worker processes stay up for the next point (same model: no reload).
-                execute(
-                    make_batches(plan.todo, cfg.run.batch_size),
-                    spec,
-                    devices,
-                    on_done,
-                    stop,
-                    cluster,
-                    keep=in_hydra_sweep(),
-                    crew=crew,
-                )
-            finally:
-                bar.close()
+    work = partial(run_todo, cfg=cfg, store=store, spec=spec, devices=devices, summary=summary, stop=stop, gallery=gallery)
+    # In a sweep, worker processes stay up for the next point (same model: no reload); while
+    # outputs are being checked, for the items they may hand back.
+    if checks is not None:
+        checks.start()  # the first batches are handed out while it works
+    keeper = SnapshotKeeper(store).start()
+    try:
+        work(plan.todo, cluster=cluster, crew=crew, keep=in_hydra_sweep() or checks is not None)
+        if checks is not None:
+            redo_broken(checks, plan, plan_items, work, summary, stop, cluster, crew)
+    finally:
+        keeper.stop()
+        if checks is not None and not in_hydra_sweep():
+            pool.let_go(spec)  # kept for the items the checks might hand back
+    if not stop.requested:
+        keeper.refresh()  # the next run over this run dir decodes only what comes after
     if stop.requested:
         return  # no time for dataset files and gallery: the next run writes them
 
@@ -376,6 +377,68 @@ def run_prepared(
         sweep_page.update_sweep_page(sweep_root, cfg.run.gallery_max_items)
     if summary.busy:
         log.warning("%d items are being generated by another process; run again later to pick up any it leaves", summary.busy)
+
+
+def run_todo(
+    todo: list[PlannedItem],
+    cfg: DictConfig,
+    store: RunStore,
+    spec: WorkerSpec,
+    devices: list[str],
+    summary: RunSummary,
+    stop: StopRequest,
+    gallery: GalleryUpdater | None,
+    cluster: RayCluster | None,
+    crew: Crew | None,
+    keep: bool,
+) -> None:
+    """Generate the to-do items on the workers, with a progress bar; outcomes into `summary`."""
+    if not todo:
+        return
+    bar = tqdm(total=len(todo), desc=store.root.name, unit="item", disable=not cfg.run.progress, dynamic_ncols=True)
+
+    def on_done(outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            summary.count(outcome)
+        bar.update(len(outcomes))
+        bar.set_postfix(done=summary.done, failed=summary.failed, refresh=False)
+        if gallery and not stop.requested:
+            gallery.maybe_update()
+
+    # While the bar is drawn, log lines go through tqdm.write: printed above the bar on
+    # their own line, not glued onto it (the bar writes no newline).
+    with logging_redirect_tqdm() if cfg.run.progress else nullcontext():
+        try:
+            execute(make_batches(todo, cfg.run.batch_size), spec, devices, on_done, stop, cluster, keep=keep, crew=crew)
+        finally:
+            bar.close()
+
+
+def redo_broken(
+    checks: OutputCheck,
+    plan: Plan,
+    plan_items: Callable[..., Plan],
+    work: Callable[..., None],
+    summary: RunSummary,
+    stop: StopRequest,
+    cluster: RayCluster | None,
+    crew: Crew | None,
+) -> None:
+    """Once the background checks are over: plan and run the finished items whose output or
+    sidecar turned out missing or cut (they were counted done), as a small run of their own."""
+    if stop.requested or summary.stop_reason is not None:
+        return  # the next run checks them again
+    broken = checks.result()
+    if not broken:
+        return
+    log.warning("%d finished items have a missing or cut video or sidecar; generating them again", len(broken))
+    again = plan_items(broken)
+    todo = again.todo + [entry for entry, _ in again.reuse]
+    plan.done_count -= len(broken) - again.done_count
+    summary.skipped -= len(broken) - again.done_count
+    plan.todo += todo
+    plan.all += again.all
+    work(todo, cluster=cluster, crew=crew, keep=in_hydra_sweep())
 
 
 def record_invalid_rows(store: RunStore, manifest: Manifest, summary: RunSummary) -> None:

@@ -19,8 +19,9 @@ from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import ImageCache, file_sha256, parallel_map
 from svdbatch.inputs.manifest import Item, shard_of
 from svdbatch.rundir.outputs import output_key, output_settings, written_fps
+from svdbatch.rundir.resume_index import ResumeRecord
 from svdbatch.rundir.sidecar import EMPTY_META_SHA256, Sidecar, meta_digest
-from svdbatch.rundir.store import KeyMaker, ResumeRecord, RunStore, output_intact
+from svdbatch.rundir.store import KeyMaker, RunStore, output_intact
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,10 @@ class Plan:
     replaced: list[Replacement] = field(default_factory=list)  # to-do items that overwrite a finished output
     # Done items whose row's meta_* values changed since: their sidecar is updated, not regenerated.
     meta_changed: list[PlannedItem] = field(default_factory=list)
+    # plan_run(check_outputs=False): items counted done by their keys alone, whose output and
+    # sidecar are still to be checked (output_check.py), and the index that says their sizes.
+    unchecked: list[Item] = field(default_factory=list)
+    index: Mapping[str, Any] | None = None
 
 
 def plan_run(
@@ -154,6 +159,7 @@ def plan_run(
     reuse: Any = None,
     key_extra: dict[str, Any] | None = None,
     keep_done: bool = True,
+    check_outputs: bool = True,
 ) -> Plan:
     """Resolve each item's parameters and key, and split done from to-do.
 
@@ -169,6 +175,9 @@ def plan_run(
     duds are redone).
     `keep_done=False` (a run): done items are counted, not kept (except those whose meta_*
     values changed), so a restart of 1M rows with 99% done holds the 1% it has to do.
+    `check_outputs=False`: a done item's output and sidecar sizes are not checked here (two
+    stats each, a quarter of a big restart's planning) but listed in `plan.unchecked`, for
+    the caller to check once its first items run (output_check.py).
     """
     output = output if output is not None else OutputConfig(format=store.format)
     out_keys: dict[int, str] = {}  # per item fps: a run has few
@@ -236,7 +245,13 @@ def plan_run(
         tail = base_tail if params is base_params and preprocess is run_preprocess else make_key.tail(params, preprocess)
         image_sha256: str = problem  # no problem: the hash
         key = make_key.key_with(image_sha256, item.seed, tail)
-        done = store.is_done(item.id, key, out_key, index)
+        if check_outputs:
+            done = store.is_done(item.id, key, out_key, index)
+        else:
+            trusted = done_by_keys(index.get(item.id), key, out_key)
+            done = trusted or store.is_done(item.id, key, out_key, index)
+            if trusted:
+                plan.unchecked.append(item)
         edited = done and meta_edited(item, index.get(item.id), store)
         if done and not (keep_done or edited):
             plan.done_count += 1
@@ -263,10 +278,16 @@ def plan_run(
                 if replacement is not None:
                     plan.replaced.append(replacement)
         plan.all.append(entry)
+    plan.index = index if plan.unchecked else None
     warning = fixed_conditioning_warning(plan.all, model)
     if warning:
         log.warning("%s", warning)
     return plan
+
+
+def done_by_keys(record: ResumeRecord | None, key: str, out_key: str) -> bool:
+    """An item the index says is done with these keys, its output not looked at yet."""
+    return record is not None and record.key == key and record.output_key == out_key and record.output is not None
 
 
 def meta_edited(item: Item, record: Mapping[str, Any] | ResumeRecord | None, store: RunStore) -> bool:

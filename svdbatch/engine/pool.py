@@ -288,6 +288,13 @@ def discard_unused(crew: Crew) -> None:
         _crews.pop(crew.key, None)
 
 
+def let_go(spec: WorkerSpec) -> None:
+    """Close the crew a run kept for a second round it turned out not to need."""
+    crew = _crews.pop(crew_key(spec), None)
+    if crew is not None:
+        crew.close()
+
+
 @atexit.register
 def close_crews() -> None:
     """Shut down kept worker processes (at exit, or before starting other ones). At exit it

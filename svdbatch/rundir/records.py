@@ -96,6 +96,17 @@ def results_files(root: Path) -> list[Path]:
     return [root / LEGACY_RESULTS] + [records_dir(root) / f"{name}{RESULTS_SUFFIX}" for name in writer_names(root)]
 
 
+def results_bytes(root: Path) -> int:
+    """How big the run dir's results records are (one stat per writer)."""
+    total = 0
+    for path in results_files(root):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:
+            continue
+    return total
+
+
 def failures_files(root: Path) -> list[Path]:
     root = Path(root)
     return [root / LEGACY_FAILURES] + [records_dir(root) / f"{name}{FAILURES_SUFFIX}" for name in writer_names(root)]

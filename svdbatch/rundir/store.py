@@ -10,7 +10,8 @@ Layout of a run dir::
     records/<writer>.failures.jsonl  one line per failed attempt (error + traceback)
     records/<writer>.summary.json    counts and recent finishes, what `svdbatch status` reads
     claims/<id>.claim    lease of the process generating the item (claims.py), deleted on release
-    cache/               image checks and hashes by (path, size, mtime), manifest summaries
+    cache/               image checks and hashes by (path, size, mtime), manifest summaries,
+                         the resume snapshot (resume_index.py)
     owners/<pid>@<host>.json  one per process running on the dir (pid, host, start time),
                          touched every HEARTBEAT_S, removed on exit: what makes it "live"
     replaced/<stamp>/    videos/ and items/ of finished items a later run redid with other
@@ -44,9 +45,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
-from operator import itemgetter
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, overload
+from typing import Any, Literal, overload
 
 import yaml
 
@@ -62,7 +62,7 @@ from svdbatch.core.config import OutputFormat
 from svdbatch.core.errors import RunDirError
 from svdbatch.core.faults import fault_point
 from svdbatch.rundir import claims as leases
-from svdbatch.rundir import records
+from svdbatch.rundir import records, resume_index
 from svdbatch.rundir.claims import CLAIM_SUFFIX, Claim, holder_state, process_start_ticks
 from svdbatch.rundir.layout import (
     FLAT,
@@ -76,6 +76,7 @@ from svdbatch.rundir.layout import (
     write_layout,
 )
 from svdbatch.rundir.outputs import link_output, output_bytes, output_name
+from svdbatch.rundir.resume_index import ResumeRecord
 from svdbatch.rundir.sidecar import (
     ReusedFrom,
     Sidecar,
@@ -338,28 +339,6 @@ def owner_state(owner: dict[str, Any], now: float | None = None) -> str:
     return holder_state(owner, float(owner.get("updated", 0.0)), now, OWNER_STALE_AFTER_S)
 
 
-class ResumeRecord(NamedTuple):
-    """The fields of an item's latest results record that planning a resume reads
-    (finished_index(compact=True)); `get` reads it as the record's dict is read."""
-
-    id: str
-    key: str | None
-    output: str | None
-    output_bytes: int | None
-    sidecar_bytes: int | None
-    output_key: str | None
-    image_path: str | None
-    image_sha256: str | None
-    image_bytes: int | None
-    image_mtime_ns: int | None
-    meta_sha256: str | None
-    recorded_ns: int | None  # which of an id's records is the latest (records.recorded_ns)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        value = getattr(self, name) if name in self._fields else None
-        return default if value is None else value
-
-
 class RunStore:
     def __init__(self, root: str | os.PathLike[str], fmt: OutputFormat | str) -> None:
         self.root = Path(root)
@@ -376,9 +355,12 @@ class RunStore:
         self.image_cache = self.cache / "images.jsonl"
 
     # -- set-up -----------------------------------------------------------------------
-    def prepare(self, min_free_mb: int = 0) -> None:
+    def prepare(self, min_free_mb: int = 0, buckets: bool = True) -> None:
         """Create the layout, prove it is writable and has room, and clean up after a
-        killed run. Runs before the model loads, so a bad run dir costs seconds, not minutes."""
+        killed run. Runs before the model loads, so a bad run dir costs seconds, not minutes.
+        `buckets=False` leaves the temporaries of videos/ and items/ bucket folders (a big
+        run dir's million entries) to remove_stale_temporaries(only_buckets=True), which
+        the driver runs once dispatch has started."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             write_layout(self.root, self.layout)  # before items/ exists: a new run dir is grouped
@@ -398,7 +380,7 @@ class RunStore:
         # writer's file is its own, nobody appends to a dead writer's file again.
         if (self.root / RESULTS).is_file() and not (self.records / f"{records.LEGACY_NAME}{records.SUMMARY_SUFFIX}").is_file():
             records.save_legacy_summary(self.root)  # an old run dir: status reads this, not the old log
-        self.remove_stale_temporaries()
+        self.remove_stale_temporaries(buckets=buckets)
         self.remove_dead_owners()
         self.remove_stale_claims()
 
@@ -426,23 +408,38 @@ class RunStore:
     def owner(self) -> Owner:
         return Owner(self.root)
 
-    def remove_stale_temporaries(self, older_than_s: float = STALE_TEMP_SECONDS) -> int:
+    def remove_stale_temporaries(
+        self, older_than_s: float = STALE_TEMP_SECONDS, buckets: bool = True, only_buckets: bool = False
+    ) -> int:
         """Delete temporaries a killed run left behind: those whose writer (on this host) is
         dead, and old ones from elsewhere. A fresh one may belong to a live process (a
-        second worker, or a shard on another node sharing this dir)."""
-        removed = 0
-        cutoff = time.time() - older_than_s
-        # The URL cache, shards, thumbnails and caches use the same atomic writer.
+        second worker, or a shard on another node sharing this dir). `buckets`: also in the
+        bucket folders of videos/ and items/; `only_buckets`: only there."""
+        grouped = [Path(e.path) for f in (self.videos, self.sidecars) for e in _subfolders(f)] if self.layout != FLAT else []
+        folders = [*grouped] if buckets else []
+        if not only_buckets:
+            folders += [self.videos, self.sidecars, self.root, self.records, self.claims, *self._asset_folders()]
+        return self._remove_temporaries(folders, time.time() - older_than_s)
+
+    def _asset_folders(self) -> list[Path]:
+        """The URL cache, shards, thumbnails and caches: written with the same atomic writer."""
         extra = [
             folder
             for folder in (self.root / name for name in (DOWNLOADS_DIR, SHARDS_DIR, GALLERY_ASSETS_DIR, CACHE_DIR))
             if folder.is_dir()
         ]
-        grouped = [] if self.layout == FLAT else [Path(e.path) for f in (self.videos, self.sidecars) for e in _subfolders(f)]
         # gallery/<bucket>/ (layout.asset_relpath) and downloads/<bucket>/ (fetch.UrlCache.path_for)
-        grouped += [Path(e.path) for name in (GALLERY_ASSETS_DIR, DOWNLOADS_DIR) for e in _subfolders(self.root / name)]
-        for folder in (self.videos, self.sidecars, self.root, self.records, self.claims, *grouped, *extra):
-            for entry in os.scandir(folder):
+        return extra + [Path(e.path) for name in (GALLERY_ASSETS_DIR, DOWNLOADS_DIR) for e in _subfolders(self.root / name)]
+
+    @staticmethod
+    def _remove_temporaries(folders: list[Path], cutoff: float) -> int:
+        removed = 0
+        for folder in folders:
+            try:
+                entries = os.scandir(folder)
+            except FileNotFoundError:
+                continue
+            for entry in entries:
                 if TEMP_MARKER not in entry.name or not entry.name.startswith("."):
                     continue
                 try:
@@ -510,46 +507,11 @@ class RunStore:
         """Latest results record per item id (records.py: every writer's, and an old run
         dir's results.jsonl). `compact` (planning a resume): only what resume reads of each
         (ResumeRecord), the records read in slices: a million finished items take ~0.4 GB
-        instead of ~3 GB."""
+        instead of ~3 GB; kept as a snapshot in cache/, so a restart decodes only the
+        records appended since (resume_index.py)."""
         if not compact:
             return records.latest_results(self.root)
-        latest: dict[str, ResumeRecord] = {}
-        shared: dict[Any, Any] = {}  # values many records repeat (output key, image, meta digest): one object each
-        one = shared.setdefault
-        make = tuple.__new__  # ResumeRecord(...) costs a Python call per record
-        fields = itemgetter(*ResumeRecord._fields)  # one C call per record, when it has them all
-        for part in records.results_slices(self.root):
-            for record in part:
-                try:
-                    item_id, key, output, size, sidecar, out_key, path, sha, image_size, mtime, meta, at = fields(record)
-                except KeyError:  # an older line, without some fields
-                    item_id, key, output, size, sidecar, out_key, path, sha, image_size, mtime, meta, at = map(
-                        record.get, ResumeRecord._fields
-                    )
-                if item_id is not None:
-                    item_id = str(item_id)
-                    at = at or 0
-                    earlier = latest.get(item_id)
-                    if earlier is not None and (earlier.recorded_ns or 0) > at:
-                        continue  # another writer's file holds a later record of this item
-                    latest[item_id] = make(
-                        ResumeRecord,
-                        (
-                            item_id,
-                            key,
-                            output,
-                            size,
-                            one(sidecar, sidecar),
-                            one(out_key, out_key),
-                            one(path, path),
-                            one(sha, sha),
-                            one(image_size, image_size),
-                            one(mtime, mtime),
-                            one(meta, meta),
-                            at,
-                        ),
-                    )
-        return latest
+        return resume_index.compact_index(self.root, self.cache)
 
     def is_done(self, item_id: str, key: str | None, out_key: str | None, index: Mapping[str, Any]) -> bool:
         """Done with this key (frames) and output key (file settings); see the module doc."""
