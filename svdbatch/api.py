@@ -32,7 +32,7 @@ from svdbatch.core.quality import QualityConfig, check_quality
 from svdbatch.engine import driver
 from svdbatch.engine.driver import RunSummary
 from svdbatch.engine.plan import resolve_shard
-from svdbatch.inputs.manifest import csv_holds, write_manifest
+from svdbatch.inputs.manifest_formats import csv_holds, write_manifest
 from svdbatch.reports import status as run_status
 from svdbatch.reports.sweep_root import is_sweep_root, point_dirs
 from svdbatch.reports.sweep_status import collect_sweep

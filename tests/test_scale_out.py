@@ -342,7 +342,7 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
         identity = model_identity(cfg.model, torch.device("cpu")).as_dict()
         from dataclasses import replace as dc_replace
 
-        from svdbatch.inputs.manifest import derive_seed
+        from svdbatch.inputs.ids import derive_seed
 
         planned = dc_replace(item, seed=derive_seed(cfg.run.seed, item.id), seed_derived=True)
         (entry,) = plan_run([planned], cfg.conditioning, cfg.model, cfg.memory, identity, store).all
