@@ -38,7 +38,8 @@ from svdbatch.reports.sweep_root import is_sweep_root, point_dirs
 from svdbatch.reports.sweep_status import collect_sweep
 from svdbatch.rundir import records
 from svdbatch.rundir.layout import sidecar_path_in
-from svdbatch.rundir.sidecar import Sidecar, SidecarError
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar_fields import SidecarError
 from svdbatch.rundir.store import (
     is_invalid_record,
     is_run_dir,

@@ -24,7 +24,8 @@ from svdbatch.reports.status_counts import claimed_ids
 from svdbatch.rundir import records
 from svdbatch.rundir.claims import STALE_AFTER_S
 from svdbatch.rundir.dataset import write_dataset
-from svdbatch.rundir.sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar_fields import SidecarImage, SidecarOutput, SidecarRow, Timings
 from svdbatch.rundir.store import RunStore
 
 KEY, OUT_KEY = "k" * 64, "o" * 64

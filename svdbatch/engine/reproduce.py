@@ -36,7 +36,8 @@ from svdbatch.models.loading import load_pipeline
 from svdbatch.models.rescue import precision
 from svdbatch.rundir.layout import FLAT, GROUPED, sidecar_relpath
 from svdbatch.rundir.outputs import frames_sha256, output_bytes, output_sha256
-from svdbatch.rundir.sidecar import Sidecar, SidecarError
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar_fields import SidecarError
 
 
 @dataclass

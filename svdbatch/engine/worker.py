@@ -51,7 +51,8 @@ from svdbatch.rundir.outputs import (
     write_video,
     written_fps,
 )
-from svdbatch.rundir.sidecar import Attempt, Sidecar, SidecarImage, SidecarOutput, SidecarQuality, SidecarRow, Timings
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar_fields import Attempt, SidecarImage, SidecarOutput, SidecarQuality, SidecarRow, Timings
 from svdbatch.rundir.store import RunStore
 
 if TYPE_CHECKING:

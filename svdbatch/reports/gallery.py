@@ -35,7 +35,8 @@ from svdbatch.inputs.images import load_rgb
 from svdbatch.reports.html import CSS, esc, number, url
 from svdbatch.rundir import records
 from svdbatch.rundir.layout import asset_relpath, layout_version, make_parents, sidecar_path_in, sidecar_relpath
-from svdbatch.rundir.sidecar import Sidecar, SidecarError
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar_fields import SidecarError
 from svdbatch.rundir.store import (
     DOWNLOADS_DIR,
     GALLERY_PAGE,
