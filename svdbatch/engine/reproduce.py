@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 from svdbatch.core.config import FetchConfig, MemoryConfig, ModelConfig
 from svdbatch.core.errors import CannotReproduce
 from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION
-from svdbatch.engine.worker import generate_frames, software_versions
+from svdbatch.engine.generation import generate_frames
+from svdbatch.engine.worker import software_versions
 from svdbatch.inputs.fetch import FetchError, UrlCache
 from svdbatch.inputs.images import file_sha256, pipeline_input
 from svdbatch.models.devices import pin_threads, resolve_devices
