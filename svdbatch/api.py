@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from svdbatch.core.config import check_schema, config_dir
+from svdbatch.core.compose import config_dir
+from svdbatch.core.config_checks import check_schema
 from svdbatch.core.errors import ConfigError, RunDirError
 from svdbatch.core.quality import QualityConfig, check_quality
 from svdbatch.engine import driver
