@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from svdbatch.core.atomic import atomic_write_bytes
-from svdbatch.reports.gallery import THUMB_PX, cards_of, fresh, jpeg_bytes, preview_html, read_sidecar
+from svdbatch.reports.cards import THUMB_PX, cards_of, fresh, jpeg_bytes, preview_html, read_sidecar
 from svdbatch.reports.html import esc, url
 from svdbatch.reports.sweep_root import Point
 from svdbatch.rundir.layout import asset_relpath, layout_version, make_parents, sidecar_relpath

@@ -11,7 +11,7 @@ from typing import Any
 
 from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.reports import status
-from svdbatch.reports.gallery import collect_cards, read_sidecar, source_thumbnail
+from svdbatch.reports.cards import collect_cards, read_sidecar, source_thumbnail
 from svdbatch.reports.html import CSS, esc, number, url
 from svdbatch.reports.status import read_manifest_view
 from svdbatch.reports.sweep_cells import Cell, CellSource, cached_cells, cells_in_parallel
@@ -181,7 +181,7 @@ def page_cells(
     infos: dict[tuple[int, str], CellSource] = {}
     if big and manifest_ids is not None:
         # A big sweep: only the shown items, each cell from the point's cell cache while its
-        # sidecar is unchanged, else from its sidecar (gallery.cards_of): no results records read.
+        # sidecar is unchanged, else from its sidecar (cards.cards_of): no results records read.
         all_ids = manifest_ids
         ids = all_ids[:max_items]
         all_cells, infos = cached_cells(points, rels, ids, titles)
