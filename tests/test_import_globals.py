@@ -59,6 +59,7 @@ def test_importing_every_svdbatch_module_changes_no_process_wide_state():
         "svdbatch.inputs.manifest",
         "svdbatch.engine.worker",
         "svdbatch.engine.ray_engine",
+        "svdbatch.engine.ray_connection",
     } <= set(result["names"])
     before, after = result["before"], result["after"]
     assert after["environ"] == before["environ"]  # no OMP_WAIT_POLICY slipped into the caller's

@@ -1,6 +1,9 @@
+from dataclasses import fields
+
 import pytest
 
-from svdbatch.core.params import ValueProblem, check_conditioning, coerce, resolve_params
+from svdbatch.core.config import ConditioningConfig
+from svdbatch.core.params import PARAM_NAMES, RULES, GenParams, ValueProblem, check_conditioning, coerce, resolve_params
 from tests.conftest import make_cfg
 
 
@@ -62,3 +65,12 @@ def test_config_values_are_checked_with_the_same_rules():
     problems = check_conditioning(cfg.conditioning)
     assert any(p.startswith("conditioning.motion_bucket_id:") for p in problems)
     assert any(p.startswith("conditioning.width:") and "multiple of 8" in p for p in problems)
+
+
+def test_every_knob_is_one_genparams_field_with_its_rule_and_a_conditioning_setting():
+    """The knob list is GenParams' fields (rules in their metadata), not a list kept by hand:
+    each is a conditioning setting, a manifest column and a key of every sidecar's params."""
+    assert PARAM_NAMES == tuple(f.name for f in fields(GenParams)) == tuple(RULES)
+    conditioning = {f.name for f in fields(ConditioningConfig)}
+    assert set(PARAM_NAMES) <= conditioning
+    assert conditioning - set(PARAM_NAMES) == {"resize", "pad_color", "background"}

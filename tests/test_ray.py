@@ -23,7 +23,9 @@ import torch
 from svdbatch.cli import exit_code
 from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, ConfigError
 from svdbatch.engine.driver import load_manifest, run
-from svdbatch.engine.ray_engine import ACTOR_NAME, actor_devices, batch_task_name, forwarded_env
+from svdbatch.engine.ray_actor import ACTOR_NAME
+from svdbatch.engine.ray_connection import actor_devices
+from svdbatch.engine.ray_engine import batch_task_name, forwarded_env
 from tests.conftest import FAST, REPO, make_cfg, make_image, write_csv
 
 from .runfiles import failures_of, results_of, sidecar_file, video_rel

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from PIL import ImageColor
@@ -86,23 +86,44 @@ class Rule:
         return " ".join(parts)
 
 
-# Ranges follow the model card / diffusers pipeline: the UNet was trained with
-# motion_bucket_id in 0..255, the VAE needs sizes that are multiples of 8. num_frames >= 2:
-# StableVideoDiffusionPipeline decides on classifier-free guidance from max_guidance_scale,
-# then again from the per-frame scales linspace(min, max, num_frames); with one frame that
-# is just min, the two disagree and every item fails with a tensor-size error.
-RULES: dict[str, Rule] = {
-    "width": Rule(int, 8, 16384, multiple_of=8),
-    "height": Rule(int, 8, 16384, multiple_of=8),
-    "num_frames": Rule(int, 2, 1024, nullable=True),
-    "num_inference_steps": Rule(int, 1, 1000),
-    "fps": Rule(int, 1, 1000),
-    "motion_bucket_id": Rule(int, 0, 255),
-    "noise_aug_strength": Rule(float, 0, 10),
-    "min_guidance_scale": Rule(float, 0, 100),
-    "max_guidance_scale": Rule(float, 0, 100),
-    "decode_chunk_size": Rule(int, 1, 1024, nullable=True),
-}
+def _rule(kind: type, low: float | None = None, high: float | None = None, **more: Any) -> Any:
+    """A GenParams field's rule, kept in the field's metadata so the fields are the one list."""
+    return field(metadata={"rule": Rule(kind, low, high, **more)})
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Everything the pipeline call needs besides the image and the generator. Its fields
+    are the knobs a config or a manifest row sets (PARAM_NAMES), each with its rule.
+
+    Ranges follow the model card / diffusers pipeline: the UNet was trained with
+    motion_bucket_id in 0..255, the VAE needs sizes that are multiples of 8. num_frames >= 2:
+    StableVideoDiffusionPipeline decides on classifier-free guidance from max_guidance_scale,
+    then again from the per-frame scales linspace(min, max, num_frames); with one frame that
+    is just min, the two disagree and every item fails with a tensor-size error."""
+
+    width: int = _rule(int, 8, 16384, multiple_of=8)
+    height: int = _rule(int, 8, 16384, multiple_of=8)
+    num_frames: int = _rule(int, 2, 1024, nullable=True)
+    num_inference_steps: int = _rule(int, 1, 1000)
+    fps: int = _rule(int, 1, 1000)
+    motion_bucket_id: int = _rule(int, 0, 255)
+    noise_aug_strength: float = _rule(float, 0, 10)
+    min_guidance_scale: float = _rule(float, 0, 100)
+    max_guidance_scale: float = _rule(float, 0, 100)
+    decode_chunk_size: int = _rule(int, 1, 1024, nullable=True)
+    # nullable: a config or row may leave num_frames and decode_chunk_size null; ParamDefaults
+    # resolves them, so a GenParams always holds numbers.
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in PARAM_NAMES}  # asdict() deep-copies: slow at 100k rows
+
+    def batch_signature(self) -> tuple:
+        """Items with equal signatures may share one pipeline call (all fields are per call)."""
+        return tuple(self.as_dict().values())
+
+
+RULES: dict[str, Rule] = {knob.name: knob.metadata["rule"] for knob in fields(GenParams)}
 PARAM_NAMES = tuple(RULES)
 # The same disagreement in another form: the pipeline compares max_guidance_scale > 1 in
 # Python floats, then the per-frame scales in the model's dtype, where a value just above 1
@@ -189,29 +210,6 @@ def combination_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
         # from max alone and fails every item when min > 1 >= max.
         return [("min_guidance_scale", f"min_guidance_scale ({low:g}) must be <= max_guidance_scale ({high:g})")]
     return []
-
-
-@dataclass(frozen=True)
-class GenParams:
-    """Everything the pipeline call needs besides the image and the generator."""
-
-    width: int
-    height: int
-    num_frames: int
-    num_inference_steps: int
-    fps: int
-    motion_bucket_id: int
-    noise_aug_strength: float
-    min_guidance_scale: float
-    max_guidance_scale: float
-    decode_chunk_size: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in PARAM_NAMES}  # asdict() deep-copies: slow at 100k rows
-
-    def batch_signature(self) -> tuple:
-        """Items with equal signatures may share one pipeline call (all fields are per call)."""
-        return tuple(self.as_dict().values())
 
 
 def check_conditioning(cond: ConditioningConfig) -> list[str]:
