@@ -26,7 +26,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0] is bench/)
 
-from svdbatch.core.config import config_dir
+from svdbatch.core.compose import config_dir
 from svdbatch.engine.driver import run
 from svdbatch.models import loading as models
 from svdbatch.models import tiny

@@ -25,7 +25,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from svdbatch.core.config import config_dir
+from svdbatch.core.compose import config_dir
 from svdbatch.core.params import resolve_params
 from svdbatch.engine.driver import run
 from svdbatch.inputs.manifest import read_manifest

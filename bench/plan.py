@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from svdbatch.core.config import config_dir
+from svdbatch.core.compose import config_dir
 from svdbatch.engine.plan import plan_run
 from svdbatch.inputs.manifest import read_manifest
 from svdbatch.models.devices import resolve_devices

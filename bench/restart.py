@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from plan import fake_done  # noqa: E402  (bench/plan.py: sys.path[0] is bench/)
 
-from svdbatch.core.config import config_dir  # noqa: E402
+from svdbatch.core.compose import config_dir  # noqa: E402
 from svdbatch.engine.driver import load_manifest  # noqa: E402
 from svdbatch.engine.plan import Shard, plan_run  # noqa: E402
 from svdbatch.inputs.images import ImageCache  # noqa: E402

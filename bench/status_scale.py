@@ -30,7 +30,8 @@ from pathlib import Path
 from svdbatch.reports.status import save_manifest_summary
 from svdbatch.rundir import records
 from svdbatch.rundir.layout import GROUPED, LAYOUT_FILE, asset_relpath, item_relpath, sidecar_relpath
-from svdbatch.rundir.sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar_fields import SidecarImage, SidecarOutput, SidecarRow, Timings
 
 WRITERS = 16
 STALE_TAIL = 64  # lines of the last writer its summary does not cover yet (records.SUMMARY_EVERY: the most a kill leaves)

@@ -24,7 +24,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0] is bench/)
 
-from svdbatch.core.config import config_dir
+from svdbatch.core.compose import config_dir
 from svdbatch.engine import driver, pool
 
 

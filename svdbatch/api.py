@@ -26,19 +26,21 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from svdbatch.core.config import check_schema, config_dir
+from svdbatch.core.compose import config_dir
+from svdbatch.core.config_checks import check_schema
 from svdbatch.core.errors import ConfigError, RunDirError
 from svdbatch.core.quality import QualityConfig, check_quality
 from svdbatch.engine import driver
 from svdbatch.engine.driver import RunSummary
 from svdbatch.engine.plan import resolve_shard
-from svdbatch.inputs.manifest import csv_holds, write_manifest
+from svdbatch.inputs.manifest_formats import csv_holds, write_manifest
 from svdbatch.reports import status as run_status
 from svdbatch.reports.sweep_root import is_sweep_root, point_dirs
 from svdbatch.reports.sweep_status import collect_sweep
 from svdbatch.rundir import records
 from svdbatch.rundir.layout import sidecar_path_in
-from svdbatch.rundir.sidecar import Sidecar, SidecarError
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar_fields import SidecarError
 from svdbatch.rundir.store import (
     is_invalid_record,
     is_run_dir,

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, cast
 
 from svdbatch import api
 from svdbatch.commands import SUBCOMMANDS
-from svdbatch.core.config import check_schema, config_dir
+from svdbatch.core.compose import config_dir
+from svdbatch.core.config_checks import check_schema
 from svdbatch.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_ITEMS_FAILED,

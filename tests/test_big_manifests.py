@@ -19,6 +19,7 @@ from svdbatch.engine.driver import RunSummary, load_manifest, record_invalid_row
 from svdbatch.engine.plan import Shard, plan_run
 from svdbatch.inputs.images import ImageCache
 from svdbatch.inputs.manifest import read_manifest, shard_of
+from svdbatch.inputs.row_checks import RowValidator
 from svdbatch.rundir import records
 from svdbatch.rundir.sidecar import result_record
 from svdbatch.rundir.store import INVALID_ROW, RunStore
@@ -227,13 +228,11 @@ def test_image_cache_and_parse_cache_let_a_restart_skip_every_row_check(tmp_path
     cache_dir, images = tmp_path / "cache", ImageCache(tmp_path / "cache" / "images.jsonl")
     read_manifest(manifest, check_images="header", parse_cache=cache_dir, image_cache=images)
     images.flush()
-    import svdbatch.inputs.manifest as manifest_module
 
     def no_row_checks(*args, **kwargs):
         raise AssertionError("a row was validated again")
 
-    monkeypatch.setattr(manifest_module, "_validate_row", no_row_checks)
-    monkeypatch.setattr(manifest_module, "read_image", no_row_checks, raising=False)
+    monkeypatch.setattr(RowValidator, "add", no_row_checks)
     again = read_manifest(
         manifest, check_images="header", parse_cache=cache_dir, image_cache=ImageCache(tmp_path / "cache" / "images.jsonl")
     )

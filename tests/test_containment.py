@@ -108,7 +108,7 @@ def test_folder_manifest_skips_run_dirs_and_the_outputs_folder(tmp_path, monkeyp
     make_image(root / "outputs" / "sample" / "gallery" / "b.jpg")  # outputs/ of the working directory
     make_image(root / "notes" / "config" / "c.png")  # just a folder: read
     monkeypatch.chdir(root)
-    with caplog.at_level(logging.WARNING, logger="svdbatch.inputs.manifest"):
+    with caplog.at_level(logging.WARNING, logger="svdbatch.inputs.manifest_formats"):
         ids = [item.id for item in read_manifest(root).items]
     assert ids == ["img__a", "notes__config__c"]
     skipped = "\n".join(r.getMessage() for r in caplog.records)

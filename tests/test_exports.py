@@ -15,7 +15,8 @@ from urllib.parse import unquote
 import pytest
 
 from svdbatch.engine.driver import run
-from svdbatch.reports.status import collect, throughput
+from svdbatch.reports.progress import throughput
+from svdbatch.reports.status import collect
 from svdbatch.reports.sweep_page import write_sweep_page
 from svdbatch.rundir.dataset import sample_key, write_dataset
 from svdbatch.rundir.store import RunStore, output_intact

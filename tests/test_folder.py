@@ -8,7 +8,8 @@ import pytest
 
 from svdbatch.core.errors import ManifestError
 from svdbatch.engine.driver import run
-from svdbatch.inputs.manifest import derive_seed, read_manifest
+from svdbatch.inputs.ids import derive_seed
+from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import FAST, make_cfg, make_image, run_cli
 
 from .runfiles import results_of, video_file

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from svdbatch.core.errors import ManifestError
-from svdbatch.inputs.manifest import derive_seed, read_manifest
+from svdbatch.inputs.ids import derive_seed
+from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import SAMPLE_CSV, make_image, write_csv, write_jsonl
 
 

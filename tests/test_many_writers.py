@@ -20,11 +20,12 @@ import pytest
 
 from svdbatch.core.atomic import HOST, atomic_write_bytes
 from svdbatch.core.locks import lock_or_go_on
-from svdbatch.reports.status import claimed_ids
+from svdbatch.reports.status_counts import claimed_ids
 from svdbatch.rundir import records
 from svdbatch.rundir.claims import STALE_AFTER_S
 from svdbatch.rundir.dataset import write_dataset
-from svdbatch.rundir.sidecar import Sidecar, SidecarImage, SidecarOutput, SidecarRow, Timings
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar_fields import SidecarImage, SidecarOutput, SidecarRow, Timings
 from svdbatch.rundir.store import RunStore
 
 KEY, OUT_KEY = "k" * 64, "o" * 64

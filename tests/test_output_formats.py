@@ -162,7 +162,7 @@ def test_a_file_that_does_not_decode_never_gets_its_name(tmp_path, monkeypatch):
 def test_invalid_output_settings_are_refused_before_anything_runs(tmp_path, one_row):
     result = run_cli("validate", f"manifest={one_row}", "output.fps=-1", "output.quality=11")
     assert result.returncode == 2
-    # Each setting is checked once (core/config.check_run_and_output), so it is reported once.
+    # Each setting is checked once (core/config_checks.check_run_and_output), so it is reported once.
     assert result.stderr.count("output.fps:") == 1 and "output.fps: must be in [1, 1000] or null, got -1" in result.stderr
     assert result.stderr.count("output.quality:") == 1 and "output.quality: must be in [0, 10], got 11" in result.stderr
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from svdbatch.core.config import sweep_subdir
+from svdbatch.core.compose import sweep_subdir
 from svdbatch.core.errors import ConfigError, ModelLoadError
 from svdbatch.engine.driver import run
 from svdbatch.engine.plan import Shard, resolve_shard, select_shard, shard_from_env
@@ -328,7 +328,8 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
     schema in turn and check that those which change an item's key are in it."""
     from omegaconf import OmegaConf
 
-    from svdbatch.core.config import changes_outputs, plain
+    from svdbatch.core.compose import changes_outputs
+    from svdbatch.core.config import plain
     from svdbatch.engine.plan import plan_run
     from svdbatch.models.identity import model_identity
     from svdbatch.rundir.store import RunStore
@@ -342,7 +343,7 @@ def test_every_setting_that_changes_an_item_key_names_sweep_folders(tmp_path, ma
         identity = model_identity(cfg.model, torch.device("cpu")).as_dict()
         from dataclasses import replace as dc_replace
 
-        from svdbatch.inputs.manifest import derive_seed
+        from svdbatch.inputs.ids import derive_seed
 
         planned = dc_replace(item, seed=derive_seed(cfg.run.seed, item.id), seed_derived=True)
         (entry,) = plan_run([planned], cfg.conditioning, cfg.model, cfg.memory, identity, store).all

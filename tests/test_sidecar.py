@@ -16,7 +16,8 @@ from svdbatch.core.quality import SIGNALS
 from svdbatch.engine.driver import run
 from svdbatch.reports.gallery import write_gallery
 from svdbatch.rundir import records
-from svdbatch.rundir.sidecar import Sidecar, SidecarError
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar_fields import SidecarError
 from svdbatch.rundir.store import RunStore
 from svdbatch.rundir.verify import check_item, item_files
 from tests.conftest import make_cfg, make_image, write_csv

@@ -11,16 +11,10 @@ from pathlib import Path
 import pytest
 
 from svdbatch.commands import status as status_command
-from svdbatch.reports.status import (
-    claimed_ids,
-    classify,
-    collect,
-    eta_seconds,
-    group_reasons,
-    normalise_error,
-    normalise_problem,
-    throughput,
-)
+from svdbatch.reports.progress import eta_seconds, throughput
+from svdbatch.reports.reasons import group_reasons, normalise_error, normalise_problem
+from svdbatch.reports.status import collect
+from svdbatch.reports.status_counts import claimed_ids, classify
 from svdbatch.rundir.claims import STALE_AFTER_S, release, take
 from svdbatch.rundir.store import RunStore
 from tests.conftest import FAST, make_image, run_cli, write_csv, write_jsonl

@@ -2,20 +2,15 @@
 
 Every YAML file under ``conf/`` is merged into these dataclasses, so a misspelt key or a
 value of the wrong type fails at start-up with Hydra's own message instead of being
-silently ignored.
+silently ignored. Composing with Hydra is compose.py's; checks beyond the typing are
+config_checks.py's.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import math
-import os
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from importlib import resources
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -285,125 +280,6 @@ class Config:
     quality: QualityConfig = field(default_factory=QualityConfig)
 
 
-SCHEMA_NAME = "svdbatch_schema"
-GIF_MAX_LOOP = 65535  # the GIF loop count is a 16-bit field
-
-
-def schema_problems(cfg: DictConfig) -> list[str]:
-    """Keys of a composed config that the typed schema (Config) lacks. Hydra merges
-    `+key=value` and `++key=value` into a struct config on purpose (force_add), so a
-    misspelt key would be silently ignored (and recorded as if it applied). `~section`
-    deletes a whole section (Hydra refuses `~key` inside one). Hydra's own node is not
-    part of the schema."""
-    container = OmegaConf.to_container(cfg, resolve=False)  # resolving is for later (run.dir needs Hydra)
-    assert isinstance(container, dict)
-    container.pop("hydra", None)
-    return _schema_diff(Config, container, "")
-
-
-def check_schema(cfg: DictConfig) -> None:
-    """Raise ConfigError (exit 2) naming every key the schema does not know (`+run.seeed=1`)."""
-    problems = schema_problems(cfg)
-    if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-
-
-def _schema_diff(schema: Any, values: dict, prefix: str) -> list[str]:
-    known = {f.name: f for f in fields(schema)}
-    problems = []
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            problems.append(f"{name}: unknown key{hint}; svdbatch --help lists every key")
-            continue
-        nested = known[key].default_factory
-        if is_dataclass(nested) and isinstance(value, dict):  # a typed section; a Dict field takes any key
-            problems += _schema_diff(nested, value, f"{name}.")
-    problems += [f"{prefix}{key}: removed (~{prefix}{key}), but every run needs it" for key in known if key not in values]
-    return problems
-
-
-def range_problem(
-    name: str, value: Any, low: float | None = None, high: float | None = None, nullable: bool = False
-) -> str | None:
-    """'<name>: must be ...' for a numeric setting outside [low, high] (or NaN/inf), else None.
-    Typed fields already hold numbers; this is about values that would only fail later."""
-    if value is None:
-        return None if nullable else f"{name}: must be set"
-    bounds = (
-        f"in [{low:g}, {high:g}]"
-        if low is not None and high is not None
-        else f">= {low:g}"
-        if low is not None
-        else f"<= {high:g}"
-    )
-    null = " or null" if nullable else ""
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{name}: must be a finite number {bounds}{null}, got {value}"
-    if (low is not None and value < low) or (high is not None and value > high):
-        return f"{name}: must be {bounds}{null}, got {value}"
-    return None
-
-
-def check_run_and_output(run: Any, output: Any) -> list[str]:
-    """Settings that Hydra's typing lets through but that could only fail later (a traceback
-    mid-run, every item failing at write time) or silently mean something else. The one
-    check of the run and output settings: `validate` and a run both call it."""
-    checks = [
-        range_problem("run.workers", run.workers, 1),
-        range_problem("run.batch_size", run.batch_size, 1),
-        range_problem("run.num_threads", run.num_threads, 1, nullable=True),
-        range_problem("run.limit", run.limit, 0, nullable=True),
-        range_problem("run.max_image_pixels", run.max_image_pixels, 1),
-        range_problem("run.min_free_mb", run.min_free_mb, 0),
-        range_problem("run.gallery_every_s", run.gallery_every_s, 0),
-        range_problem("run.gallery_max_items", run.gallery_max_items, 0),
-        range_problem("run.stop_grace_s", run.stop_grace_s, 0),
-        range_problem("output.fps", output.fps, 1, 1000, nullable=True),
-        range_problem("output.quality", output.quality, 0, 10),
-        range_problem("output.loop", output.loop, 0, GIF_MAX_LOOP),
-        range_problem("output.shard_size", output.shard_size, 1),
-    ]
-    return [problem for problem in checks if problem]
-
-
-def default_run_name(manifest: Any) -> str:
-    """run.name when not given: the manifest's stem, or for '.', '..' or a trailing '/' the
-    folder's real name (a bare stem would be '' or '..' and put the run dir at outputs/ or
-    the working directory)."""
-    path = Path(str(manifest))
-    if path.name in ("", ".", ".."):
-        path = path.resolve()
-    return path.stem or "run"
-
-
-# Ray refuses a smaller object store.
-MIN_OBJECT_STORE_MB = 75
-
-
-def check_engine(run: Any) -> list[str]:
-    """Problems with run.engine / run.ray.* (checked before anything loads)."""
-    if Engine(run.engine) is not Engine.ray:
-        return []
-    import importlib.util
-
-    problems = []
-    if importlib.util.find_spec("ray") is None:
-        problems.append('run.engine=ray: Ray is not installed; pip install "svdbatch[ray]" (or "ray[default]")')
-    ray = run.ray
-    if ray.num_cpus is not None and ray.num_cpus < 1:
-        problems.append(f"run.ray.num_cpus: must be at least 1 (or null), got {ray.num_cpus}")
-    if ray.object_store_mb is not None and ray.object_store_mb < MIN_OBJECT_STORE_MB:
-        problems.append(f"run.ray.object_store_mb: Ray needs at least {MIN_OBJECT_STORE_MB}, got {ray.object_store_mb}")
-    if not ray.start_timeout_s > 0:
-        problems.append(f"run.ray.start_timeout_s: must be positive, got {ray.start_timeout_s}")
-    if run.workers < 1:
-        problems.append(f"run.workers: must be at least 1, got {run.workers}")
-    return problems
-
-
 def image_check_mode(value: Any) -> ImageCheck:
     """run.check_images as an ImageCheck (booleans: the older on/off setting)."""
     if isinstance(value, bool):
@@ -417,115 +293,8 @@ def image_check_mode(value: Any) -> ImageCheck:
         raise ConfigError(f"invalid config:\n  run.check_images: must be one of {choices}, got {value!r}") from None
 
 
-# Settings that change what an item's output is: its key (model identity, generation
-# parameters, preprocessing, seed), its frames (thread count, batching, chunking, compile) or
-# the written file (format, fps, quality, loop). Only overrides of these name a sweep point's
-# folder, so every other setting (shards, workers, launcher, logging, fetch, limits, ...),
-# including any added later, keeps a sweep's points in one run dir. A group name (model,
-# memory, conditioning, output) is choosing an option; 'x.*' covers every key under x.
-# tests/test_scale_out.py checks that every setting that changes an item's key is here.
-OUTPUT_SETTINGS = (
-    "model",
-    "model.name",
-    "model.source",
-    "model.revision",
-    "model.variant",
-    "model.dtype",
-    "model.num_frames",
-    "conditioning",
-    "conditioning.*",
-    "memory",
-    "memory.forward_chunking",
-    "memory.max_decode_chunk_size",
-    "memory.compile",
-    "memory.compile_mode",
-    "memory.compile_fullgraph",
-    "memory.compile_backend",
-    "output",
-    "output.format",
-    "output.fps",
-    "output.quality",
-    "output.loop",
-    "run.seed",
-    "run.num_threads",
-    "run.batch_size",
-    # Only while duds are redone (quality.max_attempts > 1) do the rules choose the kept frames.
-    "quality",
-    "quality.*",
-)
-MAX_SUBDIR_BYTES = 200  # folder names are limited to 255 bytes
-
-
-def changes_outputs(key: str) -> bool:
-    return key in OUTPUT_SETTINGS or any(name.endswith(".*") and key.startswith(name[:-1]) for name in OUTPUT_SETTINGS)
-
-
-def override_key(line: str) -> str:
-    """'++model.source=x' -> 'model.source', 'model@pkg=svd' -> 'model', '~run.seed' -> 'run.seed'
-    (Hydra already parsed these lines; only the key is needed, whatever the value's syntax)."""
-    return line.split("=", 1)[0].lstrip("+~").split("@", 1)[0].strip()
-
-
-def sweep_subdir(task_overrides: Any) -> str:
-    """A sweep point's folder under hydra.sweep.dir: its output-changing overrides
-    ('conditioning.fps=6,model=svd_xt'), sorted and made path-safe; '' (the sweep dir
-    itself) when there are none, so shards and other settings of one run share a run dir."""
-    lines = [str(line) for line in task_overrides or []]
-    name = ",".join(sorted(line for line in lines if changes_outputs(override_key(line)))).replace("/", "_")
-    if len(name.encode()) > MAX_SUBDIR_BYTES:  # still unique and stable, but short enough to be a file name
-        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-        name = name.encode()[: MAX_SUBDIR_BYTES - 17].decode(errors="ignore") + "-" + digest
-    return name
-
-
-def hydra_job_dir(_root_: DictConfig) -> str:
-    """The folder Hydra runs this job in: `run.dir`'s default (conf/config.yaml).
-
-    Hydra sets hydra.runtime.output_dir only when a job really runs; `--cfg job --resolve`
-    and `--info` compose the config without running it, where that key is unset. So the
-    folder is derived the way Hydra derives it (hydra.run.dir, or sweep.dir/sweep.subdir in
-    a multirun), and made absolute as Hydra does: the printed run.dir is the one a run uses."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        raise ConfigError("run.dir: no Hydra job to take it from; set run.dir=... explicitly")
-    hydra_cfg = cast(DictConfig, HydraConfig.get())  # annotated as the HydraConf dataclass, a DictConfig at run time
-    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
-    if output_dir:
-        return str(output_dir)
-    # `--cfg job` has already cut Hydra's node off this config, so its dir settings (which
-    # refer to job keys such as run.name) are resolved in a scratch copy holding both.
-    scratch = OmegaConf.create(OmegaConf.to_container(_root_, resolve=False))
-    scratch.hydra = OmegaConf.to_container(hydra_cfg, resolve=False)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return os.path.abspath(os.path.join(str(scratch.hydra.sweep.dir), str(scratch.hydra.sweep.subdir)))
-    return os.path.abspath(str(scratch.hydra.run.dir))
-
-
-def register_configs() -> None:
-    """Register the schema and resolvers before composing (config_dir does; idempotent)."""
-    from hydra.core.config_store import ConfigStore  # here: status and gallery never import Hydra
-
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
-    OmegaConf.register_new_resolver("svdbatch_job_dir", hydra_job_dir, replace=True)
-    OmegaConf.register_new_resolver("svdbatch_stem", default_run_name, replace=True)
-    OmegaConf.register_new_resolver("svdbatch_subdir", sweep_subdir, replace=True)
-
-
 def plain(node: Any) -> Any:
     """A config node (DictConfig or dataclass) as plain JSON-friendly data, enums as strings."""
     if not isinstance(node, DictConfig):
         node = OmegaConf.structured(node)
     return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-
-
-def config_dir() -> str:
-    """conf/ of a source checkout (editable install), else the copy packaged in the wheel.
-    Whoever composes from it asks here first, so the typed schema its config.yaml names
-    (and the resolvers) are registered then: Hydra is imported only by what composes."""
-    register_configs()
-    source_tree = Path(__file__).resolve().parents[2] / "conf"
-    if (source_tree / "config.yaml").is_file():
-        return str(source_tree)
-    return str(resources.files("svdbatch.conf"))

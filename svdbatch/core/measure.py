@@ -1,7 +1,7 @@
 """Measuring a video's quality signals (core/quality.py names them) from its uint8 frames.
 
 numpy and OpenCV, no torch: the worker measures every item's frames before they are
-encoded (engine/worker.py), and `svdbatch score` measures decoded video files
+encoded (engine/generation.py), and `svdbatch score` measures decoded video files
 (reports/score.py) with the very same function, so a dataset made elsewhere can be filtered
 the same way. Neither the CLI's start nor the driver imports this module (pyproject.toml's
 import contracts).

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from svdbatch.core.config import check_engine, check_run_and_output, check_schema
+from svdbatch.core.config_checks import check_engine, check_run_and_output, check_schema
 from svdbatch.core.errors import ConfigError
 from svdbatch.core.params import check_conditioning, check_model_and_memory
 from svdbatch.core.quality import check_quality

@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 from svdbatch.core.config import FetchConfig, MemoryConfig, ModelConfig
 from svdbatch.core.errors import CannotReproduce
 from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION
-from svdbatch.engine.worker import generate_frames, software_versions
+from svdbatch.engine.generation import generate_frames
+from svdbatch.engine.worker import software_versions
 from svdbatch.inputs.fetch import FetchError, UrlCache
 from svdbatch.inputs.images import file_sha256, pipeline_input
 from svdbatch.models.devices import pin_threads, resolve_devices
@@ -36,7 +37,8 @@ from svdbatch.models.loading import load_pipeline
 from svdbatch.models.rescue import precision
 from svdbatch.rundir.layout import FLAT, GROUPED, sidecar_relpath
 from svdbatch.rundir.outputs import frames_sha256, output_bytes, output_sha256
-from svdbatch.rundir.sidecar import Sidecar, SidecarError
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar_fields import SidecarError
 
 
 @dataclass

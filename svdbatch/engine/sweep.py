@@ -27,7 +27,7 @@ from svdbatch.reports.sweep_root import (
     point_dirs,
 )
 from svdbatch.rundir import records
-from svdbatch.rundir.sidecar import SidecarImage, SidecarRow
+from svdbatch.rundir.sidecar_fields import SidecarImage, SidecarRow
 from svdbatch.rundir.store import RunStore, output_intact
 
 if TYPE_CHECKING:

@@ -23,7 +23,8 @@ from svdbatch.core.quality import verdict
 from svdbatch.inputs.images import pipeline_input
 from svdbatch.rundir.layout import id_from_relpath, layout_version, sidecar_path_in
 from svdbatch.rundir.outputs import read_video
-from svdbatch.rundir.sidecar import Sidecar, SidecarError
+from svdbatch.rundir.sidecar import Sidecar
+from svdbatch.rundir.sidecar_fields import SidecarError
 from svdbatch.rundir.store import GALLERY_ASSETS_DIR, VIDEOS_DIR, is_run_dir
 
 # What a folder walk takes for a video (by suffix); a folder of PNG frames counts as one.

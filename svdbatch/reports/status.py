@@ -27,13 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from statistics import fmean
 from typing import Any
 
 import yaml
@@ -43,26 +40,13 @@ from svdbatch.core.errors import ManifestError
 from svdbatch.core.jsonl import latest_by_id
 from svdbatch.core.quality import SIGNALS
 from svdbatch.inputs.manifest import Manifest, read_manifest
+from svdbatch.reports.progress import THROUGHPUT_WINDOW, by_finish, eta_seconds, heartbeat_is_fresh, liveness, throughput
+from svdbatch.reports.reasons import Reason, group_reasons, normalise_problem
+from svdbatch.reports.status_counts import Counts, claimed_ids, classify, classify_counted
 from svdbatch.rundir import records
-from svdbatch.rundir.claims import held_claims
-from svdbatch.rundir.layout import layout_version, sidecar_relpath
-from svdbatch.rundir.store import (
-    CACHE_DIR,
-    CLAIMS_DIR,
-    HEARTBEAT_S,
-    config_files,
-    is_invalid_record,
-    output_intact,
-    owner_state,
-    parse_time,
-    read_owners,
-    run_cwd,
-)
+from svdbatch.rundir.layout import layout_version
+from svdbatch.rundir.store import CACHE_DIR, config_files, output_intact, parse_time, run_cwd
 
-THROUGHPUT_WINDOW = 50
-# Finishes further apart than this (or 10 mean items) split a run into sessions: a resumed
-# run must not count yesterday's items, or the rate looks tiny and the ETA huge.
-SESSION_GAP_S = 600.0
 # From this many results lines on, done is counted from the writers' summaries (records.py)
 # instead of two stats per item: a million stats alone take seconds on a shared file system.
 FAST_FROM = 5_000
@@ -184,181 +168,7 @@ def read_manifest_view(run_dir: Path) -> ManifestView:
     return view
 
 
-# -- logs -------------------------------------------------------------------------------
-def claimed_ids(run_dir: Path, skip: set[str] | None = None) -> set[str]:
-    """Ids with a live claim (claims.held_claims: released claims are deleted, so claims/
-    holds only the few being generated); ids in `skip` (done) are left out."""
-    held = set(held_claims(run_dir / CLAIMS_DIR))
-    return held - skip if skip else held
-
-
-# -- counting ---------------------------------------------------------------------------
-@dataclass
-class Counts:
-    done: set[str] = field(default_factory=set)
-    in_progress: set[str] = field(default_factory=set)
-    failed: set[str] = field(default_factory=set)
-    invalid: list[str] = field(default_factory=list)  # ids, or 'line N' for rows without one
-    pending: set[str] | None = None  # None: the manifest is not known
-    extra_done: set[str] = field(default_factory=set)  # done, but not a valid row of the manifest now
-    # Counted, not listed (a big run, classify_counted): these override the sets' sizes.
-    done_count: int | None = None
-    pending_count: int | None = None
-    extra_done_count: int | None = None
-
-    def as_dict(self) -> dict[str, int | None]:
-        done = len(self.done) if self.done_count is None else self.done_count
-        pending = self.pending_count if self.pending_count is not None else None if self.pending is None else len(self.pending)
-        total = None if pending is None else done + len(self.in_progress) + len(self.failed) + len(self.invalid) + pending
-        return {
-            "done": done,
-            "in_progress": len(self.in_progress),
-            "failed": len(self.failed),
-            "invalid": len(self.invalid),
-            "pending": pending,
-            "total": total,
-            "done_not_in_manifest": len(self.extra_done) if self.extra_done_count is None else self.extra_done_count,
-        }
-
-
-def classify(
-    manifest_ids: list[str] | None,
-    bad_rows: list[tuple[int, str | None, list[str]]],
-    done: set[str],
-    failures: dict[str, dict[str, Any]],
-    claimed: set[str],
-    idless_failures: Iterable[dict[str, Any]] = (),
-) -> Counts:
-    """Put every manifest row in exactly one class: done, in progress, failed, invalid or
-    pending. Without a manifest (`manifest_ids` None) only the logs can be counted."""
-    counts = Counts()
-    if manifest_ids is None:
-        ids = set(done) | set(failures) | set(claimed)
-        # Rows rejected before they had an id are only in the log: one per manifest line.
-        counts.invalid += sorted({f"line {r.get('line')}" for r in idless_failures})
-    else:
-        ids = set(manifest_ids)
-        counts.extra_done = set(done) - ids
-        counts.invalid += [item_id if item_id else f"line {line}" for line, item_id, _ in bad_rows]
-        counts.pending = set()
-    for item_id in ids:
-        if item_id in done:
-            counts.done.add(item_id)
-        elif item_id in claimed:
-            counts.in_progress.add(item_id)
-        elif item_id in failures:
-            if is_invalid_record(failures[item_id]):
-                counts.invalid.append(item_id)  # e.g. an image that only a decode rejects
-            else:
-                counts.failed.add(item_id)
-        elif counts.pending is not None:
-            counts.pending.add(item_id)
-    return counts
-
-
-def classify_counted(
-    run_dir: Path,
-    manifest_ids: list[str] | None,
-    bad_rows: list[tuple[int, str | None, list[str]]],
-    done_count: int,
-    failures: dict[str, dict[str, Any]],
-    claimed: set[str],
-    idless_failures: Iterable[dict[str, Any]] = (),
-) -> Counts:
-    """classify for a big run: done is the summaries' count, not a set; a failed or claimed
-    item is not done while its sidecar is missing (one stat each: failures are few); the
-    rest of the manifest's valid rows are pending."""
-    counts = Counts(done_count=done_count)
-    layout = layout_version(run_dir)
-    ids = set(manifest_ids) if manifest_ids is not None and (failures or claimed) else None
-
-    def listed(item_id: str) -> bool:
-        return ids is None or item_id in ids
-
-    root = os.fspath(run_dir)
-
-    def done(item_id: str) -> bool:
-        return os.path.lexists(f"{root}/{sidecar_relpath(item_id, layout)}")
-
-    if manifest_ids is None:
-        counts.invalid += sorted({f"line {r.get('line')}" for r in idless_failures})
-    else:
-        counts.invalid += [item_id if item_id else f"line {line}" for line, item_id, _ in bad_rows]
-    counts.in_progress = {item_id for item_id in claimed if listed(item_id) and not done(item_id)}
-    for item_id, record in failures.items():
-        if item_id in counts.in_progress or not listed(item_id) or done(item_id):
-            continue
-        if is_invalid_record(record):
-            counts.invalid.append(item_id)
-        else:
-            counts.failed.add(item_id)
-    if manifest_ids is not None:
-        invalid_ids = len(counts.invalid) - len(bad_rows)
-        left = len(manifest_ids) - done_count - len(counts.in_progress) - len(counts.failed) - invalid_ids
-        counts.pending_count = max(0, left)
-        counts.extra_done_count = max(0, -left)
-        counts.done_count = done_count - counts.extra_done_count
-    return counts
-
-
 # -- failure reasons --------------------------------------------------------------------
-_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"()<>]*[^\s'\"()<>:,.;]", re.IGNORECASE)  # not a trailing ':' or '.'
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-_PATH = re.compile(r"[\w.~-]*(?:/[\w.~@+%-]+)+/?")
-_HEX = re.compile(r"\b[0-9a-f]{8,}\b", re.IGNORECASE)
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_LOCATION = re.compile(r"^.*?:\d+: ")  # 'manifest.csv:12: ' in front of a manifest problem
-_FIELD = re.compile(r"^field '([^']*)': ")
-
-
-def first_line(text: Any) -> str:
-    lines = str(text or "").strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def normalise_error(text: str) -> str:
-    """An error message with its particulars (paths, URLs, quoted values, numbers) replaced,
-    so the same failure on different items groups together."""
-    line = first_line(text) or "(no message)"
-    line = _URL.sub("<url>", line)
-    line = _QUOTED.sub("'…'", line)
-    line = _PATH.sub("<path>", line)
-    line = _HEX.sub("<hex>", line)
-    line = _NUMBER.sub("#", line)
-    return re.sub(r"\s+", " ", line)[:200]
-
-
-def normalise_problem(text: str) -> str:
-    """A manifest problem ('m.csv:3: field 'seed': must be ...') grouped by field and message."""
-    text = _LOCATION.sub("", str(text or "").strip(), count=1)
-    match = _FIELD.match(text)
-    if match:
-        return f"field '{match.group(1)}': {normalise_error(text[match.end() :])}"
-    return normalise_error(text)
-
-
-@dataclass
-class Reason:
-    reason: str
-    count: int
-    example_id: str
-    example: str  # the first example's own message, particulars included
-
-
-def group_reasons(examples: Iterable[tuple[str, str]], normalise: Callable[[str], str] = normalise_error) -> list[Reason]:
-    """(id, message) pairs -> one Reason per normalised message, most frequent first
-    (ties: first seen first)."""
-    counter: Counter[str] = Counter()
-    first: dict[str, tuple[str, str]] = {}  # insertion order = first seen
-    for item_id, message in examples:
-        reason = normalise(message)
-        counter[reason] += 1
-        first.setdefault(reason, (item_id, message))
-    rank = {reason: n for n, reason in enumerate(first)}
-    ranked = sorted(first, key=lambda reason: (-counter[reason], rank[reason]))
-    return [Reason(r, counter[r], first[r][0], first_line(first[r][1])) for r in ranked]
-
-
 def failure_reasons(counts: Counts, failures: dict[str, dict[str, Any]]) -> list[Reason]:
     return group_reasons((item_id, failures[item_id].get("error", "")) for item_id in sorted(counts.failed))
 
@@ -379,97 +189,6 @@ def invalid_reasons(
         if record is not None and item_id not in from_manifest:
             examples += [(item_id, p) for p in record.get("problems") or [record.get("error")]]
     return group_reasons(examples, normalise_problem)
-
-
-# -- throughput -------------------------------------------------------------------------
-@dataclass
-class Throughput:
-    items: int  # finished items the rate is measured over
-    span_s: float
-    items_per_hour: float | None
-    mean_item_s: float | None  # one item's own time (load + generate + write), not wall clock
-    last_finished_at: str | None
-
-
-def throughput(records: Iterable[dict[str, Any]], window: int = THROUGHPUT_WINDOW) -> Throughput:
-    """Items per hour by wall clock over the last `window` finishes of the latest session.
-
-    Wall clock, not the items' own seconds: with several workers (or shards) items overlap.
-    The span runs from the first item's start (its finish minus its seconds) to the last
-    finish, so it is not zero for one item or for finishes within the same second."""
-    # The log is appended as items finish, so the latest finishes are at its end: parsing the
-    # times of a generous tail, not of a 100k-line log, gives the same window.
-    records = list(records)[-throughput_lines(window) :]
-    finished = sorted(
-        (stamp, float(r.get("seconds") or 0.0))
-        for r in records
-        if not r.get("meta_updated_at") and (stamp := parse_time(r.get("finished_at"))) is not None  # an edit is no finish
-    )
-    if not finished:
-        return Throughput(0, 0.0, None, None, None)
-    tail = finished[-window:]
-    gap = session_gap(fmean(s for _, s in tail))
-    start = len(tail) - 1
-    while start > 0 and (tail[start][0] - tail[start - 1][0]).total_seconds() <= gap:
-        start -= 1
-    tail = tail[start:]
-    span = (tail[-1][0] - tail[0][0]).total_seconds() + tail[0][1]
-    rate = len(tail) * 3600.0 / span if span > 0 else None
-    return Throughput(len(tail), span, rate, fmean(s for _, s in tail), tail[-1][0].isoformat())
-
-
-def by_finish(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Results records in the order they finished (every writer's, merged), updates and
-    removals left out."""
-    finished = [r for r in results if isinstance(r.get("finished_at"), str) and not r.get("meta_updated_at")]
-    return sorted(finished, key=lambda r: str(r["finished_at"]))
-
-
-def throughput_lines(window: int = THROUGHPUT_WINDOW) -> int:
-    """How many of the log's last lines throughput reads (a generous tail around the window)."""
-    return max(40 * window, 2000)
-
-
-def session_gap(mean_item_s: float) -> float:
-    return max(SESSION_GAP_S, 10 * mean_item_s)
-
-
-def liveness(run_dir: Path, in_progress: int, now: datetime) -> tuple[bool | None, list[dict[str, Any]]]:
-    """Whether a process is running on the run dir: True when one holds an item's claim or
-    its owner file names a process of this host that still exists, False when none does
-    (a killed run leaves its owner file, but its pid is gone), None (unknown) when the only
-    owners are on other hosts: their heartbeat's age is all there is to go on."""
-    owners = []
-    for owner in read_owners(run_dir):
-        updated = datetime.fromtimestamp(owner["updated"], timezone.utc)
-        owners.append(
-            {
-                "pid": owner.get("pid"),
-                "host": owner.get("host"),
-                "started_at": owner.get("started_at"),
-                "state": owner_state(owner),
-                "last_update_age_s": round(max(0.0, (now - updated).total_seconds()), 1),
-            }
-        )
-    states = {owner["state"] for owner in owners}
-    if in_progress > 0 or "running" in states:
-        return True, owners
-    return (None if "unknown" in states else False), owners
-
-
-def heartbeat_is_fresh(owners: list[dict[str, Any]]) -> bool:
-    """An owner on another host updated its file within a few heartbeats."""
-    return any(o["state"] == "unknown" and o["last_update_age_s"] <= 3 * HEARTBEAT_S for o in owners)
-
-
-def eta_seconds(remaining: int | None, rate: float | None, live: bool = True) -> float | None:
-    """Seconds until the rest is done at the current rate; None when unknown, or when
-    nothing is running (a stopped run has no ETA, only a rate from when it ran)."""
-    if remaining is None:
-        return None
-    if remaining == 0:
-        return 0.0
-    return remaining * 3600.0 / rate if rate and live else None
 
 
 # -- quality ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from svdbatch.reports import status
+from svdbatch.reports import progress, status
 from svdbatch.reports.status import eta_line, reason_lines
 from svdbatch.reports.sweep_page import point_quality
 from svdbatch.reports.sweep_root import Point, read_sweep_spec, sweep_points, unstarted_points
@@ -48,7 +48,7 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
     from datetime import datetime, timezone
 
     now = now or datetime.now(timezone.utc)
-    window = window or status.THROUGHPUT_WINDOW
+    window = window or progress.THROUGHPUT_WINDOW
     spec = read_sweep_spec(root)
     points = sweep_points(root, spec)
     reports = []
@@ -75,7 +75,7 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
         remaining = None if rows is None else remaining + rows * len(unstarted)
         if totals["total"] is not None and rows is not None:
             totals["total"] += rows * len(unstarted)
-    rate = status.throughput(generated, window)  # reused items take no time: not in the rate
+    rate = progress.throughput(generated, window)  # reused items take no time: not in the rate
     live = any(r["live"] for r in reports)
     return {
         "sweep_root": str(root),
@@ -88,7 +88,7 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
         "throughput": asdict(rate),
         "live": live,
         "remaining": remaining,
-        "eta_s": status.eta_seconds(remaining, rate.items_per_hour, live),
+        "eta_s": progress.eta_seconds(remaining, rate.items_per_hour, live),
     }
 
 

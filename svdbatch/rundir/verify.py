@@ -44,7 +44,8 @@ from svdbatch.rundir.outputs import (
     output_sha256,
     written_fps,
 )
-from svdbatch.rundir.sidecar import Sidecar, SidecarError, named_output
+from svdbatch.rundir.sidecar import Sidecar, named_output
+from svdbatch.rundir.sidecar_fields import SidecarError
 from svdbatch.rundir.store import (
     CONFIG,
     DAMAGED_DIR,
