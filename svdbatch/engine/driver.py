@@ -54,14 +54,15 @@ from svdbatch.engine.spec import WorkerSpec
 from svdbatch.engine.stops import Interrupted, StopRequest, stop_on_signals
 from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import ImageCache
-from svdbatch.inputs.manifest import Item, Manifest, read_manifest
+from svdbatch.inputs.items import Item, Manifest
+from svdbatch.inputs.manifest import read_manifest
 from svdbatch.models.identity import default_num_threads, model_identity
 from svdbatch.reports import sweep_page
 from svdbatch.reports import sweep_root as sweep_root_of
 from svdbatch.reports.gallery import GalleryUpdater
 from svdbatch.reports.status import save_manifest_summary, summary_path
 from svdbatch.rundir.dataset import write_dataset
-from svdbatch.rundir.sidecar import SidecarRow
+from svdbatch.rundir.sidecar_fields import SidecarRow
 from svdbatch.rundir.store import INVALID_ROW, WRITE_STOP_HINT, RunStore, run_dir_problem
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from svdbatch.inputs.manifest import Item
+from svdbatch.inputs.items import Item
 from svdbatch.rundir import records
 from svdbatch.rundir.resume_index import ResumeRecord
 from svdbatch.rundir.store import RunStore, resume_intact

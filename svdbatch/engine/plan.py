@@ -17,7 +17,8 @@ from svdbatch.core.errors import ConfigError
 from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, GenParams, Preprocess, param_defaults
 from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import ImageCache, file_sha256, parallel_map
-from svdbatch.inputs.manifest import Item, shard_of
+from svdbatch.inputs.items import Item
+from svdbatch.inputs.manifest import shard_of
 from svdbatch.rundir.outputs import output_key, output_settings, written_fps
 from svdbatch.rundir.resume_index import ResumeRecord
 from svdbatch.rundir.sidecar import EMPTY_META_SHA256, Sidecar, meta_digest

@@ -39,7 +39,8 @@ from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.errors import ManifestError
 from svdbatch.core.jsonl import latest_by_id
 from svdbatch.core.quality import SIGNALS
-from svdbatch.inputs.manifest import Manifest, read_manifest
+from svdbatch.inputs.items import Manifest
+from svdbatch.inputs.manifest import read_manifest
 from svdbatch.reports.progress import THROUGHPUT_WINDOW, by_finish, eta_seconds, heartbeat_is_fresh, liveness, throughput
 from svdbatch.reports.reasons import Reason, group_reasons, normalise_problem
 from svdbatch.reports.status_counts import Counts, claimed_ids, classify, classify_counted

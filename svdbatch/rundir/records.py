@@ -52,7 +52,7 @@ LEGACY_NAME = "legacy"  # records/legacy.summary.json: the summary of an old res
 SUMMARY_VERSION = 2  # 2: quality (duds, signal sums); an older summary is rebuilt from its records
 SUMMARY_EVERY = 64  # commits between summary rewrites
 SUMMARY_EVERY_S = 5.0  # or seconds
-RECENT = 64  # finishes a summary keeps: the throughput window (status.THROUGHPUT_WINDOW, 50) and some
+RECENT = 64  # finishes a summary keeps: the throughput window (progress.THROUGHPUT_WINDOW, 50) and some
 
 
 # -- reading ----------------------------------------------------------------------------

@@ -77,16 +77,8 @@ from svdbatch.rundir.layout import (
 )
 from svdbatch.rundir.outputs import link_output, output_bytes, output_name
 from svdbatch.rundir.resume_index import ResumeRecord
-from svdbatch.rundir.sidecar import (
-    ReusedFrom,
-    Sidecar,
-    SidecarError,
-    SidecarImage,
-    SidecarRow,
-    body_bytes,
-    named_output,
-    result_record,
-)
+from svdbatch.rundir.sidecar import Sidecar, body_bytes, named_output, result_record
+from svdbatch.rundir.sidecar_fields import ReusedFrom, SidecarError, SidecarImage, SidecarRow
 
 log = logging.getLogger(__name__)
 
