@@ -30,7 +30,7 @@ from svdbatch.reports.status import format_report
 from svdbatch.reports.sweep_page import write_sweep_page
 from svdbatch.reports.sweep_root import is_sweep_root, point_dirs
 from svdbatch.reports.sweep_status import format_sweep_report
-from svdbatch.rundir.store import is_run_dir, not_a_run_dir_message
+from svdbatch.rundir.run_dirs import is_run_dir, not_a_run_dir_message
 
 
 def validate(args: list[str]) -> int:

@@ -14,7 +14,8 @@ import pytest
 
 from svdbatch.core.atomic import HOST, TEMP_MARKER, process_alive, temp_owner, temp_prefix, written_by_dead_process
 from svdbatch.reports.status import collect, format_report
-from svdbatch.rundir.store import OWNERS_DIR, Owner, owner_state, process_start_ticks, read_owners
+from svdbatch.rundir.claims import process_start_ticks
+from svdbatch.rundir.owners import OWNERS_DIR, Owner, owner_state, read_owners
 from tests.conftest import FAST, REPO, make_image, run_cli, write_csv
 
 from .runfiles import results_of

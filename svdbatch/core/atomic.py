@@ -23,7 +23,7 @@ TEMP_MARKER = ".partial-"
 # errno of a write error that no later write escapes either (the run stops, see worker.py).
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 _HOST = socket.gethostname().replace("@", "_")[:64]
-HOST = _HOST  # this machine, as named in temporaries and owner files (store.Owner)
+HOST = _HOST  # this machine, as named in temporaries and owner files (owners.Owner)
 
 
 def temp_prefix(stem: str) -> str:

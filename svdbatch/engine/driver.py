@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -62,8 +62,9 @@ from svdbatch.reports import sweep_root as sweep_root_of
 from svdbatch.reports.gallery import GalleryUpdater
 from svdbatch.reports.status import save_manifest_summary, summary_path
 from svdbatch.rundir.dataset import write_dataset
+from svdbatch.rundir.run_dirs import run_dir_problem
 from svdbatch.rundir.sidecar_fields import SidecarRow
-from svdbatch.rundir.store import INVALID_ROW, WRITE_STOP_HINT, RunStore, run_dir_problem
+from svdbatch.rundir.store import INVALID_ROW, WRITE_STOP_HINT, RunStore
 
 if TYPE_CHECKING:
     from svdbatch.engine.ray_engine import RayCluster
@@ -279,13 +280,9 @@ def run_prepared(
     cluster: RayCluster | None = None,
     crew: Crew | None = None,
 ) -> None:
-    store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
-    # Lets `svdbatch status` skip re-reading the manifest; it counts the whole manifest, which
-    # a shard did not validate. A parse read back from the cache was summarised by its run.
-    if shard.count == 1 and not (manifest.cached and summary_path(store.cache, manifest.path).is_file()):
-        save_manifest_summary(store.cache, manifest)
-    record_invalid_rows(store, manifest, summary)
-
+    """Plan the rows, commit what needs no model, generate the rest, then write the derived
+    outputs: one step per function."""
+    record_run_facts(cfg, manifest, store, shard, summary)
     identity = model_identity(cfg.model, devices[0])
     items = manifest.items  # this shard's (load_manifest validated no other)
     # Image URLs are cached per run dir, and refused from their header beyond run.max_image_pixels.
@@ -294,60 +291,18 @@ def run_prepared(
     if sweep_root is not None:
         warn_shadowed(items, sweep_root)
     reuse = sweep.reuse_index(store.root, sweep_root, cfg.run.reuse_from) if cfg.run.reuse else None
-    plan_items = partial(
-        plan_run,
-        cond=cfg.conditioning,
-        model=cfg.model,
-        memory=cfg.memory,
-        model_identity=identity.as_dict(),
-        store=store,
-        fetcher=fetcher,
-        max_image_pixels=cfg.run.max_image_pixels,
-        output=cfg.output,
-        image_cache=image_cache,
-        reuse=reuse,
-        key_extra=quality_key_part(cfg.quality),
-        keep_done=False,  # counted, not kept: memory grows with what is left to do
-    )
+    plan_items = planner(cfg, store, identity.as_dict(), fetcher, image_cache, reuse)
     with paused_gc():
         plan = progress.plan = plan_items(items, limit=cfg.run.limit, check_outputs=not progress.background)
     checks = OutputCheck(store, plan.unchecked, plan.index) if progress.background else None
     plan.unchecked, plan.index = [], None  # the checks hold them until they are done
     image_cache.flush()
     summary.skipped = plan.done_count
-    for entry in plan.meta_changed:  # no model needed: the sidecar gets the new row
-        if store.update_row(entry.item.id, str(entry.key), str(entry.output_key), SidecarRow(**entry.item.row_record())):
-            summary.meta_updated += 1
-            summary.skipped -= 1
-    if summary.meta_updated:
-        log.info("updated the metadata (meta_* values) of %d finished items; their videos are unchanged", summary.meta_updated)
     # From here on items may be in flight (reused ones committed, generated ones): a signal asks
     # them to finish instead of raising.
     stop.cooperative = True
-    for entry, source in plan.reuse:  # before any model loads: a point of only reused items loads none
-        if sweep.commit_reused(store, entry, source):
-            summary.reused += 1
-        else:
-            plan.todo.append(entry)
-    if plan.reuse:
-        log.info(
-            "reused %d items finished with the same key elsewhere (%s)",
-            summary.reused,
-            ", ".join(sorted({str(s.run_dir) for _, s in plan.reuse})[:3]),
-        )
-    if shard.count > 1:
-        log.info(
-            "shard %d of %d: %d items (%d rows left to the other shards)",
-            shard.index,
-            shard.count,
-            len(items),
-            manifest.other_rows,
-        )
-    if plan.done_count:
-        log.info("resuming: %d of %d items already done", plan.done_count, plan.done_count + len(plan.todo))
-    if plan.replaced:
-        keep_in = spec.keep_replaced_in
-        log.warning("%s", replace_report(plan.replaced, Path(keep_in) if keep_in else None))
+    commit_without_model(plan, store, summary)
+    log_plan(plan, shard, manifest, spec)
 
     gallery = GalleryUpdater(store.root, cfg.run.gallery_every_s, cfg.run.gallery_max_items) if cfg.run.gallery else None
     work = partial(run_todo, cfg=cfg, store=store, spec=spec, devices=devices, summary=summary, stop=stop, gallery=gallery)
@@ -368,16 +323,97 @@ def run_prepared(
         keeper.refresh()  # the next run over this run dir decodes only what comes after
     if stop.requested:
         return  # no time for dataset files and gallery: the next run writes them
-
     if summary.stop_reason is not None:
         return  # the run dir cannot be written (full, read-only, gone): the next run writes them
-    write_dataset(store, cfg.output)  # metadata.jsonl (+ shards): what the run dir holds now
+    write_derived_outputs(cfg, store, gallery, sweep_root)
+    if summary.busy:
+        log.warning("%d items are being generated by another process; run again later to pick up any it leaves", summary.busy)
+
+
+def planner(
+    cfg: DictConfig,
+    store: RunStore,
+    identity: dict[str, Any],
+    fetcher: UrlCache,
+    image_cache: ImageCache,
+    reuse: sweep.ReuseIndex | None,
+) -> Callable[..., Plan]:
+    """plan_run with this run's settings: the driver plans its rows with it, and again the
+    items the output checks hand back."""
+    return partial(
+        plan_run,
+        cond=cfg.conditioning,
+        model=cfg.model,
+        memory=cfg.memory,
+        model_identity=identity,
+        store=store,
+        fetcher=fetcher,
+        max_image_pixels=cfg.run.max_image_pixels,
+        output=cfg.output,
+        image_cache=image_cache,
+        reuse=reuse,
+        key_extra=quality_key_part(cfg.quality),
+        keep_done=False,  # counted, not kept: memory grows with what is left to do
+    )
+
+
+def record_run_facts(cfg: DictConfig, manifest: Manifest, store: RunStore, shard: Shard, summary: RunSummary) -> None:
+    """The run's resolved config, the manifest's summary and its invalid rows, in the run dir."""
+    store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
+    # Lets `svdbatch status` skip re-reading the manifest; it counts the whole manifest, which
+    # a shard did not validate. A parse read back from the cache was summarised by its run.
+    if shard.count == 1 and not (manifest.cached and summary_path(store.cache, manifest.path).is_file()):
+        save_manifest_summary(store.cache, manifest)
+    record_invalid_rows(store, manifest, summary)
+
+
+def commit_without_model(plan: Plan, store: RunStore, summary: RunSummary) -> None:
+    """Finished items whose meta_* values changed get the new row; items another run dir
+    finished with the same key are linked. Neither loads a model (a sweep point of only
+    reused items loads none); a reuse that fails goes back to the to-do list."""
+    for entry in plan.meta_changed:  # no model needed: the sidecar gets the new row
+        if store.update_row(entry.item.id, str(entry.key), str(entry.output_key), SidecarRow(**entry.item.row_record())):
+            summary.meta_updated += 1
+            summary.skipped -= 1
+    if summary.meta_updated:
+        log.info("updated the metadata (meta_* values) of %d finished items; their videos are unchanged", summary.meta_updated)
+    for entry, source in plan.reuse:  # before any model loads: a point of only reused items loads none
+        if sweep.commit_reused(store, entry, source):
+            summary.reused += 1
+        else:
+            plan.todo.append(entry)
+    if plan.reuse:
+        log.info(
+            "reused %d items finished with the same key elsewhere (%s)",
+            summary.reused,
+            ", ".join(sorted({str(s.run_dir) for _, s in plan.reuse})[:3]),
+        )
+
+
+def log_plan(plan: Plan, shard: Shard, manifest: Manifest, spec: WorkerSpec) -> None:
+    """What this run will do: its shard, what is done already, what it replaces."""
+    if shard.count > 1:
+        log.info(
+            "shard %d of %d: %d items (%d rows left to the other shards)",
+            shard.index,
+            shard.count,
+            len(manifest.items),
+            manifest.other_rows,
+        )
+    if plan.done_count:
+        log.info("resuming: %d of %d items already done", plan.done_count, plan.done_count + len(plan.todo))
+    if plan.replaced:
+        keep_in = spec.keep_replaced_in
+        log.warning("%s", replace_report(plan.replaced, Path(keep_in) if keep_in else None))
+
+
+def write_derived_outputs(cfg: DictConfig, store: RunStore, gallery: GalleryUpdater | None, sweep_root: Path | None) -> None:
+    """metadata.jsonl (+ shards), the gallery and the sweep page: what the run dir holds now."""
+    write_dataset(store, cfg.output)
     if gallery:
         gallery.update(raise_disk_full=True)
     if sweep_root is not None and cfg.run.gallery:
         sweep_page.update_sweep_page(sweep_root, cfg.run.gallery_max_items)
-    if summary.busy:
-        log.warning("%d items are being generated by another process; run again later to pick up any it leaves", summary.busy)
 
 
 def run_todo(

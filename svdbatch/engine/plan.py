@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -145,6 +145,41 @@ class Plan:
     index: Mapping[str, Any] | None = None
 
 
+def source_hashes(
+    items: list[Item], source_of: Callable[[Item], str | Exception], cache: ImageCache, index: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Each distinct source's sha256, or why it cannot be read. A hash is reused while the
+    image's path, size and mtime are unchanged: from the image cache, else from the item's
+    finished record; the rest are hashed on a few threads, and learnt by the cache."""
+    hashes: dict[str, Any] = {}  # source -> sha256, None (to hash) or why it cannot be read
+    for item in items:
+        source = source_of(item)
+        if isinstance(source, Exception) or source in hashes:
+            continue
+        try:
+            info = cache.stat(source)
+        except OSError as exc:  # gone since validation (or never checked, past run.limit): this item fails, not the run
+            hashes[source] = OSError(f"image file not readable: {exc.strerror} ({source})")
+            continue
+        known = cache.facts(source, info).get("sha256")
+        if known is None:
+            record: Mapping[str, Any] | ResumeRecord = index.get(item.id) or {}
+            if (record.get("image_path"), record.get("image_bytes"), record.get("image_mtime_ns")) == (
+                source,
+                info.st_size,
+                info.st_mtime_ns,
+            ):
+                known = record.get("image_sha256")
+                cache.learn(source, info, sha256=known)
+        hashes[source] = known
+    unknown = [source for source, known in hashes.items() if known is None]
+    for source, digest in zip(unknown, parallel_map(hash_or_error, unknown), strict=False):
+        hashes[source] = digest
+        if isinstance(digest, str):
+            cache.learn(source, cache.stat(source), sha256=digest)
+    return hashes
+
+
 def plan_run(
     items: list[Item],
     cond: ConditioningConfig,
@@ -179,6 +214,10 @@ def plan_run(
     `check_outputs=False`: a done item's output and sidecar sizes are not checked here (two
     stats each, a quarter of a big restart's planning) but listed in `plan.unchecked`, for
     the caller to check once its first items run (output_check.py).
+
+    Long on purpose: the loop over the rows runs a million times on a big restart, so each
+    row's steps (parameters, output key, item key, done or to do) stay inline, without a
+    call and its argument passing per row; the steps before it are functions of their own.
     """
     output = output if output is not None else OutputConfig(format=store.format)
     out_keys: dict[int, str] = {}  # per item fps: a run has few
@@ -200,32 +239,7 @@ def plan_run(
         fetched_file = fetched[cast(str, item.url)]  # no local image: a URL
         return fetched_file if isinstance(fetched_file, Exception) else str(fetched_file)
 
-    hashes: dict[str, Any] = {}  # source -> sha256, None (to hash) or why it cannot be read
-    for item in selected:
-        source = source_of(item)
-        if isinstance(source, Exception) or source in hashes:
-            continue
-        try:
-            info = cache.stat(source)
-        except OSError as exc:  # gone since validation (or never checked, past run.limit): this item fails, not the run
-            hashes[source] = OSError(f"image file not readable: {exc.strerror} ({source})")
-            continue
-        known = cache.facts(source, info).get("sha256")
-        if known is None:
-            record: Mapping[str, Any] | ResumeRecord = index.get(item.id) or {}
-            if (record.get("image_path"), record.get("image_bytes"), record.get("image_mtime_ns")) == (
-                source,
-                info.st_size,
-                info.st_mtime_ns,
-            ):
-                known = record.get("image_sha256")
-                cache.learn(source, info, sha256=known)
-        hashes[source] = known
-    unknown = [source for source, known in hashes.items() if known is None]
-    for source, digest in zip(unknown, parallel_map(hash_or_error, unknown), strict=False):
-        hashes[source] = digest
-        if isinstance(digest, str):
-            cache.learn(source, cache.stat(source), sha256=digest)
+    hashes = source_hashes(selected, source_of, cache, index)
 
     plan = Plan(total=len(selected))
     base_params = defaults.resolve({})  # most rows override nothing: resolved and serialised once

@@ -20,7 +20,8 @@ from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.errors import ManifestError
 from svdbatch.core.params import PARAM_NAMES
 from svdbatch.inputs.items import Item, Problem
-from svdbatch.rundir.store import OUTPUTS_ROOT, is_run_dir
+from svdbatch.rundir.run_dirs import is_run_dir
+from svdbatch.rundir.store import OUTPUTS_ROOT
 
 log = logging.getLogger(__name__)
 

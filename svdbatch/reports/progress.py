@@ -10,7 +10,8 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from svdbatch.rundir.store import HEARTBEAT_S, owner_state, parse_time, read_owners
+from svdbatch.rundir.owners import HEARTBEAT_S, owner_state, read_owners
+from svdbatch.rundir.store import parse_time
 
 THROUGHPUT_WINDOW = 50
 # Finishes further apart than this (or 10 mean items) split a run into sessions: a resumed

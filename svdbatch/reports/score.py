@@ -23,9 +23,10 @@ from svdbatch.core.quality import verdict
 from svdbatch.inputs.images import pipeline_input
 from svdbatch.rundir.layout import id_from_relpath, layout_version, sidecar_path_in
 from svdbatch.rundir.outputs import read_video
+from svdbatch.rundir.run_dirs import is_run_dir
 from svdbatch.rundir.sidecar import Sidecar
 from svdbatch.rundir.sidecar_fields import SidecarError
-from svdbatch.rundir.store import GALLERY_ASSETS_DIR, VIDEOS_DIR, is_run_dir
+from svdbatch.rundir.store import GALLERY_ASSETS_DIR, VIDEOS_DIR
 
 # What a folder walk takes for a video (by suffix); a folder of PNG frames counts as one.
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".webp"})

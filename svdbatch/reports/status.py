@@ -46,7 +46,8 @@ from svdbatch.reports.reasons import Reason, group_reasons, normalise_problem
 from svdbatch.reports.status_counts import Counts, claimed_ids, classify, classify_counted
 from svdbatch.rundir import records
 from svdbatch.rundir.layout import layout_version
-from svdbatch.rundir.store import CACHE_DIR, config_files, output_intact, parse_time, run_cwd
+from svdbatch.rundir.run_dirs import config_files, run_cwd
+from svdbatch.rundir.store import CACHE_DIR, output_intact, parse_time
 
 # From this many results lines on, done is counted from the writers' summaries (records.py)
 # instead of two stats per item: a million stats alone take seconds on a shared file system.

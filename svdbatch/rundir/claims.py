@@ -12,7 +12,7 @@ A claim is stale, and may be taken over, when
     a process on another host is never judged by its pid here.
 Taking over goes through `<claim>.takeover`, created exclusively: of two processes that find
 the same stale claim, one replaces it and the other sees a busy item. The same rules judge
-owner files (store.Owner): `holder_state`.
+owner files (owners.Owner): `holder_state`.
 
 Nothing here uses flock, so file systems where it fails (ENOLCK or ENOSYS: NFS without
 lockd, Lustre without -o flock) work the same as local disks. Clocks: the heartbeat is

@@ -33,22 +33,18 @@ outputs.output_settings). Resume checks this with two stats per item; `svdbatch 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, overload
-
-import yaml
 
 from svdbatch.core.atomic import (
     DISK_FULL_ERRNOS,
@@ -63,7 +59,7 @@ from svdbatch.core.errors import RunDirError
 from svdbatch.core.faults import fault_point
 from svdbatch.rundir import claims as leases
 from svdbatch.rundir import records, resume_index
-from svdbatch.rundir.claims import CLAIM_SUFFIX, Claim, holder_state, process_start_ticks
+from svdbatch.rundir.claims import CLAIM_SUFFIX, Claim
 from svdbatch.rundir.layout import (
     FLAT,
     LAYOUT_FILE,
@@ -76,6 +72,7 @@ from svdbatch.rundir.layout import (
     write_layout,
 )
 from svdbatch.rundir.outputs import link_output, output_bytes, output_name
+from svdbatch.rundir.owners import Owner, owner_state, read_owners
 from svdbatch.rundir.resume_index import ResumeRecord
 from svdbatch.rundir.sidecar import Sidecar, body_bytes, named_output, result_record
 from svdbatch.rundir.sidecar_fields import ReusedFrom, SidecarError, SidecarImage, SidecarRow
@@ -100,7 +97,6 @@ INVALID_ROW = "invalid manifest row"
 # Where run dirs go by default: hydra.run.dir in conf/config.yaml is outputs/<run.name>.
 OUTPUTS_ROOT = "outputs"
 REPLACED_DIR = "replaced"  # replaced/<stamp>/: what run.keep_replaced moved aside
-OWNERS_DIR = "owners"  # owners/<pid>@<host>.json: processes running on the run dir
 CACHE_DIR = "cache"  # what runs learnt about their inputs (images.ImageCache, status's manifest summary)
 DOWNLOADS_DIR = "downloads"  # image URLs, downloaded once (fetch.UrlCache)
 METADATA_FILE = "metadata.jsonl"  # the dataset index (dataset.py)
@@ -108,8 +104,6 @@ SHARDS_DIR = "webdataset"  # WebDataset tar shards (dataset.py)
 SHARD_INDEX = "index.json"  # inside SHARDS_DIR: which items each shard holds
 GALLERY_ASSETS_DIR = "gallery"  # the gallery's thumbnails and previews (gallery.py, sweep.py)
 DAMAGED_DIR = "damaged"  # damaged/<stamp>/: what `svdbatch verify --repair` set aside
-HEARTBEAT_S = 30.0  # an owner file's mtime is refreshed this often while its run is alive
-OWNER_STALE_AFTER_S = leases.MISSED_BEATS * HEARTBEAT_S  # another host's owner without a heartbeat for this long is gone
 KEY_VERSION = 2  # bump when what goes into a key changes meaning (2: preprocessing)
 STALE_TEMP_SECONDS = 600.0
 # Said when a run stops because its run dir cannot be written (RunStore.write_stop).
@@ -161,50 +155,6 @@ def item_key(image_sha256: str, params: dict[str, Any], seed: int, model: dict[s
     return KeyMaker(model).key(image_sha256, params_text(params), seed, json.dumps(preprocess, sort_keys=True))
 
 
-def is_run_dir(path: str | os.PathLike) -> bool:
-    """A folder some svdbatch run has written to (one stat per marker)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return False
-    return (
-        any((folder / name).is_file() for name in RUN_DIR_MARKERS)
-        or (folder / RECORDS_DIR).is_dir()
-        or any(folder.glob(SHARD_CONFIG_GLOB))
-    )
-
-
-def config_files(run_dir: Path) -> list[Path]:
-    """config.yaml, or one config.shard-I-of-N.yaml per shard of a sharded run."""
-    return sorted(run_dir.glob(CONFIG)) + sorted(run_dir.glob(SHARD_CONFIG_GLOB))
-
-
-def not_a_run_dir_message(run_dir: Path) -> str:
-    """The error for a path that is not a run dir, naming run dirs inside it (a sweep's folder)."""
-    why = (
-        "does not exist"
-        if not run_dir.exists()
-        else f"is not a run dir (no {', '.join(RUN_DIR_MARKERS[:-1])} or {RUN_DIR_MARKERS[-1]})"
-    )
-    try:
-        inside = (
-            sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".") and is_run_dir(p)) if run_dir.is_dir() else []
-        )
-    except OSError:  # unreadable: the message without the hint
-        inside = []
-    hint = f"; run dirs inside it: {', '.join(inside[:10])}{' ...' if len(inside) > 10 else ''}" if inside else ""
-    return f"{run_dir} {why}{hint}"
-
-
-def run_cwd(run_dir: Path) -> Path | None:
-    """The directory the run was started from (Hydra records it): relative paths in the
-    config (the manifest, a relative run.dir) are relative to it."""
-    try:
-        hydra_cfg = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))
-        return Path(hydra_cfg["hydra"]["runtime"]["cwd"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return None
-
-
 def is_invalid_record(record: dict[str, Any]) -> bool:
     return record.get("id") is None or record.get("error") == INVALID_ROW
 
@@ -242,93 +192,6 @@ def resume_intact(root: str, record: ResumeRecord, layout: int) -> bool:
         return False
     sidecar_size = output_bytes(f"{root}/{sidecar_relpath(record.id, layout)}")
     return sidecar_size == record.sidecar_bytes if record.sidecar_bytes is not None else sidecar_size >= 0
-
-
-def run_dir_problem(root: str | os.PathLike, cwd: str | os.PathLike | None = None) -> str | None:
-    """Why `root` cannot be a run dir, or None. A run writes videos/, items/, logs and a
-    gallery into its run dir and re-runs read it back, so it must be a folder of its own:
-    not the working directory (manifest=.. once made it that), not outputs/ itself (which
-    holds every run dir) and not a folder that contains the working directory."""
-    here = Path(os.path.realpath(cwd if cwd is not None else os.getcwd()))
-    real = Path(os.path.realpath(root))
-    if real == here:
-        what = "the working directory"
-    elif real == here / OUTPUTS_ROOT:
-        what = f"{OUTPUTS_ROOT}/ itself (the folder that holds every run dir)"
-    elif real in here.parents:
-        what = "a parent of the working directory"
-    else:
-        return None
-    return (
-        f"run dir {root} ({real}) is {what}; give the run a folder of its own, "
-        f"e.g. run.name=myrun (-> {OUTPUTS_ROOT}/myrun) or run.dir=/path/to/new/folder"
-    )
-
-
-# -- owners: which processes are running on a run dir ------------------------------------
-class Owner:
-    """While a run works on a run dir: owners/<pid>@<host>.json (pid, host, start time),
-    its mtime refreshed every HEARTBEAT_S by a daemon thread, removed on a clean exit. A
-    killed run leaves it behind; `owner_state` then finds its pid gone (same host)."""
-
-    def __init__(self, root: Path, heartbeat_s: float = HEARTBEAT_S):
-        self.path = Path(root) / OWNERS_DIR / f"{os.getpid()}@{HOST}.json"
-        self.heartbeat_s = heartbeat_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> Owner:
-        record = {
-            "pid": os.getpid(),
-            "host": HOST,
-            "process_start": process_start_ticks(os.getpid()),
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, json.dumps(record, sort_keys=True).encode() + b"\n")
-        self._thread = threading.Thread(target=self._beat, name="svdbatch-heartbeat", daemon=True)
-        self._thread.start()
-        return self
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass  # a full or vanished disk: status just sees an older heartbeat
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        with contextlib.suppress(OSError):  # a read-only run dir: the next run removes it (its pid is gone)
-            self.path.unlink(missing_ok=True)
-
-
-def read_owners(run_dir: Path) -> list[dict[str, Any]]:
-    """The owner records of a run dir, each with `updated` (mtime, epoch seconds)."""
-    folder = Path(run_dir) / OWNERS_DIR
-    if not folder.is_dir():
-        return []
-    owners = []
-    for entry in os.scandir(folder):
-        if not entry.name.endswith(".json") or entry.name.startswith("."):
-            continue
-        try:
-            record = json.loads(Path(entry.path).read_bytes())
-            updated = entry.stat().st_mtime
-        except (OSError, json.JSONDecodeError):
-            continue  # removed meanwhile, or torn
-        if isinstance(record, dict) and isinstance(record.get("pid"), int):
-            owners.append({**record, "file": entry.path, "updated": updated})
-    return owners
-
-
-def owner_state(owner: dict[str, Any], now: float | None = None) -> str:
-    """'running' or 'dead' for a process on this host (its pid, and the pid's start time
-    where known); for another host's, 'unknown' while its heartbeat is fresh and 'dead'
-    after MISSED_BEATS heartbeats (claims.holder_state: claims are judged the same way)."""
-    return holder_state(owner, float(owner.get("updated", 0.0)), now, OWNER_STALE_AFTER_S)
 
 
 class RunStore:
