@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from svdbatch.core.compose import config_dir
-from svdbatch.core.config_checks import check_schema
+from svdbatch.core.config import Config
+from svdbatch.core.config_checks import check_schema, run_config
 from svdbatch.core.errors import ConfigError, RunDirError
 from svdbatch.core.quality import QualityConfig, check_quality
 from svdbatch.engine import driver
@@ -85,12 +86,14 @@ def compose(*overrides: str) -> DictConfig:
     return cfg
 
 
-def run(config: DictConfig) -> RunSummary:
+def run(config: DictConfig | Config) -> RunSummary:
     """Generate every item of the manifest that is not done yet into `config.run.dir`.
 
-    Returns the summary (counts done / reused / skipped / failed / invalid / busy, why it
-    stopped early if it did). Bad input raises before anything is generated."""
-    return driver.run(config)
+    `config` is what `compose` returns (edit it freely first), or a Config. It is turned into
+    the typed Config dataclass here, once; the engine reads only that. Returns the summary
+    (counts done / reused / skipped / failed / invalid / busy, why it stopped early if it
+    did). Bad input raises before anything is generated."""
+    return driver.run(run_config(config))
 
 
 @dataclass
@@ -108,12 +111,13 @@ class Validation:
         return not self.invalid
 
 
-def validate(config: DictConfig) -> Validation:
+def validate(config: DictConfig | Config) -> Validation:
     """Check the config and every manifest row as a run would, generating nothing.
 
     A strict run's bad rows raise ManifestError (every problem, with file, row and field);
     with run.strict=false they are returned in `invalid`. Sharded (run.shard, or a launcher's
     environment), only the shard's rows are validated, exactly as its run does."""
+    config = run_config(config)
     shard = resolve_shard(config.run.shard.index, config.run.shard.count, driver.in_hydra_sweep())
     manifest = driver.load_manifest(config, shard)
     bad = [(line, item_id, [str(p) for p in problems]) for line, item_id, problems in manifest.bad_rows]
@@ -130,12 +134,13 @@ class Emitted:
     left_out: list[str]  # problems of the invalid rows left out (run.strict=false)
 
 
-def emit_manifest(config: DictConfig) -> Emitted:
+def emit_manifest(config: DictConfig | Config) -> Emitted:
     """Write the manifest a run would use (e.g. derived from a folder) as
     <run.dir>/<run.name>.csv with explicit ids and seeds (.jsonl when a meta_* value is not
     plain text: a CSV cell would lose its type). Every valid row comes out: image paths whose
     derived ids collide get unique ids. Running the emitted file into the same run dir
     reproduces (and resumes) the same items."""
+    config = run_config(config)
     manifest = driver.load_manifest(config, unique_ids=True)
     suffix = ".csv" if csv_holds(manifest.items) else ".jsonl"
     target = Path(config.run.dir) / f"{config.run.name}{suffix}"

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, cast
 from svdbatch import api
 from svdbatch.commands import SUBCOMMANDS
 from svdbatch.core.compose import config_dir
-from svdbatch.core.config_checks import check_schema
+from svdbatch.core.config import Config
+from svdbatch.core.config_checks import run_config
 from svdbatch.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_ITEMS_FAILED,
@@ -94,12 +95,14 @@ def run_job(cfg: DictConfig) -> JobSummary:
     """One Hydra job: a run, or a sweep point (module level: submitit pickles it by name)."""
     _jobs_started.append(True)
     try:
-        check_schema(cfg)  # before any key is read: `+run.seeed=1` is refused, not ignored
-        if cfg.run.emit_manifest:
-            code = emit_manifest(cfg)
+        # Before any key is read: `+run.seeed=1` is refused, not ignored. From here on the
+        # config is the typed Config dataclass, run.dir resolved in this Hydra job.
+        config = run_config(cfg)
+        if config.run.emit_manifest:
+            code = emit_manifest(config)
             _exit_codes.append(code)
-            return JobSummary(job_number(), str(cfg.run.dir), f"wrote the manifest into {cfg.run.dir}", code)
-        summary = api.run(cfg)
+            return JobSummary(job_number(), config.run.dir, f"wrote the manifest into {config.run.dir}", code)
+        summary = api.run(config)
     except USER_ERRORS as exc:
         log.error("%s", exc)
         _exit_codes.append(EXIT_BAD_INPUT)
@@ -129,9 +132,9 @@ def exit_code(summary: api.RunSummary) -> int:
     return 0 if summary.ok else EXIT_ITEMS_FAILED
 
 
-def emit_manifest(cfg: DictConfig) -> int:
+def emit_manifest(config: Config) -> int:
     """`run.emit_manifest=true`: write the manifest the run would use, generate nothing."""
-    emitted = api.emit_manifest(cfg)
+    emitted = api.emit_manifest(config)
     for line, image, new_id in emitted.renamed:
         print(f"  line {line}: {image}: its derived id collides with an earlier row's; written with id {new_id!r}")
     for problem in emitted.left_out:

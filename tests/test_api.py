@@ -9,7 +9,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 import svdbatch
+from svdbatch.core.config import ConditioningConfig, Config, DType, RunConfig, typed
 from svdbatch.core.errors import ManifestError, RunDirError
+from svdbatch.core.params import check_conditioning
+from svdbatch.engine import driver
 from tests.conftest import FAST, write_csv
 
 
@@ -70,3 +73,23 @@ def test_bad_input_raises_the_documented_errors(tmp_path):
     missing = write_csv(tmp_path / "m.csv", ["id", "image"], [["a", "nope.png"]])
     with pytest.raises(ManifestError, match="nope.png"):
         svdbatch.validate(svdbatch.compose(*FAST, f"manifest={missing}", f"run.dir={tmp_path / 'r'}"))
+
+
+def test_run_hands_the_engine_the_typed_config_dataclass(tmp_path, manifest4, monkeypatch):
+    """compose gives a DictConfig to edit; run converts it once, at its door, into the Config
+    dataclass (nested dataclasses, enums, run.dir resolved) that the engine reads."""
+    seen = []
+    monkeypatch.setattr(driver, "run", lambda config: seen.append(config) or "summary")
+    cfg = svdbatch.compose(*FAST, f"manifest={manifest4}", f"run.dir={tmp_path / 'run'}", "run.devices=[cpu]")
+    cfg.run.seed = 5  # edited after compose, as a notebook does
+    assert svdbatch.run(cfg) == "summary"
+    (config,) = seen
+    assert type(config) is Config and type(config.run) is RunConfig and type(config.conditioning) is ConditioningConfig
+    assert config.run.seed == 5 and config.run.devices == ["cpu"] and type(config.run.devices) is list
+    assert config.model.dtype is DType.auto and config.run.dir == str(tmp_path / "run")
+    assert svdbatch.run(config) == "summary" and seen[1] is config  # a Config goes in as it is
+
+    assert check_conditioning(ConditioningConfig()) == []  # the checks read the dataclasses themselves
+    assert check_conditioning(ConditioningConfig(motion_bucket_id=-1)) != []
+    with pytest.raises(Exception, match="fps"):
+        typed(ConditioningConfig, {"fps": "fast"})  # a wrong type is refused when converting

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -291,6 +291,20 @@ def image_check_mode(value: Any) -> ImageCheck:
     except ValueError:
         choices = ", ".join(mode.value for mode in ImageCheck)
         raise ConfigError(f"invalid config:\n  run.check_images: must be one of {choices}, got {value!r}") from None
+
+
+_Section = TypeVar("_Section")
+
+
+def typed(schema: type[_Section], values: Any) -> _Section:
+    """`values` (a DictConfig, a dict from a sidecar or config.yaml, or None) as an instance of
+    the dataclass `schema`: checked against its fields and types by OmegaConf (ValidationError
+    on a wrong type, ConfigAttributeError on an unknown key), interpolations resolved, enums
+    as enums, lists and dicts plain. What the engine, the workers and reproduce read."""
+    node = OmegaConf.merge(OmegaConf.structured(schema), values if values is not None else {})
+    obj = OmegaConf.to_object(node)
+    assert isinstance(obj, schema)
+    return obj
 
 
 def plain(node: Any) -> Any:

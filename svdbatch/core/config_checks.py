@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from svdbatch.core.config import Config, Engine
+from svdbatch.core.config import Config, Engine, OutputConfig, RunConfig, typed
 from svdbatch.core.errors import ConfigError
 
 GIF_MAX_LOOP = 65535  # the GIF loop count is a 16-bit field
@@ -29,11 +29,22 @@ def schema_problems(cfg: DictConfig) -> list[str]:
     return _schema_diff(Config, container, "")
 
 
-def check_schema(cfg: DictConfig) -> None:
+def check_schema(cfg: DictConfig | Config) -> None:
     """Raise ConfigError (exit 2) naming every key the schema does not know (`+run.seeed=1`)."""
+    if isinstance(cfg, Config):  # a dataclass instance has exactly the schema's fields
+        return
     problems = schema_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def run_config(cfg: DictConfig | Config) -> Config:
+    """The composed config as the typed Config dataclass the engine reads, once, at the API's
+    door: unknown keys refused (check_schema), interpolations (run.dir) resolved now."""
+    if isinstance(cfg, Config):
+        return cfg
+    check_schema(cfg)
+    return typed(Config, cfg)
 
 
 def _schema_diff(schema: Any, values: dict, prefix: str) -> list[str]:
@@ -75,7 +86,7 @@ def range_problem(
     return None
 
 
-def check_run_and_output(run: Any, output: Any) -> list[str]:
+def check_run_and_output(run: RunConfig, output: OutputConfig) -> list[str]:
     """Settings that Hydra's typing lets through but that could only fail later (a traceback
     mid-run, every item failing at write time) or silently mean something else. The one
     check of the run and output settings: `validate` and a run both call it."""
@@ -101,7 +112,7 @@ def check_run_and_output(run: Any, output: Any) -> list[str]:
 MIN_OBJECT_STORE_MB = 75
 
 
-def check_engine(run: Any) -> list[str]:
+def check_engine(run: RunConfig) -> list[str]:
     """Problems with run.engine / run.ray.* (checked before anything loads)."""
     if Engine(run.engine) is not Engine.ray:
         return []

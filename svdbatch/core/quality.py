@@ -82,7 +82,7 @@ class QualityConfig:
     max_attempts: int = 1
 
 
-def rules(quality: Any) -> dict[tuple[str, str], float]:
+def rules(quality: QualityConfig | None) -> dict[tuple[str, str], float]:
     """{(signal, 'min'|'max'): threshold} of the rules that are set."""
     out = {}
     for f in fields(QualityConfig):
@@ -93,21 +93,21 @@ def rules(quality: Any) -> dict[tuple[str, str], float]:
     return out
 
 
-def redoes(quality: Any) -> bool:
+def redoes(quality: QualityConfig | None) -> bool:
     """Whether duds are generated again (the rules then choose which frames an item keeps)."""
     return quality is not None and int(quality.max_attempts) > 1 and bool(rules(quality))
 
 
-def key_part(quality: Any) -> dict[str, Any]:
+def key_part(quality: QualityConfig | None) -> dict[str, Any]:
     """What the quality settings add to every item's key: nothing unless duds are redone
     (then the rules and attempts decide the kept frames, so changing them redoes items)."""
-    if not redoes(quality):
+    if quality is None or not redoes(quality):
         return {}
     named = {f"{bound}_{signal}": value for (signal, bound), value in sorted(rules(quality).items())}
     return {"quality": {"rules": named, "max_attempts": int(quality.max_attempts)}}
 
 
-def verdict(signals: dict[str, Any], quality: Any) -> list[str]:
+def verdict(signals: dict[str, Any], quality: QualityConfig | None) -> list[str]:
     """The rules `signals` break, as 'motion 0.01 < min 0.5'; empty: not a dud."""
     if quality is None:
         return []
@@ -130,7 +130,7 @@ def attempt_seed(seed: int, attempt: int) -> int:
     return int.from_bytes(digest[:8], "big") % 2**63
 
 
-def check_quality(quality: Any) -> list[str]:
+def check_quality(quality: QualityConfig) -> list[str]:
     """Problems of the quality group, each naming its key (engine/checks.py gathers them)."""
     problems = []
     known = {f.name for f in fields(QualityConfig)}

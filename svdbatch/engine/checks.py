@@ -5,8 +5,7 @@ with the same messages (all problems at once, each naming its field), before any
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
+from svdbatch.core.config import Config
 from svdbatch.core.config_checks import check_engine, check_run_and_output, check_schema
 from svdbatch.core.errors import ConfigError
 from svdbatch.core.params import check_conditioning, check_model_and_memory
@@ -18,7 +17,7 @@ from svdbatch.models.compile_options import compile_problems
 from svdbatch.models.identity import source_problem
 
 
-def config_problems(cfg: DictConfig) -> list[str]:
+def config_problems(cfg: Config) -> list[str]:
     """Every config value that could only fail later, as '<field>: why'."""
     problems = check_conditioning(cfg.conditioning) + check_model_and_memory(cfg.model, cfg.memory)
     problems += check_run_and_output(cfg.run, cfg.output) + check_fetch_config(cfg.fetch)
@@ -29,7 +28,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     return problems + [p for p in (shard, missing) if p] + compile_problems(cfg.memory)
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: Config) -> None:
     """Raise ConfigError (exit 2) listing every problem of `cfg`, if it has any."""
     check_schema(cfg)  # first, and alone: the checks below read keys a removed section lacks
     problems = config_problems(cfg)

@@ -24,11 +24,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from svdbatch.core.config import Engine, image_check_mode, plain
+from svdbatch.core.config import Config, Engine, image_check_mode, plain
 from svdbatch.core.errors import RunDirError, problems_summary
 from svdbatch.core.gc_pause import paused_gc
 from svdbatch.core.outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
@@ -135,7 +135,7 @@ class RunSummary:
 
 
 def load_manifest(
-    cfg: DictConfig,
+    cfg: Config,
     shard: Shard | None = None,
     image_cache: ImageCache | None = None,
     unique_ids: bool = False,
@@ -158,7 +158,7 @@ def load_manifest(
         check_images=level,
         image_root=cfg.run.image_root,
         max_image_pixels=cfg.run.max_image_pixels,
-        config_params={name: cfg.conditioning[name] for name in PARAM_NAMES},
+        config_params={name: getattr(cfg.conditioning, name) for name in PARAM_NAMES},
         select=select,
         image_cache=image_cache,
         unique_ids=unique_ids,
@@ -167,7 +167,7 @@ def load_manifest(
     )
 
 
-def check_run_dir(cfg: DictConfig) -> None:
+def check_run_dir(cfg: Config) -> None:
     """Before anything is written into it: the run dir is a folder of its own, and not the
     folder manifest it reads (its outputs would come back as inputs)."""
     why = run_dir_problem(cfg.run.dir)
@@ -189,7 +189,7 @@ class _Progress:
     background: bool = False
 
 
-def run(cfg: DictConfig) -> RunSummary:
+def run(cfg: Config) -> RunSummary:
     cluster = None
     if Engine(cfg.run.engine) is Engine.ray:
         from svdbatch.engine.ray_engine import RayCluster  # Ray is optional: imported only when asked for
@@ -202,7 +202,7 @@ def run(cfg: DictConfig) -> RunSummary:
             cluster.close()
 
 
-def run_on(cfg: DictConfig, cluster: RayCluster | None = None) -> RunSummary:
+def run_on(cfg: Config, cluster: RayCluster | None = None) -> RunSummary:
     """The run; `cluster` (run.engine=ray) has the actors do the work instead of local
     processes. A signal stops it cleanly at any point (stops.py)."""
     started = time.perf_counter()
@@ -219,7 +219,7 @@ def run_on(cfg: DictConfig, cluster: RayCluster | None = None) -> RunSummary:
     return summary
 
 
-def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, cluster: RayCluster | None = None) -> RunSummary:
+def run_stoppable(cfg: Config, stop: StopRequest, progress: _Progress, cluster: RayCluster | None = None) -> RunSummary:
     # Absolute for a cluster: actors on other nodes do not share this working directory.
     store = RunStore(Path(cfg.run.dir).absolute() if cluster else Path(cfg.run.dir), cfg.output.format)
     shard = resolve_shard(cfg.run.shard.index, cfg.run.shard.count, in_hydra_sweep())
@@ -256,7 +256,7 @@ def run_stoppable(cfg: DictConfig, stop: StopRequest, progress: _Progress, clust
     return summary
 
 
-def devices_and_threads(cfg: DictConfig, crew: Crew | None, cluster: RayCluster | None = None) -> tuple[list[str], int | None]:
+def devices_and_threads(cfg: Config, crew: Crew | None, cluster: RayCluster | None = None) -> tuple[list[str], int | None]:
     """One device name per worker, and the intra-op thread count all of them compute with:
     as the early crew's first worker resolved them (this process has no torch), else
     resolved here (with Ray, by the cluster)."""
@@ -267,7 +267,7 @@ def devices_and_threads(cfg: DictConfig, crew: Crew | None, cluster: RayCluster 
 
 
 def run_prepared(
-    cfg: DictConfig,
+    cfg: Config,
     manifest: Manifest,
     store: RunStore,
     shard: Shard,
@@ -331,7 +331,7 @@ def run_prepared(
 
 
 def planner(
-    cfg: DictConfig,
+    cfg: Config,
     store: RunStore,
     identity: dict[str, Any],
     fetcher: UrlCache,
@@ -357,7 +357,7 @@ def planner(
     )
 
 
-def record_run_facts(cfg: DictConfig, manifest: Manifest, store: RunStore, shard: Shard, summary: RunSummary) -> None:
+def record_run_facts(cfg: Config, manifest: Manifest, store: RunStore, shard: Shard, summary: RunSummary) -> None:
     """The run's resolved config, the manifest's summary and its invalid rows, in the run dir."""
     store.write_config(OmegaConf.to_yaml(cfg, resolve=True), shard.index, shard.count)
     # Lets `svdbatch status` skip re-reading the manifest; it counts the whole manifest, which
@@ -407,7 +407,7 @@ def log_plan(plan: Plan, shard: Shard, manifest: Manifest, spec: WorkerSpec) -> 
         log.warning("%s", replace_report(plan.replaced, Path(keep_in) if keep_in else None))
 
 
-def write_derived_outputs(cfg: DictConfig, store: RunStore, gallery: GalleryUpdater | None, sweep_root: Path | None) -> None:
+def write_derived_outputs(cfg: Config, store: RunStore, gallery: GalleryUpdater | None, sweep_root: Path | None) -> None:
     """metadata.jsonl (+ shards), the gallery and the sweep page: what the run dir holds now."""
     write_dataset(store, cfg.output)
     if gallery:
@@ -418,7 +418,7 @@ def write_derived_outputs(cfg: DictConfig, store: RunStore, gallery: GalleryUpda
 
 def run_todo(
     todo: list[PlannedItem],
-    cfg: DictConfig,
+    cfg: Config,
     store: RunStore,
     spec: WorkerSpec,
     devices: list[str],
@@ -531,7 +531,7 @@ def replace_report(replaced: list[Replacement], keep_in: Path | None) -> str:
     return "\n  ".join([head, *describe_replacements(replaced)])
 
 
-def worker_spec(cfg: DictConfig, store: RunStore, keep_in: Path | None = None) -> WorkerSpec:
+def worker_spec(cfg: Config, store: RunStore, keep_in: Path | None = None) -> WorkerSpec:
     """What every worker is built from; num_threads stays as configured (None: the default
     for the devices) until the devices are known."""
     return WorkerSpec(

@@ -20,11 +20,9 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar, cast
+from typing import Any
 
-from omegaconf import OmegaConf
-
-from svdbatch.core.config import FetchConfig, MemoryConfig, ModelConfig
+from svdbatch.core.config import FetchConfig, MemoryConfig, ModelConfig, typed
 from svdbatch.core.errors import CannotReproduce
 from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, PREPROCESS_VERSION
 from svdbatch.engine.generation import generate_frames
@@ -81,20 +79,12 @@ def check_file_on_disk(sidecar_path: Path, sidecar: Sidecar) -> tuple[bool | Non
     return True, f"file on disk matches the sidecar (sha256 {got})"
 
 
-_Schema = TypeVar("_Schema")
-
-
-def _structured(schema: type[_Schema], recorded: dict[str, Any]) -> _Schema:
-    # A DictConfig checked against `schema`: it has that dataclass's fields.
-    return cast(_Schema, OmegaConf.merge(OmegaConf.structured(schema), recorded))
-
-
 def source_image(sidecar: Sidecar, scratch: Path) -> Path:
     """The recorded input file, or a fresh download of its URL; must hash as recorded."""
     image = sidecar.image
     path = Path(image.path)
     if not path.is_file() and image.url:
-        fetch = _structured(FetchConfig, sidecar.config.get("fetch", {}))
+        fetch = typed(FetchConfig, sidecar.config.get("fetch", {}))
         try:
             path = UrlCache(scratch, fetch).fetch(image.url)
         except FetchError as exc:
@@ -125,11 +115,11 @@ def reproduce(sidecar_path: Path) -> Reproduction:
     try:
         sidecar = Sidecar.read(sidecar_path)
         config = sidecar.config
-        model = _structured(ModelConfig, config["model"])
+        model = typed(ModelConfig, config["model"])
         # After an OOM fallback the worker ran with forward chunking the config did not ask
         # for; it can change the floats, so reproduce what the sidecar says was in effect.
         forward_chunking = sidecar.memory.get("forward_chunking", config["memory"]["forward_chunking"])
-        memory = _structured(MemoryConfig, {**config["memory"], "forward_chunking": forward_chunking})
+        memory = typed(MemoryConfig, {**config["memory"], "forward_chunking": forward_chunking})
         preprocess = sidecar.preprocessing(config.get("run", {}).get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         params = sidecar.gen_params()
     except (OSError, SidecarError, KeyError, TypeError, ValueError) as exc:

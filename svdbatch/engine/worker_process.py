@@ -14,13 +14,12 @@ import threading
 import traceback
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from svdbatch.core import faults
-from svdbatch.core.config import MemoryConfig, ModelConfig, OutputConfig
+from svdbatch.core.config import MemoryConfig, ModelConfig, OutputConfig, typed
 from svdbatch.core.errors import ConfigError
 from svdbatch.core.quality import QualityConfig
 from svdbatch.engine.plan import PlannedItem
@@ -37,10 +36,7 @@ from svdbatch.rundir.store import RunStore
 def build_worker(spec: WorkerSpec, device: Any) -> Worker:
     """The Worker a spec describes, with its pipeline loaded on `device`."""
     device = torch.device(device)
-    # DictConfigs checked against the schemas: they have those dataclasses' fields.
-    model = cast(ModelConfig, OmegaConf.merge(OmegaConf.structured(ModelConfig), spec.model))
-    memory = cast(MemoryConfig, OmegaConf.merge(OmegaConf.structured(MemoryConfig), spec.memory))
-    output = cast(OutputConfig, OmegaConf.merge(OmegaConf.structured(OutputConfig), spec.output))
+    model, memory, output = typed(ModelConfig, spec.model), typed(MemoryConfig, spec.memory), typed(OutputConfig, spec.output)
     store = RunStore(spec.run_dir, output.format)
     loaded = load_pipeline(model, memory, device)
     quality = QualityConfig(**spec.quality) if spec.quality else None

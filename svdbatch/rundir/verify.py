@@ -29,9 +29,11 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from svdbatch.core.config import OutputConfig
+import yaml
+
+from svdbatch.core.config import OutputConfig, typed
 from svdbatch.rundir import records as run_records
 from svdbatch.rundir.dataset import stale_exports, write_dataset
 from svdbatch.rundir.layout import FLAT, id_from_relpath, layout_version
@@ -142,12 +144,8 @@ def check_output(run_dir: Path, sidecar: Sidecar, report: ItemReport) -> None:
 def config_output(run_dir: Path) -> OutputConfig | None:
     """The output settings config.yaml states (the latest run's), if readable."""
     try:
-        import yaml
-        from omegaconf import OmegaConf
-
         section = (yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}).get("output") or {}
-        # A DictConfig checked against the OutputConfig schema: it has that dataclass's fields.
-        return cast(OutputConfig, OmegaConf.merge(OmegaConf.structured(OutputConfig), section))
+        return typed(OutputConfig, section)
     except Exception:  # no config.yaml (a sharded run), or one from another version: nothing to compare
         return None
 
