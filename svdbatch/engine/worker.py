@@ -10,44 +10,29 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from svdbatch.core.atomic import temp_prefix
-from svdbatch.core.config import OutputConfig, plain
-from svdbatch.core.outcomes import BUSY, DONE, DONE_ELSEWHERE, FAILED, INTERRUPTED, STOPPED, Outcome
+from svdbatch.core.config import OutputConfig
+from svdbatch.core.outcomes import BUSY, DONE_ELSEWHERE, INTERRUPTED, STOPPED, Outcome
 from svdbatch.core.params import GenParams
 from svdbatch.core.quality import QualityConfig, redoes
+from svdbatch.engine.commit import Committer
 from svdbatch.engine.generation import FrameGenerator, Generated, Loaded, load_blank
 from svdbatch.engine.plan import PlannedItem
 from svdbatch.inputs.fetch import FetchError
 from svdbatch.inputs.images import pipeline_input
 from svdbatch.models.devices import pin_threads
 from svdbatch.models.loading import LoadedPipeline
-from svdbatch.rundir.outputs import (
-    Written,
-    frames_sha256,
-    output_key,
-    output_settings,
-    place_output,
-    remove_output,
-    write_video,
-    written_fps,
-)
-from svdbatch.rundir.sidecar import Sidecar
-from svdbatch.rundir.sidecar_fields import SidecarImage, SidecarOutput, SidecarRow, Timings
-from svdbatch.rundir.store import WRITE_STOP_HINT, RunStore
+from svdbatch.rundir.store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +64,8 @@ def load_entry(entry: PlannedItem) -> Loaded:
 
 class Worker(FrameGenerator):
     """Turns batches of planned items into finished items in the run dir: claims each item,
-    loads its image, generates (FrameGenerator), writes and commits, recording what fails."""
+    loads its image (loader thread), generates (FrameGenerator, this thread), and hands the
+    frames to its Committer (writer thread), which writes, commits and records what fails."""
 
     def __init__(
         self,
@@ -91,12 +77,11 @@ class Worker(FrameGenerator):
         step_progress: bool = False,
         retry_on_oom: bool = False,
         quality: QualityConfig | None = None,
+        keep_replaced_in: str | None = None,
     ):
         pin_threads(num_threads)
         super().__init__(loaded, retry_on_oom, quality)
         self.store = store
-        self.output = output
-        self.output_format = plain(output)["format"]
         self.loaded.pipe.set_progress_bar_config(disable=not step_progress, leave=False)
         # The sidecar fields every item of this worker shares (context: the run's config).
         self.context = {**context, "model": loaded.identity.as_dict(), **self.environment()}
@@ -104,10 +89,12 @@ class Worker(FrameGenerator):
         self.warmup_s: float | None = loaded.warmup_s
         if self.warmup_s is not None:
             self.context["warmup_s"] = self.warmup_s
-        # run.keep_replaced: the folder an older output of a redone item is moved to (WorkerSpec).
-        self.keep_replaced_in: str | None = None
-        # Set (by the writer thread) when the disk is full or read-only: no more work.
-        self.stop_reason: str | None = None
+        self.committer = Committer(store, output, loaded, self.context, self.judge, retry_on_oom, keep_replaced_in)
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why nothing more can be written (a full, read-only or vanished run dir), if so."""
+        return self.committer.stop_reason
 
     def environment(self) -> dict[str, Any]:
         device = self.loaded.device
@@ -129,123 +116,12 @@ class Worker(FrameGenerator):
         self.context["warmup_s"] = self.warmup_s
         log.info("compiled UNet warmed up in %.1f s", self.warmup_s)
 
-    # -- the item unit ----------------------------------------------------------------
-    def write_and_commit(self, generated: Generated) -> Outcome:
-        try:
-            return self._write_and_commit(generated)
-        except OSError as exc:
-            why = self.store.write_stop(exc)
-            if why is None:
-                return self.fail(generated.ready.entry, exc, traceback.format_exc())
-            return self.stop(generated.ready.entry, why)
-        except Exception as exc:
-            return self.fail(generated.ready.entry, exc, traceback.format_exc())
-        finally:
-            self.store.release(generated.ready.claim)
-
-    def _write_and_commit(self, generated: Generated) -> Outcome:
-        if generated.quality is None:  # no redoes: measured and judged here, off the main thread, before encoding
-            generated = self.judge(generated)
-        ready, frames, generate_s = generated.ready, generated.frames, generated.generate_s
-        entry, item = ready.entry, ready.entry.item
-        assert entry.key is not None  # only an item whose image could be read has a key and gets generated
-        start = time.perf_counter()
-        fps = written_fps(self.output, entry.params.fps)
-        settings = output_settings(self.output, fps)
-        video = self.store.video_path(item.id)
-        # Written and checked under a temporary name first (raises unless the encoder
-        # succeeded and the file decodes to these frames): a redo that fails here has
-        # touched nothing of the item's finished output.
-        staged = video.with_name(f"{temp_prefix(video.name)}staged{video.suffix}")
-        # The old output of a redo is set aside (run.keep_replaced: for good; else into a
-        # temporary folder, deleted once the new sidecar is in place) only now, with the new
-        # file ready, and put back if the redo fails before its sidecar is in place.
-        keep = Path(self.keep_replaced_in) if self.keep_replaced_in else None
-        aside = keep or self.store.root / f"{temp_prefix('replacing')}{item.id}"
-        try:
-            written = write_video(frames, staged, self.output, fps)
-            moved = self.store.set_aside(item.id, entry.key, entry.output_key, aside)  # under the item's claim
-            try:
-                place_output(staged, video)
-                timings = Timings.generated(ready.load_s, generate_s, time.perf_counter() - start)
-                self._commit(generated, video, fps, settings, written, timings)
-            except BaseException:
-                committed = self.store.read_sidecar(item.id)
-                if moved and not (committed and committed.done_with(entry.key, output_key(settings))):
-                    self.store.restore(moved)  # the item stays done with its old output
-                raise
-        finally:
-            remove_output(staged)
-            if keep is None:
-                shutil.rmtree(aside, ignore_errors=True)
-        return Outcome(item.id, DONE, generate_s)
-
-    def _commit(
-        self, generated: Generated, video: Path, fps: int, settings: dict[str, Any], written: Written, timings: Timings
-    ) -> None:
-        """The sidecar of a generated item whose video is in place (store.commit)."""
-        ready, frames = generated.ready, generated.frames
-        entry, item = ready.entry, ready.entry.item
-        assert entry.key is not None  # only an item whose image could be read has a key and gets generated
-        self.store.commit(
-            Sidecar(
-                id=item.id,
-                key=entry.key,
-                output_key=output_key(settings),
-                seed=item.seed,
-                row=SidecarRow(**item.row_record()),
-                image=SidecarImage(**entry.image_record(), size=ready.source_size),
-                preprocess=entry.preprocess.as_dict(),
-                params=generated.params.as_dict(),
-                memory=self.loaded.memory_record(),
-                oom_fallback=generated.oom_fallback,
-                quality=generated.quality,
-                output=SidecarOutput(
-                    path=self.store.relative(video),
-                    format=self.output_format,
-                    fps=fps,
-                    settings=settings,
-                    bytes=written.bytes,
-                    sha256=written.sha256,
-                    encoder=written.encoder,
-                    frames=int(frames.shape[0]),
-                    height=int(frames.shape[1]),
-                    width=int(frames.shape[2]),
-                ),
-                frames_sha256=frames_sha256(frames),
-                timings=timings,
-                finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                **self.context,
-            )
-        )
-
-    def fail(self, entry: PlannedItem, exc: BaseException, trace: str) -> Outcome:
-        """Record one item's failure; the batch goes on."""
-        error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, torch.OutOfMemoryError) and not self.retry_on_oom:
-            error += " (run.retry_on_oom=true retries with a lower memory preset)"
-        log.error("item %s failed: %s", entry.item.id, error)
-        try:
-            self.store.record_failure(entry.item.id, entry.key, error, {"line": entry.item.line, "traceback": trace})
-        except OSError as record_error:  # the disk filled up (or the run dir is gone): that stops the run
-            why = self.store.write_stop(record_error)
-            if why is None:
-                raise
-            return self.stop(entry, why)
-        return Outcome(entry.item.id, FAILED, error=error)
-
-    def stop(self, entry: PlannedItem, why: str) -> Outcome:
-        """Nothing can be written: stop cleanly (done items are intact) instead of failing
-        every item that follows. Not recorded per item: failures.jsonl lives on the same
-        full (or lost) disk, and the item is not at fault."""
-        self.stop_reason = self.stop_reason or why
-        log.error("stopping: %s (finished items are intact; %s)", self.stop_reason, WRITE_STOP_HINT)
-        return Outcome(entry.item.id, STOPPED, error=self.stop_reason)
-
     def generate_batch(self, batch: list[Loaded]) -> tuple[list[Outcome], list[Generated]]:
         """Generate a batch; returns outcomes settled without generating, and what to write."""
         settled = [r.settled for r in batch if r.settled is not None]
-        failed = [self.fail_loaded(r, r.error, r.error_trace) for r in batch if r.settled is None and r.error is not None]
+        failed = [
+            self.committer.fail_loaded(r, r.error, r.error_trace) for r in batch if r.settled is None and r.error is not None
+        ]
         ready = [r for r in batch if r.settled is None and r.error is None]
         if not ready:
             return settled + failed, []
@@ -259,7 +135,7 @@ class Worker(FrameGenerator):
             per_item = (time.perf_counter() - start) / len(ready)
         except Exception as exc:
             trace = traceback.format_exc()
-            return settled + failed + [self.fail_loaded(r, exc, trace) for r in ready], []
+            return settled + failed + [self.committer.fail_loaded(r, exc, trace) for r in ready], []
         generated = []
         for r, frames in zip(ready, videos, strict=False):
             made = Generated(r, frames, per_item, used, fallback, precision=step)
@@ -269,14 +145,8 @@ class Worker(FrameGenerator):
             try:
                 generated.append(self.judge(made))
             except Exception as exc:  # a redo that failed fails its item, not the batch
-                failed.append(self.fail_loaded(r, exc, traceback.format_exc()))
+                failed.append(self.committer.fail_loaded(r, exc, traceback.format_exc()))
         return settled + failed, generated
-
-    def fail_loaded(self, ready: Loaded, exc: BaseException, trace: str) -> Outcome:
-        try:
-            return self.fail(ready.entry, exc, trace)
-        finally:
-            self.store.release(ready.claim)
 
     def claim_and_load(self, entry: PlannedItem) -> Loaded:
         """Claim the item for this process, then load its image (on the loader thread).
@@ -290,7 +160,7 @@ class Worker(FrameGenerator):
             why = self.store.write_stop(exc)
             if why is None:
                 return Loaded(entry, error=exc, error_trace=traceback.format_exc())
-            return Loaded(entry, settled=self.stop(entry, why))
+            return Loaded(entry, settled=self.committer.stop(entry, why))
         if claim is None:
             return Loaded(entry, settled=Outcome(entry.item.id, BUSY))
         if self.store.done_record(entry.item.id, entry.key, entry.output_key) is not None:
@@ -341,7 +211,7 @@ class Worker(FrameGenerator):
                     self.settle_stopped(batch_id, loaded, report, INTERRUPTED, "interrupted")
                     continue
                 settled, to_write = self.generate_batch(loaded)
-                writes = [writer.submit(self.write_and_commit, job) for job in to_write]
+                writes = [writer.submit(self.committer.write_and_commit, job) for job in to_write]
                 report_when_written(batch_id, settled, writes, report)
                 in_flight.append(writes)
                 while len(in_flight) > MAX_PENDING_WRITES:  # bound memory held by unwritten frames

@@ -40,9 +40,17 @@ def build_worker(spec: WorkerSpec, device: Any) -> Worker:
     store = RunStore(spec.run_dir, output.format)
     loaded = load_pipeline(model, memory, device)
     quality = QualityConfig(**spec.quality) if spec.quality else None
-    worker = Worker(loaded, store, output, spec.context, spec.num_threads, spec.step_progress, spec.retry_on_oom, quality)
-    worker.keep_replaced_in = spec.keep_replaced_in
-    return worker
+    return Worker(
+        loaded,
+        store,
+        output,
+        spec.context,
+        spec.num_threads,
+        spec.step_progress,
+        spec.retry_on_oom,
+        quality,
+        keep_replaced_in=spec.keep_replaced_in,
+    )
 
 
 def resolve_device_names(devices: Any, workers: int) -> list[str]:
