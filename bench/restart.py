@@ -56,8 +56,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from plan import fake_done  # noqa: E402  (bench/plan.py: sys.path[0] is bench/)
 
 from svdbatch.core.compose import config_dir  # noqa: E402
-from svdbatch.engine.driver import load_manifest  # noqa: E402
-from svdbatch.engine.plan import Shard, plan_run  # noqa: E402
+from svdbatch.engine.plan import plan_run  # noqa: E402
+from svdbatch.engine.prepare import load_manifest  # noqa: E402
+from svdbatch.engine.shards import Shard  # noqa: E402
 from svdbatch.inputs.images import ImageCache  # noqa: E402
 from svdbatch.models.devices import resolve_devices
 from svdbatch.models.identity import model_identity

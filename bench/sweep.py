@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0] is bench/)
 
 from svdbatch.core.compose import config_dir
-from svdbatch.engine import driver, pool
+from svdbatch.engine import crews, driver
 
 
 class LoadCounter(logging.Handler):
@@ -60,7 +60,7 @@ def one_sweep(manifest: Path, out: Path, points: int, count_workers: int, keep: 
                 ],
             )
         driver.run(cfg)
-    pool.close_crews()  # the end of the sweep (atexit in the real command)
+    crews.close_crews()  # the end of the sweep (atexit in the real command)
     return time.perf_counter() - start
 
 

@@ -32,8 +32,9 @@ from svdbatch.core.config_checks import check_schema, run_config
 from svdbatch.core.errors import ConfigError, RunDirError
 from svdbatch.core.quality import QualityConfig, check_quality
 from svdbatch.engine import driver
-from svdbatch.engine.driver import RunSummary
-from svdbatch.engine.plan import resolve_shard
+from svdbatch.engine.prepare import load_manifest
+from svdbatch.engine.shards import resolve_shard
+from svdbatch.engine.summary import RunSummary
 from svdbatch.inputs.manifest_formats import csv_holds, write_manifest
 from svdbatch.reports import status as run_status
 from svdbatch.reports.sweep_root import is_sweep_root, point_dirs
@@ -119,7 +120,7 @@ def validate(config: DictConfig | Config) -> Validation:
     environment), only the shard's rows are validated, exactly as its run does."""
     config = run_config(config)
     shard = resolve_shard(config.run.shard.index, config.run.shard.count, driver.in_hydra_sweep())
-    manifest = driver.load_manifest(config, shard)
+    manifest = load_manifest(config, shard)
     bad = [(line, item_id, [str(p) for p in problems]) for line, item_id, problems in manifest.bad_rows]
     return Validation(str(config.manifest), len(manifest.items), bad, manifest.other_rows, (shard.index, shard.count))
 
@@ -141,7 +142,7 @@ def emit_manifest(config: DictConfig | Config) -> Emitted:
     derived ids collide get unique ids. Running the emitted file into the same run dir
     reproduces (and resumes) the same items."""
     config = run_config(config)
-    manifest = driver.load_manifest(config, unique_ids=True)
+    manifest = load_manifest(config, unique_ids=True)
     suffix = ".csv" if csv_holds(manifest.items) else ".jsonl"
     target = Path(config.run.dir) / f"{config.run.name}{suffix}"
     write_manifest(manifest.items, target)

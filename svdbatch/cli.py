@@ -111,7 +111,7 @@ def run_job(cfg: DictConfig) -> JobSummary:
     if summary.interrupted_by is not None:
         # Under submitit this checkpoints and requeues the job (and exits); otherwise it is
         # a no-op. Then end the whole process, sweep included: the user asked to stop.
-        assert summary.pass_on is not None  # set with interrupted_by (driver.settle_interrupted)
+        assert summary.pass_on is not None  # set with interrupted_by (summary.settle_interrupted)
         summary.pass_on()
         sys.exit(exit_code(summary))
     _exit_codes.append(exit_code(summary))

@@ -78,8 +78,8 @@ def test_a_resume_with_nothing_left_but_a_deleted_output_redoes_it(tmp_path, ima
 
 
 def test_plan_lists_what_it_did_not_check(tmp_path, images, monkeypatch):
-    from svdbatch.engine.driver import load_manifest
     from svdbatch.engine.plan import plan_run
+    from svdbatch.engine.prepare import load_manifest
     from svdbatch.models.identity import model_identity
 
     manifest = manifest_of(tmp_path, {f"i{n}": n for n in range(8)})
@@ -103,7 +103,7 @@ def test_plan_lists_what_it_did_not_check(tmp_path, images, monkeypatch):
 
 
 def test_a_cli_run_redoes_a_deleted_output_with_the_workers_it_kept(tmp_path, images):
-    """The CLI's driver has no torch: its worker is a process (pool.start_early), kept after
+    """The CLI's driver has no torch: its worker is a process (crews.start_early), kept after
     the first items for what the checks hand back, then let go. 8 MB of records of other
     ids make the run dir big (output_check.BACKGROUND_FROM_BYTES)."""
     from tests.conftest import FAST, run_cli

@@ -774,7 +774,7 @@ def test_a_row_overriding_guidance_is_checked_against_the_config(data):
     below the config's min is refused with both values."""
     manifest = write_csv(data / "m.csv", ["image", "max_guidance_scale"], [["img/a.png", "2"]])
     cfg = make_cfg(f"manifest={manifest}", "conditioning.min_guidance_scale=2.5")
-    from svdbatch.engine.driver import load_manifest
+    from svdbatch.engine.prepare import load_manifest
 
     with pytest.raises(ManifestError) as info:
         load_manifest(cfg)

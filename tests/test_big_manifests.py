@@ -15,8 +15,10 @@ import pytest
 from svdbatch import api
 from svdbatch.commands import validate
 from svdbatch.core.errors import SHOWN_PROBLEMS, ManifestError
-from svdbatch.engine.driver import RunSummary, load_manifest, record_invalid_rows
-from svdbatch.engine.plan import Shard, plan_run
+from svdbatch.engine.plan import plan_run
+from svdbatch.engine.prepare import load_manifest, record_invalid_rows
+from svdbatch.engine.shards import Shard
+from svdbatch.engine.summary import RunSummary
 from svdbatch.inputs.images import ImageCache
 from svdbatch.inputs.manifest import read_manifest, shard_of
 from svdbatch.inputs.row_checks import RowValidator

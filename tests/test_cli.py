@@ -196,7 +196,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_driver_side_modules_do_not_import_torch():
     # The CLI driver must start without torch so its first worker loads the model meanwhile.
     modules = (
-        "svdbatch.cli, svdbatch.engine.driver, svdbatch.engine.pool, svdbatch.engine.plan, svdbatch.engine.sweep, svdbatch.reports.status, "
+        "svdbatch.cli, svdbatch.engine.driver, svdbatch.engine.pool, svdbatch.engine.crews, svdbatch.engine.plan, svdbatch.engine.shards, "
+        "svdbatch.engine.plan_report, svdbatch.engine.prepare, svdbatch.engine.summary, svdbatch.engine.sweep, svdbatch.reports.status, "
         "svdbatch.rundir.dataset, svdbatch.reports.gallery, svdbatch.rundir.verify"
     )
     code = (

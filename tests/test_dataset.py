@@ -94,7 +94,7 @@ def test_metadata_and_shards_list_only_finished_items_and_follow_resumes(tmp_pat
 
 def test_bad_shard_size_and_fetch_settings_are_config_errors(tmp_path, images):
     from svdbatch.core.errors import ConfigError
-    from svdbatch.engine.driver import load_manifest
+    from svdbatch.engine.prepare import load_manifest
 
     manifest = write_csv(tmp_path / "m.csv", ["image"], [["img/a.png"]])
     with pytest.raises(ConfigError) as caught:

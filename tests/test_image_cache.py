@@ -14,9 +14,8 @@ from svdbatch.core.config import ImageCheck, image_check_mode
 from svdbatch.core.errors import ConfigError, ManifestError
 from svdbatch.core.jsonl import read_jsonl_fast
 from svdbatch.engine.driver import run
-from svdbatch.engine.plan import shard_of
 from svdbatch.inputs.images import ImageCache, check_images
-from svdbatch.inputs.manifest import read_manifest
+from svdbatch.inputs.manifest import read_manifest, shard_of
 from svdbatch.reports.status import collect
 from tests.conftest import make_cfg, make_image, write_csv
 

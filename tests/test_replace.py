@@ -8,7 +8,8 @@ import json
 import logging
 
 from svdbatch.engine.driver import run
-from svdbatch.engine.plan import Replacement, describe_replacements
+from svdbatch.engine.plan import Replacement
+from svdbatch.engine.plan_report import describe_replacements
 from tests.conftest import SAMPLE_CSV, make_cfg
 
 from .runfiles import results_of, sidecar_file, sidecar_rel, video_file, video_rel

@@ -17,7 +17,7 @@ import torch
 from svdbatch.core.compose import sweep_subdir
 from svdbatch.core.errors import ConfigError, ModelLoadError
 from svdbatch.engine.driver import run
-from svdbatch.engine.plan import Shard, resolve_shard, select_shard, shard_from_env
+from svdbatch.engine.shards import Shard, resolve_shard, select_shard, shard_from_env
 from svdbatch.inputs.manifest import read_manifest
 from svdbatch.models.devices import resolve_devices
 from tests.conftest import FAST, REPO, make_cfg, make_image, run_cli, write_csv

@@ -11,7 +11,7 @@ from svdbatch.core.errors import ConfigError
 from svdbatch.core.params import check_conditioning, check_model_and_memory
 from svdbatch.core.quality import check_quality
 from svdbatch.engine import sweep
-from svdbatch.engine.plan import shard_problem
+from svdbatch.engine.shards import shard_problem
 from svdbatch.inputs.fetch import check_fetch_config
 from svdbatch.models.compile_options import compile_problems
 from svdbatch.models.identity import source_problem

@@ -1,5 +1,6 @@
-"""Plan a run: take this shard's rows, resolve each item's parameters and key, split done
-from to-do, and group the rest into batches for the workers.
+"""Plan a run: resolve each item's parameters and key, split done from to-do (and what a
+to-do item replaces), and group the rest into batches for the workers. Which rows are this
+shard's: shards.py; what is said about the plan: plan_report.py.
 
 Pure bookkeeping, no model: it runs before anything heavy loads.
 """
@@ -7,85 +8,21 @@ Pure bookkeeping, no model: it runs before anything heavy loads.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from svdbatch.core.config import ConditioningConfig, MemoryConfig, ModelConfig, OutputConfig, ResizeMode
-from svdbatch.core.errors import ConfigError
 from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, GenParams, Preprocess, param_defaults
 from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import ImageCache, file_sha256, parallel_map
 from svdbatch.inputs.items import Item
-from svdbatch.inputs.manifest import shard_of
 from svdbatch.rundir.outputs import output_key, output_settings, written_fps
 from svdbatch.rundir.resume_index import ResumeRecord
 from svdbatch.rundir.sidecar import EMPTY_META_SHA256, Sidecar, meta_digest
 from svdbatch.rundir.store import KeyMaker, RunStore, output_intact
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int = 0
-    count: int = 1
-
-    def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
-            raise ConfigError(f"run.shard: index must be in [0, count), got index={self.index} count={self.count}")
-
-
-def shard_from_env(environ: Mapping[str, str], in_hydra_sweep: bool = False) -> Shard:
-    """The shard a launcher assigned to this process, if any.
-
-    torchrun and `accelerate launch` set RANK/WORLD_SIZE. A plain Slurm job array sets
-    SLURM_ARRAY_TASK_*; under submitit, or in a Hydra multirun, array tasks are sweep points
-    rather than shards, so they are not read (shard there with run.shard.index=0,1,...).
-    """
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        return Shard(env_int(environ, "RANK"), env_int(environ, "WORLD_SIZE"))
-    if "SLURM_ARRAY_TASK_ID" in environ and "SUBMITIT_EXECUTOR" not in environ and not in_hydra_sweep:
-        task = env_int(environ, "SLURM_ARRAY_TASK_ID")
-        first = env_int(environ, "SLURM_ARRAY_TASK_MIN", 0)
-        last = env_int(environ, "SLURM_ARRAY_TASK_MAX", task)
-        return Shard(task - first, env_int(environ, "SLURM_ARRAY_TASK_COUNT", last - first + 1))
-    return Shard()
-
-
-def env_int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
-    """An integer a launcher set; a bad value is the input's fault (exit 2), not a traceback."""
-    if name not in environ and default is not None:
-        return default
-    try:
-        return int(environ[name])
-    except ValueError:
-        raise ConfigError(f"run.shard: from the environment, {name}={environ[name]!r} is not an integer") from None
-
-
-def resolve_shard(index: int | None, count: int | None, in_hydra_sweep: bool = False) -> Shard:
-    if index is None and count is None:
-        return shard_from_env(os.environ, in_hydra_sweep)
-    if index is None or count is None:
-        raise ConfigError("run.shard: set both index and count, or neither")
-    return Shard(index, count)
-
-
-def shard_problem(index: int | None, count: int | None, in_hydra_sweep: bool = False) -> str | None:
-    """What resolve_shard would refuse, as '<field>: why' (the config check asks this, so
-    `validate` refuses exactly the shard settings a run refuses)."""
-    try:
-        resolve_shard(index, count, in_hydra_sweep)
-    except ConfigError as exc:
-        return str(exc)
-    return None
-
-
-def select_shard(items: list[Item], shard: Shard) -> list[Item]:
-    if shard.count == 1:
-        return items
-    return [item for item in items if shard_of(item.id, shard.count) == shard.index]
 
 
 @dataclass(frozen=True, slots=True)  # slots: a first run of 1M rows plans a million
@@ -248,7 +185,7 @@ def plan_run(
         source = item.image if item.image is not None else source_of(item)
         params = defaults.resolve(item.overrides) if item.overrides else base_params
         out_key = out_keys.get(params.fps)
-        if out_key is None:  # once per distinct fps: reading `output` (a DictConfig) is slow per row
+        if out_key is None:  # once per distinct fps: computing an output key per row would dominate a 1M-row plan
             out_key = out_keys[params.fps] = output_key(output_settings(output, written_fps(output, params.fps)))
         preprocess = replace(run_preprocess, resize=ResizeMode(item.resize)) if item.resize else run_preprocess
         problem = source if isinstance(source, Exception) else hashes[source]
@@ -384,35 +321,6 @@ def _without_version(preprocess: dict[str, Any] | None) -> dict[str, Any]:
     return {name: value for name, value in (preprocess or {}).items() if name != "version"}
 
 
-def _shown(name: str, value: Any) -> str:
-    if name in ("pad_color", "background") and isinstance(value, list) and len(value) == 3:
-        return "#{:02x}{:02x}{:02x}".format(*value)
-    if name == "image":
-        return f"sha256 {value}…"
-    return "null" if value is None else str(value)
-
-
-def describe_replacements(replaced: list[Replacement], examples: int = 3) -> list[str]:
-    """One line per set of changed fields, most items first, e.g.
-    '3 items redone: resize crop -> pad, pad_color #000000 -> #202020 (rocket, sunset, waves)'.
-    A field whose old and new values vary across the group is shown with one example."""
-    groups: dict[tuple[str, ...], list[Replacement]] = {}
-    for replacement in replaced:
-        groups.setdefault(tuple(name for name, _, _ in replacement.changes), []).append(replacement)
-    lines = []
-    for names, members in sorted(groups.items(), key=lambda group: -len(group[1])):
-        parts = []
-        for position, name in enumerate(names):
-            pairs = {(repr(m.changes[position][1]), repr(m.changes[position][2])) for m in members}
-            old, new = members[0].changes[position][1:]
-            change = f"{name} {_shown(name, old)} -> {_shown(name, new)}"
-            parts.append(change if len(pairs) == 1 else f"{name} differs (e.g. {change.removeprefix(name + ' ')})")
-        ids = [m.entry.item.id for m in members]
-        shown = ", ".join(ids[:examples]) + (f", ... {len(ids) - examples} more" if len(ids) > examples else "")
-        lines.append(f"{len(members)} item{'s' if len(members) != 1 else ''} redone: {', '.join(parts)} ({shown})")
-    return lines
-
-
 def fixed_conditioning_warning(planned: list[PlannedItem], model: ModelConfig) -> str | None:
     """A warning naming the items that vary what the checkpoint was trained with fixed."""
     fixed = dict(model.fixed_conditioning or {})
@@ -434,24 +342,6 @@ def fixed_conditioning_warning(planned: list[PlannedItem], model: ModelConfig) -
         f"model {model.name} was trained with fixed {trained_with} (model card) and was not trained to vary "
         f"them; these items use other values, expect off-distribution motion: {details}"
     )
-
-
-def shadowed_knobs_warning(items: list[Item], swept: Mapping[str, str]) -> str | None:
-    """One warning naming the rows whose own values override a swept conditioning knob
-    (`swept`: knob -> the sweep's key for it): at every point they get the same value, so
-    the sweep does not vary them (their outputs are reused across points, not redone)."""
-    shadowed: dict[str, list[str]] = {}
-    for item in items:
-        for knob, key in swept.items():
-            if knob in item.overrides:
-                shadowed.setdefault(key, []).append(item.id)
-    if not shadowed:
-        return None
-
-    def names(ids: list[str]) -> str:
-        return ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
-
-    return "; ".join(f"{names(ids)}: manifest values override the swept {key}" for key, ids in shadowed.items())
 
 
 def make_batches(todo: list[PlannedItem], batch_size: int) -> list[list[PlannedItem]]:

@@ -1,8 +1,9 @@
-"""The worker process's side of engine/pool.py: build a Worker from a spec, resolve the
-devices for the driver, and serve batches until told to stop.
+"""The worker process's side of engine/crews.py and pool.py: build a Worker from a spec,
+resolve the devices for the driver, and serve batches until told to stop.
 
 It imports torch and diffusers (through the worker and models), so only worker processes
-(and a caller that has imported torch already) import it; pool.py names it by function.
+(and a caller that has imported torch already) import it; crews.py and pool.py name it by
+function.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def default_num_threads(devices: Sequence[Device]) -> int:
     """Intra-op threads per worker when run.num_threads is null: the usable physical cores
     shared out between the workers (torch's own default takes every core the machine has
     for each worker, ignoring quotas and the other workers). It changes float results, so
-    it is resolved once (driver.worker_spec) and recorded in every sidecar."""
+    it is resolved once (prepare.worker_spec) and recorded in every sidecar."""
     return max(1, usable_cores() // max(1, len(devices)))
 
 
