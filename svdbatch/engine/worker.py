@@ -35,6 +35,7 @@ from svdbatch.inputs.fetch import FetchError
 from svdbatch.inputs.images import pipeline_input
 from svdbatch.models.devices import pin_threads
 from svdbatch.models.loading import LoadedPipeline
+from svdbatch.rundir import replacing
 from svdbatch.rundir.outputs import (
     Written,
     frames_sha256,
@@ -164,7 +165,7 @@ class Worker(FrameGenerator):
         aside = keep or self.store.root / f"{temp_prefix('replacing')}{item.id}"
         try:
             written = write_video(frames, staged, self.output, fps)
-            moved = self.store.set_aside(item.id, entry.key, entry.output_key, aside)  # under the item's claim
+            moved = replacing.set_aside(self.store, item.id, entry.key, entry.output_key, aside)  # under the item's claim
             try:
                 place_output(staged, video)
                 timings = Timings.generated(ready.load_s, generate_s, time.perf_counter() - start)
@@ -172,7 +173,7 @@ class Worker(FrameGenerator):
             except BaseException:
                 committed = self.store.read_sidecar(item.id)
                 if moved and not (committed and committed.done_with(entry.key, output_key(settings))):
-                    self.store.restore(moved)  # the item stays done with its old output
+                    replacing.restore(moved)  # the item stays done with its old output
                 raise
         finally:
             remove_output(staged)
