@@ -3,7 +3,7 @@
 Builds the run dirs' bookkeeping as runs would leave it, fast and fake (no model, no
 videos for the million: status never opens them): a manifest of N rows with the summary a
 run saves (cache/manifest-*.json), N results lines of the usual size spread over 16 writer
-files with their summaries (records.py; the last writer's summary left behind by 64 lines,
+files with their summaries (summaries.py; the last writer's summary left behind by 64 lines,
 the most a killed writer leaves), 1% failures, layout 2. Then times, each in a fresh
 process (wall, CPU, peak RSS):
 
@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 
 from svdbatch.reports.status import save_manifest_summary
-from svdbatch.rundir import records
+from svdbatch.rundir import records, summaries
 from svdbatch.rundir.layout import GROUPED, LAYOUT_FILE, asset_relpath, item_relpath, sidecar_relpath
 from svdbatch.rundir.sidecar import Sidecar
 from svdbatch.rundir.sidecar_fields import SidecarImage, SidecarOutput, SidecarRow, Timings
 
 WRITERS = 16
-STALE_TAIL = 64  # lines of the last writer its summary does not cover yet (records.SUMMARY_EVERY: the most a kill leaves)
+STALE_TAIL = 64  # lines of the last writer its summary does not cover yet (record_writer.SUMMARY_EVERY: the most a kill leaves)
 PAD = "p" * 180  # brings a line to the ~535 bytes of a real results line
 
 
@@ -86,7 +86,7 @@ def build_run(root: Path, items: int, failed_every: int = 100) -> list[str]:
     folder = root / records.RECORDS_DIR
     for w in range(WRITERS):
         name = f"{1767225600000 + w:013d}-bench-{1000 + w}"
-        summary = records.Summary()
+        summary = summaries.Summary()
         failures = []
         with (folder / f"{name}{records.RESULTS_SUFFIX}").open("wb") as out:
             for n in range(w * per_writer, min(items, (w + 1) * per_writer)):

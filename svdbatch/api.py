@@ -40,11 +40,12 @@ from svdbatch.reports import status as run_status
 from svdbatch.reports.sweep_root import is_sweep_root, point_dirs
 from svdbatch.reports.sweep_status import collect_sweep
 from svdbatch.rundir import records
+from svdbatch.rundir.intact import output_intact
 from svdbatch.rundir.layout import sidecar_path_in
 from svdbatch.rundir.run_dirs import is_run_dir, not_a_run_dir_message
 from svdbatch.rundir.sidecar import Sidecar
 from svdbatch.rundir.sidecar_fields import SidecarError
-from svdbatch.rundir.store import is_invalid_record, output_intact
+from svdbatch.rundir.store import is_invalid_record
 from svdbatch.rundir.verify import ItemReport, check_exports, set_aside, unrecorded_outputs, verify_run_dir
 
 if TYPE_CHECKING:

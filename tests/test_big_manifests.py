@@ -22,7 +22,7 @@ from svdbatch.engine.summary import RunSummary
 from svdbatch.inputs.images import ImageCache
 from svdbatch.inputs.manifest import read_manifest, shard_of
 from svdbatch.inputs.row_checks import RowValidator
-from svdbatch.rundir import records
+from svdbatch.rundir import record_writer
 from svdbatch.rundir.sidecar import result_record
 from svdbatch.rundir.store import INVALID_ROW, RunStore
 from tests.conftest import make_cfg, make_image, write_csv
@@ -184,7 +184,7 @@ def test_a_resume_plan_keeps_only_what_is_left_and_agrees_with_the_full_index(tm
         return plan_run(items, cfg.conditioning, cfg.model, cfg.memory, identity, store, output=cfg.output, **kwargs)
 
     first = plan()
-    results = records.writer(store.root)  # the first 30 finished (as bench/plan.py fakes them)
+    results = record_writer.writer(store.root)  # the first 30 finished (as bench/plan.py fakes them)
     for entry in first.todo[:30]:
         store.video_path(entry.item.id).parent.mkdir(parents=True, exist_ok=True)
         store.sidecar_path(entry.item.id).parent.mkdir(parents=True, exist_ok=True)

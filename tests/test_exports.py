@@ -19,7 +19,8 @@ from svdbatch.reports.progress import throughput
 from svdbatch.reports.status import collect
 from svdbatch.reports.sweep_page import write_sweep_page
 from svdbatch.rundir.dataset import sample_key, write_dataset
-from svdbatch.rundir.store import RunStore, output_intact
+from svdbatch.rundir.intact import output_intact
+from svdbatch.rundir.store import RunStore
 from svdbatch.rundir.verify import verify_run_dir
 from tests.conftest import make_cfg, make_image, write_csv
 

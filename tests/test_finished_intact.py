@@ -11,9 +11,10 @@ import pytest
 
 from svdbatch.core.jsonl import parse_jsonl
 from svdbatch.reports import status
-from svdbatch.rundir import records
+from svdbatch.rundir import record_writer, records, summaries
+from svdbatch.rundir.intact import output_intact
 from svdbatch.rundir.layout import FLAT, LAYOUT_FILE, item_relpath, layout_version, sidecar_relpath
-from svdbatch.rundir.store import RunStore, output_intact
+from svdbatch.rundir.store import RunStore
 
 
 def record(root: Path, item_id: str, n: int, output_bytes: int = 100, sidecar_bytes: int = 40, **extra) -> dict:
@@ -83,11 +84,11 @@ def test_a_damaged_line_in_the_middle_is_skipped_and_the_rest_counted(root, dama
     lines.insert(15, damaged)
     write_records(root, "0001-a-1", lines)
     assert done_ids(root) == {f"i{n}" for n in range(30)}
-    assert records.totals(root).done == 30
+    assert summaries.totals(root).done == 30
 
 
 def test_summaries_follow_the_records_they_do_not_cover_yet(root):
-    writer = records.writer(root)
+    writer = record_writer.writer(root)
     for n in range(5):
         writer.append_result(record(root, f"i{n}", n))
     writer.flush()
@@ -96,13 +97,13 @@ def test_summaries_follow_the_records_they_do_not_cover_yet(root):
     for n in range(5, 8):  # appended, not flushed yet (a killed writer leaves it so)
         writer.append_result(record(root, f"i{n}", n))
     assert json.loads(writer.summary_path.read_bytes())["results_bytes"] == covered
-    assert records.totals(root).done == 8 and records.totals(root).last_id == "i7"
+    assert summaries.totals(root).done == 8 and summaries.totals(root).last_id == "i7"
     writer.summary_path.unlink()  # lost: rebuilt from the records
-    assert records.totals(root).done == 8
+    assert summaries.totals(root).done == 8
     writer.append_result(record(root, "i1", 9, redo=True))  # a redo: no new item
     writer.append_result(record(root, "i2", 10, meta_updated_at="x"))  # a meta_* update: no finish
     writer.append_result({"id": "i3", "removed": True})  # verify --repair set it aside
-    totals = records.totals(root)
+    totals = summaries.totals(root)
     assert (totals.done, totals.commits) == (7, 11)
     assert [r["finished_at"] for r in totals.recent][-2:] == [
         record(root, "i7", 7)["finished_at"],
@@ -161,18 +162,18 @@ def test_an_old_run_dirs_results_jsonl_is_read_as_it_is_and_summarised_once(tmp_
     lines.append(record(tmp_path, "i0", 5))  # a second line of one id: still one item
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert done_ids(tmp_path) == {"i0", "i1", "i2", "i3"}
-    assert records.totals(tmp_path).done == 4
+    assert summaries.totals(tmp_path).done == 4
     RunStore(tmp_path, "mp4").prepare()  # a resume writes the old log's summary, flat layout kept
     assert json.loads((tmp_path / LAYOUT_FILE).read_text())["version"] == FLAT
     assert (tmp_path / records.RECORDS_DIR / "legacy.summary.json").is_file()
-    assert records.totals(tmp_path).done == 4
+    assert summaries.totals(tmp_path).done == 4
 
 
 def test_a_missing_or_empty_log_is_nothing_done(root):
     make_files(root, "a")  # files without a results line do not count
-    assert done_ids(root) == set() and records.totals(root).done == 0
+    assert done_ids(root) == set() and summaries.totals(root).done == 0
     write_records(root, "0001-a-1", [])
-    assert done_ids(root) == set() and records.totals(root).done == 0
+    assert done_ids(root) == set() and summaries.totals(root).done == 0
 
 
 def test_parse_jsonl_edge_cases():

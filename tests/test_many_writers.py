@@ -21,7 +21,7 @@ import pytest
 from svdbatch.core.atomic import HOST, atomic_write_bytes
 from svdbatch.core.locks import lock_or_go_on
 from svdbatch.reports.status_counts import claimed_ids
-from svdbatch.rundir import records
+from svdbatch.rundir import record_writer, records, summaries
 from svdbatch.rundir.claims import STALE_AFTER_S
 from svdbatch.rundir.dataset import write_dataset
 from svdbatch.rundir.sidecar import Sidecar
@@ -78,7 +78,7 @@ def writer(root: str, ids: list[str], seed: int) -> None:
             store.commit(fake_sidecar(store, item_id, video))
         finally:
             store.release(claim)
-    records.flush_all()
+    record_writer.flush_all()
     os._exit(0)
 
 
@@ -135,7 +135,7 @@ def test_32_writers_under_random_kills_commit_every_item_exactly_once(tmp_path):
     lines = records.read_results(root)
     assert Counter(r["id"] for r in lines) == Counter(ids)  # exactly one commit per item
     assert not [r for r in lines if r.get("redo")]  # nothing generated twice
-    assert records.totals(root).done == N_ITEMS  # summaries (stale ones folded forward) agree
+    assert summaries.totals(root).done == N_ITEMS  # summaries (stale ones folded forward) agree
     assert claimed_ids(root) == set()  # no live claim left, stale ones of the killed are gone
     assert not list((root / "claims").rglob("*.takeover"))
     folders = Counter(p.parent.name for p in (root / "items").rglob("*.json"))

@@ -19,7 +19,7 @@ from svdbatch.engine.checks import check_config
 from svdbatch.reports.gallery import parse_condition, write_gallery
 from svdbatch.reports.status import collect, quality_summary
 from svdbatch.reports.sweep_page import quality_row
-from svdbatch.rundir import records
+from svdbatch.rundir import summaries
 from svdbatch.rundir.dataset import write_dataset
 from svdbatch.rundir.outputs import write_video
 from svdbatch.rundir.store import RunStore
@@ -265,12 +265,12 @@ def test_nan_frames_at_every_step_fail_the_item_with_the_hint(tmp_path, manifest
 
 
 # -- the sweep page's quality row --------------------------------------------------------------
-def totals_of(lines: list[dict]) -> records.RunTotals:
-    """What records.totals sums from the writers' summaries, for these results lines."""
-    summary = records.Summary()
+def totals_of(lines: list[dict]) -> summaries.RunTotals:
+    """What summaries.totals sums from the writers' summaries, for these results lines."""
+    summary = summaries.Summary()
     for line in lines:
         summary.add_quality(line)
-    return records.RunTotals(judged=summary.judged, duds=summary.duds, signals=summary.signals)
+    return summaries.RunTotals(judged=summary.judged, duds=summary.duds, signals=summary.signals)
 
 
 def test_the_sweep_page_compares_each_points_signals_and_dud_rate():

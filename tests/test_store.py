@@ -10,8 +10,9 @@ import pytest
 
 from svdbatch.core.atomic import atomic_path, atomic_write_bytes
 from svdbatch.core.errors import RunDirError
-from svdbatch.rundir import records
-from svdbatch.rundir.store import RunStore, item_key
+from svdbatch.rundir import record_writer, records, summaries
+from svdbatch.rundir.keys import item_key
+from svdbatch.rundir.store import RunStore
 
 from .runfiles import sidecar_file
 
@@ -31,14 +32,14 @@ def test_a_torn_last_line_of_a_killed_writer_is_not_a_record(tmp_path):
     folder.mkdir()
     (folder / f"0001-h-1{records.RESULTS_SUFFIX}").write_bytes(b'{"id": "a"}\n{"id": "b"}\n{"id": ')
     assert [r["id"] for r in records.read_results(tmp_path)] == ["a", "b"]
-    summary = dict(records.summaries(tmp_path))["0001-h-1"]
+    summary = dict(summaries.summaries(tmp_path))["0001-h-1"]
     assert summary.commits == 2 and summary.results_bytes == len(b'{"id": "a"}\n{"id": "b"}\n')
 
 
 def _append_many(root, worker, count):
     for n in range(count):
-        records.writer(root).append_result({"id": f"{worker}-{n}", "worker": worker, "n": n, "pad": "x" * 5000})
-    records.flush_all()
+        record_writer.writer(root).append_result({"id": f"{worker}-{n}", "worker": worker, "n": n, "pad": "x" * 5000})
+    record_writer.flush_all()
 
 
 def test_concurrent_writers_append_to_files_of_their_own(tmp_path):
@@ -50,7 +51,7 @@ def test_concurrent_writers_append_to_files_of_their_own(tmp_path):
     found = records.read_results(tmp_path)
     assert len(found) == 200 and len({(r["worker"], r["n"]) for r in found}) == 200
     assert len(list((tmp_path / records.RECORDS_DIR).glob("*" + records.RESULTS_SUFFIX))) == 4
-    assert records.totals(tmp_path).done == 200
+    assert summaries.totals(tmp_path).done == 200
 
 
 def test_key_depends_on_everything_that_changes_frames():

@@ -26,6 +26,7 @@ from svdbatch.core.outcomes import DONE, FAILED, STOPPED, Outcome
 from svdbatch.engine.generation import Generated, Loaded
 from svdbatch.engine.plan import PlannedItem
 from svdbatch.models.loading import LoadedPipeline
+from svdbatch.rundir import replacing
 from svdbatch.rundir.outputs import (
     Written,
     frames_sha256,
@@ -108,7 +109,7 @@ class Committer:
         aside = keep or self.store.root / f"{temp_prefix('replacing')}{item.id}"
         try:
             written = write_video(frames, staged, self.output, fps)
-            moved = self.store.set_aside(item.id, entry.key, entry.output_key, aside)  # under the item's claim
+            moved = replacing.set_aside(self.store, item.id, entry.key, entry.output_key, aside)  # under the item's claim
             try:
                 place_output(staged, video)
                 timings = Timings.generated(ready.load_s, generate_s, time.perf_counter() - start)
@@ -116,7 +117,7 @@ class Committer:
             except BaseException:
                 committed = self.store.read_sidecar(item.id)
                 if moved and not (committed and committed.done_with(entry.key, output_key(settings))):
-                    self.store.restore(moved)  # the item stays done with its old output
+                    replacing.restore(moved)  # the item stays done with its old output
                 raise
         finally:
             remove_output(staged)

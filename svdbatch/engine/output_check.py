@@ -23,8 +23,9 @@ from typing import Any
 
 from svdbatch.inputs.items import Item
 from svdbatch.rundir import records
+from svdbatch.rundir.intact import resume_intact
 from svdbatch.rundir.resume_index import ResumeRecord
-from svdbatch.rundir.store import RunStore, resume_intact
+from svdbatch.rundir.store import RunStore
 
 log = logging.getLogger(__name__)
 

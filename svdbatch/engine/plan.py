@@ -17,10 +17,12 @@ from svdbatch.core.params import DEFAULT_MAX_IMAGE_PIXELS, GenParams, Preprocess
 from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import ImageCache, file_sha256, parallel_map
 from svdbatch.inputs.items import Item
+from svdbatch.rundir.intact import output_intact
+from svdbatch.rundir.keys import KeyMaker
 from svdbatch.rundir.outputs import output_key, output_settings, written_fps
 from svdbatch.rundir.resume_index import ResumeRecord
 from svdbatch.rundir.sidecar import EMPTY_META_SHA256, Sidecar, meta_digest
-from svdbatch.rundir.store import KeyMaker, RunStore, output_intact
+from svdbatch.rundir.store import RunStore
 
 log = logging.getLogger(__name__)
 

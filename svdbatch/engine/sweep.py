@@ -6,7 +6,7 @@ whole sweep (multirun.yaml) and one run dir per point, each with its own record 
 point's overrides (<point>/.hydra/overrides.yaml). Points are found through those records,
 never by parsing folder names, so any sweep.subdir scheme works (nested folders too).
 
-Reuse: an item's key (store.KeyMaker: image bytes, resolved parameters, seed, model,
+Reuse: an item's key (keys.KeyMaker: image bytes, resolved parameters, seed, model,
 preprocessing) says everything that shapes its frames. When another point of the same
 sweep (or a run named in run.reuse_from) already finished an item with the same key and
 the same output settings, the output is hard-linked (copied across file systems) instead
@@ -26,9 +26,10 @@ from svdbatch.reports.sweep_root import (
     is_sweep_root,
     point_dirs,
 )
-from svdbatch.rundir import records
+from svdbatch.rundir import records, reuse
+from svdbatch.rundir.intact import output_intact
 from svdbatch.rundir.sidecar_fields import SidecarImage, SidecarRow
-from svdbatch.rundir.store import RunStore, output_intact
+from svdbatch.rundir.store import RunStore
 
 if TYPE_CHECKING:
     pass
@@ -115,7 +116,7 @@ def reuse_index(own_dir: Path, sweep_root: Path | None, reuse_from: Iterable[Any
 
 
 def commit_reused(store: Any, entry: Any, source: ReuseSource) -> bool:
-    """Link one planned item's output from `source` and commit it (store.commit_reused),
+    """Link one planned item's output from `source` and commit it (rundir/reuse.py),
     under the item's claim. False when it could not be (claimed elsewhere, source gone):
     the caller then generates it as usual."""
 
@@ -127,7 +128,7 @@ def commit_reused(store: Any, entry: Any, source: ReuseSource) -> bool:
             return True  # another process finished it since the plan
         source_store = RunStore(source.run_dir, store.format)
         row, image = SidecarRow(**entry.item.row_record()), SidecarImage(**entry.image_record(), size=None)
-        store.commit_reused(entry.item.id, entry.key, source_store, source.record["id"], row, image)
+        reuse.commit_reused(store, entry.item.id, entry.key, source_store, source.record["id"], row, image)
         return True
     except Exception as exc:  # a vanished or unreadable source: generate instead
         log.warning("could not reuse %s from %s (%s); generating it", entry.item.id, source.run_dir, exc)

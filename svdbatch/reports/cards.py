@@ -21,11 +21,12 @@ from svdbatch.inputs.fetch import UrlCache
 from svdbatch.inputs.images import load_rgb
 from svdbatch.reports.html import esc, url
 from svdbatch.rundir import records
+from svdbatch.rundir.intact import output_intact
 from svdbatch.rundir.layout import asset_relpath, layout_version, make_parents, sidecar_path_in, sidecar_relpath
 from svdbatch.rundir.run_dirs import run_cwd
 from svdbatch.rundir.sidecar import Sidecar
 from svdbatch.rundir.sidecar_fields import SidecarError
-from svdbatch.rundir.store import DOWNLOADS_DIR, is_invalid_record, output_intact, parse_time
+from svdbatch.rundir.store import DOWNLOADS_DIR, is_invalid_record, parse_time
 
 log = logging.getLogger(__name__)
 

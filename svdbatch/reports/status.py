@@ -2,7 +2,7 @@
 
     done         the latest results record's output and sidecar are still there (sizes match);
                  in a run of FAST_FROM or more results lines: the count the writers' summaries
-                 keep (records.py), trusted without stats (`svdbatch verify` checks every file)
+                 keep (summaries.py), trusted without stats (`svdbatch verify` checks every file)
     in progress  a live process holds the item's claim (claims/<id>.claim, claims.py)
     failed       the latest failure record is a generation error, and not done
     duds         done items whose kept attempt broke a quality rule (docs/quality.md): in a big
@@ -44,12 +44,13 @@ from svdbatch.inputs.manifest import read_manifest
 from svdbatch.reports.progress import THROUGHPUT_WINDOW, by_finish, eta_seconds, heartbeat_is_fresh, liveness, throughput
 from svdbatch.reports.reasons import Reason, group_reasons, normalise_problem
 from svdbatch.reports.status_counts import Counts, claimed_ids, classify, classify_counted
-from svdbatch.rundir import records
+from svdbatch.rundir import records, summaries
+from svdbatch.rundir.intact import output_intact
 from svdbatch.rundir.layout import layout_version
 from svdbatch.rundir.run_dirs import config_files, run_cwd
-from svdbatch.rundir.store import CACHE_DIR, output_intact, parse_time
+from svdbatch.rundir.store import CACHE_DIR, parse_time
 
-# From this many results lines on, done is counted from the writers' summaries (records.py)
+# From this many results lines on, done is counted from the writers' summaries (summaries.py)
 # instead of two stats per item: a million stats alone take seconds on a shared file system.
 FAST_FROM = 5_000
 
@@ -194,7 +195,7 @@ def invalid_reasons(
 
 
 # -- quality ----------------------------------------------------------------------------
-def quality_summary(totals: records.RunTotals) -> dict[str, Any]:
+def quality_summary(totals: summaries.RunTotals) -> dict[str, Any]:
     """Over the finished items' results records (the writers' summaries keep the sums): how
     many carry quality signals, how many are duds (and the rate), and each signal's mean,
     standard deviation (population), min and max. What the sweep page compares across points
@@ -219,10 +220,10 @@ def quality_summary(totals: records.RunTotals) -> dict[str, Any]:
 
 # -- the report -------------------------------------------------------------------------
 def collect(
-    run_dir: Path, window: int = THROUGHPUT_WINDOW, now: datetime | None = None, totals: records.RunTotals | None = None
+    run_dir: Path, window: int = THROUGHPUT_WINDOW, now: datetime | None = None, totals: summaries.RunTotals | None = None
 ) -> dict[str, Any]:
     """Everything `svdbatch status` prints, as one JSON-friendly dict (`totals`: the run
-    dir's records.totals, if the caller has them already)."""
+    dir's summaries.totals, if the caller has them already)."""
     now = now or datetime.now(timezone.utc)
     failures_log = records.read_failures(run_dir)
     failures = latest_by_id(failures_log)
@@ -230,7 +231,7 @@ def collect(
     idless = list({r.get("line"): r for r in failures_log if r.get("id") is None}.values())
     view = read_manifest_view(run_dir)
     ids = view.ids if view.known else None
-    totals = totals or records.totals(run_dir)
+    totals = totals or summaries.totals(run_dir)
     # Done items that broke a quality rule (kept and marked, docs/quality.md): part of done.
     if totals.commits >= FAST_FROM:  # a big run: the summaries' counts, no per-item stats
         counts = classify_counted(run_dir, ids, view.bad_rows, totals.done, failures, claimed_ids(run_dir), idless)

@@ -16,7 +16,7 @@ from svdbatch.reports.html import CSS, esc, number, url
 from svdbatch.reports.status import read_manifest_view
 from svdbatch.reports.sweep_cells import Cell, CellSource, cached_cells, cells_in_parallel
 from svdbatch.reports.sweep_root import Point, read_sweep_spec, sweep_points, unstarted_points
-from svdbatch.rundir import records
+from svdbatch.rundir import records, summaries
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def manifest_order(points: list[Point]) -> list[str] | None:
 
 def big_run(run_dir: Path) -> bool:
     """A run dir with so many results that reading them all would cost the page seconds."""
-    return records.totals(run_dir).commits >= status.FAST_FROM
+    return summaries.totals(run_dir).commits >= status.FAST_FROM
 
 
 def item_order(points: list[Point], cards: list[dict[str, Any]], manifest_ids: list[str] | None = None) -> list[str]:
@@ -272,9 +272,9 @@ def summary_line(points: int, items: int, shown_items: int, counts: dict[str, in
     return summary
 
 
-def point_quality(run_dir: Path, totals: records.RunTotals | None = None) -> dict[str, Any]:
+def point_quality(run_dir: Path, totals: summaries.RunTotals | None = None) -> dict[str, Any]:
     """status.quality_summary of a point's finished items (the writers' summaries keep the sums)."""
-    return status.quality_summary(totals or records.totals(run_dir))
+    return status.quality_summary(totals or summaries.totals(run_dir))
 
 
 def quality_row(qualities: list[dict[str, Any]]) -> str:

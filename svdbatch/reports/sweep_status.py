@@ -11,8 +11,8 @@ from svdbatch.reports import progress, status
 from svdbatch.reports.status import eta_line, reason_lines
 from svdbatch.reports.sweep_page import point_quality
 from svdbatch.reports.sweep_root import Point, read_sweep_spec, sweep_points, unstarted_points
-from svdbatch.rundir import records
-from svdbatch.rundir.store import output_intact
+from svdbatch.rundir import records, summaries
+from svdbatch.rundir.intact import output_intact
 
 if TYPE_CHECKING:
     pass
@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 
 
 # -- the sweep's status -------------------------------------------------------------------
-def reused_count(run_dir: Path, totals: records.RunTotals | None = None) -> int:
+def reused_count(run_dir: Path, totals: summaries.RunTotals | None = None) -> int:
     """Finished items of a point that were linked from elsewhere, not generated (in a big
-    point: the summaries' count, records.py)."""
-    totals = totals or records.totals(run_dir)
+    point: the summaries' count, summaries.py)."""
+    totals = totals or summaries.totals(run_dir)
     if totals.commits >= status.FAST_FROM:
         return totals.reused
     return sum(1 for r in records.latest_results(run_dir).values() if r.get("reused_from") and output_intact(run_dir, r))
@@ -54,7 +54,7 @@ def collect_sweep(root: Path, window: int | None = None, now: Any = None) -> dic
     reports = []
     generated: list[dict[str, Any]] = []
     for point in points:
-        point_totals = records.totals(point.run_dir)  # the writers' summaries, read once per point
+        point_totals = summaries.totals(point.run_dir)  # the writers' summaries, read once per point
         report = status.collect(point.run_dir, window, now, point_totals)
         report["label"] = point.label
         report["counts"]["reused"] = reused_count(point.run_dir, point_totals)

@@ -37,8 +37,9 @@ from svdbatch.core.atomic import atomic_path, atomic_write_bytes
 from svdbatch.core.config import OutputConfig, OutputFormat
 from svdbatch.core.jsonl import to_json
 from svdbatch.core.locks import lock_or_go_on
+from svdbatch.rundir.intact import output_intact
 from svdbatch.rundir.sidecar import Sidecar
-from svdbatch.rundir.store import METADATA_FILE, SHARD_INDEX, SHARDS_DIR, RunStore, output_intact
+from svdbatch.rundir.store import METADATA_FILE, SHARD_INDEX, SHARDS_DIR, RunStore
 
 log = logging.getLogger(__name__)
 

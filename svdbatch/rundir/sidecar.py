@@ -55,7 +55,7 @@ class Sidecar:
     """One finished item. Build it with the constructor (worker.py), read it with
     `Sidecar.read` / `from_json`, write `to_json()` (store.RunStore.commit)."""
 
-    # What the item is: its id, key (everything that determines the frames: store.KeyMaker)
+    # What the item is: its id, key (everything that determines the frames: keys.KeyMaker)
     # and output key (everything that shapes the written file: outputs.output_key).
     id: str
     key: str

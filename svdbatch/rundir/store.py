@@ -1,4 +1,4 @@
-"""The run directory: item keys, what is done, commits, claims, owners.
+"""The run directory: the names of its files, what is done, commits, claims.
 
 Layout of a run dir::
 
@@ -8,7 +8,7 @@ Layout of a run dir::
     items/<bucket>/<id>.json   sidecar: row, params, seed, input hash, model, versions, timings (sidecar.py)
     records/<writer>.results.jsonl   one line per finished item, one file per writing process (records.py)
     records/<writer>.failures.jsonl  one line per failed attempt (error + traceback)
-    records/<writer>.summary.json    counts and recent finishes, what `svdbatch status` reads
+    records/<writer>.summary.json    counts and recent finishes, what `svdbatch status` reads (summaries.py)
     claims/<id>.claim    lease of the process generating the item (claims.py), deleted on release
     cache/               image checks and hashes by (path, size, mtime), manifest summaries,
                          the resume snapshot (resume_index.py)
@@ -27,14 +27,14 @@ An item is done when its video and then its sidecar have been renamed into place
 results line vouches for both (their byte sizes), and the line's two keys match what the
 current config gives that item: the key (everything that determines the frames) and the
 output key (everything that shapes the written file: format, fps, quality, loop, encoder;
-outputs.output_settings). Resume checks this with two stats per item; `svdbatch verify`
-(verify.py) checks every byte.
+outputs.output_settings; keys.py). Resume checks this with two stats per item (intact.py);
+`svdbatch verify` (verify.py) checks every byte. What a killed run left is cleared by the
+next one (cleanup.py); a redo sets the old files aside first (replacing.py); an item another
+run dir finished with the same key is linked, not generated (reuse.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
@@ -46,20 +46,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from svdbatch.core.atomic import (
-    DISK_FULL_ERRNOS,
-    HOST,
-    TEMP_MARKER,
-    atomic_write_bytes,
-    temp_prefix,
-    written_by_dead_process,
-)
+from svdbatch.core.atomic import DISK_FULL_ERRNOS, atomic_write_bytes, temp_prefix
 from svdbatch.core.config import OutputFormat
 from svdbatch.core.errors import RunDirError
 from svdbatch.core.faults import fault_point
 from svdbatch.rundir import claims as leases
-from svdbatch.rundir import records, resume_index
-from svdbatch.rundir.claims import CLAIM_SUFFIX, Claim
+from svdbatch.rundir import record_writer, records, resume_index
+from svdbatch.rundir.claims import Claim
+from svdbatch.rundir.cleanup import STALE_TEMP_SECONDS, remove_dead_owners, remove_stale_claims, remove_temporaries, subfolders
+from svdbatch.rundir.intact import output_intact, resume_intact
 from svdbatch.rundir.layout import (
     FLAT,
     LAYOUT_FILE,
@@ -71,11 +66,12 @@ from svdbatch.rundir.layout import (
     sidecar_relpath,
     write_layout,
 )
-from svdbatch.rundir.outputs import link_output, output_bytes, output_name
-from svdbatch.rundir.owners import Owner, owner_state, read_owners
+from svdbatch.rundir.outputs import output_name
+from svdbatch.rundir.owners import Owner
 from svdbatch.rundir.resume_index import ResumeRecord
-from svdbatch.rundir.sidecar import Sidecar, body_bytes, named_output, result_record
-from svdbatch.rundir.sidecar_fields import ReusedFrom, SidecarError, SidecarImage, SidecarRow
+from svdbatch.rundir.sidecar import Sidecar, body_bytes, result_record
+from svdbatch.rundir.sidecar_fields import SidecarError, SidecarRow
+from svdbatch.rundir.summaries import LEGACY_NAME, save_legacy_summary
 
 log = logging.getLogger(__name__)
 
@@ -104,55 +100,8 @@ SHARDS_DIR = "webdataset"  # WebDataset tar shards (dataset.py)
 SHARD_INDEX = "index.json"  # inside SHARDS_DIR: which items each shard holds
 GALLERY_ASSETS_DIR = "gallery"  # the gallery's thumbnails and previews (gallery.py, sweep.py)
 DAMAGED_DIR = "damaged"  # damaged/<stamp>/: what `svdbatch verify --repair` set aside
-KEY_VERSION = 2  # bump when what goes into a key changes meaning (2: preprocessing)
-STALE_TEMP_SECONDS = 600.0
 # Said when a run stops because its run dir cannot be written (RunStore.write_stop).
 WRITE_STOP_HINT = "free space and run again to resume; a read-only or vanished run dir must be writable again first"
-
-
-class KeyMaker:
-    """Item keys for one model: everything that determines an item's frames, hashed.
-    A changed key means redo. The model part is serialised once, not once per row.
-
-    `preprocess` is how the source image is fitted to the target size (resize policy,
-    pad and background colours): it changes the pipeline's input, so it changes frames."""
-
-    def __init__(self, model: dict[str, Any]):
-        self.prefix = f"svdbatch-key-v{KEY_VERSION}|{json.dumps(model, sort_keys=True)}|"
-        self._preprocess_json: dict[Any, str] = {}
-        self._params_text: dict[Any, str] = {}
-
-    def __call__(self, image_sha256: str, params: Any, seed: int, preprocess: Any) -> str:
-        """`params` and `preprocess` are hashable (GenParams, Preprocess): a run has few
-        distinct ones, so each is serialised once, not once per row."""
-        return self.key_with(image_sha256, seed, self.tail(params, preprocess))
-
-    def key(self, image_sha256: str, params_text: str, seed: int, preprocess_json: str) -> str:
-        return self.key_with(image_sha256, seed, f"{params_text}|{preprocess_json}")
-
-    def tail(self, params: Any, preprocess: Any) -> str:
-        """What a key shares with every item of these params and preprocessing (key_with)."""
-        prep = self._preprocess_json.get(preprocess)
-        if prep is None:
-            prep = self._preprocess_json[preprocess] = json.dumps(preprocess.as_dict(), sort_keys=True)
-        text = self._params_text.get(params)
-        if text is None:
-            text = self._params_text[params] = params_text(params.as_dict())
-        return f"{text}|{prep}"
-
-    def key_with(self, image_sha256: str, seed: int, tail: str) -> str:
-        """The key from its per-item parts and a tail(): planning a million rows of few
-        distinct settings serialises and hashes those settings once, not per row."""
-        return hashlib.sha256(f"{self.prefix}{image_sha256}|{seed}|{tail}".encode()).hexdigest()
-
-
-def params_text(params: dict[str, Any]) -> str:
-    # repr() of ints and floats is exact and stable, and the params' order is fixed.
-    return ",".join(f"{name}={value!r}" for name, value in params.items())
-
-
-def item_key(image_sha256: str, params: dict[str, Any], seed: int, model: dict[str, Any], preprocess: dict[str, Any]) -> str:
-    return KeyMaker(model).key(image_sha256, params_text(params), seed, json.dumps(preprocess, sort_keys=True))
 
 
 def is_invalid_record(record: dict[str, Any]) -> bool:
@@ -169,29 +118,6 @@ def parse_time(text: Any) -> datetime | None:
     except ValueError:
         return None
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
-
-
-def output_intact(run_dir: str | os.PathLike, record: Mapping[str, Any] | ResumeRecord, layout: int | None = None) -> bool:
-    """A results record's output and sidecar are still there, with the sizes they were
-    committed with (two stats: users delete videos or sidecars, and this runs for every row
-    of a resume; verify.py reads every byte). Lines written before sidecar sizes were
-    recorded only need the sidecar to exist. `layout`: the run dir's (layout.py), if known."""
-    root = os.fspath(run_dir)
-    output = record.get("output")  # .get: a record's dict or a ResumeRecord
-    if output is None or output_bytes(f"{root}/{output}") != record.get("output_bytes"):
-        return False
-    version = layout_version(root) if layout is None else layout
-    sidecar_size = output_bytes(f"{root}/{sidecar_relpath(str(record.get('id')), version)}")
-    recorded = record.get("sidecar_bytes")
-    return sidecar_size == recorded if recorded is not None else sidecar_size >= 0
-
-
-def resume_intact(root: str, record: ResumeRecord, layout: int) -> bool:
-    """output_intact for a compact index's record (run for each of a million done rows)."""
-    if record.output is None or output_bytes(f"{root}/{record.output}") != record.output_bytes:
-        return False
-    sidecar_size = output_bytes(f"{root}/{sidecar_relpath(record.id, layout)}")
-    return sidecar_size == record.sidecar_bytes if record.sidecar_bytes is not None else sidecar_size >= 0
 
 
 class RunStore:
@@ -233,32 +159,11 @@ class RunStore:
             )
         # Torn last lines of killed writers are skipped by every reader (records.py): each
         # writer's file is its own, nobody appends to a dead writer's file again.
-        if (self.root / RESULTS).is_file() and not (self.records / f"{records.LEGACY_NAME}{records.SUMMARY_SUFFIX}").is_file():
-            records.save_legacy_summary(self.root)  # an old run dir: status reads this, not the old log
+        if (self.root / RESULTS).is_file() and not (self.records / f"{LEGACY_NAME}{records.SUMMARY_SUFFIX}").is_file():
+            save_legacy_summary(self.root)  # an old run dir: status reads this, not the old log
         self.remove_stale_temporaries(buckets=buckets)
-        self.remove_dead_owners()
-        self.remove_stale_claims()
-
-    def remove_stale_claims(self) -> int:
-        """Claims (and takeover locks) of dead holders (claims.py); in a run dir of an older
-        version also its flock files, one per item ever claimed: empty, never held by this version."""
-        removed = 0
-        for folder, _, files in os.walk(self.claims):
-            for name in files:
-                path = Path(folder, name)
-                if name.endswith((CLAIM_SUFFIX, leases.TAKEOVER_SUFFIX)) and leases.is_stale(path):
-                    path.unlink(missing_ok=True)
-                    removed += 1
-        return removed
-
-    def remove_dead_owners(self, older_than_s: float = STALE_TEMP_SECONDS) -> None:
-        """Owner files a killed run left: its pid is gone (this host), or no heartbeat for
-        long (another host)."""
-        cutoff = time.time() - older_than_s
-        for owner in read_owners(self.root):
-            here = owner.get("host") == HOST
-            if (here and owner_state(owner) == "dead") or owner["updated"] < cutoff:
-                Path(owner["file"]).unlink(missing_ok=True)
+        remove_dead_owners(self.root)
+        remove_stale_claims(self.claims)
 
     def owner(self) -> Owner:
         return Owner(self.root)
@@ -270,11 +175,11 @@ class RunStore:
         dead, and old ones from elsewhere. A fresh one may belong to a live process (a
         second worker, or a shard on another node sharing this dir). `buckets`: also in the
         bucket folders of videos/ and items/; `only_buckets`: only there."""
-        grouped = [Path(e.path) for f in (self.videos, self.sidecars) for e in _subfolders(f)] if self.layout != FLAT else []
+        grouped = [Path(e.path) for f in (self.videos, self.sidecars) for e in subfolders(f)] if self.layout != FLAT else []
         folders = [*grouped] if buckets else []
         if not only_buckets:
             folders += [self.videos, self.sidecars, self.root, self.records, self.claims, *self._asset_folders()]
-        return self._remove_temporaries(folders, time.time() - older_than_s)
+        return remove_temporaries(folders, time.time() - older_than_s)
 
     def _asset_folders(self) -> list[Path]:
         """The URL cache, shards, thumbnails and caches: written with the same atomic writer."""
@@ -284,30 +189,7 @@ class RunStore:
             if folder.is_dir()
         ]
         # gallery/<bucket>/ (layout.asset_relpath) and downloads/<bucket>/ (fetch.UrlCache.path_for)
-        return extra + [Path(e.path) for name in (GALLERY_ASSETS_DIR, DOWNLOADS_DIR) for e in _subfolders(self.root / name)]
-
-    @staticmethod
-    def _remove_temporaries(folders: list[Path], cutoff: float) -> int:
-        removed = 0
-        for folder in folders:
-            try:
-                entries = os.scandir(folder)
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                if TEMP_MARKER not in entry.name or not entry.name.startswith("."):
-                    continue
-                try:
-                    if not written_by_dead_process(entry.name) and entry.stat(follow_symlinks=False).st_mtime > cutoff:
-                        continue
-                except FileNotFoundError:
-                    continue  # a live writer renamed it into place meanwhile (a run's workers go on while the pool cleans up)
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    Path(entry.path).unlink(missing_ok=True)
-                removed += 1
-        return removed
+        return extra + [Path(e.path) for name in (GALLERY_ASSETS_DIR, DOWNLOADS_DIR) for e in subfolders(self.root / name)]
 
     def lost(self) -> str | None:
         """Why nothing can be written into the run dir any more (it was deleted, a folder
@@ -394,7 +276,7 @@ class RunStore:
         try:
             record = self.done_record(item_id, key, out_key)
             if record is not None:
-                records.writer(self.root).append_result(record)
+                record_writer.writer(self.root).append_result(record)
             return record
         finally:
             self.release(claim)
@@ -434,60 +316,10 @@ class RunStore:
         """Where this run keeps the outputs it replaces: replaced/<UTC start time>/."""
         return self.root / REPLACED_DIR / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
 
-    def set_aside(self, item_id: str, new_key: str, new_output_key: str | None, folder: Path) -> list[tuple[Path, Path]]:
-        """Before an item's new output is written: move its finished output of another key
-        (or other output settings), then that sidecar, to `folder` (same relative paths), so
-        nothing generated is overwritten. A sidecar this version cannot read (damaged, or of
-        another schema) is moved too, with the output it names. The caller holds the item's
-        claim and has generated the new frames: a redo that fails keeps the old output in
-        place, and one that fails after the move puts them back (restore). Returns the
-        (source, target) pairs moved, empty if nothing was."""
-        sidecar_file = self.sidecar_path(item_id)
-        try:
-            sidecar: Sidecar | None = Sidecar.read(sidecar_file)
-        except FileNotFoundError:
-            return []
-        except (OSError, SidecarError):
-            sidecar = None
-        if sidecar is not None and (not sidecar.done or sidecar.done_with(new_key, new_output_key)):
-            return []
-        named = sidecar.output.path if sidecar is not None else named_output(sidecar_file)
-        inside = named is not None and not os.path.isabs(named) and ".." not in Path(named).parts
-        output = self.root / named if inside and named is not None else self.root
-        moved: list[tuple[Path, Path]] = []
-        if sidecar is not None and sidecar.done:
-            self._replacing.add(item_id)  # its commit is a redo: done already (records.py counts)
-        # The video first: if the run dies in between, the expensive part is already safe.
-        for source in (output, sidecar_file):
-            if source == self.root or not os.path.lexists(source):
-                continue
-            target = folder / self.relative(source)
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source, target)
-            except OSError as exc:  # e.g. videos/ linked to another file system
-                log.warning("could not keep %s in %s (%s); it will be overwritten", source, folder, exc)
-                return moved
-            moved.append((source, target))
-        return moved
-
-    def restore(self, moved: list[tuple[Path, Path]]) -> None:
-        """Undo set_aside: a redo failed before its sidecar was in place, so the old output
-        and sidecar go back and the item stays done with its old key. Sidecar first, then
-        the output: os.replace puts the old video over whatever the redo left there."""
-        for source, target in reversed(moved):
-            try:
-                if source.is_dir() and not source.is_symlink():
-                    shutil.rmtree(source)  # a frames folder the failed redo left
-                os.replace(target, source)
-            except OSError as exc:
-                log.error("could not put %s back after a failed redo (%s); it is in %s", source, exc, target)
-                continue
-            for folder in list(target.parents)[:4]:  # <bucket>/, items/, <stamp>/, replaced/ if left empty
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break  # not empty: other items were replaced there
+    def mark_redo(self, item_id: str) -> None:
+        """The item's next commit replaces a done one (replacing.set_aside moved it aside): its
+        results line is marked a redo, so the summaries count the item done once."""
+        self._replacing.add(item_id)
 
     # -- writing ----------------------------------------------------------------------
     def commit(self, sidecar: Sidecar) -> None:
@@ -502,7 +334,7 @@ class RunStore:
         atomic_write_bytes(path, body, fault="sidecar")
         fault_point("results")
         line = result_record(record, len(body))
-        records.writer(self.root).append_result({**line, "redo": True} if redo else line)
+        record_writer.writer(self.root).append_result({**line, "redo": True} if redo else line)
 
     @staticmethod
     def _done_before(path: Path) -> bool:
@@ -517,7 +349,7 @@ class RunStore:
         """An item is not done any more (verify --repair set it aside): a results line
         without an output, so readers see it not done and the summaries count it out."""
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        records.writer(self.root).append_result({"id": item_id, "removed": True, "removed_at": now})
+        record_writer.writer(self.root).append_result({"id": item_id, "removed": True, "removed_at": now})
 
     def update_row(self, item_id: str, key: str, out_key: str, row: SidecarRow) -> bool:
         """A finished item whose manifest row changed only outside its key (meta_* values):
@@ -536,38 +368,10 @@ class RunStore:
             body = body_bytes(record)
             atomic_write_bytes(self.sidecar_path(item_id), body)
             now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            records.writer(self.root).append_result({**result_record(record, len(body)), "meta_updated_at": now})
+            record_writer.writer(self.root).append_result({**result_record(record, len(body)), "meta_updated_at": now})
             return True
         finally:
             self.release(claim)
-
-    def commit_reused(
-        self, item_id: str, key: str, source: RunStore, source_id: str, row: SidecarRow, image: SidecarImage
-    ) -> Sidecar:
-        """Commit an item another run dir already finished with the same key: its output is
-        linked here (store.link_output), and its sidecar is the source's (same frames, same
-        params, same model) with this item's own id, row and image (the size of the source's:
-        the same key means the same image bytes), plus `reused_from`.
-        The results line is appended as for any commit, so resume, status and the dataset
-        files treat it as done. Call under the item's claim."""
-        start = time.perf_counter()
-        recorded = Sidecar.read(source.sidecar_path(source_id))
-        if recorded.key != key or not recorded.done:
-            raise ValueError(f"{source.sidecar_path(source_id)} no longer holds key {key}")
-        target = self.video_path(item_id)
-        how = link_output(source.root / recorded.output.path, target)
-        took = time.perf_counter() - start
-        sidecar = recorded.reused(
-            item_id,
-            output=replace(recorded.output, path=self.relative(target), bytes=output_bytes(target)),
-            reused_from=ReusedFrom(run_dir=str(source.root.resolve()), id=source_id, how=how),
-            reuse_s=took,
-            finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            row=row,
-            image=replace(image, size=recorded.image.size),  # same key: same image bytes
-        )
-        self.commit(sidecar)
-        return sidecar
 
     def record_failure(self, item_id: str | None, key: str | None, error: str, details: dict[str, Any]) -> None:
         self.record_failures([(item_id, key, error, details)])
@@ -576,13 +380,6 @@ class RunStore:
         """Several failures (id, key, error, details), in one write and one fsync: the 10k
         invalid rows of a big manifest must not cost 10k fsyncs."""
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        records.writer(self.root).append_failures(
+        record_writer.writer(self.root).append_failures(
             [{"id": i, "key": k, "error": e, "time": stamp, **d} for i, k, e, d in failures]
         )
-
-
-def _subfolders(folder: Path) -> list[os.DirEntry[str]]:
-    try:
-        return [entry for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False) and not entry.name.startswith(".")]
-    except FileNotFoundError:
-        return []
