@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import statistics
 import tempfile
@@ -25,6 +26,7 @@ from hydra import compose, initialize_config_dir
 from overhead import make_manifest  # noqa: E402  (bench/overhead.py: sys.path[0] is bench/)
 
 from svdbatch.core.compose import config_dir
+from svdbatch.core.config_checks import run_config
 from svdbatch.engine import crews, driver
 
 
@@ -34,7 +36,9 @@ class LoadCounter(logging.Handler):
         self.loads = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "loaded %s" in str(record.msg):
+        # models.loading's "loaded <model> (<dtype>, <device>) in <s> s", prefixed
+        # "worker <n>: " when several workers forward their records (crews.log_from_worker).
+        if re.search(r"(^|: )loaded \S+ \(", record.getMessage()):
             self.loads += 1
 
 
@@ -59,7 +63,7 @@ def one_sweep(manifest: Path, out: Path, points: int, count_workers: int, keep: 
                     "conditioning.num_inference_steps=2",
                 ],
             )
-        driver.run(cfg)
+        driver.run(run_config(cfg))  # as svdbatch.run does (driver.in_hydra_sweep is patched above)
     crews.close_crews()  # the end of the sweep (atexit in the real command)
     return time.perf_counter() - start
 
@@ -72,8 +76,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     counter = LoadCounter()
-    logging.getLogger("svdbatch.engine.pool").addHandler(counter)
-    logging.getLogger("svdbatch.engine.pool").setLevel(logging.INFO)
+    # Worker processes' records are re-emitted under their own logger names (crews.log_from_worker):
+    # listen on the package logger, where every one of them passes.
+    logging.getLogger("svdbatch").addHandler(counter)
+    logging.getLogger("svdbatch").setLevel(logging.INFO)
     scratch = Path(tempfile.mkdtemp(prefix="svdbatch-bench-sweep-"))
     try:
         manifest = make_manifest(scratch / "data", args.items, size=(64, 64))
