@@ -20,7 +20,7 @@ from pathlib import Path
 from svdbatch.core.faults import fault_point
 
 TEMP_MARKER = ".partial-"
-# errno of a write error that no later write escapes either (the run stops, see worker.py).
+# errno of a write error that no later write escapes either (the run stops: RunStore.write_stop, engine/commit.py).
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 _HOST = socket.gethostname().replace("@", "_")[:64]
 HOST = _HOST  # this machine, as named in temporaries and owner files (owners.Owner)

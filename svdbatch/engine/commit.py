@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from svdbatch.core.atomic import temp_prefix
-from svdbatch.core.config import OutputConfig, plain
+from svdbatch.core.config import OutputConfig, OutputFormat
 from svdbatch.core.outcomes import DONE, FAILED, STOPPED, Outcome
 from svdbatch.engine.generation import Generated, Loaded
 from svdbatch.engine.plan import PlannedItem
@@ -63,7 +63,7 @@ class Committer:
     ):
         self.store = store
         self.output = output
-        self.output_format = plain(output)["format"]
+        self.output_format = OutputFormat(output.format).value
         self.loaded = loaded
         self.context = context
         self.judge = judge

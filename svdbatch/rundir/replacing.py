@@ -1,6 +1,6 @@
 """Redoing a finished item without losing it: its old output and sidecar are moved aside
 (replaced/<stamp>/, RunStore.replaced_dir) just before the new ones go into place, and put
-back if the redo fails before its commit (engine/worker.py)."""
+back if the redo fails before its commit (engine/commit.py)."""
 
 from __future__ import annotations
 

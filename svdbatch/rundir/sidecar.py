@@ -52,7 +52,7 @@ def body_bytes(record: Mapping[str, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class Sidecar:
-    """One finished item. Build it with the constructor (worker.py), read it with
+    """One finished item. Build it with the constructor (engine/commit.py), read it with
     `Sidecar.read` / `from_json`, write `to_json()` (store.RunStore.commit)."""
 
     # What the item is: its id, key (everything that determines the frames: keys.KeyMaker)
