@@ -17,16 +17,21 @@ Exit codes live in core/errors.py.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import re
+import shutil
 import signal
+import socket
 import sys
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from svdbatch import api
 from svdbatch.commands import SUBCOMMANDS
+from svdbatch.core.atomic import atomic_write_bytes
 from svdbatch.core.compose import config_dir
 from svdbatch.core.config import Config
 from svdbatch.core.config_checks import run_config
@@ -38,42 +43,82 @@ from svdbatch.core.errors import (
     USER_ERRORS,
     exit_code_for_signal,
 )
+from svdbatch.core.jsonl import to_json
 from svdbatch.core.process import own_process
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
+    from hydra.core.utils import JobReturn
     from omegaconf import DictConfig
 
 log = logging.getLogger("svdbatch")
 
 
-_exit_codes: list[int] = []  # one per Hydra job (several in a multirun)
+_exit_codes: list[int] = []  # one per Hydra job this process knows of (several in a multirun)
 _jobs_started: list[bool] = []  # Hydra composed a config and called the app at least once
 
+OUTCOMES_FOLDER = ".svdbatch-jobs"  # in a multirun's sweep dir: one JobSummary file per job
 
-@dataclass
+
+@dataclass(frozen=True)
 class JobSummary:
-    """What one Hydra job hands back: its summary line, run dir and exit code.
-
-    hydra.main drops a sweep's return values, and under the submitit launchers each job runs
-    in another process (its stdout goes to .submitit/*_log.out). The launcher does bring each
-    job's return value back to the launching process, pickled: unpickling a JobSummary there
-    records it, so `main` can print one line per job and exit with the worst code."""
+    """What one Hydra job hands back: its summary line, run dir and exit code."""
 
     job: int | None
     run_dir: str
     line: str
     exit_code: int
-    pid: int = field(default_factory=os.getpid)  # the process that ran the job
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.pid != os.getpid():
-            _remote_jobs[(self.job, self.run_dir)] = self
-            _exit_codes.append(self.exit_code)
+    process: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # who ran it
 
 
-_remote_jobs: dict[tuple[int | None, str], JobSummary] = {}  # jobs another process ran
+class JobOutcomes:
+    """The Hydra callback (conf/config.yaml, hydra.callbacks) that brings each job's
+    JobSummary back to the process that launched a multirun. hydra.main drops a sweep's
+    return values, and under the submitit launchers each job runs in another process, maybe
+    on another host, with its stdout in .submitit/*_log.out. So each job writes its summary
+    into the sweep dir (a shared filesystem, as submitit requires), and at the sweep's end
+    the launching process prints one line per job run elsewhere and exits with the worst
+    code. The methods are the whole of hydra.experimental.callback.Callback's interface
+    (Hydra calls them by name); not subclassing it keeps Hydra out of `import svdbatch.cli`."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        pass
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        pass
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        pass
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        shutil.rmtree(outcomes_folder(config), ignore_errors=True)  # an earlier sweep's jobs
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        summary = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
+        if isinstance(summary, JobSummary) and config.hydra.mode == RunMode.MULTIRUN:
+            folder = outcomes_folder(config)
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(folder / f"{config.hydra.job.num}.json", to_json(asdict(summary)).encode())
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        here = JobSummary(None, "", "", EXIT_OK).process
+        elsewhere = [s for s in read_job_summaries(outcomes_folder(config)) if s.process != here]
+        for summary in elsewhere:
+            print(f"job {summary.job}: {summary.line}", flush=True)
+        _exit_codes.extend(summary.exit_code for summary in elsewhere)
+
+
+def outcomes_folder(config: DictConfig) -> Path:
+    return Path(config.hydra.sweep.dir).absolute() / OUTCOMES_FOLDER
+
+
+def read_job_summaries(folder: Path) -> list[JobSummary]:
+    """The summaries the jobs of a multirun wrote, in job order."""
+    paths = sorted(folder.glob("*.json"), key=lambda p: int(p.stem)) if folder.is_dir() else []
+    return [JobSummary(**json.loads(path.read_text())) for path in paths]
 
 
 def job_number() -> int | None:
@@ -116,12 +161,6 @@ def run_job(cfg: DictConfig) -> JobSummary:
         sys.exit(exit_code(summary))
     _exit_codes.append(exit_code(summary))
     return JobSummary(job_number(), str(summary.run_dir), summary.line(), exit_code(summary))
-
-
-def print_remote_jobs() -> None:
-    """After a sweep whose jobs ran in other processes (submitit): one line per job."""
-    for summary in sorted(_remote_jobs.values(), key=lambda s: (s.job is None, s.job or 0, s.run_dir)):
-        print(f"job {summary.job}: {summary.line}", flush=True)
 
 
 def exit_code(summary: api.RunSummary) -> int:
@@ -294,5 +333,4 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C before the run installed its own handler (composing, importing)
         print("interrupted; run the same command to resume", file=sys.stderr)
         sys.exit(exit_code_for_signal(signal.SIGINT))
-    print_remote_jobs()
     sys.exit(max(_exit_codes, default=EXIT_OK))

@@ -3,6 +3,7 @@ onto it, and after a submitit sweep one summary line per job and the worst exit 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -48,6 +49,10 @@ def test_submitit_sweep_prints_each_jobs_summary_and_the_worst_exit_code(tmp_pat
     (tmp_path / "img" / "3.png").write_bytes(b"not an image")  # one failed item: its job exits 1
     manifest = write_csv(tmp_path / "m.csv", ["id", "image", "seed"], [[f"i{n}", f"img/{n}.png", n] for n in range(4)])
     sweep = tmp_path / "sweep"
+    # An earlier sweep's job in the same sweep dir: not this sweep's, so neither printed nor counted.
+    (sweep / ".svdbatch-jobs").mkdir(parents=True)
+    stale = {"job": 7, "run_dir": "/elsewhere", "line": "stale", "exit_code": 2, "process": "otherhost:1"}
+    (sweep / ".svdbatch-jobs" / "7.json").write_text(json.dumps(stale))
     proc = subprocess.run(
         [
             sys.executable,
