@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from svdbatch import run
 from svdbatch.engine import output_check
-from svdbatch.engine.driver import run
 from svdbatch.rundir import resume_index
 from svdbatch.rundir.store import RunStore
 from tests.conftest import make_cfg, write_csv

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from svdbatch import run
 from svdbatch.commands import validate
 from svdbatch.core.errors import ConfigError, ManifestError
 from svdbatch.core.params import Preprocess
-from svdbatch.engine.driver import run
 from svdbatch.inputs.images import ImageProblem, check_image, load_rgb
 from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import FAST, make_cfg, make_image, run_cli, write_csv

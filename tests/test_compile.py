@@ -9,7 +9,7 @@ import json
 import numpy as np
 import torch
 
-from svdbatch.engine.driver import run
+from svdbatch import run
 from svdbatch.engine.worker import Worker
 from svdbatch.models import loading as models
 from svdbatch.rundir.outputs import read_video

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from svdbatch import run
 from svdbatch.commands import validate
 from svdbatch.core.errors import EXIT_BAD_INPUT, ConfigError
-from svdbatch.engine.driver import run
 from tests.conftest import FAST, SAMPLE_CSV, make_cfg, run_cli
 
 UNKNOWN = [

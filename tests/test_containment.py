@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
+from svdbatch import run
 from svdbatch.core.config import FetchConfig
 from svdbatch.core.errors import ManifestError, RunDirError
-from svdbatch.engine.driver import run
 from svdbatch.inputs import fetch
 from svdbatch.inputs.fetch import FetchError, UrlCache
 from svdbatch.inputs.manifest import read_manifest

@@ -10,7 +10,7 @@ import time
 import datasets
 import pytest
 
-from svdbatch.engine.driver import run
+from svdbatch import run
 from svdbatch.rundir.dataset import write_metadata
 from svdbatch.rundir.store import RunStore
 from tests.conftest import make_cfg, make_image, write_csv

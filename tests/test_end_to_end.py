@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from svdbatch.engine.driver import run
+from svdbatch import run
 from svdbatch.models.tiny import ensure_tiny_model
 from svdbatch.rundir.outputs import read_video
 from tests.conftest import make_cfg, write_csv

@@ -14,9 +14,9 @@ from urllib.parse import unquote
 
 import pytest
 
-from svdbatch.engine.driver import run
+import svdbatch
+from svdbatch import run
 from svdbatch.reports.progress import throughput
-from svdbatch.reports.status import collect
 from svdbatch.reports.sweep_page import write_sweep_page
 from svdbatch.rundir.dataset import sample_key, write_dataset
 from svdbatch.rundir.intact import output_intact
@@ -253,7 +253,7 @@ def assert_every_derived_output_is_true(run_dir: Path) -> None:
     page.feed((run_dir / "index.html").read_text(encoding="utf-8"))
     assert page.cards.count("card done") == len(done)
     assert [u for u in page.urls if not (run_dir / u).exists()] == []  # no link to a missing file
-    assert collect(run_dir)["counts"]["done"] == len(done)
+    assert svdbatch.status(run_dir)["counts"]["done"] == len(done)
     assert not [r for r in verify_run_dir(run_dir) if r.damaged and r.item_id in done]  # a deleted video is not listed
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from svdbatch import run
 from svdbatch.core.atomic import TEMP_MARKER
-from svdbatch.engine.driver import run
 from svdbatch.engine.pool import MAX_RESTARTS_IN_A_ROW
 from svdbatch.engine.reproduce import reproduce
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from svdbatch import run
 from svdbatch.core.config import FetchConfig
-from svdbatch.engine.driver import run
 from svdbatch.inputs.fetch import FetchError, UrlCache
 from svdbatch.inputs.images import file_sha256
 from svdbatch.inputs.manifest import read_manifest

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from svdbatch import run
 from svdbatch.core.errors import ManifestError
-from svdbatch.engine.driver import run
 from svdbatch.inputs.ids import derive_seed
 from svdbatch.inputs.manifest import read_manifest
 from tests.conftest import FAST, make_cfg, make_image, run_cli

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
+import svdbatch
 import svdbatch.inputs.images
 import svdbatch.reports.status
+from svdbatch import run
 from svdbatch.core.config import ImageCheck, image_check_mode
 from svdbatch.core.errors import ConfigError, ManifestError
 from svdbatch.core.jsonl import read_jsonl_fast
-from svdbatch.engine.driver import run
 from svdbatch.inputs.images import ImageCache, check_images
 from svdbatch.inputs.manifest import read_manifest, shard_of
-from svdbatch.reports.status import collect
 from tests.conftest import make_cfg, make_image, write_csv
 
 from .runfiles import failures_of, results_of
@@ -151,12 +151,12 @@ def test_status_uses_the_runs_manifest_summary_until_the_manifest_changes(tmp_pa
 
     with monkeypatch.context() as patch:
         patch.setattr(svdbatch.reports.status, "read_manifest", no_parsing)
-        counts = collect(run_dir)["counts"]
+        counts = svdbatch.status(run_dir)["counts"]
     assert (counts["done"], counts["pending"], counts["invalid"], counts["total"]) == (1, 1, 1, 3)
 
     with manifest.open("a") as handle:
         handle.write("c,img/a.png\n")
-    counts = collect(run_dir)["counts"]  # edited: parsed afresh
+    counts = svdbatch.status(run_dir)["counts"]  # edited: parsed afresh
     assert (counts["done"], counts["pending"], counts["total"]) == (1, 2, 4)
 
 

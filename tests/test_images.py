@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from svdbatch import run
 from svdbatch.core.params import Preprocess, check_conditioning, parse_color
-from svdbatch.engine.driver import run
 from svdbatch.inputs.images import ImageProblem, load_rgb, prepare
 from svdbatch.models.tiny import ensure_tiny_model
 from svdbatch.rundir.outputs import read_video

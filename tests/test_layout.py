@@ -11,10 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import svdbatch
-from svdbatch.engine.driver import run
+from svdbatch import run
 from svdbatch.engine.reproduce import check_file_on_disk
 from svdbatch.reports.gallery import write_gallery
-from svdbatch.reports.status import collect
 from svdbatch.rundir import layout, records
 from svdbatch.rundir.layout import BUCKET_CHARS, FLAT, GROUPED, LAYOUT_FILE, bucket, forget_layouts, layout_version
 from svdbatch.rundir.sidecar import Sidecar
@@ -86,7 +85,7 @@ def test_an_old_flat_run_dir_is_read_and_resumed_as_it_is(tmp_path, images):
     assert (run_dir / "videos" / "d.mp4").is_file() and (run_dir / "items" / "d.json").is_file()
     metadata = [json.loads(line) for line in (run_dir / "metadata.jsonl").read_text().splitlines()]
     assert sorted(row["file_name"] for row in metadata) == ["videos/a.mp4", "videos/b.mp4", "videos/d.mp4"]
-    assert collect(run_dir)["counts"]["done"] == 3
+    assert svdbatch.status(run_dir)["counts"]["done"] == 3
     final = run_cli("verify", str(run_dir))
     assert final.returncode == 0 and "3 intact, 0 damaged" in final.stdout, final.stdout + final.stderr
     assert Path(run_dir / "results.jsonl").read_text().count("\n") == 2  # the old log is never written again

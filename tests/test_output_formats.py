@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from svdbatch import run
 from svdbatch.core.config import OutputConfig, OutputFormat
-from svdbatch.engine.driver import run
 from svdbatch.rundir.outputs import (
     EncoderError,
     OutputCheckError,

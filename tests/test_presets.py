@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
+from svdbatch import run
 from svdbatch.core.config import plain
-from svdbatch.engine.driver import run
 from svdbatch.engine.plan import fixed_conditioning_warning, plan_run
 from svdbatch.inputs.manifest import read_manifest
 from svdbatch.rundir.store import RunStore

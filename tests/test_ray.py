@@ -20,9 +20,9 @@ import pytest
 import ray
 import torch
 
+from svdbatch import run
 from svdbatch.cli import exit_code
 from svdbatch.core.errors import EXIT_BAD_INPUT, EXIT_ITEMS_FAILED, ConfigError
-from svdbatch.engine.driver import run
 from svdbatch.engine.prepare import load_manifest
 from svdbatch.engine.ray_actor import ACTOR_NAME
 from svdbatch.engine.ray_connection import actor_devices

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 
-from svdbatch.engine.driver import run
+from svdbatch import run
 from svdbatch.engine.plan import Replacement
 from svdbatch.engine.plan_report import describe_replacements
 from tests.conftest import SAMPLE_CSV, make_cfg

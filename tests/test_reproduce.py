@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from svdbatch import run
 from svdbatch.commands import reproduce as reproduce_command
-from svdbatch.engine.driver import run
 from tests.conftest import make_cfg, make_image, run_cli, write_csv
 
 from .runfiles import sidecar_file, video_file

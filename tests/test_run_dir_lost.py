@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from svdbatch import run
 from svdbatch.cli import exit_code
 from svdbatch.core.errors import EXIT_STOPPED
-from svdbatch.engine.driver import run
 from tests.conftest import make_cfg, make_image, write_csv
 from tests.test_signals import WAIT_S, command, start, wait_for_results
 

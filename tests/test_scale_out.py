@@ -14,9 +14,9 @@ import psutil
 import pytest
 import torch
 
+from svdbatch import run
 from svdbatch.core.compose import sweep_subdir
 from svdbatch.core.errors import ConfigError, ModelLoadError
-from svdbatch.engine.driver import run
 from svdbatch.engine.shards import Shard, resolve_shard, select_shard, shard_from_env
 from svdbatch.inputs.manifest import read_manifest
 from svdbatch.models.devices import resolve_devices

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from svdbatch import run
 from svdbatch.core.jsonl import latest_by_id
 from svdbatch.core.quality import SIGNALS
-from svdbatch.engine.driver import run
 from svdbatch.reports.gallery import write_gallery
 from svdbatch.rundir import records
 from svdbatch.rundir.sidecar import Sidecar

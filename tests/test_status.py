@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+import svdbatch
 from svdbatch.commands import status as status_command
 from svdbatch.reports.progress import eta_seconds, throughput
 from svdbatch.reports.reasons import group_reasons, normalise_error, normalise_problem
-from svdbatch.reports.status import collect
 from svdbatch.reports.status_counts import claimed_ids, classify
 from svdbatch.rundir.claims import STALE_AFTER_S, release, take
 from svdbatch.rundir.store import RunStore
@@ -129,7 +129,7 @@ def test_missing_manifest_leaves_pending_unknown_and_counts_invalid_rows_from_th
             {"id": "r", "error": "RuntimeError: boom"},
         ],
     )
-    report = collect(tmp_path)
+    report = svdbatch.status(tmp_path)
     assert report["manifest"]["error"] == "manifest gone/m.csv not found"
     counts = report["counts"]
     assert (counts["pending"], counts["total"], counts["invalid"], counts["failed"]) == (None, None, 2, 1)
@@ -233,6 +233,6 @@ def test_eta():
 def test_status_of_a_copied_run_dir_without_its_manifest(run_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".hydra"))  # no record of the run's cwd
-    report = collect(copy)
+    report = svdbatch.status(copy)
     assert report["counts"]["done"] == 2 and report["counts"]["pending"] is None
     assert "manifest m.csv not found" in report["manifest"]["error"]

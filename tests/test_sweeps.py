@@ -17,10 +17,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from svdbatch import run
 from svdbatch.commands import status as status_command
 from svdbatch.core.errors import ConfigError
 from svdbatch.core.jsonl import latest_by_id
-from svdbatch.engine.driver import run
 from svdbatch.engine.plan_report import shadowed_knobs_warning
 from svdbatch.inputs.manifest import read_manifest
 from svdbatch.reports import status

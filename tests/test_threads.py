@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
+from svdbatch import run
 from svdbatch.core.errors import ConfigError
-from svdbatch.engine.driver import run
 from svdbatch.models.identity import default_num_threads, usable_cores
 from tests.conftest import REPO, make_cfg
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from svdbatch.engine.driver import run
-from svdbatch.reports.status import collect
+import svdbatch
+from svdbatch import run
 
 from .conftest import make_cfg, run_cli, write_csv
 from .runfiles import sidecar_file, sidecar_rel, video_file, video_rel
@@ -71,7 +71,7 @@ def test_a_truncated_sidecar_and_a_wrong_decode_are_damage(tmp_path, images):
     assert "DAMAGED a: sidecar does not parse" in result.stdout
     assert "DAMAGED b:" in result.stdout and "decodes to 3 frames of 64x64, expected 4 frames of 64x64" in result.stdout
     # status and resume agree that neither is done (sizes no longer match what was committed).
-    assert collect(run_dir)["counts"]["done"] == 0
+    assert svdbatch.status(run_dir)["counts"]["done"] == 0
 
 
 def test_not_a_run_dir_exits_2(tmp_path):
