@@ -121,6 +121,12 @@ def parse_time(text: Any) -> datetime | None:
 
 
 class RunStore:
+    """One process's handle on one run dir: the door through which the engine, verify and
+    the reports reach it. It is long only in methods (six groups: set-up, paths, what is
+    done, claims, replacing, writing); each is a few lines that name a step and hand it to
+    the module that owns it (layout, keys, intact, cleanup, claims, replacing, records,
+    sidecar), so callers never spell a path or a record's fields themselves."""
+
     def __init__(self, root: str | os.PathLike[str], fmt: OutputFormat | str) -> None:
         self.root = Path(root)
         self._root_text = os.fspath(self.root)  # is_done runs per row: Path -> str costs 2 us each time
