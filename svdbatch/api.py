@@ -41,7 +41,7 @@ from svdbatch.reports.sweep_root import is_sweep_root, point_dirs
 from svdbatch.reports.sweep_status import collect_sweep
 from svdbatch.rundir import records
 from svdbatch.rundir.intact import output_intact
-from svdbatch.rundir.layout import sidecar_path_in
+from svdbatch.rundir.layout import SIDECARS_DIR, sidecar_path_in
 from svdbatch.rundir.run_dirs import is_run_dir, not_a_run_dir_message
 from svdbatch.rundir.sidecar import Sidecar
 from svdbatch.rundir.sidecar_fields import SidecarError
@@ -191,13 +191,24 @@ def verify(run_dir: str | os.PathLike, repair: bool = False) -> VerifyReport:
     return report
 
 
-def reproduce(sidecar: str | os.PathLike) -> Reproduction:
+def reproduce(sidecar: str | os.PathLike, item_id: str | None = None) -> Reproduction:
     """Regenerate one item from its sidecar alone and compare the frames hash (`matches`).
-    It loads the model here, in this process: the only function of this module that
-    imports torch, and only when called."""
+    `sidecar`: the item's sidecar file, or its run dir with `item_id`. It loads the model
+    here, in this process: the only function of this module that imports torch, and only
+    when called."""
     from svdbatch.engine.reproduce import reproduce as reproduce_item
 
-    return reproduce_item(Path(sidecar))
+    return reproduce_item(find_sidecar(Path(sidecar), item_id))
+
+
+def find_sidecar(path: Path, item_id: str | None = None) -> Path:
+    """The sidecar of `item_id` in the run dir `path`, or `path` itself. `<run dir>/items/<id>.json`
+    (the flat form of older run dirs) finds the item in either layout."""
+    if item_id is not None:
+        return sidecar_path_in(path, item_id)
+    if not path.exists() and path.parent.name == SIDECARS_DIR and is_run_dir(path.parent.parent):
+        return sidecar_path_in(path.parent.parent, path.stem)
+    return path
 
 
 def score(paths: Iterable[str | os.PathLike], rules: dict[str, Any] | None = None) -> Iterator[Scored]:
@@ -237,7 +248,7 @@ class ItemRecord:
     video: Path | None  # the output (file or frames folder); None unless done
     seed: int | None
     params: dict[str, Any]  # the generation parameters it was (or was to be) made with
-    sidecar: Path | None  # items/<id>.json; None unless done
+    sidecar: Path | None  # its sidecar (items/<bucket>/<id>.json); None unless done
     error: str | None = None  # why it failed
 
 

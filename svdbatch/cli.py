@@ -4,7 +4,7 @@
     svdbatch -m conditioning.motion_bucket_id=60,180 manifest=...      (Hydra multirun)
     svdbatch validate manifest=... [overrides]                          (check, generate nothing)
     svdbatch manifest=some/folder run.emit_manifest=true                (write the derived manifest, stop)
-    svdbatch reproduce outputs/<run>/items/<id>.json                    (regenerate one item, compare hashes)
+    svdbatch reproduce outputs/<run> <id>                               (regenerate one item, compare hashes)
     svdbatch status outputs/<run> [--json]                              (done / pending / failed, throughput, ETA)
     svdbatch gallery outputs/<run>                                      (rewrite <run>/index.html)
     svdbatch verify outputs/<run> [--json] [--repair]                   (check every finished file; set damaged ones aside)

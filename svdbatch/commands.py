@@ -81,10 +81,11 @@ def reproduce(args: list[str]) -> int:
         description="regenerate one item from its sidecar alone and compare the frames hash",
         epilog="exit status: 0 the frames match, 1 they differ, 2 the item cannot be re-run as recorded",
     )
-    parser.add_argument("sidecar", type=Path, help="<run dir>/items/<id>.json")
+    parser.add_argument("sidecar", type=Path, help="the item's sidecar file, or its run dir followed by ITEM_ID")
+    parser.add_argument("item_id", nargs="?", metavar="ITEM_ID", help="the item's id, when the first argument is a run dir")
     options = parser.parse_args(args)  # a bad command line exits 2, like an item that cannot be re-run
     try:
-        result = api.reproduce(options.sidecar)
+        result = api.reproduce(options.sidecar, options.item_id)
     except (CannotReproduce,) + USER_ERRORS as exc:  # the same tuple; mypy rejects *unpacking in except
         print(f"svdbatch reproduce: cannot reproduce: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
