@@ -68,7 +68,11 @@ class JobSummary:
     run_dir: str
     line: str
     exit_code: int
-    process: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # who ran it
+    process: str = field(default_factory=lambda: this_process())  # who ran it
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class JobOutcomes:
@@ -77,9 +81,14 @@ class JobOutcomes:
     return values, and under the submitit launchers each job runs in another process, maybe
     on another host, with its stdout in .submitit/*_log.out. So each job writes its summary
     into the sweep dir (a shared filesystem, as submitit requires), and at the sweep's end
-    the launching process prints one line per job run elsewhere and exits with the worst
-    code. The methods are the whole of hydra.experimental.callback.Callback's interface
+    the launching process prints one line per job run elsewhere, exits with the worst code
+    and removes the files. Jobs run in the launching process (Hydra's basic launcher) write
+    nothing: run_job has already counted them. The methods are the whole of hydra.experimental.callback.Callback's interface
     (Hydra calls them by name); not subclassing it keeps Hydra out of `import svdbatch.cli`."""
+
+    def __init__(self) -> None:
+        # The process that launched the multirun (pickled with the launcher by submitit).
+        self.launcher: str | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         pass
@@ -91,6 +100,7 @@ class JobOutcomes:
         pass
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.launcher = this_process()
         shutil.rmtree(outcomes_folder(config), ignore_errors=True)  # an earlier sweep's jobs
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -98,14 +108,16 @@ class JobOutcomes:
         from hydra.types import RunMode
 
         summary = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
-        if isinstance(summary, JobSummary) and config.hydra.mode == RunMode.MULTIRUN:
+        multirun = config.hydra.mode == RunMode.MULTIRUN
+        if isinstance(summary, JobSummary) and summary.process != self.launcher and multirun:
             folder = outcomes_folder(config)
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(folder / f"{config.hydra.job.num}.json", to_json(asdict(summary)).encode())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        here = JobSummary(None, "", "", EXIT_OK).process
-        elsewhere = [s for s in read_job_summaries(outcomes_folder(config)) if s.process != here]
+        folder = outcomes_folder(config)
+        elsewhere = read_job_summaries(folder)
+        shutil.rmtree(folder, ignore_errors=True)  # read: the sweep dir keeps only the jobs' own output
         for summary in elsewhere:
             print(f"job {summary.job}: {summary.line}", flush=True)
         _exit_codes.extend(summary.exit_code for summary in elsewhere)

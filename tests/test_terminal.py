@@ -77,6 +77,7 @@ def test_submitit_sweep_prints_each_jobs_summary_and_the_worst_exit_code(tmp_pat
     assert proc.returncode == 1, proc.stderr[-3000:]  # the worst job's code, though it ran in another process
     jobs = [line for line in proc.stdout.splitlines() if line.startswith("job ")]
     assert [line.split(":")[0] for line in jobs] == ["job 0", "job 1"], proc.stdout
+    assert not (sweep / ".svdbatch-jobs").exists()  # read back, then removed
     (run_dir,) = {p.parent for p in sweep.rglob("layout.json")}
     assert all(line.endswith(f"-> {run_dir}") for line in jobs)
     done = sum(int(re.search(r"(\d+) done", line).group(1)) for line in jobs)
