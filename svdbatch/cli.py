@@ -60,6 +60,10 @@ _jobs_started: list[bool] = []  # Hydra composed a config and called the app at 
 OUTCOMES_FOLDER = ".svdbatch-jobs"  # in a multirun's sweep dir: one JobSummary file per job
 
 
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 @dataclass(frozen=True)
 class JobSummary:
     """What one Hydra job hands back: its summary line, run dir and exit code."""
@@ -68,11 +72,7 @@ class JobSummary:
     run_dir: str
     line: str
     exit_code: int
-    process: str = field(default_factory=lambda: this_process())  # who ran it
-
-
-def this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    process: str = field(default_factory=this_process)  # who ran it
 
 
 class JobOutcomes:
@@ -83,8 +83,9 @@ class JobOutcomes:
     into the sweep dir (a shared filesystem, as submitit requires), and at the sweep's end
     the launching process prints one line per job run elsewhere, exits with the worst code
     and removes the files. Jobs run in the launching process (Hydra's basic launcher) write
-    nothing: run_job has already counted them. The methods are the whole of hydra.experimental.callback.Callback's interface
-    (Hydra calls them by name); not subclassing it keeps Hydra out of `import svdbatch.cli`."""
+    nothing: run_job has already counted them. The methods are the whole of
+    hydra.experimental.callback.Callback's interface (Hydra calls them by name); not
+    subclassing it keeps Hydra out of `import svdbatch.cli`."""
 
     def __init__(self) -> None:
         # The process that launched the multirun (pickled with the launcher by submitit).
